@@ -1,0 +1,235 @@
+"""Paired activation buffer: runs every model on the same tokens and serves shuffled batches.
+
+Shape legend: B batch (token positions), M models, D d_in, N sequences, S seq_len (positions).
+
+Like the reference: the buffer holds ~batch_size * buffer_mult token positions in bf16, fills
+fully at the start, and once half of it has been served refills that half and reshuffles.
+Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
+"""
+import re
+
+import torch
+from einops import rearrange
+from tqdm.auto import tqdm
+
+
+class TokensExhausted(RuntimeError):
+    """The token tensor has no sequences left for a refresh."""
+
+
+def hook_layer(hook_point):
+    """The block index of 'blocks.L.<...>', or None for hooks outside the blocks."""
+    m = re.match(r"blocks\.(\d+)\.", hook_point)
+    return int(m.group(1)) if m else None
+
+
+@torch.no_grad()
+def extract_activations(model, tokens_NS, hook_point):
+    """Residual activations [N, S, D] at hook_point, computing no more of the model than needed.
+
+    The reference ran run_with_cache over all layers and the unembedding; for
+    blocks.L.hook_resid_pre, model(tokens, stop_at_layer=L) returns exactly that tensor and
+    skips every later layer and the logits. Other hook points are captured by a hook, with the
+    forward stopped after the block that holds them.
+    """
+    layer = hook_layer(hook_point)
+    if layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre":
+        return model(tokens_NS, stop_at_layer=layer)
+    captured = {}
+
+    def capture(act, hook):
+        captured["act"] = act
+
+    if layer is not None:
+        stop = layer + 1
+    elif hook_point in ("hook_embed", "hook_pos_embed"):
+        stop = 0
+    else:
+        stop = None
+    model.run_with_hooks(tokens_NS, stop_at_layer=stop, fwd_hooks=[(hook_point, capture)],
+                         return_type=None if stop is None else "logits")
+    return captured["act"]
+
+
+def sequences_needed(cfg, total_steps):
+    """How many token sequences a run of total_steps batches reads: one full fill, then half a
+    buffer at every refresh (a refresh comes every steps_per_refresh batches)."""
+    positions = cfg["seq_len"] - 1
+    buffer_batches = max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions // 2 * 2)
+    half_rows = buffer_batches * positions // 2
+    steps_per_refresh = (half_rows - cfg["batch_size"]) // cfg["batch_size"] + 1
+    return buffer_batches + (total_steps // steps_per_refresh) * (buffer_batches // 2)
+
+
+def check_models(models, hook_point, d_in=None):
+    """Clear errors, before any work, for models that cannot be diffed at hook_point."""
+    for i, model in enumerate(models):
+        if hook_point not in model.hook_dict:
+            raise ValueError(f"hook_point {hook_point!r} does not exist in model {i} "
+                             f"({model.cfg.model_name}, {model.cfg.n_layers} layers)")
+    widths = [model.cfg.d_model for model in models]
+    if len(set(widths)) != 1:
+        raise ValueError(f"models disagree on d_in (d_model): {widths}")
+    if d_in is not None and d_in != widths[0]:
+        raise ValueError(f"cfg d_in={d_in} but the models' d_model is {widths[0]}")
+
+
+def autocast_context(device):
+    """bf16 autocast where the device supports it (CUDA), as the reference; plain fp32 elsewhere."""
+    device = torch.device(device)
+    enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class Buffer:
+    """Buffer(cfg, model_A, model_B, all_tokens), or Buffer(cfg, [model_0, ..., model_M-1], all_tokens).
+
+    next() -> float32 [batch_size, n_models, d_in] on cfg["device"], normalised per model.
+    """
+
+    def __init__(self, cfg, model_A, model_B=None, all_tokens=None, state=None):
+        if isinstance(model_A, (list, tuple)):
+            models, all_tokens = list(model_A), (model_B if all_tokens is None else all_tokens)
+        else:
+            models = [model_A, model_B]
+        if len(models) != cfg.get("n_models", 2):
+            raise ValueError(f"cfg n_models={cfg.get('n_models', 2)} but {len(models)} models were given")
+        if all_tokens is None or all_tokens.ndim != 2 or all_tokens.shape[0] == 0:
+            raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor")
+        self.cfg, self.models, self.all_tokens = cfg, models, all_tokens
+        self.hook_point = cfg["hook_point"]
+        check_models(models, self.hook_point, cfg.get("d_in"))
+        self.device = torch.device(cfg["device"])
+        self.seq_len = cfg["seq_len"]
+        if all_tokens.shape[1] < self.seq_len:
+            raise ValueError(f"token sequences have length {all_tokens.shape[1]} < seq_len={self.seq_len}")
+        self.positions = self.seq_len - 1  # BOS (position 0) is dropped
+        self.model_batch_size = cfg["model_batch_size"]
+        self.batch_size = cfg["batch_size"]
+        # An even number of sequences, so that a refresh refills exactly the half that next()
+        # serves (the reference left a few rows to be served twice when it was odd).
+        self.buffer_batches = max(2, cfg["batch_size"] * cfg["buffer_mult"] // self.positions // 2 * 2)
+        self.buffer_size = self.buffer_batches * self.positions
+        if self.buffer_size // 2 < 2 * self.batch_size:
+            raise ValueError(f"buffer of {self.buffer_size} rows is too small for batch_size "
+                             f"{self.batch_size}: raise buffer_mult")
+        self.wrap = cfg.get("wrap_tokens", False)
+        d_in, n_models = models[0].cfg.d_model, len(models)
+        self.buffer = torch.zeros(self.buffer_size, n_models, d_in, dtype=torch.bfloat16, device=self.device)
+        self.generator = torch.Generator(device=self.device).manual_seed(cfg.get("seed", 49))
+        self.pointer = 0        # next row of the buffer to serve
+        self.token_pointer = 0  # next sequence of all_tokens to run
+        self.sequences_run = 0  # total sequences run through the models (wraps included)
+        self.first = True
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.normalisation_factor = self.estimate_norm_scaling_factors()
+            self.refresh()
+
+    def _take_tokens(self, n):
+        """The next n sequences of all_tokens, [n, seq_len]; wraps around only if cfg asks."""
+        available = self.all_tokens.shape[0] - self.token_pointer
+        if available < n:
+            if not self.wrap:
+                raise TokensExhausted(
+                    f"ran out of tokens: need {n} more sequences at sequence {self.token_pointer} of "
+                    f"{self.all_tokens.shape[0]}; lower num_tokens, add data, or set wrap_tokens=True")
+            if available == 0:
+                self.token_pointer = 0
+                return self._take_tokens(n)
+            n = available
+        tokens = self.all_tokens[self.token_pointer : self.token_pointer + n, : self.seq_len]
+        self.token_pointer += n
+        self.sequences_run += n
+        return tokens
+
+    def _run_models(self, tokens_NS):
+        """Activations [N * (S-1), M, D] of every model, BOS position dropped."""
+        tokens_NS = tokens_NS.to(self.device, torch.long)
+        with autocast_context(self.device):
+            acts = [extract_activations(m, tokens_NS, self.hook_point)[:, 1:] for m in self.models]
+        acts_MNSD = torch.stack(acts, dim=0)
+        return rearrange(acts_MNSD, "model seq pos d_in -> (seq pos) model d_in")
+
+    @torch.no_grad()
+    def estimate_norm_scaling_factors(self):
+        """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches.
+
+        The reference included the BOS position here (but dropped it in training); Gemma's BOS
+        residual norm is far larger than other tokens', which skewed the factor. We drop BOS in
+        both. The tokens are read from the start without moving the token pointer, as the
+        reference did.
+        """
+        n_batches = self.cfg.get("norm_estimate_batches", 100)
+        n_seqs = min(n_batches * self.model_batch_size, self.all_tokens.shape[0])
+        norm_sums = torch.zeros(len(self.models), dtype=torch.float64)
+        count = 0
+        for start in tqdm(range(0, n_seqs, self.model_batch_size), desc="estimating norms",
+                          leave=False, disable=not self.cfg.get("progress", True)):
+            tokens = self.all_tokens[start : min(start + self.model_batch_size, n_seqs), : self.seq_len]
+            acts_RMD = self._run_models(tokens).float()
+            norm_sums += acts_RMD.norm(dim=-1).sum(0).double().cpu()
+            count += acts_RMD.shape[0]
+        d_in = self.buffer.shape[-1]
+        return (d_in ** 0.5 / (norm_sums / count)).float().to(self.device)
+
+    @torch.no_grad()
+    def refresh(self):
+        """Fill the whole buffer (first call) or its first half, then shuffle it all.
+
+        Deviation from the reference: it sliced all_tokens[token_pointer : min(token_pointer +
+        model_batch_size, num_batches)], comparing an index with a count, so every refresh after
+        the first read no tokens and training cycled over the first fill. We read the next
+        sequences every time.
+        """
+        n_seqs = self.buffer_batches if self.first else self.buffer_batches // 2
+        chunks = range(0, n_seqs, self.model_batch_size)
+        show = self.cfg.get("progress", True) and (self.first or len(chunks) >= 32)
+        row = 0
+        for start in tqdm(chunks, desc="filling buffer" if self.first else "refreshing buffer",
+                          leave=False, disable=not show):
+            want = min(self.model_batch_size, n_seqs - start)
+            while want > 0:  # more than one slice only when wrapping around the tokens
+                tokens = self._take_tokens(want)
+                acts = self._run_models(tokens)
+                self.buffer[row : row + acts.shape[0]] = acts
+                row += acts.shape[0]
+                want -= tokens.shape[0]
+        self.first = False
+        perm = torch.randperm(self.buffer_size, generator=self.generator, device=self.device)
+        self.buffer = self.buffer[perm]
+        self.pointer = 0
+
+    @torch.no_grad()
+    def next(self):
+        out_BMD = self.buffer[self.pointer : self.pointer + self.batch_size].float()
+        self.pointer += self.batch_size
+        if self.pointer > self.buffer_size // 2 - self.batch_size:
+            self.refresh()
+        return out_BMD * self.normalisation_factor[None, :, None]
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self):
+        return {
+            "buffer": self.buffer, "pointer": self.pointer, "token_pointer": self.token_pointer,
+            "sequences_run": self.sequences_run, "first": self.first,
+            "normalisation_factor": self.normalisation_factor,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state):
+        """Restore a saved state. Without its "buffer" tensor (cfg checkpoint_buffer=False) the
+        buffer is refilled from the saved token pointer: no data reused, but a different order."""
+        self.normalisation_factor = torch.as_tensor(state["normalisation_factor"], device=self.device).float()
+        self.token_pointer, self.sequences_run = int(state["token_pointer"]), int(state["sequences_run"])
+        self.generator.set_state(state["generator"].cpu())
+        if "buffer" not in state:
+            self.first = True
+            self.refresh()
+            return
+        if tuple(state["buffer"].shape) != tuple(self.buffer.shape):
+            raise ValueError(f"saved buffer has shape {tuple(state['buffer'].shape)}, "
+                             f"this config needs {tuple(self.buffer.shape)}")
+        self.buffer.copy_(state["buffer"])
+        self.pointer, self.first = int(state["pointer"]), bool(state["first"])

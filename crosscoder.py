@@ -1,0 +1,355 @@
+"""The crosscoder of Anthropic's model-diffing paper, as the reference replication defines it.
+
+One sparse dictionary read from and written to the same hook point of several models:
+    f      = ReLU( sum_m x_m @ W_enc[m] + b_enc )          (encode)
+    x_hat_m = f @ W_dec[:, m] + b_dec[m]                   (decode)
+Each latent has one decoder vector per model; the ratio of their norms says whether it is
+shared or specific to one model. Model index 0 is the base model, 1 the chat model.
+
+Shape legend: B batch (token positions), M models, D d_in (residual width), F latents (dict_size).
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from einops import einsum, rearrange
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT_DIR = REPO_DIR / "checkpoints"
+HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
+PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or its config is missing, unreadable or inconsistent."""
+
+
+class LossOutput(NamedTuple):
+    # The reference's named tuple, fields in the same order.
+    l2_loss: torch.Tensor
+    l1_loss: torch.Tensor
+    l0_loss: torch.Tensor
+    explained_variance: torch.Tensor
+    explained_variance_A: torch.Tensor
+    explained_variance_B: torch.Tensor
+
+
+def resolve_device(device=None):
+    """None or "auto" -> "cuda" when available, else "cpu"; anything else is kept."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def checkpoint_root(cfg):
+    """Where versions live: cfg["checkpoint_dir"], or checkpoints/ beside the code."""
+    root = cfg.get("checkpoint_dir")
+    return Path(root) if root else DEFAULT_CHECKPOINT_DIR
+
+
+class CrossCoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        for key in ("d_in", "dict_size"):
+            if key not in cfg:
+                raise KeyError(f"crosscoder config is missing required key '{key}'")
+        enc_dtype = cfg.get("enc_dtype", "fp32")
+        if enc_dtype not in DTYPES:
+            raise ValueError(f"enc_dtype must be one of {sorted(DTYPES)}, got {enc_dtype!r}")
+        self.cfg = cfg
+        self.dtype = DTYPES[enc_dtype]
+        self.n_models = cfg.get("n_models", 2)
+        d_in, dict_size = cfg["d_in"], cfg["dict_size"]
+        # A local generator: same seed -> same weights, without touching the global RNG.
+        gen = torch.Generator().manual_seed(cfg.get("seed", 49))
+        W_dec_FMD = torch.randn(dict_size, self.n_models, d_in, generator=gen)
+        W_dec_FMD = W_dec_FMD / W_dec_FMD.norm(dim=-1, keepdim=True) * cfg.get("dec_init_norm", 0.08)
+        W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent")
+        self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype).contiguous())
+        self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
+        self.b_enc = nn.Parameter(torch.zeros(dict_size, dtype=self.dtype))
+        self.b_dec = nn.Parameter(torch.zeros(self.n_models, d_in, dtype=self.dtype))
+        self.to(resolve_device(cfg.get("device")))
+        self.save_dir = None  # chosen at the first save, never at construction
+        self.save_version = 0
+
+    # ---------------------------------------------------------------- forward maths
+    def encode(self, x_BMD, apply_relu=True):
+        pre_BF = einsum(
+            x_BMD.to(self.dtype), self.W_enc,
+            "batch model d_in, model d_in latent -> batch latent",
+        ) + self.b_enc
+        return torch.relu(pre_BF) if apply_relu else pre_BF
+
+    def decode(self, acts_BF):
+        return einsum(
+            acts_BF.to(self.dtype), self.W_dec,
+            "batch latent, latent model d_in -> batch model d_in",
+        ) + self.b_dec
+
+    def forward(self, x_BMD):
+        return self.decode(self.encode(x_BMD))
+
+    def losses_and_acts(self, x_BMD):
+        """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents)."""
+        acts_BF = self.encode(x_BMD)
+        x_hat_BMD = self.decode(acts_BF)
+        # Loss maths in float32 even when the weights are bf16/fp16.
+        x_BMD = x_BMD.float()
+        sq_err_BMD = (x_hat_BMD.float() - x_BMD).pow(2)
+        sq_err_BM = sq_err_BMD.sum(-1)
+        sq_err_B = sq_err_BM.sum(-1)
+        var_BM = (x_BMD - x_BMD.mean(0, keepdim=True)).pow(2).sum(-1)
+        ev_BM = 1 - sq_err_BM / var_BM
+        ev_B = 1 - sq_err_B / var_BM.sum(-1)
+        acts_f32 = acts_BF.float()
+        total_dec_norm_F = self.decoder_norms().float().sum(-1)
+        losses = LossOutput(
+            l2_loss=sq_err_B.mean(),
+            l1_loss=(acts_f32 * total_dec_norm_F).sum(-1).mean(),
+            l0_loss=(acts_f32 > 0).float().sum(-1).mean(),
+            explained_variance=ev_B.mean(),
+            explained_variance_A=ev_BM[:, 0].mean(),
+            explained_variance_B=ev_BM[:, 1].mean(),
+        )
+        return losses, acts_BF
+
+    def get_losses(self, x_BMD):
+        return self.losses_and_acts(x_BMD)[0]
+
+    # ---------------------------------------------------------------- analysis helpers
+    def decoder_norms(self):
+        """[F, M]: the norm of each latent's decoder vector in each model."""
+        return self.W_dec.norm(dim=-1)
+
+    def relative_decoder_norm(self, model_a=0, model_b=1):
+        """[F]: norm_b / (norm_a + norm_b); 0 = only in model a (base), 1 = only in b (chat).
+        NaN for a latent whose decoder is zero in both models."""
+        norms_FM = self.decoder_norms().float()
+        return norms_FM[:, model_b] / (norms_FM[:, model_a] + norms_FM[:, model_b])
+
+    def decoder_cosine_similarity(self, model_a=0, model_b=1):
+        """[F]: cosine similarity between each latent's decoder vectors in models a and b."""
+        W = self.W_dec.float()
+        return torch.nn.functional.cosine_similarity(W[:, model_a], W[:, model_b], dim=-1)
+
+    @torch.no_grad()
+    def fold_normalisation(self, scaling_factors=None):
+        """Return an equivalent crosscoder on raw activations.
+
+        Training sees x_norm[m] = s_m * x[m]. Encoding is linear in x, so W_enc[m] * s_m reads
+        raw activations; decoding is divided by s_m to give raw outputs. Relative decoder norms
+        should be read from the unfolded weights (folding rescales each model's decoder).
+        """
+        if scaling_factors is None:
+            scaling_factors = self.cfg.get("normalisation_factor")
+        if scaling_factors is None:
+            raise ValueError("no normalisation factors: pass scaling_factors or train first")
+        s_M = torch.as_tensor(scaling_factors, dtype=torch.float32, device=self.W_enc.device)
+        if s_M.shape != (self.n_models,):
+            raise ValueError(f"need {self.n_models} scaling factors, got shape {tuple(s_M.shape)}")
+        cfg = dict(self.cfg, normalisation_factor=None, folded_normalisation_factor=s_M.tolist())
+        folded = CrossCoder.__new__(CrossCoder)
+        nn.Module.__init__(folded)
+        folded.cfg, folded.dtype, folded.n_models = cfg, self.dtype, self.n_models
+        folded.save_dir, folded.save_version = None, 0
+        folded.W_enc = nn.Parameter((self.W_enc.float() * s_M[:, None, None]).to(self.dtype))
+        folded.W_dec = nn.Parameter((self.W_dec.float() / s_M[None, :, None]).to(self.dtype))
+        folded.b_enc = nn.Parameter(self.b_enc.clone())
+        folded.b_dec = nn.Parameter((self.b_dec.float() / s_M[:, None]).to(self.dtype))
+        return folded
+
+    # ---------------------------------------------------------------- checkpoints
+    def _next_version_dir(self):
+        root = checkpoint_root(self.cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        used = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+        version = max(used, default=-1) + 1
+        while True:  # mkdir without exist_ok: two runs starting together never share a version
+            try:
+                (root / f"version_{version}").mkdir()
+                return root / f"version_{version}"
+            except FileExistsError:
+                version += 1
+
+    def save(self, extra_state=None):
+        """Write version_N/{k}.pt and {k}_cfg.json (and {k}_trainer.pt when extra_state is
+        given), each atomically; the cfg is written last, so its presence marks the
+        checkpoint complete. Returns the path of the weights file."""
+        if self.save_dir is None:
+            self.save_dir = self._next_version_dir()
+        k = self.save_version
+        weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
+        weights_path = self.save_dir / f"{k}.pt"
+        atomic_torch_save(weights, weights_path)
+        if extra_state is not None:
+            atomic_torch_save(extra_state, self.save_dir / f"{k}_trainer.pt")
+        atomic_write_text(self.save_dir / f"{k}_cfg.json", json.dumps(jsonable(self.cfg), indent=2))
+        self.save_version += 1
+        return weights_path
+
+    @classmethod
+    def load(cls, version_dir, checkpoint_version=None, device=None):
+        """Load version_dir/{checkpoint_version}.pt (the newest complete one when None).
+        version_dir is a path, or a name/number under checkpoints/ ("version_3", 3)."""
+        version_dir = resolve_version_dir(version_dir)
+        if checkpoint_version is None:
+            checkpoint_version = latest_checkpoint(version_dir)
+        cfg_path = version_dir / f"{checkpoint_version}_cfg.json"
+        weights_path = version_dir / f"{checkpoint_version}.pt"
+        model = cls._from_files(cfg_path, weights_path, device)
+        model.save_dir, model.save_version = version_dir, checkpoint_version + 1
+        return model
+
+    @classmethod
+    def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None):
+        """Load the published layout {path}/cfg.json + {path}/cc_weights.pt from the Hugging
+        Face hub, or from a local directory given in place of repo_id (no network then)."""
+        if Path(repo_id).is_dir():
+            cfg_path = Path(repo_id) / path / "cfg.json"
+            weights_path = Path(repo_id) / path / "cc_weights.pt"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            cfg_path = Path(hf_hub_download(repo_id, f"{path}/cfg.json"))
+            weights_path = Path(hf_hub_download(repo_id, f"{path}/cc_weights.pt"))
+        return cls._from_files(cfg_path, weights_path, device)
+
+    @classmethod
+    def _from_files(cls, cfg_path, weights_path, device):
+        for p in (cfg_path, weights_path):
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"checkpoint file not found: {p}")
+        try:
+            cfg = json.loads(Path(cfg_path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{cfg_path}: not a valid JSON config ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{cfg_path}: config must be a JSON object")
+        try:  # weights_only: loading a checkpoint never executes pickled code
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict) or set(state) != set(PARAM_NAMES):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise CheckpointError(f"{weights_path}: expected tensors {list(PARAM_NAMES)}, found {keys}")
+        if "d_in" not in cfg:  # the first published cfg.json had no d_in: infer it
+            cfg["d_in"] = state["W_enc"].shape[1]
+        if "n_models" not in cfg:
+            cfg["n_models"] = state["W_enc"].shape[0]
+        cfg.setdefault("architecture", "l1")
+        for key in ("dict_size", "enc_dtype"):
+            if key not in cfg:
+                raise CheckpointError(f"{cfg_path}: config is missing required key '{key}'")
+        if cfg["enc_dtype"] not in DTYPES:
+            raise CheckpointError(f"{cfg_path}: unknown enc_dtype {cfg['enc_dtype']!r}, expected one of {sorted(DTYPES)}")
+        cfg["device"] = resolve_device(device)
+        # Build on CPU (cheap to fill), check shapes, then move.
+        model = cls(dict(cfg, device="cpu"))
+        model.cfg = cfg
+        for name in PARAM_NAMES:
+            want, got = tuple(getattr(model, name).shape), tuple(state[name].shape)
+            if want != got:
+                raise CheckpointError(
+                    f"{weights_path}: {name} has shape {got} but {cfg_path} implies {want} "
+                    f"(d_in={cfg['d_in']}, dict_size={cfg['dict_size']}, n_models={cfg['n_models']})")
+        model.load_state_dict(state)
+        return model.to(cfg["device"])
+
+
+# -------------------------------------------------------------------- file helpers
+def jsonable(obj):
+    """The config as JSON: tensors and paths become lists and strings."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    return obj
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _atomic_write(path, write_fn):
+    """Write to a temporary file in the same directory, fsync, then rename over path: an
+    interrupted or failed write leaves any previous file at path untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; checkpoints are shared like any file
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def resolve_version_dir(version_dir):
+    """A path that exists, else a name or number under the default checkpoints/ folder."""
+    p = Path(str(version_dir))
+    if not p.exists() and not p.is_absolute():
+        name = f"version_{version_dir}" if str(version_dir).isdigit() else str(version_dir)
+        p = DEFAULT_CHECKPOINT_DIR / name
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {version_dir}")
+    return p
+
+
+def complete_checkpoints(version_dir):
+    """Save indices k in version_dir whose weights and config are both present, sorted."""
+    version_dir = Path(version_dir)
+    ks = []
+    for cfg_file in version_dir.glob("*_cfg.json"):
+        k = cfg_file.name[: -len("_cfg.json")]
+        if k.isdigit() and (version_dir / f"{k}.pt").is_file():
+            ks.append(int(k))
+    return sorted(ks)
+
+
+def latest_checkpoint(version_dir):
+    ks = complete_checkpoints(version_dir)
+    if not ks:
+        raise FileNotFoundError(f"no complete checkpoint (k.pt + k_cfg.json) in {version_dir}")
+    return ks[-1]
+
+
+def latest_version_dir(root=None):
+    """The highest-numbered version_N under root (default checkpoints/) that has a checkpoint."""
+    root = Path(root) if root else DEFAULT_CHECKPOINT_DIR
+    versions = []
+    for p in root.glob("version_*"):
+        suffix = p.name.split("_", 1)[1]
+        if suffix.isdigit() and complete_checkpoints(p):
+            versions.append((int(suffix), p))
+    if not versions:
+        raise FileNotFoundError(f"no checkpoint found under {root}")
+    return max(versions)[1]

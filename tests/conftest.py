@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny seeded models and configs. The hub is never reached from tests."""
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("WANDB_SILENT", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def tiny_cfg(tmp_path=None, **overrides):
+    """A complete, valid training config at toy size, writing under tmp_path."""
+    from train import default_cfg
+
+    cfg = dict(default_cfg, d_in=32, dict_size=64, seq_len=9, batch_size=32, buffer_mult=8,
+               num_tokens=32 * 20, lr=1e-3, model_batch_size=4, log_every=5, save_every=1000,
+               hook_point="blocks.1.hook_resid_pre", norm_estimate_batches=2, device="cpu",
+               wandb_mode="disabled", progress=False, model_names=["a", "b"], model_name="a", seed=0)
+    if tmp_path is not None:
+        cfg["checkpoint_dir"] = str(tmp_path / "checkpoints")
+        cfg["data_dir"] = str(tmp_path / "data")
+    cfg.update(overrides)
+    return cfg
+
+
+def tiny_model(seed, d_model=32, n_layers=2, d_vocab=50, n_ctx=16, **kw):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, d_head=8, n_heads=d_model // 8,
+                                  d_mlp=2 * d_model, n_ctx=n_ctx, d_vocab=d_vocab, act_fn="gelu",
+                                  normalization_type="LN", seed=seed, **kw)
+    return HookedTransformer(cfg).eval()
+
+
+def random_tokens(n_seqs, seq_len, d_vocab=50, seed=0, bos=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, d_vocab, (n_seqs, seq_len), generator=g)
+    tokens[:, 0] = bos
+    return tokens
+
+
+@pytest.fixture
+def models():
+    return tiny_model(1), tiny_model(2)
+
+
+def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
+    """A random-init Gemma-2 model at Gemma-2-2b width through the real conversion path:
+    transformers' Gemma2ForCausalLM -> HookedTransformer.from_pretrained("gemma-2-2b", hf_model=...),
+    with a word-level tokenizer saved to and reloaded from tmp_path (no hub access)."""
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformer_lens import HookedTransformer
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    hf_cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=2304, intermediate_size=9216,
+                          num_hidden_layers=n_layers, num_attention_heads=8, num_key_value_heads=4,
+                          head_dim=256, max_position_embeddings=8192, query_pre_attn_scalar=256,
+                          sliding_window=4096, final_logit_softcapping=30.0, attn_logit_softcapping=50.0)
+    torch.manual_seed(seed)
+    hf = Gemma2ForCausalLM(hf_cfg).eval()
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    tk = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tokenizer")
+    model = HookedTransformer.from_pretrained("gemma-2-2b", hf_model=hf, tokenizer=tok,
+                                              first_n_layers=n_layers, device="cpu")
+    return hf, model.eval()

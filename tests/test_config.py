@@ -1,0 +1,70 @@
+import math
+
+import pytest
+
+from config import SCHEMA, ConfigError, check_against_model, parse_overrides, parse_value, validate_cfg
+from train import default_cfg
+
+
+def test_default_config_is_valid_and_fully_described_by_the_schema():
+    validate_cfg(default_cfg)
+    assert set(default_cfg) == set(SCHEMA)
+
+
+def test_reference_defaults():
+    expected = dict(seed=49, batch_size=4096, buffer_mult=128, lr=5e-5, num_tokens=400_000_000, l1_coeff=2,
+                    beta1=0.9, beta2=0.999, d_in=2304, dict_size=2**14, seq_len=1024, enc_dtype="fp32",
+                    model_batch_size=4, log_every=100, save_every=30000, dec_init_norm=0.08,
+                    hook_point="blocks.14.hook_resid_pre")
+    assert {k: default_cfg[k] for k in expected} == expected
+    assert default_cfg["model_names"] == ["gemma-2-2b", "gemma-2-2b-it"]
+    assert default_cfg["num_tokens"] // default_cfg["batch_size"] == 97_656
+
+
+def test_overrides_are_parsed_to_each_keys_type():
+    cfg, extras = parse_overrides(
+        ["--l1_coeff", "1.5", "--num_tokens", "4e8", "--dict_size=32768", "--wrap_tokens", "true",
+         "--device", "none", "--model_names", "a,b", "--preset", "toy", "--enc_dtype", "bf16"], default_cfg)
+    assert cfg["l1_coeff"] == 1.5 and cfg["num_tokens"] == 400_000_000 and cfg["dict_size"] == 32768
+    assert cfg["wrap_tokens"] is True and cfg["device"] is None and cfg["model_names"] == ["a", "b"]
+    assert extras == {"preset": "toy"} and cfg["enc_dtype"] == "bf16"
+    assert default_cfg["l1_coeff"] == 2.0  # the defaults are not mutated
+
+
+def test_unknown_key_names_the_key_and_suggests_one():
+    with pytest.raises(ConfigError, match=r"unknown config key 'l1_coef'.*l1_coeff"):
+        parse_overrides(["--l1_coef", "3"], default_cfg)
+
+
+@pytest.mark.parametrize("key,text", [("batch_size", "1.5"), ("batch_size", "many"), ("lr", "fast"),
+                                      ("wrap_tokens", "maybe")])
+def test_value_of_the_wrong_type_names_the_key(key, text):
+    with pytest.raises(ConfigError, match=f"--{key}"):
+        parse_value(key, text)
+
+
+@pytest.mark.parametrize("key,value", [("dict_size", 0), ("batch_size", -4), ("lr", math.nan), ("lr", 0.0),
+                                       ("enc_dtype", "fp8"), ("architecture", "topk"), ("seq_len", 1),
+                                       ("beta2", 1.0), ("wandb_mode", "sometimes"), ("dict_size", 16.0),
+                                       ("wrap_tokens", "yes"), ("n_models", 1)])
+def test_invalid_values_name_the_key(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        validate_cfg(dict(default_cfg, **{key: value}))
+
+
+def test_model_names_must_match_n_models():
+    with pytest.raises(ConfigError, match="model_names"):
+        validate_cfg(dict(default_cfg, n_models=3))
+
+
+def test_architecture_checks_use_the_models_config():
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    gemma = get_pretrained_model_config("gemma-2-2b")  # known offline
+    check_against_model(default_cfg, gemma)
+    with pytest.raises(ConfigError, match="seq_len"):
+        check_against_model(dict(default_cfg, seq_len=10_000), gemma)
+    with pytest.raises(ConfigError, match="hook_point"):
+        check_against_model(dict(default_cfg, hook_point="blocks.30.hook_resid_pre"), gemma)
+    with pytest.raises(ConfigError, match="d_in"):
+        check_against_model(dict(default_cfg, d_in=2048), gemma)

@@ -1,0 +1,286 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from crosscoder import CheckpointError, CrossCoder, latest_checkpoint, latest_version_dir
+
+
+def cc_cfg(tmp_path=None, **kw):
+    return tiny_cfg(tmp_path, **kw)
+
+
+def test_parameter_and_output_shapes():
+    cc = CrossCoder(cc_cfg(d_in=5, dict_size=7))
+    assert cc.W_enc.shape == (2, 5, 7) and cc.W_dec.shape == (7, 2, 5)
+    assert cc.b_enc.shape == (7,) and cc.b_dec.shape == (2, 5)
+    x = torch.randn(3, 2, 5)
+    assert cc.encode(x).shape == (3, 7)
+    assert cc.decode(cc.encode(x)).shape == (3, 2, 5) and cc(x).shape == (3, 2, 5)
+
+
+def test_hand_set_crosscoder_gives_hand_computed_outputs_and_losses():
+    cc = CrossCoder(cc_cfg(d_in=2, dict_size=2))
+    with torch.no_grad():
+        # latent 0 reads model 0's first coordinate, latent 1 reads model 1's second.
+        cc.W_enc.copy_(torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 2.0]]]))
+        cc.b_enc.copy_(torch.tensor([0.0, -1.0]))
+        cc.W_dec.copy_(torch.tensor([[[1.0, 0.0], [3.0, 4.0]], [[0.0, 0.0], [0.0, 1.0]]]))
+        cc.b_dec.copy_(torch.tensor([[0.5, 0.0], [0.0, 0.0]]))
+    x = torch.tensor([[[2.0, 1.0], [0.0, 1.0]], [[-1.0, 0.0], [0.0, 0.0]]])
+    # token 0: f0 = relu(2) = 2, f1 = relu(2*1 - 1) = 1; token 1: f0 = relu(-1) = 0, f1 = relu(-1) = 0
+    assert torch.equal(cc.encode(x), torch.tensor([[2.0, 1.0], [0.0, 0.0]]))
+    assert torch.equal(cc.encode(x, apply_relu=False), torch.tensor([[2.0, 1.0], [-1.0, -1.0]]))
+    x_hat = cc(x)
+    # token 0: model 0 = 2*[1,0] + [0.5,0] = [2.5,0]; model 1 = 2*[3,4] + 1*[0,1] = [6,9]
+    assert torch.equal(x_hat, torch.tensor([[[2.5, 0.0], [6.0, 9.0]], [[0.5, 0.0], [0.0, 0.0]]]))
+    losses = cc.get_losses(x)
+    # squared errors: token 0: (0.5^2 + 1) + (36 + 64) = 101.25; token 1: 1.5^2 = 2.25
+    assert losses.l2_loss.item() == pytest.approx((101.25 + 2.25) / 2)
+    # decoder norm sums: latent 0: 1 + 5 = 6; latent 1: 0 + 1 = 1 -> token 0: 2*6 + 1*1 = 13
+    assert losses.l1_loss.item() == pytest.approx(13 / 2)
+    assert losses.l0_loss.item() == pytest.approx(1.0)
+    # batch mean per model: model 0 [0.5, 0.5], model 1 [0, 0.5]
+    var0 = (1.5**2 + 0.5**2, 1.5**2 + 0.5**2)  # model 0, tokens 0 and 1
+    var1 = (0.5**2, 0.5**2)
+    ev_a = ((1 - 1.25 / var0[0]) + (1 - 2.25 / var0[1])) / 2
+    ev_b = ((1 - 100 / var1[0]) + (1 - 0 / var1[1])) / 2
+    ev = ((1 - 101.25 / (var0[0] + var1[0])) + (1 - 2.25 / (var0[1] + var1[1]))) / 2
+    assert losses.explained_variance_A.item() == pytest.approx(ev_a)
+    assert losses.explained_variance_B.item() == pytest.approx(ev_b)
+    assert losses.explained_variance.item() == pytest.approx(ev)
+
+
+@pytest.mark.parametrize("n_models", [2, 3])
+def test_get_losses_equals_naive_per_model_loop(n_models):
+    torch.manual_seed(0)
+    cc = CrossCoder(cc_cfg(d_in=6, dict_size=10, n_models=n_models, seed=3))
+    with torch.no_grad():
+        cc.b_enc.normal_()
+        cc.b_dec.normal_()
+    x = torch.randn(8, n_models, 6)
+    losses = cc.get_losses(x)
+    l2, l1, l0, ev_m = 0.0, 0.0, 0.0, [0.0] * n_models
+    for b in range(8):
+        pre = cc.b_enc.clone()
+        for m in range(n_models):
+            pre = pre + x[b, m] @ cc.W_enc[m]
+        f = torch.relu(pre)
+        err_total, var_total = 0.0, 0.0
+        for m in range(n_models):
+            x_hat = f @ cc.W_dec[:, m] + cc.b_dec[m]
+            err = ((x_hat - x[b, m]) ** 2).sum()
+            var = ((x[b, m] - x[:, m].mean(0)) ** 2).sum()
+            err_total, var_total = err_total + err, var_total + var
+            ev_m[m] += (1 - err / var) / 8
+        l2 += err_total / 8
+        l1 += sum(f[i] * sum(cc.W_dec[i, m].norm() for m in range(n_models)) for i in range(10)) / 8
+        l0 += (f > 0).sum() / 8
+    assert losses.l2_loss.item() == pytest.approx(float(l2), rel=1e-5)
+    assert losses.l1_loss.item() == pytest.approx(float(l1), rel=1e-5)
+    assert losses.l0_loss.item() == pytest.approx(float(l0))
+    assert losses.explained_variance_A.item() == pytest.approx(float(ev_m[0]), rel=1e-5)
+    assert losses.explained_variance_B.item() == pytest.approx(float(ev_m[1]), rel=1e-5)
+
+
+def test_init_decoder_norms_and_encoder_is_decoder_transpose():
+    cc = CrossCoder(cc_cfg(d_in=16, dict_size=20, dec_init_norm=0.08))
+    assert torch.allclose(cc.W_dec.norm(dim=-1), torch.full((20, 2), 0.08))
+    assert torch.equal(cc.W_enc, cc.W_dec.permute(1, 2, 0))
+    assert torch.all(cc.b_enc == 0) and torch.all(cc.b_dec == 0)
+
+
+def test_same_seed_same_weights_and_no_global_rng_side_effect():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = CrossCoder(cc_cfg(seed=5))
+    assert torch.equal(torch.rand(1), expected_next)  # construction left the global RNG alone
+    b = CrossCoder(cc_cfg(seed=5))
+    c = CrossCoder(cc_cfg(seed=6))
+    assert torch.equal(a.W_dec, b.W_dec) and not torch.equal(a.W_dec, c.W_dec)
+
+
+@pytest.mark.parametrize("enc_dtype,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_from_config_and_losses_in_float32(enc_dtype, dtype):
+    cc = CrossCoder(cc_cfg(enc_dtype=enc_dtype))
+    assert all(p.dtype == dtype for p in cc.parameters())
+    losses = cc.get_losses(torch.randn(4, 2, 32))
+    assert all(v.dtype == torch.float32 for v in losses)
+
+
+def test_relative_norm_and_cosine_on_hand_set_decoder():
+    cc = CrossCoder(cc_cfg(d_in=2, dict_size=3))
+    with torch.no_grad():
+        cc.W_dec.copy_(torch.tensor([
+            [[1.0, 0.0], [0.0, 0.0]],   # base only -> 0
+            [[0.0, 0.0], [0.0, 2.0]],   # chat only -> 1
+            [[3.0, 0.0], [0.0, 3.0]],   # shared, orthogonal -> 0.5, cos 0
+        ]))
+    assert torch.allclose(cc.relative_decoder_norm(), torch.tensor([0.0, 1.0, 0.5]))
+    assert torch.allclose(cc.decoder_norms(), torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]]))
+    assert cc.decoder_cosine_similarity()[2].item() == pytest.approx(0.0)
+    with torch.no_grad():
+        cc.W_dec[2, 1] = torch.tensor([6.0, 0.0])
+    assert cc.decoder_cosine_similarity()[2].item() == pytest.approx(1.0)
+
+
+def test_folded_crosscoder_equals_normalise_crosscoder_unnormalise():
+    torch.manual_seed(0)
+    cc = CrossCoder(cc_cfg(d_in=8, dict_size=16, n_models=3))
+    with torch.no_grad():
+        cc.b_enc.normal_(0, 0.1)
+        cc.b_dec.normal_()
+    s = torch.tensor([0.27, 0.24, 1.7])
+    x_raw = torch.randn(5, 3, 8) * 10
+    expected = cc(x_raw * s[None, :, None]) / s[None, :, None]
+    folded = cc.fold_normalisation(s)
+    assert torch.allclose(folded(x_raw), expected, atol=1e-5)
+    assert torch.allclose(folded.encode(x_raw), cc.encode(x_raw * s[None, :, None]), atol=1e-5)
+    # factors recorded in the config are used by default
+    cc.cfg["normalisation_factor"] = s.tolist()
+    assert torch.allclose(cc.fold_normalisation()(x_raw), expected, atol=1e-5)
+
+
+def test_construction_creates_no_directory(tmp_path):
+    CrossCoder(cc_cfg(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_save_load_round_trip_and_versions_never_overwrite(tmp_path):
+    cfg = cc_cfg(tmp_path, normalisation_factor=[0.5, 0.25])
+    cc = CrossCoder(cfg)
+    with torch.no_grad():
+        cc.b_dec.normal_()
+    cc.save()
+    cc.save()
+    other = CrossCoder(cfg)
+    other.save()
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+    assert sorted(p.name for p in (root / "version_0").iterdir()) == ["0.pt", "0_cfg.json", "1.pt", "1_cfg.json"]
+    loaded = CrossCoder.load(root / "version_0", 1)
+    x = torch.randn(4, 2, 32)
+    assert torch.equal(loaded(x), cc(x))
+    assert loaded.cfg["normalisation_factor"] == [0.5, 0.25]
+    assert latest_checkpoint(root / "version_0") == 1
+    assert latest_version_dir(root) == root / "version_1"
+    # newest checkpoint by default
+    assert torch.equal(CrossCoder.load(root / "version_0").W_dec, cc.W_dec)
+
+
+def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    cc = CrossCoder(cc_cfg(tmp_path))
+    path = cc.save()
+    before = path.read_bytes()
+
+    def exploding_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    cc.save_version = 0  # force a rewrite of the same file name
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        cc.save()
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def write_published_layout(root, cc, drop_d_in=True):
+    sub = root / "blocks.14.hook_resid_pre"
+    sub.mkdir(parents=True)
+    cfg = {k: v for k, v in cc.cfg.items() if not (drop_d_in and k == "d_in")}
+    cfg.pop("n_models", None)
+    cfg["device"] = "cuda:0"  # as published: must not matter on a CPU machine
+    (sub / "cfg.json").write_text(json.dumps(cfg))
+    torch.save({k: getattr(cc, k).detach() for k in ("W_enc", "W_dec", "b_enc", "b_dec")}, sub / "cc_weights.pt")
+
+
+def test_load_from_hf_reads_a_local_directory_in_the_published_layout(tmp_path):
+    cc = CrossCoder(cc_cfg(d_in=12, dict_size=24))
+    write_published_layout(tmp_path, cc)
+    loaded = CrossCoder.load_from_hf(str(tmp_path), device="cpu")
+    assert loaded.cfg["d_in"] == 12 and loaded.cfg["n_models"] == 2 and loaded.cfg["architecture"] == "l1"
+    x = torch.randn(3, 2, 12)
+    assert torch.equal(loaded(x), cc(x))
+
+
+def test_three_models_train_step_and_round_trip(tmp_path):
+    cc = CrossCoder(cc_cfg(tmp_path, n_models=3, model_names=["a", "b", "c"]))
+    x = torch.randn(16, 3, 32)
+    cc.get_losses(x).l2_loss.backward()
+    assert cc.W_dec.grad.shape == (64, 3, 32)
+    cc.save()
+    assert torch.equal(CrossCoder.load(tmp_path / "checkpoints" / "version_0")(x), cc(x))
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.fixture
+def saved(tmp_path):
+    cc = CrossCoder(cc_cfg(tmp_path))
+    cc.save()
+    return tmp_path / "checkpoints" / "version_0"
+
+
+def test_missing_weights_file_is_named(saved):
+    (saved / "0.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="0.pt"):
+        CrossCoder.load(saved, 0)
+
+
+def test_directory_without_checkpoints_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        CrossCoder.load(tmp_path)
+
+
+def test_config_missing_a_key_is_named(saved):
+    cfg = json.loads((saved / "0_cfg.json").read_text())
+    del cfg["dict_size"]
+    (saved / "0_cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"0_cfg.json.*dict_size"):
+        CrossCoder.load(saved, 0)
+
+
+def test_unknown_enc_dtype_is_named(saved):
+    cfg = json.loads((saved / "0_cfg.json").read_text())
+    cfg["enc_dtype"] = "fp8"
+    (saved / "0_cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"0_cfg.json.*fp8"):
+        CrossCoder.load(saved, 0)
+
+
+def test_shapes_that_disagree_with_config_are_named(saved):
+    cfg = json.loads((saved / "0_cfg.json").read_text())
+    cfg["dict_size"] = 128
+    (saved / "0_cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"0.pt.*W_enc.*shape"):
+        CrossCoder.load(saved, 0)
+
+
+def test_config_that_is_not_json_is_named(saved):
+    (saved / "0_cfg.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"0_cfg.json.*JSON"):
+        CrossCoder.load(saved, 0)
+
+
+def test_truncated_weights_are_named(saved):
+    data = (saved / "0.pt").read_bytes()
+    (saved / "0.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"0.pt.*cannot read"):
+        CrossCoder.load(saved, 0)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_loading_never_executes_pickled_code(saved, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with open(saved / "0.pt", "wb") as f:
+        pickle.dump({"W_enc": _Evil()}, f)
+    with pytest.raises(CheckpointError):
+        CrossCoder.load(saved, 0)
+    assert not (tmp_path / "PWNED").exists()

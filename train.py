@@ -1,0 +1,152 @@
+# %% [markdown]
+# # Train a crosscoder on a base model and its chat fine-tune
+# Edit `default_cfg` below, or override any key from the shell:
+#   python train.py --preset toy                      # embedded CPU default, minutes
+#   python train.py                                   # the Gemma-2-2b replication (GPU, hub access)
+#   python train.py --l1_coeff 1.5 --dict_size 32768  # any key, validated before any model loads
+#   python train.py --resume checkpoints/version_3    # continue an interrupted run
+# %%
+import sys
+
+import torch
+
+from config import ConfigError, check_against_model, parse_overrides, validate_cfg
+from crosscoder import latest_checkpoint, resolve_device, resolve_version_dir
+from buffer import TokensExhausted
+from trainer import NonFiniteError, Trainer, TrainingInterrupted
+from utils import PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, load_gemma_pair, load_tokens
+
+# %%
+default_cfg = {
+    # --- the reference's keys and defaults
+    "seed": 49,
+    "batch_size": 4096,
+    "buffer_mult": 128,
+    "lr": 5e-5,
+    "num_tokens": 400_000_000,
+    "l1_coeff": 2.0,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "d_in": 2304,  # Gemma-2-2b d_model
+    "dict_size": 2**14,
+    "seq_len": 1024,
+    "enc_dtype": "fp32",
+    "model_name": "gemma-2-2b",
+    "site": "resid_pre",
+    "device": None,  # None: cuda if available, else cpu (the reference hard-coded "cuda:0")
+    "model_batch_size": 4,
+    "log_every": 100,
+    "save_every": 30000,
+    "dec_init_norm": 0.08,
+    "hook_point": "blocks.14.hook_resid_pre",  # residual entering block 14 of 26
+    "wandb_project": "crosscoder-model-diff",
+    "wandb_entity": None,
+    # --- keys this repo adds
+    "model_names": ["gemma-2-2b", "gemma-2-2b-it"],  # index 0 base, index 1 chat
+    "n_models": 2,
+    "architecture": "l1",
+    "dataset": PILE_LMSYS_DATASET,  # hub id, local datasets dir, or .pt token tensor
+    "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
+    "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
+    "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
+    "dead_window": 1000,  # steps without firing after which a latent counts as dead
+    "checkpoint_dir": None,  # None: checkpoints/ beside this file
+    "data_dir": None,  # None: data/ beside this file
+    "wandb_mode": None,  # None: online with credentials, else offline; or "disabled"
+    "progress": True,
+}
+# Keys that may change when resuming; the others come from the checkpoint's config.
+RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
+                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens"}
+
+
+# %%
+def build_cfg(argv, base_cfg=default_cfg):
+    """default_cfg <- preset <- --key value overrides (or the saved config with --resume)."""
+    cfg, extras = parse_overrides(argv, base_cfg)
+    resume = extras.get("resume")
+    if resume is not None:
+        import json
+
+        version_dir = resolve_version_dir(resume)
+        saved = json.loads((version_dir / f"{latest_checkpoint(version_dir)}_cfg.json").read_text())
+        changed = {k for k in cfg if k in base_cfg and cfg[k] != base_cfg[k]}
+        refused = sorted(changed - RESUME_OVERRIDABLE)
+        if refused:
+            raise ConfigError(f"cannot change {refused} when resuming; they come from {version_dir}")
+        cfg = dict(saved, **{k: cfg[k] for k in changed})
+        preset = saved.get("preset", "gemma")
+    else:
+        preset = extras.get("preset", "gemma")
+        if preset == "toy":
+            from toy import TOY_CFG
+
+            toy_cfg, _ = parse_overrides(argv, dict(base_cfg, **TOY_CFG))
+            cfg = toy_cfg
+        elif preset != "gemma":
+            raise ConfigError(f"--preset must be 'toy' or 'gemma', got {preset!r}")
+        cfg["preset"] = preset
+    validate_cfg({k: v for k, v in cfg.items() if k != "normalisation_factor"})
+    return cfg, resume
+
+
+def load_models_and_tokens(cfg, device_was_set):
+    if cfg["preset"] == "toy":
+        from toy import build_toy_pair
+
+        base, chat, tokens = build_toy_pair(cfg)
+        return [base, chat], tokens
+    if cfg["device"] == "cpu" and not device_was_set:
+        raise SetupError(
+            "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
+            "524k-row activation buffer), and none was found. Run `python train.py --preset toy` "
+            "to see the whole pipeline on a CPU, or pass --device cpu to try anyway.")
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
+        check_against_model(cfg, get_pretrained_model_config(name))
+    tokens = load_tokens(cfg["dataset"], cfg)
+    return load_gemma_pair(cfg), tokens
+
+
+def main(cfg, resume=None, device_was_set=True):
+    cfg["device"] = resolve_device(cfg["device"])
+    models, tokens = load_models_and_tokens(cfg, device_was_set)
+    for model in models:
+        check_against_model(cfg, model.cfg)
+        check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
+    trainer = Trainer(cfg, models, None, tokens, resume_from=resume)
+    trainer.train()
+    print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
+    return trainer
+
+
+def cli(argv):
+    try:
+        cfg, resume = build_cfg(argv)
+        device_was_set = any(a.startswith("--device") for a in argv) or default_cfg["device"] is not None \
+            or cfg.get("preset") == "toy"
+        main(cfg, resume, device_was_set)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    except TrainingInterrupted as e:
+        print(f"training interrupted ({e}); resume with: python train.py --resume {e.save_dir}", file=sys.stderr)
+        sys.exit(128 + e.signum)
+    except (NonFiniteError, TokensExhausted, SetupError, DataError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+def in_notebook():
+    try:
+        return get_ipython() is not None  # noqa: F821 (defined only inside IPython)
+    except NameError:
+        return False
+
+
+# %%
+if __name__ == "__main__":
+    if in_notebook():  # no argv parsing inside IPython, as the reference
+        notebook_cfg = dict(default_cfg, preset="gemma")
+        trainer = main(notebook_cfg, device_was_set=torch.cuda.is_available())
+    else:
+        cli(sys.argv[1:])

@@ -1,0 +1,325 @@
+"""Trains a CrossCoder on batches from a Buffer (or any object with next() -> [B, M, D]).
+
+Shape legend: B batch, M models, D d_in, F latents.
+
+Faithful to the reference: Adam; lr constant for 80% of the steps then linear to 0; L1
+coefficient warmed up linearly over the first 5%; gradient norm clipped at 1.0;
+loss = l2 + l1_coeff(t) * l1. No host sync in a step: numbers are read only at log steps.
+"""
+import netrc
+import os
+import signal
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from buffer import Buffer, TokensExhausted, sequences_needed
+from crosscoder import CrossCoder, checkpoint_root, latest_checkpoint, resolve_version_dir
+
+LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
+            "explained_variance", "explained_variance_A", "explained_variance_B")
+NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
+                     3: "the gradients (overflow in the backward pass)"}
+
+
+def lr_multiplier(step, total_steps):
+    """1 for the first 80% of steps, then linear decay to 0 at the end (reference)."""
+    if step < 0.8 * total_steps:
+        return 1.0
+    return 1.0 - (step - 0.8 * total_steps) / (0.2 * total_steps)
+
+
+def l1_coeff_at(step, total_steps, l1_coeff):
+    """Linear warm-up from 0 to l1_coeff over the first 5% of steps, then constant (reference)."""
+    if step < 0.05 * total_steps:
+        return l1_coeff * step / (0.05 * total_steps)
+    return l1_coeff
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a SIGINT/SIGTERM stopped training and a checkpoint was saved."""
+
+    def __init__(self, signum, step):
+        super().__init__(f"received {signal.Signals(signum).name} at step {step}")
+        self.signum, self.step, self.save_dir = signum, step, None
+
+
+def wandb_has_credentials():
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class Trainer:
+    """Trainer(cfg, model_A, model_B, all_tokens) builds a Buffer as the reference does;
+    Trainer(cfg, buffer=source) trains on any source of [batch_size, n_models, d_in] batches.
+    resume_from: a version_N directory; training continues from its newest checkpoint."""
+
+    def __init__(self, cfg, model_A=None, model_B=None, all_tokens=None, buffer=None, resume_from=None):
+        self.cfg = cfg
+        self.total_steps = cfg["num_tokens"] // cfg["batch_size"]
+        if self.total_steps < 1:
+            raise ValueError(f"num_tokens={cfg['num_tokens']} is less than one batch of {cfg['batch_size']}")
+        state = None
+        if resume_from is not None:
+            version_dir = resolve_version_dir(resume_from)
+            k = latest_checkpoint(version_dir)
+            trainer_file = version_dir / f"{k}_trainer.pt"
+            if not trainer_file.is_file():
+                raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
+            self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"])
+            state = torch.load(trainer_file, map_location="cpu", weights_only=True)
+        else:
+            self.crosscoder = CrossCoder(cfg)
+        self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
+        if buffer is None:
+            need = sequences_needed(cfg, self.total_steps)
+            if all_tokens is not None and need > len(all_tokens) and not cfg.get("wrap_tokens", False):
+                raise TokensExhausted(
+                    f"num_tokens={cfg['num_tokens']:,} needs {need:,} sequences of {cfg['seq_len']} tokens "
+                    f"(buffer refreshes included) but the dataset has {len(all_tokens):,}; lower num_tokens, "
+                    "add data, or set wrap_tokens=True to reuse it")
+            buffer = Buffer(cfg, model_A, model_B, all_tokens, state=state and state.get("buffer"))
+        elif state is not None and state.get("buffer") is not None:
+            buffer.load_state_dict(state["buffer"])
+        self.buffer = buffer
+        factor = getattr(buffer, "normalisation_factor", None)
+        if factor is not None:
+            cfg["normalisation_factor"] = torch.as_tensor(factor).tolist()
+
+        device = self.crosscoder.W_enc.device
+        self.optimizer = torch.optim.Adam(self.crosscoder.parameters(), lr=cfg["lr"],
+                                          betas=(cfg["beta1"], cfg["beta2"]))
+        self.step_counter = 0
+        F = cfg["dict_size"]
+        self.steps_since_fired = torch.zeros(F, dtype=torch.long, device=device)
+        # First step with a non-finite value, and where it came from; read only at log steps.
+        self.bad_step = torch.tensor(-1, device=device)
+        self.bad_source = torch.tensor(0, device=device)
+        self.last_saved_step = None
+        self.wandb_run = None
+        self.wandb_id = None
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step_counter = int(state["step"])
+            self.steps_since_fired = state["steps_since_fired"].to(device)
+            self.wandb_id = state.get("wandb_id")
+            self.last_saved_step = self.step_counter
+
+    # ---------------------------------------------------------------- one step
+    def step(self):
+        """One optimisation step. Returns the reference's log dict; values are 0-d tensors
+        (no host sync here; float(v) reads one)."""
+        i = self.step_counter
+        acts_BMD = self.buffer.next()
+        if i == 0 or i == self.last_saved_step:
+            self._check_batch(acts_BMD)
+        losses, latents_BF = self.crosscoder.losses_and_acts(acts_BMD)
+        l1_coeff = l1_coeff_at(i, self.total_steps, self.cfg["l1_coeff"])
+        loss = losses.l2_loss + l1_coeff * losses.l1_loss
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
+        lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        with torch.no_grad():
+            fired_F = (latents_BF > 0).any(0)
+            self.steps_since_fired = torch.where(fired_F, 0, self.steps_since_fired + 1)
+            source = torch.where(~torch.isfinite(acts_BMD).all(), 1,
+                                 torch.where(~torch.isfinite(loss), 2, torch.where(~torch.isfinite(grad_norm), 3, 0)))
+            first = (self.bad_step < 0) & (source > 0)
+            self.bad_step = torch.where(first, i, self.bad_step)
+            self.bad_source = torch.where(first, source, self.bad_source)
+        self.step_counter += 1
+        values = (loss, losses.l2_loss, losses.l1_loss, losses.l0_loss, l1_coeff, lr,
+                  losses.explained_variance, losses.explained_variance_A, losses.explained_variance_B)
+        return {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in zip(LOG_KEYS, values)}
+
+    def _check_batch(self, acts_BMD):
+        want = (self.cfg["batch_size"], self.cfg.get("n_models", 2), self.cfg["d_in"])
+        if tuple(acts_BMD.shape) != want:
+            raise ValueError(f"the activation source returned shape {tuple(acts_BMD.shape)}, expected "
+                             f"[batch_size, n_models, d_in] = {list(want)}")
+
+    def dead_fraction(self):
+        """Fraction of latents that fired on none of the last dead_window steps (or since the start)."""
+        window = min(self.cfg.get("dead_window", 1000), max(self.step_counter, 1))
+        return (self.steps_since_fired >= window).float().mean()
+
+    def check_finite(self):
+        """Host sync: raise NonFiniteError if any step so far produced a NaN or Inf."""
+        bad_step = int(self.bad_step)
+        if bad_step >= 0:
+            where = NONFINITE_SOURCES[int(self.bad_source)]
+            raise NonFiniteError(
+                f"non-finite value at step {bad_step}, from {where}. Training stopped; the weights "
+                f"are no longer valid and were not saved. Last good checkpoint: {self._last_good()}")
+
+    def _last_good(self):
+        d = self.crosscoder.save_dir
+        if d is None or self.last_saved_step is None:
+            return "none (no checkpoint was written before the failure)"
+        return f"{d} (step {self.last_saved_step})"
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        keep_buffer = self.cfg.get("checkpoint_buffer", True)
+        buffer_state = None
+        if hasattr(self.buffer, "state_dict"):
+            buffer_state = self.buffer.state_dict()
+            if not keep_buffer:
+                buffer_state.pop("buffer", None)
+        return {"optimizer": self.optimizer.state_dict(), "step": self.step_counter,
+                "steps_since_fired": self.steps_since_fired, "buffer": buffer_state,
+                "wandb_id": self.wandb_id}
+
+    def save(self):
+        """Checkpoint weights + config + trainer state, unless the weights are not finite.
+        Only the newest trainer state is kept (it holds the buffer, which is large)."""
+        self.check_finite()
+        if not all(torch.isfinite(p).all() for p in self.crosscoder.parameters()):
+            raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
+                                 f"Last good checkpoint: {self._last_good()}")
+        path = self.crosscoder.save(extra_state=self.state_dict())
+        self.last_saved_step = self.step_counter
+        newest = f"{self.crosscoder.save_version - 1}_trainer.pt"
+        for old in path.parent.glob("*_trainer.pt"):
+            if old.name != newest:
+                old.unlink()
+        return path
+
+    # ---------------------------------------------------------------- logging
+    def _init_wandb(self):
+        mode = self.cfg.get("wandb_mode")
+        if mode == "disabled":
+            return
+        import wandb
+
+        if mode is None:
+            mode = "online" if wandb_has_credentials() else "offline"
+            if mode == "offline":
+                print("wandb: no credentials found, logging offline (set wandb_mode or run `wandb login`)")
+        wandb_dir = checkpoint_root(self.cfg)
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        kwargs = dict(project=self.cfg.get("wandb_project"), entity=self.cfg.get("wandb_entity"),
+                      config=self.cfg, dir=str(wandb_dir), id=self.wandb_id, resume="allow" if self.wandb_id else None)
+        try:
+            self.wandb_run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
+        except Exception as e:  # wandb must never stop a training run
+            if mode != "online":
+                print(f"wandb: disabled ({type(e).__name__}: {e})")
+                return
+            print(f"wandb: online init failed ({type(e).__name__}: {e}); logging offline instead")
+            self.wandb_run = wandb.init(mode="offline", **kwargs)
+        self.wandb_id = self.wandb_run.id
+
+    def _finish_wandb(self):
+        if self.wandb_run is None:
+            return
+        offline, run_dir = getattr(self.wandb_run, "offline", False), Path(self.wandb_run.dir).parent
+        self.wandb_run.finish()
+        if offline:
+            print(f"wandb: offline run saved; upload it with `wandb sync {run_dir}`")
+        self.wandb_run = None
+
+    def log(self, log_dict, pbar=None):
+        """Host sync: numbers for the console bar and wandb; also the NaN check."""
+        self.check_finite()
+        out = {k: float(v) for k, v in log_dict.items()}
+        out["dead_fraction"] = float(self.dead_fraction())
+        if self.wandb_run is not None:
+            self.wandb_run.log(out, step=self.step_counter - 1)
+        if pbar is not None:
+            pbar.set_postfix(loss=f"{out['loss']:.4g}", l2=f"{out['l2_loss']:.4g}", l0=f"{out['l0_loss']:.1f}",
+                             ev=f"{out['explained_variance']:.3f}", dead=f"{out['dead_fraction']:.2f}",
+                             lr=f"{out['lr']:.2g}")
+        return out
+
+    # ---------------------------------------------------------------- the loop
+    def train(self):
+        """Train to total_steps. Saves every save_every steps, at the end, and when interrupted
+        (Ctrl-C, SIGTERM) or failing; never saves non-finite weights. Raises TrainingInterrupted
+        after saving on a signal. Returns the last log dict."""
+        self._stop_signal = None
+        old_handlers = self._install_signal_handlers()
+        self._init_wandb()
+        log, step_log = {}, None
+        pbar = tqdm(range(self.step_counter, self.total_steps), initial=self.step_counter, total=self.total_steps,
+                    desc="training", disable=not self.cfg.get("progress", True), dynamic_ncols=True)
+        try:
+            for i in pbar:
+                step_log = self.step()
+                if i % self.cfg["log_every"] == 0:
+                    log = self.log(step_log, pbar)
+                if (i + 1) % self.cfg["save_every"] == 0:
+                    self.save()
+                if self._stop_signal is not None:
+                    raise TrainingInterrupted(self._stop_signal, self.step_counter)
+            self.check_finite()
+        except NonFiniteError:
+            raise
+        except BaseException as e:
+            # Interrupt or failure: keep the work done so far, then re-raise.
+            self._save_if_new(reason=f"{type(e).__name__}")
+            if isinstance(e, TrainingInterrupted):
+                e.save_dir = self.crosscoder.save_dir
+            raise
+        else:
+            if step_log is not None and (self.step_counter - 1) % self.cfg["log_every"] != 0:
+                log = self.log(step_log, pbar)  # the final numbers, when the last step was not a log step
+            self._save_if_new(reason="end of training")
+        finally:
+            pbar.close()
+            self._restore_signal_handlers(old_handlers)
+            self._finish_wandb()
+        return log
+
+    def _save_if_new(self, reason):
+        if self.step_counter == self.last_saved_step or self.step_counter == 0:
+            return
+        try:
+            path = self.save()
+            print(f"checkpoint ({reason}) saved at step {self.step_counter}: {path}")
+        except NonFiniteError as e:
+            print(f"not saving after {reason}: {e}")
+        except OSError as e:
+            print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
+
+    def _install_signal_handlers(self):
+        """SIGINT/SIGTERM ask the loop to stop after the current step, so the checkpoint is
+        consistent; a second Ctrl-C interrupts at once."""
+        if not _in_main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, request_stop)
+        return old
+
+    @staticmethod
+    def _restore_signal_handlers(old):
+        if old:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def _in_main_thread():
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
