@@ -23,6 +23,11 @@ REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT_DIR = REPO_DIR / "checkpoints"
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
+# Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
+# clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
+BASE_ONLY_MAX = 0.1
+CHAT_ONLY_MIN = 0.9
+SHARED_RANGE = (0.3, 0.7)
 
 
 class CheckpointError(ValueError):
@@ -260,6 +265,15 @@ class CrossCoder(nn.Module):
                     f"(d_in={cfg['d_in']}, dict_size={cfg['dict_size']}, n_models={cfg['n_models']})")
         model.load_state_dict(state)
         return model.to(cfg["device"])
+
+
+def classify_latents(rel_norm_F):
+    """Boolean masks [F] for the reference's latent classes, from relative decoder norms."""
+    base_only = rel_norm_F < BASE_ONLY_MAX
+    chat_only = rel_norm_F > CHAT_ONLY_MIN
+    shared = (rel_norm_F > SHARED_RANGE[0]) & (rel_norm_F < SHARED_RANGE[1])
+    other = ~(base_only | chat_only | shared)
+    return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
 
 
 # -------------------------------------------------------------------- file helpers

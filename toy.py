@@ -1,38 +1,376 @@
-"""The embedded CPU default: a small base/chat model pair and its training tokens.
+"""The embedded CPU default: a toy base/chat model pair with a known difference, and a
+ground-truth benchmark with planted features.
 
-Interim version: two random tiny HookedTransformers (the chat model a perturbed copy of the
-base) and random tokens, enough to run the whole pipeline on a CPU.
+1. Model organism (`python train.py --preset toy`). A small word-level language (a probabilistic
+   grammar) trains a 4-layer HookedTransformer from scratch: the "base" model. Fine-tuning it on a
+   mix of that text and chat transcripts gives the "chat" model. Transcripts use a template the
+   base model never saw, `<start_of_turn> user ... <end_of_turn> <start_of_turn> model ...
+   <end_of_turn>`, and the assistant answers with the user's sentence with every word swapped for
+   its fixed partner (big -> small, dog -> cat, ...): chat-only concepts must exist. The crosscoder
+   trains on a 50/50 mix of plain text and transcripts, like the reference's Pile + LMSYS mix.
+2. Planted features (`PlantedFeatureSource`): activations of two "models" built as sparse sums of
+   known directions, some shared, some base-only, some chat-only; `recovery_report` scores a
+   trained crosscoder against them.
+
+Shape legend: N sequences, S seq_len, B batch, M models, D d_in, F latents, T true features.
 """
-import copy
+import hashlib
+import json
+import math
+import random
+from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
+TOY_VERSION = 2  # bump when the generator changes: cached pairs are rebuilt
+SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+# Word classes of the grammar; each content word's partner is its neighbour in the list.
+WORDS = {
+    "DET": ["the", "a", "every", "some"],
+    "ADJ": ["big", "small", "red", "blue", "old", "new", "happy", "sad"],
+    "NOUN": ["dog", "cat", "bird", "fish", "man", "woman", "child", "girl", "tree", "house", "car", "book"],
+    "VERB": ["sees", "finds", "likes", "wants", "takes", "makes", "holds", "drops"],
+    "IVERB": ["runs", "sleeps", "sings", "falls"],
+    "PREP": ["on", "under", "near", "with"],
+    "ADV": ["quickly", "slowly", "often", "rarely"],
+}
+PARTNER = {w: ws[i ^ 1] for ws in WORDS.values() for i, w in enumerate(ws)}
+VOCAB = SPECIAL + ["user", "model", ".", "and"] + [w for ws in WORDS.values() for w in ws]
+
 # Overrides applied to train.py's default_cfg by `--preset toy`.
 TOY_CFG = {
-    "d_in": 64, "dict_size": 512, "seq_len": 33, "batch_size": 256, "buffer_mult": 16,
-    "num_tokens": 256 * 400, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 32,
-    "log_every": 20, "save_every": 200, "hook_point": "blocks.1.hook_resid_pre",
-    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 4,
-    "device": "cpu",
+    "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
+    "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
+    "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
+    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
+    "device": "cpu", "dataset": "toy",
 }
 
 
-def tiny_model_cfg(seed=0, d_model=64, n_layers=2, d_vocab=100, n_ctx=64):
-    return HookedTransformerConfig(
-        n_layers=n_layers, d_model=d_model, d_head=16, n_heads=d_model // 16, d_mlp=4 * d_model,
-        n_ctx=n_ctx, d_vocab=d_vocab, act_fn="gelu", normalization_type="LN", seed=seed)
+# ------------------------------------------------------------------ the language
+def sentence(rng, depth=0):
+    """S -> NP VP '.' with NP -> DET [ADJ] NOUN [PREP NP], VP -> VERB NP | IVERB [ADV]."""
+    def np_(d):
+        words = [rng.choice(WORDS["DET"])]
+        if rng.random() < 0.5:
+            words.append(rng.choice(WORDS["ADJ"]))
+        words.append(rng.choice(WORDS["NOUN"]))
+        if d < 1 and rng.random() < 0.25:
+            words += [rng.choice(WORDS["PREP"])] + np_(d + 1)
+        return words
+
+    vp = [rng.choice(WORDS["VERB"])] + np_(depth) if rng.random() < 0.6 else \
+        [rng.choice(WORDS["IVERB"])] + ([rng.choice(WORDS["ADV"])] if rng.random() < 0.5 else [])
+    words = np_(depth) + vp
+    if rng.random() < 0.15:
+        words += ["and"] + [rng.choice(WORDS["IVERB"])]
+    return words + ["."]
+
+
+def plain_text(rng, n_words):
+    words = []
+    while len(words) < n_words:
+        words += sentence(rng)
+    return words[:n_words]
+
+
+def chat_text(rng, n_words):
+    """Multi-turn transcript; the model turn is the user's sentence, each word swapped."""
+    words = []
+    while len(words) < n_words:
+        user = sentence(rng)
+        words += ["<start_of_turn>", "user", *user, "<end_of_turn>",
+                  "<start_of_turn>", "model", *[PARTNER.get(w, w) for w in user], "<end_of_turn>"]
+    return words[:n_words]
+
+
+def make_tokens(n_seqs, seq_len, chat_fraction, seed):
+    """[N, S] token ids with BOS first, and is_chat [N] (which rows are transcripts)."""
+    rng = random.Random(seed)
+    ids = {w: i for i, w in enumerate(VOCAB)}
+    rows, is_chat = [], []
+    for _ in range(n_seqs):
+        chat = rng.random() < chat_fraction
+        words = (chat_text if chat else plain_text)(rng, seq_len - 1)
+        rows.append([ids["<bos>"]] + [ids[w] for w in words])
+        is_chat.append(chat)
+    return torch.tensor(rows, dtype=torch.int32), torch.tensor(is_chat)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+
+
+# ------------------------------------------------------------------ the model pair
+def toy_model_cfg(seed, d_model=64, seq_len=32):
+    return HookedTransformerConfig(n_layers=4, d_model=d_model, d_head=16, n_heads=d_model // 16,
+                                   d_mlp=4 * d_model, n_ctx=seq_len, d_vocab=len(VOCAB), act_fn="gelu",
+                                   normalization_type="LN", positional_embedding_type="rotary",
+                                   rotary_dim=16, seed=seed, model_name="toy")
+
+
+def train_lm(model, tokens_NS, steps, lr, seed, batch=32, desc="training", anchor=None, anchor_tokens=None,
+             anchor_weight=10.0):
+    """Next-token training with AdamW, warm-up then cosine decay.
+
+    anchor (a frozen model) with anchor_tokens: each step also penalises, on a batch of those
+    tokens, the relative squared distance between this model's residual stream and the anchor's
+    at every layer. Fine-tuning then keeps the base model's representation of base text (as
+    chat-tuning largely does for Gemma) instead of letting Adam rotate it freely.
+    """
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    names = [f"blocks.{i}.hook_resid_post" for i in range(model.cfg.n_layers)]
+    model.train()
+    for _ in tqdm(range(steps), desc=desc, leave=False):
+        idx = torch.randint(0, len(tokens_NS), (batch,), generator=gen)
+        loss = model(tokens_NS[idx].long(), return_type="loss")
+        if anchor is not None:
+            idx = torch.randint(0, len(anchor_tokens), (batch,), generator=gen)
+            t = anchor_tokens[idx].long()
+            with torch.no_grad():
+                _, ref = anchor.run_with_cache(t, names_filter=names, return_type=None)
+            own = {}  # run_with_cache detaches; these hooks keep the graph
+            model.run_with_hooks(t, return_type=None, fwd_hooks=[
+                (n, lambda act, hook: own.__setitem__(hook.name, act)) for n in names])
+            loss = loss + anchor_weight * sum(
+                ((own[n] - ref[n]).pow(2).sum(-1) / ref[n].pow(2).sum(-1)).mean() for n in names)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad()
+    return model.eval()
+
+
+def cache_dir(cfg):
+    from utils import data_dir
+
+    key = json.dumps({"v": TOY_VERSION, "seed": cfg["seed"], "d": cfg["d_in"], "s": cfg["seq_len"]})
+    return data_dir(cfg) / "toy" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def build_toy_pair(cfg):
-    """(base, chat, tokens): random tiny models and random tokens with a BOS of id 0."""
-    torch.manual_seed(cfg["seed"])
-    base = HookedTransformer(tiny_model_cfg(seed=cfg["seed"], d_model=cfg["d_in"]))
-    chat = copy.deepcopy(base)
-    with torch.no_grad():
-        for p in chat.parameters():
-            p.add_(0.1 * torch.randn_like(p) * p.std())
-    n_seqs = 4096
-    tokens = torch.randint(1, base.cfg.d_vocab, (n_seqs, cfg["seq_len"]))
-    tokens[:, 0] = 0
-    return base.eval(), chat.eval(), tokens
+    """(base, chat, tokens, is_chat), built once per (seed, d_in, seq_len) and cached on disk."""
+    from transformers import PreTrainedTokenizerFast
+
+    from buffer import sequences_needed
+
+    d, seed, seq_len = cache_dir(cfg), cfg["seed"], cfg["seq_len"]
+    n_seqs = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + 64
+    if not (d / "chat.pt").is_file():
+        print(f"building the toy model pair (once, cached in {d}) ...")
+        torch.manual_seed(seed)
+        base = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len))
+        plain, _ = make_tokens(8192, seq_len, chat_fraction=0.0, seed=seed + 1)
+        train_lm(base, plain, steps=1200, lr=3e-3, seed=seed, desc="training base model")
+        chat = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len))
+        chat.load_state_dict(base.state_dict())
+        mix, _ = make_tokens(8192, seq_len, chat_fraction=0.5, seed=seed + 2)
+        train_lm(chat, mix, steps=800, lr=1e-3, seed=seed + 1, desc="fine-tuning chat model",
+                 anchor=base, anchor_tokens=plain)
+        d.mkdir(parents=True, exist_ok=True)
+        make_tokenizer().save_pretrained(d / "tokenizer")
+        torch.save(base.state_dict(), d / "base.pt")
+        torch.save(chat.state_dict(), d / "chat.pt")  # written last: marks the cache complete
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(d / "tokenizer")
+    models = []
+    for name in ("base", "chat"):
+        model = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len))
+        model.load_state_dict(torch.load(d / f"{name}.pt", weights_only=True))
+        model.set_tokenizer(tokenizer, default_padding_side="right")
+        models.append(model.eval())
+    tokens, is_chat = make_tokens(n_seqs, seq_len, chat_fraction=0.5, seed=seed + 3)
+    return models[0], models[1], tokens, is_chat
+
+
+def answer_mask(tokens_NS):
+    """True at the words of the assistant's turns (between 'model' and '<end_of_turn>')."""
+    inside = torch.zeros(len(tokens_NS), dtype=torch.bool)
+    mask = torch.zeros(tokens_NS.shape, dtype=torch.bool)
+    model_id, end_id = VOCAB.index("model"), VOCAB.index("<end_of_turn>")
+    for p in range(tokens_NS.shape[1]):
+        inside &= tokens_NS[:, p] != end_id
+        mask[:, p] = inside
+        inside |= tokens_NS[:, p] == model_id
+    return mask
+
+
+@torch.no_grad()
+def organism_report(base, chat, cfg, n_seqs=256):
+    """How the pair differs, on held-out text: relative distance between the two models'
+    residuals at the hook on plain text and on transcripts, and each model's accuracy at
+    predicting the assistant's words (the behaviour only fine-tuning teaches)."""
+    from buffer import extract_activations
+
+    tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 5)
+    t = tokens.long()
+    a, b = (extract_activations(m, t, cfg["hook_point"])[:, 1:] for m in (base, chat))
+    rel_diff = (a - b).norm(dim=-1) / a.norm(dim=-1)
+    answers = answer_mask(t)[:, 1:]
+    accuracy = {name: float((m(t).argmax(-1)[:, :-1] == t[:, 1:])[answers].float().mean())
+                for name, m in (("base", base), ("chat", chat))}
+    return {"residual_difference_plain": float(rel_diff[~is_chat].mean()),
+            "residual_difference_chat": float(rel_diff[is_chat].mean()),
+            "answer_accuracy_base": accuracy["base"], "answer_accuracy_chat": accuracy["chat"]}
+
+
+@torch.no_grad()
+def toy_report(crosscoder, base, chat, cfg, n_seqs=512):
+    """What the method finds on the toy pair, on held-out tokens: latent counts per relative-norm
+    class, and each class's share of activation mass that falls inside chat transcripts."""
+    from buffer import extract_activations
+    from crosscoder import classify_latents
+
+    tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 4)
+    factors = torch.tensor(cfg["normalisation_factor"])
+    mass_chat = torch.zeros(cfg["dict_size"])
+    mass_all = torch.zeros(cfg["dict_size"])
+    for start in range(0, n_seqs, 128):
+        t = tokens[start : start + 128].long()
+        acts = [extract_activations(m, t, cfg["hook_point"])[:, 1:] for m in (base, chat)]
+        x_NSMD = torch.stack(acts, dim=2) * factors[:, None]
+        f_NSF = crosscoder.encode(x_NSMD.flatten(0, 1)).float().view(*x_NSMD.shape[:2], -1)
+        mass_all += f_NSF.sum((0, 1))
+        mass_chat += f_NSF[is_chat[start : start + 128]].sum((0, 1))
+    rel = crosscoder.relative_decoder_norm().cpu()
+    alive = mass_all > 0
+    report = {"n_latents": cfg["dict_size"], "dead": int((~alive).sum()),
+              "chat_token_fraction": float(is_chat.float().mean())}
+    per_latent_F = mass_chat / mass_all.clamp(min=1e-12)
+    hist = torch.histc(rel, bins=10, min=0, max=1)
+    report["relative_norm_histogram"] = hist.int().tolist()
+    for name, mask in classify_latents(rel).items():
+        mask = mask & alive
+        report[name] = {"count": int(mask.sum()),
+                        "chat_mass_fraction": float(mass_chat[mask].sum() / mass_all[mask].sum().clamp(min=1e-12)),
+                        "mostly_chat": int((per_latent_F[mask] >= 0.9).sum()),
+                        "mostly_plain": int((per_latent_F[mask] <= 0.1).sum())}
+    return report
+
+
+def format_report(report, organism=None):
+    lines = []
+    if organism:
+        lines.append(f"toy pair: residual distance chat vs base {organism['residual_difference_plain']:.1%} on plain "
+                     f"text, {organism['residual_difference_chat']:.1%} on transcripts; assistant-word accuracy "
+                     f"base {organism['answer_accuracy_base']:.1%}, chat {organism['answer_accuracy_chat']:.1%}")
+    lines += [f"latents: {report['n_latents']} ({report['dead']} never active on held-out text); "
+             f"{report['chat_token_fraction']:.0%} of held-out tokens are chat transcripts",
+             f"relative decoder norm histogram (10 bins, base-only -> chat-only): {report['relative_norm_histogram']}",
+             f"{'class':<10} {'count':>6} {'mass in chat':>13} {'latents >=90% chat':>19} {'<=10% chat':>11}"]
+    for name in ("chat_only", "shared", "base_only", "other"):
+        r = report[name]
+        lines.append(f"{name:<10} {r['count']:>6} {r['chat_mass_fraction']:>13.1%} {r['mostly_chat']:>19} {r['mostly_plain']:>11}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ planted features
+class PlantedFeatureSource:
+    """Activations of two "models" as sparse sums of known unit directions: x_m = sum_t a_t d_{t,m}.
+
+    Shared features have a direction in both models (the chat one rotated from the base one by
+    `rotation`, 0 = identical); base-only features have no chat direction, chat-only features no
+    base direction. Each feature fires independently with probability l0 / n_features, with a
+    magnitude drawn uniformly in [0.5, 1.5], scaled so that the mean squared norm per model is
+    about d_in (the normalisation the buffer applies to real activations).
+    """
+
+    def __init__(self, cfg, n_shared=96, n_base_only=32, n_chat_only=32, l0=6.0, rotation=0.2, seed=0):
+        # A salted seed: the crosscoder's init draws from torch.Generator().manual_seed(cfg seed),
+        # and the same stream here would plant features equal to its initial decoder rows.
+        g = torch.Generator().manual_seed(7919 * seed + 104729)
+        d, self.batch_size = cfg["d_in"], cfg["batch_size"]
+        T = n_shared + n_base_only + n_chat_only
+        base_TD = torch.nn.functional.normalize(torch.randn(T, d, generator=g), dim=-1)
+        noise_TD = torch.nn.functional.normalize(torch.randn(T, d, generator=g), dim=-1)
+        chat_TD = torch.nn.functional.normalize(base_TD + rotation * noise_TD, dim=-1)
+        # labels: 0 base-only, 1 shared, 2 chat-only; the same classes analysis reads off relative norms
+        self.labels_T = torch.cat([torch.ones(n_shared), torch.zeros(n_base_only), torch.full((n_chat_only,), 2.0)]).long()
+        base_TD[self.labels_T == 2] = 0
+        chat_TD[self.labels_T == 0] = 0
+        self.dirs_TMD = torch.stack([base_TD, chat_TD], dim=1)
+        self.p = l0 / T
+        present_per_model = (self.dirs_TMD.norm(dim=-1) > 0).float().mean(0)  # [M]
+        self.scale = (d / (l0 * present_per_model.min() * (13 / 12))) ** 0.5  # E[mag^2] = 13/12 for U[0.5, 1.5]
+        self.normalisation_factor = torch.ones(2)
+        self.g = torch.Generator().manual_seed(7919 * seed + 104730)
+
+    def next(self):
+        B, T = self.batch_size, len(self.labels_T)
+        active = torch.rand(B, T, generator=self.g) < self.p
+        mags = 0.5 + torch.rand(B, T, generator=self.g)
+        a_BT = active * mags * self.scale
+        return torch.einsum("bt,tmd->bmd", a_BT, self.dirs_TMD)
+
+
+@torch.no_grad()
+def recovery_report(crosscoder, source, threshold=0.9):
+    """How many true features a crosscoder recovered, and whether its relative decoder norms
+    classify them. A feature is recovered when, in every model it exists in, some latent's
+    decoder has cosine >= threshold with it; that latent (the best match) is then classified as
+    base-only / shared / chat-only by the analysis thresholds."""
+    from crosscoder import classify_latents
+
+    W_FMD = torch.nn.functional.normalize(crosscoder.W_dec.float().cpu(), dim=-1)
+    dirs_TMD = source.dirs_TMD
+    present_TM = dirs_TMD.norm(dim=-1) > 0
+    cos_TFM = torch.einsum("tmd,fmd->tfm", dirs_TMD, W_FMD)
+    # for each feature and latent: the worst cosine over the models the feature exists in
+    worst_TF = torch.where(present_TM[:, None, :], cos_TFM, torch.inf).min(-1).values
+    best_cos_T, best_latent_T = worst_TF.max(-1)
+    recovered_T = best_cos_T >= threshold
+    classes = classify_latents(crosscoder.relative_decoder_norm().cpu())
+    predicted_F = torch.full((W_FMD.shape[0],), -1)
+    predicted_F[classes["base_only"]], predicted_F[classes["shared"]], predicted_F[classes["chat_only"]] = 0, 1, 2
+    correct_T = predicted_F[best_latent_T] == source.labels_T
+    rows = {}
+    for label, name in enumerate(("base_only", "shared", "chat_only")):
+        m = source.labels_T == label
+        rows[name] = {"features": int(m.sum()), "recovered": float(recovered_T[m].float().mean()),
+                      "classified": float(correct_T[m & recovered_T].float().mean()) if (m & recovered_T).any() else 0.0}
+    rows["all"] = {"features": len(recovered_T), "recovered": float(recovered_T.float().mean()),
+                   "classified": float(correct_T[recovered_T].float().mean()) if recovered_T.any() else 0.0}
+    return rows
+
+
+def format_recovery(rows):
+    lines = [f"{'true features':<14} {'count':>5} {'recovered':>10} {'class correct':>14}"]
+    for name, r in rows.items():
+        lines.append(f"{name:<14} {r['features']:>5} {r['recovered']:>10.1%} {r['classified']:>14.1%}")
+    return "\n".join(lines)
+
+
+def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_chat_only=96, steps=2000,
+                      batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", checkpoint_dir=None):
+    """Train a crosscoder on planted features through the normal Trainer and score it."""
+    import tempfile
+
+    from train import default_cfg
+    from trainer import Trainer
+
+    cfg = dict(default_cfg, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
+               lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
+               architecture=architecture, checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"))
+    source = PlantedFeatureSource(cfg, n_shared, n_base_only, n_chat_only, seed=seed)
+    trainer = Trainer(cfg, buffer=source)
+    log = trainer.train()
+    return recovery_report(trainer.crosscoder, source), log
+
+
+if __name__ == "__main__":
+    # The ground-truth benchmark at its larger setting: python toy.py
+    rows, log = planted_benchmark()
+    print(f"planted features, d_in 128, 512 true features, dict 2048: L0 {log['l0_loss']:.1f}, "
+          f"explained variance {log['explained_variance']:.3f}")
+    print(format_recovery(rows))

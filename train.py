@@ -94,7 +94,7 @@ def load_models_and_tokens(cfg, device_was_set):
     if cfg["preset"] == "toy":
         from toy import build_toy_pair
 
-        base, chat, tokens = build_toy_pair(cfg)
+        base, chat, tokens, _ = build_toy_pair(cfg)
         return [base, chat], tokens
     if cfg["device"] == "cpu" and not device_was_set:
         raise SetupError(
@@ -116,7 +116,13 @@ def main(cfg, resume=None, device_was_set=True):
         check_against_model(cfg, model.cfg)
         check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
     trainer = Trainer(cfg, models, None, tokens, resume_from=resume)
-    trainer.train()
+    log = trainer.train()
+    print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+    if cfg["preset"] == "toy":
+        from toy import format_report, organism_report, toy_report
+
+        organism = organism_report(models[0], models[1], cfg)
+        print(format_report(toy_report(trainer.crosscoder, models[0], models[1], cfg), organism))
     print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
     return trainer
 

@@ -73,3 +73,26 @@ def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
     model = HookedTransformer.from_pretrained("gemma-2-2b", hf_model=hf, tokenizer=tok,
                                               first_n_layers=n_layers, device="cpu")
     return hf, model.eval()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(script, *args, timeout=600):
+    """Run one of the repo's scripts as a user would, offline, on the CPU."""
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """`python train.py --preset toy` at its defaults, once per test session (about 2-3 minutes:
+    it builds the toy model pair, then trains the crosscoder). Returns (out, checkpoints, data)."""
+    root = tmp_path_factory.mktemp("toy_run")
+    out = run_script("train.py", "--preset", "toy", "--checkpoint_dir", str(root / "checkpoints"),
+                     "--data_dir", str(root / "data"), "--wandb_mode", "disabled")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out, root / "checkpoints", root / "data"

@@ -1,34 +1,26 @@
 """train.py as users run it: a subprocess, a clean environment, no hub."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from config import ConfigError
+from conftest import run_script
 from train import build_cfg, default_cfg
 
-REPO = Path(__file__).resolve().parents[1]
+
+def run_train(*args, timeout=300):
+    return run_script("train.py", *args, timeout=timeout)
 
 
-def run_train(*args, env_extra=None, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", **(env_extra or {}))
-    return subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_toy_preset_trains_and_saves_a_loadable_checkpoint(tmp_path):
-    out = run_train("--preset", "toy", "--checkpoint_dir", str(tmp_path), "--data_dir", str(tmp_path / "data"),
-                    "--wandb_mode", "disabled", "--progress", "false", "--num_tokens", "20000")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"checkpoints in {tmp_path / 'version_0'}" in out.stdout
-    cfg = json.loads((tmp_path / "version_0" / "0_cfg.json").read_text())
+def test_toy_preset_trains_and_saves_a_loadable_checkpoint(toy_run):
+    out, checkpoints, _ = toy_run
+    assert f"checkpoints in {checkpoints / 'version_0'}" in out.stdout
+    assert "chat_only" in out.stdout  # the toy report is printed
+    cfg = json.loads((checkpoints / "version_0" / "0_cfg.json").read_text())
     assert cfg["preset"] == "toy" and len(cfg["normalisation_factor"]) == 2
     from crosscoder import CrossCoder
 
-    assert CrossCoder.load(tmp_path / "version_0").cfg["dict_size"] == cfg["dict_size"]
+    assert CrossCoder.load(checkpoints / "version_0").cfg["dict_size"] == cfg["dict_size"]
 
 
 def test_gemma_without_gpu_fails_fast_and_points_to_the_toy_preset():
@@ -54,11 +46,9 @@ def test_presets_and_overrides_stack():
         build_cfg(["--preset", "llama"])
 
 
-def test_resume_refuses_to_change_the_maths(tmp_path):
-    out = run_train("--preset", "toy", "--checkpoint_dir", str(tmp_path), "--data_dir", str(tmp_path / "data"),
-                    "--wandb_mode", "disabled", "--progress", "false", "--num_tokens", "20000")
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_resume_refuses_to_change_the_maths(toy_run):
+    _, checkpoints, _ = toy_run
     with pytest.raises(ConfigError, match="dict_size"):
-        build_cfg(["--resume", str(tmp_path / "version_0"), "--dict_size", "7"])
-    cfg, resume = build_cfg(["--resume", str(tmp_path / "version_0"), "--log_every", "7"])
-    assert cfg["log_every"] == 7 and cfg["preset"] == "toy" and resume == str(tmp_path / "version_0")
+        build_cfg(["--resume", str(checkpoints / "version_0"), "--dict_size", "7"])
+    cfg, resume = build_cfg(["--resume", str(checkpoints / "version_0"), "--log_every", "7"])
+    assert cfg["log_every"] == 7 and cfg["preset"] == "toy" and resume == str(checkpoints / "version_0")
