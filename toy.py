@@ -228,29 +228,31 @@ def organism_report(base, chat, cfg, n_seqs=256):
 @torch.no_grad()
 def toy_report(crosscoder, base, chat, cfg, n_seqs=512):
     """What the method finds on the toy pair, on held-out tokens: latent counts per relative-norm
-    class, and each class's share of activation mass that falls inside chat transcripts."""
-    from buffer import extract_activations
+    class, each class's share of activation mass inside chat transcripts, and the chat-only
+    latents split by Latent Scaling into genuine ones (max nu <= GENUINE_NU_MAX: the base model
+    lacks their direction) and artefacts of the L1 loss (the base model has it)."""
     from crosscoder import classify_latents
+    from utils import GENUINE_NU_MAX, iter_paired_activations, latent_scaling
 
     tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 4)
     factors = torch.tensor(cfg["normalisation_factor"])
-    mass_chat = torch.zeros(cfg["dict_size"])
-    mass_all = torch.zeros(cfg["dict_size"])
-    for start in range(0, n_seqs, 128):
-        t = tokens[start : start + 128].long()
-        acts = [extract_activations(m, t, cfg["hook_point"])[:, 1:] for m in (base, chat)]
-        x_NSMD = torch.stack(acts, dim=2) * factors[:, None]
-        f_NSF = crosscoder.encode(x_NSMD.flatten(0, 1)).float().view(*x_NSMD.shape[:2], -1)
-        mass_all += f_NSF.sum((0, 1))
-        mass_chat += f_NSF[is_chat[start : start + 128]].sum((0, 1))
+    x_NSMD = torch.cat([x for _, x in iter_paired_activations([base, chat], tokens, cfg["hook_point"], 128)]) * factors[:, None]
+    f_NSF = crosscoder.encode(x_NSMD.flatten(0, 1)).float().view(*x_NSMD.shape[:2], -1)
+    mass_all, mass_chat = f_NSF.sum((0, 1)), f_NSF[is_chat].sum((0, 1))
     rel = crosscoder.relative_decoder_norm().cpu()
     alive = mass_all > 0
-    report = {"n_latents": cfg["dict_size"], "dead": int((~alive).sum()),
-              "chat_token_fraction": float(is_chat.float().mean())}
+    classes = classify_latents(rel)
+    chat_only = torch.nonzero(classes["chat_only"] & alive).flatten()
+    ls = latent_scaling(crosscoder, [x_NSMD.flatten(0, 1)], chat_only)
+    genuine = torch.zeros_like(alive)
+    genuine[chat_only] = torch.maximum(ls["nu_error"], ls["nu_reconstruction"]).cpu() <= GENUINE_NU_MAX
+    classes["chat_only_genuine"] = classes["chat_only"] & genuine
+    classes["chat_only_artefact"] = classes["chat_only"] & ~genuine
     per_latent_F = mass_chat / mass_all.clamp(min=1e-12)
-    hist = torch.histc(rel, bins=10, min=0, max=1)
-    report["relative_norm_histogram"] = hist.int().tolist()
-    for name, mask in classify_latents(rel).items():
+    report = {"n_latents": cfg["dict_size"], "dead": int((~alive).sum()),
+              "chat_token_fraction": float(is_chat.float().mean()),
+              "relative_norm_histogram": torch.histc(rel, bins=10, min=0, max=1).int().tolist()}
+    for name, mask in classes.items():
         mask = mask & alive
         report[name] = {"count": int(mask.sum()),
                         "chat_mass_fraction": float(mass_chat[mask].sum() / mass_all[mask].sum().clamp(min=1e-12)),
@@ -268,10 +270,12 @@ def format_report(report, organism=None):
     lines += [f"latents: {report['n_latents']} ({report['dead']} never active on held-out text); "
              f"{report['chat_token_fraction']:.0%} of held-out tokens are chat transcripts",
              f"relative decoder norm histogram (10 bins, base-only -> chat-only): {report['relative_norm_histogram']}",
-             f"{'class':<10} {'count':>6} {'mass in chat':>13} {'latents >=90% chat':>19} {'<=10% chat':>11}"]
-    for name in ("chat_only", "shared", "base_only", "other"):
+             f"{'class':<18} {'count':>6} {'mass in chat':>13} {'latents >=90% chat':>19} {'<=10% chat':>11}"]
+    for name in ("chat_only", "chat_only_genuine", "chat_only_artefact", "shared", "base_only", "other"):
         r = report[name]
-        lines.append(f"{name:<10} {r['count']:>6} {r['chat_mass_fraction']:>13.1%} {r['mostly_chat']:>19} {r['mostly_plain']:>11}")
+        lines.append(f"{name:<18} {r['count']:>6} {r['chat_mass_fraction']:>13.1%} {r['mostly_chat']:>19} {r['mostly_plain']:>11}")
+    lines.append("chat_only_genuine / _artefact: chat-only latents whose Latent Scaling ratios are <= / > "
+                 "GENUINE_NU_MAX (the base model lacks / has their direction)")
     return "\n".join(lines)
 
 

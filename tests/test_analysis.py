@@ -1,0 +1,126 @@
+import torch
+
+from conftest import random_tokens, run_script, tiny_cfg, tiny_model
+from crosscoder import CrossCoder, classify_latents
+from utils import examples_html, latent_scaling, plot_relative_norm_histogram, splice_in_loss, top_activating_examples
+
+
+def test_latent_classes_follow_the_reference_thresholds():
+    rel = torch.tensor([0.0, 0.05, 0.1, 0.2, 0.31, 0.5, 0.69, 0.8, 0.9, 0.95, 1.0])
+    c = classify_latents(rel)
+    assert c["base_only"].tolist() == [True, True] + [False] * 9
+    assert c["chat_only"].tolist() == [False] * 9 + [True, True]
+    assert c["shared"].tolist() == [False] * 4 + [True, True, True] + [False] * 4
+    assert (c["base_only"].int() + c["chat_only"].int() + c["shared"].int() + c["other"].int() == 1).all()
+
+
+def exact_crosscoder(d_in, factors):
+    """A crosscoder that reconstructs any input exactly: for each model and coordinate, one
+    latent for the positive part and one for the negative part."""
+    cc = CrossCoder(tiny_cfg(d_in=d_in, dict_size=4 * d_in, normalisation_factor=list(factors)))
+    with torch.no_grad():
+        cc.W_enc.zero_(), cc.W_dec.zero_()
+        eye = torch.eye(d_in)
+        for m in range(2):
+            for sign, block in ((1, 0), (-1, 1)):
+                cols = slice((2 * m + block) * d_in, (2 * m + block + 1) * d_in)
+                cc.W_enc[m][:, cols] = sign * eye
+                cc.W_dec[cols, m] = sign * eye
+    return cc
+
+
+def test_splice_in_of_an_exact_reconstruction_equals_the_clean_loss():
+    models = [tiny_model(1, n_ctx=16), tiny_model(2, n_ctx=16)]
+    cc = exact_crosscoder(32, factors=(0.5, 2.0))
+    tokens = random_tokens(6, 12)
+    out = splice_in_loss(cc, models, tokens, batch_size=4)
+    for m, model in enumerate(models):
+        assert abs(out[m]["spliced"] - out[m]["clean"]) < 1e-4
+        assert abs(out[m]["clean"] - float(model(tokens, return_type="loss"))) < 1e-4
+        assert abs(out[m]["loss_recovered"] - 1.0) < 1e-3  # zero-ablation differs from clean here
+
+
+def scaling_case(alpha, decoupled):
+    """One chat-only latent on direction e0. The base activation holds alpha times it. With
+    decoupled=True a base-only latent reconstructs that part (Latent Decoupling: nu_reconstruction
+    = alpha, nu_error = 0); without, it stays in the base error (Complete Shrinkage: nu_error =
+    alpha, nu_reconstruction = 0)."""
+    cc = CrossCoder(tiny_cfg(d_in=4, dict_size=2))
+    e0 = torch.tensor([1.0, 0, 0, 0])
+    with torch.no_grad():
+        cc.W_enc.zero_(), cc.W_dec.zero_()
+        cc.W_enc[1][:, 0] = e0
+        cc.W_dec[0, 1] = 2 * e0  # the decoder's scale must not matter
+        cc.W_enc[1][:, 0] /= 2
+        if decoupled:
+            cc.W_enc[0][:, 1] = e0
+            cc.W_dec[1, 0] = e0
+    a = torch.rand(500, generator=torch.Generator().manual_seed(0)) + 0.1
+    x = torch.zeros(500, 2, 4)
+    x[:, 1, 0] = a
+    x[:, 0, 0] = alpha * a
+    x[:, 0, 2] = torch.randn(500, generator=torch.Generator().manual_seed(1))  # noise orthogonal to e0
+    return cc, [x[:250], x[250:]]
+
+
+def test_latent_scaling_recovers_known_ratios():
+    cc, batches = scaling_case(alpha=0.7, decoupled=False)
+    ls = latent_scaling(cc, batches, [0])
+    assert torch.allclose(ls["nu_error"], torch.tensor([0.7]), atol=1e-5)
+    assert torch.allclose(ls["nu_reconstruction"], torch.tensor([0.0]), atol=1e-5)
+    assert torch.allclose(ls["beta_error"][1], torch.tensor([1.0]), atol=1e-5)
+    cc, batches = scaling_case(alpha=0.4, decoupled=True)
+    ls = latent_scaling(cc, batches, [0])
+    assert torch.allclose(ls["nu_reconstruction"], torch.tensor([0.4]), atol=1e-5)
+    assert torch.allclose(ls["nu_error"], torch.tensor([0.0]), atol=1e-5)
+    cc, batches = scaling_case(alpha=0.0, decoupled=False)  # truly chat-only: both ratios 0
+    ls = latent_scaling(cc, batches, [0])
+    assert ls["nu_error"].abs().item() < 1e-6 and ls["nu_reconstruction"].abs().item() < 1e-6
+
+
+def test_top_activating_examples_match_brute_force():
+    models = [tiny_model(1), tiny_model(2)]
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[0.7, 1.3]))
+    tokens = random_tokens(10, 9)
+    latents = [0, 3, 7]
+    values, seqs, pos = top_activating_examples(cc, models, tokens, latents, k=5, batch_size=3)
+    from buffer import extract_activations
+
+    x = torch.stack([extract_activations(m, tokens, "blocks.1.hook_resid_pre")[:, 1:] for m in models], 2)
+    N, S1 = x.shape[:2]
+    f = cc.encode((x * torch.tensor([0.7, 1.3])[:, None]).flatten(0, 1)).view(N, S1, -1)[..., latents]
+    for j in range(3):
+        flat = f[..., j].flatten()
+        want = flat.topk(5).values
+        assert torch.allclose(values[j], want, atol=1e-5)
+        for v, n, p in zip(values[j], seqs[j], pos[j]):
+            assert abs(f[n, p - 1, j].item() - v.item()) < 1e-5
+    page = examples_html(lambda t: [f"w{i}" for i in t.tolist()], tokens, latents, values, seqs, pos, title="t")
+    assert page.count("<b style") == int((values > 0).sum())
+
+
+def test_histogram_figure_is_written(tmp_path):
+    path = plot_relative_norm_histogram(torch.rand(100), tmp_path / "h.png")
+    assert path.stat().st_size > 1000
+
+
+def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run):
+    _, checkpoints, data = toy_run
+    out = run_script("analysis.py", "--checkpoint", str(checkpoints / "version_0"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = {p.name for p in (checkpoints / "version_0" / "analysis").iterdir()}
+    assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "latent_scaling.png",
+            "chat_only_examples.html", "summary.txt"} <= written
+    assert "loss recovered" in out.stdout and "analysis written to" in out.stdout
+
+
+def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses(tmp_path):
+    """No GPU and no hub here: the model-based sections are skipped with a message, the figures
+    that need only the weights are still written."""
+    cc = CrossCoder(tiny_cfg(tmp_path, preset="gemma", normalisation_factor=[0.3, 0.25]))
+    cc.save()
+    out = run_script("analysis.py", "--checkpoint", str(tmp_path / "checkpoints" / "version_0"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "models unavailable" in out.stdout
+    written = {p.name for p in (tmp_path / "checkpoints" / "version_0" / "analysis").iterdir()}
+    assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "summary.txt"} <= written
