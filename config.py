@@ -8,7 +8,7 @@ import math
 
 from crosscoder import DTYPES
 
-ARCHITECTURES = ("l1",)
+ARCHITECTURES = ("l1", "batchtopk")
 WANDB_MODES = (None, "online", "offline", "disabled")
 
 # key -> (type, check or None, what the check requires). Types: int, float, str, bool, list
@@ -44,6 +44,9 @@ SCHEMA = {
     "wandb_entity": ("str?", None, ""),
     "n_models": (int, lambda v: v >= 2, "an integer >= 2"),
     "architecture": (str, lambda v: v in ARCHITECTURES, f"one of {list(ARCHITECTURES)}"),
+    "k": (int, *_pos),
+    "aux_coeff": (float, *_nonneg),
+    "aux_k": (int, *_pos),
     "norm_estimate_batches": (int, *_pos),
     "wrap_tokens": (bool, None, ""),
     "checkpoint_buffer": (bool, None, ""),

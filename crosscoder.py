@@ -18,6 +18,8 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+from batchtopk import aux_loss, batch_topk_mask, update_threshold
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_CHECKPOINT_DIR = REPO_DIR / "checkpoints"
@@ -79,6 +81,11 @@ class CrossCoder(nn.Module):
         self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
         self.b_enc = nn.Parameter(torch.zeros(dict_size, dtype=self.dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.n_models, d_in, dtype=self.dtype))
+        self.architecture = cfg.get("architecture", "l1")
+        if self.architecture == "batchtopk":
+            # score threshold used at inference; -1 until training has estimated it
+            self.register_buffer("threshold", torch.tensor(-1.0))
+        self.score_norms = None  # set by fold_normalisation: BatchTopK scores use the unfolded norms
         self.to(resolve_device(cfg.get("device")))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
@@ -89,7 +96,22 @@ class CrossCoder(nn.Module):
             x_BMD.to(self.dtype), self.W_enc,
             "batch model d_in, model d_in latent -> batch latent",
         ) + self.b_enc
-        return torch.relu(pre_BF) if apply_relu else pre_BF
+        if not apply_relu:
+            return pre_BF
+        return self._select(torch.relu(pre_BF))[0]
+
+    def _select(self, acts_BF):
+        """The architecture's sparsity: ReLU alone for "l1"; for "batchtopk" the k * batch largest
+        scores (training) or the scores above the estimated threshold (eval). Returns the
+        activations and, in BatchTopK training, the smallest kept score."""
+        if self.architecture != "batchtopk":
+            return acts_BF, None
+        norms_F = self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)
+        scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
+        if self.training or self.threshold < 0:
+            mask_BF, min_kept = batch_topk_mask(scores_BF, self.cfg["k"])
+            return acts_BF * mask_BF, min_kept
+        return acts_BF * (scores_BF > self.threshold), None
 
     def decode(self, acts_BF):
         return einsum(
@@ -100,9 +122,15 @@ class CrossCoder(nn.Module):
     def forward(self, x_BMD):
         return self.decode(self.encode(x_BMD))
 
-    def losses_and_acts(self, x_BMD):
-        """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents)."""
-        acts_BF = self.encode(x_BMD)
+    def losses_and_acts(self, x_BMD, dead_F=None):
+        """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents) and,
+        for BatchTopK given the dead latents dead_F [F], the auxiliary loss (else 0). In BatchTopK
+        training this also updates the inference threshold."""
+        pre_BF = self.encode(x_BMD, apply_relu=False)
+        acts_BF, min_kept = self._select(torch.relu(pre_BF))
+        if min_kept is not None and self.training:
+            with torch.no_grad():
+                self.threshold.copy_(update_threshold(self.threshold, min_kept.float()))
         x_hat_BMD = self.decode(acts_BF)
         # Loss maths in float32 even when the weights are bf16/fp16.
         x_BMD = x_BMD.float()
@@ -122,7 +150,10 @@ class CrossCoder(nn.Module):
             explained_variance_A=ev_BM[:, 0].mean(),
             explained_variance_B=ev_BM[:, 1].mean(),
         )
-        return losses, acts_BF
+        aux = torch.zeros((), device=x_BMD.device)
+        if self.architecture == "batchtopk" and dead_F is not None:
+            aux = aux_loss(x_BMD - x_hat_BMD.float(), pre_BF, self.W_dec, dead_F, self.cfg.get("aux_k", 512))
+        return losses, acts_BF, aux
 
     def get_losses(self, x_BMD):
         return self.losses_and_acts(x_BMD)[0]
@@ -167,6 +198,10 @@ class CrossCoder(nn.Module):
         folded.W_dec = nn.Parameter((self.W_dec.float() / s_M[None, :, None]).to(self.dtype))
         folded.b_enc = nn.Parameter(self.b_enc.clone())
         folded.b_dec = nn.Parameter((self.b_dec.float() / s_M[:, None]).to(self.dtype))
+        folded.architecture, folded.training = self.architecture, self.training
+        folded.score_norms = self.decoder_norms().sum(-1).detach() if self.score_norms is None else self.score_norms
+        if self.architecture == "batchtopk":
+            folded.register_buffer("threshold", self.threshold.clone())
         return folded
 
     # ---------------------------------------------------------------- checkpoints
@@ -190,6 +225,8 @@ class CrossCoder(nn.Module):
             self.save_dir = self._next_version_dir()
         k = self.save_version
         weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
+        if self.architecture == "batchtopk":
+            weights["threshold"] = self.threshold.detach()
         weights_path = self.save_dir / f"{k}.pt"
         atomic_torch_save(weights, weights_path)
         if extra_state is not None:
@@ -240,7 +277,7 @@ class CrossCoder(nn.Module):
             state = torch.load(weights_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or set(state) != set(PARAM_NAMES):
+        if not isinstance(state, dict) or set(state) - {"threshold"} != set(PARAM_NAMES):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise CheckpointError(f"{weights_path}: expected tensors {list(PARAM_NAMES)}, found {keys}")
         if "d_in" not in cfg:  # the first published cfg.json had no d_in: infer it
@@ -263,8 +300,13 @@ class CrossCoder(nn.Module):
                 raise CheckpointError(
                     f"{weights_path}: {name} has shape {got} but {cfg_path} implies {want} "
                     f"(d_in={cfg['d_in']}, dict_size={cfg['dict_size']}, n_models={cfg['n_models']})")
+        if cfg["architecture"] != "batchtopk" and "threshold" in state:
+            raise CheckpointError(f"{weights_path}: has a BatchTopK threshold but {cfg_path} says "
+                                  f"architecture {cfg['architecture']!r}")
+        if cfg["architecture"] == "batchtopk" and "threshold" not in state:
+            raise CheckpointError(f"{weights_path}: a batchtopk crosscoder needs its 'threshold'")
         model.load_state_dict(state)
-        return model.to(cfg["device"])
+        return model.eval().to(cfg["device"])  # eval: BatchTopK uses its threshold after loading
 
 
 def classify_latents(rel_norm_F):

@@ -356,7 +356,7 @@ def format_recovery(rows):
 
 
 def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_chat_only=96, steps=2000,
-                      batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", checkpoint_dir=None):
+                      batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", k=30, checkpoint_dir=None):
     """Train a crosscoder on planted features through the normal Trainer and score it."""
     import tempfile
 
@@ -365,7 +365,8 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
 
     cfg = dict(default_cfg, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
                lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
-               architecture=architecture, checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"))
+               architecture=architecture, k=k, progress=False,
+               checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"))
     source = PlantedFeatureSource(cfg, n_shared, n_base_only, n_chat_only, seed=seed)
     trainer = Trainer(cfg, buffer=source)
     log = trainer.train()
@@ -373,8 +374,16 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
 
 
 if __name__ == "__main__":
-    # The ground-truth benchmark at its larger setting: python toy.py
-    rows, log = planted_benchmark()
-    print(f"planted features, d_in 128, 512 true features, dict 2048: L0 {log['l0_loss']:.1f}, "
-          f"explained variance {log['explained_variance']:.3f}")
+    # The ground-truth benchmark at its larger setting:
+    #   python toy.py                                  (the reference's L1 crosscoder)
+    #   python toy.py --architecture batchtopk --k 30  (BatchTopK at a chosen L0)
+    import argparse
+
+    parser = argparse.ArgumentParser(description="planted-feature benchmark")
+    parser.add_argument("--architecture", default="l1", choices=["l1", "batchtopk"])
+    parser.add_argument("--k", type=int, default=30)
+    args = parser.parse_args()
+    rows, log = planted_benchmark(architecture=args.architecture, k=args.k)
+    print(f"planted features ({args.architecture}), d_in 128, 512 true features, dict 2048: "
+          f"L0 {log['l0_loss']:.1f}, explained variance {log['explained_variance']:.3f}")
     print(format_recovery(rows))

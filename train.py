@@ -44,7 +44,10 @@ default_cfg = {
     # --- keys this repo adds
     "model_names": ["gemma-2-2b", "gemma-2-2b-it"],  # index 0 base, index 1 chat
     "n_models": 2,
-    "architecture": "l1",
+    "architecture": "l1",  # "l1" (the reference) or "batchtopk" (Minder, Dumas et al. 2025)
+    "k": 100,  # batchtopk: mean active latents per token (k * batch_size kept per batch)
+    "aux_coeff": 1 / 32,  # batchtopk: weight of the AuxK loss that revives dead latents
+    "aux_k": 512,  # batchtopk: dead latents used by the AuxK loss per token
     "dataset": PILE_LMSYS_DATASET,  # hub id, local datasets dir, or .pt token tensor
     "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
     "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps

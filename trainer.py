@@ -80,6 +80,7 @@ class Trainer:
         else:
             self.crosscoder = CrossCoder(cfg)
         self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
+        self.crosscoder.train()  # BatchTopK selects per batch in training (a loaded model is in eval)
         if buffer is None:
             need = sequences_needed(cfg, self.total_steps)
             if all_tokens is not None and need > len(all_tokens) and not cfg.get("wrap_tokens", False):
@@ -122,9 +123,15 @@ class Trainer:
         acts_BMD = self.buffer.next()
         if i == 0 or i == self.last_saved_step:
             self._check_batch(acts_BMD)
-        losses, latents_BF = self.crosscoder.losses_and_acts(acts_BMD)
-        l1_coeff = l1_coeff_at(i, self.total_steps, self.cfg["l1_coeff"])
-        loss = losses.l2_loss + l1_coeff * losses.l1_loss
+        batchtopk = self.crosscoder.architecture == "batchtopk"
+        dead_F = self.steps_since_fired >= self._dead_window() if batchtopk else None
+        losses, latents_BF, aux = self.crosscoder.losses_and_acts(acts_BMD, dead_F)
+        if batchtopk:  # no L1 penalty: sparsity is the top-k; AuxK revives dead latents
+            l1_coeff = 0.0
+            loss = losses.l2_loss + self.cfg.get("aux_coeff", 1 / 32) * aux
+        else:
+            l1_coeff = l1_coeff_at(i, self.total_steps, self.cfg["l1_coeff"])
+            loss = losses.l2_loss + l1_coeff * losses.l1_loss
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
@@ -144,7 +151,10 @@ class Trainer:
         self.step_counter += 1
         values = (loss, losses.l2_loss, losses.l1_loss, losses.l0_loss, l1_coeff, lr,
                   losses.explained_variance, losses.explained_variance_A, losses.explained_variance_B)
-        return {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in zip(LOG_KEYS, values)}
+        log = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in zip(LOG_KEYS, values)}
+        if batchtopk:
+            log["aux_loss"], log["threshold"] = aux.detach(), self.crosscoder.threshold.detach().clone()
+        return log
 
     def _check_batch(self, acts_BMD):
         want = (self.cfg["batch_size"], self.cfg.get("n_models", 2), self.cfg["d_in"])
@@ -152,10 +162,12 @@ class Trainer:
             raise ValueError(f"the activation source returned shape {tuple(acts_BMD.shape)}, expected "
                              f"[batch_size, n_models, d_in] = {list(want)}")
 
+    def _dead_window(self):
+        return min(self.cfg.get("dead_window", 1000), max(self.step_counter, 1))
+
     def dead_fraction(self):
         """Fraction of latents that fired on none of the last dead_window steps (or since the start)."""
-        window = min(self.cfg.get("dead_window", 1000), max(self.step_counter, 1))
-        return (self.steps_since_fired >= window).float().mean()
+        return (self.steps_since_fired >= self._dead_window()).float().mean()
 
     def check_finite(self):
         """Host sync: raise NonFiniteError if any step so far produced a NaN or Inf."""

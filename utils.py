@@ -151,7 +151,7 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
     fired_F = torch.zeros(crosscoder.cfg["dict_size"], dtype=torch.bool, device=crosscoder.W_enc.device)
     for _, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
         x_BMD = x.flatten(0, 1).to(s_M.device) * s_M[:, None]
-        losses, acts_BF = crosscoder.losses_and_acts(x_BMD)
+        losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
         ev_M = [1 - (crosscoder.decode(acts_BF)[:, m].float() - x_BMD[:, m]).pow(2).sum(-1).mean()
                 / (x_BMD[:, m] - x_BMD[:, m].mean(0)).pow(2).sum(-1).mean() for m in range(x_BMD.shape[1])]
