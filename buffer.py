@@ -61,6 +61,35 @@ def sequences_needed(cfg, total_steps):
     return buffer_batches + (total_steps // steps_per_refresh) * (buffer_batches // 2)
 
 
+def buffer_bytes(cfg):
+    """Memory the buffer needs at its peak: bf16 rows [rows, n_models, d_in], twice (the shuffle
+    makes a permuted copy)."""
+    positions = cfg["seq_len"] - 1
+    rows = max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions // 2 * 2) * positions
+    return 2 * rows * cfg.get("n_models", 2) * cfg["d_in"] * 2
+
+
+def available_bytes(device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_buffer_fits(cfg):
+    """A clear error, before allocating anything, for a buffer larger than the free memory."""
+    from config import ConfigError
+
+    need, free = buffer_bytes(cfg), available_bytes(cfg["device"])
+    if need > free:
+        raise ConfigError(
+            f"the activation buffer needs {need / 2**30:.1f} GiB of {cfg['device']} memory at its peak but "
+            f"{free / 2**30:.1f} GiB is free: lower buffer_mult (now {cfg['buffer_mult']}) or batch_size "
+            f"(now {cfg['batch_size']})")
+
+
 def check_models(models, hook_point, d_in=None):
     """Clear errors, before any work, for models that cannot be diffed at hook_point."""
     for i, model in enumerate(models):
@@ -115,6 +144,7 @@ class Buffer:
                              f"{self.batch_size}: raise buffer_mult")
         self.wrap = cfg.get("wrap_tokens", False)
         d_in, n_models = models[0].cfg.d_model, len(models)
+        check_buffer_fits(cfg)
         self.buffer = torch.zeros(self.buffer_size, n_models, d_in, dtype=torch.bfloat16, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.get("seed", 49))
         self.pointer = 0        # next row of the buffer to serve

@@ -223,6 +223,8 @@ class CrossCoder(nn.Module):
         checkpoint complete. Returns the path of the weights file."""
         if self.save_dir is None:
             self.save_dir = self._next_version_dir()
+        for stale in self.save_dir.glob(".*.tmp"):  # left by a save that was killed mid-write
+            stale.unlink(missing_ok=True)
         k = self.save_version
         weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
         if self.architecture == "batchtopk":

@@ -11,8 +11,8 @@ import sys
 import torch
 
 from config import ConfigError, check_against_model, parse_overrides, validate_cfg
-from crosscoder import latest_checkpoint, resolve_device, resolve_version_dir
-from buffer import TokensExhausted
+from crosscoder import CheckpointError, latest_checkpoint, resolve_device, resolve_version_dir
+from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from utils import PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, load_gemma_pair, load_tokens
 
@@ -114,6 +114,7 @@ def load_models_and_tokens(cfg, device_was_set):
 
 def main(cfg, resume=None, device_was_set=True):
     cfg["device"] = resolve_device(cfg["device"])
+    check_buffer_fits(cfg)  # before any model is loaded
     models, tokens = load_models_and_tokens(cfg, device_was_set)
     for model in models:
         check_against_model(cfg, model.cfg)
@@ -141,7 +142,7 @@ def cli(argv):
     except TrainingInterrupted as e:
         print(f"training interrupted ({e}); resume with: python train.py --resume {e.save_dir}", file=sys.stderr)
         sys.exit(128 + e.signum)
-    except (NonFiniteError, TokensExhausted, SetupError, DataError, FileNotFoundError) as e:
+    except (NonFiniteError, TokensExhausted, SetupError, DataError, FileNotFoundError, CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
 
 

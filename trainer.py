@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from buffer import Buffer, TokensExhausted, sequences_needed
-from crosscoder import CrossCoder, checkpoint_root, latest_checkpoint, resolve_version_dir
+from crosscoder import CheckpointError, CrossCoder, checkpoint_root, latest_checkpoint, resolve_version_dir
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
@@ -76,7 +76,11 @@ class Trainer:
             if not trainer_file.is_file():
                 raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
             self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"])
-            state = torch.load(trainer_file, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(trainer_file, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"{trainer_file}: cannot read the trainer state "
+                                      f"({type(e).__name__}: {e})") from None
         else:
             self.crosscoder = CrossCoder(cfg)
         self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
@@ -265,6 +269,8 @@ class Trainer:
         after saving on a signal. Returns the last log dict."""
         self._stop_signal = None
         old_handlers = self._install_signal_handlers()
+        print(f"training steps {self.step_counter}..{self.total_steps} of {self.cfg['batch_size']} tokens; "
+              "Ctrl-C or SIGTERM saves a checkpoint and stops", flush=True)
         self._init_wandb()
         log, step_log = {}, None
         pbar = tqdm(range(self.step_counter, self.total_steps), initial=self.step_counter, total=self.total_steps,
