@@ -6,7 +6,8 @@ Measures in one run, on random-weight models (throughput does not depend on weig
      both give the same activations;
  (b) crosscoder training steps alone (a fixed batch, no harvesting);
  (c) end-to-end training with fresh activations (Buffer refreshes included), ours and reference;
- (d) peak memory; (e) achieved FLOP/s of (b) and (c) against a dense matmul measured here.
+ (d) peak memory; (e) achieved FLOP/s of (b) and (c) against a dense matmul measured here;
+ and training from an on-disk activation store (store.py) against live harvesting.
 """
 import argparse
 import resource
@@ -135,6 +136,21 @@ def main():
         rows.append((f"end to end, {name}", e2e[name][0]))
         del tr
     buffer_module.extract_activations = extract_activations
+
+    # training from an on-disk activation store (harvested once, untimed) vs live harvesting
+    import tempfile
+
+    from buffer import sequences_needed
+    from store import ActivationStore, harvest
+
+    store_dir = tempfile.mkdtemp(prefix="bench_store_")
+    harvest(dict(cfg), [cut, cut], data, store_dir, sequences_needed(cfg, 2 * steps + 2))
+    tr = Trainer(dict(cfg), buffer=ActivationStore(dict(cfg), store_dir))
+    t, _ = timed(lambda: [tr.step() for _ in range(steps)], device)
+    rows.append(("training from the activation store", cfg["batch_size"] * steps / t))
+    import shutil
+
+    shutil.rmtree(store_dir, ignore_errors=True)
 
     print(f"\nbench --shape {args.shape} --device {device}: d_in {cfg['d_in']}, dict {cfg['dict_size']}, batch "
           f"{cfg['batch_size']}, seq_len {S}, model_batch_size {mbs}, {steps} steps; activations equal: {same}")

@@ -125,9 +125,18 @@ class Buffer:
             raise ValueError(f"cfg n_models={cfg.get('n_models', 2)} but {len(models)} models were given")
         if all_tokens is None or all_tokens.ndim != 2 or all_tokens.shape[0] == 0:
             raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor")
-        self.cfg, self.models, self.all_tokens = cfg, models, all_tokens
-        self.hook_point = cfg["hook_point"]
+        self.models, self.hook_point = models, cfg["hook_point"]
         check_models(models, self.hook_point, cfg.get("d_in"))
+        self._setup(cfg, all_tokens, len(models), models[0].cfg.d_model)
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.normalisation_factor = self.estimate_norm_scaling_factors()
+            self.refresh()
+
+    def _setup(self, cfg, all_tokens, n_models, d_in):
+        """Sizes, the bf16 row buffer and the shuffling generator (shared with the store)."""
+        self.cfg, self.all_tokens = cfg, all_tokens
         self.device = torch.device(cfg["device"])
         self.seq_len = cfg["seq_len"]
         if all_tokens.shape[1] < self.seq_len:
@@ -143,7 +152,6 @@ class Buffer:
             raise ValueError(f"buffer of {self.buffer_size} rows is too small for batch_size "
                              f"{self.batch_size}: raise buffer_mult")
         self.wrap = cfg.get("wrap_tokens", False)
-        d_in, n_models = models[0].cfg.d_model, len(models)
         check_buffer_fits(cfg)
         self.buffer = torch.zeros(self.buffer_size, n_models, d_in, dtype=torch.bfloat16, device=self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(cfg.get("seed", 49))
@@ -151,11 +159,6 @@ class Buffer:
         self.token_pointer = 0  # next sequence of all_tokens to run
         self.sequences_run = 0  # total sequences run through the models (wraps included)
         self.first = True
-        if state is not None:
-            self.load_state_dict(state)
-        else:
-            self.normalisation_factor = self.estimate_norm_scaling_factors()
-            self.refresh()
 
     def _take_tokens(self, n):
         """The next n sequences of all_tokens, [n, seq_len]; wraps around only if cfg asks."""
@@ -231,13 +234,17 @@ class Buffer:
         self.buffer = self.buffer[perm]
         self.pointer = 0
 
+    def _serve_scale(self):
+        """Multiplier applied to served rows: the normalisation factors (rows are stored raw)."""
+        return self.normalisation_factor
+
     @torch.no_grad()
     def next(self):
         out_BMD = self.buffer[self.pointer : self.pointer + self.batch_size].float()
         self.pointer += self.batch_size
         if self.pointer > self.buffer_size // 2 - self.batch_size:
             self.refresh()
-        return out_BMD * self.normalisation_factor[None, :, None]
+        return out_BMD * self._serve_scale()[None, :, None]
 
     # ---------------------------------------------------------------- resume
     def state_dict(self):
