@@ -8,6 +8,7 @@ shared or specific to one model. Model index 0 is the base model, 1 the chat mod
 
 Shape legend: B batch (token positions), M models, D d_in (residual width), F latents (dict_size).
 """
+import copy
 import json
 import os
 import tempfile
@@ -189,19 +190,14 @@ class CrossCoder(nn.Module):
         s_M = torch.as_tensor(scaling_factors, dtype=torch.float32, device=self.W_enc.device)
         if s_M.shape != (self.n_models,):
             raise ValueError(f"need {self.n_models} scaling factors, got shape {tuple(s_M.shape)}")
-        cfg = dict(self.cfg, normalisation_factor=None, folded_normalisation_factor=s_M.tolist())
-        folded = CrossCoder.__new__(CrossCoder)
-        nn.Module.__init__(folded)
-        folded.cfg, folded.dtype, folded.n_models = cfg, self.dtype, self.n_models
+        score_norms = self.decoder_norms().sum(-1).detach() if self.score_norms is None else self.score_norms
+        folded = copy.deepcopy(self)  # same architecture, mode and threshold; new weights below
+        folded.cfg = dict(self.cfg, normalisation_factor=None, folded_normalisation_factor=s_M.tolist())
         folded.save_dir, folded.save_version = None, 0
-        folded.W_enc = nn.Parameter((self.W_enc.float() * s_M[:, None, None]).to(self.dtype))
-        folded.W_dec = nn.Parameter((self.W_dec.float() / s_M[None, :, None]).to(self.dtype))
-        folded.b_enc = nn.Parameter(self.b_enc.clone())
-        folded.b_dec = nn.Parameter((self.b_dec.float() / s_M[:, None]).to(self.dtype))
-        folded.architecture, folded.training = self.architecture, self.training
-        folded.score_norms = self.decoder_norms().sum(-1).detach() if self.score_norms is None else self.score_norms
-        if self.architecture == "batchtopk":
-            folded.register_buffer("threshold", self.threshold.clone())
+        folded.W_enc.copy_((self.W_enc.float() * s_M[:, None, None]).to(self.dtype))
+        folded.W_dec.copy_((self.W_dec.float() / s_M[None, :, None]).to(self.dtype))
+        folded.b_dec.copy_((self.b_dec.float() / s_M[:, None]).to(self.dtype))
+        folded.score_norms = score_norms  # BatchTopK keeps scoring with the unfolded norms
         return folded
 
     # ---------------------------------------------------------------- checkpoints

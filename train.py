@@ -33,7 +33,7 @@ default_cfg = {
     "enc_dtype": "fp32",
     "model_name": "gemma-2-2b",
     "site": "resid_pre",
-    "device": None,  # None: cuda if available, else cpu (the reference hard-coded "cuda:0")
+    "device": None,  # None: cuda if available, else cpu (the reference fixed the first GPU)
     "model_batch_size": 4,
     "log_every": 100,
     "save_every": 30000,
@@ -89,7 +89,7 @@ def build_cfg(argv, base_cfg=default_cfg):
         elif preset != "gemma":
             raise ConfigError(f"--preset must be 'toy' or 'gemma', got {preset!r}")
         cfg["preset"] = preset
-    validate_cfg({k: v for k, v in cfg.items() if k != "normalisation_factor"})
+    validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
     return cfg, resume
 
 

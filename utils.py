@@ -153,7 +153,8 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
         x_BMD = x.flatten(0, 1).to(s_M.device) * s_M[:, None]
         losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
-        ev_M = [1 - (crosscoder.decode(acts_BF)[:, m].float() - x_BMD[:, m]).pow(2).sum(-1).mean()
+        x_hat_BMD = crosscoder.decode(acts_BF).float()
+        ev_M = [1 - (x_hat_BMD[:, m] - x_BMD[:, m]).pow(2).sum(-1).mean()
                 / (x_BMD[:, m] - x_BMD[:, m].mean(0)).pow(2).sum(-1).mean() for m in range(x_BMD.shape[1])]
         batch = torch.stack([losses.explained_variance, losses.l0_loss, *ev_M]) * len(x_BMD)
         sums = batch if sums is None else sums + batch
