@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from crosscoder import CHAT_ONLY_MIN, CrossCoder, classify_latents, latest_version_dir
+from checkpoint import latest_version_dir
+from crosscoder import CHAT_ONLY_MIN, CrossCoder, classify_latents
 from utils import (GENUINE_NU_MAX, examples_html, iter_paired_activations, latent_scaling, plot_cosine_histogram,
                    plot_latent_scaling, plot_relative_norm_histogram, reconstruction_stats, splice_in_loss,
                    top_activating_examples)

@@ -1,23 +1,38 @@
 """Throughput benchmark: python bench.py [--shape toy|gemma] [--device cpu|cuda]
 
 Measures in one run, on random-weight models (throughput does not depend on weight values):
- (a) harvest: token positions per second through both models, ours (stop at the hook) and the
-     reference's scheme (run_with_cache over every layer and the unembedding), with a check that
-     both give the same activations;
- (b) crosscoder training steps alone (a fixed batch, no harvesting);
- (c) end-to-end training with fresh activations (Buffer refreshes included), ours and reference;
- (d) peak memory; (e) achieved FLOP/s of (b) and (c) against a dense matmul measured here;
+ (a) harvest: token positions per second through both models, ours (stop at the hook, only the
+     layers it needs) and the reference's scheme (run_with_cache over every layer and the
+     unembedding), with a check that both give the same activations;
+ (b) crosscoder training steps alone (a fixed batch, no harvesting), fp32 and bf16 autocast,
+     with the largest relative difference between their losses;
+ (c) end-to-end training with fresh activations, ours and the reference's, timed over whole
+     buffer refresh cycles so that every trained row was harvested inside the timed window;
+ (d) peak memory of each; (e) achieved FLOP/s of (b) and (c) against a dense matmul measured here;
  and training from an on-disk activation store (store.py) against live harvesting.
+The two schemes run one after the other, each with only its own model in memory.
 """
 import argparse
+import gc
 import resource
+import shutil
+import sys
+import tempfile
 import time
+import warnings
 
 import torch
 
 import buffer as buffer_module
-from buffer import extract_activations, hook_layer
-from trainer import Trainer
+from buffer import extract_activations, hook_layer, sequences_needed
+from trainer import Trainer, keep_freed_memory
+
+SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buffer_mult
+    "toy": dict(hook_point="blocks.2.hook_resid_pre", d_in=64, dict_size=1024, seq_len=32, batch_size=512,
+                model_batch_size=256, buffer_mult=16),
+    "gemma": dict(hook_point="blocks.14.hook_resid_pre", d_in=2304, dict_size=2**14, seq_len=1024,
+                  batch_size=4096, model_batch_size=4, buffer_mult=128),
+}
 
 
 def sync(device):
@@ -41,132 +56,196 @@ def reference_extract(model, tokens, hook_point):
     return cache[hook_point]
 
 
-def matmul_peak(device, dtype, n=2048, repeat=5):
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    t, _ = timed(lambda: a @ b, device, repeat)
-    return 2 * n**3 / t
+def matmul_peak(device, dtype, sizes=(2048, 4096), repeat=5):
+    """The best dense square matmul rate over a few sizes and repeats, FLOP/s (the best single
+    run: on a shared machine a mean would understate the peak and flatter the fractions)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm-up
+        for _ in range(repeat):
+            t, _ = timed(lambda: a @ b, device, repeat=1)  # timed() warms up again: cheap at these sizes
+            best = max(best, 2 * n**3 / t)
+    return best
 
 
-def build_models(shape, device, layers_needed):
-    from transformer_lens import HookedTransformer
+def crosscoder_flops_per_token(cfg):
+    """Matmul FLOPs of one training step per token: forward encode + decode 2·(2·M·D·F); backward
+    2·M·D·F for the decoder input grad, the same for each weight grad, none for the input x."""
+    return 10 * cfg["n_models"] * cfg["d_in"] * cfg["dict_size"]
+
+
+def build_model(shape, device, n_layers=None):
+    """A random-weight model of the shape; n_layers < full keeps only the first layers (what
+    first_n_layers loads). The seed is fixed, so the kept layers equal the full model's."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     if shape == "toy":
         from toy import toy_model_cfg
 
-        cfg = toy_model_cfg(0)
-        hook, d_in, dict_size, seq_len, batch, mbs = "blocks.2.hook_resid_pre", 64, 1024, 32, 512, 256
+        cfg = toy_model_cfg(0).to_dict()
     else:
-        cfg = get_pretrained_model_config("gemma-2-2b", device=device)
-        hook, d_in, dict_size, seq_len, batch, mbs = "blocks.14.hook_resid_pre", 2304, 2**14, 1024, 4096, 4
-    cfg.device = device
-    full = HookedTransformer(cfg).eval()
-    cut_cfg = cfg.to_dict()
-    cut_cfg["n_layers"] = layers_needed(hook)  # what first_n_layers loads for our scheme
-    from transformer_lens import HookedTransformerConfig
+        cfg = get_pretrained_model_config("gemma-2-2b", device=device).to_dict()
+    # no tokenizer: the benchmark feeds token ids, and loading one would need the hub
+    # init_weights: the pretrained config leaves the weights uninitialised (they are loaded)
+    cfg.update(device=device, seed=0, n_layers=n_layers or cfg["n_layers"], tokenizer_name=None, init_weights=True)
+    return HookedTransformer(HookedTransformerConfig.from_dict(cfg)).eval()
 
-    cut = HookedTransformer(HookedTransformerConfig.from_dict(cut_cfg)).eval()
-    cut.load_state_dict({k: v for k, v in full.state_dict().items() if k in cut.state_dict()}, strict=False)
-    return full, cut, dict(hook_point=hook, d_in=d_in, dict_size=dict_size, seq_len=seq_len,
-                           batch_size=batch, model_batch_size=mbs)
+
+def peak_memory(device):
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process high-water mark
+
+
+def reset_peak_memory(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def end_to_end(cfg, model, data, cycles, device):
+    """Tokens/s over whole refresh cycles after one warm-up cycle. Each cycle harvests half the
+    buffer and trains on as many rows, so the time includes harvesting every trained row."""
+    trainer = Trainer(dict(cfg), model, model, data)  # the initial fill is not timed
+    buf = trainer.buffer
+    half, batch = buf.buffer_size // 2, cfg["batch_size"]
+    per_cycle = (half - batch) // batch + 1  # next() calls from a refresh to the next one
+    for _ in range(per_cycle):
+        trainer.step()
+    refreshes, refresh = [0], buf.refresh
+
+    def counted():
+        refreshes[0] += 1
+        refresh()
+
+    buf.refresh = counted
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(per_cycle * cycles):
+        trainer.step()
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    assert refreshes[0] == cycles, f"timed {refreshes[0]} refreshes, expected {cycles}"
+    return batch * per_cycle * cycles / elapsed
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=["toy", "gemma"], default="toy")
+    p.add_argument("--shape", choices=list(SHAPES), default="toy")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=None, help="training steps to time (default by shape)")
-    p.add_argument("--seq_len", type=int, default=None, help="override the shape's seq_len (a CPU gemma run)")
-    p.add_argument("--model_batch_size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="crosscoder steps timed in (b)")
+    p.add_argument("--cycles", type=int, default=None, help="buffer refresh cycles timed in (c)")
+    p.add_argument("--step_only", action="store_true", help="only the matmul peak and (b): no models")
+    for key in ("seq_len", "model_batch_size", "batch_size", "buffer_mult"):
+        p.add_argument(f"--{key}", type=int, default=None, help="override the shape's value (a small CPU gemma run)")
     args = p.parse_args()
-    device = args.device
-    torch.manual_seed(0)
-    full, cut, shape = build_models(args.shape, device, lambda hook: hook_layer(hook) + 1)
-    if args.seq_len:
-        shape["seq_len"] = args.seq_len
-    if args.model_batch_size:
-        shape["model_batch_size"] = args.model_batch_size
-    steps = args.steps or (200 if args.shape == "toy" else 20)
+    warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9, on every model
+    device, toy = args.device, args.shape == "toy"
+    if device == "cpu":
+        keep_freed_memory()  # as train.py does
+    shape = dict(SHAPES[args.shape], **{k: v for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult")
+                                        if (v := getattr(args, k)) is not None})
+    steps = args.steps or (200 if toy else 10)
+    cycles = args.cycles or (20 if toy else 2)
     from train import default_cfg
 
-    cfg = dict(default_cfg, **shape, device=device, num_tokens=shape["batch_size"] * steps, lr=1e-4,
-               buffer_mult=16 if args.shape == "toy" else 32, norm_estimate_batches=2, wandb_mode="disabled",
-               progress=False, log_every=10**9, save_every=10**9, checkpoint_dir="/tmp/bench_checkpoints",
-               wrap_tokens=True)
-    S, mbs, hook = cfg["seq_len"], cfg["model_batch_size"], cfg["hook_point"]
-    tokens = torch.randint(1, full.cfg.d_vocab, (mbs * 8, S), device=device)
-    tokens[:, 0] = 2
-    rows = []
+    cfg = dict(default_cfg, **shape, device=device, num_tokens=shape["batch_size"] * 10**6, lr=1e-4,
+               norm_estimate_batches=2, wandb_mode="disabled", progress=False, log_every=10**9,
+               save_every=10**9, checkpoint_dir=tempfile.mkdtemp(prefix="bench_ckpt_"), wrap_tokens=True)
+    S, mbs, hook, batch = cfg["seq_len"], cfg["model_batch_size"], cfg["hook_point"], cfg["batch_size"]
+    torch.manual_seed(0)
+    rows, flops = [], crosscoder_flops_per_token(cfg)
 
-    # (a) harvest, both models (the same weights twice: the cost is what matters)
-    with torch.no_grad(), buffer_module.autocast_context(device):
-        t_ours, a = timed(lambda: [extract_activations(cut, tokens[:mbs], hook) for _ in range(2)], device, 3)
-        t_ref, b = timed(lambda: [reference_extract(full, tokens[:mbs], hook) for _ in range(2)], device, 3)
-    same = torch.allclose(a[0].float(), b[0].float(), atol=1e-3, rtol=1e-3)
-    harvest = mbs * (S - 1)
-    rows += [("harvest, ours (stop at hook)", harvest / t_ours), ("harvest, reference (run_with_cache)", harvest / t_ref)]
+    def add(name, tokens_per_s, memory=None):
+        rows.append((name, tokens_per_s, memory))
+        print(f"[bench] {name}: {tokens_per_s:,.3g} tokens/s", file=sys.stderr, flush=True)  # long gemma runs
 
-    # (b) crosscoder step alone
-    class Fixed:
-        x = torch.randn(cfg["batch_size"], 2, cfg["d_in"], device=device)
+    # (e) the device's dense matmul peak, fp32 and bf16
+    peak = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
 
-        def next(self):
-            return self.x
+    # (b) crosscoder step alone, fp32 (the reference) and bf16 autocast
+    x = torch.randn(batch, cfg["n_models"], cfg["d_in"], device=device)
+    step_tps, step_logs = {}, {}
+    for dtype in ("fp32", "bf16"):
+        trainer = Trainer(dict(cfg, step_dtype=dtype), buffer=type("Fixed", (), {"next": lambda self: x})())
+        t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
+        step_tps[dtype] = batch * steps / t
+        step_logs[dtype] = trainer.step()  # the same weights history in both: compare the losses
+        add(f"crosscoder step, {dtype}", step_tps[dtype])
+        del trainer
+    loss_gap = max(abs(float(step_logs["bf16"][k]) / float(step_logs["fp32"][k]) - 1)
+                   for k in ("l2_loss", "l1_loss", "explained_variance"))
 
-    trainer = Trainer(dict(cfg), buffer=Fixed())
-    t_step, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
-    step_tps = cfg["batch_size"] * steps / t_step
-    rows.append(("crosscoder step", step_tps))
-    peak = matmul_peak(device, torch.float32 if device == "cpu" else torch.bfloat16)
-    flops_per_token = 12 * 2 * cfg["d_in"] * cfg["dict_size"]  # fwd 4·M·D·F, bwd 2x, M = 2
+    summary = [f"dense matmul peak measured here: fp32 {peak['fp32'] / 1e9:,.1f}, bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s"]
+    for dtype in ("fp32", "bf16"):
+        rate = step_tps[dtype] * flops
+        summary.append(f"crosscoder step, {dtype}: {rate / 1e9:,.1f} GFLOP/s = {rate / peak[dtype]:.0%} of the {dtype} peak")
+    summary.append(f"bf16 autocast vs fp32 after {2 * steps + 1} steps: largest relative loss difference {loss_gap:.1e}")
+    header = (f"bench --shape {args.shape} --device {device}: d_in {cfg['d_in']}, dict {cfg['dict_size']}, "
+              f"batch {batch}, (b) {steps} steps")
+    if args.step_only:
+        shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
+        return print_report(header, rows, summary, device)
 
-    # (c) end to end with fresh activations, ours and the reference's extraction
-    data = torch.randint(1, full.cfg.d_vocab, (4096, S))
-    data[:, 0] = 2
-    e2e = {}
-    for name, model, extract in (("ours", cut, extract_activations), ("reference", full, reference_extract)):
+    acts, harvest_t, e2e, data = {}, {}, {}, None
+    n_cut = hook_layer(hook) + 1
+    for name, n_layers, extract in (("ours", n_cut, extract_activations), ("reference", None, reference_extract)):
+        reset_peak_memory(device)
+        model = build_model(args.shape, device, n_layers)
+        if data is None:
+            data = torch.randint(1, model.cfg.d_vocab, (4096, S))
+            data[:, 0] = 2  # BOS
+            tokens = data[:mbs].to(device)
+        # (a) harvest through both models (the same weights twice: the cost is what matters)
+        with torch.no_grad(), buffer_module.autocast_context(device):
+            harvest_t[name], out = timed(lambda: [extract(model, tokens, hook) for _ in range(2)], device,
+                                         3 if toy else 2)
+        acts[name] = out[0].float().cpu()
+        add(f"harvest, {name}", mbs * (S - 1) / harvest_t[name])
+        # (c) end to end
         buffer_module.extract_activations = extract
-        if device != "cpu":
-            torch.cuda.reset_peak_memory_stats()
-        tr = Trainer(dict(cfg), model, model, data)
-        t, _ = timed(lambda: [tr.step() for _ in range(steps)], device)
-        e2e[name] = (cfg["batch_size"] * steps / t,
-                     torch.cuda.max_memory_allocated() / 2**30 if device != "cpu" else None)
-        rows.append((f"end to end, {name}", e2e[name][0]))
-        del tr
-    buffer_module.extract_activations = extract_activations
+        try:
+            e2e[name] = end_to_end(cfg, model, data, cycles, device)
+        finally:
+            buffer_module.extract_activations = extract_activations
+        add(f"end to end, {name}", e2e[name], peak_memory(device))
+        if name == "ours":  # training from a store harvested once (untimed) by the same model
+            from store import ActivationStore, harvest
 
-    # training from an on-disk activation store (harvested once, untimed) vs live harvesting
-    import tempfile
+            store_dir = tempfile.mkdtemp(prefix="bench_store_")
+            harvest(dict(cfg), [model, model], data, store_dir, sequences_needed(cfg, 2 * steps + 2))
+            trainer = Trainer(dict(cfg), buffer=ActivationStore(dict(cfg), store_dir))
+            t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
+            add("training from the activation store", batch * steps / t)
+            del trainer
+            shutil.rmtree(store_dir, ignore_errors=True)
+        del model
+        gc.collect()  # free this scheme's model before the next is built
+    shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
+    same = (torch.allclose(acts["ours"], acts["reference"], atol=1e-3, rtol=1e-3)
+            and bool(torch.isfinite(acts["ours"]).all()) and acts["ours"].abs().max() > 0)  # real weights
 
-    from buffer import sequences_needed
-    from store import ActivationStore, harvest
+    header += (f", seq_len {S}, model_batch_size {mbs}, buffer_mult {cfg['buffer_mult']}, (c) {cycles} refresh "
+               f"cycles; ours loads {n_cut} layers; activations equal: {same}")
+    summary = [f"harvest speed-up, ours / reference: {harvest_t['reference'] / harvest_t['ours']:.2f}x",
+               f"end-to-end speed-up, ours / reference: {e2e['ours'] / e2e['reference']:.2f}x"] + summary + [
+        f"end to end, ours (crosscoder FLOPs only): {e2e['ours'] * flops / peak['fp32']:.0%} of the fp32 peak",
+        f"projected time for 400M tokens at ours: {400e6 / e2e['ours'] / 3600:,.1f} h "
+        f"(reference scheme: {400e6 / e2e['reference'] / 3600:,.1f} h)"]
+    print_report(header, rows, summary, device)
 
-    store_dir = tempfile.mkdtemp(prefix="bench_store_")
-    harvest(dict(cfg), [cut, cut], data, store_dir, sequences_needed(cfg, 2 * steps + 2))
-    tr = Trainer(dict(cfg), buffer=ActivationStore(dict(cfg), store_dir))
-    t, _ = timed(lambda: [tr.step() for _ in range(steps)], device)
-    rows.append(("training from the activation store", cfg["batch_size"] * steps / t))
-    import shutil
 
-    shutil.rmtree(store_dir, ignore_errors=True)
-
-    print(f"\nbench --shape {args.shape} --device {device}: d_in {cfg['d_in']}, dict {cfg['dict_size']}, batch "
-          f"{cfg['batch_size']}, seq_len {S}, model_batch_size {mbs}, {steps} steps; activations equal: {same}")
-    print(f"{'measure':<38} {'tokens/s':>12}")
-    for name, v in rows:
-        print(f"{name:<38} {v:>12,.0f}")
-    print(f"harvest speed-up, ours / reference: {t_ref / t_ours:.2f}x")
-    print(f"end-to-end speed-up, ours / reference: {e2e['ours'][0] / e2e['reference'][0]:.2f}x")
-    print(f"dense matmul peak measured here: {peak / 1e9:,.1f} GFLOP/s")
-    print(f"crosscoder step: {step_tps * flops_per_token / 1e9:,.1f} GFLOP/s = {step_tps * flops_per_token / peak:.0%} of peak")
-    print(f"end to end (crosscoder FLOPs only): {e2e['ours'][0] * flops_per_token / peak:.0%} of peak")
-    if device == "cpu":
-        print(f"peak process memory (RSS): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
-    else:
-        print(f"peak GPU memory: ours {e2e['ours'][1]:.1f} GiB, reference {e2e['reference'][1]:.1f} GiB")
-        print(f"projected time for 400M tokens at ours: {400e6 / e2e['ours'][0] / 3600:.1f} h")
+def print_report(header, rows, summary, device):
+    mem = "peak GPU memory allocated" if device.startswith("cuda") else "peak process RSS so far"
+    print("\n" + header)
+    print(f"{'measure':<36} {'tokens/s':>12} {mem + ' (GiB)':>32}")
+    for name, v, m in rows:
+        rate = f"{v:,.0f}" if v >= 100 else f"{v:.3g}"  # CPU gemma runs are a few tokens/s
+        print(f"{name:<36} {rate:>12} {'' if m is None else f'{m:.2f}':>32}")
+    print("\n".join(summary))
 
 
 if __name__ == "__main__":

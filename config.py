@@ -10,6 +10,7 @@ from crosscoder import DTYPES
 
 ARCHITECTURES = ("l1", "batchtopk")
 WANDB_MODES = (None, "online", "offline", "disabled")
+STEP_DTYPES = ("fp32", "bf16")
 
 # key -> (type, check or None, what the check requires). Types: int, float, str, bool, list
 # (of str), "str?" (a string or None). The reference's l1_coeff was an int, which made
@@ -56,6 +57,7 @@ SCHEMA = {
     "data_dir": ("str?", None, ""),
     "wandb_mode": ("str?", lambda v: v in WANDB_MODES, f"one of {list(WANDB_MODES)}"),
     "progress": (bool, None, ""),
+    "step_dtype": (str, lambda v: v in STEP_DTYPES, f"one of {list(STEP_DTYPES)}"),
 }
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset"}

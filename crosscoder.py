@@ -10,8 +10,6 @@ Shape legend: B batch (token positions), M models, D d_in (residual width), F la
 """
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,10 +18,10 @@ from einops import einsum, rearrange
 from torch import nn
 
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
+from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, jsonable, latest_checkpoint,
+                        next_version_dir, read_checkpoint, resolve_version_dir)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-REPO_DIR = Path(__file__).resolve().parent
-DEFAULT_CHECKPOINT_DIR = REPO_DIR / "checkpoints"
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
@@ -31,10 +29,6 @@ PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
 BASE_ONLY_MAX = 0.1
 CHAT_ONLY_MIN = 0.9
 SHARED_RANGE = (0.3, 0.7)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or its config is missing, unreadable or inconsistent."""
 
 
 class LossOutput(NamedTuple):
@@ -52,12 +46,6 @@ def resolve_device(device=None):
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def checkpoint_root(cfg):
-    """Where versions live: cfg["checkpoint_dir"], or checkpoints/ beside the code."""
-    root = cfg.get("checkpoint_dir")
-    return Path(root) if root else DEFAULT_CHECKPOINT_DIR
 
 
 class CrossCoder(nn.Module):
@@ -141,12 +129,14 @@ class CrossCoder(nn.Module):
         var_BM = (x_BMD - x_BMD.mean(0, keepdim=True)).pow(2).sum(-1)
         ev_BM = 1 - sq_err_BM / var_BM
         ev_B = 1 - sq_err_B / var_BM.sum(-1)
-        acts_f32 = acts_BF.float()
         total_dec_norm_F = self.decoder_norms().float().sum(-1)
+        # The reference's l1 = (acts * norms).sum(-1).mean(). Summing over the batch first gives
+        # the same number without a [B, F] product in the forward and two in the backward.
+        l1 = (acts_BF.float().sum(0) * total_dec_norm_F).sum() / acts_BF.shape[0]
         losses = LossOutput(
             l2_loss=sq_err_B.mean(),
-            l1_loss=(acts_f32 * total_dec_norm_F).sum(-1).mean(),
-            l0_loss=(acts_f32 > 0).float().sum(-1).mean(),
+            l1_loss=l1,
+            l0_loss=torch.sign(acts_BF).sum(-1, dtype=torch.float32).mean(),  # acts >= 0: sign counts
             explained_variance=ev_B.mean(),
             explained_variance_A=ev_BM[:, 0].mean(),
             explained_variance_B=ev_BM[:, 1].mean(),
@@ -201,24 +191,12 @@ class CrossCoder(nn.Module):
         return folded
 
     # ---------------------------------------------------------------- checkpoints
-    def _next_version_dir(self):
-        root = checkpoint_root(self.cfg)
-        root.mkdir(parents=True, exist_ok=True)
-        used = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
-        version = max(used, default=-1) + 1
-        while True:  # mkdir without exist_ok: two runs starting together never share a version
-            try:
-                (root / f"version_{version}").mkdir()
-                return root / f"version_{version}"
-            except FileExistsError:
-                version += 1
-
     def save(self, extra_state=None):
         """Write version_N/{k}.pt and {k}_cfg.json (and {k}_trainer.pt when extra_state is
         given), each atomically; the cfg is written last, so its presence marks the
         checkpoint complete. Returns the path of the weights file."""
         if self.save_dir is None:
-            self.save_dir = self._next_version_dir()
+            self.save_dir = next_version_dir(self.cfg)
         for stale in self.save_dir.glob(".*.tmp"):  # left by a save that was killed mid-write
             stale.unlink(missing_ok=True)
         k = self.save_version
@@ -262,22 +240,7 @@ class CrossCoder(nn.Module):
 
     @classmethod
     def _from_files(cls, cfg_path, weights_path, device):
-        for p in (cfg_path, weights_path):
-            if not Path(p).is_file():
-                raise FileNotFoundError(f"checkpoint file not found: {p}")
-        try:
-            cfg = json.loads(Path(cfg_path).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path}: not a valid JSON config ({e})") from None
-        if not isinstance(cfg, dict):
-            raise CheckpointError(f"{cfg_path}: config must be a JSON object")
-        try:  # weights_only: loading a checkpoint never executes pickled code
-            state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
-        if not isinstance(state, dict) or set(state) - {"threshold"} != set(PARAM_NAMES):
-            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise CheckpointError(f"{weights_path}: expected tensors {list(PARAM_NAMES)}, found {keys}")
+        cfg, state = read_checkpoint(cfg_path, weights_path, PARAM_NAMES)
         if "d_in" not in cfg:  # the first published cfg.json had no d_in: infer it
             cfg["d_in"] = state["W_enc"].shape[1]
         if "n_models" not in cfg:
@@ -314,96 +277,3 @@ def classify_latents(rel_norm_F):
     shared = (rel_norm_F > SHARED_RANGE[0]) & (rel_norm_F < SHARED_RANGE[1])
     other = ~(base_only | chat_only | shared)
     return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
-
-
-# -------------------------------------------------------------------- file helpers
-def jsonable(obj):
-    """The config as JSON: tensors and paths become lists and strings."""
-    if isinstance(obj, dict):
-        return {k: jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.dtype):
-        return str(obj)
-    return obj
-
-
-def _current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _atomic_write(path, write_fn):
-    """Write to a temporary file in the same directory, fsync, then rename over path: an
-    interrupted or failed write leaves any previous file at path untouched."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; checkpoints are shared like any file
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_torch_save(obj, path):
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(path, text):
-    _atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def resolve_version_dir(version_dir):
-    """A path that exists, else a name or number under the default checkpoints/ folder."""
-    p = Path(str(version_dir))
-    if not p.exists() and not p.is_absolute():
-        name = f"version_{version_dir}" if str(version_dir).isdigit() else str(version_dir)
-        p = DEFAULT_CHECKPOINT_DIR / name
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {version_dir}")
-    return p
-
-
-def complete_checkpoints(version_dir):
-    """Save indices k in version_dir whose weights and config are both present, sorted."""
-    version_dir = Path(version_dir)
-    ks = []
-    for cfg_file in version_dir.glob("*_cfg.json"):
-        k = cfg_file.name[: -len("_cfg.json")]
-        if k.isdigit() and (version_dir / f"{k}.pt").is_file():
-            ks.append(int(k))
-    return sorted(ks)
-
-
-def latest_checkpoint(version_dir):
-    ks = complete_checkpoints(version_dir)
-    if not ks:
-        raise FileNotFoundError(f"no complete checkpoint (k.pt + k_cfg.json) in {version_dir}")
-    return ks[-1]
-
-
-def latest_version_dir(root=None):
-    """The highest-numbered version_N under root (default checkpoints/) that has a checkpoint."""
-    root = Path(root) if root else DEFAULT_CHECKPOINT_DIR
-    versions = []
-    for p in root.glob("version_*"):
-        suffix = p.name.split("_", 1)[1]
-        if suffix.isdigit() and complete_checkpoints(p):
-            versions.append((int(suffix), p))
-    if not versions:
-        raise FileNotFoundError(f"no checkpoint found under {root}")
-    return max(versions)[1]

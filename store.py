@@ -91,9 +91,10 @@ class ActivationStore(Buffer):
         while n > 0:
             shard, offset = divmod(first_sequence, SHARD_SEQUENCES)
             take = min(n, self.meta["shard_sequences"][shard] - offset)
-            out.append(torch.from_numpy(np.ascontiguousarray(self._shards[shard][offset * R : (offset + take) * R])))
+            out.append(self._shards[shard][offset * R : (offset + take) * R])
             first_sequence, n = first_sequence + take, n - take
-        return torch.cat(out).view(torch.bfloat16).to(self.device)
+        # one copy out of the read-only memory map, into a tensor torch may write
+        return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16).to(self.device)
 
     def _run_models(self, index_NS):
         return self.rows(int(index_NS[0, 0]), len(index_NS))

@@ -11,9 +11,10 @@ import sys
 import torch
 
 from config import ConfigError, check_against_model, parse_overrides, validate_cfg
-from crosscoder import CheckpointError, latest_checkpoint, resolve_device, resolve_version_dir
+from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
+from crosscoder import resolve_device
 from buffer import TokensExhausted, check_buffer_fits
-from trainer import NonFiniteError, Trainer, TrainingInterrupted
+from trainer import NonFiniteError, Trainer, TrainingInterrupted, keep_freed_memory
 from utils import PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, load_gemma_pair, load_tokens
 
 # %%
@@ -52,6 +53,7 @@ default_cfg = {
     "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
     "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
     "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
+    "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
     "dead_window": 1000,  # steps without firing after which a latent counts as dead
     "checkpoint_dir": None,  # None: checkpoints/ beside this file
     "data_dir": None,  # None: data/ beside this file
@@ -60,7 +62,7 @@ default_cfg = {
 }
 # Keys that may change when resuming; the others come from the checkpoint's config.
 RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
-                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens"}
+                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype"}
 
 
 # %%
@@ -114,6 +116,8 @@ def load_models_and_tokens(cfg, device_was_set):
 
 def main(cfg, resume=None, device_was_set=True):
     cfg["device"] = resolve_device(cfg["device"])
+    if cfg["device"] == "cpu":
+        keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     check_buffer_fits(cfg)  # before any model is loaded
     models, tokens = load_models_and_tokens(cfg, device_was_set)
     for model in models:

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from config import SCHEMA, ConfigError, validate_cfg
 from conftest import REPO, run_script, tiny_cfg
-from crosscoder import CheckpointError, CrossCoder, complete_checkpoints, latest_checkpoint
+from checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
+from crosscoder import CrossCoder
 from train import default_cfg
 from trainer import NonFiniteError, Trainer
 

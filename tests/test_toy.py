@@ -1,8 +1,6 @@
 import torch
 
-from conftest import tiny_cfg
-from toy import PARTNER, VOCAB, PlantedFeatureSource, make_tokenizer, make_tokens, recovery_report
-from trainer import Trainer
+from toy import PARTNER, VOCAB, make_tokenizer, make_tokens
 
 IDS = {w: i for i, w in enumerate(VOCAB)}
 
@@ -52,32 +50,6 @@ def test_tokenizer_round_trips_words_and_template_tokens(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert ids == [IDS[w] for w in text.split()]
     assert tok.convert_ids_to_tokens(ids) == text.split()
-
-
-def test_planted_source_has_the_declared_features_and_scale():
-    cfg = tiny_cfg(d_in=32, batch_size=4096)
-    src = PlantedFeatureSource(cfg, n_shared=10, n_base_only=5, n_chat_only=5, rotation=0.0)
-    norms = src.dirs_TMD.norm(dim=-1)
-    assert torch.equal(norms[:10] > 0, torch.ones(10, 2, dtype=torch.bool))
-    assert (norms[10:15, 1] == 0).all() and (norms[15:, 0] == 0).all()
-    assert torch.allclose(src.dirs_TMD[:10, 0], src.dirs_TMD[:10, 1])
-    # mean squared norm ~ d_in (exactly so for orthogonal directions; random ones add cross terms)
-    x = PlantedFeatureSource(cfg).next()
-    assert torch.allclose((x.pow(2).sum(-1)).mean(0), torch.full((2,), 32.0), rtol=0.15)
-
-
-def test_crosscoder_recovers_and_classifies_planted_features(tmp_path):
-    """Far above chance: a random decoder recovers ~0% and classification by chance is ~1/3."""
-    cfg = tiny_cfg(tmp_path, d_in=32, dict_size=256, batch_size=256, num_tokens=256 * 1500, lr=1e-3, l1_coeff=2.0)
-    src = PlantedFeatureSource(cfg, n_shared=48, n_base_only=16, n_chat_only=16, l0=5.0, seed=0)
-    untrained = recovery_report(Trainer(dict(cfg), buffer=src).crosscoder, src)
-    assert untrained["all"]["recovered"] < 0.05
-    trainer = Trainer(cfg, buffer=src)
-    trainer.train()
-    rows = recovery_report(trainer.crosscoder, src)
-    assert rows["all"]["recovered"] >= 0.8, rows
-    assert rows["all"]["classified"] >= 0.8, rows
-    assert rows["chat_only"]["recovered"] >= 0.7 and rows["chat_only"]["classified"] >= 0.7, rows
 
 
 def test_toy_pair_differs_in_transcripts_and_the_crosscoder_finds_model_specific_modes(toy_run):

@@ -1,11 +1,14 @@
 import os
+from pathlib import Path
 import signal
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import random_tokens, tiny_cfg
-from crosscoder import CrossCoder, complete_checkpoints
+from checkpoint import complete_checkpoints
+from crosscoder import CrossCoder
 from trainer import NonFiniteError, Trainer, TrainingInterrupted, l1_coeff_at, lr_multiplier
 
 
@@ -60,6 +63,80 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(tmp_path):
     log = trainer.step()
     assert float(log["loss"]) == pytest.approx(before)
     assert trainer.crosscoder.get_losses(x).l2_loss.item() < before
+
+
+def test_two_steps_equal_the_reference_update_with_plain_adam(tmp_path):
+    """Our step (fused Adam, batch-first L1) = the reference's: loss, backward, clip at 1.0,
+    single-tensor Adam at the scheduled lr, with the L1 warm-up reaching step 1."""
+    cfg = tiny_cfg(tmp_path, num_tokens=32 * 10, l1_coeff=2.0)
+    source = RandomSource(cfg, seed=1)
+    trainer = Trainer(cfg, buffer=source)
+    ref = CrossCoder(cfg)
+    ref.load_state_dict(trainer.crosscoder.state_dict())
+    opt = torch.optim.Adam(ref.parameters(), lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]),
+                           foreach=False, fused=False)
+    replay = RandomSource(cfg, seed=1)
+    for i in range(2):
+        trainer.step()
+        x = replay.next()
+        acts = torch.relu(torch.einsum("bmd,mdf->bf", x, ref.W_enc) + ref.b_enc)
+        x_hat = torch.einsum("bf,fmd->bmd", acts, ref.W_dec) + ref.b_dec
+        l2 = (x_hat - x).pow(2).sum((-1, -2)).mean()
+        l1 = (acts * ref.W_dec.norm(dim=-1).sum(-1)).sum(-1).mean()
+        (l2 + l1_coeff_at(i, 10, 2.0) * l1).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+    for name, p in ref.named_parameters():
+        assert torch.allclose(getattr(trainer.crosscoder, name), p, atol=1e-6, rtol=1e-5), name
+
+
+def test_bf16_step_stays_within_one_percent_of_fp32_and_keeps_fp32_weights(tmp_path):
+    """step_dtype="bf16" runs the matmuls in bf16 (the losses differ from fp32) but over 30
+    steps every logged loss stays within 1% of the fp32 run; weights and Adam state stay fp32."""
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        cfg = tiny_cfg(tmp_path, num_tokens=32 * 30, l1_coeff=1.0, step_dtype=dtype, d_in=64, dict_size=256)
+        trainer = Trainer(cfg, buffer=RandomSource(cfg, seed=2))
+        runs[dtype] = [trainer.step() for _ in range(30)], trainer
+    for key in ("l2_loss", "l1_loss", "explained_variance"):
+        a = torch.stack([log[key] for log in runs["fp32"][0]])
+        b = torch.stack([log[key] for log in runs["bf16"][0]])
+        assert not torch.equal(a, b), f"{key}: bf16 autocast had no effect"
+        assert torch.allclose(a, b, rtol=1e-2, atol=1e-3), key
+    trainer = runs["bf16"][1]
+    assert all(p.dtype == torch.float32 for p in trainer.crosscoder.parameters())
+    assert all(v.dtype == torch.float32 for st in trainer.optimizer.state.values()
+               for k, v in st.items() if k != "step")
+
+
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique")  # ops that wait for the device
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
+def test_a_training_step_makes_no_host_sync(tmp_path, architecture):
+    """No op in a (non-log) step reads a value back to the host: .item(), float(t), `if t`,
+    boolean indexing and nonzero all dispatch one of SYNC_OPS, and none is called."""
+    cfg = tiny_cfg(tmp_path, architecture=architecture, k=4)
+    trainer = Trainer(cfg, buffer=RandomSource(cfg))
+    trainer.step()  # step 0 also checks the batch's shape
+    with RecordOps() as control:
+        float(torch.ones(()).sum())  # the detector sees a host read
+    assert any(SYNC_OPS[0] in op for op in control.ops)
+    with RecordOps() as rec:
+        trainer.step()
+    assert len(rec.ops) > 50
+    assert [op for op in rec.ops if any(s in op for s in SYNC_OPS)] == []
 
 
 def test_step_returns_the_reference_log_keys(tmp_path):
@@ -219,3 +296,26 @@ def test_wandb_offline_writes_a_run_under_the_checkpoint_dir(tmp_path, monkeypat
     trainer.train()
     runs = list((tmp_path / "checkpoints" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+
+
+def test_keep_freed_memory_keeps_a_freed_large_block_resident(tmp_path):
+    """Without it glibc unmaps a freed 256 MB tensor at once (resident memory drops back); with
+    it the block stays in the heap for the next step to reuse without page faults."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "from trainer import keep_freed_memory\n"
+        "if sys.argv[1] == '1': assert keep_freed_memory()\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "before = rss(); t = torch.ones(64 * 2**20); during = rss(); del t; after = rss()\n"
+        "print(during - before, after - before)\n")
+    grown = {}
+    for flag in ("0", "1"):
+        out = subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], timeout=120)
+        assert out.returncode == 0, out.stderr
+        grown[flag] = [float(v) for v in out.stdout.split()]
+    assert grown["0"][0] > 200 and grown["0"][1] < 50  # default: returned to the OS
+    assert grown["1"][0] > 200 and grown["1"][1] > 200  # kept

@@ -1,0 +1,152 @@
+"""Checkpoint files: where versions live, atomic writes, safe reads, and finding the newest.
+
+Layout (the reference's): <checkpoint_dir>/version_N/{k}.pt (weights), {k}_cfg.json (config,
+written last: its presence marks checkpoint k complete) and, from training, {k}_trainer.pt.
+"""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO_DIR = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT_DIR = REPO_DIR / "checkpoints"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or its config is missing, unreadable or inconsistent."""
+
+
+def checkpoint_root(cfg):
+    """Where versions live: cfg["checkpoint_dir"], or checkpoints/ beside the code."""
+    root = cfg.get("checkpoint_dir")
+    return Path(root) if root else DEFAULT_CHECKPOINT_DIR
+
+
+def next_version_dir(cfg):
+    """Create and return the next free version_N under the config's checkpoint root."""
+    root = checkpoint_root(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    used = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+    version = max(used, default=-1) + 1
+    while True:  # mkdir without exist_ok: two runs starting together never share a version
+        try:
+            (root / f"version_{version}").mkdir()
+            return root / f"version_{version}"
+        except FileExistsError:
+            version += 1
+
+
+def read_checkpoint(cfg_path, weights_path, param_names):
+    """The config dict and the weights of one checkpoint, read safely: every unreadable or
+    unexpected file is a CheckpointError (or FileNotFoundError) naming the file."""
+    for p in (cfg_path, weights_path):
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {p}")
+    try:
+        cfg = json.loads(Path(cfg_path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not a valid JSON config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_path}: config must be a JSON object")
+    try:  # weights_only: loading a checkpoint never executes pickled code
+        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or set(state) - {"threshold"} != set(param_names):
+        keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{weights_path}: expected tensors {list(param_names)}, found {keys}")
+    return cfg, state
+
+
+def jsonable(obj):
+    """The config as JSON: tensors and paths become lists and strings."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj)
+    return obj
+
+
+def _current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
+
+
+def _atomic_write(path, write_fn):
+    """Write to a temporary file in the same directory, fsync, then rename over path: an
+    interrupted or failed write leaves any previous file at path untouched."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; checkpoints are shared like any file
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path, text):
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def resolve_version_dir(version_dir):
+    """A path that exists, else a name or number under the default checkpoints/ folder."""
+    p = Path(str(version_dir))
+    if not p.exists() and not p.is_absolute():
+        name = f"version_{version_dir}" if str(version_dir).isdigit() else str(version_dir)
+        p = DEFAULT_CHECKPOINT_DIR / name
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {version_dir}")
+    return p
+
+
+def complete_checkpoints(version_dir):
+    """Save indices k in version_dir whose weights and config are both present, sorted."""
+    version_dir = Path(version_dir)
+    ks = []
+    for cfg_file in version_dir.glob("*_cfg.json"):
+        k = cfg_file.name[: -len("_cfg.json")]
+        if k.isdigit() and (version_dir / f"{k}.pt").is_file():
+            ks.append(int(k))
+    return sorted(ks)
+
+
+def latest_checkpoint(version_dir):
+    ks = complete_checkpoints(version_dir)
+    if not ks:
+        raise FileNotFoundError(f"no complete checkpoint (k.pt + k_cfg.json) in {version_dir}")
+    return ks[-1]
+
+
+def latest_version_dir(root=None):
+    """The highest-numbered version_N under root (default checkpoints/) that has a checkpoint."""
+    root = Path(root) if root else DEFAULT_CHECKPOINT_DIR
+    versions = []
+    for p in root.glob("version_*"):
+        suffix = p.name.split("_", 1)[1]
+        if suffix.isdigit() and complete_checkpoints(p):
+            versions.append((int(suffix), p))
+    if not versions:
+        raise FileNotFoundError(f"no checkpoint found under {root}")
+    return max(versions)[1]

@@ -1,0 +1,60 @@
+import json
+import threading
+
+import pytest
+
+from checkpoint import (atomic_write_text, complete_checkpoints, jsonable, latest_checkpoint, latest_version_dir,
+                        next_version_dir, resolve_version_dir)
+
+
+def make_checkpoint(version_dir, k, with_cfg=True):
+    version_dir.mkdir(parents=True, exist_ok=True)
+    (version_dir / f"{k}.pt").write_bytes(b"w")
+    if with_cfg:
+        (version_dir / f"{k}_cfg.json").write_text("{}")
+
+
+def test_a_checkpoint_counts_only_with_both_weights_and_cfg(tmp_path):
+    v = tmp_path / "version_0"
+    make_checkpoint(v, 0)
+    make_checkpoint(v, 2)
+    make_checkpoint(v, 3, with_cfg=False)  # killed before its cfg was written
+    (v / "7_cfg.json").write_text("{}")  # a cfg without weights
+    assert complete_checkpoints(v) == [0, 2]
+    assert latest_checkpoint(v) == 2
+
+
+def test_latest_version_dir_is_the_highest_number_with_a_complete_checkpoint(tmp_path):
+    make_checkpoint(tmp_path / "version_2", 0)
+    make_checkpoint(tmp_path / "version_10", 0)  # numeric, not lexicographic, order
+    make_checkpoint(tmp_path / "version_11", 0, with_cfg=False)
+    (tmp_path / "version_x").mkdir()
+    assert latest_version_dir(tmp_path) == tmp_path / "version_10"
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        latest_version_dir(tmp_path / "empty")
+
+
+def test_concurrent_runs_never_share_a_version_dir(tmp_path):
+    cfg, made = {"checkpoint_dir": str(tmp_path)}, []
+    threads = [threading.Thread(target=lambda: made.append(next_version_dir(cfg))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(made)) == 8 and all(p.is_dir() for p in made)
+
+
+def test_resolve_version_dir_accepts_a_path_and_names_a_missing_one(tmp_path):
+    (tmp_path / "version_4").mkdir()
+    assert resolve_version_dir(tmp_path / "version_4") == tmp_path / "version_4"
+    with pytest.raises(FileNotFoundError, match="version_99"):
+        resolve_version_dir(tmp_path / "version_99")
+
+
+def test_atomic_text_write_replaces_whole_files_and_cfg_is_json_safe(tmp_path):
+    import torch
+
+    path = tmp_path / "0_cfg.json"
+    atomic_write_text(path, json.dumps(jsonable({"f": torch.tensor([1.5, 2.0]), "p": tmp_path})))
+    assert json.loads(path.read_text()) == {"f": [1.5, 2.0], "p": str(tmp_path)}
+    assert [p.name for p in tmp_path.iterdir()] == ["0_cfg.json"]  # no temporary file left
