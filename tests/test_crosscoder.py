@@ -55,6 +55,7 @@ def test_hand_set_crosscoder_gives_hand_computed_outputs_and_losses():
 
 
 @pytest.mark.parametrize("n_models", [2, 3])
+@torch.no_grad()
 def test_get_losses_equals_naive_per_model_loop(n_models):
     torch.manual_seed(0)
     cc = CrossCoder(cc_cfg(d_in=6, dict_size=10, n_models=n_models, seed=3))
@@ -62,8 +63,7 @@ def test_get_losses_equals_naive_per_model_loop(n_models):
         cc.b_enc.normal_()
         cc.b_dec.normal_()
     x = torch.randn(8, n_models, 6)
-    with torch.no_grad():
-        losses = cc.get_losses(x)
+    losses = cc.get_losses(x)
     l2, l1, l0, ev_m = 0.0, 0.0, 0.0, [0.0] * n_models
     for b in range(8):
         pre = cc.b_enc.clone()
@@ -279,6 +279,7 @@ class _Evil:
         return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hostile file is pickled on purpose
 def test_loading_never_executes_pickled_code(saved, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with open(saved / "0.pt", "wb") as f:
