@@ -36,7 +36,7 @@ def test_splice_in_of_an_exact_reconstruction_equals_the_clean_loss():
     out = splice_in_loss(cc, models, tokens, batch_size=4)
     for m, model in enumerate(models):
         assert abs(out[m]["spliced"] - out[m]["clean"]) < 1e-4
-        assert abs(out[m]["clean"] - float(model(tokens, return_type="loss"))) < 1e-4
+        assert abs(out[m]["clean"] - float(model(tokens, return_type="loss").detach())) < 1e-4
         assert abs(out[m]["loss_recovered"] - 1.0) < 1e-3  # zero-ablation differs from clean here
 
 
