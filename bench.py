@@ -24,7 +24,7 @@ import warnings
 import torch
 
 import buffer as buffer_module
-from buffer import extract_activations, hook_layer, sequences_needed
+from buffer import extract_activations, hook_layer, sequences_needed, steps_per_refresh
 from trainer import Trainer, keep_freed_memory
 
 SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buffer_mult
@@ -110,9 +110,7 @@ def end_to_end(cfg, model, data, cycles, device):
     """Tokens/s over whole refresh cycles after one warm-up cycle. Each cycle harvests half the
     buffer and trains on as many rows, so the time includes harvesting every trained row."""
     trainer = Trainer(dict(cfg), model, model, data)  # the initial fill is not timed
-    buf = trainer.buffer
-    half, batch = buf.buffer_size // 2, cfg["batch_size"]
-    per_cycle = (half - batch) // batch + 1  # next() calls from a refresh to the next one
+    buf, batch, per_cycle = trainer.buffer, cfg["batch_size"], steps_per_refresh(cfg)
     for _ in range(per_cycle):
         trainer.step()
     refreshes, refresh = [0], buf.refresh

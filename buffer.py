@@ -51,21 +51,31 @@ def extract_activations(model, tokens_NS, hook_point):
     return captured["act"]
 
 
+def buffer_sequences(cfg):
+    """Sequences the buffer holds: about batch_size * buffer_mult rows of seq_len - 1 positions
+    (BOS dropped), an even number, so that a refresh refills exactly the half next() served
+    (the reference left a few rows to be served twice when it was odd)."""
+    return max(2, cfg["batch_size"] * cfg["buffer_mult"] // (cfg["seq_len"] - 1) // 2 * 2)
+
+
+def steps_per_refresh(cfg):
+    """next() calls from one refresh to the next: a refresh comes once the pointer passes
+    half the buffer less one batch (Buffer.next)."""
+    half_rows = buffer_sequences(cfg) * (cfg["seq_len"] - 1) // 2
+    return (half_rows - cfg["batch_size"]) // cfg["batch_size"] + 1
+
+
 def sequences_needed(cfg, total_steps):
     """How many token sequences a run of total_steps batches reads: one full fill, then half a
-    buffer at every refresh (a refresh comes every steps_per_refresh batches)."""
-    positions = cfg["seq_len"] - 1
-    buffer_batches = max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions // 2 * 2)
-    half_rows = buffer_batches * positions // 2
-    steps_per_refresh = (half_rows - cfg["batch_size"]) // cfg["batch_size"] + 1
-    return buffer_batches + (total_steps // steps_per_refresh) * (buffer_batches // 2)
+    buffer at every refresh."""
+    n = buffer_sequences(cfg)
+    return n + (total_steps // steps_per_refresh(cfg)) * (n // 2)
 
 
 def buffer_bytes(cfg):
     """Memory the buffer needs at its peak: bf16 rows [rows, n_models, d_in], twice (the shuffle
     makes a permuted copy)."""
-    positions = cfg["seq_len"] - 1
-    rows = max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions // 2 * 2) * positions
+    rows = buffer_sequences(cfg) * (cfg["seq_len"] - 1)
     return 2 * rows * cfg.get("n_models", 2) * cfg["d_in"] * 2
 
 
@@ -144,9 +154,7 @@ class Buffer:
         self.positions = self.seq_len - 1  # BOS (position 0) is dropped
         self.model_batch_size = cfg["model_batch_size"]
         self.batch_size = cfg["batch_size"]
-        # An even number of sequences, so that a refresh refills exactly the half that next()
-        # serves (the reference left a few rows to be served twice when it was odd).
-        self.buffer_batches = max(2, cfg["batch_size"] * cfg["buffer_mult"] // self.positions // 2 * 2)
+        self.buffer_batches = buffer_sequences(cfg)
         self.buffer_size = self.buffer_batches * self.positions
         if self.buffer_size // 2 < 2 * self.batch_size:
             raise ValueError(f"buffer of {self.buffer_size} rows is too small for batch_size "
@@ -235,7 +243,8 @@ class Buffer:
         self.pointer = 0
 
     def _serve_scale(self):
-        """Multiplier applied to served rows: the normalisation factors (rows are stored raw)."""
+        """Per-model multiplier for served rows: the normalisation factors (rows are stored raw);
+        None serves them as they are."""
         return self.normalisation_factor
 
     @torch.no_grad()
@@ -244,7 +253,8 @@ class Buffer:
         self.pointer += self.batch_size
         if self.pointer > self.buffer_size // 2 - self.batch_size:
             self.refresh()
-        return out_BMD * self._serve_scale()[None, :, None]
+        scale_M = self._serve_scale()
+        return out_BMD if scale_M is None else out_BMD * scale_M[None, :, None]
 
     # ---------------------------------------------------------------- resume
     def state_dict(self):

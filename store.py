@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from buffer import Buffer, sequences_needed
+from checkpoint import atomic_write_text
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
 
@@ -54,7 +55,7 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences):
     meta = {"hook_point": cfg["hook_point"], "model_names": cfg.get("model_names"), "n_models": M, "d_in": D,
             "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
             "shard_sequences": shards, "dataset": cfg.get("dataset"), "preset": cfg.get("preset")}
-    (store_dir / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the store complete
+    atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
     return store_dir
 
 
@@ -83,7 +84,7 @@ class ActivationStore(Buffer):
             self.refresh()
 
     def _serve_scale(self):
-        return torch.ones_like(self.normalisation_factor)  # rows are stored normalised
+        return None  # rows are stored normalised
 
     def rows(self, first_sequence, n):
         """Rows [n * (S-1), M, D] (bf16) of n consecutive sequences, as harvested."""

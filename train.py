@@ -15,7 +15,8 @@ from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
 from crosscoder import resolve_device
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted, keep_freed_memory
-from utils import PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, load_gemma_pair, load_tokens
+from utils import (PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, in_notebook, load_gemma_pair,
+                   load_tokens)
 
 # %%
 default_cfg = {
@@ -148,13 +149,6 @@ def cli(argv):
         sys.exit(128 + e.signum)
     except (NonFiniteError, TokensExhausted, SetupError, DataError, FileNotFoundError, CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
-
-
-def in_notebook():
-    try:
-        return get_ipython() is not None  # noqa: F821 (defined only inside IPython)
-    except NameError:
-        return False
 
 
 # %%

@@ -145,7 +145,8 @@ def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="a
 @torch.no_grad()
 def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
     """Held-out reconstruction quality in the training (normalised) space: explained variance
-    (all models and per model, as logged in training), mean L0, and the latents never active."""
+    of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
+    (for any number of models), mean L0, and the latents never active."""
     s_M = torch.tensor(crosscoder.cfg["normalisation_factor"], device=crosscoder.W_enc.device)
     sums, n_rows = None, 0
     fired_F = torch.zeros(crosscoder.cfg["dict_size"], dtype=torch.bool, device=crosscoder.W_enc.device)
@@ -284,16 +285,17 @@ def examples_html(str_tokens_fn, tokens_NS, latents_J, values, seqs, positions, 
 def _figure():
     import matplotlib
 
-    if not _in_ipython():
+    if not in_notebook():
         matplotlib.use("Agg")  # scripts and CI have no display
     import matplotlib.pyplot as plt
 
     return plt, plt.subplots(figsize=(7, 4))
 
 
-def _in_ipython():
+def in_notebook():
+    """True inside IPython / Jupyter (figures shown, scripts' argv ignored)."""
     try:
-        return get_ipython() is not None  # noqa: F821
+        return get_ipython() is not None  # noqa: F821 (defined only inside IPython)
     except NameError:
         return False
 
@@ -302,7 +304,7 @@ def _finish(plt, fig, path):
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
-    if _in_ipython():
+    if in_notebook():
         plt.show()
     plt.close(fig)
     return path
