@@ -23,9 +23,9 @@ import torch
 
 from checkpoint import latest_version_dir
 from crosscoder import CHAT_ONLY_MIN, CrossCoder, classify_latents
+from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram
 from utils import (GENUINE_NU_MAX, examples_html, in_notebook, iter_paired_activations, latent_scaling,
-                   plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram, reconstruction_stats,
-                   splice_in_loss, top_activating_examples)
+                   reconstruction_stats, splice_in_loss, top_activating_examples)
 
 
 def load_crosscoder(checkpoint, device=None):

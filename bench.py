@@ -25,7 +25,8 @@ import torch
 
 import buffer as buffer_module
 from buffer import extract_activations, hook_layer, sequences_needed, steps_per_refresh
-from trainer import Trainer, keep_freed_memory
+from trainer import Trainer
+from utils import keep_freed_memory
 
 SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buffer_mult
     "toy": dict(hook_point="blocks.2.hook_resid_pre", d_in=64, dict_size=1024, seq_len=32, batch_size=512,
@@ -56,11 +57,12 @@ def reference_extract(model, tokens, hook_point):
     return cache[hook_point]
 
 
-def matmul_peak(device, dtype, sizes=(2048, 4096), repeat=5):
+def matmul_peak(device, dtype, sizes=None, repeat=5):
     """The best dense square matmul rate over a few sizes and repeats, FLOP/s (the best single
-    run: on a shared machine a mean would understate the peak and flatter the fractions)."""
+    run: on a shared machine a mean would understate the peak and flatter the fractions). A GPU
+    reaches its peak only at larger sizes; 8192 on CPU would cost half a minute per repeat."""
     best = 0.0
-    for n in sizes:
+    for n in sizes or ((2048, 4096, 8192) if torch.device(device).type == "cuda" else (2048, 4096)):
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm-up
@@ -220,7 +222,7 @@ def main():
             add("training from the activation store", batch * steps / t)
             del trainer
             shutil.rmtree(store_dir, ignore_errors=True)
-        del model
+        model = None
         gc.collect()  # free this scheme's model before the next is built
     shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
     same = (torch.allclose(acts["ours"], acts["reference"], atol=1e-3, rtol=1e-3)

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import random
-from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig

@@ -14,9 +14,9 @@ from config import ConfigError, check_against_model, parse_overrides, validate_c
 from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
 from crosscoder import resolve_device
 from buffer import TokensExhausted, check_buffer_fits
-from trainer import NonFiniteError, Trainer, TrainingInterrupted, keep_freed_memory
-from utils import (PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, in_notebook, load_gemma_pair,
-                   load_tokens)
+from trainer import NonFiniteError, Trainer, TrainingInterrupted
+from utils import (PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, in_notebook, keep_freed_memory,
+                   load_gemma_pair, load_tokens)
 
 # %%
 default_cfg = {

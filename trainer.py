@@ -8,17 +8,16 @@ over the first 5%; gradient norm clipped at 1.0; loss = l2 + l1_coeff(t) * l1. N
 a step: numbers are read only at log steps. step_dtype "bf16" runs the step's matmuls under bf16
 autocast (the reference: fp32).
 """
-import netrc
-import os
 import signal
-from pathlib import Path
+import threading
 
 import torch
 from tqdm.auto import tqdm
 
 from buffer import Buffer, TokensExhausted, sequences_needed
-from checkpoint import CheckpointError, checkpoint_root, latest_checkpoint, resolve_version_dir
+from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
 from crosscoder import CrossCoder
+from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
@@ -52,22 +51,6 @@ def make_optimizer(params, cfg):
         return torch.optim.Adam(params, **kwargs)
 
 
-def keep_freed_memory():
-    """On Linux/glibc, stop malloc from handing large freed blocks back to the OS. By default
-    every block over 32 MB is unmapped when freed, so each step's fresh [B, F] temporaries are
-    page-faulted in again: 7-10% of a CPU step at the Gemma shape. Process-wide, so the scripts
-    call it (train.py, bench.py on CPU), not the library. Returns False where it does not apply."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 class NonFiniteError(RuntimeError):
     pass
 
@@ -78,15 +61,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum, step):
         super().__init__(f"received {signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.save_dir = signum, step, None
-
-
-def wandb_has_credentials():
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
 
 
 class Trainer:
@@ -253,39 +227,6 @@ class Trainer:
         return path
 
     # ---------------------------------------------------------------- logging
-    def _init_wandb(self):
-        mode = self.cfg.get("wandb_mode")
-        if mode == "disabled":
-            return
-        import wandb
-
-        if mode is None:
-            mode = "online" if wandb_has_credentials() else "offline"
-            if mode == "offline":
-                print("wandb: no credentials found, logging offline (set wandb_mode or run `wandb login`)")
-        wandb_dir = checkpoint_root(self.cfg)
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        kwargs = dict(project=self.cfg.get("wandb_project"), entity=self.cfg.get("wandb_entity"),
-                      config=self.cfg, dir=str(wandb_dir), id=self.wandb_id, resume="allow" if self.wandb_id else None)
-        try:
-            self.wandb_run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
-        except Exception as e:  # wandb must never stop a training run
-            if mode != "online":
-                print(f"wandb: disabled ({type(e).__name__}: {e})")
-                return
-            print(f"wandb: online init failed ({type(e).__name__}: {e}); logging offline instead")
-            self.wandb_run = wandb.init(mode="offline", **kwargs)
-        self.wandb_id = self.wandb_run.id
-
-    def _finish_wandb(self):
-        if self.wandb_run is None:
-            return
-        offline, run_dir = getattr(self.wandb_run, "offline", False), Path(self.wandb_run.dir).parent
-        self.wandb_run.finish()
-        if offline:
-            print(f"wandb: offline run saved; upload it with `wandb sync {run_dir}`")
-        self.wandb_run = None
-
     def log(self, log_dict, pbar=None):
         """Host sync: numbers for the console bar and wandb; also the NaN check."""
         self.check_finite()
@@ -308,7 +249,9 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         print(f"training steps {self.step_counter}..{self.total_steps} of {self.cfg['batch_size']} tokens; "
               "Ctrl-C or SIGTERM saves a checkpoint and stops", flush=True)
-        self._init_wandb()
+        self.wandb_run = start_run(self.cfg, self.wandb_id)  # None when disabled
+        if self.wandb_run is not None:
+            self.wandb_id = self.wandb_run.id
         log, step_log = {}, None
         pbar = tqdm(range(self.step_counter, self.total_steps), initial=self.step_counter, total=self.total_steps,
                     desc="training", disable=not self.cfg.get("progress", True), dynamic_ncols=True)
@@ -337,7 +280,8 @@ class Trainer:
         finally:
             pbar.close()
             self._restore_signal_handlers(old_handlers)
-            self._finish_wandb()
+            finish_run(self.wandb_run)
+            self.wandb_run = None
         return log
 
     def _save_if_new(self, reason):
@@ -354,7 +298,7 @@ class Trainer:
     def _install_signal_handlers(self):
         """SIGINT/SIGTERM ask the loop to stop after the current step, so the checkpoint is
         consistent; a second Ctrl-C interrupts at once."""
-        if not _in_main_thread():
+        if threading.current_thread() is not threading.main_thread():  # signal.signal would raise
             return None
 
         def request_stop(signum, frame):
@@ -372,9 +316,3 @@ class Trainer:
         if old:
             for s, handler in old.items():
                 signal.signal(s, handler)
-
-
-def _in_main_thread():
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

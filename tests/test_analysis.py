@@ -2,7 +2,7 @@ import torch
 
 from conftest import random_tokens, run_script, tiny_cfg, tiny_model
 from crosscoder import CrossCoder, classify_latents
-from utils import examples_html, latent_scaling, plot_relative_norm_histogram, splice_in_loss, top_activating_examples
+from utils import examples_html, latent_scaling, splice_in_loss, top_activating_examples
 
 
 def test_latent_classes_follow_the_reference_thresholds():
@@ -97,11 +97,6 @@ def test_top_activating_examples_match_brute_force():
             assert abs(f[n, p - 1, j].item() - v.item()) < 1e-5
     page = examples_html(lambda t: [f"w{i}" for i in t.tolist()], tokens, latents, values, seqs, pos, title="t")
     assert page.count("<b style") == int((values > 0).sum())
-
-
-def test_histogram_figure_is_written(tmp_path):
-    path = plot_relative_norm_histogram(torch.rand(100), tmp_path / "h.png")
-    assert path.stat().st_size > 1000
 
 
 def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run):

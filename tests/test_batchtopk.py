@@ -35,8 +35,11 @@ def test_threshold_inference_equals_training_selection_where_they_must_agree():
         cc.threshold.fill_(float((kept.min() + dropped.max()) / 2))
     cc.eval()
     assert torch.equal(cc.encode(x), train_acts)
-    # and single tokens no longer depend on their batch
-    assert torch.equal(cc.encode(x[:1]), train_acts[:1])
+    # and single tokens no longer depend on their batch: the same latents fire, with the same
+    # values up to rounding (a one-row matmul may take another BLAS kernel than a 64-row one)
+    alone = cc.encode(x[:1])
+    assert torch.equal(alone > 0, train_acts[:1] > 0)
+    assert torch.allclose(alone, train_acts[:1], rtol=0, atol=1e-6)
 
 
 def test_threshold_is_a_moving_average_of_the_smallest_kept_score():

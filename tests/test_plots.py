@@ -1,0 +1,45 @@
+import matplotlib.image
+import numpy as np
+import torch
+
+import plots
+
+
+def drawn(monkeypatch):
+    """Records what each figure's axes hold just before it is saved and closed."""
+    seen = {}
+    finish = plots._finish
+
+    def spy(plt, fig, path):
+        ax = fig.axes[0]
+        seen["heights"] = np.array([p.get_height() for p in ax.patches])
+        seen["points"] = ax.collections[0].get_offsets() if ax.collections else None
+        return finish(plt, fig, path)
+
+    monkeypatch.setattr(plots, "_finish", spy)
+    return seen
+
+
+def test_relative_norm_histogram_counts_each_finite_latent_once_and_saves_a_png(monkeypatch, tmp_path):
+    """A latent with zero decoders (NaN relative norm) is left out; the bars equal numpy's histogram."""
+    seen = drawn(monkeypatch)
+    rel = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    rel[:7] = float("nan")
+    path = plots.plot_relative_norm_histogram(rel, tmp_path / "h.png")
+    want, _ = np.histogram(rel[7:].numpy(), bins=200, range=(0, 1))
+    assert np.array_equal(seen["heights"], want) and seen["heights"].sum() == 993
+    assert matplotlib.image.imread(path).shape[:2] == (480, 840)  # 7x4 inches at 120 dpi
+
+
+def test_cosine_histogram_bins_span_minus_one_to_one(monkeypatch, tmp_path):
+    seen = drawn(monkeypatch)
+    cos = torch.linspace(-1, 1, 301)
+    plots.plot_cosine_histogram(cos, tmp_path / "c.png")
+    assert np.array_equal(seen["heights"], np.histogram(cos.numpy(), bins=100, range=(-1, 1))[0])
+
+
+def test_latent_scaling_scatter_puts_reconstruction_on_x_and_error_on_y(monkeypatch):
+    seen = drawn(monkeypatch)
+    nu_err, nu_rec = torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.2, 0.3, 0.8])
+    assert plots.plot_latent_scaling(nu_err, nu_rec) is None  # no path: nothing written
+    assert np.allclose(seen["points"], np.stack([nu_rec.numpy(), nu_err.numpy()], axis=1))

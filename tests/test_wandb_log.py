@@ -1,0 +1,54 @@
+import pytest
+
+import wandb_log
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # netrc reads ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    return tmp_path
+
+
+def test_credentials_come_from_the_environment_or_netrc(no_credentials, monkeypatch):
+    assert not wandb_log.has_credentials()
+    netrc_file = no_credentials / ".netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    netrc_file.chmod(0o600)
+    assert wandb_log.has_credentials()
+    netrc_file.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_log.has_credentials()
+
+
+def test_disabled_mode_starts_nothing_and_writes_nothing(tmp_path):
+    assert wandb_log.start_run({"wandb_mode": "disabled", "checkpoint_dir": str(tmp_path / "ck")}) is None
+    assert not (tmp_path / "ck").exists()
+    wandb_log.finish_run(None)  # finishing no run is a no-op
+
+
+def test_a_failed_online_start_falls_back_to_offline(no_credentials, monkeypatch, capsys):
+    import wandb
+
+    modes = []
+
+    def fake_init(mode, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise ConnectionError("no network")
+        return "offline run"
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run = wandb_log.start_run({"wandb_mode": "online", "checkpoint_dir": str(no_credentials / "ck")})
+    assert run == "offline run" and modes == ["online", "offline"]
+    assert "logging offline instead" in capsys.readouterr().out
+
+
+def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
+    import wandb
+
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode) or "run")
+    assert wandb_log.start_run({"wandb_mode": None, "checkpoint_dir": str(no_credentials / "ck")}) == "run"
+    assert modes == ["offline"]
