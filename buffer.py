@@ -6,11 +6,14 @@ Like the reference: the buffer holds ~batch_size * buffer_mult token positions i
 fully at the start, and once half of it has been served refills that half and reshuffles.
 Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
 """
+import os
 import re
 
 import torch
 from einops import rearrange
 from tqdm.auto import tqdm
+
+from config import ConfigError
 
 
 class TokensExhausted(RuntimeError):
@@ -83,15 +86,11 @@ def available_bytes(device):
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    import os
-
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_buffer_fits(cfg):
     """A clear error, before allocating anything, for a buffer larger than the free memory."""
-    from config import ConfigError
-
     need, free = buffer_bytes(cfg), available_bytes(cfg["device"])
     if need > free:
         raise ConfigError(

@@ -286,6 +286,8 @@ def test_too_few_tokens_is_an_error_before_training(tmp_path, models):
     cfg = tiny_cfg(tmp_path, num_tokens=32 * 1000)
     with pytest.raises(TokensExhausted, match="needs"):
         Trainer(cfg, models[0], models[1], random_tokens(100, 9))
+
+
 def test_wandb_offline_writes_a_run_under_the_checkpoint_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = tiny_cfg(tmp_path, wandb_mode="offline")
@@ -293,4 +295,3 @@ def test_wandb_offline_writes_a_run_under_the_checkpoint_dir(tmp_path, monkeypat
     trainer.train()
     runs = list((tmp_path / "checkpoints" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-
