@@ -1,16 +1,21 @@
 # %% [markdown]
 # # Model diffing with a trained crosscoder
-# Open as a notebook (each `# %%` is a cell) or run `python analysis.py [--checkpoint PATH_OR_REPO]`.
-# As a script it writes every figure as a PNG, an HTML page of examples and summary.txt into
-# `<checkpoint dir>/analysis/`, and prints where.
+# Open as a notebook (each `# %%` is a cell) or run `python analysis.py [--checkpoint PATH_OR_REPO]`
+# (`--help` lists the options). As a script it writes every figure as a PNG, an HTML page of
+# examples and summary.txt into `<checkpoint dir>/analysis/`, and prints where.
 
 # %%
 # Which crosscoder: None = the newest local checkpoint; "checkpoints/version_N" (newest save in
-# it) or a weights file's directory; "hf" = the published Gemma-2-2b crosscoder via
-# CrossCoder.load_from_hf(); any other string that is not a local path = a Hugging Face repo id.
+# it) or a directory in the published layout (<hook>/cfg.json + cc_weights.pt); "hf" = the
+# published Gemma-2-2b crosscoder via CrossCoder.load_from_hf(); any other string that is not a
+# local path = a Hugging Face repo id.
 CHECKPOINT = None
+FACTORS = None  # [base, chat] normalisation factors; None: the checkpoint's (see "Normalisation" below)
+MODEL_NAMES = None  # None: the checkpoint's; hub names or local directories named after the model
+DATASET = None  # held-out tokens; None: the checkpoint's dataset (its last sequences)
 N_HELDOUT_SEQS = 256  # held-out sequences for the analyses over tokens
-BATCH_SIZE = 16  # sequences per model forward
+BATCH_SIZE = 16  # sequences per forward that stops at the hook
+SPLICE_BATCH_SIZE = 2  # sequences per full forward with logits (Gemma: 256k-vocabulary logits)
 TOP_K_EXAMPLES = 10
 N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
 
@@ -21,35 +26,82 @@ from pathlib import Path
 
 import torch
 
+from buffer import estimate_norm_factors
 from checkpoint import latest_version_dir
-from crosscoder import CHAT_ONLY_MIN, CrossCoder, classify_latents
+from config import ConfigError, format_help, parse_overrides
+from crosscoder import CHAT_ONLY_MIN, HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder, classify_latents
 from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram
-from utils import (GENUINE_NU_MAX, examples_html, in_notebook, iter_paired_activations, latent_scaling,
-                   reconstruction_stats, splice_in_loss, top_activating_examples)
+from utils import (GENUINE_NU_MAX, PILE_LMSYS_DATASET, DataError, SetupError, examples_html, in_notebook,
+                   iter_paired_activations, latent_scaling, reconstruction_stats, splice_in_loss,
+                   top_activating_examples)
+
+OPTIONS = {"checkpoint": "a version_N dir, a published-layout dir, hf, or a hub repo id (default: newest local)",
+           "factors": "base,chat normalisation factors (default: the checkpoint's, see the notebook)",
+           "model_names": "base,chat models: hub names or local dirs (default: the checkpoint's)",
+           "dataset": "held-out tokens: hub id, datasets dir or .pt tensor (default: the checkpoint's)",
+           "n_heldout": f"held-out sequences (default {N_HELDOUT_SEQS})",
+           "batch_size": f"sequences per forward that stops at the hook (default {BATCH_SIZE})",
+           "splice_batch_size": f"sequences per full forward with logits (default {SPLICE_BATCH_SIZE})",
+           "help": "print this and exit"}
+
+
+def apply_argv(argv):
+    """The script's options (the same --key value parser as train.py) into the settings above."""
+    global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE
+    _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
+    if opts.get("help"):
+        print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
+        sys.exit(0)
+    try:
+        CHECKPOINT = opts.get("checkpoint", CHECKPOINT)
+        FACTORS = [float(v) for v in opts["factors"].split(",")] if "factors" in opts else FACTORS
+        MODEL_NAMES = opts["model_names"].split(",") if "model_names" in opts else MODEL_NAMES
+        DATASET = opts.get("dataset", DATASET)
+        N_HELDOUT_SEQS = int(opts.get("n_heldout", N_HELDOUT_SEQS))
+        BATCH_SIZE = int(opts.get("batch_size", BATCH_SIZE))
+        SPLICE_BATCH_SIZE = int(opts.get("splice_batch_size", SPLICE_BATCH_SIZE))
+    except ValueError as e:
+        raise ConfigError(f"bad option value: {e}") from None
+
+
+def published_layout(path):
+    """The hook folder of a directory in the published layout (<hook>/cfg.json + cc_weights.pt), or None."""
+    found = sorted(p.parent.name for p in Path(path).glob("*/cc_weights.pt") if (p.parent / "cfg.json").is_file())
+    return found[0] if found else None
 
 
 def load_crosscoder(checkpoint, device=None):
-    """(crosscoder, output directory) for a CHECKPOINT setting."""
+    """(crosscoder, output directory, origin: the hub repo id, or "local") for a CHECKPOINT setting."""
     if checkpoint is None:
         checkpoint = latest_version_dir()
     if checkpoint == "hf":
-        return CrossCoder.load_from_hf(device=device), Path("analysis_hf")
+        return CrossCoder.load_from_hf(device=device), Path("analysis_hf"), HF_REPO_ID
     path = Path(str(checkpoint))
     if path.exists():
-        if (path / "blocks.14.hook_resid_pre" / "cfg.json").is_file():  # a local copy of the published layout
-            return CrossCoder.load_from_hf(str(path), device=device), path / "analysis"
+        hook_dir = published_layout(path)
+        if hook_dir is not None:  # a local copy of the published layout, or one like it
+            return CrossCoder.load_from_hf(str(path), path=hook_dir, device=device), path / "analysis", "local"
         cc = CrossCoder.load(path, device=device)
-        return cc, cc.save_dir / "analysis"
-    return CrossCoder.load_from_hf(str(checkpoint), device=device), Path("analysis_" + str(checkpoint).replace("/", "__"))
+        return cc, cc.save_dir / "analysis", "local"
+    out_dir = Path("analysis_" + str(checkpoint).replace("/", "__"))
+    return CrossCoder.load_from_hf(str(checkpoint), device=device), out_dir, str(checkpoint)
 
 
-if not in_notebook() and "--checkpoint" in sys.argv:
-    CHECKPOINT = sys.argv[sys.argv.index("--checkpoint") + 1]
-cc, out_dir = load_crosscoder(CHECKPOINT)
+if not in_notebook():
+    try:
+        apply_argv(sys.argv[1:])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+cc, out_dir, origin = load_crosscoder(CHECKPOINT)
 cfg = cc.cfg
 out_dir.mkdir(parents=True, exist_ok=True)
 summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg.get("hook_point")}
 print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg.get('hook_point')}; writing to {out_dir}")
+if MODEL_NAMES is not None:
+    cfg["model_names"] = list(MODEL_NAMES)
+elif "model_names" not in cfg:  # the reference's configs name only model A
+    cfg["model_names"] = list(PUBLISHED_MODEL_NAMES)
+    print(f"the checkpoint names no model pair: using the published one, {cfg['model_names']}")
 
 # %% [markdown]
 # ## Which latents are shared, base-only or chat-only?
@@ -76,7 +128,8 @@ plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png")
 # ## Models and held-out tokens
 # The toy preset rebuilds its pair from the cache (held-out text from a fresh seed); the Gemma
 # crosscoder needs both Gemma models (a GPU) and uses the last sequences of the dataset, which
-# training (reading from the start) does not reach.
+# training (reading from the start) does not reach. Only a missing setup (no GPU, no hub, no
+# data) skips the analyses over tokens; any other error stops the script.
 
 # %%
 models, tokens, is_chat = None, None, None
@@ -87,15 +140,44 @@ try:
         base, chat, _, _ = build_toy_pair(dict(cfg, num_tokens=cfg["batch_size"]))
         models = [base, chat]
         tokens, is_chat = make_tokens(N_HELDOUT_SEQS, cfg["seq_len"], 0.5, seed=cfg["seed"] + 6)
+        all_tokens = tokens
     else:
         from utils import load_gemma_pair, load_tokens
 
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
+        all_tokens = load_tokens(DATASET or cfg.get("dataset", PILE_LMSYS_DATASET), cfg)[:, : cfg.get("seq_len", 1024)]
+        tokens = all_tokens[-N_HELDOUT_SEQS:]
         models = load_gemma_pair(gemma_cfg, full=True)
-        tokens = load_tokens(cfg.get("dataset", "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"), cfg)[-N_HELDOUT_SEQS:]
-except Exception as e:  # the weight-only analyses above still stand
+except (SetupError, DataError, OSError) as e:  # the weight-only analyses above still stand
     print(f"models unavailable, skipping the analyses over tokens: {e}")
     summary["skipped"] = str(e)[:300]
+
+# %% [markdown]
+# ## Normalisation
+# The crosscoder was trained on activations scaled per model to mean norm sqrt(d_in). Our
+# checkpoints store the factors. The reference's did not: for the published crosscoder (from the
+# hub) we take the factors its authors' notebook used (crosscoder.PUBLISHED_FACTORS); for any
+# other checkpoint without them we estimate them as the reference's run did (its first 400
+# sequences, BOS included). FACTORS / --factors overrides all of these.
+
+# %%
+if FACTORS is not None:
+    cfg["normalisation_factor"], factor_source = list(FACTORS), "given (--factors)"
+elif cfg.get("normalisation_factor") is not None:
+    factor_source = "saved in the checkpoint"
+elif origin == HF_REPO_ID:
+    cfg["normalisation_factor"] = list(PUBLISHED_FACTORS)
+    factor_source = "the published crosscoder's, from its authors' notebook"
+elif models is not None:
+    mbs = cfg.get("model_batch_size", 4)
+    n_est = cfg.get("norm_estimate_batches", 100) * mbs
+    cfg["normalisation_factor"] = estimate_norm_factors(models, all_tokens, cfg["hook_point"], n_est, mbs,
+                                                        drop_bos=False).tolist()
+    factor_source = f"estimated here as the reference's run did (first {min(n_est, len(all_tokens))} sequences, BOS included)"
+else:
+    factor_source = "none (the checkpoint has none and no models to estimate them)"
+summary["normalisation_factor"], summary["normalisation_factor_source"] = cfg.get("normalisation_factor"), factor_source
+print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}")
 
 # %% [markdown]
 # ## How well does it reconstruct held-out activations, and what does splicing it in cost?
@@ -106,7 +188,7 @@ except Exception as e:  # the weight-only analyses above still stand
 if models is not None:
     summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE)
     print("reconstruction:", summary["reconstruction"])
-    summary["splice_in"] = splice_in_loss(cc, models, tokens, BATCH_SIZE)
+    summary["splice_in"] = splice_in_loss(cc, models, tokens, SPLICE_BATCH_SIZE)
     for m, r in summary["splice_in"].items():
         print(f"model {m}: CE clean {r['clean']:.3f}, spliced {r['spliced']:.3f}, zero-ablated "
               f"{r['zero_ablation']:.3f}, loss recovered {r['loss_recovered']:.1%}")
@@ -121,7 +203,7 @@ if models is not None:
 chat_only = torch.nonzero(classes["chat_only"]).flatten()
 if models is not None and len(chat_only):
     s_M = torch.tensor(cfg["normalisation_factor"])
-    batches = (x.flatten(0, 1) * s_M[:, None] for _, x in
+    batches = (x.flatten(0, 1) * s_M.to(x.device)[:, None] for _, x in
                iter_paired_activations(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
     ls = latent_scaling(cc, batches, chat_only)
     ok = torch.isfinite(ls["nu_error"]) & torch.isfinite(ls["nu_reconstruction"])

@@ -24,7 +24,8 @@ import warnings
 import torch
 
 import buffer as buffer_module
-from buffer import extract_activations, hook_layer, sequences_needed, steps_per_refresh
+from buffer import extract_activations, sequences_needed, steps_per_refresh
+from config import layers_needed
 from trainer import Trainer
 from utils import keep_freed_memory
 
@@ -191,7 +192,7 @@ def main():
         return print_report(header, rows, summary, device)
 
     acts, harvest_t, e2e, data = {}, {}, {}, None
-    n_cut = hook_layer(hook) + 1
+    n_cut = layers_needed(hook)
     for name, n_layers, extract in (("ours", n_cut, extract_activations), ("reference", None, reference_extract)):
         reset_peak_memory(device)
         model = build_model(args.shape, device, n_layers)

@@ -7,23 +7,25 @@ fully at the start, and once half of it has been served refills that half and re
 Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
 """
 import os
-import re
 
 import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from config import ConfigError
+from config import ConfigError, hook_layer, layers_needed
 
 
 class TokensExhausted(RuntimeError):
     """The token tensor has no sequences left for a refresh."""
 
 
-def hook_layer(hook_point):
-    """The block index of 'blocks.L.<...>', or None for hooks outside the blocks."""
-    m = re.match(r"blocks\.(\d+)\.", hook_point)
-    return int(m.group(1)) if m else None
+def has_hook(model, hook_point):
+    """True when extract_activations can read hook_point from model (a model truncated to the
+    blocks before blocks.L.hook_resid_pre still gives it: it is their output)."""
+    layer = hook_layer(hook_point)
+    if hook_point in model.hook_dict:
+        return True
+    return hook_point == f"blocks.{layer}.hook_resid_pre" and model.cfg.n_layers == layer
 
 
 @torch.no_grad()
@@ -43,12 +45,7 @@ def extract_activations(model, tokens_NS, hook_point):
     def capture(act, hook):
         captured["act"] = act
 
-    if layer is not None:
-        stop = layer + 1
-    elif hook_point in ("hook_embed", "hook_pos_embed"):
-        stop = 0
-    else:
-        stop = None
+    stop = layers_needed(hook_point)
     model.run_with_hooks(tokens_NS, stop_at_layer=stop, fwd_hooks=[(hook_point, capture)],
                          return_type=None if stop is None else "logits")
     return captured["act"]
@@ -102,7 +99,7 @@ def check_buffer_fits(cfg):
 def check_models(models, hook_point, d_in=None):
     """Clear errors, before any work, for models that cannot be diffed at hook_point."""
     for i, model in enumerate(models):
-        if hook_point not in model.hook_dict:
+        if not has_hook(model, hook_point):
             raise ValueError(f"hook_point {hook_point!r} does not exist in model {i} "
                              f"({model.cfg.model_name}, {model.cfg.n_layers} layers)")
     widths = [model.cfg.d_model for model in models]
@@ -110,6 +107,36 @@ def check_models(models, hook_point, d_in=None):
         raise ValueError(f"models disagree on d_in (d_model): {widths}")
     if d_in is not None and d_in != widths[0]:
         raise ValueError(f"cfg d_in={d_in} but the models' d_model is {widths[0]}")
+
+
+@torch.no_grad()
+def run_models(models, tokens_NS, hook_point):
+    """Activations [N * (S-1), M, D] of every model on the same tokens, BOS position dropped,
+    under the reference's bf16 autocast where the device has it."""
+    device = next(models[0].parameters()).device
+    tokens_NS = tokens_NS.to(device, torch.long)
+    with autocast_context(device):
+        acts = [extract_activations(m, tokens_NS, hook_point)[:, 1:] for m in models]
+    return rearrange(torch.stack(acts, dim=0), "model seq pos d_in -> (seq pos) model d_in")
+
+
+@torch.no_grad()
+def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True):
+    """[M] float32 on the CPU: sqrt(d_in) / the mean activation norm of each model over the first
+    n_seqs sequences, run model_batch_size at a time. drop_bos=False includes position 0, as the
+    reference's run did (and so the published crosscoder's factors)."""
+    device = next(models[0].parameters()).device
+    n_seqs = min(n_seqs, len(tokens_NS))
+    norm_sums, count = torch.zeros(len(models), dtype=torch.float64), 0
+    for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
+        tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
+        with autocast_context(device):
+            acts_MNSD = torch.stack([extract_activations(m, tokens, hook_point) for m in models])
+        acts_MNSD = acts_MNSD[:, :, 1:] if drop_bos else acts_MNSD
+        norm_sums += acts_MNSD.float().norm(dim=-1).flatten(1).sum(1).double().cpu()
+        count += acts_MNSD[0, ..., 0].numel()
+    d_in = acts_MNSD.shape[-1]
+    return (d_in ** 0.5 / (norm_sums / count)).float()
 
 
 def autocast_context(device):
@@ -161,7 +188,9 @@ class Buffer:
         self.wrap = cfg.get("wrap_tokens", False)
         check_buffer_fits(cfg)
         self.buffer = torch.zeros(self.buffer_size, n_models, d_in, dtype=torch.bfloat16, device=self.device)
-        self.generator = torch.Generator(device=self.device).manual_seed(cfg.get("seed", 49))
+        # A CPU generator on every device: its state resumes on any device (a CUDA generator's
+        # state cannot be loaded into a CPU one). The permutation is drawn on the CPU and moved.
+        self.generator = torch.Generator().manual_seed(cfg.get("seed", 49))
         self.pointer = 0        # next row of the buffer to serve
         self.token_pointer = 0  # next sequence of all_tokens to run
         self.sequences_run = 0  # total sequences run through the models (wraps included)
@@ -185,34 +214,19 @@ class Buffer:
         return tokens
 
     def _run_models(self, tokens_NS):
-        """Activations [N * (S-1), M, D] of every model, BOS position dropped."""
-        tokens_NS = tokens_NS.to(self.device, torch.long)
-        with autocast_context(self.device):
-            acts = [extract_activations(m, tokens_NS, self.hook_point)[:, 1:] for m in self.models]
-        acts_MNSD = torch.stack(acts, dim=0)
-        return rearrange(acts_MNSD, "model seq pos d_in -> (seq pos) model d_in")
+        return run_models(self.models, tokens_NS, self.hook_point)
 
-    @torch.no_grad()
     def estimate_norm_scaling_factors(self):
-        """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches.
+        """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches
+        from the start of the tokens (the token pointer does not move, as in the reference).
 
         The reference included the BOS position here (but dropped it in training); Gemma's BOS
         residual norm is far larger than other tokens', which skewed the factor. We drop BOS in
-        both. The tokens are read from the start without moving the token pointer, as the
-        reference did.
-        """
-        n_batches = self.cfg.get("norm_estimate_batches", 100)
-        n_seqs = min(n_batches * self.model_batch_size, self.all_tokens.shape[0])
-        norm_sums = torch.zeros(len(self.models), dtype=torch.float64)
-        count = 0
-        for start in tqdm(range(0, n_seqs, self.model_batch_size), desc="estimating norms",
-                          leave=False, disable=not self.cfg.get("progress", True)):
-            tokens = self.all_tokens[start : min(start + self.model_batch_size, n_seqs), : self.seq_len]
-            acts_RMD = self._run_models(tokens).float()
-            norm_sums += acts_RMD.norm(dim=-1).sum(0).double().cpu()
-            count += acts_RMD.shape[0]
-        d_in = self.buffer.shape[-1]
-        return (d_in ** 0.5 / (norm_sums / count)).float().to(self.device)
+        both."""
+        n_seqs = self.cfg.get("norm_estimate_batches", 100) * self.model_batch_size
+        return estimate_norm_factors(self.models, self.all_tokens[:, : self.seq_len], self.hook_point,
+                                     n_seqs, self.model_batch_size, drop_bos=True,
+                                     progress=self.cfg.get("progress", True)).to(self.device)
 
     @torch.no_grad()
     def refresh(self):
@@ -237,7 +251,7 @@ class Buffer:
                 row += acts.shape[0]
                 want -= tokens.shape[0]
         self.first = False
-        perm = torch.randperm(self.buffer_size, generator=self.generator, device=self.device)
+        perm = torch.randperm(self.buffer_size, generator=self.generator).to(self.device)
         self.buffer = self.buffer[perm]
         self.pointer = 0
 
@@ -269,7 +283,7 @@ class Buffer:
         buffer is refilled from the saved token pointer: no data reused, but a different order."""
         self.normalisation_factor = torch.as_tensor(state["normalisation_factor"], device=self.device).float()
         self.token_pointer, self.sequences_run = int(state["token_pointer"]), int(state["sequences_run"])
-        self.generator.set_state(state["generator"].cpu())
+        self._restore_generator(state["generator"])
         if "buffer" not in state:
             self.first = True
             self.refresh()
@@ -279,3 +293,15 @@ class Buffer:
                              f"this config needs {tuple(self.buffer.shape)}")
         self.buffer.copy_(state["buffer"])
         self.pointer, self.first = int(state["pointer"]), bool(state["first"])
+
+    def _restore_generator(self, saved):
+        """Checkpoints of earlier versions saved a CUDA generator's state, which a CPU generator
+        cannot take: reseed from the seed and the sequences run (a different shuffle order from
+        here on, the same data) and say so."""
+        saved = torch.as_tensor(saved).cpu()
+        if saved.shape == self.generator.get_state().shape:
+            self.generator.set_state(saved)
+            return
+        print(f"buffer: the saved shuffling state ({saved.numel()} bytes) is not a CPU generator's; reseeding "
+              "(the data is the same, the order of rows from here on differs)")
+        self.generator.manual_seed(self.cfg.get("seed", 49) + self.sequences_run)

@@ -1,66 +1,101 @@
-"""The config's schema: every key's type and allowed values, `--key value` parsing, validation.
+"""The config's schema: every key's type, allowed values and meaning; `--key value` parsing,
+`--help`, validation.
 
-The default values live in train.py (the dict users edit); this file only says what is valid,
-so that a typo fails in a second with a message naming the key, not an hour into a run.
+The default values live in train.py (the dict users edit); this file says what is valid and what
+each key means, so that a typo fails in a second with a message naming the key, not an hour into
+a run. A leaf module: it imports nothing from the repo, and not torch.
 """
 import difflib
 import math
+import re
+from typing import Callable, NamedTuple, Optional
 
-from crosscoder import DTYPES
-
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch dtypes
 ARCHITECTURES = ("l1", "batchtopk")
 WANDB_MODES = (None, "online", "offline", "disabled")
 STEP_DTYPES = ("fp32", "bf16")
 
-# key -> (type, check or None, what the check requires). Types: int, float, str, bool, list
-# (of str), "str?" (a string or None). The reference's l1_coeff was an int, which made
-# `--l1_coeff 1.5` fail: every float key accepts ints and floats.
+
+class Key(NamedTuple):
+    """One config key. kind: int, float, str, bool, list (of str), or "str?" (a string or None)."""
+    kind: object
+    check: Optional[Callable]
+    need: str  # what the check requires, for the error message
+    doc: str   # one line for --help
+
+
+# The reference's l1_coeff was an int, which made `--l1_coeff 1.5` fail: every float key accepts
+# ints and floats.
 _pos = (lambda v: v > 0, "a positive number")
 _nonneg = (lambda v: v >= 0, "a number >= 0")
 _beta = (lambda v: 0 <= v < 1, "a number in [0, 1)")
+_free = (None, "")
 SCHEMA = {
-    "seed": (int, *_nonneg),
-    "batch_size": (int, *_pos),
-    "buffer_mult": (int, *_pos),
-    "lr": (float, *_pos),
-    "num_tokens": (int, *_pos),
-    "l1_coeff": (float, *_nonneg),
-    "beta1": (float, *_beta),
-    "beta2": (float, *_beta),
-    "d_in": (int, *_pos),
-    "dict_size": (int, *_pos),
-    "seq_len": (int, lambda v: v >= 2, "an integer >= 2 (position 0, BOS, is dropped)"),
-    "enc_dtype": (str, lambda v: v in DTYPES, f"one of {sorted(DTYPES)}"),
-    "model_name": (str, None, ""),
-    "model_names": (list, None, ""),
-    "site": (str, None, ""),
-    "device": ("str?", None, ""),
-    "model_batch_size": (int, *_pos),
-    "log_every": (int, *_pos),
-    "save_every": (int, *_pos),
-    "dec_init_norm": (float, *_pos),
-    "hook_point": (str, lambda v: v.startswith("blocks.") or v.startswith("hook_") or v.startswith("ln_final"),
-                   "a TransformerLens hook name such as 'blocks.14.hook_resid_pre'"),
-    "wandb_project": (str, None, ""),
-    "wandb_entity": ("str?", None, ""),
-    "n_models": (int, lambda v: v >= 2, "an integer >= 2"),
-    "architecture": (str, lambda v: v in ARCHITECTURES, f"one of {list(ARCHITECTURES)}"),
-    "k": (int, *_pos),
-    "aux_coeff": (float, *_nonneg),
-    "aux_k": (int, *_pos),
-    "norm_estimate_batches": (int, *_pos),
-    "wrap_tokens": (bool, None, ""),
-    "checkpoint_buffer": (bool, None, ""),
-    "dead_window": (int, *_pos),
-    "dataset": (str, None, ""),
-    "checkpoint_dir": ("str?", None, ""),
-    "data_dir": ("str?", None, ""),
-    "wandb_mode": ("str?", lambda v: v in WANDB_MODES, f"one of {list(WANDB_MODES)}"),
-    "progress": (bool, None, ""),
-    "step_dtype": (str, lambda v: v in STEP_DTYPES, f"one of {list(STEP_DTYPES)}"),
+    "seed": Key(int, *_nonneg, "seeds the crosscoder's initialisation and the buffer's shuffling"),
+    "batch_size": Key(int, *_pos, "token positions per training step"),
+    "buffer_mult": Key(int, *_pos, "the buffer holds about batch_size * buffer_mult positions"),
+    "lr": Key(float, *_pos, "Adam learning rate (constant for 80% of the steps, then linear to 0)"),
+    "num_tokens": Key(int, *_pos, "training tokens in all: steps = num_tokens // batch_size"),
+    "l1_coeff": Key(float, *_nonneg, "weight of the decoder-norm-weighted L1 penalty (warmed up over 5%)"),
+    "beta1": Key(float, *_beta, "Adam beta1"),
+    "beta2": Key(float, *_beta, "Adam beta2"),
+    "d_in": Key(int, *_pos, "residual width at the hook point (the models' d_model)"),
+    "dict_size": Key(int, *_pos, "number of latents F"),
+    "seq_len": Key(int, lambda v: v >= 2, "an integer >= 2 (position 0, BOS, is dropped)",
+                   "tokens per sequence run through the models (BOS included, then dropped)"),
+    "enc_dtype": Key(str, lambda v: v in DTYPE_NAMES, f"one of {sorted(DTYPE_NAMES)}",
+                     "dtype of the crosscoder's weights"),
+    "model_name": Key(str, *_free, "the reference's name of the base model (kept for its notebooks)"),
+    "model_names": Key(list, *_free, "models to diff, comma-separated: index 0 base, 1 chat (hub names "
+                                     "or local directories named after them)"),
+    "site": Key(str, *_free, "the reference's name of the hook site (informational)"),
+    "device": Key("str?", *_free, "cuda, cpu, cuda:1 ...; none picks cuda when available"),
+    "model_batch_size": Key(int, *_pos, "sequences per forward pass of the models"),
+    "log_every": Key(int, *_pos, "steps between logged metrics"),
+    "save_every": Key(int, *_pos, "steps between checkpoints"),
+    "dec_init_norm": Key(float, *_pos, "initial norm of every decoder vector"),
+    "hook_point": Key(str, lambda v: v.startswith("blocks.") or v.startswith("hook_") or v.startswith("ln_final"),
+                      "a TransformerLens hook name such as 'blocks.14.hook_resid_pre'",
+                      "TransformerLens hook whose activations are diffed"),
+    "wandb_project": Key(str, *_free, "Weights & Biases project"),
+    "wandb_entity": Key("str?", *_free, "Weights & Biases entity (none: your default)"),
+    "n_models": Key(int, lambda v: v >= 2, "an integer >= 2", "number of models sharing the dictionary"),
+    "architecture": Key(str, lambda v: v in ARCHITECTURES, f"one of {list(ARCHITECTURES)}",
+                        "l1 (the reference) or batchtopk (Minder, Dumas et al. 2025)"),
+    "k": Key(int, *_pos, "batchtopk: mean active latents per token (k * batch_size kept per batch)"),
+    "aux_coeff": Key(float, *_nonneg, "batchtopk: weight of the AuxK loss that revives dead latents"),
+    "aux_k": Key(int, *_pos, "batchtopk: dead latents used per token by the AuxK loss"),
+    "norm_estimate_batches": Key(int, *_pos, "model batches used to estimate the normalisation factors"),
+    "wrap_tokens": Key(bool, *_free, "when the tokens run out: false stops with a message, true wraps"),
+    "checkpoint_buffer": Key(bool, *_free, "save the buffer with each checkpoint for an exact resume"),
+    "dead_window": Key(int, *_pos, "steps without firing after which a latent counts as dead"),
+    "dataset": Key(str, *_free, "training tokens: a hub dataset id, a local datasets dir, or a .pt tensor"),
+    "checkpoint_dir": Key("str?", *_free, "where version_N/ folders go (none: checkpoints/ beside the code)"),
+    "data_dir": Key("str?", *_free, "where downloads and the toy pair are cached (none: data/ beside the code)"),
+    "wandb_mode": Key("str?", lambda v: v in WANDB_MODES, f"one of {list(WANDB_MODES)}",
+                      "none: online with credentials, else offline; or online, offline, disabled"),
+    "progress": Key(bool, *_free, "show progress bars"),
+    "step_dtype": Key(str, lambda v: v in STEP_DTYPES, f"one of {list(STEP_DTYPES)}",
+                      "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
 }
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset"}
+
+
+def hook_layer(hook_point):
+    """The block index of 'blocks.L.<...>', or None for hooks outside the blocks."""
+    m = re.match(r"blocks\.(\d+)\.", hook_point)
+    return int(m.group(1)) if m else None
+
+
+def layers_needed(hook_point):
+    """Blocks a model must hold to give the activations at hook_point: L for
+    blocks.L.hook_resid_pre (the input of block L is the output of blocks 0..L-1), L + 1 for any
+    other hook inside block L, 0 for the embeddings, None (all of them) for hooks after the blocks."""
+    layer = hook_layer(hook_point)
+    if layer is not None:
+        return layer if hook_point == f"blocks.{layer}.hook_resid_pre" else layer + 1
+    return 0 if hook_point in ("hook_embed", "hook_pos_embed") else None
 
 
 class ConfigError(ValueError):
@@ -77,7 +112,7 @@ def parse_value(key, text):
     """A command-line string -> the key's type, or a ConfigError naming the key."""
     if key not in SCHEMA:
         raise _unknown_key(key)
-    kind = SCHEMA[key][0]
+    kind = SCHEMA[key].kind
     try:
         if kind == "str?":
             return None if text.lower() in ("none", "null", "") else text
@@ -102,13 +137,17 @@ def parse_value(key, text):
         raise ConfigError(f"--{key}: expected {name}, got {text!r}") from None
 
 
-def parse_overrides(argv, cfg):
-    """Apply `--key value` (or `--key=value`) pairs to a copy of cfg. Returns (cfg, extras)
-    where extras holds the non-config flags --preset and --resume."""
+def parse_overrides(argv, cfg, flags=("preset", "resume")):
+    """Apply `--key value` (or `--key=value`) pairs to a copy of cfg. Returns (cfg, extras):
+    extras holds the script's own flags (not config keys) by name, and "help": True for
+    --help or -h."""
     cfg, extras = dict(cfg), {}
     args = list(argv)
     while args:
         arg = args.pop(0)
+        if arg in ("--help", "-h"):
+            extras["help"] = True
+            continue
         if not arg.startswith("--"):
             raise ConfigError(f"expected --key value, got {arg!r}")
         key, _, value = arg[2:].partition("=")
@@ -116,11 +155,39 @@ def parse_overrides(argv, cfg):
             if not args:
                 raise ConfigError(f"--{key} needs a value")
             value = args.pop(0)
-        if key in ("preset", "resume"):
+        if key in flags:
             extras[key] = value
         else:
             cfg[key] = parse_value(key, value)
     return cfg, extras
+
+
+def format_help(usage, defaults, flags=None, presets=None):
+    """--help text: usage, the script's own flags, then every config key with its default (and
+    each preset's value where it differs) and its one-line meaning from SCHEMA."""
+    lines = [usage, "", "flags:"]
+    lines += [f"  --{name:<22} {doc}" for name, doc in (flags or {}).items()]
+    if defaults:
+        lines += ["", "config keys (--key value; lists comma-separated; none for an empty optional value):"]
+    for key, value in defaults.items():
+        shown = _as_text(value)
+        for name, preset in (presets or {}).items():
+            if key in preset and preset[key] != value:
+                shown += f" ({name}: {_as_text(preset[key])})"
+        doc = SCHEMA[key].doc if key in SCHEMA else ""
+        lines.append(f"  --{key:<22} {shown:<34} {doc}")
+    return "\n".join(lines)
+
+
+def _as_text(value):
+    """A value as it is typed on the command line."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(value)
+    return str(value)
 
 
 def validate_cfg(cfg):
@@ -130,7 +197,7 @@ def validate_cfg(cfg):
             continue
         if key not in SCHEMA:
             raise _unknown_key(key)
-        kind, check, need = SCHEMA[key]
+        kind, check, need, _ = SCHEMA[key]
         if kind == "str?":
             ok = value is None or isinstance(value, str)
         elif kind is float:
@@ -155,12 +222,10 @@ def validate_cfg(cfg):
 
 def check_against_model(cfg, model_cfg):
     """Checks that need the model's architecture (a TransformerLens config, no weights)."""
-    from buffer import hook_layer
-
     if cfg["seq_len"] > model_cfg.n_ctx:
         raise ConfigError(f"config key 'seq_len' = {cfg['seq_len']} exceeds the model's context of {model_cfg.n_ctx}")
-    layer = hook_layer(cfg["hook_point"])
-    if layer is not None and layer >= model_cfg.n_layers:
+    need = layers_needed(cfg["hook_point"])
+    if need is not None and need > model_cfg.n_layers:
         raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is not in a model with "
                           f"{model_cfg.n_layers} layers")
     if cfg["d_in"] != model_cfg.d_model:

@@ -23,6 +23,10 @@ from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, j
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
+# The published crosscoder's config names only model A and saved no normalisation factors: its
+# authors' notebook used these (mean raw norms ~174 base, ~197 chat at blocks.14.hook_resid_pre).
+PUBLISHED_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")
+PUBLISHED_FACTORS = (0.2758961493232058, 0.24422852496546169)
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from buffer import Buffer, sequences_needed
+from buffer import Buffer, estimate_norm_factors, run_models, sequences_needed
 from checkpoint import atomic_write_text
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
@@ -35,10 +35,9 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences):
     store_dir.mkdir(parents=True, exist_ok=True)
     n_sequences = min(n_sequences, len(tokens_NS))
     # The live buffer measures the factors the same way, on the same first sequences.
-    probe = Buffer.__new__(Buffer)
-    probe.models, probe.hook_point = models, cfg["hook_point"]
-    probe._setup(dict(cfg, buffer_mult=1, batch_size=1), tokens_NS, len(models), models[0].cfg.d_model)
-    factors_M = probe.estimate_norm_scaling_factors()
+    hook, S, mbs = cfg["hook_point"], cfg["seq_len"], cfg["model_batch_size"]
+    factors_M = estimate_norm_factors(models, tokens_NS[:, :S], hook, cfg["norm_estimate_batches"] * mbs, mbs,
+                                      progress=cfg.get("progress", True)).to(next(models[0].parameters()).device)
     rows_per_seq, M, D = cfg["seq_len"] - 1, len(models), models[0].cfg.d_model
     shards = []
     for first in range(0, n_sequences, SHARD_SEQUENCES):
@@ -47,7 +46,7 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences):
         for start in tqdm(range(0, n, cfg["model_batch_size"]), desc=f"harvesting shard {len(shards)}", leave=False,
                           disable=not cfg.get("progress", True)):
             t = tokens_NS[first + start : first + min(start + cfg["model_batch_size"], n), : cfg["seq_len"]]
-            rows_RMD = (probe._run_models(t).float() * factors_M[:, None]).to(torch.bfloat16)
+            rows_RMD = (run_models(models, t, hook).float() * factors_M[:, None]).to(torch.bfloat16)
             mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
         mm.flush()
         shards.append(n)

@@ -34,16 +34,6 @@ WORDS = {
 PARTNER = {w: ws[i ^ 1] for ws in WORDS.values() for i, w in enumerate(ws)}
 VOCAB = SPECIAL + ["user", "model", ".", "and"] + [w for ws in WORDS.values() for w in ws]
 
-# Overrides applied to train.py's default_cfg by `--preset toy`.
-TOY_CFG = {
-    "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
-    "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
-    "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
-    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
-    "device": "cpu", "dataset": "toy",
-}
-
-
 # ------------------------------------------------------------------ the language
 def sentence(rng, depth=0):
     """S -> NP VP '.' with NP -> DET [ADJ] NOUN [PREP NP], VP -> VERB NP | IVERB [ADV]."""

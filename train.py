@@ -7,10 +7,11 @@
 #   python train.py --resume checkpoints/version_3    # continue an interrupted run
 # %%
 import sys
+from pathlib import Path
 
 import torch
 
-from config import ConfigError, check_against_model, parse_overrides, validate_cfg
+from config import ConfigError, check_against_model, format_help, parse_overrides, validate_cfg
 from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
 from crosscoder import resolve_device
 from buffer import TokensExhausted, check_buffer_fits
@@ -61,6 +62,18 @@ default_cfg = {
     "wandb_mode": None,  # None: online with credentials, else offline; or "disabled"
     "progress": True,
 }
+# `--preset toy`: the embedded CPU default (toy.py builds the pair), applied over default_cfg.
+TOY_CFG = {
+    "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
+    "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
+    "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
+    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
+    "device": "cpu", "dataset": "toy",
+}
+PRESETS = {"gemma": {}, "toy": TOY_CFG}
+FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
+         "resume": "a checkpoints/version_N directory: continue that run exactly",
+         "help": "print this and exit"}
 # Keys that may change when resuming; the others come from the checkpoint's config.
 RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
                       "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype"}
@@ -70,6 +83,10 @@ RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_
 def build_cfg(argv, base_cfg=default_cfg):
     """default_cfg <- preset <- --key value overrides (or the saved config with --resume)."""
     cfg, extras = parse_overrides(argv, base_cfg)
+    if extras.get("help"):
+        print(format_help("usage: python train.py [--preset toy] [--resume DIR] [--key value ...]",
+                          base_cfg, FLAGS, {"toy": TOY_CFG}))
+        sys.exit(0)
     resume = extras.get("resume")
     if resume is not None:
         import json
@@ -84,13 +101,9 @@ def build_cfg(argv, base_cfg=default_cfg):
         preset = saved.get("preset", "gemma")
     else:
         preset = extras.get("preset", "gemma")
-        if preset == "toy":
-            from toy import TOY_CFG
-
-            toy_cfg, _ = parse_overrides(argv, dict(base_cfg, **TOY_CFG))
-            cfg = toy_cfg
-        elif preset != "gemma":
-            raise ConfigError(f"--preset must be 'toy' or 'gemma', got {preset!r}")
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+        cfg, _ = parse_overrides(argv, dict(base_cfg, **PRESETS[preset]))
         cfg["preset"] = preset
     validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
     return cfg, resume
@@ -110,7 +123,8 @@ def load_models_and_tokens(cfg, device_was_set):
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
-        check_against_model(cfg, get_pretrained_model_config(name))
+        is_dir = (Path(name) / "config.json").is_file()  # a local copy, named after its model
+        check_against_model(cfg, get_pretrained_model_config(Path(name).name if is_dir else name))
     tokens = load_tokens(cfg["dataset"], cfg)
     return load_gemma_pair(cfg), tokens
 

@@ -6,7 +6,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from config import layers_needed
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = REPO_DIR / "data"
@@ -26,19 +29,29 @@ def data_dir(cfg=None):
     return Path(d) if d else DEFAULT_DATA_DIR
 
 
-def _dataset_to_tokens(dataset, column, origin):
+def _dataset_to_tokens(dataset, column, origin, chunk_rows=4096):
+    """The column as an int32 [N, S] tensor, converted chunk_rows at a time: the peak is the int32
+    result plus one chunk, never the whole column as int64 (8 GB for the reference's dataset)."""
     if column not in dataset.column_names:
         raise DataError(f"{origin}: dataset has no column {column!r} (columns: {dataset.column_names})")
     if len(dataset) == 0:
         raise DataError(f"{origin}: dataset is empty")
-    dataset = dataset.with_format("torch", columns=[column])
-    tokens = dataset[column]
-    if not isinstance(tokens, (torch.Tensor, list)):  # datasets >= 4 returns a lazy Column
-        tokens = tokens[:]
-    if isinstance(tokens, list):  # ragged rows come back as a list of tensors
-        lengths = sorted({len(t) for t in tokens})
-        raise DataError(f"{origin}: rows of column {column!r} have different lengths {lengths[:5]}...")
-    return tokens
+    dataset = dataset.with_format("numpy", columns=[column])
+    tokens_NS = None
+    for start in range(0, len(dataset), chunk_rows):
+        block = dataset[start : start + chunk_rows][column]
+        if block.dtype == object or block.ndim != 2:  # ragged rows come back as an array of arrays
+            lengths = sorted({len(row) for row in block})
+            raise DataError(f"{origin}: rows of column {column!r} have different lengths {lengths[:5]}...")
+        if tokens_NS is None:
+            tokens_NS = torch.empty(len(dataset), block.shape[1], dtype=torch.int32)
+        elif block.shape[1] != tokens_NS.shape[1]:
+            raise DataError(f"{origin}: rows of column {column!r} have different lengths "
+                            f"{sorted({tokens_NS.shape[1], block.shape[1]})}...")
+        if block.dtype.kind not in "iu":
+            raise DataError(f"{origin}: token ids must be integers, got {block.dtype}")
+        tokens_NS[start : start + len(block)] = torch.from_numpy(block.astype(np.int32, copy=False))
+    return tokens_NS
 
 
 def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="train"):
@@ -74,8 +87,12 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
             return load_tokens(cache, cfg, column, split)
         import datasets
 
-        dataset = datasets.load_dataset(str(source), split=split)
-        tokens = _dataset_to_tokens(dataset, column, source).to(torch.int32)
+        try:
+            dataset = datasets.load_dataset(str(source), split=split)
+        except (OSError, ValueError) as e:  # offline, unknown id, no access
+            raise SetupError(f"could not download the dataset {source} ({type(e).__name__}: {e}); give a local "
+                             "copy with --dataset (a datasets directory or a .pt token tensor)") from None
+        tokens = _dataset_to_tokens(dataset, column, source)
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".pt.tmp")
         torch.save(tokens, tmp)
@@ -99,30 +116,68 @@ def check_tokens(tokens_NS, seq_len, vocab_size):
 
 
 def load_gemma_pair(cfg, full=False):
-    """The reference's models: Gemma-2-2b (base, index 0) and Gemma-2-2b-it (chat, index 1).
+    """The models of cfg["model_names"] (the reference's: Gemma-2-2b base, index 0, and
+    Gemma-2-2b-it chat, index 1) as HookedTransformers on cfg["device"], in eval mode.
 
-    Only the blocks up to the hook point are loaded (first_n_layers): the later layers are
-    never run. Fails with a message that says what is needed when the hub is unreachable.
+    A name is a TransformerLens / hub name, or a local directory saved by transformers'
+    save_pretrained (weights, config and tokenizer; no network), named after the TransformerLens
+    model it holds (".../gemma-2-2b-it"). For training (full=False) only what the hook needs is
+    kept: the blocks before it (layers_needed: 14 of Gemma-2-2b's 26 for blocks.14.hook_resid_pre)
+    and the embedding; the unembedding TransformerLens builds (a 256k x 2304 matrix, 2.4 GB in
+    fp32 per model) is freed, so such a model can only be run with stop_at_layer. full=True (the
+    analysis: the splice-in loss needs logits) loads every block and the unembedding.
+    Fails with a message that says what is needed when the hub is unreachable.
     """
     from transformer_lens import HookedTransformer
 
-    from buffer import hook_layer
-
-    layer = hook_layer(cfg["hook_point"])
-    n_layers = None if (layer is None or full) else layer + 1  # full: analysis runs the whole model
+    n_layers = None if full else layers_needed(cfg["hook_point"])
     models = []
     for name in cfg["model_names"]:
         try:
-            model = HookedTransformer.from_pretrained(name, device=cfg["device"], first_n_layers=n_layers)
-        except Exception as e:
+            kwargs = _local_model(name)
+            if kwargs:
+                name, local_layers = kwargs.pop("tl_name"), kwargs.pop("n_layers")
+                kwargs["first_n_layers"] = local_layers if n_layers is None else min(n_layers, local_layers)
+            else:
+                kwargs["first_n_layers"] = n_layers
+            model = HookedTransformer.from_pretrained(name, device=cfg["device"], **kwargs)
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
             raise SetupError(
-                f"could not load {name} from the Hugging Face hub ({type(e).__name__}: {e}).\n"
-                "The Gemma replication needs network access to the hub, an accepted Gemma licence "
-                "and `huggingface-cli login`, and a CUDA GPU. To see the whole pipeline on a CPU "
-                "instead, run: python train.py --preset toy") from None
-        model.eval()
-        models.append(model)
+                f"could not load {name} ({type(e).__name__}: {e}).\n"
+                "The Gemma replication needs network access to the Hugging Face hub, an accepted Gemma "
+                "licence and `huggingface-cli login` (or local copies: --model_names DIR_A,DIR_B), and a "
+                "CUDA GPU. To see the whole pipeline on a CPU instead, run: python train.py --preset toy") from None
+        if not full and n_layers is not None:
+            drop_unembedding(model)
+        models.append(model.eval())
     return models
+
+
+def _local_model(name):
+    """from_pretrained arguments for a local transformers directory; {} for a hub name."""
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        return {}
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        get_official_model_name(path.name)
+    except ValueError:
+        raise SetupError(f"{path}: name a local model directory after the TransformerLens model it holds "
+                         "(for example .../gemma-2-2b-it), so that its architecture is known") from None
+    hf_cfg = AutoConfig.from_pretrained(path)
+    return {"tl_name": path.name, "n_layers": hf_cfg.num_hidden_layers,
+            "hf_model": AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32),
+            "tokenizer": AutoTokenizer.from_pretrained(path)}
+
+
+def drop_unembedding(model):
+    """Free the unembedding of a model that is only run up to a hook (stop_at_layer)."""
+    d_model = model.cfg.d_model
+    model.unembed.W_U = torch.nn.Parameter(torch.empty(d_model, 0, device=model.unembed.W_U.device), requires_grad=False)
+    model.unembed.b_U = torch.nn.Parameter(torch.empty(0, device=model.unembed.b_U.device), requires_grad=False)
+    return model
 
 
 # ---------------------------------------------------------------------------- analysis maths
@@ -142,12 +197,27 @@ def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="a
         yield t, torch.stack(acts, dim=2)
 
 
+def normalisation_factors(crosscoder):
+    """[M] factors that take raw activations into the space the crosscoder was trained in (ones
+    for a crosscoder whose weights were folded to read raw activations). A clear error when the
+    checkpoint has none: never a guess."""
+    cfg, device = crosscoder.cfg, crosscoder.W_enc.device
+    if cfg.get("normalisation_factor") is not None:
+        return torch.as_tensor(cfg["normalisation_factor"], dtype=torch.float32, device=device)
+    if cfg.get("folded_normalisation_factor") is not None:
+        return torch.ones(crosscoder.n_models, device=device)
+    raise ValueError(
+        "this crosscoder has no normalisation factors (checkpoints of the reference's training, the "
+        "published one included, did not save them). Give them (analysis.py --factors a,b, or "
+        "cc.cfg['normalisation_factor'] = [a, b]) or estimate them with buffer.estimate_norm_factors")
+
+
 @torch.no_grad()
 def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
     """Held-out reconstruction quality in the training (normalised) space: explained variance
     of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
     (for any number of models), mean L0, and the latents never active."""
-    s_M = torch.tensor(crosscoder.cfg["normalisation_factor"], device=crosscoder.W_enc.device)
+    s_M = normalisation_factors(crosscoder)
     sums, n_rows = None, 0
     fired_F = torch.zeros(crosscoder.cfg["dict_size"], dtype=torch.bool, device=crosscoder.W_enc.device)
     for _, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
@@ -167,11 +237,19 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
 
 
 @torch.no_grad()
-def splice_in_loss(crosscoder, models, tokens_NS, batch_size=8):
+def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2):
     """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
     the crosscoder's reconstruction (positions 1..; BOS kept clean), and zero-ablated (all
-    positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean)."""
-    folded = crosscoder.fold_normalisation() if crosscoder.cfg.get("normalisation_factor") else crosscoder
+    positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
+
+    The models run under the buffer's bf16 autocast (CUDA), so the [batch, seq, vocab] logits
+    are bf16 (log-softmax in fp32): with Gemma's 256k vocabulary each sequence of 1024 costs
+    about 3 GB at the peak, hence the small default batch.
+    The reconstruction of model m is encoded from every model's residual, so the chat model's
+    information can reach the base model's splice: loss_recovered may exceed 1."""
+    from buffer import autocast_context
+
+    folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
     hook_point = crosscoder.cfg["hook_point"]
     totals = torch.zeros(len(models), 3, dtype=torch.float64)
     n = 0
@@ -184,9 +262,11 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=8):
                 act[:, 1:] = x_hat[:, :, m].to(act.dtype)
                 return act
 
-            clean = model(t, return_type="loss")
-            spliced = model.run_with_hooks(t, return_type="loss", fwd_hooks=[(hook_point, splice)])
-            zero = model.run_with_hooks(t, return_type="loss", fwd_hooks=[(hook_point, lambda act, hook: torch.zeros_like(act))])
+            with autocast_context(t.device):
+                clean = model(t, return_type="loss")
+                spliced = model.run_with_hooks(t, return_type="loss", fwd_hooks=[(hook_point, splice)])
+                zero = model.run_with_hooks(t, return_type="loss",
+                                            fwd_hooks=[(hook_point, lambda act, hook: torch.zeros_like(act))])
             totals[m] += torch.tensor([float(clean), float(spliced), float(zero)], dtype=torch.float64) * N
         n += N
     out = {}
@@ -245,7 +325,7 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
     A running top-k merged batch by batch. Returns values, seq, pos [J, k] (value 0: fewer hits)."""
     latents_J = torch.as_tensor(latents_J, device=crosscoder.W_enc.device)
     J = len(latents_J)
-    s_M = torch.tensor(crosscoder.cfg["normalisation_factor"], device=latents_J.device)
+    s_M = normalisation_factors(crosscoder)
     best_v = torch.zeros(J, k, device=latents_J.device)
     best_i = torch.zeros(J, k, dtype=torch.long, device=latents_J.device)
     offset = 0

@@ -49,12 +49,10 @@ def models():
     return tiny_model(1), tiny_model(2)
 
 
-def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
-    """A random-init Gemma-2 model at Gemma-2-2b width through the real conversion path:
-    transformers' Gemma2ForCausalLM -> HookedTransformer.from_pretrained("gemma-2-2b", hf_model=...),
-    with a word-level tokenizer saved to and reloaded from tmp_path (no hub access)."""
+def tiny_gemma2_hf(n_layers=3, vocab_size=1000, seed=0):
+    """A random-init transformers Gemma2ForCausalLM at Gemma-2-2b width (2304, 8 heads of 256,
+    MLP 9216) with few layers and a small vocabulary, and a word-level tokenizer for it."""
     from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformer_lens import HookedTransformer
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
     hf_cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=2304, intermediate_size=9216,
@@ -68,11 +66,41 @@ def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>",
                                   pad_token="<pad>", unk_token="<unk>")
+    return hf, tok
+
+
+def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
+    """A random-init Gemma-2 model at Gemma-2-2b width through the real conversion path:
+    transformers' Gemma2ForCausalLM -> HookedTransformer.from_pretrained("gemma-2-2b", hf_model=...),
+    with a word-level tokenizer saved to and reloaded from tmp_path (no hub access)."""
+    from transformer_lens import HookedTransformer
+    from transformers import PreTrainedTokenizerFast
+
+    hf, tok = tiny_gemma2_hf(n_layers, vocab_size, seed)
     tok.save_pretrained(tmp_path / "tokenizer")
     tok = PreTrainedTokenizerFast.from_pretrained(tmp_path / "tokenizer")
     model = HookedTransformer.from_pretrained("gemma-2-2b", hf_model=hf, tokenizer=tok,
                                               first_n_layers=n_layers, device="cpu")
     return hf, model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_dirs(tmp_path_factory):
+    """Local copies of a tiny Gemma-2 pair, as transformers' save_pretrained writes them, in
+    directories named like the real ones (gemma-2-2b, gemma-2-2b-it): 2 layers at full width,
+    vocabulary 1000; the chat model's second MLP is scaled so that the two differ. Returns the
+    two paths and the HF models."""
+    root = tmp_path_factory.mktemp("gemma_pair")
+    base, tok = tiny_gemma2_hf(n_layers=2, seed=0)
+    chat, _ = tiny_gemma2_hf(n_layers=2, seed=0)
+    with torch.no_grad():
+        chat.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    paths = []
+    for name, hf in (("gemma-2-2b", base), ("gemma-2-2b-it", chat)):
+        hf.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths, [base, chat]
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,8 +1,9 @@
+import pytest
 import torch
 
 from conftest import random_tokens, run_script, tiny_cfg, tiny_model
 from crosscoder import CrossCoder, classify_latents
-from utils import examples_html, latent_scaling, splice_in_loss, top_activating_examples
+from utils import examples_html, latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples
 
 
 def test_latent_classes_follow_the_reference_thresholds():
@@ -119,3 +120,55 @@ def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses
     assert "models unavailable" in out.stdout
     written = {p.name for p in (tmp_path / "checkpoints" / "version_0" / "analysis").iterdir()}
     assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "summary.txt"} <= written
+
+
+REFERENCE_CFG_KEYS = dict(  # the reference's training config, as its published cfg.json holds it (no d_in)
+    seed=49, batch_size=4096, buffer_mult=128, lr=5e-5, num_tokens=400_000_000, l1_coeff=2, beta1=0.9,
+    beta2=0.999, dict_size=2**14, seq_len=1024, enc_dtype="fp32", model_name="gemma-2-2b", site="resid_pre",
+    device="cuda:0", model_batch_size=4, log_every=100, save_every=30000, dec_init_norm=0.08,
+    hook_point="blocks.14.hook_resid_pre", wandb_project="YOUR_PROJECT", wandb_entity="YOUR_ENTITY")
+
+
+def test_a_checkpoint_in_the_published_layout_is_analysed_over_tokens(tmp_path, tiny_gemma_dirs):
+    """The published crosscoder's files (<hook>/cfg.json without model_names, d_in or factors,
+    and cc_weights.pt) around a tiny Gemma-2 pair stored locally: analysis.py runs every analysis
+    over tokens, with the factors estimated as the reference's run did (BOS included, first
+    sequences), which match a direct computation on the HF models."""
+    import json
+
+    paths, hf_models = tiny_gemma_dirs
+    hook = "blocks.1.hook_resid_pre"
+    cc = CrossCoder(tiny_cfg(d_in=2304, dict_size=64))
+    with torch.no_grad():
+        cc.W_dec[:4, 0] = 0  # four chat-only latents, for Latent Scaling and the examples page
+    published = tmp_path / "published"
+    (published / hook).mkdir(parents=True)
+    (published / hook / "cfg.json").write_text(json.dumps(dict(REFERENCE_CFG_KEYS, dict_size=64, hook_point=hook)))
+    torch.save({k: v.detach() for k, v in cc.state_dict().items()}, published / hook / "cc_weights.pt")
+    tokens = random_tokens(24, 10, d_vocab=1000, bos=2)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    out = run_script("analysis.py", "--checkpoint", str(published), "--model_names", ",".join(paths),
+                     "--dataset", str(tmp_path / "tokens.pt"), "--n_heldout", "6", "--batch_size", "3", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "models unavailable" not in out.stdout
+    assert "estimated here as the reference's run did (first 24 sequences, BOS included)" in out.stdout
+    summary = json.loads((published / "analysis" / "summary.txt").read_text())
+    assert {"reconstruction", "splice_in", "latent_scaling"} <= set(summary) and "skipped" not in summary
+    assert summary["reconstruction"]["tokens"] == 6 * 9
+    assert (published / "analysis" / "chat_only_examples.html").is_file()
+    with torch.no_grad():  # sqrt(d_in) / mean norm over the first 400 sequences (here all 24), BOS included
+        want = [2304 ** 0.5 / hf(tokens, output_hidden_states=True).hidden_states[1].norm(dim=-1).mean()
+                for hf in hf_models]
+    torch.testing.assert_close(torch.tensor(summary["normalisation_factor"]), torch.stack(want), rtol=1e-4, atol=0)
+
+
+def test_functions_that_need_factors_refuse_a_crosscoder_without_them():
+    models = [tiny_model(1), tiny_model(2)]
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16))
+    assert cc.cfg.get("normalisation_factor") is None
+    tokens = random_tokens(4, 9)
+    for fn in (splice_in_loss, reconstruction_stats):
+        with pytest.raises(ValueError, match="no normalisation factors"):
+            fn(cc, models, tokens)
+    with pytest.raises(ValueError, match="no normalisation factors"):
+        top_activating_examples(cc, models, tokens, [0])

@@ -159,3 +159,35 @@ def test_real_gemma2_conversion_path_through_the_buffer(tmp_path):
     assert x.shape == (32, 2, 2304) and torch.isfinite(x).all()
     assert not torch.allclose(x[:, 0], x[:, 1])
     assert torch.allclose(x.norm(dim=-1).mean(0), torch.full((2,), 2304 ** 0.5), rtol=0.1)
+
+
+def test_saved_shuffling_state_is_a_cpu_generators_and_resumes_on_any_device(models, capsys):
+    """The buffer shuffles with a CPU generator whatever the device, so a state saved on a GPU
+    loads on a CPU (and back). A state from an earlier version, saved by a CUDA generator (16
+    bytes: seed and offset), cannot be loaded into a CPU generator: the buffer reseeds and says
+    so instead of crashing."""
+    buf, cfg, tokens = make_buffer(models, n_seqs=400, buffer_mult=4)
+    state = buf.state_dict()
+    assert buf.generator.device.type == "cpu"
+    assert state["generator"].shape == torch.Generator().get_state().shape
+    fake_cuda = dict(state, generator=torch.zeros(16, dtype=torch.uint8))
+    restored = Buffer(cfg, models[0], models[1], tokens, state=fake_cuda)
+    assert "reseeding" in capsys.readouterr().out
+    first = restored.next()
+    torch.testing.assert_close(first, buf.next())  # the rows already shuffled are served as saved
+    for _ in range(20):  # through a refresh with the new seed
+        assert torch.isfinite(restored.next()).all()
+
+
+def test_norm_estimate_with_bos_matches_a_direct_computation(models):
+    """estimate_norm_factors(drop_bos=False) is the reference's estimate (the published
+    crosscoder's factors): sqrt(d_in) / mean norm over every position, BOS included."""
+    from buffer import estimate_norm_factors
+
+    tokens = random_tokens(10, 9)
+    got = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, drop_bos=False, progress=False)
+    for m, model in enumerate(models):
+        acts = extract_activations(model, tokens[:8], "blocks.1.hook_resid_pre")
+        torch.testing.assert_close(got[m], 32 ** 0.5 / acts.norm(dim=-1).mean())
+    no_bos = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, progress=False)
+    torch.testing.assert_close(no_bos[0], 32 ** 0.5 / extract_activations(models[0], tokens[:8], "blocks.1.hook_resid_pre")[:, 1:].norm(dim=-1).mean())

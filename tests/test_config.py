@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from config import SCHEMA, ConfigError, check_against_model, parse_overrides, parse_value, validate_cfg
+from config import SCHEMA, ConfigError, check_against_model, format_help, parse_overrides, parse_value, validate_cfg
+from conftest import REPO
 from train import default_cfg
 
 
@@ -68,3 +69,26 @@ def test_architecture_checks_use_the_models_config():
         check_against_model(dict(default_cfg, hook_point="blocks.30.hook_resid_pre"), gemma)
     with pytest.raises(ConfigError, match="d_in"):
         check_against_model(dict(default_cfg, d_in=2048), gemma)
+
+
+def test_config_is_a_leaf_module_that_imports_neither_torch_nor_the_repo():
+    import subprocess
+    import sys
+
+    probe = "import sys, config; print(sorted(m for m in ('torch', 'crosscoder', 'buffer', 'utils') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_help_lists_every_key_with_its_default_and_meaning():
+    text = format_help("usage", default_cfg, {"preset": "which preset"}, {"toy": {"dict_size": 1024}})
+    for key, key_spec in SCHEMA.items():
+        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{key} "))
+        assert key_spec.doc and key_spec.doc in line
+    assert "16384 (toy: 1024)" in text and "--preset" in text
+    assert "--wrap_tokens            false" in text  # values as typed on the command line
+
+
+def test_help_flag_is_not_a_config_key():
+    cfg, extras = parse_overrides(["--dict_size", "8", "--help"], default_cfg)
+    assert extras == {"help": True} and cfg["dict_size"] == 8

@@ -52,3 +52,28 @@ def test_resume_refuses_to_change_the_maths(toy_run):
         build_cfg(["--resume", str(checkpoints / "version_0"), "--dict_size", "7"])
     cfg, resume = build_cfg(["--resume", str(checkpoints / "version_0"), "--log_every", "7"])
     assert cfg["log_every"] == 7 and cfg["preset"] == "toy" and resume == str(checkpoints / "version_0")
+
+
+def test_help_prints_every_key_and_exits_0():
+    out = run_train("--help", timeout=120)
+    assert out.returncode == 0, out.stderr
+    for key in default_cfg:
+        assert f"--{key} " in out.stdout
+    assert "(toy: 1024)" in out.stdout and "Traceback" not in out.stderr
+
+
+def test_a_bad_value_is_refused_before_any_model_code_is_imported():
+    """`--preset toy --lr -1` fails in the config check: neither toy.py (which builds models) nor
+    TransformerLens is imported first, so the error comes in about a second, not after a build."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    probe = ("import sys, train\n"
+             "try:\n    train.cli(['--preset', 'toy', '--lr', '-1'])\n"
+             "except SystemExit as e:\n    print('exit:', e.code)\n"
+             "print('imported:', sorted(m for m in ('toy', 'transformer_lens') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert "exit: config error: config key 'lr' must be a positive number" in out.stdout, out.stdout + out.stderr
+    assert "imported: []" in out.stdout

@@ -89,3 +89,69 @@ def test_keep_freed_memory_keeps_a_freed_large_block_resident(tmp_path):
         grown[flag] = [float(v) for v in out.stdout.split()]
     assert grown["0"][0] > 200 and grown["0"][1] < 50  # default: returned to the OS
     assert grown["1"][0] > 200 and grown["1"][1] > 200  # kept
+
+
+def test_local_gemma_pair_loads_only_the_blocks_before_the_hook_and_no_unembedding(tiny_gemma_dirs):
+    """Training needs blocks.1.hook_resid_pre: the output of block 0. One block is loaded (the
+    reference's first_n_layers=layer+1 loaded one more), the unembedding is freed, and the
+    activations equal the HF model's hidden state after that block. full=True (analysis) loads
+    everything and gives the HF model's logits."""
+    from buffer import extract_activations
+    from conftest import random_tokens
+    from utils import load_gemma_pair
+
+    paths, hf_models = tiny_gemma_dirs
+    cfg = {"model_names": paths, "hook_point": "blocks.1.hook_resid_pre", "device": "cpu"}
+    models = load_gemma_pair(cfg)
+    tokens = random_tokens(2, 10, d_vocab=1000, bos=2)
+    for model, hf in zip(models, hf_models):
+        assert model.cfg.n_layers == 1 and len(model.blocks) == 1
+        assert model.unembed.W_U.numel() == 0
+        with torch.no_grad():
+            want = hf(tokens, output_hidden_states=True).hidden_states[1]
+        torch.testing.assert_close(extract_activations(model, tokens, cfg["hook_point"]), want, atol=1e-4, rtol=1e-4)
+    full = load_gemma_pair(cfg, full=True)
+    assert [m.cfg.n_layers for m in full] == [2, 2] and full[0].unembed.W_U.shape == (2304, 1000)
+    with torch.no_grad():
+        torch.testing.assert_close(full[1](tokens), hf_models[1](tokens).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_a_local_model_directory_must_be_named_after_its_model(tmp_path, tiny_gemma_dirs):
+    import shutil
+
+    from utils import SetupError, load_gemma_pair
+
+    odd = tmp_path / "my-model"
+    shutil.copytree(tiny_gemma_dirs[0][0], odd)
+    with pytest.raises(SetupError, match="name a local model directory after"):
+        load_gemma_pair({"model_names": [str(odd)], "hook_point": "blocks.1.hook_resid_pre", "device": "cpu"})
+
+
+def test_dataset_conversion_peaks_near_the_int32_size_not_int64(tmp_path):
+    """A 200 MB (int32) token column held as int64 by Arrow: converting it must add about the
+    int32 result to the process's peak memory, not an int64 copy of the whole column on top
+    (the reference's 1M-sequence dataset: 7.9 GB as int64). The peak is read from the kernel
+    (VmHWM, reset just before the conversion)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    probe = (
+        "import numpy as np, pyarrow as pa, datasets, gc, re, torch\n"
+        "from utils import _dataset_to_tokens\n"
+        "N, S = 100_000, 512\n"
+        "values = pa.array(np.arange(N * S, dtype=np.int64) % 50_000)\n"
+        "offsets = pa.array(np.arange(0, N * S + 1, S, dtype=np.int32))\n"
+        "ds = datasets.Dataset(pa.table({'input_ids': pa.ListArray.from_arrays(offsets, values)}))\n"
+        "del values, offsets; gc.collect()\n"
+        "def kb(field): return int(re.search(field + r':\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kb('VmRSS')\n"
+        "t = _dataset_to_tokens(ds, 'input_ids', 'probe').to(torch.int32)  # as load_tokens\n"
+        "assert t.dtype == torch.int32 and t.shape == (N, S) and int(t[-1, -1]) == (N * S - 1) % 50_000\n"
+        "print((kb('VmHWM') - before) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    added_mb, int32_mb = float(out.stdout.split()[-1]), 100_000 * 512 * 4 / 2**20
+    assert added_mb < 1.4 * int32_mb, f"conversion added {added_mb:.0f} MB at its peak; the result is {int32_mb:.0f} MB"
