@@ -13,6 +13,16 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+SLOW_FIXTURES = {"toy_run", "tiny_gemma_dirs"}  # a toy training run; full-width Gemma-2 models on disk
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use a slow fixture are marked slow (`pytest -m "not slow"`: the fast loop)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def tiny_cfg(tmp_path=None, **overrides):
     """A complete, valid training config at toy size, writing under tmp_path."""
     from train import default_cfg

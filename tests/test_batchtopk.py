@@ -25,6 +25,22 @@ def test_training_keeps_exactly_k_times_batch_active_latents():
     assert scores[acts > 0].min() >= scores[acts == 0].max()
 
 
+def test_selection_ranks_activations_weighted_by_the_summed_decoder_norms():
+    """Latent 0 has the larger activation (2.0) but small decoders (norm sum 0.1, score 0.2);
+    latent 1 activates at 1.0 with decoder norm sum 1.0 (score 1.0). With k = 1 the selection
+    keeps latent 1: ranking activations alone would keep latent 0."""
+    cc = CrossCoder(tiny_cfg(architecture="batchtopk", k=1, d_in=4, dict_size=2)).train()
+    with torch.no_grad():
+        cc.W_enc.zero_(), cc.W_dec.zero_()
+        cc.W_enc[0, 0, 0], cc.W_enc[0, 1, 1] = 2.0, 1.0
+        cc.W_dec[0, 0, 0], cc.W_dec[0, 1, 0] = 0.05, 0.05
+        cc.W_dec[1, 0, 1], cc.W_dec[1, 1, 1] = 0.6, 0.4
+    x = torch.zeros(1, 2, 4)
+    x[0, 0, :2] = 1.0
+    acts = cc.encode(x)
+    assert acts[0].tolist() == [0.0, 1.0]
+
+
 def test_threshold_inference_equals_training_selection_where_they_must_agree():
     cc = btk().train()
     x = torch.randn(64, 2, 32)
@@ -65,6 +81,21 @@ def test_aux_loss_is_zero_without_dead_latents_and_reconstructs_the_error_with_d
     acts = torch.relu(pre) * dead
     expected = ((acts @ W.flatten(1)).view(8, 2, 5) - err).pow(2).sum((1, 2)).mean()
     assert aux_loss(err, pre, W, dead, aux_k=3).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_aux_loss_with_more_dead_latents_than_aux_k_uses_each_tokens_largest():
+    """5 dead latents, aux_k = 2: per token only the two largest ReLU'd pre-activations among
+    the dead latents reconstruct the error (checked token by token with Python sorting)."""
+    g = torch.Generator().manual_seed(1)
+    err, pre, W = torch.randn(6, 2, 3, generator=g), torch.randn(6, 8, generator=g), torch.randn(8, 2, 3, generator=g)
+    dead = torch.tensor([True, True, False, True, True, False, True, False])
+    total = 0.0
+    for b in range(6):
+        candidates = sorted(((max(float(pre[b, f]), 0.0), f) for f in range(8) if dead[f]), reverse=True)[:2]
+        recon = sum(v * W[f] for v, f in candidates)
+        total += float((recon - err[b]).pow(2).sum())
+    assert aux_loss(err, pre, W, dead, aux_k=2).item() == pytest.approx(total / 6, rel=1e-5)
+    assert aux_loss(err, pre, W, dead, aux_k=2).item() != pytest.approx(aux_loss(err, pre, W, dead, aux_k=5).item())
 
 
 def test_save_load_keeps_the_threshold_and_uses_it(tmp_path):

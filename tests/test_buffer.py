@@ -136,6 +136,7 @@ def test_state_round_trip_continues_identically(models):
         assert torch.equal(restored.next(), want)
 
 
+@pytest.mark.slow
 def test_real_gemma2_conversion_path_through_the_buffer(tmp_path):
     """Gemma-2-2b width, 3 random layers, converted by TransformerLens's real Gemma-2 path."""
     import copy

@@ -85,6 +85,7 @@ def _slow_save_then_block(root, ready):
     cc.save()
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path):
     ctx = multiprocessing.get_context("fork")
     ready = ctx.Event()
@@ -137,7 +138,7 @@ def test_every_key_with_a_wrong_type_is_an_error_naming_it(data):
         validate_cfg(dict(default_cfg, **{key: value}))
 
 
-_SIZES = [k for k, (kind, check, need) in SCHEMA.items() if kind is int and need == "a positive number"]
+_SIZES = [k for k, spec in SCHEMA.items() if spec.kind is int and spec.need == "a positive number"]
 
 
 @settings(max_examples=100, deadline=None)

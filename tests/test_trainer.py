@@ -30,6 +30,27 @@ def test_l1_warmup_at_start_5pct_80pct_and_end():
     assert l1_coeff_at(999, total, 2.0) == 2.0
 
 
+def test_the_lr_of_every_step_follows_the_schedule_through_trainer_step(tmp_path):
+    """Adam runs each step at lr * lr_multiplier(step): constant for 80% of the steps, then the
+    linear decay. A frozen lr (or one a step late) fails here."""
+    cfg = tiny_cfg(tmp_path, num_tokens=32 * 20, lr=1e-3)
+    trainer = Trainer(cfg, buffer=RandomSource(cfg))
+    seen, logged = [], []
+    step_fn = trainer.optimizer.step
+
+    def record(*a, **kw):
+        seen.append(trainer.optimizer.param_groups[0]["lr"])
+        return step_fn(*a, **kw)
+
+    trainer.optimizer.step = record
+    for _ in range(20):
+        logged.append(float(trainer.step()["lr"]))
+    want = [1e-3 * lr_multiplier(i, 20) for i in range(20)]
+    assert want[15] == pytest.approx(1e-3) and want[16] == pytest.approx(1e-3) and want[18] == pytest.approx(5e-4)
+    torch.testing.assert_close(torch.tensor(seen), torch.tensor(want))
+    torch.testing.assert_close(torch.tensor(logged), torch.tensor(want))
+
+
 class FixedSource:
     """An activation source that serves the same batch, optionally poisoned at some step."""
 
@@ -216,11 +237,19 @@ def test_sigint_stops_after_the_step_saves_and_raises(tmp_path):
     cfg = tiny_cfg(tmp_path)
     x = torch.randn(cfg["batch_size"], 2, cfg["d_in"])
     trainer = Trainer(cfg, buffer=FixedSource(x, interrupt_at=5))
-    with pytest.raises(TrainingInterrupted, match="SIGINT") as info:
-        trainer.train()
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    if before[0] == signal.SIG_IGN:  # under nohup or some CI runners: the interrupt would never arrive
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        before = signal.default_int_handler, before[1]
+    try:
+        with pytest.raises(TrainingInterrupted, match="SIGINT") as info:
+            trainer.train()
+        # the handlers in place before train() are back, whatever they were
+        assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    finally:
+        signal.signal(signal.SIGINT, before[0])
     assert trainer.step_counter == 6 and info.value.save_dir == trainer.crosscoder.save_dir
     assert complete_checkpoints(trainer.crosscoder.save_dir) == [0]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
 def test_nan_loss_stops_training_and_never_saves_nan_weights(tmp_path):
