@@ -13,9 +13,11 @@ CHECKPOINT = None
 FACTORS = None  # [base, chat] normalisation factors; None: the checkpoint's (see "Normalisation" below)
 MODEL_NAMES = None  # None: the checkpoint's; hub names or local directories named after the model
 DATASET = None  # held-out tokens; None: the checkpoint's dataset (its last sequences)
-N_HELDOUT_SEQS = 256  # held-out sequences for the analyses over tokens
-BATCH_SIZE = 16  # sequences per forward that stops at the hook
-SPLICE_BATCH_SIZE = 2  # sequences per full forward with logits (Gemma: 256k-vocabulary logits)
+# Sizes in sequences; None: from the token counts below and the checkpoint's seq_len.
+N_HELDOUT_SEQS = None  # held-out sequences for the analyses over tokens (2**18 tokens: 257 of Gemma's)
+BATCH_SIZE = None  # sequences per forward that stops at the hook (2**14 tokens: 16 of Gemma's)
+SPLICE_BATCH_SIZE = None  # sequences per full forward with logits (2**11 tokens: 2 of Gemma's 256k-vocabulary)
+HELDOUT_TOKENS, BATCH_TOKENS, SPLICE_BATCH_TOKENS = 2**18, 2**14, 2**11
 TOP_K_EXAMPLES = 10
 N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
 
@@ -39,9 +41,9 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout dir, hf, or a hub 
            "factors": "base,chat normalisation factors (default: the checkpoint's, see the notebook)",
            "model_names": "base,chat models: hub names or local dirs (default: the checkpoint's)",
            "dataset": "held-out tokens: hub id, datasets dir or .pt tensor (default: the checkpoint's)",
-           "n_heldout": f"held-out sequences (default {N_HELDOUT_SEQS})",
-           "batch_size": f"sequences per forward that stops at the hook (default {BATCH_SIZE})",
-           "splice_batch_size": f"sequences per full forward with logits (default {SPLICE_BATCH_SIZE})",
+           "n_heldout": f"held-out sequences (default: {HELDOUT_TOKENS:,} tokens' worth)",
+           "batch_size": f"sequences per forward that stops at the hook (default: {BATCH_TOKENS:,} tokens' worth)",
+           "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_BATCH_TOKENS:,} tokens' worth)",
            "help": "print this and exit"}
 
 
@@ -57,9 +59,9 @@ def apply_argv(argv):
         FACTORS = [float(v) for v in opts["factors"].split(",")] if "factors" in opts else FACTORS
         MODEL_NAMES = opts["model_names"].split(",") if "model_names" in opts else MODEL_NAMES
         DATASET = opts.get("dataset", DATASET)
-        N_HELDOUT_SEQS = int(opts.get("n_heldout", N_HELDOUT_SEQS))
-        BATCH_SIZE = int(opts.get("batch_size", BATCH_SIZE))
-        SPLICE_BATCH_SIZE = int(opts.get("splice_batch_size", SPLICE_BATCH_SIZE))
+        N_HELDOUT_SEQS = int(opts["n_heldout"]) if "n_heldout" in opts else N_HELDOUT_SEQS
+        BATCH_SIZE = int(opts["batch_size"]) if "batch_size" in opts else BATCH_SIZE
+        SPLICE_BATCH_SIZE = int(opts["splice_batch_size"]) if "splice_batch_size" in opts else SPLICE_BATCH_SIZE
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
 
@@ -97,6 +99,10 @@ cfg = cc.cfg
 out_dir.mkdir(parents=True, exist_ok=True)
 summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg.get("hook_point")}
 print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg.get('hook_point')}; writing to {out_dir}")
+n_positions = cfg.get("seq_len", 1024) - 1  # BOS is dropped
+N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
+BATCH_SIZE = BATCH_SIZE or max(1, BATCH_TOKENS // n_positions)
+SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positions)
 if MODEL_NAMES is not None:
     cfg["model_names"] = list(MODEL_NAMES)
 elif "model_names" not in cfg:  # the reference's configs name only model A
@@ -182,12 +188,16 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 # %% [markdown]
 # ## How well does it reconstruct held-out activations, and what does splicing it in cost?
 # Splicing uses the crosscoder with the normalisation folded into its weights
-# (`CrossCoder.fold_normalisation`), so it reads and writes raw activations.
+# (`CrossCoder.fold_normalisation`), so it reads and writes raw activations. Each model's
+# reconstruction is encoded from both models' residuals, so information from the other model
+# can reach it: the loss recovered may exceed 100%.
 
 # %%
 if models is not None:
-    summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE)
-    print("reconstruction:", summary["reconstruction"])
+    r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE)
+    print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
+          f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
+          f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
     summary["splice_in"] = splice_in_loss(cc, models, tokens, SPLICE_BATCH_SIZE)
     for m, r in summary["splice_in"].items():
         print(f"model {m}: CE clean {r['clean']:.3f}, spliced {r['spliced']:.3f}, zero-ablated "

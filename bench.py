@@ -28,7 +28,7 @@ import buffer as buffer_module
 from buffer import buffer_sequences, extract_activations, sequences_needed, steps_per_refresh
 from config import layers_needed
 from trainer import Trainer
-from utils import keep_freed_memory
+from utils import drop_unembedding, keep_freed_memory
 
 SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buffer_mult
     "toy": dict(hook_point="blocks.2.hook_resid_pre", d_in=64, dict_size=1024, seq_len=32, batch_size=512,
@@ -211,6 +211,8 @@ def main():
     for name, n_layers, extract in (("ours", n_cut, extract_activations), ("reference", None, reference_extract)):
         reset_peak_memory(device)
         model = build_model(args.shape, device, n_layers)
+        if name == "ours":
+            drop_unembedding(model)  # as load_gemma_pair does for training
         if data is None:
             data = torch.randint(1, model.cfg.d_vocab, (4096, S))
             data[:, 0] = 2  # BOS

@@ -113,5 +113,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     rows, log = planted_benchmark(architecture=args.architecture, k=args.k)
     print(f"planted features ({args.architecture}), d_in 128, 512 true features, dict 2048: "
-          f"L0 {log['l0_loss']:.1f}, explained variance {log['explained_variance']:.3f}")
+          f"L0 {log['l0_loss']:.1f}, explained variance {log['explained_variance']:.3f}, "
+          f"dead {log['dead_fraction']:.1%} (no activation in the last 1,000 steps)")
     print(format_recovery(rows))

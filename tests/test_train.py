@@ -77,3 +77,24 @@ def test_a_bad_value_is_refused_before_any_model_code_is_imported():
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "exit: config error: config key 'lr' must be a positive number" in out.stdout, out.stdout + out.stderr
     assert "imported: []" in out.stdout
+
+
+def test_the_gemma_path_trains_offline_on_local_model_copies(tmp_path, tiny_gemma_dirs):
+    """`python train.py` (the Gemma preset, not the toy) on local copies of a tiny Gemma-2 pair and
+    a .pt token tensor: the real loading path (only the blocks before the hook, no unembedding),
+    the buffer and the trainer, ending in a loadable checkpoint."""
+    import torch
+
+    from conftest import random_tokens
+    from crosscoder import CrossCoder
+
+    paths, _ = tiny_gemma_dirs
+    torch.save(random_tokens(64, 10, d_vocab=1000, bos=2), tmp_path / "tokens.pt")
+    out = run_train("--model_names", ",".join(paths), "--device", "cpu", "--dataset", str(tmp_path / "tokens.pt"),
+                    "--hook_point", "blocks.1.hook_resid_pre", "--seq_len", "10", "--dict_size", "64",
+                    "--batch_size", "36", "--buffer_mult", "8", "--model_batch_size", "4", "--num_tokens", "360",
+                    "--norm_estimate_batches", "2", "--checkpoint_dir", str(tmp_path / "ckpt"),
+                    "--wandb_mode", "disabled", "--progress", "false", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
+    assert cc.W_dec.shape == (64, 2, 2304) and len(cc.cfg["normalisation_factor"]) == 2
