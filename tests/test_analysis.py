@@ -172,3 +172,48 @@ def test_functions_that_need_factors_refuse_a_crosscoder_without_them():
             fn(cc, models, tokens)
     with pytest.raises(ValueError, match="no normalisation factors"):
         top_activating_examples(cc, models, tokens, [0])
+
+
+def test_a_published_layout_checkpoint_without_model_names_gets_the_published_pair(tmp_path):
+    """The reference's cfg.json names only model A: the analysis takes the published pair and,
+    offline here, says the models cannot be had (a setup problem, not a bug) and keeps the
+    weight-only figures."""
+    import json
+
+    hook = "blocks.14.hook_resid_pre"
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16))
+    (tmp_path / "pub" / hook).mkdir(parents=True)
+    (tmp_path / "pub" / hook / "cfg.json").write_text(json.dumps(dict(REFERENCE_CFG_KEYS, dict_size=16)))
+    torch.save({k: v.detach() for k, v in cc.state_dict().items()}, tmp_path / "pub" / hook / "cc_weights.pt")
+    torch.save(random_tokens(8, 9), tmp_path / "tokens.pt")
+    out = run_script("analysis.py", "--checkpoint", str(tmp_path / "pub"), "--dataset", str(tmp_path / "tokens.pt"),
+                     timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "using the published one, ['gemma-2-2b', 'gemma-2-2b-it']" in out.stdout
+    assert "models unavailable" in out.stdout and "could not load gemma-2-2b" in out.stdout
+    assert (tmp_path / "pub" / "analysis" / "relative_norm_histogram.png").is_file()
+
+
+def test_splice_in_runs_the_models_under_the_buffers_autocast(monkeypatch):
+    """Every full forward of the splice-in loss (the only place logits are computed) runs inside
+    buffer.autocast_context, which is bf16 on a GPU: Gemma's [batch, seq, 256k] logits then cost
+    half, and the fp32 copies of the reference's notebook never exist."""
+    from contextlib import contextmanager
+
+    import buffer
+
+    depth, outside = [0], []
+
+    @contextmanager
+    def recording(device):
+        depth[0] += 1
+        yield
+        depth[0] -= 1
+
+    monkeypatch.setattr(buffer, "autocast_context", recording)
+    models = [tiny_model(1), tiny_model(2)]
+    for model in models:
+        model.unembed.register_forward_hook(lambda *a: outside.append(depth[0] == 0))
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[1.0, 1.0]))
+    splice_in_loss(cc, models, random_tokens(4, 9), batch_size=2)
+    assert len(outside) == 2 * 2 * 3 and not any(outside)  # 2 batches x 2 models x clean/spliced/zero
