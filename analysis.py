@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 
 from buffer import estimate_norm_factors
-from checkpoint import latest_version_dir
+from checkpoint import latest_version_dir, published_hook_dir
 from config import ConfigError, format_help, parse_overrides
-from crosscoder import CHAT_ONLY_MIN, HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder, classify_latents
+from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
+from diffing import (CHAT_ONLY_MIN, GENUINE_NU_MAX, classify_latents, examples_html, iter_paired_activations,
+                     latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples)
 from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram
-from utils import (GENUINE_NU_MAX, PILE_LMSYS_DATASET, DataError, SetupError, examples_html, in_notebook,
-                   iter_paired_activations, latent_scaling, reconstruction_stats, splice_in_loss,
-                   top_activating_examples)
+from train import complete_cfg
+from utils import DataError, SetupError, in_notebook, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout dir, hf, or a hub repo id (default: newest local)",
            "factors": "base,chat normalisation factors (default: the checkpoint's, see the notebook)",
@@ -66,12 +67,6 @@ def apply_argv(argv):
         raise ConfigError(f"bad option value: {e}") from None
 
 
-def published_layout(path):
-    """The hook folder of a directory in the published layout (<hook>/cfg.json + cc_weights.pt), or None."""
-    found = sorted(p.parent.name for p in Path(path).glob("*/cc_weights.pt") if (p.parent / "cfg.json").is_file())
-    return found[0] if found else None
-
-
 def load_crosscoder(checkpoint, device=None):
     """(crosscoder, output directory, origin: the hub repo id, or "local") for a CHECKPOINT setting."""
     if checkpoint is None:
@@ -80,7 +75,7 @@ def load_crosscoder(checkpoint, device=None):
         return CrossCoder.load_from_hf(device=device), Path("analysis_hf"), HF_REPO_ID
     path = Path(str(checkpoint))
     if path.exists():
-        hook_dir = published_layout(path)
+        hook_dir = published_hook_dir(path)
         if hook_dir is not None:  # a local copy of the published layout, or one like it
             return CrossCoder.load_from_hf(str(path), path=hook_dir, device=device), path / "analysis", "local"
         cc = CrossCoder.load(path, device=device)
@@ -95,19 +90,18 @@ if not in_notebook():
     except ConfigError as e:
         sys.exit(f"error: {e}")
 cc, out_dir, origin = load_crosscoder(CHECKPOINT)
-cfg = cc.cfg
+if "model_names" not in cc.cfg and MODEL_NAMES is None:  # the reference's configs name only model A
+    print(f"the checkpoint names no model pair: using the published one, {list(PUBLISHED_MODEL_NAMES)}")
+# Completed as train.py completes every config: keys the checkpoint predates take today's defaults
+# (for the reference's configs: the published pair, its dataset, 400 sequences for the factors).
+cfg = cc.cfg = complete_cfg(dict(cc.cfg, model_names=list(MODEL_NAMES or cc.cfg.get("model_names") or PUBLISHED_MODEL_NAMES)))
 out_dir.mkdir(parents=True, exist_ok=True)
-summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg.get("hook_point")}
-print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg.get('hook_point')}; writing to {out_dir}")
-n_positions = cfg.get("seq_len", 1024) - 1  # BOS is dropped
+summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg["hook_point"]}
+print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg['hook_point']}; writing to {out_dir}")
+n_positions = cfg["seq_len"] - 1  # BOS is dropped
 N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
 BATCH_SIZE = BATCH_SIZE or max(1, BATCH_TOKENS // n_positions)
 SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positions)
-if MODEL_NAMES is not None:
-    cfg["model_names"] = list(MODEL_NAMES)
-elif "model_names" not in cfg:  # the reference's configs name only model A
-    cfg["model_names"] = list(PUBLISHED_MODEL_NAMES)
-    print(f"the checkpoint names no model pair: using the published one, {cfg['model_names']}")
 
 # %% [markdown]
 # ## Which latents are shared, base-only or chat-only?
@@ -140,7 +134,7 @@ plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png")
 # %%
 models, tokens, is_chat = None, None, None
 try:
-    if cfg.get("preset") == "toy":
+    if cfg["preset"] == "toy":
         from toy import build_toy_pair, make_tokens
 
         base, chat, _, _ = build_toy_pair(dict(cfg, num_tokens=cfg["batch_size"]))
@@ -148,10 +142,8 @@ try:
         tokens, is_chat = make_tokens(N_HELDOUT_SEQS, cfg["seq_len"], 0.5, seed=cfg["seed"] + 6)
         all_tokens = tokens
     else:
-        from utils import load_gemma_pair, load_tokens
-
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-        all_tokens = load_tokens(DATASET or cfg.get("dataset", PILE_LMSYS_DATASET), cfg)[:, : cfg.get("seq_len", 1024)]
+        all_tokens = load_tokens(DATASET or cfg["dataset"], cfg)[:, : cfg["seq_len"]]
         tokens = all_tokens[-N_HELDOUT_SEQS:]
         models = load_gemma_pair(gemma_cfg, full=True)
 except (SetupError, DataError, OSError) as e:  # the weight-only analyses above still stand
@@ -175,8 +167,8 @@ elif origin == HF_REPO_ID:
     cfg["normalisation_factor"] = list(PUBLISHED_FACTORS)
     factor_source = "the published crosscoder's, from its authors' notebook"
 elif models is not None:
-    mbs = cfg.get("model_batch_size", 4)
-    n_est = cfg.get("norm_estimate_batches", 100) * mbs
+    mbs = cfg["model_batch_size"]
+    n_est = cfg["norm_estimate_batches"] * mbs
     cfg["normalisation_factor"] = estimate_norm_factors(models, all_tokens, cfg["hook_point"], n_est, mbs,
                                                         drop_bos=False).tolist()
     factor_source = f"estimated here as the reference's run did (first {min(n_est, len(all_tokens))} sequences, BOS included)"

@@ -13,7 +13,6 @@ Measures in one run, on random-weight models (throughput does not depend on weig
  and training from an on-disk activation store (store.py) against live harvesting.
 The two schemes run one after the other, each with only its own model in memory.
 """
-import argparse
 import gc
 import resource
 import shutil
@@ -26,7 +25,7 @@ import torch
 
 import buffer as buffer_module
 from buffer import buffer_sequences, extract_activations, sequences_needed, steps_per_refresh
-from config import layers_needed
+from config import ConfigError, format_help, layers_needed, parse_overrides
 from trainer import Trainer
 from utils import drop_unembedding, keep_freed_memory
 
@@ -120,7 +119,7 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False):
     buf, batch, per_cycle = trainer.buffer, cfg["batch_size"], steps_per_refresh(cfg)
     refresh = buf.refresh
     if shipped:
-        def refresh():
+        def shipped_refresh():
             empty = data[:0].to(device)
             for _ in range(0, buf.buffer_batches // 2, cfg["model_batch_size"]):
                 with torch.no_grad(), buffer_module.autocast_context(device):
@@ -128,7 +127,7 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False):
             buf.buffer = buf.buffer[torch.randperm(buf.buffer_size, generator=buf.generator).to(device)]
             buf.pointer = 0
 
-        buf.refresh = refresh
+        refresh = buf.refresh = shipped_refresh
     for _ in range(per_cycle):
         trainer.step()
     refreshes = [0]
@@ -149,25 +148,37 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=list(SHAPES), default="toy")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=None, help="crosscoder steps timed in (b)")
-    p.add_argument("--cycles", type=int, default=None, help="buffer refresh cycles timed in (c)")
-    p.add_argument("--step_only", action="store_true", help="only the matmul peak and (b): no models")
-    for key in ("seq_len", "model_batch_size", "batch_size", "buffer_mult"):
-        p.add_argument(f"--{key}", type=int, default=None, help="override the shape's value (a small CPU gemma run)")
-    args = p.parse_args()
-    warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9, on every model
-    device, toy = args.device, args.shape == "toy"
-    if device == "cpu":
-        keep_freed_memory()  # as train.py does
-    shape = dict(SHAPES[args.shape], **{k: v for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult")
-                                        if (v := getattr(args, k)) is not None})
-    steps = args.steps or (200 if toy else 10)
-    cycles = args.cycles or (20 if toy else 2)
     from train import default_cfg
 
+    # none: the shape's value (a small CPU gemma run overrides them)
+    options = {"device": "cuda" if torch.cuda.is_available() else "cpu",
+               **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult")}}
+    flags = {"shape": "toy (default) or gemma", "steps": "crosscoder steps timed in (b)",
+             "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models"}
+    try:
+        options, extras = parse_overrides(sys.argv[1:], options, flags=("shape", "steps", "cycles"), switches=("step_only",))
+        allowed = {"device", "seq_len", "model_batch_size", "batch_size", "buffer_mult"}
+        if set(options) != allowed:
+            raise ConfigError(f"bench.py takes only the config keys {sorted(allowed)}, not {sorted(set(options) - allowed)}")
+        shape_name = extras.get("shape", "toy")
+        if shape_name not in SHAPES:
+            raise ConfigError(f"--shape must be one of {list(SHAPES)}, got {shape_name!r}")
+        steps, cycles = (int(extras[k]) if k in extras else None for k in ("steps", "cycles"))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    except ValueError as e:
+        sys.exit(f"error: --steps and --cycles take integers ({e})")
+    if extras.get("help"):
+        print(format_help("usage: python bench.py [--shape toy|gemma] [--device cpu|cuda] [--key value ...]",
+                          options, flags))
+        sys.exit(0)
+    warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9, on every model
+    device, toy = options["device"], shape_name == "toy"
+    if device == "cpu":
+        keep_freed_memory()  # as train.py does
+    shape = dict(SHAPES[shape_name], **{k: v for k, v in options.items() if k != "device" and v is not None})
+    steps = steps or (200 if toy else 10)
+    cycles = cycles or (20 if toy else 2)
     cfg = dict(default_cfg, **shape, device=device, num_tokens=shape["batch_size"] * 10**6, lr=1e-4,
                norm_estimate_batches=2, wandb_mode="disabled", progress=False, log_every=10**9,
                save_every=10**9, checkpoint_dir=tempfile.mkdtemp(prefix="bench_ckpt_"), wrap_tokens=True)
@@ -200,9 +211,9 @@ def main():
         rate = step_tps[dtype] * flops
         summary.append(f"crosscoder step, {dtype}: {rate / 1e9:,.1f} GFLOP/s = {rate / peak[dtype]:.0%} of the {dtype} peak")
     summary.append(f"bf16 autocast vs fp32 after {2 * steps + 1} steps: largest relative loss difference {loss_gap:.1e}")
-    header = (f"bench --shape {args.shape} --device {device}: d_in {cfg['d_in']}, dict {cfg['dict_size']}, "
+    header = (f"bench --shape {shape_name} --device {device}: d_in {cfg['d_in']}, dict {cfg['dict_size']}, "
               f"batch {batch}, (b) {steps} steps")
-    if args.step_only:
+    if extras.get("step_only"):
         shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
         return print_report(header, rows, summary, device)
 
@@ -210,7 +221,7 @@ def main():
     n_cut = layers_needed(hook)
     for name, n_layers, extract in (("ours", n_cut, extract_activations), ("reference", None, reference_extract)):
         reset_peak_memory(device)
-        model = build_model(args.shape, device, n_layers)
+        model = build_model(shape_name, device, n_layers)
         if name == "ours":
             drop_unembedding(model)  # as load_gemma_pair does for training
         if data is None:

@@ -76,7 +76,7 @@ def buffer_bytes(cfg):
     """Memory the buffer needs at its peak: bf16 rows [rows, n_models, d_in], twice (the shuffle
     makes a permuted copy)."""
     rows = buffer_sequences(cfg) * (cfg["seq_len"] - 1)
-    return 2 * rows * cfg.get("n_models", 2) * cfg["d_in"] * 2
+    return 2 * rows * cfg["n_models"] * cfg["d_in"] * 2
 
 
 def available_bytes(device):
@@ -146,37 +146,19 @@ def autocast_context(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
-class Buffer:
-    """Buffer(cfg, model_A, model_B, all_tokens), or Buffer(cfg, [model_0, ..., model_M-1], all_tokens).
+class RowBuffer:
+    """The reference's buffer machinery over any source of per-sequence rows: about
+    batch_size * buffer_mult rows in bf16, filled fully at the start; once half has been served,
+    that half is refilled with the next sequences and the whole buffer reshuffled.
+    Subclasses give rows(first, n): the rows [n * (seq_len - 1), M, D] of sequences first..first+n.
 
     next() -> float32 [batch_size, n_models, d_in] on cfg["device"], normalised per model.
     """
 
-    def __init__(self, cfg, model_A, model_B=None, all_tokens=None, state=None):
-        if isinstance(model_A, (list, tuple)):
-            models, all_tokens = list(model_A), (model_B if all_tokens is None else all_tokens)
-        else:
-            models = [model_A, model_B]
-        if len(models) != cfg.get("n_models", 2):
-            raise ValueError(f"cfg n_models={cfg.get('n_models', 2)} but {len(models)} models were given")
-        if all_tokens is None or all_tokens.ndim != 2 or all_tokens.shape[0] == 0:
-            raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor")
-        self.models, self.hook_point = models, cfg["hook_point"]
-        check_models(models, self.hook_point, cfg.get("d_in"))
-        self._setup(cfg, all_tokens, len(models), models[0].cfg.d_model)
-        if state is not None:
-            self.load_state_dict(state)
-        else:
-            self.normalisation_factor = self.estimate_norm_scaling_factors()
-            self.refresh()
-
-    def _setup(self, cfg, all_tokens, n_models, d_in):
-        """Sizes, the bf16 row buffer and the shuffling generator (shared with the store)."""
-        self.cfg, self.all_tokens = cfg, all_tokens
+    def __init__(self, cfg, n_sequences, n_models, d_in):
+        self.cfg, self.n_sequences = cfg, n_sequences
         self.device = torch.device(cfg["device"])
         self.seq_len = cfg["seq_len"]
-        if all_tokens.shape[1] < self.seq_len:
-            raise ValueError(f"token sequences have length {all_tokens.shape[1]} < seq_len={self.seq_len}")
         self.positions = self.seq_len - 1  # BOS (position 0) is dropped
         self.model_batch_size = cfg["model_batch_size"]
         self.batch_size = cfg["batch_size"]
@@ -185,48 +167,37 @@ class Buffer:
         if self.buffer_size // 2 < 2 * self.batch_size:
             raise ValueError(f"buffer of {self.buffer_size} rows is too small for batch_size "
                              f"{self.batch_size}: raise buffer_mult")
-        self.wrap = cfg.get("wrap_tokens", False)
+        self.wrap = cfg["wrap_tokens"]
         check_buffer_fits(cfg)
         self.buffer = torch.zeros(self.buffer_size, n_models, d_in, dtype=torch.bfloat16, device=self.device)
         # A CPU generator on every device: its state resumes on any device (a CUDA generator's
         # state cannot be loaded into a CPU one). The permutation is drawn on the CPU and moved.
-        self.generator = torch.Generator().manual_seed(cfg.get("seed", 49))
+        self.generator = torch.Generator().manual_seed(cfg["seed"])
+        self.normalisation_factor = None
         self.pointer = 0        # next row of the buffer to serve
-        self.token_pointer = 0  # next sequence of all_tokens to run
-        self.sequences_run = 0  # total sequences run through the models (wraps included)
+        self.token_pointer = 0  # next sequence to read
+        self.sequences_run = 0  # total sequences read (wraps included)
         self.first = True
 
-    def _take_tokens(self, n):
-        """The next n sequences of all_tokens, [n, seq_len]; wraps around only if cfg asks."""
-        available = self.all_tokens.shape[0] - self.token_pointer
+    def rows(self, first, n):
+        raise NotImplementedError
+
+    def _take(self, n):
+        """(first, count) of the next sequences to read, at most n; wraps around only if cfg asks."""
+        available = self.n_sequences - self.token_pointer
         if available < n:
             if not self.wrap:
                 raise TokensExhausted(
                     f"ran out of tokens: need {n} more sequences at sequence {self.token_pointer} of "
-                    f"{self.all_tokens.shape[0]}; lower num_tokens, add data, or set wrap_tokens=True")
+                    f"{self.n_sequences}; lower num_tokens, add data, or set wrap_tokens=True")
             if available == 0:
                 self.token_pointer = 0
-                return self._take_tokens(n)
+                return self._take(n)
             n = available
-        tokens = self.all_tokens[self.token_pointer : self.token_pointer + n, : self.seq_len]
+        first = self.token_pointer
         self.token_pointer += n
         self.sequences_run += n
-        return tokens
-
-    def _run_models(self, tokens_NS):
-        return run_models(self.models, tokens_NS, self.hook_point)
-
-    def estimate_norm_scaling_factors(self):
-        """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches
-        from the start of the tokens (the token pointer does not move, as in the reference).
-
-        The reference included the BOS position here (but dropped it in training); Gemma's BOS
-        residual norm is far larger than other tokens', which skewed the factor. We drop BOS in
-        both."""
-        n_seqs = self.cfg.get("norm_estimate_batches", 100) * self.model_batch_size
-        return estimate_norm_factors(self.models, self.all_tokens[:, : self.seq_len], self.hook_point,
-                                     n_seqs, self.model_batch_size, drop_bos=True,
-                                     progress=self.cfg.get("progress", True)).to(self.device)
+        return first, n
 
     @torch.no_grad()
     def refresh(self):
@@ -239,17 +210,17 @@ class Buffer:
         """
         n_seqs = self.buffer_batches if self.first else self.buffer_batches // 2
         chunks = range(0, n_seqs, self.model_batch_size)
-        show = self.cfg.get("progress", True) and (self.first or len(chunks) >= 32)
+        show = self.cfg["progress"] and (self.first or len(chunks) >= 32)
         row = 0
         for start in tqdm(chunks, desc="filling buffer" if self.first else "refreshing buffer",
                           leave=False, disable=not show):
             want = min(self.model_batch_size, n_seqs - start)
             while want > 0:  # more than one slice only when wrapping around the tokens
-                tokens = self._take_tokens(want)
-                acts = self._run_models(tokens)
+                first, n = self._take(want)
+                acts = self.rows(first, n)
                 self.buffer[row : row + acts.shape[0]] = acts
                 row += acts.shape[0]
-                want -= tokens.shape[0]
+                want -= n
         self.first = False
         perm = torch.randperm(self.buffer_size, generator=self.generator).to(self.device)
         self.buffer = self.buffer[perm]
@@ -304,4 +275,46 @@ class Buffer:
             return
         print(f"buffer: the saved shuffling state ({saved.numel()} bytes) is not a CPU generator's; reseeding "
               "(the data is the same, the order of rows from here on differs)")
-        self.generator.manual_seed(self.cfg.get("seed", 49) + self.sequences_run)
+        self.generator.manual_seed(self.cfg["seed"] + self.sequences_run)
+
+
+class Buffer(RowBuffer):
+    """Buffer(cfg, model_A, model_B, all_tokens), or Buffer(cfg, [model_0, ..., model_M-1], all_tokens):
+    runs every model on the same token sequences, read in order. Each model's activations are
+    scaled by a factor that makes their mean norm sqrt(d_in)."""
+
+    def __init__(self, cfg, model_A, model_B=None, all_tokens=None, state=None):
+        if isinstance(model_A, (list, tuple)):
+            models, all_tokens = list(model_A), (model_B if all_tokens is None else all_tokens)
+        else:
+            models = [model_A, model_B]
+        if len(models) != cfg["n_models"]:
+            raise ValueError(f"cfg n_models={cfg['n_models']} but {len(models)} models were given")
+        if all_tokens is None or all_tokens.ndim != 2 or all_tokens.shape[0] == 0:
+            raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor")
+        if all_tokens.shape[1] < cfg["seq_len"]:
+            raise ValueError(f"token sequences have length {all_tokens.shape[1]} < seq_len={cfg['seq_len']}")
+        self.models, self.hook_point, self.all_tokens = models, cfg["hook_point"], all_tokens
+        check_models(models, self.hook_point, cfg["d_in"])
+        super().__init__(cfg, len(all_tokens), len(models), models[0].cfg.d_model)
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.normalisation_factor = self.estimate_norm_scaling_factors()
+            self.refresh()
+
+    def rows(self, first, n):
+        """Activations [n * (S-1), M, D] of sequences first..first+n, raw, BOS dropped."""
+        return run_models(self.models, self.all_tokens[first : first + n, : self.seq_len], self.hook_point)
+
+    def estimate_norm_scaling_factors(self):
+        """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches
+        from the start of the tokens (the token pointer does not move, as in the reference).
+
+        The reference included the BOS position here (but dropped it in training); Gemma's BOS
+        residual norm is far larger than other tokens', which skewed the factor. We drop BOS in
+        both."""
+        n_seqs = self.cfg["norm_estimate_batches"] * self.model_batch_size
+        return estimate_norm_factors(self.models, self.all_tokens[:, : self.seq_len], self.hook_point,
+                                     n_seqs, self.model_batch_size, drop_bos=True,
+                                     progress=self.cfg["progress"]).to(self.device)

@@ -1,12 +1,15 @@
 """Checkpoint files: where versions live, atomic writes, safe reads, and finding the newest.
 
 Layout (the reference's): <checkpoint_dir>/version_N/{k}.pt (weights), {k}_cfg.json (config,
-written last: its presence marks checkpoint k complete) and, from training, {k}_trainer.pt.
+written last: its presence marks checkpoint k complete; it records the training step) and, from
+training, {k}_trainer.pt. The published layout: <hook>/cfg.json and <hook>/cc_weights.pt. Every
+other file asks this one for these names.
 """
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -18,9 +21,47 @@ class CheckpointError(ValueError):
     """A checkpoint file or its config is missing, unreadable or inconsistent."""
 
 
+class CheckpointFiles(NamedTuple):
+    weights: Path
+    cfg: Path
+    trainer: Path
+
+
+def checkpoint_files(version_dir, k):
+    """The files of checkpoint k in version_dir."""
+    d = Path(version_dir)
+    return CheckpointFiles(weights=d / f"{k}.pt", cfg=d / f"{k}_cfg.json", trainer=d / f"{k}_trainer.pt")
+
+
+def trainer_states(version_dir):
+    """The trainer-state files present in version_dir, any k."""
+    return sorted(Path(version_dir).glob("*_trainer.pt"))
+
+
+def published_files(root, hook_dir):
+    """(cfg.json, cc_weights.pt) of the published layout under root/hook_dir."""
+    return Path(root) / hook_dir / "cfg.json", Path(root) / hook_dir / "cc_weights.pt"
+
+
+def published_hook_dir(root):
+    """The hook folder of a directory in the published layout, or None."""
+    found = sorted(p.parent.name for p in Path(root).glob("*/cc_weights.pt") if (p.parent / "cfg.json").is_file())
+    return found[0] if found else None
+
+
+def read_cfg(version_dir, k=None):
+    """The config saved with checkpoint k (the newest complete one when None)."""
+    k = latest_checkpoint(version_dir) if k is None else k
+    path = checkpoint_files(version_dir, k).cfg
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not a valid JSON config ({e})") from None
+
+
 def checkpoint_root(cfg):
     """Where versions live: cfg["checkpoint_dir"], or checkpoints/ beside the code."""
-    root = cfg.get("checkpoint_dir")
+    root = cfg.get("checkpoint_dir")  # None or absent (a loaded published config): beside the code
     return Path(root) if root else DEFAULT_CHECKPOINT_DIR
 
 
@@ -127,7 +168,7 @@ def complete_checkpoints(version_dir):
     ks = []
     for cfg_file in version_dir.glob("*_cfg.json"):
         k = cfg_file.name[: -len("_cfg.json")]
-        if k.isdigit() and (version_dir / f"{k}.pt").is_file():
+        if k.isdigit() and checkpoint_files(version_dir, k).weights.is_file():
             ks.append(int(k))
     return sorted(ks)
 

@@ -79,7 +79,7 @@ SCHEMA = {
                       "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
 }
 # Written into the config by training, not set by users.
-DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset"}
+DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step"}
 
 
 def hook_layer(hook_point):
@@ -137,16 +137,17 @@ def parse_value(key, text):
         raise ConfigError(f"--{key}: expected {name}, got {text!r}") from None
 
 
-def parse_overrides(argv, cfg, flags=("preset", "resume")):
-    """Apply `--key value` (or `--key=value`) pairs to a copy of cfg. Returns (cfg, extras):
-    extras holds the script's own flags (not config keys) by name, and "help": True for
-    --help or -h."""
+def parse_overrides(argv, cfg, flags=("preset", "resume"), switches=()):
+    """The one command-line parser of every script. Applies `--key value` (or `--key=value`)
+    pairs to a copy of cfg, each value parsed to its key's type. Returns (cfg, extras): extras
+    holds the script's own flags (not config keys) as strings, its switches (flags without a
+    value) as True, and "help": True for --help or -h."""
     cfg, extras = dict(cfg), {}
     args = list(argv)
     while args:
         arg = args.pop(0)
-        if arg in ("--help", "-h"):
-            extras["help"] = True
+        if arg in ("--help", "-h") or arg[2:] in switches:
+            extras["help" if arg in ("--help", "-h") else arg[2:]] = True
             continue
         if not arg.startswith("--"):
             raise ConfigError(f"expected --key value, got {arg!r}")
@@ -165,8 +166,9 @@ def parse_overrides(argv, cfg, flags=("preset", "resume")):
 def format_help(usage, defaults, flags=None, presets=None):
     """--help text: usage, the script's own flags, then every config key with its default (and
     each preset's value where it differs) and its one-line meaning from SCHEMA."""
-    lines = [usage, "", "flags:"]
-    lines += [f"  --{name:<22} {doc}" for name, doc in (flags or {}).items()]
+    lines = [usage]
+    if flags:
+        lines += ["", "flags:"] + [f"  --{name:<22} {doc}" for name, doc in flags.items()]
     if defaults:
         lines += ["", "config keys (--key value; lists comma-separated; none for an empty optional value):"]
     for key, value in defaults.items():

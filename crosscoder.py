@@ -18,8 +18,10 @@ from einops import einsum, rearrange
 from torch import nn
 
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
-from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, jsonable, latest_checkpoint,
-                        next_version_dir, read_checkpoint, resolve_version_dir)
+# The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
+from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
+from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, checkpoint_files, jsonable,
+                        latest_checkpoint, next_version_dir, published_files, read_checkpoint, resolve_version_dir)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
@@ -28,13 +30,8 @@ HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
 PUBLISHED_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")
 PUBLISHED_FACTORS = (0.2758961493232058, 0.24422852496546169)
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
-# Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
-# clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
-BASE_ONLY_MAX = 0.1
-CHAT_ONLY_MIN = 0.9
-SHARED_RANGE = (0.3, 0.7)
-
-
+# The config keys a CrossCoder reads (BatchTopK also reads k and aux_k).
+CROSSCODER_KEYS = ("d_in", "dict_size", "enc_dtype", "n_models", "seed", "dec_init_norm", "architecture", "device")
 class LossOutput(NamedTuple):
     # The reference's named tuple, fields in the same order.
     l2_loss: torch.Tensor
@@ -55,31 +52,32 @@ def resolve_device(device=None):
 class CrossCoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        for key in ("d_in", "dict_size"):
-            if key not in cfg:
-                raise KeyError(f"crosscoder config is missing required key '{key}'")
-        enc_dtype = cfg.get("enc_dtype", "fp32")
+        missing = [key for key in CROSSCODER_KEYS if key not in cfg]
+        if missing:
+            raise KeyError(f"crosscoder config is missing {missing}: build configs from train.default_cfg "
+                           "(dict(default_cfg, d_in=..., dict_size=...)), which holds every key's default")
+        enc_dtype = cfg["enc_dtype"]
         if enc_dtype not in DTYPES:
             raise ValueError(f"enc_dtype must be one of {sorted(DTYPES)}, got {enc_dtype!r}")
         self.cfg = cfg
         self.dtype = DTYPES[enc_dtype]
-        self.n_models = cfg.get("n_models", 2)
+        self.n_models = cfg["n_models"]
         d_in, dict_size = cfg["d_in"], cfg["dict_size"]
         # A local generator: same seed -> same weights, without touching the global RNG.
-        gen = torch.Generator().manual_seed(cfg.get("seed", 49))
+        gen = torch.Generator().manual_seed(cfg["seed"])
         W_dec_FMD = torch.randn(dict_size, self.n_models, d_in, generator=gen)
-        W_dec_FMD = W_dec_FMD / W_dec_FMD.norm(dim=-1, keepdim=True) * cfg.get("dec_init_norm", 0.08)
+        W_dec_FMD = W_dec_FMD / W_dec_FMD.norm(dim=-1, keepdim=True) * cfg["dec_init_norm"]
         W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent")
         self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype).contiguous())
         self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
         self.b_enc = nn.Parameter(torch.zeros(dict_size, dtype=self.dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.n_models, d_in, dtype=self.dtype))
-        self.architecture = cfg.get("architecture", "l1")
+        self.architecture = cfg["architecture"]
         if self.architecture == "batchtopk":
             # score threshold used at inference; -1 until training has estimated it
             self.register_buffer("threshold", torch.tensor(-1.0))
         self.score_norms = None  # set by fold_normalisation: BatchTopK scores use the unfolded norms
-        self.to(resolve_device(cfg.get("device")))
+        self.to(resolve_device(cfg["device"]))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
 
@@ -147,7 +145,7 @@ class CrossCoder(nn.Module):
         )
         aux = torch.zeros((), device=x_BMD.device)
         if self.architecture == "batchtopk" and dead_F is not None:
-            aux = aux_loss(x_BMD - x_hat_BMD.float(), pre_BF, self.W_dec, dead_F, self.cfg.get("aux_k", 512))
+            aux = aux_loss(x_BMD - x_hat_BMD.float(), pre_BF, self.W_dec, dead_F, self.cfg["aux_k"])
         return losses, acts_BF, aux
 
     def get_losses(self, x_BMD):
@@ -195,36 +193,37 @@ class CrossCoder(nn.Module):
         return folded
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self, extra_state=None):
-        """Write version_N/{k}.pt and {k}_cfg.json (and {k}_trainer.pt when extra_state is
-        given), each atomically; the cfg is written last, so its presence marks the
-        checkpoint complete. Returns the path of the weights file."""
+    def save(self, extra_state=None, step=None):
+        """Write checkpoint k = save_version: weights, config (recording `step` when given) and,
+        when extra_state is given, the trainer state; each atomically, the config last, so its
+        presence marks the checkpoint complete. Returns the path of the weights file."""
         if self.save_dir is None:
             self.save_dir = next_version_dir(self.cfg)
         for stale in self.save_dir.glob(".*.tmp"):  # left by a save that was killed mid-write
             stale.unlink(missing_ok=True)
-        k = self.save_version
+        files = checkpoint_files(self.save_dir, self.save_version)
         weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
         if self.architecture == "batchtopk":
             weights["threshold"] = self.threshold.detach()
-        weights_path = self.save_dir / f"{k}.pt"
-        atomic_torch_save(weights, weights_path)
+        atomic_torch_save(weights, files.weights)
         if extra_state is not None:
-            atomic_torch_save(extra_state, self.save_dir / f"{k}_trainer.pt")
-        atomic_write_text(self.save_dir / f"{k}_cfg.json", json.dumps(jsonable(self.cfg), indent=2))
+            atomic_torch_save(extra_state, files.trainer)
+        cfg = {k: v for k, v in self.cfg.items() if k != "step"}
+        if step is not None:
+            cfg["step"] = step
+        atomic_write_text(files.cfg, json.dumps(jsonable(cfg), indent=2))
         self.save_version += 1
-        return weights_path
+        return files.weights
 
     @classmethod
     def load(cls, version_dir, checkpoint_version=None, device=None):
-        """Load version_dir/{checkpoint_version}.pt (the newest complete one when None).
+        """Load checkpoint checkpoint_version of version_dir (the newest complete one when None).
         version_dir is a path, or a name/number under checkpoints/ ("version_3", 3)."""
         version_dir = resolve_version_dir(version_dir)
         if checkpoint_version is None:
             checkpoint_version = latest_checkpoint(version_dir)
-        cfg_path = version_dir / f"{checkpoint_version}_cfg.json"
-        weights_path = version_dir / f"{checkpoint_version}.pt"
-        model = cls._from_files(cfg_path, weights_path, device)
+        files = checkpoint_files(version_dir, checkpoint_version)
+        model = cls._from_files(files.cfg, files.weights, device)
         model.save_dir, model.save_version = version_dir, checkpoint_version + 1
         return model
 
@@ -232,14 +231,11 @@ class CrossCoder(nn.Module):
     def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None):
         """Load the published layout {path}/cfg.json + {path}/cc_weights.pt from the Hugging
         Face hub, or from a local directory given in place of repo_id (no network then)."""
-        if Path(repo_id).is_dir():
-            cfg_path = Path(repo_id) / path / "cfg.json"
-            weights_path = Path(repo_id) / path / "cc_weights.pt"
-        else:
+        cfg_path, weights_path = published_files(repo_id, path)
+        if not Path(repo_id).is_dir():
             from huggingface_hub import hf_hub_download
 
-            cfg_path = Path(hf_hub_download(repo_id, f"{path}/cfg.json"))
-            weights_path = Path(hf_hub_download(repo_id, f"{path}/cc_weights.pt"))
+            cfg_path, weights_path = (Path(hf_hub_download(repo_id, f"{path}/{p.name}")) for p in (cfg_path, weights_path))
         return cls._from_files(cfg_path, weights_path, device)
 
     @classmethod
@@ -249,7 +245,7 @@ class CrossCoder(nn.Module):
             cfg["d_in"] = state["W_enc"].shape[1]
         if "n_models" not in cfg:
             cfg["n_models"] = state["W_enc"].shape[0]
-        cfg.setdefault("architecture", "l1")
+        cfg.setdefault("architecture", "l1")  # configs from before BatchTopK, the reference's included
         for key in ("dict_size", "enc_dtype"):
             if key not in cfg:
                 raise CheckpointError(f"{cfg_path}: config is missing required key '{key}'")
@@ -272,12 +268,3 @@ class CrossCoder(nn.Module):
             raise CheckpointError(f"{weights_path}: a batchtopk crosscoder needs its 'threshold'")
         model.load_state_dict(state)
         return model.eval().to(cfg["device"])  # eval: BatchTopK uses its threshold after loading
-
-
-def classify_latents(rel_norm_F):
-    """Boolean masks [F] for the reference's latent classes, from relative decoder norms."""
-    base_only = rel_norm_F < BASE_ONLY_MAX
-    chat_only = rel_norm_F > CHAT_ONLY_MIN
-    shared = (rel_norm_F > SHARED_RANGE[0]) & (rel_norm_F < SHARED_RANGE[1])
-    other = ~(base_only | chat_only | shared)
-    return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}

@@ -52,7 +52,7 @@ def recovery_report(crosscoder, source, threshold=0.9):
     classify them. A feature is recovered when, in every model it exists in, some latent's
     decoder has cosine >= threshold with it; that latent (the best match) is then classified as
     base-only / shared / chat-only by the analysis thresholds."""
-    from crosscoder import classify_latents
+    from diffing import classify_latents
 
     W_FMD = torch.nn.functional.normalize(crosscoder.W_dec.float().cpu(), dim=-1)
     dirs_TMD = source.dirs_TMD
@@ -105,14 +105,22 @@ if __name__ == "__main__":
     # The ground-truth benchmark at its larger setting:
     #   python planted.py                                  (the reference's L1 crosscoder)
     #   python planted.py --architecture batchtopk --k 30  (BatchTopK at a chosen L0)
-    import argparse
+    import sys
 
-    parser = argparse.ArgumentParser(description="planted-feature benchmark")
-    parser.add_argument("--architecture", default="l1", choices=["l1", "batchtopk"])
-    parser.add_argument("--k", type=int, default=30)
-    args = parser.parse_args()
-    rows, log = planted_benchmark(architecture=args.architecture, k=args.k)
-    print(f"planted features ({args.architecture}), d_in 128, 512 true features, dict 2048: "
+    from config import ConfigError, format_help, parse_overrides
+
+    defaults = {"architecture": "l1", "k": 30}
+    try:
+        options, extras = parse_overrides(sys.argv[1:], defaults, flags=())
+        if set(options) != set(defaults):
+            raise ConfigError(f"planted.py takes only {sorted(defaults)}, not {sorted(set(options) - set(defaults))}")
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    if extras.get("help"):
+        print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K]", defaults))
+        sys.exit(0)
+    rows, log = planted_benchmark(architecture=options["architecture"], k=options["k"])
+    print(f"planted features ({options['architecture']}), d_in 128, 512 true features, dict 2048: "
           f"L0 {log['l0_loss']:.1f}, explained variance {log['explained_variance']:.3f}, "
           f"dead {log['dead_fraction']:.1%} (no activation in the last 1,000 steps)")
     print(format_recovery(rows))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from buffer import Buffer, estimate_norm_factors, run_models, sequences_needed
+from buffer import RowBuffer, estimate_norm_factors, run_models, sequences_needed
 from checkpoint import atomic_write_text
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
@@ -37,29 +37,30 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences):
     # The live buffer measures the factors the same way, on the same first sequences.
     hook, S, mbs = cfg["hook_point"], cfg["seq_len"], cfg["model_batch_size"]
     factors_M = estimate_norm_factors(models, tokens_NS[:, :S], hook, cfg["norm_estimate_batches"] * mbs, mbs,
-                                      progress=cfg.get("progress", True)).to(next(models[0].parameters()).device)
+                                      progress=cfg["progress"]).to(next(models[0].parameters()).device)
     rows_per_seq, M, D = cfg["seq_len"] - 1, len(models), models[0].cfg.d_model
     shards = []
     for first in range(0, n_sequences, SHARD_SEQUENCES):
         n = min(SHARD_SEQUENCES, n_sequences - first)
         mm = np.memmap(_shard_path(store_dir, len(shards)), dtype=np.int16, mode="w+", shape=(n * rows_per_seq, M, D))
         for start in tqdm(range(0, n, cfg["model_batch_size"]), desc=f"harvesting shard {len(shards)}", leave=False,
-                          disable=not cfg.get("progress", True)):
+                          disable=not cfg["progress"]):
             t = tokens_NS[first + start : first + min(start + cfg["model_batch_size"], n), : cfg["seq_len"]]
             rows_RMD = (run_models(models, t, hook).float() * factors_M[:, None]).to(torch.bfloat16)
             mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
         mm.flush()
         shards.append(n)
     torch.save(tokens_NS[:n_sequences, : cfg["seq_len"]].clone(), store_dir / "tokens.pt")
-    meta = {"hook_point": cfg["hook_point"], "model_names": cfg.get("model_names"), "n_models": M, "d_in": D,
+    meta = {"hook_point": cfg["hook_point"], "model_names": cfg["model_names"], "n_models": M, "d_in": D,
             "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
-            "shard_sequences": shards, "dataset": cfg.get("dataset"), "preset": cfg.get("preset")}
+            "shard_sequences": shards, "dataset": cfg["dataset"], "preset": cfg.get("preset")}
     atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
     return store_dir
 
 
-class ActivationStore(Buffer):
-    """A Buffer that reads harvested rows: same sizes, refresh, shuffle, state and resume."""
+class ActivationStore(RowBuffer):
+    """Serves harvested rows exactly as the live Buffer serves fresh ones: same sizes, refresh,
+    shuffle, state and resume."""
 
     def __init__(self, cfg, store_dir, state=None):
         self.store_dir = Path(store_dir)
@@ -68,11 +69,9 @@ class ActivationStore(Buffer):
             raise FileNotFoundError(f"no complete activation store at {store_dir} (meta.json missing)")
         self.meta = json.loads(meta_file.read_text())
         for key in ("hook_point", "seq_len", "d_in", "n_models"):
-            if cfg.get(key, 2 if key == "n_models" else None) != self.meta[key]:
-                raise ValueError(f"config {key}={cfg.get(key)!r} but the store at {store_dir} has {self.meta[key]!r}")
-        self.models, self.hook_point = None, cfg["hook_point"]
-        index_N1 = torch.arange(self.meta["n_sequences"])[:, None]  # sequences, read in order like tokens
-        self._setup(cfg, index_N1.expand(-1, cfg["seq_len"]), self.meta["n_models"], self.meta["d_in"])
+            if cfg[key] != self.meta[key]:
+                raise ValueError(f"config {key}={cfg[key]!r} but the store at {store_dir} has {self.meta[key]!r}")
+        super().__init__(cfg, self.meta["n_sequences"], self.meta["n_models"], self.meta["d_in"])
         R = cfg["seq_len"] - 1
         self._shards = [np.memmap(_shard_path(self.store_dir, i), dtype=np.int16, mode="r", shape=(n * R, self.meta["n_models"], self.meta["d_in"]))
                         for i, n in enumerate(self.meta["shard_sequences"])]
@@ -86,7 +85,7 @@ class ActivationStore(Buffer):
         return None  # rows are stored normalised
 
     def rows(self, first_sequence, n):
-        """Rows [n * (S-1), M, D] (bf16) of n consecutive sequences, as harvested."""
+        """Rows [n * (S-1), M, D] (bf16) of sequences first..first+n, as harvested."""
         R, out = self.cfg["seq_len"] - 1, []
         while n > 0:
             shard, offset = divmod(first_sequence, SHARD_SEQUENCES)
@@ -96,28 +95,21 @@ class ActivationStore(Buffer):
         # one copy out of the read-only memory map, into a tensor torch may write
         return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16).to(self.device)
 
-    def _run_models(self, index_NS):
-        return self.rows(int(index_NS[0, 0]), len(index_NS))
-
 
 def main(argv):
+    from crosscoder import resolve_device
     from train import build_cfg, load_models_and_tokens
 
-    store_dir = None
-    if "--store_dir" in argv:
-        i = argv.index("--store_dir")
-        store_dir, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
-    if store_dir is None:
-        sys.exit("usage: python store.py --store_dir DIR [--preset toy] [--key value ...]")
-    cfg, _ = build_cfg(argv)
-    from crosscoder import resolve_device
-
+    cfg, extras = build_cfg(argv, flags={"store_dir": "where to write the store (required)"},
+                            usage="usage: python store.py --store_dir DIR [--preset toy] [--key value ...]")
+    if "store_dir" not in extras:
+        sys.exit("usage: python store.py --store_dir DIR [--preset toy] [--key value ...] (--help: every key)")
     cfg["device"] = resolve_device(cfg["device"])
-    models, tokens = load_models_and_tokens(cfg, device_was_set=True)
+    models, tokens = load_models_and_tokens(cfg)
     n = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"])
-    harvest(cfg, models, tokens, store_dir, n)
-    print(f"harvested {min(n, len(tokens))} sequences into {store_dir}; train from it with "
-          f"Trainer(cfg, buffer=ActivationStore(cfg, {store_dir!r}))")
+    harvest(cfg, models, tokens, extras["store_dir"], n)
+    print(f"harvested {min(n, len(tokens))} sequences into {extras['store_dir']}; train from it with "
+          f"Trainer(cfg, buffer=ActivationStore(cfg, {extras['store_dir']!r}))")
 
 
 if __name__ == "__main__":

@@ -217,8 +217,7 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=512):
     class, each class's share of activation mass inside chat transcripts, and the chat-only
     latents split by Latent Scaling into genuine ones (max nu <= GENUINE_NU_MAX: the base model
     lacks their direction) and artefacts of the L1 loss (the base model has it)."""
-    from crosscoder import classify_latents
-    from utils import GENUINE_NU_MAX, iter_paired_activations, latent_scaling
+    from diffing import GENUINE_NU_MAX, classify_latents, iter_paired_activations, latent_scaling
 
     tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 4)
     factors = torch.tensor(cfg["normalisation_factor"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from config import ConfigError, check_against_model, format_help, parse_overrides, validate_cfg
-from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
+from checkpoint import CheckpointError, read_cfg, resolve_version_dir
 from crosscoder import resolve_device
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
@@ -80,46 +80,49 @@ RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_
 
 
 # %%
-def build_cfg(argv, base_cfg=default_cfg):
-    """default_cfg <- preset <- --key value overrides (or the saved config with --resume)."""
-    cfg, extras = parse_overrides(argv, base_cfg)
+def complete_cfg(cfg, base_cfg=default_cfg):
+    """base_cfg <- the config's preset <- cfg: how every config is completed, once. A config
+    saved by an older version gets today's defaults for the keys it predates."""
+    preset = cfg.get("preset", "gemma")
+    return {**base_cfg, **PRESETS.get(preset, {}), **cfg, "preset": preset}
+
+
+def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--key value ...]"):
+    """default_cfg <- preset <- --key value overrides (or the saved config with --resume).
+    Returns (cfg, resume); with flags (name -> help: a script's own flags beside FLAGS), returns
+    (cfg, extras) holding them. --help prints every flag and key and exits."""
+    all_flags = dict(flags or {}, **FLAGS)
+    cfg, extras = parse_overrides(argv, base_cfg, flags=tuple(all_flags))
     if extras.get("help"):
-        print(format_help("usage: python train.py [--preset toy] [--resume DIR] [--key value ...]",
-                          base_cfg, FLAGS, {"toy": TOY_CFG}))
+        print(format_help(usage, base_cfg, all_flags, {"toy": TOY_CFG}))
         sys.exit(0)
     resume = extras.get("resume")
     if resume is not None:
-        import json
-
         version_dir = resolve_version_dir(resume)
-        saved = json.loads((version_dir / f"{latest_checkpoint(version_dir)}_cfg.json").read_text())
+        saved = read_cfg(version_dir)
+        saved.pop("step", None)  # the trainer state holds the step to resume from
         changed = {k for k in cfg if k in base_cfg and cfg[k] != base_cfg[k]}
         refused = sorted(changed - RESUME_OVERRIDABLE)
         if refused:
             raise ConfigError(f"cannot change {refused} when resuming; they come from {version_dir}")
-        cfg = dict(saved, **{k: cfg[k] for k in changed})
-        preset = saved.get("preset", "gemma")
+        cfg = complete_cfg(dict(saved, **{k: cfg[k] for k in changed}))
     else:
         preset = extras.get("preset", "gemma")
         if preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        cfg, _ = parse_overrides(argv, dict(base_cfg, **PRESETS[preset]))
+        cfg, _ = parse_overrides(argv, dict(base_cfg, **PRESETS[preset]), flags=tuple(all_flags))
         cfg["preset"] = preset
     validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
-    return cfg, resume
+    return (cfg, extras) if flags else (cfg, resume)
 
 
-def load_models_and_tokens(cfg, device_was_set):
+def load_models_and_tokens(cfg):
+    """The models (index 0 base, 1 chat) and the training tokens of a complete config."""
     if cfg["preset"] == "toy":
         from toy import build_toy_pair
 
         base, chat, tokens, _ = build_toy_pair(cfg)
         return [base, chat], tokens
-    if cfg["device"] == "cpu" and not device_was_set:
-        raise SetupError(
-            "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
-            "524k-row activation buffer), and none was found. Run `python train.py --preset toy` "
-            "to see the whole pipeline on a CPU, or pass --device cpu to try anyway.")
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
@@ -129,16 +132,24 @@ def load_models_and_tokens(cfg, device_was_set):
     return load_gemma_pair(cfg), tokens
 
 
-def main(cfg, resume=None, device_was_set=True):
+def main(cfg, resume=None):
+    if cfg["device"] is None and cfg["preset"] != "toy" and not torch.cuda.is_available():
+        raise SetupError(
+            "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
+            "524k-row activation buffer), and none was found. Run `python train.py --preset toy` "
+            "to see the whole pipeline on a CPU, or pass --device cpu to try anyway.")
     cfg["device"] = resolve_device(cfg["device"])
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     check_buffer_fits(cfg)  # before any model is loaded
-    models, tokens = load_models_and_tokens(cfg, device_was_set)
+    models, tokens = load_models_and_tokens(cfg)
     for model in models:
         check_against_model(cfg, model.cfg)
         check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
-    trainer = Trainer(cfg, models, None, tokens, resume_from=resume)
+    if resume is not None:
+        trainer = Trainer.resume(resume, cfg, models=models, tokens=tokens)
+    else:
+        trainer = Trainer(cfg, models=models, tokens=tokens)
     log = trainer.train()
     print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
     if cfg["preset"] == "toy":
@@ -153,9 +164,7 @@ def main(cfg, resume=None, device_was_set=True):
 def cli(argv):
     try:
         cfg, resume = build_cfg(argv)
-        device_was_set = any(a.startswith("--device") for a in argv) or default_cfg["device"] is not None \
-            or cfg.get("preset") == "toy"
-        main(cfg, resume, device_was_set)
+        main(cfg, resume)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except TrainingInterrupted as e:
@@ -169,6 +178,6 @@ def cli(argv):
 if __name__ == "__main__":
     if in_notebook():  # no argv parsing inside IPython, as the reference
         notebook_cfg = dict(default_cfg, preset="gemma")
-        trainer = main(notebook_cfg, device_was_set=torch.cuda.is_available())
+        trainer = main(notebook_cfg)
     else:
         cli(sys.argv[1:])

@@ -15,28 +15,15 @@ import torch
 from tqdm.auto import tqdm
 
 from buffer import Buffer, TokensExhausted, sequences_needed
-from checkpoint import CheckpointError, latest_checkpoint, resolve_version_dir
+from checkpoint import CheckpointError, checkpoint_files, latest_checkpoint, resolve_version_dir, trainer_states
 from crosscoder import CrossCoder
+from objective import l1_coeff_at, lr_multiplier, training_loss  # noqa: F401 (l1_coeff_at: for notebooks)
 from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
-
-
-def lr_multiplier(step, total_steps):
-    """1 for the first 80% of steps, then linear decay to 0 at the end (reference)."""
-    if step < 0.8 * total_steps:
-        return 1.0
-    return 1.0 - (step - 0.8 * total_steps) / (0.2 * total_steps)
-
-
-def l1_coeff_at(step, total_steps, l1_coeff):
-    """Linear warm-up from 0 to l1_coeff over the first 5% of steps, then constant (reference)."""
-    if step < 0.05 * total_steps:
-        return l1_coeff * step / (0.05 * total_steps)
-    return l1_coeff
 
 
 def make_optimizer(params, cfg):
@@ -64,20 +51,25 @@ class TrainingInterrupted(RuntimeError):
 
 
 class Trainer:
-    """Trainer(cfg, model_A, model_B, all_tokens) builds a Buffer as the reference does;
-    Trainer(cfg, buffer=source) trains on any source of [batch_size, n_models, d_in] batches.
-    resume_from: a version_N directory; training continues from its newest checkpoint."""
+    """Trainer(cfg, models=[base, chat], tokens=all_tokens) builds a Buffer as the reference did;
+    Trainer(cfg, buffer=source) trains on any source of [batch_size, n_models, d_in] batches;
+    Trainer.resume(version_dir, cfg, ...) continues a run from its newest checkpoint. The
+    reference's positional form Trainer(cfg, model_A, model_B, all_tokens) still works."""
 
-    def __init__(self, cfg, model_A=None, model_B=None, all_tokens=None, buffer=None, resume_from=None):
+    def __init__(self, cfg, model_A=None, model_B=None, all_tokens=None, *, models=None, tokens=None, buffer=None,
+                 resume_from=None):
         self.cfg = cfg
         self.total_steps = cfg["num_tokens"] // cfg["batch_size"]
         if self.total_steps < 1:
             raise ValueError(f"num_tokens={cfg['num_tokens']} is less than one batch of {cfg['batch_size']}")
+        if models is None and model_A is not None:  # the reference's positional form
+            models = list(model_A) if isinstance(model_A, (list, tuple)) else [model_A, model_B]
+            tokens = all_tokens if all_tokens is not None else (model_B if isinstance(model_A, (list, tuple)) else None)
         state = None
         if resume_from is not None:
             version_dir = resolve_version_dir(resume_from)
             k = latest_checkpoint(version_dir)
-            trainer_file = version_dir / f"{k}_trainer.pt"
+            trainer_file = checkpoint_files(version_dir, k).trainer
             if not trainer_file.is_file():
                 raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
             self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"])
@@ -92,12 +84,12 @@ class Trainer:
         self.crosscoder.train()  # BatchTopK selects per batch in training (a loaded model is in eval)
         if buffer is None:
             need = sequences_needed(cfg, self.total_steps)
-            if all_tokens is not None and need > len(all_tokens) and not cfg.get("wrap_tokens", False):
+            if tokens is not None and need > len(tokens) and not cfg["wrap_tokens"]:
                 raise TokensExhausted(
                     f"num_tokens={cfg['num_tokens']:,} needs {need:,} sequences of {cfg['seq_len']} tokens "
-                    f"(buffer refreshes included) but the dataset has {len(all_tokens):,}; lower num_tokens, "
+                    f"(buffer refreshes included) but the dataset has {len(tokens):,}; lower num_tokens, "
                     "add data, or set wrap_tokens=True to reuse it")
-            buffer = Buffer(cfg, model_A, model_B, all_tokens, state=state and state.get("buffer"))
+            buffer = Buffer(cfg, models, tokens, state=state and state.get("buffer"))
         elif state is not None and state.get("buffer") is not None:
             buffer.load_state_dict(state["buffer"])
         self.buffer = buffer
@@ -123,6 +115,12 @@ class Trainer:
             self.wandb_id = state.get("wandb_id")
             self.last_saved_step = self.step_counter
 
+    @classmethod
+    def resume(cls, version_dir, cfg, *, models=None, tokens=None, buffer=None):
+        """Continue the run saved in version_dir from its newest checkpoint: weights, optimiser,
+        step, dead-latent counters and (unless it was not saved) the buffer."""
+        return cls(cfg, models=models, tokens=tokens, buffer=buffer, resume_from=version_dir)
+
     # ---------------------------------------------------------------- one step
     def step(self):
         """One optimisation step. Returns the reference's log dict; values are 0-d tensors
@@ -135,12 +133,7 @@ class Trainer:
         dead_F = self.steps_since_fired >= self._dead_window() if batchtopk else None
         with self._step_autocast():
             losses, latents_BF, aux = self.crosscoder.losses_and_acts(acts_BMD, dead_F)
-        if batchtopk:  # no L1 penalty: sparsity is the top-k; AuxK revives dead latents
-            l1_coeff = 0.0
-            loss = losses.l2_loss + self.cfg.get("aux_coeff", 1 / 32) * aux
-        else:
-            l1_coeff = l1_coeff_at(i, self.total_steps, self.cfg["l1_coeff"])
-            loss = losses.l2_loss + l1_coeff * losses.l1_loss
+        loss, l1_coeff = training_loss(losses, aux, i, self.total_steps, self.cfg)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
@@ -168,17 +161,17 @@ class Trainer:
     def _step_autocast(self):
         """step_dtype "bf16": the encoder and decoder matmuls run in bf16 under autocast; the
         weights, the optimiser state and the loss maths stay fp32. The reference ran fp32."""
-        enabled = self.cfg.get("step_dtype", "fp32") == "bf16"
+        enabled = self.cfg["step_dtype"] == "bf16"
         return torch.autocast(self.crosscoder.W_enc.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _check_batch(self, acts_BMD):
-        want = (self.cfg["batch_size"], self.cfg.get("n_models", 2), self.cfg["d_in"])
+        want = (self.cfg["batch_size"], self.cfg["n_models"], self.cfg["d_in"])
         if tuple(acts_BMD.shape) != want:
             raise ValueError(f"the activation source returned shape {tuple(acts_BMD.shape)}, expected "
                              f"[batch_size, n_models, d_in] = {list(want)}")
 
     def _dead_window(self):
-        return min(self.cfg.get("dead_window", 1000), max(self.step_counter, 1))
+        return min(self.cfg["dead_window"], max(self.step_counter, 1))
 
     def dead_fraction(self):
         """Fraction of latents that fired on none of the last dead_window steps (or since the start)."""
@@ -201,7 +194,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self):
-        keep_buffer = self.cfg.get("checkpoint_buffer", True)
+        keep_buffer = self.cfg["checkpoint_buffer"]
         buffer_state = None
         if hasattr(self.buffer, "state_dict"):
             buffer_state = self.buffer.state_dict()
@@ -218,11 +211,11 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.crosscoder.parameters()):
             raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
                                  f"Last good checkpoint: {self._last_good()}")
-        path = self.crosscoder.save(extra_state=self.state_dict())
+        path = self.crosscoder.save(extra_state=self.state_dict(), step=self.step_counter)
         self.last_saved_step = self.step_counter
-        newest = f"{self.crosscoder.save_version - 1}_trainer.pt"
-        for old in path.parent.glob("*_trainer.pt"):
-            if old.name != newest:
+        newest = checkpoint_files(path.parent, self.crosscoder.save_version - 1).trainer
+        for old in trainer_states(path.parent):
+            if old != newest:
                 old.unlink()
         return path
 
@@ -254,7 +247,7 @@ class Trainer:
             self.wandb_id = self.wandb_run.id
         log, step_log = {}, None
         pbar = tqdm(range(self.step_counter, self.total_steps), initial=self.step_counter, total=self.total_steps,
-                    desc="training", disable=not self.cfg.get("progress", True), dynamic_ncols=True)
+                    desc="training", disable=not self.cfg["progress"], dynamic_ncols=True)
         try:
             for i in pbar:
                 step_log = self.step()

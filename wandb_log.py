@@ -23,7 +23,7 @@ def has_credentials():
 def start_run(cfg, run_id=None):
     """A wandb run logging under the checkpoint directory (resumed when run_id is given), or
     None with cfg wandb_mode "disabled". wandb_mode None picks online or offline by credentials."""
-    mode = cfg.get("wandb_mode")
+    mode = cfg["wandb_mode"]
     if mode == "disabled":
         return None
     import wandb
@@ -34,7 +34,7 @@ def start_run(cfg, run_id=None):
             print("wandb: no credentials found, logging offline (set wandb_mode or run `wandb login`)")
     wandb_dir = checkpoint_root(cfg)
     wandb_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(project=cfg.get("wandb_project"), entity=cfg.get("wandb_entity"), config=cfg,
+    kwargs = dict(project=cfg["wandb_project"], entity=cfg["wandb_entity"], config=cfg,
                   dir=str(wandb_dir), id=run_id, resume="allow" if run_id else None)
     try:
         return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from conftest import random_tokens, run_script, tiny_cfg, tiny_model
-from crosscoder import CrossCoder, classify_latents
-from utils import examples_html, latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples
+from crosscoder import CrossCoder
+from diffing import (classify_latents, examples_html, latent_scaling, reconstruction_stats, splice_in_loss,
+                     top_activating_examples)
 
 
 def test_latent_classes_follow_the_reference_thresholds():
@@ -196,11 +197,11 @@ def test_a_published_layout_checkpoint_without_model_names_gets_the_published_pa
 
 def test_splice_in_runs_the_models_under_the_buffers_autocast(monkeypatch):
     """Every full forward of the splice-in loss (the only place logits are computed) runs inside
-    buffer.autocast_context, which is bf16 on a GPU: Gemma's [batch, seq, 256k] logits then cost
+    the buffer's autocast_context, which is bf16 on a GPU: Gemma's [batch, seq, 256k] logits then cost
     half, and the fp32 copies of the reference's notebook never exist."""
     from contextlib import contextmanager
 
-    import buffer
+    import diffing
 
     depth, outside = [0], []
 
@@ -210,7 +211,7 @@ def test_splice_in_runs_the_models_under_the_buffers_autocast(monkeypatch):
         yield
         depth[0] -= 1
 
-    monkeypatch.setattr(buffer, "autocast_context", recording)
+    monkeypatch.setattr(diffing, "autocast_context", recording)
     models = [tiny_model(1), tiny_model(2)]
     for model in models:
         model.unembed.register_forward_hook(lambda *a: outside.append(depth[0] == 0))

@@ -80,11 +80,13 @@ def test_every_refresh_reads_fresh_tokens():
     assert buf.token_pointer == buf.sequences_run == sequences_needed(cfg, n_batches)
 
 
-def test_refresh_runs_the_next_sequences_in_order(models):
+def test_refresh_runs_the_next_sequences_in_order(models, monkeypatch):
+    import buffer
+
     buf, cfg, tokens = make_buffer(models, n_seqs=400, buffer_mult=4)
     seen = []
-    original = buf._run_models
-    buf._run_models = lambda t: (seen.append(t.clone()), original(t))[1]
+    original = buffer.run_models
+    monkeypatch.setattr(buffer, "run_models", lambda m, t, h: (seen.append(t.clone()), original(m, t, h))[1])
     start = buf.token_pointer
     buf.refresh()
     run = torch.cat(seen)

@@ -98,3 +98,16 @@ def test_the_gemma_path_trains_offline_on_local_model_copies(tmp_path, tiny_gemm
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
     assert cc.W_dec.shape == (64, 2, 2304) and len(cc.cfg["normalisation_factor"]) == 2
+
+
+def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():
+    """An old toy checkpoint's config without the keys added since: they take the toy preset's
+    values where it has them, else default_cfg's; its own values win."""
+    from train import TOY_CFG, complete_cfg
+
+    old = {"preset": "toy", "dict_size": 256, "d_in": 64}
+    cfg = complete_cfg(old)
+    assert set(cfg) == set(default_cfg) | {"preset"}
+    assert cfg["dict_size"] == 256 and cfg["batch_size"] == TOY_CFG["batch_size"]
+    assert cfg["step_dtype"] == default_cfg["step_dtype"] and cfg["preset"] == "toy"
+    assert complete_cfg({"dict_size": 8})["preset"] == "gemma"

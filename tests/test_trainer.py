@@ -8,26 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import random_tokens, tiny_cfg
 from checkpoint import complete_checkpoints
 from crosscoder import CrossCoder
-from trainer import NonFiniteError, Trainer, TrainingInterrupted, l1_coeff_at, lr_multiplier
-
-
-def test_lr_schedule_at_start_5pct_80pct_and_end():
-    total = 1000
-    assert lr_multiplier(0, total) == 1.0
-    assert lr_multiplier(50, total) == 1.0
-    assert lr_multiplier(799, total) == 1.0
-    assert lr_multiplier(800, total) == pytest.approx(1.0)
-    assert lr_multiplier(900, total) == pytest.approx(0.5)
-    assert lr_multiplier(1000, total) == pytest.approx(0.0)
-
-
-def test_l1_warmup_at_start_5pct_80pct_and_end():
-    total = 1000
-    assert l1_coeff_at(0, total, 2.0) == 0.0
-    assert l1_coeff_at(25, total, 2.0) == pytest.approx(1.0)
-    assert l1_coeff_at(50, total, 2.0) == 2.0
-    assert l1_coeff_at(800, total, 2.0) == 2.0
-    assert l1_coeff_at(999, total, 2.0) == 2.0
+from objective import l1_coeff_at, lr_multiplier
+from trainer import NonFiniteError, Trainer, TrainingInterrupted
 
 
 def test_the_lr_of_every_step_follows_the_schedule_through_trainer_step(tmp_path):
@@ -216,6 +198,22 @@ def test_periodic_checkpoints(tmp_path):
     assert [p.name for p in trainer.crosscoder.save_dir.glob("*_trainer.pt")] == ["3_trainer.pt"]
 
 
+def test_every_checkpoint_config_records_its_training_step(tmp_path):
+    """Periodic saves at steps 6, 12, 18, the final one at 20, and an interrupt save at the step
+    it happened: each checkpoint's config says which."""
+    from checkpoint import read_cfg
+
+    cfg = tiny_cfg(tmp_path, save_every=6)
+    trainer = Trainer(cfg, buffer=RandomSource(cfg))
+    trainer.train()
+    assert [read_cfg(trainer.crosscoder.save_dir, k)["step"] for k in range(4)] == [6, 12, 18, 20]
+    x = torch.randn(cfg["batch_size"], 2, cfg["d_in"])
+    interrupted = Trainer(tiny_cfg(tmp_path), buffer=FixedSource(x, interrupt_at=4))
+    with pytest.raises(TrainingInterrupted):
+        interrupted.train()
+    assert read_cfg(interrupted.crosscoder.save_dir)["step"] == 5
+
+
 def test_keyboard_interrupt_saves_then_reraises(tmp_path):
     cfg = tiny_cfg(tmp_path)
 
@@ -270,7 +268,7 @@ def run_straight_and_resumed(tmp_path, models, tokens, n_steps, **kw):
     straight.train()
 
     cfg2 = tiny_cfg(tmp_path / "resumed", num_tokens=32 * n_steps, **kw)
-    first = Trainer(cfg2, models[0], models[1], tokens)
+    first = Trainer(cfg2, models=list(models), tokens=tokens)  # the keyword form equals the reference's
 
     real_next = first.buffer.next
     calls = {"n": 0}
@@ -285,7 +283,7 @@ def run_straight_and_resumed(tmp_path, models, tokens, n_steps, **kw):
     with pytest.raises(TrainingInterrupted, match="SIGTERM"):
         first.train()
     assert first.step_counter == n_steps // 2
-    second = Trainer(dict(cfg2), models[0], models[1], tokens, resume_from=first.crosscoder.save_dir)
+    second = Trainer.resume(first.crosscoder.save_dir, dict(cfg2), models=list(models), tokens=tokens)
     assert second.step_counter == n_steps // 2
     second.train()
     return straight, second

@@ -1,6 +1,7 @@
 import pytest
 
 import wandb_log
+from conftest import tiny_cfg
 
 
 @pytest.fixture
@@ -23,7 +24,7 @@ def test_credentials_come_from_the_environment_or_netrc(no_credentials, monkeypa
 
 
 def test_disabled_mode_starts_nothing_and_writes_nothing(tmp_path):
-    assert wandb_log.start_run({"wandb_mode": "disabled", "checkpoint_dir": str(tmp_path / "ck")}) is None
+    assert wandb_log.start_run(tiny_cfg(wandb_mode="disabled", checkpoint_dir=str(tmp_path / "ck"))) is None
     assert not (tmp_path / "ck").exists()
     wandb_log.finish_run(None)  # finishing no run is a no-op
 
@@ -40,7 +41,7 @@ def test_a_failed_online_start_falls_back_to_offline(no_credentials, monkeypatch
         return "offline run"
 
     monkeypatch.setattr(wandb, "init", fake_init)
-    run = wandb_log.start_run({"wandb_mode": "online", "checkpoint_dir": str(no_credentials / "ck")})
+    run = wandb_log.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck")))
     assert run == "offline run" and modes == ["online", "offline"]
     assert "logging offline instead" in capsys.readouterr().out
 
@@ -50,5 +51,5 @@ def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
 
     modes = []
     monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode) or "run")
-    assert wandb_log.start_run({"wandb_mode": None, "checkpoint_dir": str(no_credentials / "ck")}) == "run"
+    assert wandb_log.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck"))) == "run"
     assert modes == ["offline"]

@@ -1,0 +1,199 @@
+"""The model-diffing maths: which latents are base-only, shared or chat-only, how well the
+crosscoder reconstructs held-out activations, what splicing it into each model costs, Latent
+Scaling of model-specific latents, and their top activating contexts. analysis.py is the notebook
+over these functions; each is tested against a hand-built case.
+
+Shape legend: N sequences, S positions, B tokens (rows), M models, D d_in, F latents, J selected latents.
+"""
+import html
+
+import torch
+from tqdm.auto import tqdm
+
+from buffer import autocast_context, extract_activations
+
+# Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
+# clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
+BASE_ONLY_MAX = 0.1
+CHAT_ONLY_MIN = 0.9
+SHARED_RANGE = (0.3, 0.7)
+
+
+def classify_latents(rel_norm_F):
+    """Boolean masks [F] for the reference's latent classes, from relative decoder norms."""
+    base_only = rel_norm_F < BASE_ONLY_MAX
+    chat_only = rel_norm_F > CHAT_ONLY_MIN
+    shared = (rel_norm_F > SHARED_RANGE[0]) & (rel_norm_F < SHARED_RANGE[1])
+    other = ~(base_only | chat_only | shared)
+    return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
+
+
+def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="activations"):
+    """Yields (tokens [n, S], raw activations [n, S-1, M, D]) batch by batch, BOS dropped,
+    so that analyses over many tokens never hold them all in memory."""
+    device = next(models[0].parameters()).device
+    for start in tqdm(range(0, len(tokens_NS), batch_size), desc=desc, leave=False):
+        t = tokens_NS[start : start + batch_size].to(device, torch.long)
+        with torch.no_grad(), autocast_context(device):
+            acts = [extract_activations(m, t, hook_point)[:, 1:].float() for m in models]
+        yield t, torch.stack(acts, dim=2)
+
+
+def normalisation_factors(crosscoder):
+    """[M] factors that take raw activations into the space the crosscoder was trained in (ones
+    for a crosscoder whose weights were folded to read raw activations). A clear error when the
+    checkpoint has none: never a guess."""
+    cfg, device = crosscoder.cfg, crosscoder.W_enc.device
+    if cfg.get("normalisation_factor") is not None:
+        return torch.as_tensor(cfg["normalisation_factor"], dtype=torch.float32, device=device)
+    if cfg.get("folded_normalisation_factor") is not None:
+        return torch.ones(crosscoder.n_models, device=device)
+    raise ValueError(
+        "this crosscoder has no normalisation factors (checkpoints of the reference's training, the "
+        "published one included, did not save them). Give them (analysis.py --factors a,b, or "
+        "cc.cfg['normalisation_factor'] = [a, b]) or estimate them with buffer.estimate_norm_factors")
+
+
+@torch.no_grad()
+def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
+    """Held-out reconstruction quality in the training (normalised) space: explained variance
+    of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
+    (for any number of models), mean L0, and the latents never active."""
+    s_M = normalisation_factors(crosscoder)
+    sums, n_rows = None, 0
+    fired_F = torch.zeros(crosscoder.cfg["dict_size"], dtype=torch.bool, device=crosscoder.W_enc.device)
+    for _, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
+        x_BMD = x.flatten(0, 1).to(s_M.device) * s_M[:, None]
+        losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
+        fired_F |= (acts_BF > 0).any(0)
+        x_hat_BMD = crosscoder.decode(acts_BF).float()
+        ev_M = [1 - (x_hat_BMD[:, m] - x_BMD[:, m]).pow(2).sum(-1).mean()
+                / (x_BMD[:, m] - x_BMD[:, m].mean(0)).pow(2).sum(-1).mean() for m in range(x_BMD.shape[1])]
+        batch = torch.stack([losses.explained_variance, losses.l0_loss, *ev_M]) * len(x_BMD)
+        sums = batch if sums is None else sums + batch
+        n_rows += len(x_BMD)
+    means = (sums / n_rows).tolist()
+    return {"explained_variance": means[0], "l0": means[1],
+            "explained_variance_per_model": means[2:], "dead_fraction": float((~fired_F).float().mean()),
+            "dead": int((~fired_F).sum()), "tokens": n_rows}
+
+
+@torch.no_grad()
+def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2):
+    """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
+    the crosscoder's reconstruction (positions 1..; BOS kept clean), and zero-ablated (all
+    positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
+
+    The models run under the buffer's bf16 autocast (CUDA), so the [batch, seq, vocab] logits
+    are bf16 (log-softmax in fp32): with Gemma's 256k vocabulary each sequence of 1024 costs
+    about 3 GB at the peak, hence the small default batch.
+    The reconstruction of model m is encoded from every model's residual, so the chat model's
+    information can reach the base model's splice: loss_recovered may exceed 1."""
+    folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
+    hook_point = crosscoder.cfg["hook_point"]
+    totals = torch.zeros(len(models), 3, dtype=torch.float64)
+    n = 0
+    for t, x in iter_paired_activations(models, tokens_NS, hook_point, batch_size, "splice-in loss"):
+        N, S1, M, D = x.shape
+        x_hat = folded(x.flatten(0, 1).to(folded.W_enc.device)).float().view(N, S1, M, D)
+        for m, model in enumerate(models):
+            def splice(act, hook, m=m):
+                act = act.clone()
+                act[:, 1:] = x_hat[:, :, m].to(act.dtype)
+                return act
+
+            with autocast_context(t.device):
+                clean = model(t, return_type="loss")
+                spliced = model.run_with_hooks(t, return_type="loss", fwd_hooks=[(hook_point, splice)])
+                zero = model.run_with_hooks(t, return_type="loss",
+                                            fwd_hooks=[(hook_point, lambda act, hook: torch.zeros_like(act))])
+            totals[m] += torch.tensor([float(clean), float(spliced), float(zero)], dtype=torch.float64) * N
+        n += N
+    out = {}
+    for m in range(len(models)):
+        clean, spliced, zero = (totals[m] / n).tolist()
+        out[m] = {"clean": clean, "spliced": spliced, "zero_ablation": zero,
+                  "loss_recovered": 1 - (spliced - clean) / (zero - clean)}
+    return out
+
+
+# A chat-only latent counts as genuine when both Latent Scaling ratios are at most this. On the
+# toy pair the chat-only latents' max(nu) falls either below 0.2 or above 0.5 (none between).
+GENUINE_NU_MAX = 0.2
+
+
+@torch.no_grad()
+def latent_scaling(crosscoder, batches, latents_J, direction_model=1):
+    """Latent Scaling (Minder, Dumas et al. 2025, "Overcoming Sparsity Artifacts in Crosscoders
+    to Interpret Chat-Tuning"). For each latent j, with direction d_j (its decoder in
+    direction_model, the chat model) and activation f_j, least squares gives, per model m,
+        beta = sum_x f_j(x) <d_j, y_m(x)> / (|d_j|^2 sum_x f_j(x)^2)
+    for two targets: the reconstruction error with j's own contribution put back,
+    y_m = x_m - x_hat_m + f_j d_j^m (how much of j's direction model m's activation holds), and the
+    reconstruction by the crosscoder y_m = x_hat_m (how much the other latents carry it).
+    Returns beta_error, beta_reconstruction [M, J] and their ratios base / chat, nu_error and
+    nu_reconstruction [J]: for a truly chat-only latent both are ~0; a high nu_error means
+    Complete Shrinkage, a high nu_reconstruction means Latent Decoupling.
+    batches: an iterable of normalised activations [B, M, D] (training space)."""
+    latents_J = torch.as_tensor(latents_J, device=crosscoder.W_enc.device)
+    W_JMD = crosscoder.W_dec[latents_J].float()
+    d_JD = W_JMD[:, direction_model]
+    self_dot_JM = torch.einsum("jmd,jd->jm", W_JMD, d_JD)  # <d_j^m, d_j>
+    M = W_JMD.shape[1]
+    num_err = torch.zeros(M, len(latents_J), dtype=torch.float64, device=d_JD.device)
+    num_rec, den = torch.zeros_like(num_err), torch.zeros(len(latents_J), dtype=torch.float64, device=d_JD.device)
+    for x_BMD in batches:
+        x_BMD = x_BMD.to(d_JD.device).float()
+        acts_BF = crosscoder.encode(x_BMD)
+        f_BJ = acts_BF[:, latents_J].float()
+        x_hat_BMD = crosscoder.decode(acts_BF).float()
+        for m in range(M):
+            err_proj_BJ = (x_BMD[:, m] - x_hat_BMD[:, m]) @ d_JD.T
+            num_err[m] += (f_BJ * err_proj_BJ).sum(0).double() + (f_BJ.pow(2).sum(0) * self_dot_JM[:, m]).double()
+            num_rec[m] += (f_BJ * (x_hat_BMD[:, m] @ d_JD.T)).sum(0).double()
+        den += (f_BJ.pow(2).sum(0) * d_JD.pow(2).sum(-1)).double()
+    beta_err, beta_rec = (num_err / den).float(), (num_rec / den).float()
+    base = 1 - direction_model if M == 2 else 0
+    return {"beta_error": beta_err, "beta_reconstruction": beta_rec,
+            "nu_error": beta_err[base] / beta_err[direction_model],
+            "nu_reconstruction": beta_rec[base] / beta_rec[direction_model]}
+
+
+@torch.no_grad()
+def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batch_size=8):
+    """For each latent: its k highest activations on tokens_NS with their (sequence, position).
+    A running top-k merged batch by batch. Returns values, seq, pos [J, k] (value 0: fewer hits)."""
+    latents_J = torch.as_tensor(latents_J, device=crosscoder.W_enc.device)
+    J = len(latents_J)
+    s_M = normalisation_factors(crosscoder)
+    best_v = torch.zeros(J, k, device=latents_J.device)
+    best_i = torch.zeros(J, k, dtype=torch.long, device=latents_J.device)
+    offset = 0
+    for t, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations"):
+        N, S1 = x.shape[:2]
+        f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents_J].float()
+        idx_B = offset + torch.arange(N * S1, device=s_M.device)  # flat index over (sequence, position 1..)
+        kk = min(k, len(f_BJ))
+        v, i = f_BJ.topk(kk, dim=0)
+        cand_v, cand_i = torch.cat([best_v, v.T], 1), torch.cat([best_i, idx_B[i].T], 1)
+        best_v, sel = cand_v.topk(k, dim=1)
+        best_i = cand_i.gather(1, sel)
+        offset += N * S1
+    S1 = tokens_NS.shape[1] - 1
+    return best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + 1).cpu()  # position in the full sequence
+
+
+def examples_html(str_tokens_fn, tokens_NS, latents_J, values, seqs, positions, window=12, title=""):
+    """An HTML page: for each latent, its top contexts with the activating token highlighted."""
+    parts = [f"<html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>",
+             f"<h2>{html.escape(title)}</h2>"]
+    for j, latent in enumerate(latents_J):
+        parts.append(f"<h3>latent {int(latent)}</h3><ol>")
+        for v, n, p in zip(values[j].tolist(), seqs[j].tolist(), positions[j].tolist()):
+            if v <= 0:
+                continue
+            words = str_tokens_fn(tokens_NS[n, max(0, p - window) : p + 1])
+            ctx = "".join(html.escape(w) + " " for w in words[:-1])
+            parts.append(f"<li>{v:.2f}: {ctx}<b style='background:#fd8'>{html.escape(words[-1])}</b></li>")
+        parts.append("</ol>")
+    return "\n".join(parts + ["</body></html>"])

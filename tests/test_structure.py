@@ -1,0 +1,54 @@
+"""The repo's modules as a reader meets them: a flat set of files whose imports form no cycle."""
+import ast
+
+from conftest import REPO
+
+MODULES = {p.stem for p in REPO.glob("*.py")}
+
+
+def repo_imports(path):
+    """The repo modules a file imports anywhere in it, function-level imports included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module.split(".")[0])
+    return found & MODULES - {path.stem}
+
+
+def find_cycle(graph):
+    """One import cycle as a list of modules, or None."""
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state and (cycle := visit(n)):
+                return cycle
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles_between_the_repos_modules_function_level_imports_included():
+    graph = {p.stem: repo_imports(p) for p in REPO.glob("*.py")}
+    assert {"train", "trainer", "crosscoder", "buffer", "analysis", "utils", "config", "diffing"} <= set(graph)
+    assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
+
+
+def test_config_imports_no_repo_module():
+    assert repo_imports(REPO / "config.py") == set()
