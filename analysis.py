@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from buffer import estimate_norm_factors
+from activations import estimate_norm_factors
 from checkpoint import latest_version_dir, published_hook_dir
 from config import ConfigError, format_help, parse_overrides
 from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder

@@ -23,8 +23,9 @@ import warnings
 
 import torch
 
-import buffer as buffer_module
-from buffer import buffer_sequences, extract_activations, sequences_needed, steps_per_refresh
+import activations
+from activations import autocast_context, extract_activations
+from buffer import buffer_sequences, sequences_needed, steps_per_refresh
 from config import ConfigError, format_help, layers_needed, parse_overrides
 from trainer import Trainer
 from utils import drop_unembedding, keep_freed_memory
@@ -122,8 +123,8 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False):
         def shipped_refresh():
             empty = data[:0].to(device)
             for _ in range(0, buf.buffer_batches // 2, cfg["model_batch_size"]):
-                with torch.no_grad(), buffer_module.autocast_context(device):
-                    [buffer_module.extract_activations(model, empty, cfg["hook_point"]) for _ in range(2)]
+                with torch.no_grad(), autocast_context(device):
+                    [activations.extract_activations(model, empty, cfg["hook_point"]) for _ in range(2)]
             buf.buffer = buf.buffer[torch.randperm(buf.buffer_size, generator=buf.generator).to(device)]
             buf.pointer = 0
 
@@ -229,13 +230,19 @@ def main():
             data[:, 0] = 2  # BOS
             tokens = data[:mbs].to(device)
         # (a) harvest through both models (the same weights twice: the cost is what matters)
-        with torch.no_grad(), buffer_module.autocast_context(device):
+        with torch.no_grad(), autocast_context(device):
             harvest_t[name], out = timed(lambda: [extract(model, tokens, hook) for _ in range(2)], device,
                                          3 if toy else 2)
         acts[name] = out[0].float().cpu()
         add(f"harvest, {name}", mbs * (S - 1) / harvest_t[name])
-        # (c) end to end
-        buffer_module.extract_activations = extract
+        # (c) end to end: the buffer runs the models through activations.extract_activations
+        calls = [0]
+
+        def counted_extract(*args):
+            calls[0] += 1
+            return extract(*args)
+
+        activations.extract_activations = counted_extract
         try:
             e2e[name] = end_to_end(cfg, model, data, cycles, device)
             add(f"end to end, {name}" + (" (refresh bug fixed)" if name == "reference" else ""), e2e[name],
@@ -244,7 +251,8 @@ def main():
                 e2e["shipped"] = end_to_end(cfg, model, data, cycles, device, shipped=True)
                 add("end to end, reference as shipped", e2e["shipped"], peak_memory(device))
         finally:
-            buffer_module.extract_activations = extract_activations
+            activations.extract_activations = extract_activations
+        assert calls[0] > 0, f"the {name} scheme's extraction was never called end to end"
         if name == "ours":  # training from a store harvested once (untimed) by the same model
             from store import ActivationStore, harvest
 

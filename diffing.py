@@ -10,7 +10,7 @@ import html
 import torch
 from tqdm.auto import tqdm
 
-from buffer import autocast_context, extract_activations
+from activations import autocast_context, extract_activations
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from buffer import RowBuffer, estimate_norm_factors, run_models, sequences_needed
+from activations import estimate_norm_factors, run_models
+from buffer import RowBuffer, sequences_needed
 from checkpoint import atomic_write_text
 
 SHARD_SEQUENCES = 4096  # sequences per shard file

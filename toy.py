@@ -197,7 +197,7 @@ def organism_report(base, chat, cfg, n_seqs=256):
     """How the pair differs, on held-out text: relative distance between the two models'
     residuals at the hook on plain text and on transcripts, and each model's accuracy at
     predicting the assistant's words (the behaviour only fine-tuning teaches)."""
-    from buffer import extract_activations
+    from activations import extract_activations
 
     tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 5)
     t = tokens.long()

@@ -5,26 +5,6 @@ from buffer import Buffer, TokensExhausted, extract_activations, sequences_neede
 from conftest import random_tokens, tiny_cfg, tiny_model
 
 
-@pytest.mark.parametrize("hook_point", ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre",
-                                        "blocks.1.hook_resid_mid", "blocks.1.hook_resid_post",
-                                        "blocks.0.hook_resid_post", "hook_embed", "ln_final.hook_normalized"])
-def test_extraction_equals_run_with_cache(hook_point):
-    model = tiny_model(0, n_layers=3)
-    tokens = random_tokens(3, 10)
-    _, cache = model.run_with_cache(tokens, names_filter=hook_point)
-    got = extract_activations(model, tokens, hook_point)
-    assert torch.equal(got, cache[hook_point])
-
-
-def test_early_stop_skips_later_layers():
-    model = tiny_model(0, n_layers=3)
-    ran = []
-    for i, block in enumerate(model.blocks):
-        block.register_forward_hook(lambda *a, i=i: ran.append(i))
-    extract_activations(model, random_tokens(2, 6), "blocks.1.hook_resid_pre")
-    assert ran == [0]
-
-
 def make_buffer(models, n_seqs=200, d_vocab=50, **kw):
     cfg = tiny_cfg(**kw)
     tokens = random_tokens(n_seqs, cfg["seq_len"], d_vocab=d_vocab)
@@ -180,17 +160,3 @@ def test_saved_shuffling_state_is_a_cpu_generators_and_resumes_on_any_device(mod
     torch.testing.assert_close(first, buf.next())  # the rows already shuffled are served as saved
     for _ in range(20):  # through a refresh with the new seed
         assert torch.isfinite(restored.next()).all()
-
-
-def test_norm_estimate_with_bos_matches_a_direct_computation(models):
-    """estimate_norm_factors(drop_bos=False) is the reference's estimate (the published
-    crosscoder's factors): sqrt(d_in) / mean norm over every position, BOS included."""
-    from buffer import estimate_norm_factors
-
-    tokens = random_tokens(10, 9)
-    got = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, drop_bos=False, progress=False)
-    for m, model in enumerate(models):
-        acts = extract_activations(model, tokens[:8], "blocks.1.hook_resid_pre")
-        torch.testing.assert_close(got[m], 32 ** 0.5 / acts.norm(dim=-1).mean())
-    no_bos = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, progress=False)
-    torch.testing.assert_close(no_bos[0], 32 ** 0.5 / extract_activations(models[0], tokens[:8], "blocks.1.hook_resid_pre")[:, 1:].norm(dim=-1).mean())
