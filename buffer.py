@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 # for notebooks written before they moved).
 from activations import (autocast_context, check_models, estimate_norm_factors, extract_activations,  # noqa: F401
                          has_hook, run_models)
-from config import ConfigError
+from config import ConfigError, hook_layer  # noqa: F401 (hook_layer: moved to config.py, kept for notebooks)
 
 
 class TokensExhausted(RuntimeError):

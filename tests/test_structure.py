@@ -52,3 +52,26 @@ def test_no_import_cycles_between_the_repos_modules_function_level_imports_inclu
 
 def test_config_imports_no_repo_module():
     assert repo_imports(REPO / "config.py") == set()
+
+
+def test_names_that_moved_still_import_from_their_old_modules():
+    """Notebooks written before the split keep working: each moved name is the same object."""
+    import activations
+    import buffer
+    import config
+    import crosscoder
+    import diffing
+    import objective
+    import trainer
+    import utils
+
+    moved = {utils: (diffing, ["latent_scaling", "splice_in_loss", "reconstruction_stats", "top_activating_examples",
+                               "examples_html", "iter_paired_activations", "GENUINE_NU_MAX"]),
+             crosscoder: (diffing, ["classify_latents", "BASE_ONLY_MAX", "CHAT_ONLY_MIN", "SHARED_RANGE"]),
+             trainer: (objective, ["lr_multiplier", "l1_coeff_at"]),
+             buffer: (activations, ["extract_activations", "autocast_context", "check_models", "run_models",
+                                    "estimate_norm_factors"])}
+    for old, (new, names) in moved.items():
+        for name in names:
+            assert getattr(old, name) is getattr(new, name), f"{old.__name__}.{name}"
+    assert buffer.hook_layer is config.hook_layer
