@@ -123,6 +123,20 @@ def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses
     assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "summary.txt"} <= written
 
 
+def test_factors_given_on_the_command_line_override_the_checkpoints(tmp_path):
+    import json
+
+    cc = CrossCoder(tiny_cfg(tmp_path, preset="gemma", normalisation_factor=[0.3, 0.25]))
+    cc.save()
+    version = tmp_path / "checkpoints" / "version_0"
+    out = run_script("analysis.py", "--checkpoint", str(version), "--factors", "0.5,0.125", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((version / "analysis" / "summary.txt").read_text())
+    assert summary["normalisation_factor"] == [0.5, 0.125] and summary["normalisation_factor_source"] == "given (--factors)"
+    bad = run_script("analysis.py", "--checkpoint", str(version), "--factors", "half,1", timeout=300)
+    assert bad.returncode != 0 and "bad option value" in bad.stderr and "Traceback" not in bad.stderr
+
+
 REFERENCE_CFG_KEYS = dict(  # the reference's training config, as its published cfg.json holds it (no d_in)
     seed=49, batch_size=4096, buffer_mult=128, lr=5e-5, num_tokens=400_000_000, l1_coeff=2, beta1=0.9,
     beta2=0.999, dict_size=2**14, seq_len=1024, enc_dtype="fp32", model_name="gemma-2-2b", site="resid_pre",

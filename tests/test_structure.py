@@ -75,3 +75,18 @@ def test_names_that_moved_still_import_from_their_old_modules():
         for name in names:
             assert getattr(old, name) is getattr(new, name), f"{old.__name__}.{name}"
     assert buffer.hook_layer is config.hook_layer
+
+
+def test_no_module_repeats_a_config_default_with_cfg_get():
+    """Defaults live in train.default_cfg; configs are completed once (train.complete_cfg), so no
+    module reads cfg.get("key", default) for a config key: such a default would drift."""
+    from config import SCHEMA
+
+    repeats = []
+    for path in REPO.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                    and "cfg" in ast.unparse(node.func.value) and len(node.args) == 2
+                    and isinstance(node.args[0], ast.Constant) and node.args[0].value in SCHEMA):
+                repeats.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert not repeats, repeats
