@@ -79,7 +79,7 @@ SCHEMA = {
                       "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
 }
 # Written into the config by training, not set by users.
-DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step"}
+DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size"}
 
 
 def hook_layer(hook_point):

@@ -1,8 +1,9 @@
-"""The training maths apart from the loop and the update: the reference's schedules (learning
-rate, L1 warm-up) and the objective, as small pure functions (tested without models).
+"""The training maths apart from the loop: the reference's schedules (learning rate, L1 warm-up)
+and the objective, as small pure functions (tested without models), and its optimiser.
 
 The loss terms come from CrossCoder.losses_and_acts (crosscoder.py).
 """
+import torch
 
 
 def lr_multiplier(step, total_steps):
@@ -27,3 +28,15 @@ def training_loss(losses, aux_loss, step, total_steps, cfg):
         return losses.l2_loss + cfg["aux_coeff"] * aux_loss, 0.0
     l1_coeff = l1_coeff_at(step, total_steps, cfg["l1_coeff"])
     return losses.l2_loss + l1_coeff * losses.l1_loss, l1_coeff
+
+
+def make_optimizer(params, cfg):
+    """The reference's Adam (default eps, no weight decay), fused into one kernel per step where
+    the device supports it: the same update, but one pass over the weights and the optimiser
+    state instead of seven (on CPU at the Gemma shape these passes took ~8% of a step)."""
+    params = list(params)
+    kwargs = dict(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, **kwargs)

@@ -6,6 +6,7 @@
 #   python train.py --l1_coeff 1.5 --dict_size 32768  # any key, validated before any model loads
 #   python train.py --resume checkpoints/version_3    # continue an interrupted run
 # %%
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from config import ConfigError, check_against_model, format_help, parse_overrides, validate_cfg
 from checkpoint import CheckpointError, read_cfg, resolve_version_dir
 from crosscoder import resolve_device
+import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from utils import (PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, in_notebook, keep_freed_memory,
@@ -121,7 +123,11 @@ def load_models_and_tokens(cfg):
     if cfg["preset"] == "toy":
         from toy import build_toy_pair
 
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 builds (or reads) the cached pair first
         base, chat, tokens, _ = build_toy_pair(cfg)
+        if distributed.is_main():
+            distributed.barrier()
         return [base, chat], tokens
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
@@ -133,6 +139,13 @@ def load_models_and_tokens(cfg):
 
 
 def main(cfg, resume=None):
+    """Train one crosscoder; under torchrun, one data-parallel replica per process."""
+    if distributed.launched():
+        world = int(os.environ["WORLD_SIZE"])
+        if cfg["batch_size"] % world:
+            raise ConfigError(f"batch_size {cfg['batch_size']} does not split over {world} processes "
+                              f"(torchrun --nproc_per_node x --nnodes): choose a multiple of {world}")
+        cfg["device"] = distributed.setup(cfg["device"])
     if cfg["device"] is None and cfg["preset"] != "toy" and not torch.cuda.is_available():
         raise SetupError(
             "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
@@ -151,27 +164,34 @@ def main(cfg, resume=None):
     else:
         trainer = Trainer(cfg, models=models, tokens=tokens)
     log = trainer.train()
-    print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
-    if cfg["preset"] == "toy":
-        from toy import format_report, organism_report, toy_report
+    if distributed.is_main():
+        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+        if cfg["preset"] == "toy":
+            from toy import format_report, organism_report, toy_report
 
-        organism = organism_report(models[0], models[1], cfg)
-        print(format_report(toy_report(trainer.crosscoder, models[0], models[1], cfg), organism))
-    print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
+            organism = organism_report(models[0], models[1], cfg)
+            print(format_report(toy_report(trainer.crosscoder, models[0], models[1], cfg), organism))
+        print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
     return trainer
 
 
 def cli(argv):
+    clean = False
     try:
         cfg, resume = build_cfg(argv)
         main(cfg, resume)
+        clean = True
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except TrainingInterrupted as e:
-        print(f"training interrupted ({e}); resume with: python train.py --resume {e.save_dir}", file=sys.stderr)
+        if distributed.is_main():
+            launcher = f"torchrun --nproc_per_node={distributed.world_size()}" if distributed.launched() else "python"
+            print(f"training interrupted ({e}); resume with: {launcher} train.py --resume {e.save_dir}", file=sys.stderr)
         sys.exit(128 + e.signum)
     except (NonFiniteError, TokensExhausted, SetupError, DataError, FileNotFoundError, CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        distributed.teardown(clean)
 
 
 # %%
@@ -179,5 +199,12 @@ if __name__ == "__main__":
     if in_notebook():  # no argv parsing inside IPython, as the reference
         notebook_cfg = dict(default_cfg, preset="gemma")
         trainer = main(notebook_cfg)
+    elif distributed.launched():  # a torchrun worker: leave without Python's shutdown (distributed.exit_process)
+        try:
+            cli(sys.argv[1:])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        distributed.exit_process(code)
     else:
         cli(sys.argv[1:])

@@ -9,33 +9,22 @@ a step: numbers are read only at log steps. step_dtype "bf16" runs the step's ma
 autocast (the reference: fp32).
 """
 import signal
-import threading
 
 import torch
 from tqdm.auto import tqdm
 
-from buffer import Buffer, TokensExhausted, sequences_needed
+import distributed
+from buffer import Buffer, TokensExhausted, buffer_sequences, sequences_needed
 from checkpoint import CheckpointError, checkpoint_files, latest_checkpoint, resolve_version_dir, trainer_states
 from crosscoder import CrossCoder
-from objective import l1_coeff_at, lr_multiplier, training_loss  # noqa: F401 (l1_coeff_at: for notebooks)
+from utils import install_stop_handlers, restore_handlers
+from objective import l1_coeff_at, lr_multiplier, make_optimizer, training_loss  # noqa: F401 (l1_coeff_at: notebooks)
 from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
-
-
-def make_optimizer(params, cfg):
-    """The reference's Adam (default eps, no weight decay), fused into one kernel per step where
-    the device supports it: the same update, but one pass over the weights and the optimiser
-    state instead of seven (on CPU at the Gemma shape these passes took ~8% of a step)."""
-    params = list(params)
-    kwargs = dict(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
-    try:
-        return torch.optim.Adam(params, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
-        return torch.optim.Adam(params, **kwargs)
 
 
 class NonFiniteError(RuntimeError):
@@ -82,20 +71,37 @@ class Trainer:
             self.crosscoder = CrossCoder(cfg)
         self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
         self.crosscoder.train()  # BatchTopK selects per batch in training (a loaded model is in eval)
+        # Data parallel (torchrun): this rank serves batch_size / world_size rows a step from its
+        # own share of the sequences; gradients are averaged over the ranks in step().
+        self.world_size = distributed.world_size()
+        if cfg["batch_size"] % self.world_size:
+            raise ValueError(f"batch_size {cfg['batch_size']} does not split over {self.world_size} processes")
+        if self.world_size > 1:
+            cfg["world_size"] = self.world_size
+        # sequences the run read before this view of the tokens began (distributed.rebase_state)
+        state, self.sequence_offset = distributed.rebase_state(state, self.world_size)
+        local_cfg = dict(cfg, batch_size=cfg["batch_size"] // self.world_size)
         if buffer is None:
-            need = sequences_needed(cfg, self.total_steps)
-            if tokens is not None and need > len(tokens) and not cfg["wrap_tokens"]:
+            if tokens is not None:  # rank r reads sequences offset + r, + r + w, ...: all ranks together read in order
+                tokens = tokens[self.sequence_offset + distributed.rank() :: self.world_size]
+            buffer_state = state and state.get("buffer")
+            start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
+            need = sequences_needed(local_cfg, self.total_steps - start)  # a full fill, then refreshes
+            if buffer_state is not None and "buffer" in buffer_state:
+                need -= buffer_sequences(local_cfg)  # an exact resume keeps its filled buffer
+            if tokens is not None and need > len(tokens) - read and not cfg["wrap_tokens"]:
                 raise TokensExhausted(
-                    f"num_tokens={cfg['num_tokens']:,} needs {need:,} sequences of {cfg['seq_len']} tokens "
-                    f"(buffer refreshes included) but the dataset has {len(tokens):,}; lower num_tokens, "
-                    "add data, or set wrap_tokens=True to reuse it")
-            buffer = Buffer(cfg, models, tokens, state=state and state.get("buffer"))
+                    f"num_tokens={cfg['num_tokens']:,} needs {need * self.world_size:,} sequences of {cfg['seq_len']} "
+                    f"tokens (buffer refreshes included) but the dataset has {len(tokens) * self.world_size:,}; "
+                    "lower num_tokens, add data, or set wrap_tokens=True to reuse it")
+            buffer = Buffer(local_cfg, models, tokens, state=state and state.get("buffer"))
         elif state is not None and state.get("buffer") is not None:
             buffer.load_state_dict(state["buffer"])
         self.buffer = buffer
         factor = getattr(buffer, "normalisation_factor", None)
         if factor is not None:
-            cfg["normalisation_factor"] = torch.as_tensor(factor).tolist()
+            buffer.normalisation_factor = distributed.combine_factors(factor)  # every rank scales alike
+            cfg["normalisation_factor"] = torch.as_tensor(buffer.normalisation_factor).tolist()
 
         device = self.crosscoder.W_enc.device
         self.optimizer = make_optimizer(self.crosscoder.parameters(), cfg)
@@ -135,6 +141,7 @@ class Trainer:
             losses, latents_BF, aux = self.crosscoder.losses_and_acts(acts_BMD, dead_F)
         loss, l1_coeff = training_loss(losses, aux, i, self.total_steps, self.cfg)
         loss.backward()
+        distributed.average_([p.grad for p in self.crosscoder.parameters()])  # before clipping, as one process
         grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -143,7 +150,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         with torch.no_grad():
-            fired_F = (latents_BF > 0).any(0)
+            fired_F = distributed.any_((latents_BF > 0).any(0).float()) > 0  # fired on any rank
+            if batchtopk:  # one inference threshold for every replica
+                distributed.average_([self.crosscoder.threshold])
             self.steps_since_fired = torch.where(fired_F, 0, self.steps_since_fired + 1)
             source = torch.where(~torch.isfinite(acts_BMD).all(), 1,
                                  torch.where(~torch.isfinite(loss), 2, torch.where(~torch.isfinite(grad_norm), 3, 0)))
@@ -165,10 +174,11 @@ class Trainer:
         return torch.autocast(self.crosscoder.W_enc.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def _check_batch(self, acts_BMD):
-        want = (self.cfg["batch_size"], self.cfg["n_models"], self.cfg["d_in"])
+        want = (self.cfg["batch_size"] // self.world_size, self.cfg["n_models"], self.cfg["d_in"])
         if tuple(acts_BMD.shape) != want:
+            per_rank = f" / {self.world_size} processes" if self.world_size > 1 else ""
             raise ValueError(f"the activation source returned shape {tuple(acts_BMD.shape)}, expected "
-                             f"[batch_size, n_models, d_in] = {list(want)}")
+                             f"[batch_size{per_rank}, n_models, d_in] = {list(want)}")
 
     def _dead_window(self):
         return min(self.cfg["dead_window"], max(self.step_counter, 1))
@@ -200,9 +210,11 @@ class Trainer:
             buffer_state = self.buffer.state_dict()
             if not keep_buffer:
                 buffer_state.pop("buffer", None)
+        if buffer_state is not None and self.world_size > 1:
+            buffer_state.pop("buffer", None)  # resumed with fresh buffers anyway (_rebase_on_world_size)
         return {"optimizer": self.optimizer.state_dict(), "step": self.step_counter,
-                "steps_since_fired": self.steps_since_fired, "buffer": buffer_state,
-                "wandb_id": self.wandb_id}
+                "steps_since_fired": self.steps_since_fired, "buffer": buffer_state, "wandb_id": self.wandb_id,
+                "world_size": self.world_size, "sequence_offset": self.sequence_offset}
 
     def save(self):
         """Checkpoint weights + config + trainer state, unless the weights are not finite.
@@ -211,6 +223,9 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.crosscoder.parameters()):
             raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
                                  f"Last good checkpoint: {self._last_good()}")
+        if not distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
+            self.last_saved_step = self.step_counter
+            return None
         path = self.crosscoder.save(extra_state=self.state_dict(), step=self.step_counter)
         self.last_saved_step = self.step_counter
         newest = checkpoint_files(path.parent, self.crosscoder.save_version - 1).trainer
@@ -223,8 +238,10 @@ class Trainer:
     def log(self, log_dict, pbar=None):
         """Host sync: numbers for the console bar and wandb; also the NaN check."""
         self.check_finite()
-        out = {k: float(v) for k, v in log_dict.items()}
-        out["dead_fraction"] = float(self.dead_fraction())
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.bad_step.device)
+                              for v in log_dict.values()] + [self.dead_fraction()])
+        values = distributed.average_([values])[0].tolist()  # the mean over ranks of each metric
+        out = dict(zip([*log_dict, "dead_fraction"], values))
         if self.wandb_run is not None:
             self.wandb_run.log(out, step=self.step_counter - 1)
         if pbar is not None:
@@ -239,15 +256,18 @@ class Trainer:
         (Ctrl-C, SIGTERM) or failing; never saves non-finite weights. Raises TrainingInterrupted
         after saving on a signal. Returns the last log dict."""
         self._stop_signal = None
-        old_handlers = self._install_signal_handlers()
-        print(f"training steps {self.step_counter}..{self.total_steps} of {self.cfg['batch_size']} tokens; "
-              "Ctrl-C or SIGTERM saves a checkpoint and stops", flush=True)
-        self.wandb_run = start_run(self.cfg, self.wandb_id)  # None when disabled
+        old_handlers = install_stop_handlers(self._request_stop)
+        main = distributed.is_main()
+        if main:
+            print(f"training steps {self.step_counter}..{self.total_steps} of {self.cfg['batch_size']} tokens"
+                  + (f" over {self.world_size} processes" if self.world_size > 1 else "")
+                  + "; Ctrl-C or SIGTERM saves a checkpoint and stops", flush=True)
+        self.wandb_run = start_run(self.cfg, self.wandb_id) if main else None  # None when disabled
         if self.wandb_run is not None:
             self.wandb_id = self.wandb_run.id
         log, step_log = {}, None
         pbar = tqdm(range(self.step_counter, self.total_steps), initial=self.step_counter, total=self.total_steps,
-                    desc="training", disable=not self.cfg["progress"], dynamic_ncols=True)
+                    desc="training", disable=not (self.cfg["progress"] and main), dynamic_ncols=True)
         try:
             for i in pbar:
                 step_log = self.step()
@@ -255,8 +275,8 @@ class Trainer:
                     log = self.log(step_log, pbar)
                 if (i + 1) % self.cfg["save_every"] == 0:
                     self.save()
-                if self._stop_signal is not None:
-                    raise TrainingInterrupted(self._stop_signal, self.step_counter)
+                if distributed.any_rank(self._stop_signal is not None):  # every rank stops at the same step
+                    raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step_counter)
             self.check_finite()
         except NonFiniteError:
             raise
@@ -272,40 +292,26 @@ class Trainer:
             self._save_if_new(reason="end of training")
         finally:
             pbar.close()
-            self._restore_signal_handlers(old_handlers)
+            restore_handlers(old_handlers)
             finish_run(self.wandb_run)
             self.wandb_run = None
         return log
+
+    def _request_stop(self, signum):
+        """SIGINT/SIGTERM: stop after the current step, so the checkpoint is consistent; a second
+        Ctrl-C interrupts at once."""
+        if self._stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_signal = signum
 
     def _save_if_new(self, reason):
         if self.step_counter == self.last_saved_step or self.step_counter == 0:
             return
         try:
             path = self.save()
-            print(f"checkpoint ({reason}) saved at step {self.step_counter}: {path}")
+            if path is not None:
+                print(f"checkpoint ({reason}) saved at step {self.step_counter}: {path}")
         except NonFiniteError as e:
             print(f"not saving after {reason}: {e}")
         except OSError as e:
             print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
-
-    def _install_signal_handlers(self):
-        """SIGINT/SIGTERM ask the loop to stop after the current step, so the checkpoint is
-        consistent; a second Ctrl-C interrupts at once."""
-        if threading.current_thread() is not threading.main_thread():  # signal.signal would raise
-            return None
-
-        def request_stop(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in old:
-            signal.signal(s, request_stop)
-        return old
-
-    @staticmethod
-    def _restore_signal_handlers(old):
-        if old:
-            for s, handler in old.items():
-                signal.signal(s, handler)

@@ -5,6 +5,8 @@ Shape legend: N sequences, S seq_len.
 """
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +209,20 @@ def keep_freed_memory():
         return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def install_stop_handlers(on_signal):
+    """Route SIGINT and SIGTERM to on_signal(signum); returns the handlers they replaced (None
+    outside the main thread, where Python cannot set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, lambda signum, frame: on_signal(signum))
+    return old
+
+
+def restore_handlers(old):
+    """Put back the handlers install_stop_handlers replaced."""
+    for s, handler in (old or {}).items():
+        signal.signal(s, handler)

@@ -1,0 +1,144 @@
+"""Data parallelism on PyTorch's own engine: torch.distributed, launched by torchrun (NCCL on GPUs,
+gloo on CPU). Plain `python train.py` creates no process group: the world size is 1 and every
+function here does nothing.
+
+Each rank trains an identical replica of the crosscoder on its own share of the global batch:
+its own token sequences, its own buffer (no activations cross the network). Gradients are
+averaged before clipping, so one step equals a single-process step on the global batch.
+"""
+import datetime
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+_control = None  # a gloo group for host-side flags, so that NCCL runs never sync a GPU for them
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main():
+    """Rank 0 logs, shows the progress bar and writes checkpoints."""
+    return rank() == 0
+
+
+def launched():
+    """True in a process started by torchrun with more than one process in all."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device=None, timeout_s=600):
+    """Join the process group torchrun describes in the environment and return this rank's
+    device: cuda:LOCAL_RANK with NCCL when a GPU is asked for or available, else the CPU with
+    gloo. A rank that dies makes the others fail after timeout_s instead of hanging."""
+    global _control
+    if not launched() or dist.is_initialized():
+        return device
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+    _control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
+    return device if use_cuda else "cpu"
+
+
+def teardown(clean=True):
+    """Leave the process group. clean: every rank got here normally, so they first wait for one
+    another (gloo aborts a process that destroys its group while a peer still talks to it); after
+    a failure torchrun stops the others, and waiting could only hang."""
+    global _control
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+        _control = None
+
+
+def exit_process(code=0):
+    """End a torchrun worker at once, after flushing its output. Python's own shutdown can still
+    abort a worker after destroy_process_group ("terminate called without an active exception",
+    about one run in ten with gloo here: c10d threads torn down during interpreter finalisation),
+    which would fail the whole job after it finished. code: an exit status or a message (status 1)."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
+
+
+def shard(n):
+    """This rank's contiguous share of n items (every rank gets n // world_size)."""
+    per_rank = n // world_size()
+    return slice(rank() * per_rank, (rank() + 1) * per_rank)
+
+
+def average_(tensors):
+    """Replace each tensor, in place, by its mean over the ranks."""
+    if world_size() == 1:
+        return tensors
+    for t in tensors:
+        dist.all_reduce(t)
+        t.div_(world_size())
+    return tensors
+
+
+def any_(tensor):
+    """In place: 1 where any rank has a non-zero (an element-wise max over the ranks)."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def any_rank(flag):
+    """True on every rank when flag is true on any rank (a host-side all-reduce)."""
+    if world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return bool(t.item())
+
+
+def combine_factors(factors_M):
+    """Normalisation factors every rank agrees on. Each rank measured sqrt(d_in) / its mean
+    activation norm on its own sequences; the factor of the mean norm over all ranks (equal
+    counts) is the harmonic mean of their factors."""
+    if world_size() == 1:
+        return factors_M
+    inverse = 1.0 / factors_M.double()
+    average_([inverse])
+    return (1.0 / inverse).to(factors_M.dtype)
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier(group=_control)
+
+
+def rebase_state(state, world_size_now):
+    """(trainer state to resume from, sequence offset) for a run resumed with world_size_now
+    processes. The ranks of a run read their sequences strided (rank r: offset + r, + r + w, ...),
+    so together they have used the first offset + w * pointer sequences. Resuming with several
+    processes, or with another number than saved, refills fresh buffers from there (the same data
+    from there on, in a new order) and says so; one process resuming a one-process run is exact."""
+    if state is None or state.get("buffer") is None:
+        return state, 0
+    saved_world, buffer_state = state.get("world_size", 1), state["buffer"]
+    offset = state.get("sequence_offset", 0)
+    if saved_world == 1 and world_size_now == 1:
+        return state, offset
+    offset += saved_world * int(buffer_state["token_pointer"])
+    if is_main():
+        print(f"resuming a {saved_world}-process run with {world_size_now} process(es): fresh buffers from "
+              f"sequence {offset:,} (the same data from there on, in a new order)")
+    fresh = {k: v for k, v in buffer_state.items() if k != "buffer"}
+    return dict(state, buffer=dict(fresh, token_pointer=0, sequences_run=0)), offset

@@ -1,0 +1,142 @@
+"""Data parallelism with 2 gloo processes on this CPU, launched by torchrun from the test itself
+(one thread each, a timeout, nothing left behind)."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, tiny_cfg
+from dp_worker import GlobalBatches
+from trainer import Trainer
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    """torchrun --nproc_per_node=nproc ARGS in the repo, one thread per process, killed (the whole
+    process group) if it runs past timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
+               CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
+def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_path, architecture):
+    """6 steps on 2 ranks, each fed half of the same global batches, give the weights and the
+    logged metrics of 6 single-process steps on the whole batches (gradients averaged before
+    clipping). BatchTopK selects per rank, so only its L1 form is compared exactly."""
+    steps = 6
+    out = torchrun("tests/dp_worker.py", str(tmp_path / "dp.pt"), str(steps), architecture)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    got = torch.load(tmp_path / "dp.pt", weights_only=True)
+    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4)
+    single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
+    logs = [single.log(single.step()) for _ in range(steps)]
+    if architecture == "l1":
+        for name, want in single.crosscoder.state_dict().items():
+            torch.testing.assert_close(got["weights"][name], want.detach(), atol=1e-5, rtol=1e-5)
+        for key in ("loss", "l2_loss", "l1_loss", "l0_loss", "dead_fraction"):
+            torch.testing.assert_close(torch.tensor([g[key] for g in got["logs"]]),
+                                       torch.tensor([s[key] for s in logs]), atol=1e-4, rtol=1e-4)
+    else:  # per-rank selection: the same shapes, finite, and one threshold
+        assert all(torch.isfinite(v).all() for v in got["weights"].values())
+        assert got["weights"]["threshold"] > 0
+
+
+def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error():
+    out = torchrun("train.py", "--preset", "toy", "--batch_size", "511", timeout=120)
+    assert out.returncode != 0
+    assert "batch_size 511 does not split over 2 processes" in out.stderr
+    assert 'train.py", line' not in out.stderr  # a message, not a traceback from our code (torchrun adds its own)
+
+
+def test_torchrun_trains_the_toy_preset_on_two_processes(tmp_path, toy_run):
+    """`torchrun --nproc_per_node=2 train.py --preset toy`: rank 0 alone prints and saves; the
+    checkpoint is the usual layout, loads in one process, and records the world size."""
+    _, _, data = toy_run
+    out = torchrun("train.py", "--preset", "toy", "--num_tokens", "51200", "--data_dir", str(data),
+                   "--checkpoint_dir", str(tmp_path / "ckpt"), "--wandb_mode", "disabled", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("final: ") == 1 and "over 2 processes" in out.stdout
+    from crosscoder import CrossCoder
+
+    cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
+    assert cc.cfg["world_size"] == 2 and cc.cfg["step"] == 100 and cc.cfg["batch_size"] == 512
+    assert not list((tmp_path / "ckpt").glob("version_1"))  # one run, one version directory
+
+
+def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_process(tmp_path, toy_run):
+    """SIGTERM to torchrun mid-run: every rank stops at the same step and rank 0 saves once. The
+    run then resumes to the end with 2 processes, and (a copy of it) with 1 process, which says it
+    starts from fresh buffers at the position the 2 ranks had reached."""
+    import shutil
+    import signal
+    import time
+
+    _, _, data = toy_run
+    args = ["train.py", "--preset", "toy", "--num_tokens", str(512 * 2000), "--save_every", "100", "--data_dir", str(data),
+            "--checkpoint_dir", str(tmp_path / "ckpt"), "--wandb_mode", "disabled"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    version = tmp_path / "ckpt" / "version_0"
+    try:
+        deadline = time.time() + 240
+        while not (version / "0_cfg.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (version / "0_cfg.json").exists(), "no periodic checkpoint within 240 s"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+    assert proc.returncode != 0 and out.count("checkpoint (TrainingInterrupted) saved") == 1, out[-2000:] + err[-2000:]
+    from checkpoint import complete_checkpoints, read_cfg
+
+    stopped = read_cfg(version)["step"]
+    assert 100 <= stopped < 2000 and stopped % 100 != 0 or stopped == 100 * len(complete_checkpoints(version))
+    shutil.copytree(version, tmp_path / "one")
+    # fresh buffers re-read a buffer's worth of sequences; the toy data is sized for a straight run
+    two = torchrun("train.py", "--resume", str(version), "--wrap_tokens", "true", timeout=600)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    assert read_cfg(version)["step"] == 2000 and "fresh buffers from sequence" in two.stdout
+    one = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "one"), "--wrap_tokens", "true"],
+                         cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-3000:]
+    assert "resuming a 2-process run with 1 process(es)" in one.stdout and read_cfg(tmp_path / "one")["step"] == 2000
+
+
+def test_rebase_state_keeps_an_exact_one_process_resume_and_restarts_other_world_sizes_after_the_data_read():
+    """Ranks read strided sequences, so a w-rank run at pointer p has used the first w * p of them
+    (after any earlier offset): any multi-process resume starts fresh buffers right there."""
+    from distributed import rebase_state
+
+    buffer_state = {"buffer": torch.zeros(4), "token_pointer": 30, "sequences_run": 30, "pointer": 3}
+    single = {"step": 9, "buffer": dict(buffer_state)}
+    assert rebase_state(single, 1) == (single, 0)  # untouched: the exact resume
+    assert rebase_state(None, 2) == (None, 0)
+    state, offset = rebase_state(dict(single, world_size=2, sequence_offset=8), 1)
+    assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
+    assert state["buffer"]["token_pointer"] == 0 and state["buffer"]["pointer"] == 3 and state["step"] == 9
+    state, offset = rebase_state(single, 2)  # a one-process run resumed by two
+    assert offset == 30 and "buffer" not in state["buffer"]
