@@ -140,3 +140,42 @@ def test_rebase_state_keeps_an_exact_one_process_resume_and_restarts_other_world
     assert state["buffer"]["token_pointer"] == 0 and state["buffer"]["pointer"] == 3 and state["step"] == 9
     state, offset = rebase_state(single, 2)  # a one-process run resumed by two
     assert offset == 30 and "buffer" not in state["buffer"]
+
+
+def test_a_killed_rank_ends_the_job_without_hanging_and_the_last_checkpoint_loads(tmp_path, toy_run):
+    """SIGKILL one worker mid-run: torchrun stops the other and exits non-zero within a minute
+    (no rank is left waiting in an all-reduce), no worker survives, and the newest periodic
+    checkpoint loads."""
+    import signal
+    import time
+
+    from crosscoder import CrossCoder
+
+    _, _, data = toy_run
+    marker = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--preset", "toy", "--num_tokens",
+                             str(512 * 4000), "--save_every", "100", "--data_dir", str(data), "--checkpoint_dir",
+                             str(marker), "--wandb_mode", "disabled"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    version = marker / "version_0"
+    try:
+        deadline = time.time() + 240
+        while not (version / "0_cfg.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert (version / "0_cfg.json").exists(), "no periodic checkpoint within 240 s"
+        workers = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True).stdout.split()
+        workers = [int(p) for p in workers if int(p) != proc.pid]
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        t0 = time.time()
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.time() - t0 < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.communicate()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", str(marker)], capture_output=True).stdout == b""  # no worker left
+    assert CrossCoder.load(version).cfg["world_size"] == 2
