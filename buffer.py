@@ -68,6 +68,14 @@ def check_buffer_fits(cfg):
             f"(now {cfg['batch_size']})")
 
 
+def norm_factors(cfg, models, tokens_NS):
+    """The factors a buffer with this config measures: over the first norm_estimate_batches model
+    batches of tokens_NS, BOS dropped (Buffer.estimate_norm_scaling_factors; store.harvest)."""
+    mbs = cfg["model_batch_size"]
+    return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
+                                 cfg["norm_estimate_batches"] * mbs, mbs, drop_bos=True, progress=cfg["progress"])
+
+
 class RowBuffer:
     """The reference's buffer machinery over any source of per-sequence rows: about
     batch_size * buffer_mult rows in bf16, filled fully at the start; once half has been served,
@@ -236,7 +244,4 @@ class Buffer(RowBuffer):
         The reference included the BOS position here (but dropped it in training); Gemma's BOS
         residual norm is far larger than other tokens', which skewed the factor. We drop BOS in
         both."""
-        n_seqs = self.cfg["norm_estimate_batches"] * self.model_batch_size
-        return estimate_norm_factors(self.models, self.all_tokens[:, : self.seq_len], self.hook_point,
-                                     n_seqs, self.model_batch_size, drop_bos=True,
-                                     progress=self.cfg["progress"]).to(self.device)
+        return norm_factors(self.cfg, self.models, self.all_tokens).to(self.device)

@@ -13,6 +13,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from config import ConfigError
+
 _control = None  # a gloo group for host-side flags, so that NCCL runs never sync a GPU for them
 
 
@@ -74,6 +76,15 @@ def exit_process(code=0):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
+
+
+def local_batch_size(batch_size, n_processes=None):
+    """Rows each rank serves a step: batch_size / world size, or a ConfigError naming both."""
+    n = n_processes or world_size()
+    if batch_size % n:
+        raise ConfigError(f"batch_size {batch_size} does not split over {n} processes "
+                          f"(torchrun --nproc_per_node x --nnodes): choose a multiple of {n}")
+    return batch_size // n
 
 
 def shard(n):

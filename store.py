@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from activations import estimate_norm_factors, run_models
-from buffer import RowBuffer, sequences_needed
+from activations import run_models
+from buffer import RowBuffer, norm_factors, sequences_needed
 from checkpoint import atomic_write_text
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
@@ -36,9 +36,8 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences):
     store_dir.mkdir(parents=True, exist_ok=True)
     n_sequences = min(n_sequences, len(tokens_NS))
     # The live buffer measures the factors the same way, on the same first sequences.
-    hook, S, mbs = cfg["hook_point"], cfg["seq_len"], cfg["model_batch_size"]
-    factors_M = estimate_norm_factors(models, tokens_NS[:, :S], hook, cfg["norm_estimate_batches"] * mbs, mbs,
-                                      progress=cfg["progress"]).to(next(models[0].parameters()).device)
+    hook = cfg["hook_point"]
+    factors_M = norm_factors(cfg, models, tokens_NS).to(next(models[0].parameters()).device)
     rows_per_seq, M, D = cfg["seq_len"] - 1, len(models), models[0].cfg.d_model
     shards = []
     for first in range(0, n_sequences, SHARD_SEQUENCES):

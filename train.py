@@ -91,8 +91,8 @@ def complete_cfg(cfg, base_cfg=default_cfg):
 
 def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--key value ...]"):
     """default_cfg <- preset <- --key value overrides (or the saved config with --resume).
-    Returns (cfg, resume); with flags (name -> help: a script's own flags beside FLAGS), returns
-    (cfg, extras) holding them. --help prints every flag and key and exits."""
+    Returns (cfg, extras): extras holds the flags given (FLAGS, and a script's own flags: name ->
+    help). --help prints every flag and key and exits."""
     all_flags = dict(flags or {}, **FLAGS)
     cfg, extras = parse_overrides(argv, base_cfg, flags=tuple(all_flags))
     if extras.get("help"):
@@ -115,7 +115,7 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
         cfg, _ = parse_overrides(argv, dict(base_cfg, **PRESETS[preset]), flags=tuple(all_flags))
         cfg["preset"] = preset
     validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
-    return (cfg, extras) if flags else (cfg, resume)
+    return cfg, extras
 
 
 def load_models_and_tokens(cfg):
@@ -141,10 +141,7 @@ def load_models_and_tokens(cfg):
 def main(cfg, resume=None):
     """Train one crosscoder; under torchrun, one data-parallel replica per process."""
     if distributed.launched():
-        world = int(os.environ["WORLD_SIZE"])
-        if cfg["batch_size"] % world:
-            raise ConfigError(f"batch_size {cfg['batch_size']} does not split over {world} processes "
-                              f"(torchrun --nproc_per_node x --nnodes): choose a multiple of {world}")
+        distributed.local_batch_size(cfg["batch_size"], int(os.environ["WORLD_SIZE"]))  # before anything loads
         cfg["device"] = distributed.setup(cfg["device"])
     if cfg["device"] is None and cfg["preset"] != "toy" and not torch.cuda.is_available():
         raise SetupError(
@@ -178,8 +175,8 @@ def main(cfg, resume=None):
 def cli(argv):
     clean = False
     try:
-        cfg, resume = build_cfg(argv)
-        main(cfg, resume)
+        cfg, extras = build_cfg(argv)
+        main(cfg, extras.get("resume"))
         clean = True
     except ConfigError as e:
         sys.exit(f"config error: {e}")

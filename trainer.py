@@ -74,13 +74,11 @@ class Trainer:
         # Data parallel (torchrun): this rank serves batch_size / world_size rows a step from its
         # own share of the sequences; gradients are averaged over the ranks in step().
         self.world_size = distributed.world_size()
-        if cfg["batch_size"] % self.world_size:
-            raise ValueError(f"batch_size {cfg['batch_size']} does not split over {self.world_size} processes")
+        local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
         if self.world_size > 1:
             cfg["world_size"] = self.world_size
         # sequences the run read before this view of the tokens began (distributed.rebase_state)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size)
-        local_cfg = dict(cfg, batch_size=cfg["batch_size"] // self.world_size)
         if buffer is None:
             if tokens is not None:  # rank r reads sequences offset + r, + r + w, ...: all ranks together read in order
                 tokens = tokens[self.sequence_offset + distributed.rank() :: self.world_size]
@@ -94,7 +92,7 @@ class Trainer:
                     f"num_tokens={cfg['num_tokens']:,} needs {need * self.world_size:,} sequences of {cfg['seq_len']} "
                     f"tokens (buffer refreshes included) but the dataset has {len(tokens) * self.world_size:,}; "
                     "lower num_tokens, add data, or set wrap_tokens=True to reuse it")
-            buffer = Buffer(local_cfg, models, tokens, state=state and state.get("buffer"))
+            buffer = Buffer(local_cfg, models, tokens, state=buffer_state)
         elif state is not None and state.get("buffer") is not None:
             buffer.load_state_dict(state["buffer"])
         self.buffer = buffer
@@ -141,7 +139,8 @@ class Trainer:
             losses, latents_BF, aux = self.crosscoder.losses_and_acts(acts_BMD, dead_F)
         loss, l1_coeff = training_loss(losses, aux, i, self.total_steps, self.cfg)
         loss.backward()
-        distributed.average_([p.grad for p in self.crosscoder.parameters()])  # before clipping, as one process
+        if self.world_size > 1:  # gradients averaged before clipping, as in one process
+            distributed.average_([p.grad for p in self.crosscoder.parameters()])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -150,9 +149,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
         with torch.no_grad():
-            fired_F = distributed.any_((latents_BF > 0).any(0).float()) > 0  # fired on any rank
-            if batchtopk:  # one inference threshold for every replica
-                distributed.average_([self.crosscoder.threshold])
+            fired_F = (latents_BF > 0).any(0)
+            if self.world_size > 1:
+                fired_F = distributed.any_(fired_F.float()) > 0  # fired on any rank
+                if batchtopk:  # one inference threshold for every replica
+                    distributed.average_([self.crosscoder.threshold])
             self.steps_since_fired = torch.where(fired_F, 0, self.steps_since_fired + 1)
             source = torch.where(~torch.isfinite(acts_BMD).all(), 1,
                                  torch.where(~torch.isfinite(loss), 2, torch.where(~torch.isfinite(grad_norm), 3, 0)))
@@ -211,7 +212,7 @@ class Trainer:
             if not keep_buffer:
                 buffer_state.pop("buffer", None)
         if buffer_state is not None and self.world_size > 1:
-            buffer_state.pop("buffer", None)  # resumed with fresh buffers anyway (_rebase_on_world_size)
+            buffer_state.pop("buffer", None)  # resumed with fresh buffers anyway (distributed.rebase_state)
         return {"optimizer": self.optimizer.state_dict(), "step": self.step_counter,
                 "steps_since_fired": self.steps_since_fired, "buffer": buffer_state, "wandb_id": self.wandb_id,
                 "world_size": self.world_size, "sequence_offset": self.sequence_offset}

@@ -165,16 +165,15 @@ def _local_model(name):
     if not (path / "config.json").is_file():
         return {}
     from transformer_lens.loading_from_pretrained import get_official_model_name
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         get_official_model_name(path.name)
     except ValueError:
         raise SetupError(f"{path}: name a local model directory after the TransformerLens model it holds "
                          "(for example .../gemma-2-2b-it), so that its architecture is known") from None
-    hf_cfg = AutoConfig.from_pretrained(path)
-    return {"tl_name": path.name, "n_layers": hf_cfg.num_hidden_layers,
-            "hf_model": AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32),
+    hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    return {"tl_name": path.name, "n_layers": hf_model.config.num_hidden_layers, "hf_model": hf_model,
             "tokenizer": AutoTokenizer.from_pretrained(path)}
 
 

@@ -1,5 +1,5 @@
 """One rank of tests/test_distributed.py, started by torchrun: trains a tiny crosscoder on its
-share of seeded global batches and, on rank 0, writes the final weights and logs to argv[1]."""
+share of seeded global batches and writes its final weights and logs to argv[1].rank<r>."""
 import os
 import sys
 
@@ -30,7 +30,7 @@ if __name__ == "__main__":
     cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, checkpoint_dir=os.path.dirname(out))
     trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
     logs = [trainer.log(trainer.step()) for _ in range(steps)]
-    if distributed.is_main():
-        torch.save({"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}, "logs": logs}, out)
+    weights = {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}
+    torch.save({"weights": weights, "logs": logs}, f"{out}.rank{distributed.rank()}")
     distributed.teardown()
     distributed.exit_process(0)

@@ -37,8 +37,8 @@ def test_unknown_key_on_the_command_line_exits_with_a_message():
 
 
 def test_presets_and_overrides_stack():
-    cfg, resume = build_cfg(["--preset", "toy", "--dict_size", "128"])
-    assert cfg["preset"] == "toy" and cfg["dict_size"] == 128 and resume is None
+    cfg, extras = build_cfg(["--preset", "toy", "--dict_size", "128"])
+    assert cfg["preset"] == "toy" and cfg["dict_size"] == 128 and extras == {"preset": "toy"}
     assert cfg["d_in"] != default_cfg["d_in"]  # the toy preset changed it
     cfg, _ = build_cfg([])
     assert cfg["preset"] == "gemma" and cfg["dict_size"] == 2**14
@@ -50,7 +50,8 @@ def test_resume_refuses_to_change_the_maths(toy_run):
     _, checkpoints, _ = toy_run
     with pytest.raises(ConfigError, match="dict_size"):
         build_cfg(["--resume", str(checkpoints / "version_0"), "--dict_size", "7"])
-    cfg, resume = build_cfg(["--resume", str(checkpoints / "version_0"), "--log_every", "7"])
+    cfg, extras = build_cfg(["--resume", str(checkpoints / "version_0"), "--log_every", "7"])
+    resume = extras["resume"]
     assert cfg["log_every"] == 7 and cfg["preset"] == "toy" and resume == str(checkpoints / "version_0")
 
 
