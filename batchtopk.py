@@ -11,16 +11,31 @@ choice so that a token's latents do not depend on the rest of its batch. The aux
 dead latents to reconstruct the main reconstruction error.
 """
 import torch
+import torch.distributed as dist
 
 
-def batch_topk_mask(scores_BF, k):
-    """Boolean mask of the k * B largest scores of the batch, and the smallest kept score."""
+def batch_topk_mask(scores_BF, k, group=None):
+    """Boolean mask of the k * B largest scores of the batch, and the smallest kept score.
+
+    group: a process group whose ranks each hold an equal share of one batch (data parallel):
+    the k * B_global largest scores over all of them are kept, as one process would on the whole
+    batch. Each rank sends only its own k * B_global largest scores (a superset of its share of
+    the global selection), never its [B, F] matrix."""
     B, F = scores_BF.shape
-    n_keep = min(k * B, B * F)
-    kept = scores_BF.flatten().topk(n_keep, sorted=False)
-    mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
-    mask[kept.indices] = True
-    return mask.view(B, F), kept.values.min()
+    ranks = 1 if group is None else dist.get_world_size(group)
+    n_keep = min(k * B * ranks, B * F * ranks)
+    if ranks == 1:
+        kept = scores_BF.flatten().topk(n_keep, sorted=False)
+        mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
+        mask[kept.indices] = True
+        return mask.view(B, F), kept.values.min()
+    candidates = scores_BF.detach().flatten().topk(min(n_keep, B * F), sorted=False).values.contiguous()
+    gathered = [torch.empty_like(candidates) for _ in range(ranks)]
+    dist.all_gather(gathered, candidates, group=group)
+    cutoff = torch.cat(gathered).topk(n_keep, sorted=False).values.min()
+    # ties at the cutoff are kept too (topk would keep some of them); a zero cutoff keeps zeros,
+    # which select nothing
+    return scores_BF >= cutoff, cutoff
 
 
 def update_threshold(threshold, min_kept_score, decay=0.99):

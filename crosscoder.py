@@ -17,6 +17,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+import distributed
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
 # The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
 from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
@@ -77,6 +78,7 @@ class CrossCoder(nn.Module):
             # score threshold used at inference; -1 until training has estimated it
             self.register_buffer("threshold", torch.tensor(-1.0))
         self.score_norms = None  # set by fold_normalisation: BatchTopK scores use the unfolded norms
+        self.global_topk = False  # data parallel (Trainer): training selects over the whole global batch
         self.to(resolve_device(cfg["device"]))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
@@ -100,7 +102,8 @@ class CrossCoder(nn.Module):
         norms_F = self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)
         scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
         if self.training or self.threshold < 0:
-            mask_BF, min_kept = batch_topk_mask(scores_BF, self.cfg["k"])
+            group = distributed.group() if self.training and self.global_topk else None
+            mask_BF, min_kept = batch_topk_mask(scores_BF, self.cfg["k"], group)
             return acts_BF * mask_BF, min_kept
         return acts_BF * (scores_BF > self.threshold), None
 

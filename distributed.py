@@ -26,6 +26,11 @@ def rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def group():
+    """The process group of all ranks (None in one process)."""
+    return dist.group.WORLD if world_size() > 1 else None
+
+
 def is_main():
     """Rank 0 logs, shows the progress bar and writes checkpoints."""
     return rank() == 0

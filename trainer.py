@@ -77,6 +77,7 @@ class Trainer:
         local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
         if self.world_size > 1:
             cfg["world_size"] = self.world_size
+            self.crosscoder.global_topk = True  # BatchTopK keeps k * the global batch, over all ranks
         # sequences the run read before this view of the tokens began (distributed.rebase_state)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size)
         if buffer is None:
@@ -150,10 +151,8 @@ class Trainer:
 
         with torch.no_grad():
             fired_F = (latents_BF > 0).any(0)
-            if self.world_size > 1:
+            if self.world_size > 1:  # (the BatchTopK threshold needs nothing: every rank saw the global cutoff)
                 fired_F = distributed.any_(fired_F.float()) > 0  # fired on any rank
-                if batchtopk:  # one inference threshold for every replica
-                    distributed.average_([self.crosscoder.threshold])
             self.steps_since_fired = torch.where(fired_F, 0, self.steps_since_fired + 1)
             source = torch.where(~torch.isfinite(acts_BMD).all(), 1,
                                  torch.where(~torch.isfinite(loss), 2, torch.where(~torch.isfinite(grad_norm), 3, 0)))

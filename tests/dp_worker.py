@@ -27,10 +27,18 @@ class GlobalBatches:
 if __name__ == "__main__":
     out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     distributed.setup("cpu")
-    cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, checkpoint_dir=os.path.dirname(out))
-    trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
-    logs = [trainer.log(trainer.step()) for _ in range(steps)]
-    weights = {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}
-    torch.save({"weights": weights, "logs": logs}, f"{out}.rank{distributed.rank()}")
+    if architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
+        from batchtopk import batch_topk_mask
+
+        scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
+        mask, min_kept = batch_topk_mask(scores_BF[distributed.shard(16)], 5, distributed.group())
+        result = {"mask": mask, "min_kept": min_kept}
+    else:
+        cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2,
+                       checkpoint_dir=os.path.dirname(out))
+        trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
+        logs = [trainer.log(trainer.step()) for _ in range(steps)]
+        result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}, "logs": logs}
+    torch.save(result, f"{out}.rank{distributed.rank()}")
     distributed.teardown()
     distributed.exit_process(0)

@@ -39,10 +39,10 @@ def torchrun(*args, nproc=2, timeout=300):
 
 @pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
 def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_path, architecture):
-    """6 steps on 2 ranks, each fed half of the same global batches: both replicas end identical
-    (BatchTopK's threshold included), and for L1 they equal 6 single-process steps on the whole
-    batches, weights and logged metrics (gradients averaged before clipping). BatchTopK selects
-    per rank, so it is not compared with one process."""
+    """6 steps on 2 ranks, each fed half of the same global batches: both replicas end identical,
+    and equal 6 single-process steps on the whole batches, weights and logged metrics (gradients
+    averaged before clipping; BatchTopK keeps k * the global batch over both ranks, so its
+    selection, its threshold and its dead-latent AuxK are those of one process)."""
     steps = 6
     out = torchrun("tests/dp_worker.py", str(tmp_path / "dp.pt"), str(steps), architecture)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -50,17 +50,32 @@ def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_
     for name, value in got["weights"].items():
         torch.testing.assert_close(other["weights"][name], value, atol=0, rtol=0)
     assert got["logs"] == other["logs"]  # the logged metrics are reduced over the ranks
-    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4)
+    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2)
     single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
     logs = [single.log(single.step()) for _ in range(steps)]
-    if architecture == "l1":
-        for name, want in single.crosscoder.state_dict().items():
-            torch.testing.assert_close(got["weights"][name], want.detach(), atol=1e-5, rtol=1e-5)
-        for key in ("loss", "l2_loss", "l1_loss", "l0_loss", "dead_fraction"):
-            torch.testing.assert_close(torch.tensor([g[key] for g in got["logs"]]),
-                                       torch.tensor([s[key] for s in logs]), atol=1e-4, rtol=1e-4)
-    else:
-        assert all(torch.isfinite(v).all() for v in got["weights"].values()) and got["weights"]["threshold"] > 0
+    for name, want in single.crosscoder.state_dict().items():
+        torch.testing.assert_close(got["weights"][name], want.detach(), atol=1e-5, rtol=1e-5)
+    keys = ["loss", "l2_loss", "l1_loss", "l0_loss", "dead_fraction"] + ["aux_loss", "threshold"] * (architecture != "l1")
+    for key in keys:
+        torch.testing.assert_close(torch.tensor([g[key] for g in got["logs"]]),
+                                   torch.tensor([s[key] for s in logs]), atol=1e-4, rtol=1e-4)
+    if architecture == "batchtopk":
+        assert single.crosscoder.threshold > 0 and max(s["aux_loss"] for s in logs) > 0  # both paths exercised
+
+
+def test_batch_topk_over_two_ranks_keeps_what_one_process_keeps_on_the_whole_batch(tmp_path):
+    """batch_topk_mask with a group: each rank's mask is its rows of the one-process mask on the
+    concatenated batch, and both report the same cutoff."""
+    out = torchrun("tests/dp_worker.py", str(tmp_path / "topk.pt"), "0", "topk")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    from batchtopk import batch_topk_mask
+
+    scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
+    want_mask, want_min = batch_topk_mask(scores_BF, 5)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"topk.pt.rank{r}", weights_only=True)
+        torch.testing.assert_close(got["mask"], want_mask[8 * r : 8 * (r + 1)], atol=0, rtol=0)
+        torch.testing.assert_close(got["min_kept"], want_min)
 
 
 def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error():
