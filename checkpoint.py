@@ -2,7 +2,7 @@
 
 Layout (the reference's): <checkpoint_dir>/version_N/{k}.pt (weights), {k}_cfg.json (config,
 written last: its presence marks checkpoint k complete; it records the training step) and, from
-training, {k}_trainer.pt. The published layout: <hook>/cfg.json and <hook>/cc_weights.pt. Every
+training, {k}_trainer.pt (and {k}_trainer_rank{r}.pt for each further data-parallel rank). The published layout: <hook>/cfg.json and <hook>/cc_weights.pt. Every
 other file asks this one for these names.
 """
 import json
@@ -36,6 +36,17 @@ def checkpoint_files(version_dir, k):
 def trainer_states(version_dir):
     """The trainer-state files present in version_dir, any k."""
     return sorted(Path(version_dir).glob("*_trainer.pt"))
+
+
+def rank_state_file(version_dir, k, rank):
+    """Checkpoint k's data state of data-parallel rank >= 1 (its buffer, pointers and shuffling
+    RNG); rank 0's is in the trainer state."""
+    return Path(version_dir) / f"{k}_trainer_rank{rank}.pt"
+
+
+def rank_states(version_dir):
+    """The rank data-state files present in version_dir, any k and rank."""
+    return sorted(Path(version_dir).glob("*_trainer_rank*.pt"))
 
 
 def published_files(root, hook_dir):

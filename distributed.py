@@ -135,22 +135,33 @@ def combine_factors(factors_M):
     return (1.0 / inverse).to(factors_M.dtype)
 
 
+def broadcast(obj):
+    """Rank 0's value of a small picklable object, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_control)
+    return box[0]
+
+
 def barrier():
     if world_size() > 1:
         dist.barrier(group=_control)
 
 
-def rebase_state(state, world_size_now):
+def rebase_state(state, world_size_now, every_rank_saved=True):
     """(trainer state to resume from, sequence offset) for a run resumed with world_size_now
-    processes. The ranks of a run read their sequences strided (rank r: offset + r, + r + w, ...),
-    so together they have used the first offset + w * pointer sequences. Resuming with several
-    processes, or with another number than saved, refills fresh buffers from there (the same data
-    from there on, in a new order) and says so; one process resuming a one-process run is exact."""
+    processes. state["buffer"] is this rank's saved data state. The ranks of a run read their
+    sequences strided (rank r: offset + r, + r + w, ...), so together they have used the first
+    offset + w * pointer sequences. The same number of processes, each with its own saved state
+    (every_rank_saved), resumes exactly. Another number, or a checkpoint without every rank's
+    state, refills fresh buffers from there (the same data from there on, in a new order) and
+    says so."""
     if state is None or state.get("buffer") is None:
         return state, 0
     saved_world, buffer_state = state.get("world_size", 1), state["buffer"]
     offset = state.get("sequence_offset", 0)
-    if saved_world == 1 and world_size_now == 1:
+    if saved_world == world_size_now and every_rank_saved:
         return state, offset
     offset += saved_world * int(buffer_state["token_pointer"])
     if is_main():

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 
 import distributed
 from buffer import Buffer, TokensExhausted, buffer_sequences, sequences_needed
-from checkpoint import CheckpointError, checkpoint_files, latest_checkpoint, resolve_version_dir, trainer_states
+from checkpoint import (CheckpointError, atomic_torch_save, checkpoint_files, latest_checkpoint, next_version_dir,
+                        rank_state_file, rank_states, resolve_version_dir, trainer_states)
 from crosscoder import CrossCoder
 from utils import install_stop_handlers, restore_handlers
 from objective import l1_coeff_at, lr_multiplier, make_optimizer, training_loss  # noqa: F401 (l1_coeff_at: notebooks)
@@ -62,11 +63,10 @@ class Trainer:
             if not trainer_file.is_file():
                 raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
             self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"])
-            try:
-                state = torch.load(trainer_file, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise CheckpointError(f"{trainer_file}: cannot read the trainer state "
-                                      f"({type(e).__name__}: {e})") from None
+            state = _read_state(trainer_file)
+            if distributed.rank() > 0 and state.get("world_size", 1) == distributed.world_size():
+                own = rank_state_file(version_dir, k, distributed.rank())  # this rank's buffer and RNG
+                state["buffer"] = _read_state(own)["buffer"] if own.is_file() else None
         else:
             self.crosscoder = CrossCoder(cfg)
         self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
@@ -79,7 +79,8 @@ class Trainer:
             cfg["world_size"] = self.world_size
             self.crosscoder.global_topk = True  # BatchTopK keeps k * the global batch, over all ranks
         # sequences the run read before this view of the tokens began (distributed.rebase_state)
-        state, self.sequence_offset = distributed.rebase_state(state, self.world_size)
+        every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
+        state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
         if buffer is None:
             if tokens is not None:  # rank r reads sequences offset + r, + r + w, ...: all ranks together read in order
                 tokens = tokens[self.sequence_offset + distributed.rank() :: self.world_size]
@@ -210,8 +211,6 @@ class Trainer:
             buffer_state = self.buffer.state_dict()
             if not keep_buffer:
                 buffer_state.pop("buffer", None)
-        if buffer_state is not None and self.world_size > 1:
-            buffer_state.pop("buffer", None)  # resumed with fresh buffers anyway (distributed.rebase_state)
         return {"optimizer": self.optimizer.state_dict(), "step": self.step_counter,
                 "steps_since_fired": self.steps_since_fired, "buffer": buffer_state, "wandb_id": self.wandb_id,
                 "world_size": self.world_size, "sequence_offset": self.sequence_offset}
@@ -223,16 +222,37 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.crosscoder.parameters()):
             raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
                                  f"Last good checkpoint: {self._last_good()}")
-        if not distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
-            self.last_saved_step = self.step_counter
-            return None
-        path = self.crosscoder.save(extra_state=self.state_dict(), step=self.step_counter)
+        state = self.state_dict()
+        if self.world_size > 1:
+            self._save_rank_states(state)
+            if not distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
+                self.last_saved_step = self.step_counter
+                return None
+        path = self.crosscoder.save(extra_state=state, step=self.step_counter)
         self.last_saved_step = self.step_counter
-        newest = checkpoint_files(path.parent, self.crosscoder.save_version - 1).trainer
-        for old in trainer_states(path.parent):
-            if old != newest:
+        k = self.crosscoder.save_version - 1
+        newest = {checkpoint_files(path.parent, k).trainer, *(rank_state_file(path.parent, k, r)
+                                                             for r in range(1, self.world_size))}
+        for old in trainer_states(path.parent) + rank_states(path.parent):
+            if old not in newest:
                 old.unlink()
         return path
+
+    def _save_rank_states(self, state):
+        """Data parallel: ranks >= 1 write their own data state for checkpoint k, before rank 0
+        writes the config that marks k complete, so a complete checkpoint has every rank's."""
+        if distributed.is_main() and self.crosscoder.save_dir is None:
+            self.crosscoder.save_dir = next_version_dir(self.cfg)
+        save_dir, k = distributed.broadcast((str(self.crosscoder.save_dir), self.crosscoder.save_version))
+        failed = None
+        if not distributed.is_main():
+            try:
+                atomic_torch_save({"buffer": state["buffer"], "step": self.step_counter},
+                                  rank_state_file(save_dir, k, distributed.rank()))
+            except OSError as e:
+                failed = e
+        if distributed.any_rank(failed is not None):  # every rank gives up this checkpoint together
+            raise failed or OSError(f"another rank could not write its data state into {save_dir}")
 
     # ---------------------------------------------------------------- logging
     def log(self, log_dict, pbar=None):
@@ -315,3 +335,10 @@ class Trainer:
             print(f"not saving after {reason}: {e}")
         except OSError as e:
             print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
+
+
+def _read_state(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None

@@ -27,7 +27,25 @@ class GlobalBatches:
 if __name__ == "__main__":
     out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     distributed.setup("cpu")
-    if architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
+    if architecture in ("straight", "half", "resume"):  # the tiny models on real buffers, 24 steps
+        from conftest import random_tokens, tiny_model
+
+        ckpt = os.path.join(os.path.dirname(out), architecture if architecture == "straight" else "halves")
+        cfg = tiny_cfg(num_tokens=32 * 24, checkpoint_dir=ckpt)
+        models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(600, 9)
+        if architecture == "resume":
+            trainer = Trainer.resume(os.path.join(ckpt, "version_0"), cfg, models=models, tokens=tokens)
+        else:
+            trainer = Trainer(cfg, models=models, tokens=tokens)
+        if architecture == "half":
+            for _ in range(steps):
+                trainer.step()
+            trainer.save()
+        else:
+            trainer.train()
+        result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()},
+                  "token_pointer": trainer.buffer.token_pointer, "step": trainer.step_counter}
+    elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from batchtopk import batch_topk_mask
 
         scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))

@@ -101,9 +101,10 @@ def test_torchrun_trains_the_toy_preset_on_two_processes(tmp_path, toy_run):
 
 
 def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_process(tmp_path, toy_run):
-    """SIGTERM to torchrun mid-run: every rank stops at the same step and rank 0 saves once. The
-    run then resumes to the end with 2 processes, and (a copy of it) with 1 process, which says it
-    starts from fresh buffers at the position the 2 ranks had reached."""
+    """SIGTERM to torchrun mid-run: every rank stops at the same step and rank 0 saves once (every
+    rank's data state with it). The run then resumes to the end with 2 processes, exactly, and (a
+    copy of it) with 1 process, which says it starts from fresh buffers at the position the 2
+    ranks had reached."""
     import shutil
     import signal
     import time
@@ -133,10 +134,10 @@ def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_
     stopped = read_cfg(version)["step"]  # the newest checkpoint is the interrupt's, at the step it names
     assert 100 <= stopped < 2000 and f"checkpoint (TrainingInterrupted) saved at step {stopped}:" in out
     shutil.copytree(version, tmp_path / "one")
-    # fresh buffers re-read a buffer's worth of sequences; the toy data is sized for a straight run
-    two = torchrun("train.py", "--resume", str(version), "--wrap_tokens", "true", timeout=600)
+    two = torchrun("train.py", "--resume", str(version), timeout=600)  # exact: each rank's buffer state
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
-    assert read_cfg(version)["step"] == 2000 and "fresh buffers from sequence" in two.stdout
+    assert read_cfg(version)["step"] == 2000 and "fresh buffers" not in two.stdout
+    # fresh buffers re-read a buffer's worth of sequences; the toy data is sized for a straight run
     one = subprocess.run([sys.executable, "train.py", "--resume", str(tmp_path / "one"), "--wrap_tokens", "true"],
                          cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
@@ -144,20 +145,45 @@ def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_
     assert "resuming a 2-process run with 1 process(es)" in one.stdout and read_cfg(tmp_path / "one")["step"] == 2000
 
 
+def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(tmp_path):
+    """2 ranks on real buffers over the tiny models: 24 steps straight == 12 steps, save, then a
+    new torchrun that resumes and runs to 24 (each rank's buffer, pointers and RNG restored:
+    buffer refreshes come every 4 steps), to the last bit."""
+    for mode, steps in (("straight", 24), ("half", 12), ("resume", 0)):
+        out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), str(steps), mode)
+        assert out.returncode == 0, mode + out.stdout[-2000:] + out.stderr[-3000:]
+        assert "fresh buffers" not in out.stdout
+    from checkpoint import rank_state_file
+
+    version = tmp_path / "halves" / "version_0"  # only the newest checkpoint's data states are kept
+    assert rank_state_file(version, 1, 1).is_file() and not rank_state_file(version, 0, 1).exists()
+    for r in (0, 1):
+        straight, resumed = (torch.load(tmp_path / f"{m}.pt.rank{r}", weights_only=True) for m in ("straight", "resume"))
+        assert resumed["step"] == straight["step"] == 24
+        assert resumed["token_pointer"] == straight["token_pointer"] > 16  # refreshed after the resume
+        for name, want in straight["weights"].items():
+            torch.testing.assert_close(resumed["weights"][name], want, atol=0, rtol=0)
+
+
 def test_rebase_state_keeps_an_exact_one_process_resume_and_restarts_other_world_sizes_after_the_data_read():
     """Ranks read strided sequences, so a w-rank run at pointer p has used the first w * p of them
-    (after any earlier offset): any multi-process resume starts fresh buffers right there."""
+    (after any earlier offset): a resume with another world size, or without every rank's saved
+    state, starts fresh buffers right there; the same world size with every state is exact."""
     from distributed import rebase_state
 
     buffer_state = {"buffer": torch.zeros(4), "token_pointer": 30, "sequences_run": 30, "pointer": 3}
     single = {"step": 9, "buffer": dict(buffer_state)}
     assert rebase_state(single, 1) == (single, 0)  # untouched: the exact resume
+    double = dict(single, world_size=2, sequence_offset=8)
+    assert rebase_state(double, 2) == (double, 8)  # every rank has its own state: exact too
     assert rebase_state(None, 2) == (None, 0)
     state, offset = rebase_state(dict(single, world_size=2, sequence_offset=8), 1)
     assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
     assert state["buffer"]["token_pointer"] == 0 and state["buffer"]["pointer"] == 3 and state["step"] == 9
     state, offset = rebase_state(single, 2)  # a one-process run resumed by two
     assert offset == 30 and "buffer" not in state["buffer"]
+    state, offset = rebase_state(double, 2, every_rank_saved=False)  # a rank's state is missing
+    assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
 
 
 def test_a_killed_rank_ends_the_job_without_hanging_and_the_last_checkpoint_loads(tmp_path, toy_run):
