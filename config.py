@@ -69,6 +69,8 @@ SCHEMA = {
     "wrap_tokens": Key(bool, *_free, "when the tokens run out: false stops with a message, true wraps"),
     "checkpoint_buffer": Key(bool, *_free, "save the buffer with each checkpoint for an exact resume"),
     "dead_window": Key(int, *_pos, "steps without firing after which a latent counts as dead"),
+    "store_dir": Key("str?", *_free, "an activation store (store.py) to train from instead of running the "
+                                     "models; store.py writes it there"),
     "dataset": Key(str, *_free, "training tokens: a hub dataset id, a local datasets dir, or a .pt tensor"),
     "checkpoint_dir": Key("str?", *_free, "where version_N/ folders go (none: checkpoints/ beside the code)"),
     "data_dir": Key("str?", *_free, "where downloads and the toy pair are cached (none: data/ beside the code)"),

@@ -83,6 +83,18 @@ def exit_process(code=0):
     os._exit(code or 0)
 
 
+def run_script(cli, argv):
+    """cli(argv) as a script's entry point; a torchrun worker then leaves through exit_process."""
+    if not launched():
+        return cli(argv)
+    try:
+        cli(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    exit_process(code)
+
+
 def local_batch_size(batch_size, n_processes=None):
     """Rows each rank serves a step: batch_size / world size, or a ConfigError naming both."""
     n = n_processes or world_size()

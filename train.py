@@ -57,6 +57,7 @@ default_cfg = {
     "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
     "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
     "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
+    "store_dir": None,  # train from an activation store written by store.py (None: run the models)
     "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
     "dead_window": 1000,  # steps without firing after which a latent counts as dead
     "checkpoint_dir": None,  # None: checkpoints/ beside this file
@@ -78,7 +79,8 @@ FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded
          "help": "print this and exit"}
 # Keys that may change when resuming; the others come from the checkpoint's config.
 RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
-                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype"}
+                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype",
+                      "store_dir"}
 
 
 # %%
@@ -152,10 +154,12 @@ def main(cfg, resume=None):
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     check_buffer_fits(cfg)  # before any model is loaded
-    models, tokens = load_models_and_tokens(cfg)
-    for model in models:
-        check_against_model(cfg, model.cfg)
-        check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
+    models, tokens = None, None
+    if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
+        models, tokens = load_models_and_tokens(cfg)
+        for model in models:
+            check_against_model(cfg, model.cfg)
+            check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
     if resume is not None:
         trainer = Trainer.resume(resume, cfg, models=models, tokens=tokens)
     else:
@@ -196,12 +200,5 @@ if __name__ == "__main__":
     if in_notebook():  # no argv parsing inside IPython, as the reference
         notebook_cfg = dict(default_cfg, preset="gemma")
         trainer = main(notebook_cfg)
-    elif distributed.launched():  # a torchrun worker: leave without Python's shutdown (distributed.exit_process)
-        try:
-            cli(sys.argv[1:])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-        distributed.exit_process(code)
-    else:
-        cli(sys.argv[1:])
+    else:  # under torchrun, each worker leaves without Python's shutdown (distributed.exit_process)
+        distributed.run_script(cli, sys.argv[1:])

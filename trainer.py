@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import distributed
+from activation_store import ActivationStore, read_meta
 from buffer import Buffer, TokensExhausted, buffer_sequences, sequences_needed
 from checkpoint import (CheckpointError, atomic_torch_save, checkpoint_files, latest_checkpoint, next_version_dir,
                         rank_state_file, rank_states, resolve_version_dir, trainer_states)
@@ -82,19 +83,7 @@ class Trainer:
         every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
         if buffer is None:
-            if tokens is not None:  # rank r reads sequences offset + r, + r + w, ...: all ranks together read in order
-                tokens = tokens[self.sequence_offset + distributed.rank() :: self.world_size]
-            buffer_state = state and state.get("buffer")
-            start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
-            need = sequences_needed(local_cfg, self.total_steps - start)  # a full fill, then refreshes
-            if buffer_state is not None and "buffer" in buffer_state:
-                need -= buffer_sequences(local_cfg)  # an exact resume keeps its filled buffer
-            if tokens is not None and need > len(tokens) - read and not cfg["wrap_tokens"]:
-                raise TokensExhausted(
-                    f"num_tokens={cfg['num_tokens']:,} needs {need * self.world_size:,} sequences of {cfg['seq_len']} "
-                    f"tokens (buffer refreshes included) but the dataset has {len(tokens) * self.world_size:,}; "
-                    "lower num_tokens, add data, or set wrap_tokens=True to reuse it")
-            buffer = Buffer(local_cfg, models, tokens, state=buffer_state)
+            buffer = self._make_buffer(local_cfg, models, tokens, state)
         elif state is not None and state.get("buffer") is not None:
             buffer.load_state_dict(state["buffer"])
         self.buffer = buffer
@@ -120,6 +109,33 @@ class Trainer:
             self.steps_since_fired = state["steps_since_fired"].to(device)
             self.wandb_id = state.get("wandb_id")
             self.last_saved_step = self.step_counter
+
+    def _make_buffer(self, local_cfg, models, tokens, state):
+        """This rank's source of batches: a live Buffer over the models, or the activation store
+        at cfg["store_dir"]. Rank r of w reads sequences offset + r, + r + w, ...: all ranks
+        together read in order. Checks first that there are enough sequences for the run."""
+        cfg, w, first = self.cfg, self.world_size, self.sequence_offset + distributed.rank()
+        buffer_state = state and state.get("buffer")
+        if cfg["store_dir"] is not None:
+            have, source = len(range(first, read_meta(cfg["store_dir"])["n_sequences"], w)), f"the store at {cfg['store_dir']}"
+        else:
+            tokens = tokens[first::w] if tokens is not None else None
+            have, source = (len(tokens) if tokens is not None else None), "the dataset"
+        start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
+        need = sequences_needed(local_cfg, self.total_steps - start)  # a full fill, then refreshes
+        if buffer_state is not None and "buffer" in buffer_state:
+            need -= buffer_sequences(local_cfg)  # an exact resume keeps its filled buffer
+        if have is not None and need > have - read and not cfg["wrap_tokens"]:
+            raise TokensExhausted(
+                f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
+                f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
+                "wrap_tokens=True to reuse it")
+        if cfg["store_dir"] is not None:
+            if distributed.is_main():
+                print(f"training on the activations stored at {cfg['store_dir']} ({have * w:,} sequences); "
+                      "the models are not run")
+            return ActivationStore(local_cfg, cfg["store_dir"], state=buffer_state, first_sequence=first, stride=w)
+        return Buffer(local_cfg, models, tokens, state=buffer_state)
 
     @classmethod
     def resume(cls, version_dir, cfg, *, models=None, tokens=None, buffer=None):

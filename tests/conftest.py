@@ -1,5 +1,7 @@
 """Shared fixtures: tiny seeded models and configs. The hub is never reached from tests."""
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -116,10 +118,32 @@ def tiny_gemma_dirs(tmp_path_factory):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc=2, timeout=300):
+    """torchrun --nproc_per_node=nproc ARGS in the repo, one thread per process, killed (the whole
+    process group) if it runs past timeout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
+               CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+           *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def run_script(script, *args, timeout=600):
     """Run one of the repo's scripts as a user would, offline, on the CPU."""
-    import subprocess
-
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
     return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)

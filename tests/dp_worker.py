@@ -45,6 +45,13 @@ if __name__ == "__main__":
             trainer.train()
         result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()},
                   "token_pointer": trainer.buffer.token_pointer, "step": trainer.step_counter}
+    elif architecture == "harvest":  # store.harvest of 50 sequences, 8 per shard, into argv[1]
+        from conftest import random_tokens, tiny_model
+        from store import harvest
+
+        cfg = tiny_cfg(checkpoint_dir=os.path.dirname(out))
+        harvest(cfg, [tiny_model(1), tiny_model(2)], random_tokens(50, 9), out, 50, shard_sequences=8)
+        result = {}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from batchtopk import batch_topk_mask
 
@@ -57,6 +64,7 @@ if __name__ == "__main__":
         trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
         logs = [trainer.log(trainer.step()) for _ in range(steps)]
         result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}, "logs": logs}
-    torch.save(result, f"{out}.rank{distributed.rank()}")
+    if result:
+        torch.save(result, f"{out}.rank{distributed.rank()}")
     distributed.teardown()
     distributed.exit_process(0)

@@ -1,40 +1,15 @@
 """Data parallelism with 2 gloo processes on this CPU, launched by torchrun from the test itself
 (one thread each, a timeout, nothing left behind)."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import REPO, tiny_cfg
+from conftest import REPO, free_port, tiny_cfg, torchrun
 from dp_worker import GlobalBatches
 from trainer import Trainer
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args, nproc=2, timeout=300):
-    """torchrun --nproc_per_node=nproc ARGS in the repo, one thread per process, killed (the whole
-    process group) if it runs past timeout."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
-               CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           *args]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.parametrize("architecture", ["l1", "batchtopk"])

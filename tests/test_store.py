@@ -1,8 +1,10 @@
+import json
+
 import pytest
 import torch
 
 from buffer import Buffer, extract_activations, sequences_needed
-from conftest import random_tokens, tiny_cfg
+from conftest import random_tokens, run_script, tiny_cfg, tiny_model, torchrun
 from store import ActivationStore, harvest
 from trainer import Trainer
 
@@ -45,3 +47,55 @@ def test_a_store_for_another_config_is_refused(tmp_path, models):
         ActivationStore(tiny_cfg(tmp_path, hook_point="blocks.0.hook_resid_pre"), tmp_path / "store")
     with pytest.raises(FileNotFoundError, match="meta.json"):
         ActivationStore(cfg, tmp_path / "nowhere")
+
+
+def test_two_processes_harvest_the_store_one_process_harvests(tmp_path):
+    """torchrun with 2 ranks, 7 shards of 8 sequences: each rank writes its shards (0, 2, 4, 6
+    and 1, 3, 5) and rank 0 the metadata; shards, tokens and factors equal a one-process harvest."""
+    out = torchrun("tests/dp_worker.py", str(tmp_path / "two"), "0", "harvest")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    torch.set_num_threads(1)  # the ranks ran one thread each: the same matmul kernels
+    try:
+        harvest(tiny_cfg(), [tiny_model(1), tiny_model(2)], random_tokens(50, 9), tmp_path / "one", 50,
+                shard_sequences=8)
+    finally:
+        torch.set_num_threads(2)
+    one, two = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "two"))
+    assert two.pop("harvested_by") == 2 and one.pop("harvested_by") == 1 and one == two
+    assert one["shard_sequences"] == [8] * 6 + [2]
+    for i in range(7):
+        assert (tmp_path / "one" / f"shard_{i:05d}.bin").read_bytes() == (tmp_path / "two" / f"shard_{i:05d}.bin").read_bytes(), i
+    assert torch.equal(torch.load(tmp_path / "one" / "tokens.pt"), torch.load(tmp_path / "two" / "tokens.pt"))
+
+
+def test_a_strided_reader_serves_the_rows_of_its_share_of_the_sequences(tmp_path, models):
+    """ActivationStore(first_sequence=r, stride=w) -- data-parallel rank r of w -- serves, as its
+    sequences 0, 1, 2, ..., the store's sequences r, r + w, r + 2w, ..., across shard boundaries."""
+    cfg = tiny_cfg(tmp_path, batch_size=8)  # a buffer of 8 sequences: the share of 10 fills it
+    harvest(cfg, list(models), random_tokens(30, cfg["seq_len"]), tmp_path / "store", 30, shard_sequences=4)
+    whole = ActivationStore(cfg, tmp_path / "store")
+    share = ActivationStore(cfg, tmp_path / "store", first_sequence=1, stride=3)
+    assert share.n_sequences == 10  # sequences 1, 4, ..., 28
+    R = cfg["seq_len"] - 1
+    want = torch.cat([whole.rows(s, 1) for s in range(1, 30, 3)][2:7])
+    assert torch.equal(share.rows(2, 5), want) and len(want) == 5 * R
+
+
+def test_torchrun_harvests_the_toy_store_and_trains_from_it_with_two_processes_or_one(tmp_path, toy_run):
+    """`torchrun store.py --preset toy` then `torchrun train.py --preset toy --store_dir`: the
+    ranks read the store and use its factors (ranks running the models would each measure their
+    own and combine them); one process trains from the same store too."""
+    _, _, data = toy_run
+    common = ["--preset", "toy", "--num_tokens", "51200", "--data_dir", str(data), "--store_dir", str(tmp_path / "acts"),
+              "--wandb_mode", "disabled"]
+    out = torchrun("store.py", *common, timeout=600)
+    assert out.returncode == 0 and "with 2 processes" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    meta = json.loads((tmp_path / "acts" / "meta.json").read_text())
+    for nproc, ckpt in ((2, "two"), (1, "one")):
+        out = torchrun("train.py", *common, "--checkpoint_dir", str(tmp_path / ckpt), nproc=nproc, timeout=600)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        from crosscoder import CrossCoder
+
+        cc = CrossCoder.load(tmp_path / ckpt / "version_0")
+        assert cc.cfg["step"] == 100 and cc.cfg["normalisation_factor"] == pytest.approx(meta["normalisation_factor"])
+        assert out.stdout.count("training on the activations stored at") == 1
