@@ -24,6 +24,7 @@ import warnings
 import torch
 
 import activations
+import distributed
 from activations import autocast_context, extract_activations
 from buffer import buffer_sequences, sequences_needed, steps_per_refresh
 from config import ConfigError, format_help, layers_needed, parse_overrides
@@ -117,7 +118,8 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False):
     tokens (it compared an index with a count), so it runs the models on empty batches, harvests
     nothing and reshuffles the same rows."""
     trainer = Trainer(dict(cfg), model, model, data)  # the initial fill is not timed
-    buf, batch, per_cycle = trainer.buffer, cfg["batch_size"], steps_per_refresh(cfg)
+    # under torchrun each rank's buffer (its share of the batch) refreshes on its own schedule
+    buf, batch, per_cycle = trainer.buffer, cfg["batch_size"], steps_per_refresh(trainer.buffer.cfg)
     refresh = buf.refresh
     if shipped:
         def shipped_refresh():
@@ -139,10 +141,12 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False):
 
     buf.refresh = counted
     sync(device)
+    distributed.barrier()
     t0 = time.perf_counter()
     for _ in range(per_cycle * cycles):
         trainer.step()
     sync(device)
+    distributed.barrier()
     elapsed = time.perf_counter() - t0
     assert refreshes[0] == cycles, f"timed {refreshes[0]} refreshes, expected {cycles}"
     return batch * per_cycle * cycles / elapsed
@@ -155,20 +159,22 @@ def main():
     options = {"device": "cuda" if torch.cuda.is_available() else "cpu",
                **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult")}}
     flags = {"shape": "toy (default) or gemma", "steps": "crosscoder steps timed in (b)",
-             "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models"}
+             "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models",
+             "nproc": "N: only (c), ours, with 1 and with N data-parallel processes (torchrun; bench_parallel.py)"}
     try:
-        options, extras = parse_overrides(sys.argv[1:], options, flags=("shape", "steps", "cycles"), switches=("step_only",))
+        options, extras = parse_overrides(sys.argv[1:], options, flags=("shape", "steps", "cycles", "nproc"),
+                                          switches=("step_only",))
         allowed = {"device", "seq_len", "model_batch_size", "batch_size", "buffer_mult"}
         if set(options) != allowed:
             raise ConfigError(f"bench.py takes only the config keys {sorted(allowed)}, not {sorted(set(options) - allowed)}")
         shape_name = extras.get("shape", "toy")
         if shape_name not in SHAPES:
             raise ConfigError(f"--shape must be one of {list(SHAPES)}, got {shape_name!r}")
-        steps, cycles = (int(extras[k]) if k in extras else None for k in ("steps", "cycles"))
+        steps, cycles, nproc = (int(extras[k]) if k in extras else None for k in ("steps", "cycles", "nproc"))
     except ConfigError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:
-        sys.exit(f"error: --steps and --cycles take integers ({e})")
+        sys.exit(f"error: --steps, --cycles and --nproc take integers ({e})")
     if extras.get("help"):
         print(format_help("usage: python bench.py [--shape toy|gemma] [--device cpu|cuda] [--key value ...]",
                           options, flags))
@@ -191,6 +197,14 @@ def main():
         rows.append((name, tokens_per_s, memory))
         print(f"[bench] {name}: {tokens_per_s:,.3g} tokens/s", file=sys.stderr, flush=True)  # long gemma runs
 
+    if nproc:
+        import bench_parallel
+
+        nprocs = [1, nproc]
+        results = bench_parallel.measure(cfg, shape_name, nprocs, cycles)
+        return bench_parallel.report(f"bench --shape {shape_name} --device {device} --nproc {nproc}: end to end, ours, "
+                                     f"d_in {cfg['d_in']}, dict {cfg['dict_size']}, batch {batch}, seq_len {S}, "
+                                     f"{cycles} refresh cycles", results, nprocs)
     # (e) the device's dense matmul peak, fp32 and bf16
     peak = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
 

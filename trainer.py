@@ -25,6 +25,7 @@ from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
+STOP_CHECK_EVERY = 10  # data parallel: steps between the ranks' checks for a stop signal
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
 
@@ -157,8 +158,11 @@ class Trainer:
             losses, latents_BF, aux = self.crosscoder.losses_and_acts(acts_BMD, dead_F)
         loss, l1_coeff = training_loss(losses, aux, i, self.total_steps, self.cfg)
         loss.backward()
-        if self.world_size > 1:  # gradients averaged before clipping, as in one process
-            distributed.average_([p.grad for p in self.crosscoder.parameters()])
+        fired_F = (latents_BF.detach() > 0).any(0)
+        if self.world_size > 1:  # gradients averaged before clipping, as in one process; fired on any rank
+            fired_count_F = fired_F.float()
+            distributed.average_([p.grad for p in self.crosscoder.parameters()] + [fired_count_F])  # one all-reduce
+            fired_F = fired_count_F > 0
         grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
         for group in self.optimizer.param_groups:
@@ -166,10 +170,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-        with torch.no_grad():
-            fired_F = (latents_BF > 0).any(0)
-            if self.world_size > 1:  # (the BatchTopK threshold needs nothing: every rank saw the global cutoff)
-                fired_F = distributed.any_(fired_F.float()) > 0  # fired on any rank
+        with torch.no_grad():  # (the BatchTopK threshold needs no reduction: every rank saw the global cutoff)
             self.steps_since_fired = torch.where(fired_F, 0, self.steps_since_fired + 1)
             source = torch.where(~torch.isfinite(acts_BMD).all(), 1,
                                  torch.where(~torch.isfinite(loss), 2, torch.where(~torch.isfinite(grad_norm), 3, 0)))
@@ -311,7 +312,10 @@ class Trainer:
                     log = self.log(step_log, pbar)
                 if (i + 1) % self.cfg["save_every"] == 0:
                     self.save()
-                if distributed.any_rank(self._stop_signal is not None):  # every rank stops at the same step
+                # every rank stops at the same step; several ranks ask each other every STOP_CHECK_EVERY
+                # steps (one host round trip, ~2 ms with gloo here), one process at once
+                checked = self.world_size == 1 or (i + 1) % STOP_CHECK_EVERY == 0
+                if checked and distributed.any_rank(self._stop_signal is not None):
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step_counter)
             self.check_finite()
         except NonFiniteError:
