@@ -14,6 +14,7 @@ Measures in one run, on random-weight models (throughput does not depend on weig
 The two schemes run one after the other, each with only its own model in memory.
 """
 import gc
+import json
 import resource
 import shutil
 import sys
@@ -26,6 +27,7 @@ import torch
 import activations
 import distributed
 from activations import autocast_context, extract_activations
+from bench_parallel import crosscoder_flops_per_token
 from buffer import buffer_sequences, sequences_needed, steps_per_refresh
 from config import ConfigError, format_help, layers_needed, parse_overrides
 from trainer import Trainer
@@ -75,12 +77,6 @@ def matmul_peak(device, dtype, sizes=None, repeat=5):
     return best
 
 
-def crosscoder_flops_per_token(cfg):
-    """Matmul FLOPs of one training step per token: forward encode + decode 2·(2·M·D·F); backward
-    2·M·D·F for the decoder input grad, the same for each weight grad, none for the input x."""
-    return 10 * cfg["n_models"] * cfg["d_in"] * cfg["dict_size"]
-
-
 def build_model(shape, device, n_layers=None):
     """A random-weight model of the shape; n_layers < full keeps only the first layers (what
     first_n_layers loads). The seed is fixed, so the kept layers equal the full model's."""
@@ -97,6 +93,31 @@ def build_model(shape, device, n_layers=None):
     # init_weights: the pretrained config leaves the weights uninitialised (they are loaded)
     cfg.update(device=device, seed=0, n_layers=n_layers or cfg["n_layers"], tokenizer_name=None, init_weights=True)
     return HookedTransformer(HookedTransformerConfig.from_dict(cfg)).eval()
+
+
+def worker(spec_file):
+    """`bench.py --worker SPEC`, one rank under torchrun (bench_parallel.measure): a random-weight model of
+    the shape, end_to_end on this rank's share."""
+    spec = json.loads(open(spec_file).read())
+    torch.set_num_threads(spec["threads"])
+    device = distributed.setup(spec["cfg"]["device"]) if distributed.launched() else spec["cfg"]["device"]
+    cfg = dict(spec["cfg"], device=device)
+    if device == "cpu":
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model = build_model(spec["shape"], device, layers_needed(cfg["hook_point"]))
+    drop_unembedding(model)
+    data = torch.randint(1, model.cfg.d_vocab, (4096, cfg["seq_len"]), generator=torch.Generator().manual_seed(0))
+    data[:, 0] = 2  # BOS
+    tokens_per_s = end_to_end(cfg, model, data, spec["cycles"], device)
+    memory = torch.tensor([peak_memory(device)])
+    distributed.average_([memory])
+    if distributed.is_main():
+        with open(spec["out"], "w") as f:
+            json.dump({"tokens_per_s": tokens_per_s, "memory_per_process": float(memory)}, f)
+    distributed.teardown()
+    if distributed.launched():
+        distributed.exit_process(0)
 
 
 def peak_memory(device):
@@ -306,4 +327,7 @@ def print_report(header, rows, summary, device):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--worker"]:
+        worker(sys.argv[2])
+    else:
+        main()

@@ -1,10 +1,13 @@
-"""Data-parallel throughput: python bench.py --nproc N [--shape toy|gemma] [--key value ...]
+"""Costs on paper and across processes, for bench.py: FLOPs per token of a crosscoder step and of
+harvesting, the 8 x H100 estimate (paper_estimate), and the data-parallel measurement
 
-Times end-to-end training with fresh activations (bench.end_to_end: every rank harvests its own
-sequences into its own buffer and trains on its share of the global batch, gradients averaged)
-with 1 process and with N processes launched by torchrun on this machine, the CPU cores split
-evenly between them (OMP threads per process = cores // processes); prints tokens/s for each and
-the speed-up, then the on-paper estimate for Gemma-2-2b on 8 H100s (paper_estimate).
+    python bench.py --nproc N [--shape toy|gemma] [--key value ...]
+
+which times end-to-end training with fresh activations (every rank harvests its own sequences
+into its own buffer and trains on its share of the global batch, gradients averaged) with 1
+process and with N processes launched by torchrun on this machine, the CPU cores split evenly
+between them (OMP threads per process = cores // processes), and prints tokens/s for each and
+the speed-up, then the estimate.
 """
 import json
 import os
@@ -12,43 +15,12 @@ import subprocess
 import sys
 import tempfile
 
-import torch
-
 # On-paper assumptions for an 8 x H100 SXM node (stated in the README with the estimate).
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s
 H100_FP32_PEAK = 67e12  # fp32 without TF32 (PyTorch's default for matmuls)
 HARVEST_UTILISATION = 0.40  # bf16 forward passes of the two models
 STEP_UTILISATION = 0.70  # the crosscoder step's matmuls (this CPU reaches 94% of its peak, bench --step_only)
 NVLINK_BUS_BANDWIDTH = 360e9  # all-reduce bus bandwidth, B/s: NCCL tests report 460-480 on NVLink-4 at large sizes
-
-
-def worker(spec_file):
-    """One rank under torchrun: a random-weight model of the shape, the bench's end-to-end run."""
-    import bench
-    import distributed
-    from config import layers_needed
-    from utils import drop_unembedding, keep_freed_memory
-
-    spec = json.loads(open(spec_file).read())
-    torch.set_num_threads(spec["threads"])
-    device = distributed.setup(spec["cfg"]["device"]) if distributed.launched() else spec["cfg"]["device"]
-    cfg = dict(spec["cfg"], device=device)
-    if device == "cpu":
-        keep_freed_memory()
-    torch.manual_seed(0)
-    model = bench.build_model(spec["shape"], device, layers_needed(cfg["hook_point"]))
-    drop_unembedding(model)
-    data = torch.randint(1, model.cfg.d_vocab, (4096, cfg["seq_len"]), generator=torch.Generator().manual_seed(0))
-    data[:, 0] = 2  # BOS
-    tokens_per_s = bench.end_to_end(cfg, model, data, spec["cycles"], device)
-    memory = torch.tensor([bench.peak_memory(device)])
-    distributed.average_([memory])
-    if distributed.is_main():
-        with open(spec["out"], "w") as f:
-            json.dump({"tokens_per_s": tokens_per_s, "memory_per_process": float(memory)}, f)
-    distributed.teardown()
-    if distributed.launched():
-        distributed.exit_process(0)
 
 
 def measure(cfg, shape, nprocs, cycles):
@@ -64,7 +36,7 @@ def measure(cfg, shape, nprocs, cycles):
                 json.dump(spec, f)
             env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TQDM_DISABLE="1")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   os.path.abspath(__file__), spec_file]
+                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "--worker", spec_file]
             done = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
             if done.returncode != 0:
                 sys.exit(f"error: the {n}-process run failed (exit status {done.returncode})")
@@ -74,6 +46,12 @@ def measure(cfg, shape, nprocs, cycles):
         print(f"[bench] end to end, {n} process(es) x {spec['threads']} thread(s): {r['tokens_per_s']:,.0f} tokens/s",
               file=sys.stderr, flush=True)
     return results
+
+
+def crosscoder_flops_per_token(cfg):
+    """Matmul FLOPs of one training step per token: forward encode + decode 2·(2·M·D·F); backward
+    2·M·D·F for the decoder input grad, the same for each weight grad, none for the input x."""
+    return 10 * cfg["n_models"] * cfg["d_in"] * cfg["dict_size"]
 
 
 def harvest_flops_per_token(c, n_layers, seq_len):
@@ -92,7 +70,6 @@ def paper_estimate(n_gpus=8, batch_size=4096, d_in=2304, dict_size=2**14, n_mode
     """Seconds per step of the Gemma-2-2b replication on 1 and n_gpus H100s, by arithmetic."""
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
-    from bench import crosscoder_flops_per_token
     from config import layers_needed
 
     gemma = get_pretrained_model_config("gemma-2-2b")
@@ -122,7 +99,3 @@ def report(header, results, nprocs):
               f"{e['step'] * 1e3:.1f}); 8 GPUs {e['many'] * 1e3:.1f} ms, of which the all-reduce of "
               f"{e['grad_bytes'] / 1e6:.0f} MB of gradients {e['allreduce'] * 1e3:.1f} ms -> {e['one'] / e['many']:.1f}x; "
               f"400M tokens in {steps * e['one'] / 3600:.2f} h on 1 GPU, {steps * e['many'] / 3600:.2f} h on 8")
-
-
-if __name__ == "__main__":
-    worker(sys.argv[1])
