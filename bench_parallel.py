@@ -43,7 +43,7 @@ def measure(cfg, shape, nprocs, cycles):
             with open(out) as f:
                 r = json.load(f)
         results[n] = (r["tokens_per_s"], r["memory_per_process"])
-        print(f"[bench] end to end, {n} process(es) x {spec['threads']} thread(s): {r['tokens_per_s']:,.0f} tokens/s",
+        print(f"[bench] end to end, {n} process(es) x {spec['threads']} thread(s): {_rate(r['tokens_per_s'])} tokens/s",
               file=sys.stderr, flush=True)
     return results
 
@@ -84,13 +84,17 @@ def paper_estimate(n_gpus=8, batch_size=4096, d_in=2304, dict_size=2**14, n_mode
             "one": harvest + step, "many": (harvest + step) / n_gpus + allreduce}
 
 
+def _rate(tokens_per_s):
+    return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"  # CPU gemma: a few tokens/s
+
+
 def report(header, results, nprocs):
     base = results[nprocs[0]][0]
     print("\n" + header)
     print(f"{'processes':<12} {'tokens/s':>10} {'speed-up':>10} {'peak RSS per process (GiB)':>28}")
     for n in nprocs:
         tps, mem = results[n]
-        print(f"{n:<12} {tps:>10,.0f} {tps / base:>9.2f}x {mem:>28.2f}")
+        print(f"{n:<12} {_rate(tps):>10} {tps / base:>9.2f}x {mem:>28.2f}")
     print("\non paper, Gemma-2-2b on 8 H100 SXM (assumptions: bench_parallel.py's constants; 400M tokens, batch 4096):")
     for dtype in ("fp32", "bf16"):
         e = paper_estimate(step_dtype=dtype)
