@@ -14,16 +14,17 @@ import torch
 import torch.distributed as dist
 
 
-def batch_topk_mask(scores_BF, k, group=None):
+def batch_topk_mask(scores_BF, k, group=None, rows=None):
     """Boolean mask of the k * B largest scores of the batch, and the smallest kept score.
 
-    group: a process group whose ranks each hold an equal share of one batch (data parallel):
-    the k * B_global largest scores over all of them are kept, as one process would on the whole
-    batch. Each rank sends only its own k * B_global largest scores (a superset of its share of
-    the global selection), never its [B, F] matrix."""
+    group: a process group whose ranks each hold an equal share of one batch's scores (data
+    parallel: rows; latent shards: columns; or both), `rows` rows in all (default: B per rank):
+    the k * rows largest scores over all of them are kept, as one process would on the whole
+    batch. Each rank sends only its own k * rows largest scores (a superset of its share of the
+    global selection), never its [B, F] matrix."""
     B, F = scores_BF.shape
     ranks = 1 if group is None else dist.get_world_size(group)
-    n_keep = min(k * B * ranks, B * F * ranks)
+    n_keep = min(k * (rows or B * ranks), B * F * ranks)
     if ranks == 1:
         kept = scores_BF.flatten().topk(n_keep, sorted=False)
         mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
@@ -45,14 +46,18 @@ def update_threshold(threshold, min_kept_score, decay=0.99):
     return torch.where(threshold < 0, min_kept_score, new)
 
 
-def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k):
+def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None):
     """AuxK: reconstruct the (detached) error from the aux_k largest activations of dead latents
     per token; squared error summed over models and d_in, mean over the batch. Zero when no
-    latent is dead."""
+    latent is dead. latent_group: the dictionary is split over these processes (sharding.py)."""
+    from sharding import any_over_shards, aux_keep_mask, sum_over_shards
+
     acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
-    kk = min(aux_k, acts_BF.shape[1])
-    top = acts_BF.topk(kk, dim=-1)
-    sparse_BF = torch.zeros_like(acts_BF).scatter(-1, top.indices, top.values)
-    err_hat_BMD = torch.einsum("bf,fmd->bmd", sparse_BF, W_dec_FMD.float())
+    if latent_group is None:
+        top = acts_BF.topk(min(aux_k, acts_BF.shape[1]), dim=-1)
+        sparse_BF = torch.zeros_like(acts_BF).scatter(-1, top.indices, top.values)
+    else:  # the aux_k largest of each row over every shard's latents
+        sparse_BF = acts_BF * aux_keep_mask(acts_BF, aux_k, latent_group)
+    err_hat_BMD = sum_over_shards(torch.einsum("bf,fmd->bmd", sparse_BF, W_dec_FMD.float()), latent_group)
     loss = (err_hat_BMD - err_BMD.detach().float()).pow(2).sum((-1, -2)).mean()
-    return loss * dead_F.any()
+    return loss * any_over_shards(dead_F.any(), latent_group)

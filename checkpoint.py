@@ -90,9 +90,10 @@ def next_version_dir(cfg):
             version += 1
 
 
-def read_checkpoint(cfg_path, weights_path, param_names):
+def read_checkpoint(cfg_path, weights_path, param_names, mmap=False):
     """The config dict and the weights of one checkpoint, read safely: every unreadable or
-    unexpected file is a CheckpointError (or FileNotFoundError) naming the file."""
+    unexpected file is a CheckpointError (or FileNotFoundError) naming the file. mmap: map the
+    weights instead of reading them (a shard then reads only its slices)."""
     for p in (cfg_path, weights_path):
         if not Path(p).is_file():
             raise FileNotFoundError(f"checkpoint file not found: {p}")
@@ -103,7 +104,7 @@ def read_checkpoint(cfg_path, weights_path, param_names):
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_path}: config must be a JSON object")
     try:  # weights_only: loading a checkpoint never executes pickled code
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict) or set(state) - {"threshold"} != set(param_names):

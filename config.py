@@ -77,6 +77,8 @@ SCHEMA = {
     "wandb_mode": Key("str?", lambda v: v in WANDB_MODES, f"one of {list(WANDB_MODES)}",
                       "none: online with credentials, else offline; or online, offline, disabled"),
     "progress": Key(bool, *_free, "show progress bars"),
+    "latent_shards": Key(int, *_pos, "split the dictionary over this many processes (torchrun): world size = "
+                                     "data-parallel groups x latent_shards"),
     "step_dtype": Key(str, lambda v: v in STEP_DTYPES, f"one of {list(STEP_DTYPES)}",
                       "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
 }
@@ -219,9 +221,23 @@ def validate_cfg(cfg):
             raise ConfigError(f"config key '{key}' must be {tname}, got {value!r} ({type(value).__name__})")
         if check is not None and not check(value):
             raise ConfigError(f"config key '{key}' must be {need}, got {value!r}")
+    if "latent_shards" in cfg and "dict_size" in cfg and cfg["dict_size"] % cfg["latent_shards"]:
+        raise ConfigError(f"dict_size {cfg['dict_size']} does not split into latent_shards={cfg['latent_shards']} "
+                          "equal shards: choose a multiple")
     if "model_names" in cfg and "n_models" in cfg and len(cfg["model_names"]) != cfg["n_models"]:
         raise ConfigError(f"config key 'model_names' lists {len(cfg['model_names'])} models but n_models={cfg['n_models']}")
     return cfg
+
+
+def check_mesh(latent_shards, world_size):
+    """The process mesh world_size = data-parallel groups x latent_shards, or a ConfigError."""
+    if latent_shards > 1 and world_size == 1:
+        raise ConfigError(f"latent_shards={latent_shards} needs as many processes: launch with "
+                          f"torchrun --nproc_per_node={latent_shards} (or a multiple)")
+    if world_size % latent_shards:
+        raise ConfigError(f"latent_shards={latent_shards} does not divide the {world_size} processes: the mesh "
+                          "is data-parallel groups x latent_shards")
+    return world_size // latent_shards
 
 
 def check_against_model(cfg, model_cfg):

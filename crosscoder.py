@@ -21,6 +21,7 @@ import distributed
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
 # The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
 from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
+from sharding import init_decoder, shard_rows, sum_over_shards
 from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, checkpoint_files, jsonable,
                         latest_checkpoint, next_version_dir, published_files, read_checkpoint, resolve_version_dir)
 
@@ -51,7 +52,9 @@ def resolve_device(device=None):
 
 
 class CrossCoder(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, shard=(0, 1)):
+        """shard (index, count): hold only that slice of the latents (sharding.py; the whole
+        dictionary's initialisation, sliced)."""
         super().__init__()
         missing = [key for key in CROSSCODER_KEYS if key not in cfg]
         if missing:
@@ -65,20 +68,22 @@ class CrossCoder(nn.Module):
         self.n_models = cfg["n_models"]
         d_in, dict_size = cfg["d_in"], cfg["dict_size"]
         # A local generator: same seed -> same weights, without touching the global RNG.
-        gen = torch.Generator().manual_seed(cfg["seed"])
-        W_dec_FMD = torch.randn(dict_size, self.n_models, d_in, generator=gen)
-        W_dec_FMD = W_dec_FMD / W_dec_FMD.norm(dim=-1, keepdim=True) * cfg["dec_init_norm"]
+        rows = shard_rows(dict_size, shard)
+        W_dec_FMD = init_decoder(cfg, rows)
         W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent")
         self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype).contiguous())
         self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
-        self.b_enc = nn.Parameter(torch.zeros(dict_size, dtype=self.dtype))
+        self.b_enc = nn.Parameter(torch.zeros(rows.stop - rows.start, dtype=self.dtype))
         self.b_dec = nn.Parameter(torch.zeros(self.n_models, d_in, dtype=self.dtype))
         self.architecture = cfg["architecture"]
         if self.architecture == "batchtopk":
             # score threshold used at inference; -1 until training has estimated it
             self.register_buffer("threshold", torch.tensor(-1.0))
         self.score_norms = None  # set by fold_normalisation: BatchTopK scores use the unfolded norms
-        self.global_topk = False  # data parallel (Trainer): training selects over the whole global batch
+        # Set by the Trainer under torchrun: BatchTopK training selects over the whole global batch
+        # (of data_parallel groups); the latents are split over latent_group (sharding.py).
+        self.global_topk, self.data_parallel = False, 1
+        self.shard, self.latent_group = shard, None
         self.to(resolve_device(cfg["device"]))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
@@ -103,15 +108,17 @@ class CrossCoder(nn.Module):
         scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
         if self.training or self.threshold < 0:
             group = distributed.group() if self.training and self.global_topk else None
-            mask_BF, min_kept = batch_topk_mask(scores_BF, self.cfg["k"], group)
+            rows = acts_BF.shape[0] * self.data_parallel  # the global batch
+            mask_BF, min_kept = batch_topk_mask(scores_BF, self.cfg["k"], group, rows)
             return acts_BF * mask_BF, min_kept
         return acts_BF * (scores_BF > self.threshold), None
 
     def decode(self, acts_BF):
-        return einsum(
+        x_hat_BMD = einsum(
             acts_BF.to(self.dtype), self.W_dec,
             "batch latent, latent model d_in -> batch model d_in",
-        ) + self.b_dec
+        )
+        return sum_over_shards(x_hat_BMD, self.latent_group) + self.b_dec
 
     def forward(self, x_BMD):
         return self.decode(self.encode(x_BMD))
@@ -137,18 +144,19 @@ class CrossCoder(nn.Module):
         total_dec_norm_F = self.decoder_norms().float().sum(-1)
         # The reference's l1 = (acts * norms).sum(-1).mean(). Summing over the batch first gives
         # the same number without a [B, F] product in the forward and two in the backward.
-        l1 = (acts_BF.float().sum(0) * total_dec_norm_F).sum() / acts_BF.shape[0]
+        l1 = sum_over_shards((acts_BF.float().sum(0) * total_dec_norm_F).sum(), self.latent_group) / acts_BF.shape[0]
+        l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), self.latent_group)  # acts >= 0
         losses = LossOutput(
             l2_loss=sq_err_B.mean(),
             l1_loss=l1,
-            l0_loss=torch.sign(acts_BF).sum(-1, dtype=torch.float32).mean(),  # acts >= 0: sign counts
+            l0_loss=l0_B.mean(),
             explained_variance=ev_B.mean(),
             explained_variance_A=ev_BM[:, 0].mean(),
             explained_variance_B=ev_BM[:, 1].mean(),
         )
         aux = torch.zeros((), device=x_BMD.device)
         if self.architecture == "batchtopk" and dead_F is not None:
-            aux = aux_loss(x_BMD - x_hat_BMD.float(), pre_BF, self.W_dec, dead_F, self.cfg["aux_k"])
+            aux = aux_loss(x_BMD - x_hat_BMD.float(), pre_BF, self.W_dec, dead_F, self.cfg["aux_k"], self.latent_group)
         return losses, acts_BF, aux
 
     def get_losses(self, x_BMD):
@@ -196,18 +204,20 @@ class CrossCoder(nn.Module):
         return folded
 
     # ---------------------------------------------------------------- checkpoints
-    def save(self, extra_state=None, step=None):
+    def save(self, extra_state=None, step=None, weights=None):
         """Write checkpoint k = save_version: weights, config (recording `step` when given) and,
         when extra_state is given, the trainer state; each atomically, the config last, so its
-        presence marks the checkpoint complete. Returns the path of the weights file."""
+        presence marks the checkpoint complete. weights: the whole dictionary's tensors, when
+        this module holds a shard (sharding.gather_weights). Returns the path of the weights file."""
         if self.save_dir is None:
             self.save_dir = next_version_dir(self.cfg)
         for stale in self.save_dir.glob(".*.tmp"):  # left by a save that was killed mid-write
             stale.unlink(missing_ok=True)
         files = checkpoint_files(self.save_dir, self.save_version)
-        weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
-        if self.architecture == "batchtopk":
-            weights["threshold"] = self.threshold.detach()
+        if weights is None:
+            weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
+            if self.architecture == "batchtopk":
+                weights["threshold"] = self.threshold.detach()
         atomic_torch_save(weights, files.weights)
         if extra_state is not None:
             atomic_torch_save(extra_state, files.trainer)
@@ -219,14 +229,15 @@ class CrossCoder(nn.Module):
         return files.weights
 
     @classmethod
-    def load(cls, version_dir, checkpoint_version=None, device=None):
+    def load(cls, version_dir, checkpoint_version=None, device=None, shard=(0, 1)):
         """Load checkpoint checkpoint_version of version_dir (the newest complete one when None).
-        version_dir is a path, or a name/number under checkpoints/ ("version_3", 3)."""
+        version_dir is a path, or a name/number under checkpoints/ ("version_3", 3). shard
+        (index, count): only that slice of the latents, read from a memory map of the file."""
         version_dir = resolve_version_dir(version_dir)
         if checkpoint_version is None:
             checkpoint_version = latest_checkpoint(version_dir)
         files = checkpoint_files(version_dir, checkpoint_version)
-        model = cls._from_files(files.cfg, files.weights, device)
+        model = cls._from_files(files.cfg, files.weights, device, shard)
         model.save_dir, model.save_version = version_dir, checkpoint_version + 1
         return model
 
@@ -242,8 +253,8 @@ class CrossCoder(nn.Module):
         return cls._from_files(cfg_path, weights_path, device)
 
     @classmethod
-    def _from_files(cls, cfg_path, weights_path, device):
-        cfg, state = read_checkpoint(cfg_path, weights_path, PARAM_NAMES)
+    def _from_files(cls, cfg_path, weights_path, device, shard=(0, 1)):
+        cfg, state = read_checkpoint(cfg_path, weights_path, PARAM_NAMES, mmap=shard[1] > 1)
         if "d_in" not in cfg:  # the first published cfg.json had no d_in: infer it
             cfg["d_in"] = state["W_enc"].shape[1]
         if "n_models" not in cfg:
@@ -256,8 +267,11 @@ class CrossCoder(nn.Module):
             raise CheckpointError(f"{cfg_path}: unknown enc_dtype {cfg['enc_dtype']!r}, expected one of {sorted(DTYPES)}")
         cfg["device"] = resolve_device(device)
         # Build on CPU (cheap to fill), check shapes, then move.
-        model = cls(dict(cfg, device="cpu"))
+        model = cls(dict(cfg, device="cpu"), shard)
         model.cfg = cfg
+        if shard[1] > 1:  # this shard's latents: the last axis of W_enc and b_enc, the first of W_dec
+            rows = shard_rows(cfg["dict_size"], shard)
+            state = dict(state, W_enc=state["W_enc"][..., rows], W_dec=state["W_dec"][rows], b_enc=state["b_enc"][rows])
         for name in PARAM_NAMES:
             want, got = tuple(getattr(model, name).shape), tuple(state[name].shape)
             if want != got:

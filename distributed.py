@@ -16,6 +16,7 @@ import torch.distributed as dist
 from config import ConfigError
 
 _control = None  # a gloo group for host-side flags, so that NCCL runs never sync a GPU for them
+_mesh = None  # with latent_shards > 1: the DeviceMesh (data, latent) of world = data groups x latent shards
 
 
 def world_size():
@@ -41,11 +42,12 @@ def launched():
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device=None, timeout_s=600):
+def setup(device=None, timeout_s=600, latent_shards=1):
     """Join the process group torchrun describes in the environment and return this rank's
     device: cuda:LOCAL_RANK with NCCL when a GPU is asked for or available, else the CPU with
-    gloo. A rank that dies makes the others fail after timeout_s instead of hanging."""
-    global _control
+    gloo. A rank that dies makes the others fail after timeout_s instead of hanging.
+    latent_shards > 1: a 2-D mesh, rank = data_index * latent_shards + latent_index."""
+    global _control, _mesh
     if not launched() or dist.is_initialized():
         return device
     use_cuda = torch.cuda.is_available() and device != "cpu"
@@ -55,19 +57,39 @@ def setup(device=None, timeout_s=600):
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
     _control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
+    if latent_shards > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        _mesh = init_device_mesh("cuda" if use_cuda else "cpu", (world_size() // latent_shards, latent_shards),
+                                 mesh_dim_names=("data", "latent"))
     return device if use_cuda else "cpu"
+
+
+def latent_group():
+    """The processes this rank's dictionary is split over (None: not split)."""
+    return _mesh.get_group("latent") if _mesh is not None else None
+
+
+def data_group():
+    """The processes holding the same latents as this one, on other data (None in one process)."""
+    return _mesh.get_group("data") if _mesh is not None else group()
+
+
+def latent_shard():
+    """(index of this rank's slice of the latents, number of slices)."""
+    return (_mesh.get_local_rank("latent"), _mesh.size(1)) if _mesh is not None else (0, 1)
 
 
 def teardown(clean=True):
     """Leave the process group. clean: every rank got here normally, so they first wait for one
     another (gloo aborts a process that destroys its group while a peer still talks to it); after
     a failure torchrun stops the others, and waiting could only hang."""
-    global _control
+    global _control, _mesh
     if dist.is_available() and dist.is_initialized():
         if clean:
             dist.barrier()
         dist.destroy_process_group()
-        _control = None
+        _control = _mesh = None
 
 
 def exit_process(code=0):
@@ -110,14 +132,14 @@ def shard(n):
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
 
 
-def sum_(tensors):
-    """Replace each tensor, in place, by its sum over the ranks: one all-reduce for the whole
-    list (each collective call has a fixed latency, ~2 ms with gloo on this CPU, so a step pays
-    it once rather than once per tensor)."""
-    if world_size() == 1 or not tensors:
+def sum_(tensors, over=None):
+    """Replace each tensor, in place, by its sum over the ranks of the group `over` (default:
+    all): one all-reduce for the whole list (each collective call has a fixed latency, ~2 ms with
+    gloo on this CPU, so a step pays it once rather than once per tensor)."""
+    if _size(over) == 1 or not tensors:
         return tensors
     flat = torch.cat([t.reshape(-1).float() for t in tensors])
-    dist.all_reduce(flat)
+    dist.all_reduce(flat, group=over)
     offset = 0
     for t in tensors:
         t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -125,11 +147,16 @@ def sum_(tensors):
     return tensors
 
 
-def average_(tensors):
-    """Replace each tensor, in place, by its mean over the ranks (one all-reduce)."""
-    for t in sum_(tensors) if world_size() > 1 else ():
-        t.div_(world_size())
+def average_(tensors, over=None):
+    """Replace each tensor, in place, by its mean over the ranks of `over` (one all-reduce)."""
+    n = _size(over)
+    for t in sum_(tensors, over) if n > 1 else ():
+        t.div_(n)
     return tensors
+
+
+def _size(over):
+    return dist.get_world_size(over) if world_size() > 1 else 1
 
 
 def any_rank(flag):

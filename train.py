@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from config import ConfigError, check_against_model, format_help, parse_overrides, validate_cfg
+from config import ConfigError, check_against_model, check_mesh, format_help, parse_overrides, validate_cfg
 from checkpoint import CheckpointError, read_cfg, resolve_version_dir
 from crosscoder import resolve_device
 import distributed
@@ -59,6 +59,7 @@ default_cfg = {
     "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
     "store_dir": None,  # train from an activation store written by store.py (None: run the models)
     "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
+    "latent_shards": 1,  # torchrun: split the dictionary over this many processes (sharding.py)
     "dead_window": 1000,  # steps without firing after which a latent counts as dead
     "checkpoint_dir": None,  # None: checkpoints/ beside this file
     "data_dir": None,  # None: data/ beside this file
@@ -142,9 +143,11 @@ def load_models_and_tokens(cfg):
 
 def main(cfg, resume=None):
     """Train one crosscoder; under torchrun, one data-parallel replica per process."""
+    n_processes = int(os.environ.get("WORLD_SIZE", "1"))
+    check_mesh(cfg["latent_shards"], n_processes)  # before anything loads
     if distributed.launched():
-        distributed.local_batch_size(cfg["batch_size"], int(os.environ["WORLD_SIZE"]))  # before anything loads
-        cfg["device"] = distributed.setup(cfg["device"])
+        distributed.local_batch_size(cfg["batch_size"], n_processes)
+        cfg["device"] = distributed.setup(cfg["device"], latent_shards=cfg["latent_shards"])
     if cfg["device"] is None and cfg["preset"] != "toy" and not torch.cuda.is_available():
         raise SetupError(
             "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
@@ -168,10 +171,13 @@ def main(cfg, resume=None):
     if distributed.is_main():
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
         if cfg["preset"] == "toy":
+            from crosscoder import CrossCoder
             from toy import format_report, organism_report, toy_report
 
+            # a dictionary split over the latents is read whole from the checkpoint just written
+            crosscoder = trainer.crosscoder if cfg["latent_shards"] == 1 else CrossCoder.load(trainer.crosscoder.save_dir)
             organism = organism_report(models[0], models[1], cfg)
-            print(format_report(toy_report(trainer.crosscoder, models[0], models[1], cfg), organism))
+            print(format_report(toy_report(crosscoder, models[0], models[1], cfg), organism))
         print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
     return trainer
 

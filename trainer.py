@@ -19,12 +19,14 @@ from buffer import Buffer, TokensExhausted, buffer_sequences, sequences_needed
 from checkpoint import (CheckpointError, atomic_torch_save, checkpoint_files, latest_checkpoint, next_version_dir,
                         rank_state_file, rank_states, resolve_version_dir, trainer_states)
 from crosscoder import CrossCoder
+from sharding import clip_grad_norm_, gather_rows, gather_weights
 from utils import install_stop_handlers, restore_handlers
 from objective import l1_coeff_at, lr_multiplier, make_optimizer, training_loss  # noqa: F401 (l1_coeff_at: notebooks)
 from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
+SHARD_STATE = ("optimizer", "steps_since_fired")  # per shard of the latents: saved by each rank
 STOP_CHECK_EVERY = 10  # data parallel: steps between the ranks' checks for a stop signal
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
@@ -58,19 +60,22 @@ class Trainer:
             models = list(model_A) if isinstance(model_A, (list, tuple)) else [model_A, model_B]
             tokens = all_tokens if all_tokens is not None else (model_B if isinstance(model_A, (list, tuple)) else None)
         state = None
+        shard = distributed.latent_shard()  # (index, count): this rank's slice of the latents (sharding.py)
         if resume_from is not None:
             version_dir = resolve_version_dir(resume_from)
             k = latest_checkpoint(version_dir)
             trainer_file = checkpoint_files(version_dir, k).trainer
             if not trainer_file.is_file():
                 raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
-            self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"])
+            self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"], shard=shard)
             state = _read_state(trainer_file)
             if distributed.rank() > 0 and state.get("world_size", 1) == distributed.world_size():
                 own = rank_state_file(version_dir, k, distributed.rank())  # this rank's buffer and RNG
                 state["buffer"] = _read_state(own)["buffer"] if own.is_file() else None
+            if shard[0] > 0:  # this shard's Adam state and counters: in the file of the first data group's rank
+                state.update({key: _read_state(rank_state_file(version_dir, k, shard[0]))[key] for key in SHARD_STATE})
         else:
-            self.crosscoder = CrossCoder(cfg)
+            self.crosscoder = CrossCoder(cfg, shard)
         self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
         self.crosscoder.train()  # BatchTopK selects per batch in training (a loaded model is in eval)
         # Data parallel (torchrun): this rank serves batch_size / world_size rows a step from its
@@ -80,6 +85,8 @@ class Trainer:
         if self.world_size > 1:
             cfg["world_size"] = self.world_size
             self.crosscoder.global_topk = True  # BatchTopK keeps k * the global batch, over all ranks
+            self.crosscoder.data_parallel = self.world_size // shard[1]
+            self.crosscoder.latent_group = distributed.latent_group()
         # sequences the run read before this view of the tokens began (distributed.rebase_state)
         every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
@@ -96,7 +103,7 @@ class Trainer:
         device = self.crosscoder.W_enc.device
         self.optimizer = make_optimizer(self.crosscoder.parameters(), cfg)
         self.step_counter = 0
-        F = cfg["dict_size"]
+        F = self.crosscoder.b_enc.shape[0]  # this rank's latents
         self.steps_since_fired = torch.zeros(F, dtype=torch.long, device=device)
         # First step with a non-finite value, and where it came from; read only at log steps.
         self.bad_step = torch.tensor(-1, device=device)
@@ -152,6 +159,9 @@ class Trainer:
         acts_BMD = self.buffer.next()
         if i == 0 or i == self.last_saved_step:
             self._check_batch(acts_BMD)
+        group = self.crosscoder.latent_group
+        if group is not None:  # every shard encodes the rows of its whole latent group
+            acts_BMD = gather_rows(acts_BMD, group)
         batchtopk = self.crosscoder.architecture == "batchtopk"
         dead_F = self.steps_since_fired >= self._dead_window() if batchtopk else None
         with self._step_autocast():
@@ -161,9 +171,15 @@ class Trainer:
         fired_F = (latents_BF.detach() > 0).any(0)
         if self.world_size > 1:  # gradients averaged before clipping, as in one process; fired on any rank
             fired_count_F = fired_F.float()
-            distributed.average_([p.grad for p in self.crosscoder.parameters()] + [fired_count_F])  # one all-reduce
+            grads = [p.grad for p in self.crosscoder.parameters()]
+            distributed.average_(grads + [fired_count_F], over=distributed.data_group())  # one all-reduce
             fired_F = fired_count_F > 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
+        if group is None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
+        else:  # the norm of the whole dictionary's gradient
+            cc = self.crosscoder
+            grad_norm = clip_grad_norm_(sharded=[cc.W_enc, cc.W_dec, cc.b_enc], replicated=[cc.b_dec], max_norm=1.0,
+                                        group=group)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -239,13 +255,15 @@ class Trainer:
         if not all(torch.isfinite(p).all() for p in self.crosscoder.parameters()):
             raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
                                  f"Last good checkpoint: {self._last_good()}")
-        state = self.state_dict()
+        state, weights = self.state_dict(), None
         if self.world_size > 1:
             self._save_rank_states(state)
+            if self.crosscoder.latent_group is not None:
+                weights = gather_weights(self.crosscoder)  # the whole dictionary, on rank 0's host
             if not distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
                 self.last_saved_step = self.step_counter
                 return None
-        path = self.crosscoder.save(extra_state=state, step=self.step_counter)
+        path = self.crosscoder.save(extra_state=state, step=self.step_counter, weights=weights)
         self.last_saved_step = self.step_counter
         k = self.crosscoder.save_version - 1
         newest = {checkpoint_files(path.parent, k).trainer, *(rank_state_file(path.parent, k, r)
@@ -264,8 +282,10 @@ class Trainer:
         failed = None
         if not distributed.is_main():
             try:
-                atomic_torch_save({"buffer": state["buffer"], "step": self.step_counter},
-                                  rank_state_file(save_dir, k, distributed.rank()))
+                own = {"buffer": state["buffer"], "step": self.step_counter}
+                if self.crosscoder.latent_group is not None:
+                    own.update({key: state[key] for key in SHARD_STATE})
+                atomic_torch_save(own, rank_state_file(save_dir, k, distributed.rank()))
             except OSError as e:
                 failed = e
         if distributed.any_rank(failed is not None):  # every rank gives up this checkpoint together

@@ -26,12 +26,13 @@ class GlobalBatches:
 
 if __name__ == "__main__":
     out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    distributed.setup("cpu")
+    shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (sharding.py)
+    distributed.setup("cpu", latent_shards=shards)
     if architecture in ("straight", "half", "resume"):  # the tiny models on real buffers, 24 steps
         from conftest import random_tokens, tiny_model
 
         ckpt = os.path.join(os.path.dirname(out), architecture if architecture == "straight" else "halves")
-        cfg = tiny_cfg(num_tokens=32 * 24, checkpoint_dir=ckpt)
+        cfg = tiny_cfg(num_tokens=32 * 24, checkpoint_dir=ckpt, latent_shards=shards)
         models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(600, 9)
         if architecture == "resume":
             trainer = Trainer.resume(os.path.join(ckpt, "version_0"), cfg, models=models, tokens=tokens)

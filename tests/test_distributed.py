@@ -120,12 +120,14 @@ def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_
     assert "resuming a 2-process run with 1 process(es)" in one.stdout and read_cfg(tmp_path / "one")["step"] == 2000
 
 
-def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(tmp_path):
-    """2 ranks on real buffers over the tiny models: 24 steps straight == 12 steps, save, then a
-    new torchrun that resumes and runs to 24 (each rank's buffer, pointers and RNG restored:
-    buffer refreshes come every 4 steps), to the last bit."""
+@pytest.mark.parametrize("latent_shards", [1, 2])
+def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(tmp_path, latent_shards):
+    """2 ranks on real buffers over the tiny models, data parallel or with the dictionary split
+    in 2 (each shard's Adam state and counters saved beside the whole weights): 24 steps straight
+    == 12 steps, save, then a new torchrun that resumes and runs to 24 (each rank's buffer,
+    pointers and RNG restored: buffer refreshes come every 4 steps), to the last bit."""
     for mode, steps in (("straight", 24), ("half", 12), ("resume", 0)):
-        out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), str(steps), mode)
+        out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), str(steps), mode, str(latent_shards))
         assert out.returncode == 0, mode + out.stdout[-2000:] + out.stderr[-3000:]
         assert "fresh buffers" not in out.stdout
     from checkpoint import rank_state_file

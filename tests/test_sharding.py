@@ -1,0 +1,86 @@
+"""Dictionaries split over the latents (sharding.py): 2 gloo processes launched by torchrun from
+the test itself, checked against one process training the whole dictionary on the same batches."""
+import pytest
+import torch
+
+from config import ConfigError, validate_cfg
+from conftest import run_script, tiny_cfg, torchrun
+from crosscoder import CrossCoder
+from dp_worker import GlobalBatches
+from trainer import Trainer
+
+
+def test_a_shard_is_initialised_as_its_rows_of_the_whole_dictionary(monkeypatch):
+    """CrossCoder(cfg, shard=(i, n)) holds exactly latents [i F/n, (i+1) F/n) of CrossCoder(cfg),
+    also when the initial draw comes in several chunks."""
+    import sharding
+
+    monkeypatch.setattr(sharding, "INIT_CHUNK", 24)  # 64 latents: chunks of 24, 24, 16
+    cfg = tiny_cfg(dict_size=64)
+    whole = CrossCoder(cfg)
+    for i in range(4):
+        part = CrossCoder(cfg, shard=(i, 4))
+        rows = slice(16 * i, 16 * (i + 1))
+        torch.testing.assert_close(part.W_dec, whole.W_dec[rows], atol=0, rtol=0)
+        torch.testing.assert_close(part.W_enc, whole.W_enc[..., rows], atol=0, rtol=0)
+        assert part.b_enc.shape == (16,) and part.b_dec.shape == whole.b_dec.shape
+
+
+@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
+@pytest.mark.parametrize("shards", [2, 1])
+def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_path, architecture, shards):
+    """6 steps on 2 processes, as 1 data group x 2 latent shards or 2 data groups x 1 shard: the
+    logged losses, every rank's weights (its slice), the checkpoint (gathered whole, read by a
+    plain CrossCoder.load) and a final training-mode forward -- BatchTopK's selected latents
+    included -- equal one process training the whole dictionary on the whole batches, to 1e-5."""
+    steps = 6
+    out = torchrun("tests/shard_worker.py", str(tmp_path / "run.pt"), architecture, str(shards), str(steps))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2)
+    single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
+    logs = [single.log(single.step()) for _ in range(steps)]
+    want = {k: v.clone() for k, v in single.crosscoder.state_dict().items()}  # as saved, before the forward below
+    x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        _, want_acts, _ = single.crosscoder.losses_and_acts(x)
+    ranks = [torch.load(tmp_path / f"run.pt.rank{r}", weights_only=True) for r in (0, 1)]
+    saved = CrossCoder.load(ranks[0]["save_dir"])
+    assert saved.cfg["latent_shards"] == shards and saved.cfg["dict_size"] == 64
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(value, want[name], atol=1e-5, rtol=1e-5)
+    for r, got in enumerate(ranks):
+        latents = slice(32 * r, 32 * (r + 1)) if shards == 2 else slice(None)
+        rows = slice(None) if shards == 2 else slice(16 * r, 16 * (r + 1))
+        torch.testing.assert_close(got["weights"]["W_dec"], want["W_dec"][latents], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["weights"]["W_enc"], want["W_enc"][..., latents], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["weights"]["b_dec"], want["b_dec"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["acts"] > 0, want_acts[rows, latents] > 0)  # the same latents selected
+        torch.testing.assert_close(got["acts"], want_acts[rows, latents], atol=1e-5, rtol=1e-5)
+        keys = ["loss", "l2_loss", "l1_loss", "l0_loss", "dead_fraction"] + ["aux_loss", "threshold"] * (architecture != "l1")
+        for key in keys:
+            torch.testing.assert_close(torch.tensor([g[key] for g in got["logs"]]),
+                                       torch.tensor([s[key] for s in logs]), atol=1e-4, rtol=1e-4)
+    if architecture == "batchtopk":
+        assert max(s["aux_loss"] for s in logs) > 0  # AuxK took part
+
+
+def test_a_dictionary_or_a_mesh_that_does_not_split_is_a_config_error_before_any_model_loads():
+    with pytest.raises(ConfigError, match="dict_size 100 does not split into latent_shards=3"):
+        validate_cfg(tiny_cfg(dict_size=100, latent_shards=3))
+    one = run_script("train.py", "--preset", "toy", "--latent_shards", "2", timeout=120)
+    assert one.returncode != 0 and "torchrun --nproc_per_node=2" in one.stderr and "Traceback" not in one.stderr
+    two = torchrun("train.py", "--preset", "toy", "--latent_shards", "4", "--dict_size", "1024", timeout=120)
+    assert two.returncode != 0 and "latent_shards=4 does not divide the 2 processes" in two.stderr
+    assert "building the toy pair" not in two.stdout + two.stderr  # nothing loaded
+
+
+def test_torchrun_trains_the_toy_preset_with_the_dictionary_split_in_two(tmp_path, toy_run):
+    """`torchrun --nproc_per_node=2 train.py --preset toy --latent_shards 2`: the run ends with the
+    toy report of the whole dictionary, read back from its checkpoint by one process."""
+    _, _, data = toy_run
+    out = torchrun("train.py", "--preset", "toy", "--latent_shards", "2", "--num_tokens", "51200", "--data_dir",
+                   str(data), "--checkpoint_dir", str(tmp_path / "ckpt"), "--wandb_mode", "disabled", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("final: ") == 1 and "latents: 1024 (" in out.stdout
+    cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
+    assert cc.W_dec.shape[0] == 1024 and cc.cfg["latent_shards"] == 2 and cc.cfg["world_size"] == 2
