@@ -141,3 +141,45 @@ def gather_weights(crosscoder):
     if crosscoder.architecture == "batchtopk":
         out["threshold"] = crosscoder.threshold.detach().cpu()
     return out
+
+
+# Step memory beyond the weights, gradients and Adam state, at the step's peak, which comes in one
+# of two phases: (fp32 copies of [rows, f], copies of W_dec's shard). L1: three [rows, f] (the
+# pre-activations and activations kept for the backward pass, and the L0 count's or the
+# gradient's temporary), or two plus the decoder norms' gradient before it is added to W_dec's;
+# BatchTopK: eight [rows, f] (its scores, the flattened selection and AuxK's masked copy on top).
+# Plus [rows, M, D] copies (inputs, reconstruction, error; sharded: the gathered rows and the
+# summed reconstruction). Measured with torch's MemTracker on CPU steps at shapes from
+# rows << M * D to rows >> M * D (tests/test_sharding.py checks the formula against it).
+STEP_PHASES = {"l1": ((3, 0), (2, 1)), "batchtopk": ((8, 0),)}
+
+
+def memory_per_rank(d_in, dict_size, shards=1, rows=4096, n_models=2, architecture="l1"):
+    """Bytes one rank holds at the peak of a training step in fp32: its shard's weights,
+    gradients and Adam moments (4 copies), plus the step's temporaries for `rows` rows (the
+    latent group's batch: batch_size / data-parallel groups)."""
+    f = dict_size // shards
+    params = 2 * n_models * d_in * f + f + n_models * d_in  # W_enc, W_dec, b_enc; b_dec replicated
+    step = max(per_row * rows * f + per_decoder * n_models * d_in * f
+               for per_row, per_decoder in STEP_PHASES[architecture])
+    row_copies = 2 + 2 * (shards > 1)
+    return 4 * (4 * params + step + row_copies * rows * n_models * d_in)
+
+
+def memory_table(gpu_bytes=80e9, rows=4096, architecture="l1"):
+    """The README's table: GB per rank, d_in 2304 and 3584, dict 2^14 ... 2^20, 1-8 shards."""
+    lines = ["| d_in | dict_size | 1 shard | 2 shards | 4 shards | 8 shards |", "| --- | --- | --- | --- | --- | --- |"]
+    for d_in in (2304, 3584):
+        for log2 in range(14, 21):
+            cells = []
+            for shards in (1, 2, 4, 8):
+                b = memory_per_rank(d_in, 2**log2, shards, rows, architecture=architecture)
+                cells.append(f"{b / 1e9:.1f}" + ("" if b <= gpu_bytes else " (no)"))
+            lines.append(f"| {d_in} | 2^{log2} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for arch in ("l1", "batchtopk"):
+        print(f"\n{arch}: GB per rank at 4,096 rows per latent group, fp32; (no): over an 80 GB GPU")
+        print(memory_table(architecture=arch))
