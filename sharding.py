@@ -19,15 +19,19 @@ INIT_CHUNK = 4096  # latents per draw when initialising (memory: one chunk, not 
 
 
 class _SumOverShards(torch.autograd.Function):
+    """All-reduce (sum) in fp32, whatever the partials' dtype (bf16 under step_dtype bf16), as a
+    whole dictionary's matmul accumulates; the backward passes the gradient through."""
+
     @staticmethod
     def forward(ctx, t, group):
-        t = t.clone()
+        ctx.dtype = t.dtype
+        t = t.to(torch.float32, copy=True)
         dist.all_reduce(t, group=group)
         return t
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad.to(ctx.dtype), None
 
 
 def sum_over_shards(t, group):

@@ -24,10 +24,11 @@ if __name__ == "__main__":
     trainer.save()
     x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
     x = x if shards > 1 else x[distributed.shard(32)]  # a latent group sees its whole batch
-    with torch.no_grad():
-        _, acts, _ = trainer.crosscoder.losses_and_acts(x)
-    weights = {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}
-    torch.save({"weights": weights, "logs": logs, "acts": acts, "save_dir": str(trainer.crosscoder.save_dir)},
-               f"{out}.rank{distributed.rank()}")
+    weights = {k: v.detach().clone() for k, v in trainer.crosscoder.state_dict().items()}
+    losses, acts, _ = trainer.crosscoder.losses_and_acts(x)  # and the gradients of l2 + l1 on x
+    (losses.l2_loss + losses.l1_loss).backward()
+    grads = {name: p.grad for name, p in trainer.crosscoder.named_parameters()}
+    torch.save({"weights": weights, "logs": logs, "acts": acts.detach(), "grads": grads,
+                "save_dir": str(trainer.crosscoder.save_dir)}, f"{out}.rank{distributed.rank()}")
     distributed.teardown()
     distributed.exit_process(0)

@@ -32,17 +32,18 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
     """6 steps on 2 processes, as 1 data group x 2 latent shards or 2 data groups x 1 shard: the
     logged losses, every rank's weights (its slice), the checkpoint (gathered whole, read by a
     plain CrossCoder.load) and a final training-mode forward -- BatchTopK's selected latents
-    included -- equal one process training the whole dictionary on the whole batches, to 1e-5."""
+    included -- and its gradients (each shard's slice) equal one process training the whole
+    dictionary on the whole batches, to 1e-5."""
     steps = 6
     out = torchrun("tests/shard_worker.py", str(tmp_path / "run.pt"), architecture, str(shards), str(steps))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2)
     single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
     logs = [single.log(single.step()) for _ in range(steps)]
-    want = {k: v.clone() for k, v in single.crosscoder.state_dict().items()}  # as saved, before the forward below
+    want = {k: v.detach().clone() for k, v in single.crosscoder.state_dict().items()}  # as saved, before the forward
     x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        _, want_acts, _ = single.crosscoder.losses_and_acts(x)
+    losses, want_acts, _ = single.crosscoder.losses_and_acts(x)
+    (losses.l2_loss + losses.l1_loss).backward()
     ranks = [torch.load(tmp_path / f"run.pt.rank{r}", weights_only=True) for r in (0, 1)]
     saved = CrossCoder.load(ranks[0]["save_dir"])
     assert saved.cfg["latent_shards"] == shards and saved.cfg["dict_size"] == 64
@@ -55,6 +56,11 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
         torch.testing.assert_close(got["weights"]["W_enc"], want["W_enc"][..., latents], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got["weights"]["b_dec"], want["b_dec"], atol=1e-5, rtol=1e-5)
         assert torch.equal(got["acts"] > 0, want_acts[rows, latents] > 0)  # the same latents selected
+        if shards == 2:  # the gradients of l2 + l1 on the same batch (data groups: each its own rows)
+            cc = single.crosscoder
+            for name, want_grad in (("W_enc", cc.W_enc.grad[..., latents]), ("W_dec", cc.W_dec.grad[latents]),
+                                    ("b_enc", cc.b_enc.grad[latents]), ("b_dec", cc.b_dec.grad)):
+                torch.testing.assert_close(got["grads"][name], want_grad, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(got["acts"], want_acts[rows, latents], atol=1e-5, rtol=1e-5)
         keys = ["loss", "l2_loss", "l1_loss", "l0_loss", "dead_fraction"] + ["aux_loss", "threshold"] * (architecture != "l1")
         for key in keys:
