@@ -49,6 +49,43 @@ def rank_states(version_dir):
     return sorted(Path(version_dir).glob("*_trainer_rank*.pt"))
 
 
+SHARD_STATE = ("optimizer", "steps_since_fired")  # split over the latents: each shard's, in its rank file
+
+
+def read_trainer_state(version_dir, k, rank=0, world_size=1, shard_index=0):
+    """The trainer state rank `rank` of a run with world_size processes resumes checkpoint k
+    from: the run's state (rank 0's), with this rank's own data state when the checkpoint has one
+    from a run of the same size ("buffer": None when it is missing: fresh buffers), and with its
+    shard's Adam state and counters when the dictionary is split over the latents (shard s's are
+    in the file of rank s, the first data group's)."""
+    trainer_file = checkpoint_files(version_dir, k).trainer
+    if not trainer_file.is_file():
+        raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
+    state = _read_state(trainer_file)
+    if rank > 0 and state.get("world_size", 1) == world_size:
+        own = rank_state_file(version_dir, k, rank)
+        state["buffer"] = _read_state(own)["buffer"] if own.is_file() else None
+    if shard_index > 0:
+        shard_state = _read_state(rank_state_file(version_dir, k, shard_index))
+        state.update({key: shard_state[key] for key in SHARD_STATE})
+    return state
+
+
+def prune_trainer_states(version_dir, k, world_size):
+    """Delete the trainer and rank states of every checkpoint but k (they hold buffers: large)."""
+    keep = {checkpoint_files(version_dir, k).trainer, *(rank_state_file(version_dir, k, r) for r in range(1, world_size))}
+    for old in trainer_states(version_dir) + rank_states(version_dir):
+        if old not in keep:
+            old.unlink()
+
+
+def _read_state(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
+
+
 def published_files(root, hook_dir):
     """(cfg.json, cc_weights.pt) of the published layout under root/hook_dir."""
     return Path(root) / hook_dir / "cfg.json", Path(root) / hook_dir / "cc_weights.pt"

@@ -14,19 +14,17 @@ import torch
 from tqdm.auto import tqdm
 
 import distributed
-from activation_store import ActivationStore, read_meta
-from buffer import Buffer, TokensExhausted, buffer_sequences, sequences_needed
-from checkpoint import (CheckpointError, atomic_torch_save, checkpoint_files, latest_checkpoint, next_version_dir,
-                        rank_state_file, rank_states, resolve_version_dir, trainer_states)
+from checkpoint import (SHARD_STATE, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
+                        rank_state_file, read_trainer_state, resolve_version_dir)
 from crosscoder import CrossCoder
 from sharding import clip_grad_norm_, gather_rows, gather_weights
+from sources import make_batch_source
 from utils import install_stop_handlers, restore_handlers
 from objective import l1_coeff_at, lr_multiplier, make_optimizer, training_loss  # noqa: F401 (l1_coeff_at: notebooks)
 from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
-SHARD_STATE = ("optimizer", "steps_since_fired")  # per shard of the latents: saved by each rank
 STOP_CHECK_EVERY = 10  # data parallel: steps between the ranks' checks for a stop signal
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
@@ -64,16 +62,8 @@ class Trainer:
         if resume_from is not None:
             version_dir = resolve_version_dir(resume_from)
             k = latest_checkpoint(version_dir)
-            trainer_file = checkpoint_files(version_dir, k).trainer
-            if not trainer_file.is_file():
-                raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
             self.crosscoder = CrossCoder.load(version_dir, k, device=cfg["device"], shard=shard)
-            state = _read_state(trainer_file)
-            if distributed.rank() > 0 and state.get("world_size", 1) == distributed.world_size():
-                own = rank_state_file(version_dir, k, distributed.rank())  # this rank's buffer and RNG
-                state["buffer"] = _read_state(own)["buffer"] if own.is_file() else None
-            if shard[0] > 0:  # this shard's Adam state and counters: in the file of the first data group's rank
-                state.update({key: _read_state(rank_state_file(version_dir, k, shard[0]))[key] for key in SHARD_STATE})
+            state = read_trainer_state(version_dir, k, distributed.rank(), distributed.world_size(), shard[0])
         else:
             self.crosscoder = CrossCoder(cfg, shard)
         self.crosscoder.cfg = cfg  # one dict: factors the buffer measures reach the checkpoint
@@ -91,7 +81,7 @@ class Trainer:
         every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
         if buffer is None:
-            buffer = self._make_buffer(local_cfg, models, tokens, state)
+            buffer = make_batch_source(cfg, local_cfg, models, tokens, state, self.sequence_offset, self.total_steps)
         elif state is not None and state.get("buffer") is not None:
             buffer.load_state_dict(state["buffer"])
         self.buffer = buffer
@@ -117,33 +107,6 @@ class Trainer:
             self.steps_since_fired = state["steps_since_fired"].to(device)
             self.wandb_id = state.get("wandb_id")
             self.last_saved_step = self.step_counter
-
-    def _make_buffer(self, local_cfg, models, tokens, state):
-        """This rank's source of batches: a live Buffer over the models, or the activation store
-        at cfg["store_dir"]. Rank r of w reads sequences offset + r, + r + w, ...: all ranks
-        together read in order. Checks first that there are enough sequences for the run."""
-        cfg, w, first = self.cfg, self.world_size, self.sequence_offset + distributed.rank()
-        buffer_state = state and state.get("buffer")
-        if cfg["store_dir"] is not None:
-            have, source = len(range(first, read_meta(cfg["store_dir"])["n_sequences"], w)), f"the store at {cfg['store_dir']}"
-        else:
-            tokens = tokens[first::w] if tokens is not None else None
-            have, source = (len(tokens) if tokens is not None else None), "the dataset"
-        start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
-        need = sequences_needed(local_cfg, self.total_steps - start)  # a full fill, then refreshes
-        if buffer_state is not None and "buffer" in buffer_state:
-            need -= buffer_sequences(local_cfg)  # an exact resume keeps its filled buffer
-        if have is not None and need > have - read and not cfg["wrap_tokens"]:
-            raise TokensExhausted(
-                f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
-                f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
-                "wrap_tokens=True to reuse it")
-        if cfg["store_dir"] is not None:
-            if distributed.is_main():
-                print(f"training on the activations stored at {cfg['store_dir']} ({have * w:,} sequences); "
-                      "the models are not run")
-            return ActivationStore(local_cfg, cfg["store_dir"], state=buffer_state, first_sequence=first, stride=w)
-        return Buffer(local_cfg, models, tokens, state=buffer_state)
 
     @classmethod
     def resume(cls, version_dir, cfg, *, models=None, tokens=None, buffer=None):
@@ -265,17 +228,13 @@ class Trainer:
                 return None
         path = self.crosscoder.save(extra_state=state, step=self.step_counter, weights=weights)
         self.last_saved_step = self.step_counter
-        k = self.crosscoder.save_version - 1
-        newest = {checkpoint_files(path.parent, k).trainer, *(rank_state_file(path.parent, k, r)
-                                                             for r in range(1, self.world_size))}
-        for old in trainer_states(path.parent) + rank_states(path.parent):
-            if old not in newest:
-                old.unlink()
+        prune_trainer_states(path.parent, self.crosscoder.save_version - 1, self.world_size)
         return path
 
     def _save_rank_states(self, state):
-        """Data parallel: ranks >= 1 write their own data state for checkpoint k, before rank 0
-        writes the config that marks k complete, so a complete checkpoint has every rank's."""
+        """Data parallel: ranks >= 1 write their own data state (and, split over the latents, their
+        shard's) for checkpoint k before rank 0 writes the config that marks k complete, so a
+        complete checkpoint has every rank's."""
         if distributed.is_main() and self.crosscoder.save_dir is None:
             self.crosscoder.save_dir = next_version_dir(self.cfg)
         save_dir, k = distributed.broadcast((str(self.crosscoder.save_dir), self.crosscoder.save_version))
@@ -376,9 +335,3 @@ class Trainer:
         except OSError as e:
             print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
 
-
-def _read_state(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read the trainer state ({type(e).__name__}: {e})") from None
