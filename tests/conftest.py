@@ -19,9 +19,13 @@ SLOW_FIXTURES = {"toy_run", "tiny_gemma_dirs"}  # a toy training run; full-width
 
 
 def pytest_collection_modifyitems(items):
-    """Tests that use a slow fixture are marked slow (`pytest -m "not slow"`: the fast loop)."""
+    """Tests that use a slow fixture, or launch torchrun (several seconds each), are marked slow
+    (`pytest -m "not slow"`: the fast loop)."""
+    import inspect
+
     for item in items:
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+        launches = "torchrun(" in inspect.getsource(getattr(item, "function", lambda: None))
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or launches:
             item.add_marker(pytest.mark.slow)
 
 
