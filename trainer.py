@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 import distributed
+from config import ConfigError
 from checkpoint import (SHARD_STATE, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
                         rank_state_file, read_trainer_state, resolve_version_dir)
 from crosscoder import CrossCoder
@@ -59,6 +60,10 @@ class Trainer:
             tokens = all_tokens if all_tokens is not None else (model_B if isinstance(model_A, (list, tuple)) else None)
         state = None
         shard = distributed.latent_shard()  # (index, count): this rank's slice of the latents (sharding.py)
+        if shard[1] != cfg["latent_shards"]:
+            raise ConfigError(f"latent_shards={cfg['latent_shards']} but this process's mesh splits the latents "
+                              f"{shard[1]} way(s): launch with torchrun and call distributed.setup(device, "
+                              f"latent_shards={cfg['latent_shards']}) first (train.py does)")
         if resume_from is not None:
             version_dir = resolve_version_dir(resume_from)
             k = latest_checkpoint(version_dir)

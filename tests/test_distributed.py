@@ -60,21 +60,6 @@ def test_a_batch_that_does_not_split_over_the_processes_is_a_config_error():
     assert 'train.py", line' not in out.stderr  # a message, not a traceback from our code (torchrun adds its own)
 
 
-def test_torchrun_trains_the_toy_preset_on_two_processes(tmp_path, toy_run):
-    """`torchrun --nproc_per_node=2 train.py --preset toy`: rank 0 alone prints and saves; the
-    checkpoint is the usual layout, loads in one process, and records the world size."""
-    _, _, data = toy_run
-    out = torchrun("train.py", "--preset", "toy", "--num_tokens", "51200", "--data_dir", str(data),
-                   "--checkpoint_dir", str(tmp_path / "ckpt"), "--wandb_mode", "disabled", timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert out.stdout.count("final: ") == 1 and "over 2 processes" in out.stdout
-    from crosscoder import CrossCoder
-
-    cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
-    assert cc.cfg["world_size"] == 2 and cc.cfg["step"] == 100 and cc.cfg["batch_size"] == 512
-    assert not list((tmp_path / "ckpt").glob("version_1"))  # one run, one version directory
-
-
 def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_process(tmp_path, toy_run):
     """SIGTERM to torchrun mid-run: every rank stops at the same step and rank 0 saves once (every
     rank's data state with it). The run then resumes to the end with 2 processes, exactly, and (a

@@ -73,6 +73,8 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
 def test_a_dictionary_or_a_mesh_that_does_not_split_is_a_config_error_before_any_model_loads():
     with pytest.raises(ConfigError, match="dict_size 100 does not split into latent_shards=3"):
         validate_cfg(tiny_cfg(dict_size=100, latent_shards=3))
+    with pytest.raises(ConfigError, match="latent_shards=2 but this process's mesh splits the latents 1 way"):
+        Trainer(tiny_cfg(latent_shards=2), buffer=GlobalBatches(tiny_cfg(), slice(None)))  # no mesh: not ignored
     one = run_script("train.py", "--preset", "toy", "--latent_shards", "2", timeout=120)
     assert one.returncode != 0 and "torchrun --nproc_per_node=2" in one.stderr and "Traceback" not in one.stderr
     two = torchrun("train.py", "--preset", "toy", "--latent_shards", "4", "--dict_size", "1024", timeout=120)
@@ -80,16 +82,22 @@ def test_a_dictionary_or_a_mesh_that_does_not_split_is_a_config_error_before_any
     assert "building the toy pair" not in two.stdout + two.stderr  # nothing loaded
 
 
-def test_torchrun_trains_the_toy_preset_with_the_dictionary_split_in_two(tmp_path, toy_run):
-    """`torchrun --nproc_per_node=2 train.py --preset toy --latent_shards 2`: the run ends with the
-    toy report of the whole dictionary, read back from its checkpoint by one process."""
+def test_torchrun_trains_the_toy_preset_on_two_processes_with_the_dictionary_split_in_two(tmp_path, toy_run):
+    """`torchrun --nproc_per_node=2 train.py --preset toy --latent_shards 2`: rank 0 alone prints
+    and saves, in one version directory of the usual layout; the checkpoint loads whole in one
+    process and records the world size; the run ends with the toy report of the whole
+    dictionary, read back from that checkpoint. (The data-parallel toy run without shards is
+    the SIGTERM test's, tests/test_distributed.py.)"""
     _, _, data = toy_run
     out = torchrun("train.py", "--preset", "toy", "--latent_shards", "2", "--num_tokens", "51200", "--data_dir",
                    str(data), "--checkpoint_dir", str(tmp_path / "ckpt"), "--wandb_mode", "disabled", timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert out.stdout.count("final: ") == 1 and "latents: 1024 (" in out.stdout
+    assert out.stdout.count("final: ") == 1 and out.stdout.count("latents: 1024 (") == 1
+    assert "over 2 processes" in out.stdout
     cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
     assert cc.W_dec.shape[0] == 1024 and cc.cfg["latent_shards"] == 2 and cc.cfg["world_size"] == 2
+    assert cc.cfg["step"] == 100 and cc.cfg["batch_size"] == 512
+    assert not list((tmp_path / "ckpt").glob("version_1"))  # one run, one version directory
 
 
 @pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
