@@ -20,6 +20,10 @@ SPLICE_BATCH_SIZE = None  # sequences per full forward with logits (2**11 tokens
 HELDOUT_TOKENS, BATCH_TOKENS, SPLICE_BATCH_TOKENS = 2**18, 2**14, 2**11
 TOP_K_EXAMPLES = 10
 N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
+# Latent Scaling runs on the chat-only class (relative norm > 0.9), or with a number here on the N
+# most chat-leaning latents whatever their relative norm: the authors' "effective chat-only"
+# latents, how they compare a BatchTopK crosscoder with an L1 one's chat-only set of that size.
+EFFECTIVE_CHAT_ONLY = None
 
 # %%
 import json
@@ -32,8 +36,9 @@ from activations import estimate_norm_factors
 from checkpoint import latest_version_dir, published_hook_dir
 from config import ConfigError, format_help, parse_overrides
 from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
-from diffing import (CHAT_ONLY_MIN, GENUINE_NU_MAX, classify_latents, examples_html, iter_paired_activations,
-                     latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples)
+from diffing import (CHAT_ONLY_MIN, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents, effective_chat_only,
+                     examples_html, is_model_specific, iter_paired_activations, latent_scaling, rank_sum_order,
+                     reconstruction_stats, splice_in_loss, top_activating_examples)
 from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram
 from train import complete_cfg
 from utils import DataError, SetupError, in_notebook, load_gemma_pair, load_tokens
@@ -45,12 +50,13 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout dir, hf, or a hub 
            "n_heldout": f"held-out sequences (default: {HELDOUT_TOKENS:,} tokens' worth)",
            "batch_size": f"sequences per forward that stops at the hook (default: {BATCH_TOKENS:,} tokens' worth)",
            "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_BATCH_TOKENS:,} tokens' worth)",
+           "effective_chat_only": "N: Latent Scaling on the N most chat-leaning latents (default: the chat-only class)",
            "help": "print this and exit"}
 
 
 def apply_argv(argv):
     """The script's options (the same --key value parser as train.py) into the settings above."""
-    global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE
+    global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY
     _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
     if opts.get("help"):
         print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
@@ -63,6 +69,7 @@ def apply_argv(argv):
         N_HELDOUT_SEQS = int(opts["n_heldout"]) if "n_heldout" in opts else N_HELDOUT_SEQS
         BATCH_SIZE = int(opts["batch_size"]) if "batch_size" in opts else BATCH_SIZE
         SPLICE_BATCH_SIZE = int(opts["splice_batch_size"]) if "splice_batch_size" in opts else SPLICE_BATCH_SIZE
+        EFFECTIVE_CHAT_ONLY = int(opts["effective_chat_only"]) if "effective_chat_only" in opts else EFFECTIVE_CHAT_ONLY
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
 
@@ -199,24 +206,44 @@ if models is not None:
 # ## Are the chat-only latents really chat-only? (Latent Scaling)
 # nu near 0: the base model lacks the latent's direction. High nu_error: Complete Shrinkage (the
 # base activation has it; L1 shrank the base decoder). High nu_reconstruction: Latent Decoupling
-# (other latents reconstruct it in the base model).
+# (other latents reconstruct it in the base model). Chat-specific, as the paper's authors select
+# them: |nu_error| < 0.2 and |nu_reconstruction| < 0.5; ranked by the sum of the two ranks. The
+# mirror image probes the base-only latents along their base decoder (nu: chat / base).
 
 # %%
 chat_only = torch.nonzero(classes["chat_only"]).flatten()
-if models is not None and len(chat_only):
+probed = effective_chat_only(cc, EFFECTIVE_CHAT_ONLY).cpu() if EFFECTIVE_CHAT_ONLY else chat_only
+base_only = torch.nonzero(classes["base_only"]).flatten()
+
+
+def scaled_batches():
     s_M = torch.tensor(cfg["normalisation_factor"])
-    batches = (x.flatten(0, 1) * s_M.to(x.device)[:, None] for _, x in
-               iter_paired_activations(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
-    ls = latent_scaling(cc, batches, chat_only)
+    return (x.flatten(0, 1) * s_M.to(x.device)[:, None] for _, x in
+            iter_paired_activations(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
+
+
+def scaling_summary(ls, latents_J):
     ok = torch.isfinite(ls["nu_error"]) & torch.isfinite(ls["nu_reconstruction"])
-    genuine = ok & (torch.maximum(ls["nu_error"], ls["nu_reconstruction"]) <= GENUINE_NU_MAX)
-    summary["latent_scaling"] = {
-        "chat_only_latents": len(chat_only), "finite": int(ok.sum()),
-        f"genuine (both nu <= {GENUINE_NU_MAX})": int(genuine.sum()),
-        "median_nu_error": float(ls["nu_error"][ok].median()) if ok.any() else None,
-        "median_nu_reconstruction": float(ls["nu_reconstruction"][ok].median()) if ok.any() else None}
+    specific = ok & is_model_specific(ls["nu_error"], ls["nu_reconstruction"])
+    order = rank_sum_order(ls["nu_error"].nan_to_num(float("inf")), ls["nu_reconstruction"].nan_to_num(float("inf")))
+    return {"latents": len(latents_J), "finite": int(ok.sum()),
+            f"specific (|nu_error| < {NU_ERROR_MAX}, |nu_reconstruction| < {NU_RECONSTRUCTION_MAX})": int(specific.sum()),
+            "median_nu_error": float(ls["nu_error"][ok].median()) if ok.any() else None,
+            "median_nu_reconstruction": float(ls["nu_reconstruction"][ok].median()) if ok.any() else None,
+            "most_specific_by_rank_sum": latents_J[order[:10].cpu()].tolist()}, ok
+
+
+if models is not None and len(probed):
+    ls = latent_scaling(cc, scaled_batches(), probed)
+    summary["latent_scaling"], ok = scaling_summary(ls, probed)
+    summary["latent_scaling"]["selection"] = (f"the {EFFECTIVE_CHAT_ONLY} most chat-leaning latents" if EFFECTIVE_CHAT_ONLY
+                                              else f"chat-only (relative norm > {CHAT_ONLY_MIN})")
     print("latent scaling:", summary["latent_scaling"])
     plot_latent_scaling(ls["nu_error"][ok].cpu(), ls["nu_reconstruction"][ok].cpu(), out_dir / "latent_scaling.png")
+if models is not None and len(base_only):
+    ls_base = latent_scaling(cc, scaled_batches(), base_only, direction_model=0)
+    summary["latent_scaling_base_only"], _ = scaling_summary(ls_base, base_only)
+    print("latent scaling of the base-only latents (along their base decoder):", summary["latent_scaling_base_only"])
 
 # %% [markdown]
 # ## What do the chat-only latents fire on?

@@ -117,9 +117,45 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2):
     return out
 
 
-# A chat-only latent counts as genuine when both Latent Scaling ratios are at most this. On the
-# toy pair the chat-only latents' max(nu) falls either below 0.2 or above 0.5 (none between).
-GENUINE_NU_MAX = 0.2
+# Latent Scaling's selection as the paper's authors apply it (sparsity-artifacts-crosscoders,
+# notebooks/art.py: thres_error = 0.2, thres_reconstruction = 0.5, on |nu|): a latent is specific
+# to its direction model when |nu_error| < NU_ERROR_MAX and |nu_reconstruction| < NU_RECONSTRUCTION_MAX.
+# Deviation removed: we used max(nu) <= 0.2 for both, chosen by looking at the toy distribution.
+NU_ERROR_MAX = 0.2
+NU_RECONSTRUCTION_MAX = 0.5
+GENUINE_NU_MAX = NU_ERROR_MAX  # the former single threshold, kept for notebooks that import it
+
+
+def is_model_specific(nu_error_J, nu_reconstruction_J):
+    """[J] bool: the paper's rule (both ratios small: the other model lacks the direction and no
+    other latents carry it there). NaN ratios count as not specific."""
+    return (nu_error_J.abs() < NU_ERROR_MAX) & (nu_reconstruction_J.abs() < NU_RECONSTRUCTION_MAX)
+
+
+def rank_sum_order(nu_error_J, nu_reconstruction_J):
+    """[J] positions into the latents, most specific first: by the sum of each latent's rank in
+    nu_error and in nu_reconstruction (ascending; ordinal ranks, ties by position), as the
+    authors rank them (autointerp/plot.py: rank_sum)."""
+    def ranks(v):
+        return v.argsort(stable=True).argsort()
+
+    return (ranks(nu_error_J) + ranks(nu_reconstruction_J)).argsort(stable=True)
+
+
+def norm_difference(crosscoder, model=0, other=1):
+    """[F] the authors' dec_norm_diff: (|d_model| - |d_other|) / max(|d_model|, |d_other|) / 2 + 1/2,
+    so with model 0 (base): 0 = chat-only, 0.5 = equal norms, 1 = base-only."""
+    norms_FM = crosscoder.decoder_norms().float()
+    a, b = norms_FM[:, model], norms_FM[:, other]
+    return 0.5 * ((a - b) / torch.maximum(a, b) + 1)
+
+
+def effective_chat_only(crosscoder, n):
+    """The n latents with the lowest norm_difference (most chat-leaning), whatever their relative
+    norm: the authors' "effective chat-only latents" (crosscoder_analysis_pipeline.py,
+    num_effective_chat_only_latents), how they compare a BatchTopK crosscoder, whose relative
+    norms rarely pass the 0.9 cut, with an L1 one's chat-only set of the same size."""
+    return norm_difference(crosscoder).argsort(stable=True)[:n]
 
 
 @torch.no_grad()

@@ -215,9 +215,9 @@ def organism_report(base, chat, cfg, n_seqs=256):
 def toy_report(crosscoder, base, chat, cfg, n_seqs=512):
     """What the method finds on the toy pair, on held-out tokens: latent counts per relative-norm
     class, each class's share of activation mass inside chat transcripts, and the chat-only
-    latents split by Latent Scaling into genuine ones (max nu <= GENUINE_NU_MAX: the base model
+    latents split by Latent Scaling into genuine ones (diffing.is_model_specific: the base model
     lacks their direction) and artefacts of the L1 loss (the base model has it)."""
-    from diffing import GENUINE_NU_MAX, classify_latents, iter_paired_activations, latent_scaling
+    from diffing import classify_latents, is_model_specific, iter_paired_activations, latent_scaling
 
     tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 4)
     factors = torch.tensor(cfg["normalisation_factor"])
@@ -230,7 +230,7 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=512):
     chat_only = torch.nonzero(classes["chat_only"] & alive).flatten()
     ls = latent_scaling(crosscoder, [x_NSMD.flatten(0, 1)], chat_only)
     genuine = torch.zeros_like(alive)
-    genuine[chat_only] = torch.maximum(ls["nu_error"], ls["nu_reconstruction"]).cpu() <= GENUINE_NU_MAX
+    genuine[chat_only] = is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()
     classes["chat_only_genuine"] = classes["chat_only"] & genuine
     classes["chat_only_artefact"] = classes["chat_only"] & ~genuine
     per_latent_F = mass_chat / mass_all.clamp(min=1e-12)
@@ -259,6 +259,6 @@ def format_report(report, organism=None):
     for name in ("chat_only", "chat_only_genuine", "chat_only_artefact", "shared", "base_only", "other"):
         r = report[name]
         lines.append(f"{name:<18} {r['count']:>6} {r['chat_mass_fraction']:>13.1%} {r['mostly_chat']:>19} {r['mostly_plain']:>11}")
-    lines.append("chat_only_genuine / _artefact: chat-only latents whose Latent Scaling ratios are <= / > "
-                 "GENUINE_NU_MAX (the base model lacks / has their direction)")
+    lines.append("chat_only_genuine / _artefact: chat-only latents with / without |nu_error| < 0.2 and "
+                 "|nu_reconstruction| < 0.5 (Latent Scaling: the base model lacks / has their direction)")
     return "\n".join(lines)

@@ -1,0 +1,49 @@
+"""diffing.py's selection rules as the Latent Scaling paper's authors apply them (the maths of
+latent_scaling, splice-in and reconstruction is tested in tests/test_analysis.py)."""
+import torch
+
+from conftest import tiny_cfg
+from crosscoder import CrossCoder
+from diffing import effective_chat_only, is_model_specific, latent_scaling, norm_difference, rank_sum_order
+from test_analysis import scaling_case
+
+
+def test_a_latent_is_model_specific_when_both_ratios_are_small_in_absolute_value():
+    """|nu_error| < 0.2 and |nu_reconstruction| < 0.5, strict, negative ratios by their size."""
+    nu_err = torch.tensor([0.0, 0.19, 0.2, 0.1, -0.15, -0.3, 0.1, float("nan")])
+    nu_rec = torch.tensor([0.0, 0.49, 0.1, 0.5, -0.45, 0.0, 0.3, 0.0])
+    want = [True, True, False, False, True, False, True, False]
+    assert is_model_specific(nu_err, nu_rec).tolist() == want
+
+
+def test_rank_sum_orders_latents_by_the_sum_of_their_two_ranks():
+    nu_err = torch.tensor([0.5, 0.1, 0.3, 0.0])  # ranks 3, 1, 2, 0
+    nu_rec = torch.tensor([0.0, 0.4, 0.1, 0.9])  # ranks 0, 2, 1, 3
+    # sums: 3, 3, 3, 3 -> ties keep positions; change one to break them
+    assert rank_sum_order(nu_err, nu_rec).tolist() == [0, 1, 2, 3]
+    nu_rec = torch.tensor([0.0, 0.05, 0.1, 0.9])  # ranks 0, 1, 2, 3: sums 3, 2, 4, 3
+    assert rank_sum_order(nu_err, nu_rec).tolist() == [1, 0, 3, 2]
+
+
+def test_norm_difference_is_the_authors_dec_norm_diff_and_effective_chat_only_takes_the_lowest():
+    """0.5 * ((|d_base| - |d_chat|) / max + 1): 0 for a chat-only decoder, 1 for a base-only one,
+    0.5 for equal norms, 0.25 for a base decoder half the chat one."""
+    cc = CrossCoder(tiny_cfg(d_in=4, dict_size=5))
+    norms = torch.tensor([[0.0, 1.0], [1.0, 0.0], [2.0, 2.0], [1.0, 2.0], [3.0, 1.0]])  # [F, (base, chat)]
+    with torch.no_grad():
+        cc.W_dec.copy_(torch.nn.functional.normalize(torch.randn(5, 2, 4), dim=-1) * norms[..., None])
+    torch.testing.assert_close(norm_difference(cc), torch.tensor([0.0, 1.0, 0.5, 0.25, 5 / 6]))
+    assert effective_chat_only(cc, 2).tolist() == [0, 3]
+
+
+def test_latent_scaling_along_the_base_decoder_mirrors_the_chat_probe():
+    """The base-only mirror (direction_model=0, ratios chat / base) of a case built by swapping
+    the models in tests/test_analysis.py's: the same known ratios come back."""
+    cc, batches = scaling_case(alpha=0.7, decoupled=False)
+    swapped = CrossCoder(tiny_cfg(d_in=4, dict_size=2))
+    with torch.no_grad():
+        swapped.W_enc.copy_(cc.W_enc.flip(0))
+        swapped.W_dec.copy_(cc.W_dec.flip(1))
+    ls = latent_scaling(swapped, [x.flip(1) for x in batches], [0], direction_model=0)
+    torch.testing.assert_close(ls["nu_error"], torch.tensor([0.7]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ls["nu_reconstruction"], torch.tensor([0.0]), atol=1e-5, rtol=0)
