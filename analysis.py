@@ -249,11 +249,11 @@ if models is not None and len(base_only):
 # ## What do the chat-only latents fire on?
 
 # %%
-if models is not None and len(chat_only):
-    shown = chat_only[rel[chat_only].argsort(descending=True)][:N_EXAMPLE_LATENTS]
+if models is not None and len(probed):  # the chat-only class, or the effective chat-only latents
+    shown = probed[rel[probed].argsort(descending=True)][:N_EXAMPLE_LATENTS]
     values, seqs, positions = top_activating_examples(cc, models, tokens, shown, TOP_K_EXAMPLES, BATCH_SIZE)
     page = examples_html(models[1].to_str_tokens, tokens, shown.tolist(), values, seqs, positions,
-                         title=f"Top activations of chat-only latents (relative norm > {CHAT_ONLY_MIN})")
+                         title=f"Top activations of {summary['latent_scaling']['selection']} latents")
     (out_dir / "chat_only_examples.html").write_text(page)
     if is_chat is not None:  # toy pair: which of those top contexts are chat transcripts?
         hit = values > 0
