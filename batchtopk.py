@@ -13,6 +13,8 @@ dead latents to reconstruct the main reconstruction error.
 import torch
 import torch.distributed as dist
 
+from sharding import any_over_shards, aux_keep_mask, gather, sum_over_shards
+
 
 def batch_topk_mask(scores_BF, k, group=None, rows=None):
     """Boolean mask of the k * B largest scores of the batch, and the smallest kept score.
@@ -30,10 +32,8 @@ def batch_topk_mask(scores_BF, k, group=None, rows=None):
         mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
         mask[kept.indices] = True
         return mask.view(B, F), kept.values.min()
-    candidates = scores_BF.detach().flatten().topk(min(n_keep, B * F), sorted=False).values.contiguous()
-    gathered = [torch.empty_like(candidates) for _ in range(ranks)]
-    dist.all_gather(gathered, candidates, group=group)
-    cutoff = torch.cat(gathered).topk(n_keep, sorted=False).values.min()
+    candidates = scores_BF.detach().flatten().topk(min(n_keep, B * F), sorted=False).values
+    cutoff = gather(candidates, group).topk(n_keep, sorted=False).values.min()
     # ties at the cutoff are kept too (topk would keep some of them); a zero cutoff keeps zeros,
     # which select nothing
     return scores_BF >= cutoff, cutoff
@@ -50,8 +50,6 @@ def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None):
     """AuxK: reconstruct the (detached) error from the aux_k largest activations of dead latents
     per token; squared error summed over models and d_in, mean over the batch. Zero when no
     latent is dead. latent_group: the dictionary is split over these processes (sharding.py)."""
-    from sharding import any_over_shards, aux_keep_mask, sum_over_shards
-
     acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
     if latent_group is None:
         top = acts_BF.topk(min(aux_k, acts_BF.shape[1]), dim=-1)

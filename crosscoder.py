@@ -21,7 +21,7 @@ import distributed
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
 # The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
 from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
-from sharding import init_decoder, shard_rows, sum_over_shards
+from sharding import init_decoder, shard_rows, sum_over_shards, take_shard
 from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, checkpoint_files, jsonable,
                         latest_checkpoint, next_version_dir, published_files, read_checkpoint, resolve_version_dir)
 
@@ -269,9 +269,9 @@ class CrossCoder(nn.Module):
         # Build on CPU (cheap to fill), check shapes, then move.
         model = cls(dict(cfg, device="cpu"), shard)
         model.cfg = cfg
-        if shard[1] > 1:  # this shard's latents: the last axis of W_enc and b_enc, the first of W_dec
+        if shard[1] > 1:  # this shard's latents only
             rows = shard_rows(cfg["dict_size"], shard)
-            state = dict(state, W_enc=state["W_enc"][..., rows], W_dec=state["W_dec"][rows], b_enc=state["b_enc"][rows])
+            state = {name: take_shard(name, t, rows) for name, t in state.items()}
         for name in PARAM_NAMES:
             want, got = tuple(getattr(model, name).shape), tuple(state[name].shape)
             if want != got:

@@ -70,45 +70,50 @@ def init_decoder(cfg, rows):
     return out_fMD / out_fMD.norm(dim=-1, keepdim=True) * cfg["dec_init_norm"]
 
 
-def gather_rows(t, group):
-    """A tensor [B, ...] of each shard, concatenated along B in shard order (no gradient)."""
+def gather(t, group, dim=0):
+    """Each process's t concatenated along dim in the group's rank order (no gradient); t itself
+    when group is None."""
     if group is None:
         return t
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts)
+    return torch.cat(parts, dim=dim)
 
 
 def aux_keep_mask(acts_BF, aux_k, group):
     """The aux_k largest dead-latent activations of each row over all shards, as a mask of this
     shard's [B, f] (ties at the cut are kept; zeros select nothing)."""
     top_Bk = acts_BF.detach().topk(min(aux_k, acts_BF.shape[1]), dim=-1).values
-    candidates_BK = torch.cat(list(gather_columns(top_Bk, group)), dim=1)
+    candidates_BK = gather(top_Bk, group, dim=1)
     cutoff_B = candidates_BK.topk(min(aux_k, candidates_BK.shape[1]), dim=-1).values[:, -1]
     return acts_BF >= cutoff_B[:, None]
 
 
-def gather_columns(t, group):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
-
-
-def clip_grad_norm_(sharded, replicated, max_norm, group):
+def clip_grad_norm_(crosscoder, max_norm, group):
     """torch.nn.utils.clip_grad_norm_ over the whole dictionary: the squared norms of the sharded
-    gradients summed over the shards, the replicated ones (the same on every shard) counted once."""
+    gradients (LATENT_AXIS) summed over the shards, the replicated ones (the same on every shard)
+    counted once."""
+    params = dict(crosscoder.named_parameters())
+    sharded = [p for name, p in params.items() if name in LATENT_AXIS]
+    replicated = [p for name, p in params.items() if name not in LATENT_AXIS]
     sq = torch.stack([p.grad.float().pow(2).sum() for p in sharded]).sum()
     dist.all_reduce(sq, group=group)
     sq = sq + torch.stack([p.grad.float().pow(2).sum() for p in replicated]).sum()
     total = sq.sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)  # torch's own formula
-    for p in [*sharded, *replicated]:
+    for p in params.values():
         p.grad.mul_(scale.to(p.grad.dtype))
     return total
 
 
 # The axis of the latents in each parameter; b_dec (and a BatchTopK threshold) are replicated.
 LATENT_AXIS = {"W_enc": -1, "W_dec": 0, "b_enc": 0}
+
+
+def take_shard(name, t, rows):
+    """Parameter `name`'s slice for the latents `rows` (itself when it is replicated)."""
+    axis = LATENT_AXIS.get(name)
+    return t if axis is None else t.narrow(axis, rows.start, rows.stop - rows.start)
 
 
 @torch.no_grad()

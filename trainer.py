@@ -18,7 +18,7 @@ from config import ConfigError
 from checkpoint import (SHARD_STATE, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
                         rank_state_file, read_trainer_state, resolve_version_dir)
 from crosscoder import CrossCoder
-from sharding import clip_grad_norm_, gather_rows, gather_weights
+from sharding import clip_grad_norm_, gather, gather_weights
 from sources import make_batch_source
 from utils import install_stop_handlers, restore_handlers
 from objective import l1_coeff_at, lr_multiplier, make_optimizer, training_loss  # noqa: F401 (l1_coeff_at: notebooks)
@@ -127,9 +127,9 @@ class Trainer:
         acts_BMD = self.buffer.next()
         if i == 0 or i == self.last_saved_step:
             self._check_batch(acts_BMD)
-        group = self.crosscoder.latent_group
-        if group is not None:  # every shard encodes the rows of its whole latent group
-            acts_BMD = gather_rows(acts_BMD, group)
+        latent_group = self.crosscoder.latent_group
+        if latent_group is not None:  # every shard encodes the rows of its whole latent group
+            acts_BMD = gather(acts_BMD, latent_group)
         batchtopk = self.crosscoder.architecture == "batchtopk"
         dead_F = self.steps_since_fired >= self._dead_window() if batchtopk else None
         with self._step_autocast():
@@ -142,12 +142,10 @@ class Trainer:
             grads = [p.grad for p in self.crosscoder.parameters()]
             distributed.average_(grads + [fired_count_F], over=distributed.data_group())  # one all-reduce
             fired_F = fired_count_F > 0
-        if group is None:
+        if latent_group is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.crosscoder.parameters(), max_norm=1.0)
         else:  # the norm of the whole dictionary's gradient
-            cc = self.crosscoder
-            grad_norm = clip_grad_norm_(sharded=[cc.W_enc, cc.W_dec, cc.b_enc], replicated=[cc.b_dec], max_norm=1.0,
-                                        group=group)
+            grad_norm = clip_grad_norm_(self.crosscoder, max_norm=1.0, group=latent_group)
         lr = self.cfg["lr"] * lr_multiplier(i, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
