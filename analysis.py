@@ -6,9 +6,11 @@
 
 # %%
 # Which crosscoder: None = the newest local checkpoint; "checkpoints/version_N" (newest save in
-# it) or a directory in the published layout (<hook>/cfg.json + cc_weights.pt); "hf" = the
+# it) or a directory in the published layout (<hook>/cfg.json + cc_weights.pt) or in
+# dictionary_learning's (config.json + model.safetensors: the science-of-finetuning crosscoders,
+# e.g. "science-of-finetuning/gemma-2-2b-L13-k100-lr1e-04-local-shuffling-CCLoss"); "hf" = the
 # published Gemma-2-2b crosscoder via CrossCoder.load_from_hf(); any other string that is not a
-# local path = a Hugging Face repo id.
+# local path = a Hugging Face repo id in either layout.
 CHECKPOINT = None
 FACTORS = None  # [base, chat] normalisation factors; None: the checkpoint's (see "Normalisation" below)
 MODEL_NAMES = None  # None: the checkpoint's; hub names or local directories named after the model
@@ -34,6 +36,7 @@ import torch
 
 from activations import estimate_norm_factors
 from checkpoint import latest_version_dir, published_hook_dir
+from published import is_dictionary_learning_dir
 from config import ConfigError, format_help, parse_overrides
 from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
 from diffing import (CHAT_ONLY_MIN, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents, effective_chat_only,
@@ -43,7 +46,8 @@ from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm
 from train import complete_cfg
 from utils import DataError, SetupError, in_notebook, load_gemma_pair, load_tokens
 
-OPTIONS = {"checkpoint": "a version_N dir, a published-layout dir, hf, or a hub repo id (default: newest local)",
+OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
+                         "(default: newest local)",
            "factors": "base,chat normalisation factors (default: the checkpoint's, see the notebook)",
            "model_names": "base,chat models: hub names or local dirs (default: the checkpoint's)",
            "dataset": "held-out tokens: hub id, datasets dir or .pt tensor (default: the checkpoint's)",
@@ -85,6 +89,8 @@ def load_crosscoder(checkpoint, device=None):
         hook_dir = published_hook_dir(path)
         if hook_dir is not None:  # a local copy of the published layout, or one like it
             return CrossCoder.load_from_hf(str(path), path=hook_dir, device=device), path / "analysis", "local"
+        if is_dictionary_learning_dir(path):  # the science-of-finetuning crosscoders' format
+            return CrossCoder.load_from_hf(str(path), device=device), path / "analysis", "local"
         cc = CrossCoder.load(path, device=device)
         return cc, cc.save_dir / "analysis", "local"
     out_dir = Path("analysis_" + str(checkpoint).replace("/", "__"))

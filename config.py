@@ -14,10 +14,12 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch d
 ARCHITECTURES = ("l1", "batchtopk")
 WANDB_MODES = (None, "online", "offline", "disabled")
 STEP_DTYPES = ("fp32", "bf16")
+B_DEC_INITS = (None, "zeros", "geometric_median")
+RECON_LOSSES = (None, "squared", "norm")
 
 
 class Key(NamedTuple):
-    """One config key. kind: int, float, str, bool, list (of str), or "str?" (a string or None)."""
+    """One config key. kind: int, float, str, bool, list (of str), "str?" or "int?" (or None)."""
     kind: object
     check: Optional[Callable]
     need: str  # what the check requires, for the error message
@@ -64,11 +66,23 @@ SCHEMA = {
                         "l1 (the reference) or batchtopk (Minder, Dumas et al. 2025)"),
     "k": Key(int, *_pos, "batchtopk: mean active latents per token (k * batch_size kept per batch)"),
     "aux_coeff": Key(float, *_nonneg, "batchtopk: weight of the AuxK loss that revives dead latents"),
-    "aux_k": Key(int, *_pos, "batchtopk: dead latents used per token by the AuxK loss"),
+    "aux_k": Key("int?", *_pos, "batchtopk: dead latents used per token by the AuxK loss (none: d_in // 2)"),
+    "aux_normalise": Key(bool, *_free, "batchtopk: divide the AuxK loss by the error's variance over the batch"),
+    "threshold_beta": Key(float, *_beta, "batchtopk: EMA decay of the inference threshold"),
+    "threshold_start_step": Key(int, *_nonneg, "batchtopk: the inference threshold is estimated after this step"),
+    "dead_tokens": Key(int, *_pos, "batchtopk: tokens without firing after which AuxK counts a latent dead"),
+    "k_max": Key("int?", *_pos, "batchtopk: anneal k linearly from k_max over k_annealing_steps (none: no annealing)"),
+    "k_annealing_steps": Key(int, *_nonneg, "batchtopk: steps over which k falls from k_max to k"),
+    "b_dec_init": Key("str?", lambda v: v in B_DEC_INITS, f"one of {list(B_DEC_INITS)}",
+                      "zeros or geometric_median (of the first batch); none: geometric_median for batchtopk, "
+                      "zeros for l1"),
+    "recon_loss": Key("str?", lambda v: v in RECON_LOSSES, f"one of {list(RECON_LOSSES)}",
+                      "squared (sum of squares per token) or norm (L2 norm per token and model, mean); "
+                      "none: norm for batchtopk, squared for l1"),
     "norm_estimate_batches": Key(int, *_pos, "model batches used to estimate the normalisation factors"),
     "wrap_tokens": Key(bool, *_free, "when the tokens run out: false stops with a message, true wraps"),
     "checkpoint_buffer": Key(bool, *_free, "save the buffer with each checkpoint for an exact resume"),
-    "dead_window": Key(int, *_pos, "steps without firing after which a latent counts as dead"),
+    "dead_window": Key(int, *_pos, "l1: steps without firing after which the logged dead_fraction counts a latent"),
     "store_dir": Key("str?", *_free, "an activation store (store.py) to train from instead of running the "
                                      "models; store.py writes it there"),
     "dataset": Key(str, *_free, "training tokens: a hub dataset id, a local datasets dir, or a .pt tensor"),
@@ -83,7 +97,25 @@ SCHEMA = {
                       "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
 }
 # Written into the config by training, not set by users.
-DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size"}
+DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
+                "source"}  # source: where a crosscoder trained elsewhere was read from (published.py)
+
+
+def effective(cfg, key):
+    """The value a key with an architecture-dependent default (none) takes: aux_k d_in // 2 (the
+    authors' heuristic, Gao et al. B.1); b_dec_init and recon_loss the authors' choice for
+    batchtopk, the reference's for l1. Configs saved before these keys existed get the same."""
+    value = cfg.get(key)
+    if value is not None:
+        return value
+    batchtopk = cfg["architecture"] == "batchtopk"
+    if key == "aux_k":
+        return cfg["d_in"] // 2
+    if key == "b_dec_init":
+        return "geometric_median" if batchtopk else "zeros"
+    if key == "recon_loss":
+        return "norm" if batchtopk else "squared"
+    raise KeyError(key)
 
 
 def hook_layer(hook_point):
@@ -118,15 +150,17 @@ def parse_value(key, text):
         raise _unknown_key(key)
     kind = SCHEMA[key].kind
     try:
+        if kind in ("str?", "int?") and text.lower() in ("none", "null", ""):
+            return None
         if kind == "str?":
-            return None if text.lower() in ("none", "null", "") else text
+            return text
         if kind is bool:
             if text.lower() in ("true", "1", "yes"):
                 return True
             if text.lower() in ("false", "0", "no"):
                 return False
             raise ValueError
-        if kind is int:
+        if kind in (int, "int?"):
             value = float(text.replace("_", ""))  # accepts 4e8 and 400_000_000
             if not value.is_integer():
                 raise ValueError
@@ -137,7 +171,7 @@ def parse_value(key, text):
             return [part for part in text.split(",") if part]
         return text
     except ValueError:
-        name = {int: "an integer", float: "a number", bool: "true or false"}.get(kind, kind)
+        name = {int: "an integer", "int?": "an integer or none", float: "a number", bool: "true or false"}.get(kind, kind)
         raise ConfigError(f"--{key}: expected {name}, got {text!r}") from None
 
 
@@ -204,26 +238,33 @@ def validate_cfg(cfg):
         if key not in SCHEMA:
             raise _unknown_key(key)
         kind, check, need, _ = SCHEMA[key]
+        if value is None and kind in ("str?", "int?"):
+            continue  # none: the key's default behaviour (see its doc)
         if kind == "str?":
-            ok = value is None or isinstance(value, str)
+            ok = isinstance(value, str)
         elif kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
             if ok and not math.isfinite(value):
                 raise ConfigError(f"config key '{key}' must be finite, got {value}")
-        elif kind is int:
+        elif kind in (int, "int?"):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind is list:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
         else:
             ok = isinstance(value, kind)
         if not ok:
-            tname = {"str?": "a string or None", list: "a list of strings"}.get(kind, getattr(kind, "__name__", kind))
+            tname = {"str?": "a string or None", "int?": "an integer or None", list: "a list of strings"}.get(kind, getattr(kind, "__name__", kind))
             raise ConfigError(f"config key '{key}' must be {tname}, got {value!r} ({type(value).__name__})")
         if check is not None and not check(value):
             raise ConfigError(f"config key '{key}' must be {need}, got {value!r}")
     if "latent_shards" in cfg and "dict_size" in cfg and cfg["dict_size"] % cfg["latent_shards"]:
         raise ConfigError(f"dict_size {cfg['dict_size']} does not split into latent_shards={cfg['latent_shards']} "
                           "equal shards: choose a multiple")
+    if cfg.get("architecture") == "batchtopk" and {"threshold_start_step", "num_tokens", "batch_size"} <= set(cfg):
+        steps = cfg["num_tokens"] // cfg["batch_size"]
+        if cfg["threshold_start_step"] >= steps - 1:
+            raise ConfigError(f"threshold_start_step={cfg['threshold_start_step']} leaves none of the {steps} steps "
+                              "to estimate the BatchTopK inference threshold: lower it (e.g. to steps // 2)")
     if "model_names" in cfg and "n_models" in cfg and len(cfg["model_names"]) != cfg["n_models"]:
         raise ConfigError(f"config key 'model_names' lists {len(cfg['model_names'])} models but n_models={cfg['n_models']}")
     return cfg

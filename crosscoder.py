@@ -18,7 +18,9 @@ from einops import einsum, rearrange
 from torch import nn
 
 import distributed
+import published
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
+from config import effective
 # The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
 from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
 from sharding import init_decoder, shard_rows, sum_over_shards, take_shard
@@ -32,7 +34,7 @@ HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
 PUBLISHED_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")
 PUBLISHED_FACTORS = (0.2758961493232058, 0.24422852496546169)
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
-# The config keys a CrossCoder reads (BatchTopK also reads k and aux_k).
+# The config keys a CrossCoder reads (BatchTopK also reads k and its recipe's keys in training).
 CROSSCODER_KEYS = ("d_in", "dict_size", "enc_dtype", "n_models", "seed", "dec_init_norm", "architecture", "device")
 class LossOutput(NamedTuple):
     # The reference's named tuple, fields in the same order.
@@ -83,7 +85,8 @@ class CrossCoder(nn.Module):
         # Set by the Trainer under torchrun: BatchTopK training selects over the whole global batch
         # (of data_parallel groups); the latents are split over latent_group (sharding.py).
         self.global_topk, self.data_parallel = False, 1
-        self.shard, self.latent_group = shard, None
+        self.shard, self.latent_group, self.data_group = shard, None, None
+        self.k = cfg.get("k")  # BatchTopK's k now (the trainer anneals it when k_max is set)
         self.to(resolve_device(cfg["device"]))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
@@ -109,7 +112,7 @@ class CrossCoder(nn.Module):
         if self.training or self.threshold < 0:
             group = distributed.group() if self.training and self.global_topk else None
             rows = acts_BF.shape[0] * self.data_parallel  # the global batch
-            mask_BF, min_kept = batch_topk_mask(scores_BF, self.cfg["k"], group, rows)
+            mask_BF, min_kept = batch_topk_mask(scores_BF, self.k, group, rows)
             return acts_BF * mask_BF, min_kept
         return acts_BF * (scores_BF > self.threshold), None
 
@@ -123,19 +126,22 @@ class CrossCoder(nn.Module):
     def forward(self, x_BMD):
         return self.decode(self.encode(x_BMD))
 
-    def losses_and_acts(self, x_BMD, dead_F=None):
-        """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents) and,
-        for BatchTopK given the dead latents dead_F [F], the auxiliary loss (else 0). In BatchTopK
-        training this also updates the inference threshold."""
+    def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True):
+        """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents) and a
+        dict of the other training terms: "aux_loss", for BatchTopK given the dead latents dead_F
+        [F] (else 0), and "l2_norm_loss", the mean over tokens and models of the error's L2 norm
+        (the authors' reconstruction loss). In BatchTopK training, update_threshold_ also updates
+        the inference threshold."""
         pre_BF = self.encode(x_BMD, apply_relu=False)
         acts_BF, min_kept = self._select(torch.relu(pre_BF))
-        if min_kept is not None and self.training:
+        if min_kept is not None and self.training and update_threshold_:
             with torch.no_grad():
-                self.threshold.copy_(update_threshold(self.threshold, min_kept.float()))
+                self.threshold.copy_(update_threshold(self.threshold, min_kept.float(), self.cfg["threshold_beta"]))
         x_hat_BMD = self.decode(acts_BF)
         # Loss maths in float32 even when the weights are bf16/fp16.
         x_BMD = x_BMD.float()
-        sq_err_BMD = (x_hat_BMD.float() - x_BMD).pow(2)
+        err_BMD = x_BMD - x_hat_BMD.float()
+        sq_err_BMD = err_BMD.pow(2)
         sq_err_BM = sq_err_BMD.sum(-1)
         sq_err_B = sq_err_BM.sum(-1)
         var_BM = (x_BMD - x_BMD.mean(0, keepdim=True)).pow(2).sum(-1)
@@ -156,8 +162,10 @@ class CrossCoder(nn.Module):
         )
         aux = torch.zeros((), device=x_BMD.device)
         if self.architecture == "batchtopk" and dead_F is not None:
-            aux = aux_loss(x_BMD - x_hat_BMD.float(), pre_BF, self.W_dec, dead_F, self.cfg["aux_k"], self.latent_group)
-        return losses, acts_BF, aux
+            aux = aux_loss(err_BMD, pre_BF, self.W_dec, dead_F, effective(self.cfg, "aux_k"), self.latent_group,
+                           norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=self.data_group)
+        terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
+        return losses, acts_BF, terms
 
     def get_losses(self, x_BMD):
         return self.losses_and_acts(x_BMD)[0]
@@ -242,13 +250,24 @@ class CrossCoder(nn.Module):
         return model
 
     @classmethod
-    def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None):
-        """Load the published layout {path}/cfg.json + {path}/cc_weights.pt from the Hugging
-        Face hub, or from a local directory given in place of repo_id (no network then)."""
+    def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None, model_names=None,
+                     hook_point=None):
+        """Load a published crosscoder from the Hugging Face hub, or from a local directory given
+        in place of repo_id (no network then). Two layouts: the reference's {path}/cfg.json +
+        {path}/cc_weights.pt, and dictionary_learning's config.json + model.safetensors (the
+        science-of-finetuning crosscoders; published.py: their normalisation is folded, their
+        layer read as its hook point). model_names / hook_point: theirs name neither for sure
+        (default: the Gemma-2-2b pair, trainer_config.json's layer)."""
+        local = Path(repo_id).is_dir()
+        if local and published.is_dictionary_learning_dir(repo_id):
+            return cls._from_state(*published.read_dictionary_learning(repo_id, model_names, hook_point),
+                                   device, where=repo_id)
         cfg_path, weights_path = published_files(repo_id, path)
-        if not Path(repo_id).is_dir():
-            from huggingface_hub import hf_hub_download
+        if not local:
+            from huggingface_hub import hf_hub_download, list_repo_files
 
+            if f"{path}/cc_weights.pt" not in list_repo_files(repo_id):
+                return cls.load_from_hf(str(published.download(repo_id)), path, device, model_names, hook_point)
             cfg_path, weights_path = (Path(hf_hub_download(repo_id, f"{path}/{p.name}")) for p in (cfg_path, weights_path))
         return cls._from_files(cfg_path, weights_path, device)
 
@@ -265,6 +284,10 @@ class CrossCoder(nn.Module):
                 raise CheckpointError(f"{cfg_path}: config is missing required key '{key}'")
         if cfg["enc_dtype"] not in DTYPES:
             raise CheckpointError(f"{cfg_path}: unknown enc_dtype {cfg['enc_dtype']!r}, expected one of {sorted(DTYPES)}")
+        return cls._from_state(cfg, state, device, shard, where=f"{weights_path} (config {cfg_path})")
+
+    @classmethod
+    def _from_state(cls, cfg, state, device, shard=(0, 1), where=""):
         cfg["device"] = resolve_device(device)
         # Build on CPU (cheap to fill), check shapes, then move.
         model = cls(dict(cfg, device="cpu"), shard)
@@ -276,12 +299,12 @@ class CrossCoder(nn.Module):
             want, got = tuple(getattr(model, name).shape), tuple(state[name].shape)
             if want != got:
                 raise CheckpointError(
-                    f"{weights_path}: {name} has shape {got} but {cfg_path} implies {want} "
+                    f"{where}: {name} has shape {got} but the config implies {want} "
                     f"(d_in={cfg['d_in']}, dict_size={cfg['dict_size']}, n_models={cfg['n_models']})")
         if cfg["architecture"] != "batchtopk" and "threshold" in state:
-            raise CheckpointError(f"{weights_path}: has a BatchTopK threshold but {cfg_path} says "
+            raise CheckpointError(f"{where}: has a BatchTopK threshold but the config says "
                                   f"architecture {cfg['architecture']!r}")
         if cfg["architecture"] == "batchtopk" and "threshold" not in state:
-            raise CheckpointError(f"{weights_path}: a batchtopk crosscoder needs its 'threshold'")
+            raise CheckpointError(f"{where}: a batchtopk crosscoder needs its 'threshold'")
         model.load_state_dict(state)
         return model.eval().to(cfg["device"])  # eval: BatchTopK uses its threshold after loading

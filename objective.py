@@ -5,6 +5,8 @@ The loss terms come from CrossCoder.losses_and_acts (crosscoder.py).
 """
 import torch
 
+from config import effective
+
 
 def lr_multiplier(step, total_steps):
     """1 for the first 80% of steps, then linear decay to 0 at the end (reference)."""
@@ -20,14 +22,17 @@ def l1_coeff_at(step, total_steps, l1_coeff):
     return l1_coeff
 
 
-def training_loss(losses, aux_loss, step, total_steps, cfg):
+def training_loss(losses, terms, step, total_steps, cfg):
     """The objective, apart from the update: (loss, the L1 coefficient used).
-    l1 (the reference): l2 + l1_coeff_at(step) * l1. batchtopk: l2 + aux_coeff * AuxK, no L1
-    penalty (sparsity is the top-k; AuxK revives dead latents)."""
+    l1 (the reference): l2 + l1_coeff_at(step) * l1. batchtopk: recon + aux_coeff * AuxK, no L1
+    penalty (sparsity is the top-k; AuxK revives dead latents). The reconstruction term is the
+    reference's squared error summed over models and d_in, or with recon_loss "norm" (the
+    authors' BatchTopK trainer) the mean over tokens and models of the error's L2 norm."""
+    recon = terms["l2_norm_loss"] if effective(cfg, "recon_loss") == "norm" else losses.l2_loss
     if cfg["architecture"] == "batchtopk":
-        return losses.l2_loss + cfg["aux_coeff"] * aux_loss, 0.0
+        return recon + cfg["aux_coeff"] * terms["aux_loss"], 0.0
     l1_coeff = l1_coeff_at(step, total_steps, cfg["l1_coeff"])
-    return losses.l2_loss + l1_coeff * losses.l1_loss, l1_coeff
+    return recon + l1_coeff * losses.l1_loss, l1_coeff
 
 
 def make_optimizer(params, cfg):

@@ -7,6 +7,8 @@ Shape legend: B batch, M models, D d_in, F latents, T true features.
 """
 import torch
 
+from diffing import classify_latents, norm_difference
+
 
 class PlantedFeatureSource:
     """Activations of two "models" as sparse sums of known unit directions: x_m = sum_t a_t d_{t,m}.
@@ -47,12 +49,13 @@ class PlantedFeatureSource:
 
 
 @torch.no_grad()
-def recovery_report(crosscoder, source, threshold=0.9):
+def recovery_report(crosscoder, source, threshold=0.9, counts=None):
     """How many true features a crosscoder recovered, and whether its relative decoder norms
     classify them. A feature is recovered when, in every model it exists in, some latent's
     decoder has cosine >= threshold with it; that latent (the best match) is then classified as
-    base-only / shared / chat-only by the analysis thresholds."""
-    from diffing import classify_latents
+    base-only / shared / chat-only by the analysis thresholds, or with counts = (n_base, n_chat)
+    as the authors classify a BatchTopK crosscoder: its n_chat most chat-leaning latents by
+    norm_difference are chat-only, its n_base most base-leaning base-only (n: an L1 run's counts)."""
 
     W_FMD = torch.nn.functional.normalize(crosscoder.W_dec.float().cpu(), dim=-1)
     dirs_TMD = source.dirs_TMD
@@ -62,9 +65,14 @@ def recovery_report(crosscoder, source, threshold=0.9):
     worst_TF = torch.where(present_TM[:, None, :], cos_TFM, torch.inf).min(-1).values
     best_cos_T, best_latent_T = worst_TF.max(-1)
     recovered_T = best_cos_T >= threshold
-    classes = classify_latents(crosscoder.relative_decoder_norm().cpu())
     predicted_F = torch.full((W_FMD.shape[0],), -1)
-    predicted_F[classes["base_only"]], predicted_F[classes["shared"]], predicted_F[classes["chat_only"]] = 0, 1, 2
+    if counts is None:
+        classes = classify_latents(crosscoder.relative_decoder_norm().cpu())
+        predicted_F[classes["base_only"]], predicted_F[classes["shared"]], predicted_F[classes["chat_only"]] = 0, 1, 2
+    else:
+        predicted_F[:] = 1
+        predicted_F[norm_difference(crosscoder, 0, 1).cpu().argsort(stable=True)[:counts[1]]] = 2
+        predicted_F[norm_difference(crosscoder, 1, 0).cpu().argsort(stable=True)[:counts[0]]] = 0
     correct_T = predicted_F[best_latent_T] == source.labels_T
     rows = {}
     for label, name in enumerate(("base_only", "shared", "chat_only")):
@@ -84,8 +92,11 @@ def format_recovery(rows):
 
 
 def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_chat_only=96, steps=2000,
-                      batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", k=30, checkpoint_dir=None):
-    """Train a crosscoder on planted features through the normal Trainer and score it."""
+                      batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", k=30, checkpoint_dir=None,
+                      counts=None):
+    """Train a crosscoder on planted features through the normal Trainer and score it: ({how it
+    classified: rows of recovery_report}, the last log, the latents per relative-norm class). With
+    counts, scored both by the relative-norm thresholds and by rank (recovery_report)."""
     import tempfile
 
     from train import default_cfg
@@ -98,7 +109,16 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     source = PlantedFeatureSource(cfg, n_shared, n_base_only, n_chat_only, seed=seed)
     trainer = Trainer(cfg, buffer=source)
     log = trainer.train()
-    return recovery_report(trainer.crosscoder, source), log
+    cc = trainer.crosscoder.eval()  # inference: BatchTopK selects by its threshold, token by token
+    with torch.no_grad():
+        log["inference_l0"] = sum(float((cc.encode(source.next()) > 0).sum(-1).float().mean()) for _ in range(8)) / 8
+    classes = classify_latents(cc.relative_decoder_norm().detach().cpu())
+    n_class = {name: int(mask.sum()) for name, mask in classes.items()}
+    reports = {"by the relative-norm thresholds": recovery_report(cc, source)}
+    if counts is not None:
+        reports[f"by rank: the {counts[0]} most base-leaning latents base-only, the {counts[1]} most chat-leaning "
+                "chat-only"] = recovery_report(cc, source, counts=counts)
+    return reports, log, n_class
 
 
 if __name__ == "__main__":
@@ -109,18 +129,36 @@ if __name__ == "__main__":
 
     from config import ConfigError, format_help, parse_overrides
 
+    #   python planted.py --architecture batchtopk --k 30 --counts 96,96
+    #        (classified as the authors classify BatchTopK: as many most base- / chat-leaning latents
+    #         as the L1 run's base-only / chat-only counts, which `python planted.py` prints)
     defaults = {"architecture": "l1", "k": 30}
+    flags = {"counts": "N_BASE,N_CHAT: classify by rank as the authors do (an L1 run's class counts)"}
     try:
-        options, extras = parse_overrides(sys.argv[1:], defaults, flags=())
+        options, extras = parse_overrides(sys.argv[1:], defaults, flags=tuple(flags))
         if set(options) != set(defaults):
             raise ConfigError(f"planted.py takes only {sorted(defaults)}, not {sorted(set(options) - set(defaults))}")
+        counts = None
+        if "counts" in extras:
+            counts = tuple(int(n) for n in extras["counts"].split(","))
+            if len(counts) != 2 or min(counts) < 0:
+                raise ValueError
+    except ValueError:
+        sys.exit(f"error: --counts takes two integers N_BASE,N_CHAT, got {extras['counts']!r}")
     except ConfigError as e:
         sys.exit(f"error: {e}")
     if extras.get("help"):
-        print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K]", defaults))
+        print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K] [--counts N_BASE,N_CHAT]",
+                          defaults, flags))
         sys.exit(0)
-    rows, log = planted_benchmark(architecture=options["architecture"], k=options["k"])
+    reports, log, n_class = planted_benchmark(architecture=options["architecture"], k=options["k"], counts=counts)
+    dead_rule = ("no activation in the last 1,000 steps" if options["architecture"] == "l1"
+                 else "AuxK's: none in the last dead_tokens")
     print(f"planted features ({options['architecture']}), d_in 128, 512 true features, dict 2048: "
-          f"L0 {log['l0_loss']:.1f}, explained variance {log['explained_variance']:.3f}, "
-          f"dead {log['dead_fraction']:.1%} (no activation in the last 1,000 steps)")
-    print(format_recovery(rows))
+          f"L0 {log['l0_loss']:.1f} (inference, on 8 fresh batches: {log['inference_l0']:.1f}), "
+          f"explained variance {log['explained_variance']:.3f}, "
+          f"dead {log['dead_fraction']:.1%} ({dead_rule})")
+    print("latents per relative-norm class:", ", ".join(f"{k} {v}" for k, v in n_class.items()))
+    for how, rows in reports.items():
+        print(f"classified {how}:")
+        print(format_recovery(rows))

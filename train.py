@@ -50,9 +50,18 @@ default_cfg = {
     "model_names": ["gemma-2-2b", "gemma-2-2b-it"],  # index 0 base, index 1 chat
     "n_models": 2,
     "architecture": "l1",  # "l1" (the reference) or "batchtopk" (Minder, Dumas et al. 2025)
-    "k": 100,  # batchtopk: mean active latents per token (k * batch_size kept per batch)
-    "aux_coeff": 1 / 32,  # batchtopk: weight of the AuxK loss that revives dead latents
-    "aux_k": 512,  # batchtopk: dead latents used by the AuxK loss per token
+    # batchtopk's recipe, as the authors' BatchTopKCrossCoderTrainer (Minder, Dumas et al. 2025)
+    "k": 100,  # mean active latents per token (k * batch_size kept per batch)
+    "aux_coeff": 1 / 32,  # weight of the AuxK loss that revives dead latents
+    "aux_k": None,  # dead latents used by the AuxK loss per token (None: d_in // 2)
+    "aux_normalise": True,  # divide the AuxK loss by the error's variance over the batch
+    "threshold_beta": 0.999,  # EMA decay of the inference threshold
+    "threshold_start_step": 1000,  # the threshold is estimated after this step
+    "dead_tokens": 10_000_000,  # AuxK counts a latent dead after this many tokens without firing
+    "k_max": None,  # anneal k from k_max down to k over k_annealing_steps (None: constant k)
+    "k_annealing_steps": 0,
+    "b_dec_init": None,  # "zeros" or "geometric_median" (None: the latter for batchtopk, zeros for l1)
+    "recon_loss": None,  # "squared" or "norm" (None: norm for batchtopk, squared for l1 as the reference)
     "dataset": PILE_LMSYS_DATASET,  # hub id, local datasets dir, or .pt token tensor
     "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
     "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
@@ -60,7 +69,7 @@ default_cfg = {
     "store_dir": None,  # train from an activation store written by store.py (None: run the models)
     "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
     "latent_shards": 1,  # torchrun: split the dictionary over this many processes (sharding.py)
-    "dead_window": 1000,  # steps without firing after which a latent counts as dead
+    "dead_window": 1000,  # l1: steps without firing after which the logged dead_fraction counts a latent
     "checkpoint_dir": None,  # None: checkpoints/ beside this file
     "data_dir": None,  # None: data/ beside this file
     "wandb_mode": None,  # None: online with credentials, else offline; or "disabled"
@@ -73,6 +82,9 @@ TOY_CFG = {
     "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
     "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
     "device": "cpu", "dataset": "toy",
+    # batchtopk: the authors count a latent dead after 10M tokens, 10% of their 100M-token runs;
+    # the toy's 1M tokens, scaled alike (at 10M AuxK would never act here)
+    "dead_tokens": 100_000,
 }
 PRESETS = {"gemma": {}, "toy": TOY_CFG}
 FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
@@ -110,6 +122,9 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
         refused = sorted(changed - RESUME_OVERRIDABLE)
         if refused:
             raise ConfigError(f"cannot change {refused} when resuming; they come from {version_dir}")
+        if saved.get("architecture") == "batchtopk" and "recon_loss" not in saved:
+            print(f"note: {version_dir} is a BatchTopK run from before the authors' recipe (threshold, dead "
+                  "latents, AuxK, loss); it continues under the recipe's defaults")
         cfg = complete_cfg(dict(saved, **{k: cfg[k] for k in changed}))
     else:
         preset = extras.get("preset", "gemma")

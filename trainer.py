@@ -14,10 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 import distributed
-from config import ConfigError
 from checkpoint import (SHARD_STATE, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
                         rank_state_file, read_trainer_state, resolve_version_dir)
 from crosscoder import CrossCoder
+from batchtopk import geometric_median, k_at
+from config import ConfigError, effective
 from sharding import clip_grad_norm_, gather, gather_weights
 from sources import make_batch_source
 from utils import install_stop_handlers, restore_handlers
@@ -82,6 +83,8 @@ class Trainer:
             self.crosscoder.global_topk = True  # BatchTopK keeps k * the global batch, over all ranks
             self.crosscoder.data_parallel = self.world_size // shard[1]
             self.crosscoder.latent_group = distributed.latent_group()
+            if self.crosscoder.data_parallel > 1:  # AuxK's normaliser is the global batch's
+                self.crosscoder.data_group = distributed.data_group()
         # sequences the run read before this view of the tokens began (distributed.rebase_state)
         every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
@@ -130,11 +133,18 @@ class Trainer:
         latent_group = self.crosscoder.latent_group
         if latent_group is not None:  # every shard encodes the rows of its whole latent group
             acts_BMD = gather(acts_BMD, latent_group)
-        batchtopk = self.crosscoder.architecture == "batchtopk"
-        dead_F = self.steps_since_fired >= self._dead_window() if batchtopk else None
+        cfg, batchtopk = self.cfg, self.crosscoder.architecture == "batchtopk"
+        if i == 0 and effective(cfg, "b_dec_init") == "geometric_median":
+            with torch.no_grad():  # the authors start b_dec at the first (global) batch's geometric median
+                self.crosscoder.b_dec.copy_(geometric_median(acts_BMD, self.crosscoder.data_group))
+        dead_F = None
+        if batchtopk:
+            self.crosscoder.k = k_at(i, cfg["k"], cfg["k_max"], cfg["k_annealing_steps"])
+            dead_F = self.steps_since_fired >= self._dead_window()
         with self._step_autocast():
-            losses, latents_BF, aux = self.crosscoder.losses_and_acts(acts_BMD, dead_F)
-        loss, l1_coeff = training_loss(losses, aux, i, self.total_steps, self.cfg)
+            losses, latents_BF, terms = self.crosscoder.losses_and_acts(
+                acts_BMD, dead_F, update_threshold_=i > cfg["threshold_start_step"])
+        loss, l1_coeff = training_loss(losses, terms, i, self.total_steps, cfg)
         loss.backward()
         fired_F = (latents_BF.detach() > 0).any(0)
         if self.world_size > 1:  # gradients averaged before clipping, as in one process; fired on any rank
@@ -163,8 +173,11 @@ class Trainer:
         values = (loss, losses.l2_loss, losses.l1_loss, losses.l0_loss, l1_coeff, lr,
                   losses.explained_variance, losses.explained_variance_A, losses.explained_variance_B)
         log = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in zip(LOG_KEYS, values)}
+        if batchtopk or effective(cfg, "recon_loss") == "norm":
+            log["l2_norm_loss"] = terms["l2_norm_loss"].detach()
         if batchtopk:
-            log["aux_loss"], log["threshold"] = aux.detach(), self.crosscoder.threshold.detach().clone()
+            log["aux_loss"], log["threshold"] = terms["aux_loss"].detach(), self.crosscoder.threshold.detach().clone()
+            log["k"] = torch.tensor(float(self.crosscoder.k))
         return log
 
     def _step_autocast(self):
@@ -181,10 +194,16 @@ class Trainer:
                              f"[batch_size{per_rank}, n_models, d_in] = {list(want)}")
 
     def _dead_window(self):
+        """Steps without firing after which a latent counts as dead: BatchTopK (AuxK), dead_tokens
+        worth of batches, as the authors count; l1 (logged only), dead_window steps or since the
+        start. (Before the authors' recipe BatchTopK used the l1 rule, which early in training
+        called a latent dead after one silent step.)"""
+        if self.cfg["architecture"] == "batchtopk":
+            return -(-self.cfg["dead_tokens"] // self.cfg["batch_size"])
         return min(self.cfg["dead_window"], max(self.step_counter, 1))
 
     def dead_fraction(self):
-        """Fraction of latents that fired on none of the last dead_window steps (or since the start)."""
+        """Fraction of latents counted dead (_dead_window)."""
         return (self.steps_since_fired >= self._dead_window()).float().mean()
 
     def check_finite(self):

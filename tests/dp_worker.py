@@ -60,7 +60,7 @@ if __name__ == "__main__":
         mask, min_kept = batch_topk_mask(scores_BF[distributed.shard(16)], 5, distributed.group())
         result = {"mask": mask, "min_kept": min_kept}
     else:
-        cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2,
+        cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0,
                        checkpoint_dir=os.path.dirname(out))
         trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
         logs = [trainer.log(trainer.step()) for _ in range(steps)]

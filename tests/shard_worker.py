@@ -17,7 +17,7 @@ from trainer import Trainer  # noqa: E402
 if __name__ == "__main__":
     out, architecture, shards, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     distributed.setup("cpu", latent_shards=shards)
-    cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, latent_shards=shards,
+    cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0, latent_shards=shards,
                    checkpoint_dir=os.path.join(os.path.dirname(out), f"ckpt_{architecture}_{shards}"))
     trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
     logs = [trainer.log(trainer.step()) for _ in range(steps)]

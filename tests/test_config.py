@@ -47,10 +47,25 @@ def test_value_of_the_wrong_type_names_the_key(key, text):
 @pytest.mark.parametrize("key,value", [("dict_size", 0), ("batch_size", -4), ("lr", math.nan), ("lr", 0.0),
                                        ("enc_dtype", "fp8"), ("architecture", "topk"), ("seq_len", 1),
                                        ("beta2", 1.0), ("wandb_mode", "sometimes"), ("dict_size", 16.0),
-                                       ("wrap_tokens", "yes"), ("n_models", 1)])
+                                       ("wrap_tokens", "yes"), ("n_models", 1), ("aux_k", 0), ("k_max", 2.5),
+                                       ("b_dec_init", "median"), ("recon_loss", "l2"), ("threshold_beta", 1.0)])
 def test_invalid_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         validate_cfg(dict(default_cfg, **{key: value}))
+
+
+def test_optional_integer_keys_parse_none_and_integers():
+    assert parse_value("aux_k", "none") is None and parse_value("aux_k", "1_152") == 1152
+    with pytest.raises(ConfigError, match="--k_max"):
+        parse_value("k_max", "2.5")
+
+
+def test_a_batchtopk_run_too_short_to_estimate_its_threshold_is_an_error():
+    """The authors start the threshold at step 1000: a 100-step run would end without one."""
+    short = dict(default_cfg, architecture="batchtopk", num_tokens=100 * default_cfg["batch_size"])
+    with pytest.raises(ConfigError, match="threshold_start_step=1000"):
+        validate_cfg(short)
+    validate_cfg(dict(short, threshold_start_step=50))
 
 
 def test_model_names_must_match_n_models():

@@ -25,7 +25,7 @@ def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_
     for name, value in got["weights"].items():
         torch.testing.assert_close(other["weights"][name], value, atol=0, rtol=0)
     assert got["logs"] == other["logs"]  # the logged metrics are reduced over the ranks
-    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2)
+    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0)
     single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
     logs = [single.log(single.step()) for _ in range(steps)]
     for name, want in single.crosscoder.state_dict().items():

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from conftest import tiny_cfg
@@ -29,3 +30,24 @@ def test_crosscoder_recovers_and_classifies_planted_features(tmp_path):
     assert rows["all"]["recovered"] >= 0.8, rows
     assert rows["all"]["classified"] >= 0.8, rows
     assert rows["chat_only"]["recovered"] >= 0.7 and rows["chat_only"]["classified"] >= 0.7, rows
+
+
+def test_classification_by_rank_takes_the_n_most_leaning_latents_of_each_side():
+    """counts = (n_base, n_chat): the authors' rule for BatchTopK. Latents with relative norms
+    0.3 (base-leaning, but not base-only by the 0.1 cut), 0.5 and 0.8 matched to a base-only, a
+    shared and a chat-only feature: the thresholds call the first and last shared, the rank rule
+    with counts (1, 1) gets all three right."""
+    import types
+
+    src = types.SimpleNamespace(labels_T=torch.tensor([0, 1, 2]))
+    d = torch.eye(3)
+    src.dirs_TMD = torch.stack([torch.stack([d[0], torch.zeros(3)]), torch.stack([d[1], d[1]]),
+                                torch.stack([torch.zeros(3), d[2]])])
+    W_dec = torch.stack([torch.stack([0.7 * d[0], 0.3 * d[0]]), torch.stack([d[1], d[1]]),
+                         torch.stack([0.2 * d[2], 0.8 * d[2]])])
+    cc = types.SimpleNamespace(W_dec=W_dec, decoder_norms=lambda: W_dec.norm(dim=-1),
+                               relative_decoder_norm=lambda: W_dec.norm(dim=-1)[:, 1] / W_dec.norm(dim=-1).sum(-1))
+    by_threshold = recovery_report(cc, src, threshold=0.9)
+    assert by_threshold["all"]["recovered"] == 1.0 and by_threshold["all"]["classified"] == pytest.approx(1 / 3)
+    by_rank = recovery_report(cc, src, threshold=0.9, counts=(1, 1))
+    assert by_rank["all"]["classified"] == 1.0

@@ -37,7 +37,7 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
     steps = 6
     out = torchrun("tests/shard_worker.py", str(tmp_path / "run.pt"), architecture, str(shards), str(steps))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2)
+    cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0)
     single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
     logs = [single.log(single.step()) for _ in range(steps)]
     want = {k: v.detach().clone() for k, v in single.crosscoder.state_dict().items()}  # as saved, before the forward

@@ -1,0 +1,116 @@
+"""Crosscoders published in dictionary_learning's format (science-of-finetuning's fork, used by
+Minder, Dumas et al. 2025 for their Gemma-2-2b crosscoders), read into our CrossCoder's layout.
+
+Shape legend: M models, D d_in, F latents.
+
+Their files (a hub repo or a local directory): `config.json`, the init arguments that
+huggingface_hub's PyTorchModelHubMixin writes (activation_dim, dict_size, num_layers, k,
+code_normalization, ...); `model.safetensors`, the state dict; optionally `trainer_config.json`,
+{"trainer": {"layer": 13, "dict_class": ..., ...}}. The state dict (their dictionary.py):
+    encoder.weight [M, D, F], encoder.bias [F], decoder.weight [M, F, D], decoder.bias [M, D],
+    code_normalization_id (their enum: 1 CROSSCODER, 2 SAE, 3 MIXED, 4 NONE, 5 DECOUPLED),
+    BatchTopKCrossCoder also k and threshold (a scalar; per model when DECOUPLED), and
+    NormalizableMixin's activation_mean, activation_std [M, D], target_rms, activation_global_scale
+    [M]; the mean and std are NaN (no normalisation) unless the run gave them.
+Their forward on raw x: x_n = (x - mean) * g per model (g = activation_global_scale), the
+crosscoder on x_n, then x_hat = x_hat_n / (g + 1e-8) + mean. Ours reads x' = s * x (s the
+`normalisation_factor`), so we record s = g and fold the mean into the biases:
+    b_enc' = b_enc - sum_m (g_m mean_m) @ W_enc[m],   b_dec'[m] = b_dec[m] + g_m mean_m,
+which leaves W_enc and W_dec (so relative decoder norms and BatchTopK scores) as trained. Only
+their 1e-8 differs (relative 1e-8 / g, ~1e-6 at Gemma's scale).
+Their "layer L" hooks the output of decoder layer L: TransformerLens's blocks.{L+1}.hook_resid_pre.
+"""
+import json
+from pathlib import Path
+
+import torch
+
+FILES = ("config.json", "model.safetensors")
+TRAINER_FILE = "trainer_config.json"
+CODE_NORMALIZATIONS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}
+DEFAULT_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")  # their Gemma runs: base first, as ours
+
+
+class FormatError(ValueError):
+    pass
+
+
+def is_dictionary_learning_dir(path):
+    return all((Path(path) / name).is_file() for name in FILES)
+
+
+def hook_point_of_layer(layer):
+    """Their layer L (the output of decoder layer L) as a TransformerLens hook name."""
+    return f"blocks.{int(layer) + 1}.hook_resid_pre"
+
+
+def read_dictionary_learning(directory, model_names=None, hook_point=None):
+    """(cfg, state) for CrossCoder from a directory holding their files. cfg has the keys a
+    CrossCoder needs plus the analysis's (hook_point from trainer_config.json's layer unless given,
+    model_names, normalisation_factor); state has W_enc, W_dec, b_enc, b_dec (and threshold)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    trainer = {}
+    if (directory / TRAINER_FILE).is_file():
+        trainer = json.loads((directory / TRAINER_FILE).read_text()).get("trainer", {})
+    raw = load_file(str(directory / "model.safetensors"))
+    raw = {k.split("_orig_mod.")[-1]: v for k, v in raw.items()}  # saved under torch.compile
+    missing = [k for k in ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias") if k not in raw]
+    if missing:
+        raise FormatError(f"{directory}/model.safetensors lacks {missing}: not a dictionary_learning crosscoder")
+    W_enc_MDF, W_dec_MFD = raw["encoder.weight"].float(), raw["decoder.weight"].float()
+    M, D, F = W_enc_MDF.shape
+    if W_dec_MFD.shape != (M, F, D):
+        raise FormatError(f"{directory}: decoder.weight has shape {tuple(W_dec_MFD.shape)}, expected {(M, F, D)} "
+                          "(a crosscoder whose decoder writes other layers than it reads is not supported)")
+    if config.get("encoder_layers") not in (None, list(range(M))):
+        raise FormatError(f"{directory}: encoder_layers {config['encoder_layers']} is not supported")
+    batchtopk = "threshold" in raw
+    norm_id = int(raw["code_normalization_id"]) if "code_normalization_id" in raw else None
+    code_norm = CODE_NORMALIZATIONS.get(norm_id) or str(config.get("code_normalization", "CROSSCODER")).upper()
+    if batchtopk and code_norm != "CROSSCODER":
+        raise FormatError(f"{directory}: a BatchTopK crosscoder with code_normalization {code_norm}; ours scores "
+                          "latents by their decoder norms summed over models (their CROSSCODER) only")
+    W_enc_MDF, b_enc_F, b_dec_MD = W_enc_MDF, raw["encoder.bias"].float(), raw["decoder.bias"].float()
+    factors = [1.0] * M  # their runs without a normaliser read raw activations
+    mean_MD, std_MD = raw.get("activation_mean"), raw.get("activation_std")
+    if mean_MD is not None and std_MD is not None and not (mean_MD.isnan().any() or std_MD.isnan().any()):
+        g_M = raw.get("activation_global_scale")
+        if g_M is None:  # NormalizableMixin's default keep_relative_variance: target_rms / total std
+            g_M = float(raw.get("target_rms", torch.tensor(1.0))) / (std_MD.float().pow(2).sum(-1) + 1e-8).sqrt()
+        g_M, shift_MD = g_M.float(), g_M.float()[:, None] * mean_MD.float()
+        b_enc_F = b_enc_F - torch.einsum("md,mdf->f", shift_MD, W_enc_MDF)
+        b_dec_MD = b_dec_MD + shift_MD
+        factors = g_M.tolist()
+    state = {"W_enc": W_enc_MDF.contiguous(), "W_dec": W_dec_MFD.permute(1, 0, 2).contiguous(),
+             "b_enc": b_enc_F, "b_dec": b_dec_MD}
+    cfg = {"d_in": D, "dict_size": F, "n_models": M, "enc_dtype": "fp32", "seed": config.get("seed", 0),
+           "dec_init_norm": config.get("norm_init_scale") or 0.005,
+           "architecture": "batchtopk" if batchtopk else "l1",
+           "hook_point": hook_point or hook_point_of_layer(trainer.get("layer", 13)),
+           "model_names": list(model_names or DEFAULT_MODEL_NAMES), "normalisation_factor": factors,
+           "source": f"dictionary_learning {config.get('dict_class') or trainer.get('dict_class') or ''} "
+                     f"({code_norm}) from {directory}".replace("  ", " ")}
+    if batchtopk:
+        threshold = raw["threshold"].float()
+        if threshold.numel() != 1:
+            raise FormatError(f"{directory}: per-model thresholds (DECOUPLED) are not supported")
+        state["threshold"] = threshold.reshape(())
+        k = raw["k"] if "k" in raw else config.get("k")
+        cfg["k"] = None if k is None else int(k)
+    return cfg, state
+
+
+def download(repo_id, revision=None):
+    """A local copy of a hub repo's files in their format (huggingface_hub's cache)."""
+    from huggingface_hub import hf_hub_download, list_repo_files
+
+    present = set(list_repo_files(repo_id, revision=revision))
+    if not set(FILES) <= present:
+        raise FormatError(f"{repo_id} has neither our published layout nor dictionary_learning's "
+                          f"{list(FILES)}: found {sorted(present)[:10]}")
+    wanted = [*FILES, *([TRAINER_FILE] if TRAINER_FILE in present else [])]
+    paths = [Path(hf_hub_download(repo_id, name, revision=revision)) for name in wanted]
+    return paths[0].parent
