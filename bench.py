@@ -132,15 +132,24 @@ def reset_peak_memory(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def end_to_end(cfg, model, data, cycles, device, shipped=False):
+def end_to_end(cfg, model, data, cycles, device, shipped=False, sweep=0):
     """Tokens/s over whole refresh cycles after one warm-up cycle. Each cycle harvests half the
     buffer and trains on as many rows, so the time includes harvesting every trained row.
     shipped=True times the reference as it shipped: after its first fill each refresh slices no
     tokens (it compared an index with a count), so it runs the models on empty batches, harvests
-    nothing and reshuffles the same rows."""
-    trainer = Trainer(dict(cfg), model, model, data)  # the initial fill is not timed
+    nothing and reshuffles the same rows. sweep=N: N crosscoders (l1_coeff 1..N) trained on one
+    harvest (sweep.py); tokens/s counts each batch once, as each member sees it."""
+    if sweep:
+        from sweep import Sweep
+
+        trainer = Sweep(dict(cfg), {"l1_coeff": [float(i + 1) for i in range(sweep)]}, models=[model, model],
+                        tokens=data)
+        buf = trainer.source
+    else:
+        trainer = Trainer(dict(cfg), model, model, data)  # the initial fill is not timed
+        buf = trainer.buffer
     # under torchrun each rank's buffer (its share of the batch) refreshes on its own schedule
-    buf, batch, per_cycle = trainer.buffer, cfg["batch_size"], steps_per_refresh(trainer.buffer.cfg)
+    batch, per_cycle = cfg["batch_size"], steps_per_refresh(buf.cfg)
     refresh = buf.refresh
     if shipped:
         def shipped_refresh():
@@ -181,9 +190,10 @@ def main():
                **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult")}}
     flags = {"shape": "toy (default) or gemma", "steps": "crosscoder steps timed in (b)",
              "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models",
-             "nproc": "N: only (c), ours, with 1 and with N data-parallel processes (torchrun; bench_parallel.py)"}
+             "nproc": "N: only (c), ours, with 1 and with N data-parallel processes (torchrun; bench_parallel.py)",
+             "sweep": "N: only (c), ours, one crosscoder against a sweep of N on one harvest (sweep.py)"}
     try:
-        options, extras = parse_overrides(sys.argv[1:], options, flags=("shape", "steps", "cycles", "nproc"),
+        options, extras = parse_overrides(sys.argv[1:], options, flags=("shape", "steps", "cycles", "nproc", "sweep"),
                                           switches=("step_only",))
         allowed = {"device", "seq_len", "model_batch_size", "batch_size", "buffer_mult"}
         if set(options) != allowed:
@@ -191,11 +201,12 @@ def main():
         shape_name = extras.get("shape", "toy")
         if shape_name not in SHAPES:
             raise ConfigError(f"--shape must be one of {list(SHAPES)}, got {shape_name!r}")
-        steps, cycles, nproc = (int(extras[k]) if k in extras else None for k in ("steps", "cycles", "nproc"))
+        steps, cycles, nproc, sweep = (int(extras[k]) if k in extras else None
+                                       for k in ("steps", "cycles", "nproc", "sweep"))
     except ConfigError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:
-        sys.exit(f"error: --steps, --cycles and --nproc take integers ({e})")
+        sys.exit(f"error: --steps, --cycles, --nproc and --sweep take integers ({e})")
     if extras.get("help"):
         print(format_help("usage: python bench.py [--shape toy|gemma] [--device cpu|cuda] [--key value ...]",
                           options, flags))
@@ -226,6 +237,8 @@ def main():
         return bench_parallel.report(f"bench --shape {shape_name} --device {device} --nproc {nproc}: end to end, ours, "
                                      f"d_in {cfg['d_in']}, dict {cfg['dict_size']}, batch {batch}, seq_len {S}, "
                                      f"{cycles} refresh cycles", results, nprocs)
+    if sweep:
+        return sweep_report(cfg, shape_name, device, sweep, cycles)
     # (e) the device's dense matmul peak, fp32 and bf16
     peak = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
 
@@ -314,6 +327,29 @@ def main():
         f"projected time for 400M tokens at ours: {400e6 / e2e['ours'] / 3600:,.1f} h "
         f"(reference with its refresh bug fixed: {400e6 / e2e['reference'] / 3600:,.1f} h)"]
     print_report(header, rows, summary, device)
+
+
+def sweep_report(cfg, shape_name, device, n, cycles):
+    """(c) for ours: one crosscoder, then a sweep of n on one harvest, each after its own warm-up
+    cycle; the speed-up over n separate runs is n x (sweep tokens/s) / (one run's tokens/s)."""
+    model = build_model(shape_name, device, layers_needed(cfg["hook_point"]))
+    drop_unembedding(model)
+    data = torch.randint(1, model.cfg.d_vocab, (4096, cfg["seq_len"]))
+    data[:, 0] = 2  # BOS
+    rows = []
+    for members in (0, n):
+        reset_peak_memory(device)
+        rate = end_to_end(cfg, model, data, cycles, device, sweep=members)
+        rows.append((f"end to end, {'one crosscoder' if not members else f'sweep of {members} (each)'}", rate,
+                     peak_memory(device)))
+        print(f"[bench] {rows[-1][0]}: {rate:,.3g} tokens/s", file=sys.stderr, flush=True)
+        gc.collect()
+    shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
+    one, each = rows[0][1], rows[1][1]
+    print_report(f"bench --shape {shape_name} --device {device} --sweep {n}: end to end, ours, d_in {cfg['d_in']}, "
+                 f"dict {cfg['dict_size']}, batch {cfg['batch_size']}, seq_len {cfg['seq_len']}, {cycles} refresh cycles",
+                 rows, [f"{n} crosscoders on 1M tokens each: one sweep {1e6 / each:,.4g} s, {n} separate runs "
+                        f"{n * 1e6 / one:,.4g} s: the sweep is {n * each / one:.2f}x faster"], device)
 
 
 def print_report(header, rows, summary, device):

@@ -113,18 +113,23 @@ def checkpoint_root(cfg):
     return Path(root) if root else DEFAULT_CHECKPOINT_DIR
 
 
-def next_version_dir(cfg):
-    """Create and return the next free version_N under the config's checkpoint root."""
+def next_version_dir(cfg, prefix="version"):
+    """Create and return the next free version_N (or {prefix}_N) under the config's checkpoint root."""
     root = checkpoint_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    used = [int(p.name.split("_")[1]) for p in root.glob("version_*") if p.name.split("_")[1].isdigit()]
+    used = [int(p.name.split("_")[-1]) for p in root.glob(f"{prefix}_*") if p.name.split("_")[-1].isdigit()]
     version = max(used, default=-1) + 1
     while True:  # mkdir without exist_ok: two runs starting together never share a version
         try:
-            (root / f"version_{version}").mkdir()
-            return root / f"version_{version}"
+            (root / f"{prefix}_{version}").mkdir()
+            return root / f"{prefix}_{version}"
         except FileExistsError:
             version += 1
+
+
+def next_sweep_dir(cfg):
+    """The next free sweep_N under the checkpoint root: a sweep's members are its version_i."""
+    return next_version_dir(cfg, prefix="sweep")
 
 
 def read_checkpoint(cfg_path, weights_path, param_names, mmap=False):

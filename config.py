@@ -98,7 +98,8 @@ SCHEMA = {
 }
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
-                "source"}  # source: where a crosscoder trained elsewhere was read from (published.py)
+                "source",  # where a crosscoder trained elsewhere was read from (published.py)
+                "sweep", "sweep_id"}  # a sweep member's values and its sweep's directory name (sweep.py)
 
 
 def effective(cfg, key):

@@ -5,6 +5,7 @@
 #   python train.py                                   # the Gemma-2-2b replication (GPU, hub access)
 #   python train.py --l1_coeff 1.5 --dict_size 32768  # any key, validated before any model loads
 #   python train.py --resume checkpoints/version_3    # continue an interrupted run
+#   python train.py --sweep l1_coeff=1,2,4            # three crosscoders on one harvest (sweep.py)
 # %%
 import os
 import sys
@@ -89,6 +90,7 @@ TOY_CFG = {
 PRESETS = {"gemma": {}, "toy": TOY_CFG}
 FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
          "resume": "a checkpoints/version_N directory: continue that run exactly",
+         "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
          "help": "print this and exit"}
 # Keys that may change when resuming; the others come from the checkpoint's config.
 RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
@@ -104,18 +106,45 @@ def complete_cfg(cfg, base_cfg=default_cfg):
     return {**base_cfg, **PRESETS.get(preset, {}), **cfg, "preset": preset}
 
 
-def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--key value ...]"):
+def split_sweep(argv):
+    """(argv without --sweep, the sweep's key=values items or None): --sweep takes every following
+    word that is not a flag (`--sweep a=1,2 b=3` as well as `--sweep "a=1,2 b=3"`)."""
+    rest, specs, words = [], None, list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--sweep" or word.startswith("--sweep="):
+            specs = [word.partition("=")[2]] if "=" in word else []
+            while words and not words[0].startswith("--"):
+                specs.append(words.pop(0))
+        else:
+            rest.append(word)
+    return rest, specs
+
+
+def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]"):
     """default_cfg <- preset <- --key value overrides (or the saved config with --resume).
     Returns (cfg, extras): extras holds the flags given (FLAGS, and a script's own flags: name ->
     help). --help prints every flag and key and exits."""
     all_flags = dict(flags or {}, **FLAGS)
+    argv, sweep_specs = split_sweep(argv)
     cfg, extras = parse_overrides(argv, base_cfg, flags=tuple(all_flags))
+    if sweep_specs is not None:
+        from sweep import parse_sweep
+
+        if extras.get("resume") is not None:
+            raise ConfigError("--sweep with --resume: a sweep resumes from its directory alone (--resume "
+                              "checkpoints/sweep_N), with the values it started with")
+        extras["sweep"] = parse_sweep(sweep_specs)
     if extras.get("help"):
         print(format_help(usage, base_cfg, all_flags, {"toy": TOY_CFG}))
         sys.exit(0)
     resume = extras.get("resume")
     if resume is not None:
         version_dir = resolve_version_dir(resume)
+        if (version_dir / "sweep.json").is_file():  # a sweep: its first member's config is the base
+            from sweep import member_dirs
+
+            version_dir = member_dirs(version_dir)[0]
         saved = read_cfg(version_dir)
         saved.pop("step", None)  # the trainer state holds the step to resume from
         changed = {k for k in cfg if k in base_cfg and cfg[k] != base_cfg[k]}
@@ -125,6 +154,7 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
         if saved.get("architecture") == "batchtopk" and "recon_loss" not in saved:
             print(f"note: {version_dir} is a BatchTopK run from before the authors' recipe (threshold, dead "
                   "latents, AuxK, loss); it continues under the recipe's defaults")
+        extras["resume_overrides"] = {k: cfg[k] for k in changed}
         cfg = complete_cfg(dict(saved, **{k: cfg[k] for k in changed}))
     else:
         preset = extras.get("preset", "gemma")
@@ -133,6 +163,11 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
         cfg, _ = parse_overrides(argv, dict(base_cfg, **PRESETS[preset]), flags=tuple(all_flags))
         cfg["preset"] = preset
     validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
+    if extras.get("sweep"):
+        from sweep import expand
+
+        for member in expand(cfg, extras["sweep"]):
+            validate_cfg(member)
     return cfg, extras
 
 
@@ -156,10 +191,13 @@ def load_models_and_tokens(cfg):
     return load_gemma_pair(cfg), tokens
 
 
-def main(cfg, resume=None):
-    """Train one crosscoder; under torchrun, one data-parallel replica per process."""
+def main(cfg, resume=None, sweep=None, resume_overrides=None):
+    """Train one crosscoder (or a sweep's grid of them on one harvest); under torchrun, one
+    data-parallel replica per process."""
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
     check_mesh(cfg["latent_shards"], n_processes)  # before anything loads
+    if sweep and n_processes > 1:
+        raise ConfigError("--sweep runs in one process for now: launch it with python, not torchrun")
     if distributed.launched():
         distributed.local_batch_size(cfg["batch_size"], n_processes)
         cfg["device"] = distributed.setup(cfg["device"], latent_shards=cfg["latent_shards"])
@@ -172,12 +210,38 @@ def main(cfg, resume=None):
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     check_buffer_fits(cfg)  # before any model is loaded
+    if sweep:  # every member's weights and Adam state beside the buffer
+        from buffer import available_bytes, buffer_bytes
+        from sweep import check_sweep_fits, expand
+
+        check_sweep_fits(expand(cfg, sweep), available_bytes(cfg["device"]) - buffer_bytes(cfg))
     models, tokens = None, None
     if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
         models, tokens = load_models_and_tokens(cfg)
         for model in models:
             check_against_model(cfg, model.cfg)
             check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
+    resume_sweep = resume is not None and (resolve_version_dir(resume) / "sweep.json").is_file()
+    if sweep or resume_sweep:
+        from sweep import Sweep, member_name
+
+        if resume_sweep:
+            overrides = resume_overrides or {}
+            run = Sweep.resume(resolve_version_dir(resume), lambda saved: complete_cfg(dict(saved, **overrides)),
+                               models=models, tokens=tokens)
+        else:
+            run = Sweep(cfg, sweep, models=models, tokens=tokens)
+        logs = run.train()
+        for i, (t, log) in enumerate(zip(run.trainers, logs)):
+            result = ("stopped: non-finite (see above)" if i in run.failed
+                      else ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+            print(f"member {member_name(t.cfg['sweep'])}: {result}; checkpoints in {t.crosscoder.save_dir}")
+            if cfg["preset"] == "toy" and i not in run.failed:
+                from toy import format_report, toy_report
+
+                print(format_report(toy_report(t.crosscoder, models[0], models[1], t.cfg)))
+        print(f"done: the sweep is in {run.sweep_dir} (sweep.json lists its members)")
+        return run
     if resume is not None:
         trainer = Trainer.resume(resume, cfg, models=models, tokens=tokens)
     else:
@@ -201,7 +265,7 @@ def cli(argv):
     clean = False
     try:
         cfg, extras = build_cfg(argv)
-        main(cfg, extras.get("resume"))
+        main(cfg, extras.get("resume"), extras.get("sweep"), extras.get("resume_overrides"))
         clean = True
     except ConfigError as e:
         sys.exit(f"config error: {e}")

@@ -36,6 +36,9 @@ def start_run(cfg, run_id=None):
     wandb_dir.mkdir(parents=True, exist_ok=True)
     kwargs = dict(project=cfg["wandb_project"], entity=cfg["wandb_entity"], config=cfg,
                   dir=str(wandb_dir), id=run_id, resume="allow" if run_id else None)
+    if cfg.get("sweep_id"):  # a sweep's members: one run each, in one group, from one process
+        kwargs.update(group=cfg["sweep_id"], name=" ".join(f"{k}={v}" for k, v in cfg["sweep"].items()),
+                      reinit="create_new")
     try:
         return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60), **kwargs)
     except Exception as e:

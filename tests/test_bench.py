@@ -57,3 +57,13 @@ def test_bench_runs_at_the_toy_shape_and_checks_activation_equality():
                  "ours / reference as shipped", "of the fp32 peak", "of the bf16 peak",
                  "peak process RSS", "activation store", "largest relative loss difference", "400M tokens"):
         assert line in out.stdout
+
+
+@pytest.mark.slow
+def test_bench_sweep_times_one_crosscoder_and_a_sweep_on_one_harvest():
+    """The sweep trains each member on every harvested row (the refresh count is asserted inside
+    end_to_end), and the report states the speed-up over separate runs."""
+    out = run_script("bench.py", "--sweep", "2", "--cycles", "2", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "end to end, one crosscoder" in out.stdout and "end to end, sweep of 2 (each)" in out.stdout
+    assert "2 crosscoders on 1M tokens each" in out.stdout and "x faster" in out.stdout

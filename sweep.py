@@ -1,0 +1,251 @@
+"""Sweeps in one pass: several crosscoders trained on the same activations, paying the harvest
+(two models to the hook, ~4.4 GFLOP per token at Gemma-2-2b) once instead of once per member.
+
+    python train.py --sweep l1_coeff=1,2,4                        # three crosscoders, one harvest
+    python train.py --sweep "l1_coeff=1,2 dict_size=16384,32768"   # the grid: four crosscoders
+
+Each member is a Trainer of its own (config, optimiser, NaN guard, checkpoints in its own
+version directory under checkpoints/sweep_N/), fed by one shared source: every step the sweep
+draws one batch and every member trains on it, so a member equals the same config trained alone
+(same seed, hence the same batches). Only keys that change the crosscoder or its optimisation may
+vary (SWEEPABLE): the models, hook, data, batch and buffer are what the members share.
+"""
+import itertools
+import json
+from pathlib import Path
+
+from config import SCHEMA, ConfigError, parse_value
+
+# Keys a sweep may vary. Not seed: it also shuffles the buffer, which the members share.
+SWEEPABLE = ("lr", "l1_coeff", "beta1", "beta2", "dict_size", "enc_dtype", "dec_init_norm", "architecture", "k",
+             "aux_coeff", "aux_k", "aux_normalise", "threshold_beta", "threshold_start_step", "dead_tokens", "k_max",
+             "k_annealing_steps", "b_dec_init", "recon_loss", "dead_window", "step_dtype")
+
+
+def parse_sweep(specs):
+    """["l1_coeff=1,2", "dict_size=16384,32768"] (or one space-separated string) -> {key: [values]},
+    each value parsed to its key's type; a ConfigError names a refused or unknown key."""
+    axes = {}
+    for spec in " ".join(specs).split():
+        key, sep, values = spec.partition("=")
+        if not sep or not values:
+            raise ConfigError(f"--sweep takes key=v1,v2,... items, got {spec!r}")
+        if key not in SCHEMA:
+            parse_value(key, "")  # the unknown-key error, with its suggestion
+        if key not in SWEEPABLE:
+            raise ConfigError(f"--sweep cannot vary '{key}': the members share the models, hook, data, batch and "
+                              f"buffer (and seed, which shuffles it); sweepable keys: {', '.join(SWEEPABLE)}")
+        if key in axes:
+            raise ConfigError(f"--sweep names '{key}' twice")
+        axes[key] = [parse_value(key, v) for v in values.split(",")]
+    if not axes:
+        raise ConfigError("--sweep needs at least one key=v1,v2,... item")
+    return axes
+
+
+def expand(cfg, axes):
+    """The grid: one config per combination of the axes' values (the last key varying fastest),
+    each cfg with those values and "sweep": the values that set it apart."""
+    keys = list(axes)
+    return [dict(cfg, **dict(zip(keys, values)), sweep=dict(zip(keys, values)))
+            for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def member_dirs(sweep_dir):
+    """The members' version directories, in the sweep's order (sweep.json)."""
+    manifest = json.loads((Path(sweep_dir) / "sweep.json").read_text())
+    return [Path(sweep_dir) / m["dir"] for m in manifest["members"]]
+
+
+def member_name(overrides):
+    return " ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+class SharedBatches:
+    """What each member's Trainer reads as its buffer: the batch the sweep drew for this step.
+    The first member also saves and restores the real source's state (the others save none)."""
+
+    def __init__(self, source, owner=False):
+        self.source, self.owner, self.batch = source, owner, None
+
+    def next(self):
+        return self.batch
+
+    @property
+    def normalisation_factor(self):
+        return getattr(self.source, "normalisation_factor", None)
+
+    @normalisation_factor.setter
+    def normalisation_factor(self, value):
+        self.source.normalisation_factor = value
+
+    def __getattr__(self, name):  # state_dict / load_state_dict: the owner's only
+        if name in ("state_dict", "load_state_dict") and self.owner:
+            return getattr(self.source, name)
+        raise AttributeError(name)
+
+
+def member_bytes(cfg):
+    """(bytes a member holds throughout: weights, gradients and Adam's two moments in fp32; bytes
+    its step adds at the peak), from sharding.memory_per_rank for one process."""
+    from sharding import memory_per_rank
+
+    d, f, m = cfg["d_in"], cfg["dict_size"], cfg["n_models"]
+    held = 4 * 4 * (2 * m * d * f + f + m * d)
+    return held, memory_per_rank(d, f, 1, cfg["batch_size"], m, cfg["architecture"]) - held
+
+
+def check_sweep_fits(cfgs, free_bytes):
+    """The members step one after another, so the sweep needs every member's held memory plus the
+    largest step's. A ConfigError, before any model loads, when that exceeds free_bytes (what the
+    device has free beside the buffer), naming the members to drop (the largest first)."""
+    sizes = [member_bytes(c) for c in cfgs]
+    need = sum(h for h, _ in sizes) + max(s for _, s in sizes)
+    if need <= free_bytes:
+        return need
+    order = sorted(range(len(cfgs)), key=lambda i: -sum(sizes[i]))
+    drop = []
+    for i in order:
+        drop.append(i)
+        kept = [sizes[j] for j in range(len(cfgs)) if j not in drop]
+        if not kept or sum(h for h, _ in kept) + max(s for _, s in kept) <= free_bytes:
+            break
+    names = "; ".join(f"{member_name(cfgs[i]['sweep'])} ({sum(sizes[i]) / 2**30:.1f} GiB)" for i in drop)
+    raise ConfigError(f"the sweep's {len(cfgs)} crosscoders need {need / 2**30:.1f} GiB but {free_bytes / 2**30:.1f} "
+                      f"GiB is free beside the buffer: drop {names}, or run the sweep in parts")
+
+
+def write_manifest(sweep_dir, axes, trainers):
+    """sweep.json: the axes and each member's version directory and values."""
+    members = [{"dir": t.crosscoder.save_dir.name, "values": t.cfg["sweep"]} for t in trainers]
+    (sweep_dir / "sweep.json").write_text(json.dumps({"axes": axes, "members": members}, indent=2))
+
+
+class Sweep:
+    """Sweep(cfg, axes, models=..., tokens=...) builds one Trainer per grid point, all fed by the
+    source the first one builds; train() steps every member on each batch. A member whose loss or
+    weights turn non-finite stops alone (reported at the next log step); the others go on."""
+
+    def __init__(self, cfg, axes, models=None, tokens=None, buffer=None):
+        from checkpoint import next_version_dir, next_sweep_dir
+        from trainer import Trainer
+
+        self.axes, self.sweep_dir = axes, next_sweep_dir(cfg)
+        cfgs = expand(dict(cfg, checkpoint_dir=str(self.sweep_dir), sweep_id=self.sweep_dir.name), axes)
+        first = Trainer(cfgs[0], models=models, tokens=tokens, buffer=buffer)
+        self.source = first.buffer
+        first.buffer = SharedBatches(self.source, owner=True)
+        self.trainers = [first] + [Trainer(c, buffer=SharedBatches(self.source)) for c in cfgs[1:]]
+        for t in self.trainers:  # version_i is member i, whatever the order of their first saves
+            t.crosscoder.save_dir = next_version_dir(t.cfg)
+        write_manifest(self.sweep_dir, axes, self.trainers)
+        self.failed = {}  # member index -> why it stopped
+        self.logs = [{} for _ in self.trainers]
+
+    @classmethod
+    def resume(cls, sweep_dir, complete=dict, models=None, tokens=None):
+        """Continue a sweep from its members' newest checkpoints (all saved at the same step when
+        the sweep stops or is interrupted); the first member's saved buffer serves them all, so the
+        sweep resumes exactly. A member whose newest checkpoint is older (it stopped on a
+        non-finite value) is left out, with how to resume it alone. complete(saved config) -> the
+        member's config (train.py: today's defaults and the keys changed on the command line)."""
+        from checkpoint import read_cfg
+        from trainer import Trainer
+
+        self = cls.__new__(cls)
+        self.sweep_dir = Path(sweep_dir)
+        self.axes = json.loads((self.sweep_dir / "sweep.json").read_text())["axes"]
+        dirs = member_dirs(self.sweep_dir)
+        steps = [read_cfg(d).get("step") if list(d.glob("*_cfg.json")) else None for d in dirs]
+        last = max((s for s in steps if s is not None), default=None)
+        if last is None:
+            raise FileNotFoundError(f"{self.sweep_dir}: no member has a checkpoint to resume from")
+        for d, step in zip(dirs, steps):
+            if step != last:
+                print(f"sweep member {d.name} is left out: its newest checkpoint is at step {step}, the sweep's at "
+                      f"{last}; resume it alone with: python train.py --resume {d}")
+        members = [d for d, step in zip(dirs, steps) if step == last]
+        cfgs = [complete({k: v for k, v in read_cfg(d).items() if k != "step"}) for d in members]
+        first = Trainer.resume(members[0], cfgs[0], models=models, tokens=tokens)
+        self.source = first.buffer
+        first.buffer = SharedBatches(self.source, owner=True)
+        self.trainers = [first] + [Trainer.resume(d, c, buffer=SharedBatches(self.source))
+                                   for d, c in zip(members[1:], cfgs[1:])]
+        self.failed, self.logs = {}, [{} for _ in self.trainers]
+        return self
+
+    def active(self):
+        return [(i, t) for i, t in enumerate(self.trainers) if i not in self.failed]
+
+    def step(self):
+        """One batch from the shared source, one step of every active member on it: {index: log}."""
+        batch = self.source.next()
+        logs = {}
+        for i, t in self.active():
+            t.buffer.batch = batch
+            logs[i] = t.step()
+        return logs
+
+    def _guard(self, i, fn, *args):
+        """Run a member's log or save; a NonFiniteError stops that member only."""
+        from trainer import NonFiniteError
+
+        try:
+            return fn(*args)
+        except NonFiniteError as e:
+            self.failed[i] = str(e)
+            print(f"sweep member {i} ({member_name(self.trainers[i].cfg['sweep'])}) stopped: {e}", flush=True)
+
+    def train(self):
+        """Train every member to the end; saves as Trainer.train does (every save_every steps, at the
+        end, on Ctrl-C / SIGTERM, then raising TrainingInterrupted). Returns each member's last log."""
+        from tqdm.auto import tqdm
+
+        from trainer import TrainingInterrupted
+        from utils import install_stop_handlers, restore_handlers
+        from wandb_log import finish_run, start_run
+
+        first, n = self.trainers[0], len(self.trainers)
+        cfg, self._stop = first.cfg, None
+        old_handlers = install_stop_handlers(self._request_stop)
+        print(f"sweep of {n} crosscoders ({', '.join(member_name(t.cfg['sweep']) for t in self.trainers)}) on one "
+              f"harvest, steps {first.step_counter}..{first.total_steps}; checkpoints in {self.sweep_dir}", flush=True)
+        for t in self.trainers:
+            t.wandb_run = start_run(t.cfg, t.wandb_id)
+            t.wandb_id = t.wandb_run.id if t.wandb_run is not None else None
+        pbar = tqdm(range(first.step_counter, first.total_steps), initial=first.step_counter, total=first.total_steps,
+                    desc="sweep", disable=not cfg["progress"], dynamic_ncols=True)
+        try:
+            for step in pbar:
+                for i, step_log in self.step().items():
+                    t = self.trainers[i]
+                    if step % cfg["log_every"] == 0 or step == first.total_steps - 1:
+                        self.logs[i] = self._guard(i, t.log, step_log) or self.logs[i]
+                    if (step + 1) % cfg["save_every"] == 0 and i not in self.failed:
+                        self._guard(i, t.save)
+                pbar.set_postfix(members=f"{len(self.active())}/{n}")
+                if self._stop is not None:
+                    raise TrainingInterrupted(self._stop, first.step_counter)
+        except BaseException as e:
+            for i, t in self.active():  # keep every healthy member's work, then re-raise
+                t._save_if_new(reason=type(e).__name__)
+            if isinstance(e, TrainingInterrupted):
+                e.save_dir = self.sweep_dir
+            raise
+        else:
+            for i, t in self.active():
+                self._guard(i, t._save_if_new, "end of training")
+        finally:
+            pbar.close()
+            restore_handlers(old_handlers)
+            for t in self.trainers:
+                finish_run(t.wandb_run)
+                t.wandb_run = None
+        return self.logs
+
+    def _request_stop(self, signum):
+        import signal
+
+        if self._stop is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop = signum

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from config import ConfigError
+from conftest import random_tokens, tiny_cfg, tiny_model
+from sweep import Sweep, expand, parse_sweep
+from train import split_sweep
+from trainer import Trainer
+
+
+def test_the_grid_is_every_combination_with_each_value_parsed_to_its_type():
+    axes = parse_sweep(["l1_coeff=1,2", "dict_size=16384,32768"])
+    assert axes == {"l1_coeff": [1.0, 2.0], "dict_size": [16384, 32768]}
+    assert parse_sweep(["l1_coeff=1,2 dict_size=16384,32768"]) == axes  # one quoted word
+    grid = expand({"lr": 0.1}, axes)
+    assert [(c["l1_coeff"], c["dict_size"]) for c in grid] == [(1.0, 16384), (1.0, 32768), (2.0, 16384), (2.0, 32768)]
+    assert grid[1]["sweep"] == {"l1_coeff": 1.0, "dict_size": 32768} and grid[1]["lr"] == 0.1
+    assert [c["architecture"] for c in expand({}, parse_sweep(["architecture=l1,batchtopk", "k=32"]))] == ["l1", "batchtopk"]
+
+
+@pytest.mark.parametrize("spec,message", [("batch_size=1,2", "cannot vary 'batch_size'"), ("seed=1,2", "cannot vary 'seed'"),
+                                          ("hook_point=blocks.1.hook_resid_pre", "cannot vary 'hook_point'"),
+                                          ("model_names=a", "cannot vary 'model_names'"),
+                                          ("l1_cof=1", "did you mean 'l1_coeff'"), ("lr=fast", "--lr"),
+                                          ("l1_coeff", "key=v1,v2"), ("lr=1 lr=2", "twice")])
+def test_refused_and_malformed_sweeps_are_errors_naming_the_key(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_sweep([spec])
+
+
+def test_sweep_words_are_taken_up_to_the_next_flag():
+    assert split_sweep(["--preset", "toy", "--sweep", "architecture=l1,batchtopk", "k=32", "--lr", "1"]) == \
+        (["--preset", "toy", "--lr", "1"], ["architecture=l1,batchtopk", "k=32"])
+    assert split_sweep(["--sweep=l1_coeff=1,2"]) == ([], ["l1_coeff=1,2"])
+    assert split_sweep(["--lr", "1"]) == (["--lr", "1"], None)
+
+
+def test_a_sweep_member_equals_the_same_config_trained_alone(tmp_path):
+    """Two L1 crosscoders (l1_coeff 1 and 3) on one real buffer over tiny models: the l1_coeff 3
+    member's weights equal a run of that config alone (its own buffer, same seed) to 1e-5, and its
+    checkpoints sit in the sweep's version_1 with the sweep's values in its config."""
+    models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
+    cfg = tiny_cfg(tmp_path / "sweep", num_tokens=32 * 12)
+    run = Sweep(cfg, {"l1_coeff": [1.0, 3.0]}, models=models, tokens=tokens)
+    run.train()
+    alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 12, l1_coeff=3.0), models=models, tokens=tokens)
+    alone.train()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(run.trainers[1].crosscoder, name), getattr(alone.crosscoder, name),
+                                   rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(run.trainers[0].crosscoder.W_dec, alone.crosscoder.W_dec)  # the other member differs
+    member = run.sweep_dir / "version_1"
+    saved = json.loads((member / "0_cfg.json").read_text())
+    assert saved["sweep"] == {"l1_coeff": 3.0} and saved["sweep_id"] == run.sweep_dir.name and saved["step"] == 12
+    manifest = json.loads((run.sweep_dir / "sweep.json").read_text())
+    assert [m["dir"] for m in manifest["members"]] == ["version_0", "version_1"]
+
+
+def test_a_member_that_diverges_stops_alone_and_the_others_finish(tmp_path):
+    """lr 1e30 overflows one member within a few steps: it is reported and never saved with
+    non-finite weights; the lr 1e-3 member trains to the end as it would alone."""
+    models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
+    cfg = tiny_cfg(tmp_path, num_tokens=32 * 12, log_every=2)
+    run = Sweep(cfg, {"lr": [1e-3, 1e30]}, models=models, tokens=tokens)
+    logs = run.train()
+    assert list(run.failed) == [1] and "non-finite" in run.failed[1]
+    assert run.trainers[0].step_counter == 12 and torch.isfinite(torch.tensor(logs[0]["loss"]))
+    bad = run.sweep_dir / "version_1"
+    assert not list(bad.glob("*_cfg.json"))  # nothing saved: the first save would have been at the end
+    alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 12, log_every=2), models=models, tokens=tokens)
+    alone.train()
+    torch.testing.assert_close(run.trainers[0].crosscoder.W_dec, alone.crosscoder.W_dec, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_sweep_resumes_every_member_exactly(tmp_path):
+    """24 steps straight equals 12 steps, a SIGTERM (every member saved), and Sweep.resume on the
+    sweep's directory for 12 more, for both members, on real buffers (refilled on the way)."""
+    import signal
+
+    from trainer import TrainingInterrupted
+
+    models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
+    axes = {"l1_coeff": [1.0, 3.0]}
+    straight = Sweep(tiny_cfg(tmp_path / "straight", num_tokens=32 * 24), axes, models=models, tokens=tokens)
+    straight.train()
+    run = Sweep(tiny_cfg(tmp_path / "stopped", num_tokens=32 * 24), axes, models=models, tokens=tokens)
+    draw, calls = run.source.next, []
+
+    def next_then_stop():
+        calls.append(1)
+        if len(calls) == 12:
+            run._stop = signal.SIGTERM  # as the handler would: the sweep stops after this step
+        return draw()
+
+    run.source.next = next_then_stop
+    with pytest.raises(TrainingInterrupted):
+        run.train()
+    resumed = Sweep.resume(run.sweep_dir, models=models, tokens=tokens)
+    assert [t.step_counter for t in resumed.trainers] == [12, 12]
+    resumed.train()
+    for a, b in zip(straight.trainers, resumed.trainers):
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            torch.testing.assert_close(getattr(a.crosscoder, name), getattr(b.crosscoder, name), rtol=0, atol=0)
+
+
+def test_a_sweep_that_does_not_fit_names_the_members_to_drop():
+    """Held memory adds up over members, step temporaries do not: with room for exactly the two
+    small members and the largest step among them, the big member is the one named."""
+    from sweep import check_sweep_fits, member_bytes
+
+    cfgs = expand(tiny_cfg(d_in=64, batch_size=256), parse_sweep(["dict_size=1024,1024,8192"]))
+    small, big = member_bytes(cfgs[0]), member_bytes(cfgs[2])
+    assert big[0] == pytest.approx(8 * small[0], rel=0.01)  # held memory scales with the dictionary
+    fits = 2 * small[0] + small[1]
+    assert check_sweep_fits(cfgs[:2], fits) == fits
+    with pytest.raises(ConfigError, match=r"drop dict_size=8192 \("):
+        check_sweep_fits(cfgs, fits)
+    with pytest.raises(ConfigError, match="drop dict_size=8192 .*; dict_size=1024"):
+        check_sweep_fits(cfgs, small[0] + small[1])
+
+
+def test_train_py_reads_the_sweep_validates_every_member_and_refuses_it_with_resume():
+    from train import build_cfg
+
+    cfg, extras = build_cfg(["--preset", "toy", "--sweep", "architecture=l1,batchtopk", "k=32", "--lr", "0.01"])
+    assert extras["sweep"] == {"architecture": ["l1", "batchtopk"], "k": [32]} and cfg["lr"] == 0.01
+    with pytest.raises(ConfigError, match="cannot vary 'batch_size'"):
+        build_cfg(["--sweep", "batch_size=1,2"])
+    with pytest.raises(ConfigError, match="threshold_start_step"):  # a member's own validation
+        build_cfg(["--preset", "toy", "--num_tokens", "51200", "--sweep", "architecture=l1,batchtopk"])
+    with pytest.raises(ConfigError, match="resumes from its directory alone"):
+        build_cfg(["--resume", "checkpoints/sweep_0", "--sweep", "lr=1,2"])
