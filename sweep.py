@@ -65,11 +65,11 @@ class SharedBatches:
     """What each member's Trainer reads as its buffer: the batch the sweep drew for this step.
     The first member also saves and restores the real source's state (the others save none)."""
 
-    def __init__(self, source, owner=False):
-        self.source, self.owner, self.batch = source, owner, None
+    def __init__(self, source, owner=False, device=None):
+        self.source, self.owner, self.device, self.batch = source, owner, device, None
 
-    def next(self):
-        return self.batch
+    def next(self):  # on the member's device (one copy per step when members are placed apart)
+        return self.batch if self.device is None else self.batch.to(self.device, non_blocking=True)
 
     @property
     def normalisation_factor(self):
@@ -95,10 +95,20 @@ def member_bytes(cfg):
     return held, memory_per_rank(d, f, 1, cfg["batch_size"], m, cfg["architecture"]) - held
 
 
+def place(cfgs, devices):
+    """Member i on devices[i % len(devices)] (its config's device); the buffer and the models stay
+    on devices[0], the first member's."""
+    return [dict(c, device=devices[i % len(devices)]) for i, c in enumerate(cfgs)]
+
+
 def check_sweep_fits(cfgs, free_bytes):
-    """The members step one after another, so the sweep needs every member's held memory plus the
-    largest step's. A ConfigError, before any model loads, when that exceeds free_bytes (what the
-    device has free beside the buffer), naming the members to drop (the largest first)."""
+    """The members step one after another, so a device needs its members' held memory plus the
+    largest step's among them. A ConfigError, before any model loads, when that exceeds what the
+    device has free (free_bytes: a number, or {device: bytes}; beside the buffer), naming the
+    members to drop (the largest first). Returns the bytes needed (on the fullest device)."""
+    if isinstance(free_bytes, dict):
+        return max(check_sweep_fits([c for c in cfgs if c["device"] == d], free) for d, free in free_bytes.items()
+                   if any(c["device"] == d for c in cfgs))
     sizes = [member_bytes(c) for c in cfgs]
     need = sum(h for h, _ in sizes) + max(s for _, s in sizes)
     if need <= free_bytes:
@@ -126,16 +136,17 @@ class Sweep:
     source the first one builds; train() steps every member on each batch. A member whose loss or
     weights turn non-finite stops alone (reported at the next log step); the others go on."""
 
-    def __init__(self, cfg, axes, models=None, tokens=None, buffer=None):
+    def __init__(self, cfg, axes, models=None, tokens=None, buffer=None, devices=None):
         from checkpoint import next_version_dir, next_sweep_dir
         from trainer import Trainer
 
         self.axes, self.sweep_dir = axes, next_sweep_dir(cfg)
         cfgs = expand(dict(cfg, checkpoint_dir=str(self.sweep_dir), sweep_id=self.sweep_dir.name), axes)
+        cfgs = place(cfgs, devices or [cfg["device"]])
         first = Trainer(cfgs[0], models=models, tokens=tokens, buffer=buffer)
         self.source = first.buffer
         first.buffer = SharedBatches(self.source, owner=True)
-        self.trainers = [first] + [Trainer(c, buffer=SharedBatches(self.source)) for c in cfgs[1:]]
+        self.trainers = [first] + [Trainer(c, buffer=SharedBatches(self.source, device=c["device"])) for c in cfgs[1:]]
         for t in self.trainers:  # version_i is member i, whatever the order of their first saves
             t.crosscoder.save_dir = next_version_dir(t.cfg)
         write_manifest(self.sweep_dir, axes, self.trainers)
@@ -169,7 +180,7 @@ class Sweep:
         first = Trainer.resume(members[0], cfgs[0], models=models, tokens=tokens)
         self.source = first.buffer
         first.buffer = SharedBatches(self.source, owner=True)
-        self.trainers = [first] + [Trainer.resume(d, c, buffer=SharedBatches(self.source))
+        self.trainers = [first] + [Trainer.resume(d, c, buffer=SharedBatches(self.source, device=c["device"]))
                                    for d, c in zip(members[1:], cfgs[1:])]
         self.failed, self.logs = {}, [{} for _ in self.trainers]
         return self

@@ -91,6 +91,7 @@ PRESETS = {"gemma": {}, "toy": TOY_CFG}
 FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
          "resume": "a checkpoints/version_N directory: continue that run exactly",
          "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
+         "sweep_devices": "cuda:0,cuda:1,...: place the sweep's members round-robin (default: all on device)",
          "help": "print this and exit"}
 # Keys that may change when resuming; the others come from the checkpoint's config.
 RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
@@ -135,6 +136,10 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
             raise ConfigError("--sweep with --resume: a sweep resumes from its directory alone (--resume "
                               "checkpoints/sweep_N), with the values it started with")
         extras["sweep"] = parse_sweep(sweep_specs)
+    if "sweep_devices" in extras:
+        if sweep_specs is None:
+            raise ConfigError("--sweep_devices places a sweep's members: it needs --sweep")
+        extras["sweep_devices"] = [d for d in extras["sweep_devices"].split(",") if d]
     if extras.get("help"):
         print(format_help(usage, base_cfg, all_flags, {"toy": TOY_CFG}))
         sys.exit(0)
@@ -191,7 +196,7 @@ def load_models_and_tokens(cfg):
     return load_gemma_pair(cfg), tokens
 
 
-def main(cfg, resume=None, sweep=None, resume_overrides=None):
+def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None):
     """Train one crosscoder (or a sweep's grid of them on one harvest); under torchrun, one
     data-parallel replica per process."""
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -210,11 +215,15 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None):
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     check_buffer_fits(cfg)  # before any model is loaded
-    if sweep:  # every member's weights and Adam state beside the buffer
+    if sweep:  # every member's weights and Adam state, on its device, beside the buffer
         from buffer import available_bytes, buffer_bytes
-        from sweep import check_sweep_fits, expand
+        from sweep import check_sweep_fits, expand, place
 
-        check_sweep_fits(expand(cfg, sweep), available_bytes(cfg["device"]) - buffer_bytes(cfg))
+        if sweep_devices:  # the models and the buffer go with the first member
+            cfg["device"] = sweep_devices[0]
+        members = place(expand(cfg, sweep), sweep_devices or [cfg["device"]])
+        check_sweep_fits(members, {d: available_bytes(d) - buffer_bytes(cfg) * (d == cfg["device"])
+                                   for d in dict.fromkeys(m["device"] for m in members)})
     models, tokens = None, None
     if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
         models, tokens = load_models_and_tokens(cfg)
@@ -230,7 +239,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None):
             run = Sweep.resume(resolve_version_dir(resume), lambda saved: complete_cfg(dict(saved, **overrides)),
                                models=models, tokens=tokens)
         else:
-            run = Sweep(cfg, sweep, models=models, tokens=tokens)
+            run = Sweep(cfg, sweep, models=models, tokens=tokens, devices=sweep_devices)
         logs = run.train()
         for i, (t, log) in enumerate(zip(run.trainers, logs)):
             result = ("stopped: non-finite (see above)" if i in run.failed
@@ -265,7 +274,7 @@ def cli(argv):
     clean = False
     try:
         cfg, extras = build_cfg(argv)
-        main(cfg, extras.get("resume"), extras.get("sweep"), extras.get("resume_overrides"))
+        main(cfg, extras.get("resume"), extras.get("sweep"), extras.get("resume_overrides"), extras.get("sweep_devices"))
         clean = True
     except ConfigError as e:
         sys.exit(f"config error: {e}")

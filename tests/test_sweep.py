@@ -132,3 +132,31 @@ def test_train_py_reads_the_sweep_validates_every_member_and_refuses_it_with_res
         build_cfg(["--preset", "toy", "--num_tokens", "51200", "--sweep", "architecture=l1,batchtopk"])
     with pytest.raises(ConfigError, match="resumes from its directory alone"):
         build_cfg(["--resume", "checkpoints/sweep_0", "--sweep", "lr=1,2"])
+
+
+def test_members_are_placed_round_robin_and_each_device_is_checked_on_its_own():
+    """Three members over two devices: 0 and 2 on "a", 1 on "b". Each device holds only its
+    members, so a sweep too large for one device fits on two; each member reads its batch on its
+    own device."""
+    from sweep import SharedBatches, check_sweep_fits, member_bytes, place
+
+    cfgs = place(expand(tiny_cfg(d_in=64, batch_size=256), parse_sweep(["l1_coeff=1,2,3"])), ["a", "b"])
+    assert [c["device"] for c in cfgs] == ["a", "b", "a"]
+    held, step = member_bytes(cfgs[0])
+    with pytest.raises(ConfigError, match="drop"):
+        check_sweep_fits(cfgs, 2 * held + step)  # one device: three members do not fit
+    assert check_sweep_fits(cfgs, {"a": 2 * held + step, "b": held + step}) == 2 * held + step
+    with pytest.raises(ConfigError, match="drop l1_coeff=1.0"):
+        check_sweep_fits(cfgs, {"a": held + step, "b": held + step})
+    shared = SharedBatches(source=None, device="meta")
+    shared.batch = torch.ones(2, 2, 4)
+    assert shared.next().device.type == "meta"
+
+
+def test_sweep_devices_need_a_sweep():
+    from train import build_cfg
+
+    with pytest.raises(ConfigError, match="needs --sweep"):
+        build_cfg(["--sweep_devices", "cuda:0,cuda:1"])
+    _, extras = build_cfg(["--sweep", "lr=1,2", "--sweep_devices", "cuda:0,cuda:1"])
+    assert extras["sweep_devices"] == ["cuda:0", "cuda:1"]
