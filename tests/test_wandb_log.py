@@ -53,3 +53,19 @@ def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
     monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode) or "run")
     assert wandb_log.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck"))) == "run"
     assert modes == ["offline"]
+
+
+def test_sweep_members_get_their_own_runs_in_one_group(tmp_path, monkeypatch):
+    """Two members of one sweep, from one process: two distinct offline runs, both in the group
+    named after the sweep, each named by its values."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = []
+    try:
+        for lr in (1e-3, 1e-2):
+            cfg = tiny_cfg(wandb_mode="offline", checkpoint_dir=str(tmp_path), sweep_id="sweep_0", sweep={"lr": lr})
+            runs.append(wandb_log.start_run(cfg))
+        assert runs[0].id != runs[1].id
+        assert [r.group for r in runs] == ["sweep_0", "sweep_0"] and runs[1].name == "lr=0.01"
+    finally:
+        for run in runs:
+            wandb_log.finish_run(run)
