@@ -129,8 +129,8 @@ class CrossCoder(nn.Module):
     def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True):
         """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents) and a
         dict of the other training terms: "aux_loss", for BatchTopK given the dead latents dead_F
-        [F] (else 0), and "l2_norm_loss", the mean over tokens and models of the error's L2 norm
-        (the authors' reconstruction loss). In BatchTopK training, update_threshold_ also updates
+        [F] (else 0), and for BatchTopK or recon_loss "norm" "l2_norm_loss", the mean over tokens
+        and models of the error's L2 norm (the authors' reconstruction loss). In BatchTopK training, update_threshold_ also updates
         the inference threshold."""
         pre_BF = self.encode(x_BMD, apply_relu=False)
         acts_BF, min_kept = self._select(torch.relu(pre_BF))
@@ -164,7 +164,9 @@ class CrossCoder(nn.Module):
         if self.architecture == "batchtopk" and dead_F is not None:
             aux = aux_loss(err_BMD, pre_BF, self.W_dec, dead_F, effective(self.cfg, "aux_k"), self.latent_group,
                            norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=self.data_group)
-        terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
+        terms = {"aux_loss": aux}
+        if self.architecture == "batchtopk" or effective(self.cfg, "recon_loss") == "norm":  # (not the reference's)
+            terms["l2_norm_loss"] = torch.linalg.vector_norm(err_BMD, dim=-1).mean()
         return losses, acts_BF, terms
 
     def get_losses(self, x_BMD):

@@ -73,7 +73,7 @@ def read_dictionary_learning(directory, model_names=None, hook_point=None):
     if batchtopk and code_norm != "CROSSCODER":
         raise FormatError(f"{directory}: a BatchTopK crosscoder with code_normalization {code_norm}; ours scores "
                           "latents by their decoder norms summed over models (their CROSSCODER) only")
-    W_enc_MDF, b_enc_F, b_dec_MD = W_enc_MDF, raw["encoder.bias"].float(), raw["decoder.bias"].float()
+    b_enc_F, b_dec_MD = raw["encoder.bias"].float(), raw["decoder.bias"].float()
     factors = [1.0] * M  # their runs without a normaliser read raw activations
     mean_MD, std_MD = raw.get("activation_mean"), raw.get("activation_std")
     if mean_MD is not None and std_MD is not None and not (mean_MD.isnan().any() or std_MD.isnan().any()):

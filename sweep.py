@@ -143,13 +143,19 @@ class Sweep:
         self.axes, self.sweep_dir = axes, next_sweep_dir(cfg)
         cfgs = expand(dict(cfg, checkpoint_dir=str(self.sweep_dir), sweep_id=self.sweep_dir.name), axes)
         cfgs = place(cfgs, devices or [cfg["device"]])
-        first = Trainer(cfgs[0], models=models, tokens=tokens, buffer=buffer)
-        self.source = first.buffer
-        first.buffer = SharedBatches(self.source, owner=True)
-        self.trainers = [first] + [Trainer(c, buffer=SharedBatches(self.source, device=c["device"])) for c in cfgs[1:]]
+        self._share(Trainer(cfgs[0], models=models, tokens=tokens, buffer=buffer),
+                    [(c, lambda shared, c=c: Trainer(c, buffer=shared)) for c in cfgs[1:]])
         for t in self.trainers:  # version_i is member i, whatever the order of their first saves
             t.crosscoder.save_dir = next_version_dir(t.cfg)
         write_manifest(self.sweep_dir, axes, self.trainers)
+
+    def _share(self, first, rest):
+        """The first member's buffer becomes the sweep's source; every member reads it through
+        SharedBatches (the first owns its saved state; the others, (cfg, build(shared)) pairs,
+        read on their own device)."""
+        self.source = first.buffer
+        first.buffer = SharedBatches(self.source, owner=True)
+        self.trainers = [first] + [build(SharedBatches(self.source, device=c["device"])) for c, build in rest]
         self.failed = {}  # member index -> why it stopped
         self.logs = [{} for _ in self.trainers]
 
@@ -177,12 +183,9 @@ class Sweep:
                       f"{last}; resume it alone with: python train.py --resume {d}")
         members = [d for d, step in zip(dirs, steps) if step == last]
         cfgs = [complete({k: v for k, v in read_cfg(d).items() if k != "step"}) for d in members]
-        first = Trainer.resume(members[0], cfgs[0], models=models, tokens=tokens)
-        self.source = first.buffer
-        first.buffer = SharedBatches(self.source, owner=True)
-        self.trainers = [first] + [Trainer.resume(d, c, buffer=SharedBatches(self.source, device=c["device"]))
-                                   for d, c in zip(members[1:], cfgs[1:])]
-        self.failed, self.logs = {}, [{} for _ in self.trainers]
+        self._share(Trainer.resume(members[0], cfgs[0], models=models, tokens=tokens),
+                    [(c, lambda shared, d=d, c=c: Trainer.resume(d, c, buffer=shared))
+                     for d, c in zip(members[1:], cfgs[1:])])
         return self
 
     def active(self):

@@ -91,7 +91,7 @@ PRESETS = {"gemma": {}, "toy": TOY_CFG}
 FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
          "resume": "a checkpoints/version_N directory: continue that run exactly",
          "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
-         "sweep_devices": "cuda:0,cuda:1,...: place the sweep's members round-robin (default: all on device)",
+         "sweep_devices": "DEVICE,DEVICE,...: place the sweep's members round-robin (default: all on device)",
          "help": "print this and exit"}
 # Keys that may change when resuming; the others come from the checkpoint's config.
 RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
