@@ -168,6 +168,15 @@ def any_rank(flag):
     return bool(t.item())
 
 
+def max_(values):
+    """The elementwise maximum over the ranks of a list of ints (a host-side all-reduce)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    return t.tolist()
+
+
 def combine_factors(factors_M):
     """Normalisation factors every rank agrees on. Each rank measured sqrt(d_in) / its mean
     activation norm on its own sequences; the factor of the mean norm over all ranks (equal

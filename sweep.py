@@ -9,11 +9,17 @@ version directory under checkpoints/sweep_N/), fed by one shared source: every s
 draws one batch and every member trains on it, so a member equals the same config trained alone
 (same seed, hence the same batches). Only keys that change the crosscoder or its optimisation may
 vary (SWEEPABLE): the models, hook, data, batch and buffer are what the members share.
+
+Under torchrun every rank holds every member (data parallel, or its shard of each member's
+latents with latent_shards > 1) and draws its share of the global batch from its own buffer, as
+a single run does; rank 0 chooses the directories, logs and writes the checkpoints.
 """
 import itertools
 import json
+import signal
 from pathlib import Path
 
+import distributed
 from config import SCHEMA, ConfigError, parse_value
 
 # Keys a sweep may vary. Not seed: it also shuffles the buffer, which the members share.
@@ -76,8 +82,9 @@ class SharedBatches:
         return getattr(self.source, "normalisation_factor", None)
 
     @normalisation_factor.setter
-    def normalisation_factor(self, value):
-        self.source.normalisation_factor = value
+    def normalisation_factor(self, value):  # the owner's Trainer combines the ranks' factors, once
+        if self.owner:
+            self.source.normalisation_factor = value
 
     def __getattr__(self, name):  # state_dict / load_state_dict: the owner's only
         if name in ("state_dict", "load_state_dict") and self.owner:
@@ -85,14 +92,17 @@ class SharedBatches:
         raise AttributeError(name)
 
 
-def member_bytes(cfg):
-    """(bytes a member holds throughout: weights, gradients and Adam's two moments in fp32; bytes
-    its step adds at the peak), from sharding.memory_per_rank for one process."""
+def member_bytes(cfg, n_processes=1):
+    """(bytes a member holds on one process throughout: its latents' weights, gradients and Adam's
+    two moments in fp32; bytes its step adds at the peak), from sharding.memory_per_rank. Over
+    n_processes, each holds dict_size / latent_shards latents and steps on its latent group's rows."""
     from sharding import memory_per_rank
 
-    d, f, m = cfg["d_in"], cfg["dict_size"], cfg["n_models"]
+    d, m, shards = cfg["d_in"], cfg["n_models"], cfg["latent_shards"]
+    f = cfg["dict_size"] // shards
     held = 4 * 4 * (2 * m * d * f + f + m * d)
-    return held, memory_per_rank(d, f, 1, cfg["batch_size"], m, cfg["architecture"]) - held
+    rows = cfg["batch_size"] // (n_processes // shards)
+    return held, memory_per_rank(d, cfg["dict_size"], shards, rows, m, cfg["architecture"]) - held
 
 
 def place(cfgs, devices):
@@ -101,15 +111,16 @@ def place(cfgs, devices):
     return [dict(c, device=devices[i % len(devices)]) for i, c in enumerate(cfgs)]
 
 
-def check_sweep_fits(cfgs, free_bytes):
+def check_sweep_fits(cfgs, free_bytes, n_processes=1):
     """The members step one after another, so a device needs its members' held memory plus the
     largest step's among them. A ConfigError, before any model loads, when that exceeds what the
     device has free (free_bytes: a number, or {device: bytes}; beside the buffer), naming the
-    members to drop (the largest first). Returns the bytes needed (on the fullest device)."""
+    members to drop (the largest first). Returns the bytes needed (on the fullest device; per
+    process under torchrun)."""
     if isinstance(free_bytes, dict):
-        return max(check_sweep_fits([c for c in cfgs if c["device"] == d], free) for d, free in free_bytes.items()
-                   if any(c["device"] == d for c in cfgs))
-    sizes = [member_bytes(c) for c in cfgs]
+        return max(check_sweep_fits([c for c in cfgs if c["device"] == d], free, n_processes)
+                   for d, free in free_bytes.items() if any(c["device"] == d for c in cfgs))
+    sizes = [member_bytes(c, n_processes) for c in cfgs]
     need = sum(h for h, _ in sizes) + max(s for _, s in sizes)
     if need <= free_bytes:
         return need
@@ -140,14 +151,19 @@ class Sweep:
         from checkpoint import next_version_dir, next_sweep_dir
         from trainer import Trainer
 
-        self.axes, self.sweep_dir = axes, next_sweep_dir(cfg)
+        main = distributed.is_main()  # rank 0 makes the directories; the others are told
+        self.axes = axes
+        self.sweep_dir = Path(distributed.broadcast(str(next_sweep_dir(cfg)) if main else None))
         cfgs = expand(dict(cfg, checkpoint_dir=str(self.sweep_dir), sweep_id=self.sweep_dir.name), axes)
         cfgs = place(cfgs, devices or [cfg["device"]])
         self._share(Trainer(cfgs[0], models=models, tokens=tokens, buffer=buffer),
                     [(c, lambda shared, c=c: Trainer(c, buffer=shared)) for c in cfgs[1:]])
-        for t in self.trainers:  # version_i is member i, whatever the order of their first saves
-            t.crosscoder.save_dir = next_version_dir(t.cfg)
-        write_manifest(self.sweep_dir, axes, self.trainers)
+        # version_i is member i, whatever the order of their first saves
+        dirs = distributed.broadcast([str(next_version_dir(t.cfg)) for t in self.trainers] if main else None)
+        for t, d in zip(self.trainers, dirs):
+            t.crosscoder.save_dir = Path(d)
+        if main:
+            write_manifest(self.sweep_dir, axes, self.trainers)
 
     def _share(self, first, rest):
         """The first member's buffer becomes the sweep's source; every member reads it through
@@ -178,7 +194,7 @@ class Sweep:
         if last is None:
             raise FileNotFoundError(f"{self.sweep_dir}: no member has a checkpoint to resume from")
         for d, step in zip(dirs, steps):
-            if step != last:
+            if step != last and distributed.is_main():
                 print(f"sweep member {d.name} is left out: its newest checkpoint is at step {step}, the sweep's at "
                       f"{last}; resume it alone with: python train.py --resume {d}")
         members = [d for d, step in zip(dirs, steps) if step == last]
@@ -204,31 +220,34 @@ class Sweep:
         """Run a member's log or save; a NonFiniteError stops that member only."""
         from trainer import NonFiniteError
 
-        try:
+        try:  # (every rank raises together: Trainer.check_finite asks them all)
             return fn(*args)
         except NonFiniteError as e:
             self.failed[i] = str(e)
-            print(f"sweep member {i} ({member_name(self.trainers[i].cfg['sweep'])}) stopped: {e}", flush=True)
+            if distributed.is_main():
+                print(f"sweep member {i} ({member_name(self.trainers[i].cfg['sweep'])}) stopped: {e}", flush=True)
 
     def train(self):
         """Train every member to the end; saves as Trainer.train does (every save_every steps, at the
         end, on Ctrl-C / SIGTERM, then raising TrainingInterrupted). Returns each member's last log."""
         from tqdm.auto import tqdm
 
-        from trainer import TrainingInterrupted
+        from trainer import STOP_CHECK_EVERY, TrainingInterrupted
         from utils import install_stop_handlers, restore_handlers
         from wandb_log import finish_run, start_run
 
-        first, n = self.trainers[0], len(self.trainers)
+        first, n, main, world = self.trainers[0], len(self.trainers), distributed.is_main(), distributed.world_size()
         cfg, self._stop = first.cfg, None
         old_handlers = install_stop_handlers(self._request_stop)
-        print(f"sweep of {n} crosscoders ({', '.join(member_name(t.cfg['sweep']) for t in self.trainers)}) on one "
-              f"harvest, steps {first.step_counter}..{first.total_steps}; checkpoints in {self.sweep_dir}", flush=True)
+        if main:
+            print(f"sweep of {n} crosscoders ({', '.join(member_name(t.cfg['sweep']) for t in self.trainers)}) on one "
+                  f"harvest, steps {first.step_counter}..{first.total_steps}"
+                  + (f" over {world} processes" if world > 1 else "") + f"; checkpoints in {self.sweep_dir}", flush=True)
         for t in self.trainers:
-            t.wandb_run = start_run(t.cfg, t.wandb_id)
-            t.wandb_id = t.wandb_run.id if t.wandb_run is not None else None
+            t.wandb_run = start_run(t.cfg, t.wandb_id) if main else None
+            t.wandb_id = t.wandb_run.id if t.wandb_run is not None else t.wandb_id
         pbar = tqdm(range(first.step_counter, first.total_steps), initial=first.step_counter, total=first.total_steps,
-                    desc="sweep", disable=not cfg["progress"], dynamic_ncols=True)
+                    desc="sweep", disable=not (cfg["progress"] and main), dynamic_ncols=True)
         try:
             for step in pbar:
                 for i, step_log in self.step().items():
@@ -238,8 +257,11 @@ class Sweep:
                     if (step + 1) % cfg["save_every"] == 0 and i not in self.failed:
                         self._guard(i, t.save)
                 pbar.set_postfix(members=f"{len(self.active())}/{n}")
-                if self._stop is not None:
-                    raise TrainingInterrupted(self._stop, first.step_counter)
+                # every rank stops at the same step (as Trainer.train: the ranks ask each other every
+                # STOP_CHECK_EVERY steps)
+                checked = world == 1 or (step + 1) % STOP_CHECK_EVERY == 0
+                if checked and distributed.any_rank(self._stop is not None):
+                    raise TrainingInterrupted(self._stop or signal.SIGTERM, first.step_counter)
         except BaseException as e:
             for i, t in self.active():  # keep every healthy member's work, then re-raise
                 t._save_if_new(reason=type(e).__name__)
@@ -258,8 +280,6 @@ class Sweep:
         return self.logs
 
     def _request_stop(self, signum):
-        import signal
-
         if self._stop is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop = signum

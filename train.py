@@ -201,8 +201,9 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     data-parallel replica per process."""
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
     check_mesh(cfg["latent_shards"], n_processes)  # before anything loads
-    if sweep and n_processes > 1:
-        raise ConfigError("--sweep runs in one process for now: launch it with python, not torchrun")
+    if sweep_devices and n_processes > 1:
+        raise ConfigError("--sweep_devices places a one-process sweep's members; under torchrun every process "
+                          "holds every member on its own device (drop --sweep_devices)")
     if distributed.launched():
         distributed.local_batch_size(cfg["batch_size"], n_processes)
         cfg["device"] = distributed.setup(cfg["device"], latent_shards=cfg["latent_shards"])
@@ -223,7 +224,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             cfg["device"] = sweep_devices[0]
         members = place(expand(cfg, sweep), sweep_devices or [cfg["device"]])
         check_sweep_fits(members, {d: available_bytes(d) - buffer_bytes(cfg) * (d == cfg["device"])
-                                   for d in dict.fromkeys(m["device"] for m in members)})
+                                   for d in dict.fromkeys(m["device"] for m in members)}, n_processes)
     models, tokens = None, None
     if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
         models, tokens = load_models_and_tokens(cfg)
@@ -241,6 +242,8 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
         else:
             run = Sweep(cfg, sweep, models=models, tokens=tokens, devices=sweep_devices)
         logs = run.train()
+        if not distributed.is_main():
+            return run
         for i, (t, log) in enumerate(zip(run.trainers, logs)):
             result = ("stopped: non-finite (see above)" if i in run.failed
                       else ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
@@ -248,7 +251,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             if cfg["preset"] == "toy" and i not in run.failed:
                 from toy import format_report, toy_report
 
-                print(format_report(toy_report(t.crosscoder, models[0], models[1], t.cfg)))
+                print(format_report(toy_report(whole_crosscoder(t), models[0], models[1], t.cfg)))
         print(f"done: the sweep is in {run.sweep_dir} (sweep.json lists its members)")
         return run
     if resume is not None:
@@ -259,15 +262,20 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     if distributed.is_main():
         print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
         if cfg["preset"] == "toy":
-            from crosscoder import CrossCoder
             from toy import format_report, organism_report, toy_report
 
-            # a dictionary split over the latents is read whole from the checkpoint just written
-            crosscoder = trainer.crosscoder if cfg["latent_shards"] == 1 else CrossCoder.load(trainer.crosscoder.save_dir)
             organism = organism_report(models[0], models[1], cfg)
-            print(format_report(toy_report(crosscoder, models[0], models[1], cfg), organism))
+            print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
         print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
     return trainer
+
+
+def whole_crosscoder(trainer):
+    """The trainer's crosscoder; a dictionary split over the latents is read whole from the
+    checkpoint just written (on rank 0)."""
+    from crosscoder import CrossCoder
+
+    return trainer.crosscoder if trainer.cfg["latent_shards"] == 1 else CrossCoder.load(trainer.crosscoder.save_dir)
 
 
 def cli(argv):

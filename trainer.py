@@ -207,10 +207,11 @@ class Trainer:
         return (self.steps_since_fired >= self._dead_window()).float().mean()
 
     def check_finite(self):
-        """Host sync: raise NonFiniteError if any step so far produced a NaN or Inf."""
-        bad_step = int(self.bad_step)
+        """Host sync: raise NonFiniteError if any step so far produced a NaN or Inf, on every rank
+        together when any rank saw one (so that no rank waits in a collective the others left)."""
+        bad_step, source = distributed.max_([int(self.bad_step), int(self.bad_source)])
         if bad_step >= 0:
-            where = NONFINITE_SOURCES[int(self.bad_source)]
+            where = NONFINITE_SOURCES[source]
             raise NonFiniteError(
                 f"non-finite value at step {bad_step}, from {where}. Training stopped; the weights "
                 f"are no longer valid and were not saved. Last good checkpoint: {self._last_good()}")
@@ -237,7 +238,7 @@ class Trainer:
         """Checkpoint weights + config + trainer state, unless the weights are not finite.
         Only the newest trainer state is kept (it holds the buffer, which is large)."""
         self.check_finite()
-        if not all(torch.isfinite(p).all() for p in self.crosscoder.parameters()):
+        if distributed.any_rank(not all(torch.isfinite(p).all() for p in self.crosscoder.parameters())):
             raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
                                  f"Last good checkpoint: {self._last_good()}")
         state, weights = self.state_dict(), None

@@ -1,6 +1,7 @@
 """One rank of tests/test_distributed.py, started by torchrun: trains a tiny crosscoder on its
 share of seeded global batches and writes its final weights and logs to argv[1].rank<r>."""
 import os
+import signal
 import sys
 
 import torch
@@ -46,6 +47,36 @@ if __name__ == "__main__":
             trainer.train()
         result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()},
                   "token_pointer": trainer.buffer.token_pointer, "step": trainer.step_counter}
+    elif architecture in ("sweep_signal", "sweep_resume"):  # a sweep on real buffers, stopped, resumed
+        from conftest import random_tokens, tiny_model
+        from sweep import Sweep
+        from trainer import TrainingInterrupted
+
+        ckpt = os.path.join(os.path.dirname(out), "sweep")
+        cfg = tiny_cfg(num_tokens=32 * 24, checkpoint_dir=ckpt, latent_shards=shards)
+        models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(600, 9)
+        result = {}
+        if architecture == "sweep_signal":  # SIGTERM to rank 1 alone after 12 steps
+            run = Sweep(cfg, {"l1_coeff": [3.0, cfg["l1_coeff"]]}, models=models, tokens=tokens)
+            step = run.step
+
+            def step_then_signal():
+                logs = step()
+                if distributed.rank() == 1 and run.trainers[0].step_counter == 12:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return logs
+
+            run.step = step_then_signal
+            try:
+                run.train()
+            except TrainingInterrupted as e:
+                result["stopped"] = e.step
+        else:
+            run = Sweep.resume(os.path.join(ckpt, "sweep_0"), lambda saved: dict(cfg, **saved), models=models,
+                               tokens=tokens)
+            run.train()
+        result["weights"] = [{k: v.detach() for k, v in t.crosscoder.state_dict().items()} for t in run.trainers]
+        result["steps"] = [t.step_counter for t in run.trainers]
     elif architecture == "harvest":  # store.harvest of 50 sequences, 8 per shard, into argv[1]
         from conftest import random_tokens, tiny_model
         from store import harvest

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from config import ConfigError
-from conftest import random_tokens, tiny_cfg, tiny_model
+from conftest import random_tokens, tiny_cfg, tiny_model, torchrun
 from sweep import Sweep, expand, parse_sweep
 from train import split_sweep
 from trainer import Trainer
@@ -160,3 +160,48 @@ def test_sweep_devices_need_a_sweep():
         build_cfg(["--sweep_devices", "cuda:0,cuda:1"])
     _, extras = build_cfg(["--sweep", "lr=1,2", "--sweep_devices", "cuda:0,cuda:1"])
     assert extras["sweep_devices"] == ["cuda:0", "cuda:1"]
+
+
+def test_sweep_devices_are_refused_under_torchrun(monkeypatch):
+    """Under torchrun every process holds every member on its own device: --sweep_devices is a
+    config error, raised before anything loads."""
+    from train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="drop --sweep_devices"):
+        main(tiny_cfg(), sweep={"lr": [1.0, 2.0]}, sweep_devices=["cuda:0", "cuda:1"])
+
+
+def test_a_member_split_over_latents_holds_its_share_and_steps_on_its_latent_groups_rows():
+    """member_bytes over processes: with the dictionary in 2 shards a process holds half the
+    latents' weights, gradients and Adam moments (fp32, 4 copies); its step is the one
+    sharding.memory_per_rank gives for the latent group's rows (4 processes = 2 groups of 2)."""
+    from sharding import memory_per_rank
+    from sweep import member_bytes
+
+    cfg = tiny_cfg(d_in=64, dict_size=1024, batch_size=256, latent_shards=2)
+    held, step = member_bytes(cfg, n_processes=4)
+    assert held == 16 * (2 * 2 * 64 * 512 + 512 + 2 * 64)
+    assert held + step == memory_per_rank(64, 1024, 2, 128, 2, "l1")
+    assert member_bytes(dict(cfg, latent_shards=1), 1)[0] > 1.9 * held
+
+
+@pytest.mark.parametrize("latent_shards", [1, 2])
+def test_a_two_process_sweep_stopped_on_one_rank_resumes_and_its_member_equals_the_lone_run(tmp_path, latent_shards):
+    """A sweep (l1_coeff 3 and the default) under torchrun, 2 ranks on real buffers over tiny
+    models, data parallel or with every member's dictionary split in 2: SIGTERM to rank 1 alone
+    after 12 steps stops both ranks at the same step (the next stop check, 20) with every member
+    saved; Sweep.resume on 2 ranks runs to 24, and the default member then equals the same config
+    trained alone on 2 ranks (its own buffers, same seed) to 1e-5, while the other differs."""
+    for mode in ("straight", "sweep_signal", "sweep_resume"):
+        out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), "0", mode, str(latent_shards))
+        assert out.returncode == 0, mode + out.stdout[-2000:] + out.stderr[-3000:]
+        assert "fresh buffers" not in out.stdout
+    for r in (0, 1):
+        stopped, resumed, alone = (torch.load(tmp_path / f"{m}.pt.rank{r}", weights_only=True)
+                                   for m in ("sweep_signal", "sweep_resume", "straight"))
+        assert stopped["stopped"] == 20 and stopped["steps"] == [20, 20]
+        assert resumed["steps"] == [24, 24] and alone["step"] == 24
+        for name, want in alone["weights"].items():
+            torch.testing.assert_close(resumed["weights"][1][name], want, rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(resumed["weights"][0]["W_dec"], alone["weights"]["W_dec"])
