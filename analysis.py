@@ -2,7 +2,8 @@
 # # Model diffing with a trained crosscoder
 # Open as a notebook (each `# %%` is a cell) or run `python analysis.py [--checkpoint PATH_OR_REPO]`
 # (`--help` lists the options). As a script it writes every figure as a PNG, an HTML page of
-# examples and summary.txt into `<checkpoint dir>/analysis/`, and prints where.
+# examples, the latent dashboard (dashboard.html) and summary.txt into `<checkpoint dir>/analysis/`,
+# and prints where.
 
 # %%
 # Which crosscoder: None = the newest local checkpoint; "checkpoints/version_N" (newest save in
@@ -239,6 +240,7 @@ def scaling_summary(ls, latents_J):
             "most_specific_by_rank_sum": latents_J[order[:10].cpu()].tolist()}, ok
 
 
+ls = ls_base = None  # Latent Scaling's results, when it runs
 if models is not None and len(probed):
     ls = latent_scaling(cc, scaled_batches(), probed)
     summary["latent_scaling"], ok = scaling_summary(ls, probed)
@@ -269,6 +271,30 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
         from IPython.display import HTML, display
 
         display(HTML(page))
+
+# %% [markdown]
+# ## The dashboard
+# Every latent that fired on the held-out tokens (every latent, without the models) in one HTML
+# file that opens from disk: a table that sorts and filters, and each latent's top contexts in
+# both models (dashboard.py).
+
+# %%
+from dashboard import write_dashboard
+
+scaling = {}  # latent -> (nu_error, nu_reconstruction, direction, passes), for the table
+for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probed)):
+    if result is not None:
+        passes = is_model_specific(result["nu_error"], result["nu_reconstruction"]).tolist()
+        for j, e, r, ok in zip(latents_J.tolist(), result["nu_error"].tolist(), result["nu_reconstruction"].tolist(), passes):
+            scaling[j] = (e, r, name, ok)
+info = {"checkpoint": summary["checkpoint"], "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
+if models is not None:
+    *top, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"]), TOP_K_EXAMPLES,
+                                                BATCH_SIZE, return_counts=True)
+    write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top, fire_counts, scaling, info, BATCH_SIZE)
+else:
+    write_dashboard(out_dir / "dashboard.html", cc, scaling=scaling, info=info)
+print(f"dashboard: open {out_dir / 'dashboard.html'} in a browser")
 
 # %%
 (out_dir / "summary.txt").write_text(json.dumps(summary, indent=2, default=str))

@@ -196,18 +196,21 @@ def latent_scaling(crosscoder, batches, latents_J, direction_model=1):
 
 
 @torch.no_grad()
-def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batch_size=8):
+def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batch_size=8, return_counts=False):
     """For each latent: its k highest activations on tokens_NS with their (sequence, position).
-    A running top-k merged batch by batch. Returns values, seq, pos [J, k] (value 0: fewer hits)."""
+    A running top-k merged batch by batch. Returns values, seq, pos [J, k] (value 0: fewer hits),
+    and with return_counts the number of tokens each latent fired on [J]."""
     latents_J = torch.as_tensor(latents_J, device=crosscoder.W_enc.device)
     J = len(latents_J)
     s_M = normalisation_factors(crosscoder)
     best_v = torch.zeros(J, k, device=latents_J.device)
     best_i = torch.zeros(J, k, dtype=torch.long, device=latents_J.device)
+    counts_J = torch.zeros(J, dtype=torch.long, device=latents_J.device)
     offset = 0
     for t, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations"):
         N, S1 = x.shape[:2]
         f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents_J].float()
+        counts_J += (f_BJ > 0).sum(0)
         idx_B = offset + torch.arange(N * S1, device=s_M.device)  # flat index over (sequence, position 1..)
         kk = min(k, len(f_BJ))
         v, i = f_BJ.topk(kk, dim=0)
@@ -216,7 +219,8 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
         best_i = cand_i.gather(1, sel)
         offset += N * S1
     S1 = tokens_NS.shape[1] - 1
-    return best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + 1).cpu()  # position in the full sequence
+    out = best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + 1).cpu()  # position in the full sequence
+    return (*out, counts_J.cpu()) if return_counts else out
 
 
 def examples_html(str_tokens_fn, tokens_NS, latents_J, values, seqs, positions, window=12, title=""):

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-SLOW_FIXTURES = {"toy_run", "tiny_gemma_dirs"}  # a toy training run; full-width Gemma-2 models on disk
+SLOW_FIXTURES = {"toy_run", "toy_analysis", "tiny_gemma_dirs"}  # a toy run (and its analysis); full-width Gemma-2
 
 
 def pytest_collection_modifyitems(items):
@@ -162,3 +162,13 @@ def toy_run(tmp_path_factory):
                      "--data_dir", str(root / "data"), "--wandb_mode", "disabled")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     return out, root / "checkpoints", root / "data"
+
+
+@pytest.fixture(scope="session")
+def toy_analysis(toy_run):
+    """`python analysis.py` on the toy run's checkpoint, once per test session. Returns (out, the
+    analysis directory)."""
+    _, checkpoints, _ = toy_run
+    out = run_script("analysis.py", "--checkpoint", str(checkpoints / "version_0"), timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out, checkpoints / "version_0" / "analysis"

@@ -101,13 +101,11 @@ def test_top_activating_examples_match_brute_force():
     assert page.count("<b style") == int((values > 0).sum())
 
 
-def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run):
-    _, checkpoints, data = toy_run
-    out = run_script("analysis.py", "--checkpoint", str(checkpoints / "version_0"), timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    written = {p.name for p in (checkpoints / "version_0" / "analysis").iterdir()}
+def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_analysis):
+    out, analysis_dir = toy_analysis
+    written = {p.name for p in analysis_dir.iterdir()}
     assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "latent_scaling.png",
-            "chat_only_examples.html", "summary.txt"} <= written
+            "chat_only_examples.html", "dashboard.html", "summary.txt"} <= written
     assert "loss recovered" in out.stdout and "analysis written to" in out.stdout
 
 
@@ -120,7 +118,9 @@ def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses
     assert out.returncode == 0, out.stderr[-3000:]
     assert "models unavailable" in out.stdout
     written = {p.name for p in (tmp_path / "checkpoints" / "version_0" / "analysis").iterdir()}
-    assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "summary.txt"} <= written
+    assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "dashboard.html", "summary.txt"} <= written
+    page = (tmp_path / "checkpoints" / "version_0" / "analysis" / "dashboard.html").read_text()
+    assert '"latent":[0,1,2,' in page and '"arrays":null' in page  # every latent, weights only, no contexts
 
 
 def test_factors_given_on_the_command_line_override_the_checkpoints(tmp_path):
