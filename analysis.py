@@ -257,9 +257,13 @@ if models is not None and len(base_only):
 # ## What do the chat-only latents fire on?
 
 # %%
+top_all = fire_counts = None  # every latent's top examples and firing count (the dashboard shows them all)
+if models is not None:
+    *top_all, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"]), TOP_K_EXAMPLES,
+                                                    BATCH_SIZE, return_counts=True)
 if models is not None and len(probed):  # the chat-only class, or the effective chat-only latents
     shown = probed[rel[probed].argsort(descending=True)][:N_EXAMPLE_LATENTS]
-    values, seqs, positions = top_activating_examples(cc, models, tokens, shown, TOP_K_EXAMPLES, BATCH_SIZE)
+    values, seqs, positions = (t[shown] for t in top_all)
     page = examples_html(models[1].to_str_tokens, tokens, shown.tolist(), values, seqs, positions,
                          title=f"Top activations of {summary['latent_scaling']['selection']} latents")
     (out_dir / "chat_only_examples.html").write_text(page)
@@ -284,14 +288,12 @@ from dashboard import write_dashboard
 scaling = {}  # latent -> (nu_error, nu_reconstruction, direction, passes), for the table
 for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probed)):
     if result is not None:
-        passes = is_model_specific(result["nu_error"], result["nu_reconstruction"]).tolist()
-        for j, e, r, ok in zip(latents_J.tolist(), result["nu_error"].tolist(), result["nu_reconstruction"].tolist(), passes):
+        nu_e, nu_r = result["nu_error"], result["nu_reconstruction"]
+        for j, e, r, ok in zip(latents_J.tolist(), nu_e.tolist(), nu_r.tolist(), is_model_specific(nu_e, nu_r).tolist()):
             scaling[j] = (e, r, name, ok)
 info = {"checkpoint": summary["checkpoint"], "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
 if models is not None:
-    *top, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"]), TOP_K_EXAMPLES,
-                                                BATCH_SIZE, return_counts=True)
-    write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top, fire_counts, scaling, info, BATCH_SIZE)
+    write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE)
 else:
     write_dashboard(out_dir / "dashboard.html", cc, scaling=scaling, info=info)
 print(f"dashboard: open {out_dir / 'dashboard.html'} in a browser")

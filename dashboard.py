@@ -7,9 +7,10 @@ on the relative-norm histogram and its top activating contexts, the base and the
 by side: each token coloured by that model's share of the latent's pre-activation,
 <x_m, W_enc[m, :, j]> in the training space (the two shares plus b_enc[j] are the pre-activation).
 
-Size: the table is compact JSON; the examples are one gzip-compressed binary blob in the same
-file (the held-out tokens once; per example its place, its activation and the shares, quantised
-per latent), decoded by the browser the first time a latent is selected. 16,384 latents with 10 examples of 11 tokens come to a few MB (tests/test_dashboard.py).
+Size: the table is gzip-compressed JSON; the examples are one gzip-compressed binary blob in the
+same file (the held-out tokens once; per example its place, its activation and the shares,
+quantised per latent), decoded by the browser the first time a latent is selected. 16,384 latents
+with 10 examples of 11 tokens each come to under 5 MB (tests/test_dashboard.py).
 
 Shape legend: N sequences, S positions, M models, D d_in, F latents, J latents shown,
 K examples per latent, E examples in all, W window tokens.
@@ -31,7 +32,7 @@ TEMPLATE = Path(__file__).with_name("dashboard_template.html")
 
 @torch.no_grad()
 def window_contributions(crosscoder, models, tokens_NS, latents_E, seqs_E, positions_E, before=BEFORE, after=AFTER,
-                         batch_size=8, chunk=4096):
+                         batch_size=8, chunk=1024):
     """[E, W, M] each model's share <x_m, W_enc[m, :, j]> of latent j's pre-activation (training
     space) on the W = before + 1 + after tokens around each example (latent j = latents_E[e], at
     tokens_NS[seqs_E[e], positions_E[e]]); 0 outside the sequence and at BOS, which the crosscoder

@@ -11,7 +11,7 @@ import torch
 
 from conftest import random_tokens, tiny_cfg
 from crosscoder import CrossCoder
-from dashboard import SHARE_LEVELS, dashboard_html, latent_table, pack_examples, window_contributions
+from dashboard import SHARE_LEVELS, dashboard_html, latent_table, pack_examples, spaced, window_contributions
 
 
 def unpack(meta, blob):
@@ -41,7 +41,8 @@ def test_each_models_share_plus_b_enc_is_the_latents_pre_activation_around_each_
 def test_packed_examples_read_back_as_laid_out():
     """Two latents (2 and 1 positive examples; the zero values are dropped): offsets, values,
     sequences and positions, the held-out tokens' strings, and the quantised activations and
-    shares, each within half a quantisation step of the floats."""
+    shares, each within half a quantisation step of the floats. A word-level vocabulary's tokens
+    are shown with a space after each; a subword one's as they are."""
     tokens = random_tokens(4, 6, d_vocab=30, seed=1)
     values = torch.tensor([[3.0, 2.0, 0.0], [1.5, 0.0, 0.0]])
     seqs, positions = torch.tensor([[1, 3, 0], [2, 0, 0]]), torch.tensor([[1, 5, 0], [3, 0, 0]])
@@ -54,7 +55,8 @@ def test_packed_examples_read_back_as_laid_out():
     np.testing.assert_array_equal(got["seq"], [1, 3, 2])
     np.testing.assert_array_equal(got["pos"], [1, 5, 3])
     words = np.array(meta["tokens"])[got["tokens"].reshape(4, 6)]
-    assert words.tolist() == [[f"t{i}" for i in row] for row in tokens.tolist()]
+    assert words.tolist() == [[f"t{i} " for i in row] for row in tokens.tolist()]  # word-level: spaced
+    assert spaced([" the", "cat"]) == [" the", "cat"] and spaced(["the", "cat"]) == ["the ", "cat "]
     row = np.array([0, 0, 1])
     act = got["act"] * got["act_scale"][row]
     assert np.abs(act - [3.0, 2.0, 1.5]).max() <= 0.5 * got["act_scale"].max() + 1e-6
