@@ -163,16 +163,21 @@ def gather_weights(crosscoder):
 STEP_PHASES = {"l1": ((3, 0), (2, 1)), "batchtopk": ((8, 0),)}
 
 
-def memory_per_rank(d_in, dict_size, shards=1, rows=4096, n_models=2, architecture="l1"):
-    """Bytes one rank holds at the peak of a training step in fp32: its shard's weights,
-    gradients and Adam moments (4 copies), plus the step's temporaries for `rows` rows (the
-    latent group's batch: batch_size / data-parallel groups)."""
+def held_bytes(d_in, dict_size, shards=1, n_models=2):
+    """Bytes one rank holds throughout training in fp32: its shard's weights, gradients and Adam
+    moments (4 copies of W_enc, W_dec, b_enc; b_dec replicated)."""
     f = dict_size // shards
-    params = 2 * n_models * d_in * f + f + n_models * d_in  # W_enc, W_dec, b_enc; b_dec replicated
+    return 4 * 4 * (2 * n_models * d_in * f + f + n_models * d_in)
+
+
+def memory_per_rank(d_in, dict_size, shards=1, rows=4096, n_models=2, architecture="l1"):
+    """Bytes one rank holds at the peak of a training step in fp32: held_bytes, plus the step's
+    temporaries for `rows` rows (the latent group's batch: batch_size / data-parallel groups)."""
+    f = dict_size // shards
     step = max(per_row * rows * f + per_decoder * n_models * d_in * f
                for per_row, per_decoder in STEP_PHASES[architecture])
     row_copies = 2 + 2 * (shards > 1)
-    return 4 * (4 * params + step + row_copies * rows * n_models * d_in)
+    return held_bytes(d_in, dict_size, shards, n_models) + 4 * (step + row_copies * rows * n_models * d_in)
 
 
 def memory_table(gpu_bytes=80e9, rows=4096, architecture="l1"):

@@ -96,13 +96,12 @@ def member_bytes(cfg, n_processes=1):
     """(bytes a member holds on one process throughout: its latents' weights, gradients and Adam's
     two moments in fp32; bytes its step adds at the peak), from sharding.memory_per_rank. Over
     n_processes, each holds dict_size / latent_shards latents and steps on its latent group's rows."""
-    from sharding import memory_per_rank
+    from sharding import held_bytes, memory_per_rank
 
-    d, m, shards = cfg["d_in"], cfg["n_models"], cfg["latent_shards"]
-    f = cfg["dict_size"] // shards
-    held = 4 * 4 * (2 * m * d * f + f + m * d)
+    d, f, m, shards = cfg["d_in"], cfg["dict_size"], cfg["n_models"], cfg["latent_shards"]
+    held = held_bytes(d, f, shards, m)
     rows = cfg["batch_size"] // (n_processes // shards)
-    return held, memory_per_rank(d, cfg["dict_size"], shards, rows, m, cfg["architecture"]) - held
+    return held, memory_per_rank(d, f, shards, rows, m, cfg["architecture"]) - held
 
 
 def place(cfgs, devices):
@@ -232,7 +231,7 @@ class Sweep:
         end, on Ctrl-C / SIGTERM, then raising TrainingInterrupted). Returns each member's last log."""
         from tqdm.auto import tqdm
 
-        from trainer import STOP_CHECK_EVERY, TrainingInterrupted
+        from trainer import TrainingInterrupted
         from utils import install_stop_handlers, restore_handlers
         from wandb_log import finish_run, start_run
 
@@ -257,10 +256,7 @@ class Sweep:
                     if (step + 1) % cfg["save_every"] == 0 and i not in self.failed:
                         self._guard(i, t.save)
                 pbar.set_postfix(members=f"{len(self.active())}/{n}")
-                # every rank stops at the same step (as Trainer.train: the ranks ask each other every
-                # STOP_CHECK_EVERY steps)
-                checked = world == 1 or (step + 1) % STOP_CHECK_EVERY == 0
-                if checked and distributed.any_rank(self._stop is not None):
+                if distributed.stop_agreed(self._stop is not None, step):
                     raise TrainingInterrupted(self._stop or signal.SIGTERM, first.step_counter)
         except BaseException as e:
             for i, t in self.active():  # keep every healthy member's work, then re-raise

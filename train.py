@@ -245,8 +245,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
         if not distributed.is_main():
             return run
         for i, (t, log) in enumerate(zip(run.trainers, logs)):
-            result = ("stopped: non-finite (see above)" if i in run.failed
-                      else ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+            result = "stopped: non-finite (see above)" if i in run.failed else format_log(log)
             print(f"member {member_name(t.cfg['sweep'])}: {result}; checkpoints in {t.crosscoder.save_dir}")
             if cfg["preset"] == "toy" and i not in run.failed:
                 from toy import format_report, toy_report
@@ -260,7 +259,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
         trainer = Trainer(cfg, models=models, tokens=tokens)
     log = trainer.train()
     if distributed.is_main():
-        print("final: " + ", ".join(f"{k} {v:.4g}" for k, v in log.items()))
+        print("final: " + format_log(log))
         if cfg["preset"] == "toy":
             from toy import format_report, organism_report, toy_report
 
@@ -268,6 +267,10 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
         print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
     return trainer
+
+
+def format_log(log):
+    return ", ".join(f"{k} {v:.4g}" for k, v in log.items())
 
 
 def whole_crosscoder(trainer):

@@ -27,7 +27,6 @@ from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
-STOP_CHECK_EVERY = 10  # data parallel: steps between the ranks' checks for a stop signal
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
 
@@ -314,10 +313,7 @@ class Trainer:
                     log = self.log(step_log, pbar)
                 if (i + 1) % self.cfg["save_every"] == 0:
                     self.save()
-                # every rank stops at the same step; several ranks ask each other every STOP_CHECK_EVERY
-                # steps (one host round trip, ~2 ms with gloo here), one process at once
-                checked = self.world_size == 1 or (i + 1) % STOP_CHECK_EVERY == 0
-                if checked and distributed.any_rank(self._stop_signal is not None):
+                if distributed.stop_agreed(self._stop_signal is not None, i):
                     raise TrainingInterrupted(self._stop_signal or signal.SIGTERM, self.step_counter)
             self.check_finite()
         except NonFiniteError:

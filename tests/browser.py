@@ -22,7 +22,7 @@ INSTALL_HINT = ("the dashboard test needs headless Chromium: install it with `ap
 def find_chromium():
     """The Chromium binary, or None."""
     names = [os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
-    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+    return next(filter(None, (shutil.which(n) for n in names if n)), None)
 
 
 class Chromium:
