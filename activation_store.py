@@ -14,8 +14,12 @@ import numpy as np
 import torch
 
 from buffer import RowBuffer
+from config import ConfigError, completed
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
+# The config keys a store must share with a run that trains from it (toy_seed: only toy stores
+# record it; a store from before model_names and dataset were compared has them all the same).
+STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "dataset", "toy_seed")
 
 
 def shard_path(store_dir, i):
@@ -36,11 +40,15 @@ class ActivationStore(RowBuffer):
     first_sequence + stride, ... (a data-parallel rank's share, as it reads tokens live)."""
 
     def __init__(self, cfg, store_dir, state=None, first_sequence=0, stride=1):
+        cfg = completed(cfg)
         self.store_dir = Path(store_dir)
         self.meta = read_meta(store_dir)
-        for key in ("hook_point", "seq_len", "d_in", "n_models"):
-            if cfg[key] != self.meta[key]:
-                raise ValueError(f"config {key}={cfg[key]!r} but the store at {store_dir} has {self.meta[key]!r}")
+        # What was harvested from what: the same models, data, hook and shapes as the run, or an error
+        # (a store of other models would train without complaint on the wrong activations).
+        for key in STORE_KEYS:
+            if key in self.meta and cfg.get(key) != self.meta[key]:
+                raise ConfigError(f"config {key}={cfg.get(key)!r} but the store at {store_dir} was harvested with "
+                                  f"{self.meta[key]!r}: harvest a store for this config (store.py) or train live")
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
         self.per_shard = self.meta.get("sequences_per_shard", SHARD_SEQUENCES)
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])

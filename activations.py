@@ -69,15 +69,16 @@ def run_models(models, tokens_NS, hook_point):
 @torch.no_grad()
 def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True):
     """[M] float32 on the CPU: sqrt(d_in) / the mean activation norm of each model over the first
-    n_seqs sequences, run model_batch_size at a time. drop_bos=False includes position 0, as the
+    n_seqs sequences, run model_batch_size at a time, in fp32 (the harvest runs under bf16 autocast
+    on a GPU; the reference estimated the factors without it). drop_bos=False includes position 0, as the
     reference's run did (and so the published crosscoder's factors)."""
     device = next(models[0].parameters()).device
     n_seqs = min(n_seqs, len(tokens_NS))
     norm_sums, count = torch.zeros(len(models), dtype=torch.float64), 0
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
-        with autocast_context(device):
-            acts_MNSD = torch.stack([extract_activations(m, tokens, hook_point) for m in models])
+        # In the models' own dtype (fp32), as the reference estimated: no bf16 autocast here.
+        acts_MNSD = torch.stack([extract_activations(m, tokens, hook_point) for m in models])
         acts_MNSD = acts_MNSD[:, :, 1:] if drop_bos else acts_MNSD
         norm_sums += acts_MNSD.float().norm(dim=-1).flatten(1).sum(1).double().cpu()
         count += acts_MNSD[0, ..., 0].numel()

@@ -20,7 +20,7 @@ DATASET = None  # held-out tokens; None: the checkpoint's dataset (its last sequ
 N_HELDOUT_SEQS = None  # held-out sequences for the analyses over tokens (2**18 tokens: 257 of Gemma's)
 BATCH_SIZE = None  # sequences per forward that stops at the hook (2**14 tokens: 16 of Gemma's)
 SPLICE_BATCH_SIZE = None  # sequences per full forward with logits (2**11 tokens: 2 of Gemma's 256k-vocabulary)
-HELDOUT_TOKENS, BATCH_TOKENS, SPLICE_BATCH_TOKENS = 2**18, 2**14, 2**11
+SPLICE_BATCH_TOKENS = 2**11
 TOP_K_EXAMPLES = 10
 N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
 # Latent Scaling runs on the chat-only class (relative norm > 0.9), or with a number here on the N
@@ -36,16 +36,16 @@ from pathlib import Path
 import torch
 
 from activations import estimate_norm_factors
-from checkpoint import latest_version_dir, published_hook_dir
+from checkpoint import latest_version_dir, published_hook_dir, sequences_read
 from published import is_dictionary_learning_dir
 from config import ConfigError, format_help, parse_overrides
 from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
-from diffing import (CHAT_ONLY_MIN, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents, effective_chat_only,
+from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents, effective_chat_only,
                      examples_html, is_model_specific, iter_paired_activations, latent_scaling, rank_sum_order,
                      reconstruction_stats, splice_in_loss, top_activating_examples)
 from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram
-from train import complete_cfg
-from utils import DataError, SetupError, in_notebook, load_gemma_pair, load_tokens
+from config import complete_cfg
+from utils import DataError, SetupError, check_heldout, in_notebook, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
                          "(default: newest local)",
@@ -108,7 +108,8 @@ if "model_names" not in cc.cfg and MODEL_NAMES is None:  # the reference's confi
     print(f"the checkpoint names no model pair: using the published one, {list(PUBLISHED_MODEL_NAMES)}")
 # Completed as train.py completes every config: keys the checkpoint predates take today's defaults
 # (for the reference's configs: the published pair, its dataset, 400 sequences for the factors).
-cfg = cc.cfg = complete_cfg(dict(cc.cfg, model_names=list(MODEL_NAMES or cc.cfg.get("model_names") or PUBLISHED_MODEL_NAMES)))
+cfg = cc.cfg = complete_cfg(dict(cc.cfg, model_names=list(MODEL_NAMES or cc.cfg.get("model_names") or PUBLISHED_MODEL_NAMES)),
+                             validate=False)
 out_dir.mkdir(parents=True, exist_ok=True)
 summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg["hook_point"]}
 print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg['hook_point']}; writing to {out_dir}")
@@ -126,7 +127,8 @@ SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positio
 rel = cc.relative_decoder_norm().detach().cpu()
 classes = classify_latents(rel)
 summary["latent_counts"] = {name: int(mask.sum()) for name, mask in classes.items()}
-print("latents per class:", summary["latent_counts"])
+print("latents per class (all latents, by relative decoder norm):",
+      ", ".join(f"{name} {n}" for name, n in summary["latent_counts"].items()))
 plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png")
 
 # %% [markdown]
@@ -149,19 +151,21 @@ plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png")
 models, tokens, is_chat = None, None, None
 try:
     if cfg["preset"] == "toy":
-        from toy import build_toy_pair, make_tokens
+        from toy import build_toy_pair, heldout_tokens
 
         base, chat, _, _ = build_toy_pair(dict(cfg, num_tokens=cfg["batch_size"]))
         models = [base, chat]
-        tokens, is_chat = make_tokens(N_HELDOUT_SEQS, cfg["seq_len"], 0.5, seed=cfg["seed"] + 6)
+        tokens, is_chat = heldout_tokens(cfg, N_HELDOUT_SEQS)  # text of its own seed (train.py's toy report reads it too)
         all_tokens = tokens
     else:
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
         all_tokens = load_tokens(DATASET or cfg["dataset"], cfg)[:, : cfg["seq_len"]]
+        if DATASET is None or DATASET == cfg["dataset"]:  # held out only if training never read them
+            check_heldout(len(all_tokens), N_HELDOUT_SEQS, sequences_read(cc.save_dir) if origin == "local" else None)
         tokens = all_tokens[-N_HELDOUT_SEQS:]
         models = load_gemma_pair(gemma_cfg, full=True)
 except (SetupError, DataError, OSError) as e:  # the weight-only analyses above still stand
-    print(f"models unavailable, skipping the analyses over tokens: {e}")
+    print(f"skipping the analyses over tokens (the ones over the weights above stand): {e}")
     summary["skipped"] = str(e)[:300]
 
 # %% [markdown]
@@ -229,6 +233,16 @@ def scaled_batches():
             iter_paired_activations(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
 
 
+def format_scaling(s):
+    """One readable line of a scaling_summary."""
+    specific = next(v for k, v in s.items() if k.startswith("specific"))
+    medians = (f"median nu_error {s['median_nu_error']:.2f}, nu_reconstruction {s['median_nu_reconstruction']:.2f}"
+               if s["median_nu_error"] is not None else "no finite ratios")
+    return (f"{s['latents']} latents ({s['finite']} with finite ratios): {specific} pass |nu_error| < {NU_ERROR_MAX} "
+            f"and |nu_reconstruction| < {NU_RECONSTRUCTION_MAX}; {medians}; most specific by rank sum: "
+            f"{s['most_specific_by_rank_sum']}")
+
+
 def scaling_summary(ls, latents_J):
     ok = torch.isfinite(ls["nu_error"]) & torch.isfinite(ls["nu_reconstruction"])
     specific = ok & is_model_specific(ls["nu_error"], ls["nu_reconstruction"])
@@ -246,12 +260,14 @@ if models is not None and len(probed):
     summary["latent_scaling"], ok = scaling_summary(ls, probed)
     summary["latent_scaling"]["selection"] = (f"the {EFFECTIVE_CHAT_ONLY} most chat-leaning latents" if EFFECTIVE_CHAT_ONLY
                                               else f"chat-only (relative norm > {CHAT_ONLY_MIN})")
-    print("latent scaling:", summary["latent_scaling"])
+    print(f"latent scaling of the {summary['latent_scaling']['selection']} latents: "
+          + format_scaling(summary["latent_scaling"]))
     plot_latent_scaling(ls["nu_error"][ok].cpu(), ls["nu_reconstruction"][ok].cpu(), out_dir / "latent_scaling.png")
 if models is not None and len(base_only):
     ls_base = latent_scaling(cc, scaled_batches(), base_only, direction_model=0)
     summary["latent_scaling_base_only"], _ = scaling_summary(ls_base, base_only)
-    print("latent scaling of the base-only latents (along their base decoder):", summary["latent_scaling_base_only"])
+    print("latent scaling of the base-only latents (along their base decoder): "
+          + format_scaling(summary["latent_scaling_base_only"]))
 
 # %% [markdown]
 # ## What do the chat-only latents fire on?

@@ -62,12 +62,16 @@ def reference_extract(model, tokens, hook_point):
     return cache[hook_point]
 
 
-def matmul_peak(device, dtype, sizes=None, repeat=5):
+def matmul_peak(device, dtype, sizes=None, repeat=5, max_s=2.0):
     """The best dense square matmul rate over a few sizes and repeats, FLOP/s (the best single
     run: on a shared machine a mean would understate the peak and flatter the fractions). A GPU
-    reaches its peak only at larger sizes; 8192 on CPU would cost half a minute per repeat."""
+    reaches its peak only at larger sizes; 8192 on CPU would cost half a minute per repeat. A size
+    whose one matmul would take over max_s at the rate so far is skipped: a CPU without native bf16
+    (AVX2 only) multiplies bf16 ~100x slower than fp32, and 4096 would take minutes."""
     best = 0.0
-    for n in sizes or ((2048, 4096, 8192) if torch.device(device).type == "cuda" else (2048, 4096)):
+    for n in sizes or ((2048, 4096, 8192) if torch.device(device).type == "cuda" else (512, 2048, 4096)):
+        if best and 2 * n**3 / best > max_s:
+            break
         a = torch.randn(n, n, device=device, dtype=dtype)
         b = torch.randn(n, n, device=device, dtype=dtype)
         a @ b  # warm-up
@@ -183,7 +187,7 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False, sweep=0):
 
 
 def main():
-    from train import default_cfg
+    from config import DEFAULTS
 
     # none: the shape's value (a small CPU gemma run overrides them)
     options = {"device": "cuda" if torch.cuda.is_available() else "cpu",
@@ -218,7 +222,7 @@ def main():
     shape = dict(SHAPES[shape_name], **{k: v for k, v in options.items() if k != "device" and v is not None})
     steps = steps or (200 if toy else 10)
     cycles = cycles or (20 if toy else 2)
-    cfg = dict(default_cfg, **shape, device=device, num_tokens=shape["batch_size"] * 10**6, lr=1e-4,
+    cfg = dict(DEFAULTS, **shape, device=device, num_tokens=shape["batch_size"] * 10**6, lr=1e-4,
                norm_estimate_batches=2, wandb_mode="disabled", progress=False, log_every=10**9,
                save_every=10**9, checkpoint_dir=tempfile.mkdtemp(prefix="bench_ckpt_"), wrap_tokens=True)
     S, mbs, hook, batch = cfg["seq_len"], cfg["model_batch_size"], cfg["hook_point"], cfg["batch_size"]

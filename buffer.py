@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 # for notebooks written before they moved).
 from activations import (autocast_context, check_models, estimate_norm_factors, extract_activations,  # noqa: F401
                          has_hook, run_models)
-from config import ConfigError, hook_layer  # noqa: F401 (hook_layer: moved to config.py, kept for notebooks)
+from config import ConfigError, completed, hook_layer  # noqa: F401 (hook_layer: moved to config.py, kept for notebooks)
 
 
 class TokensExhausted(RuntimeError):
@@ -51,11 +51,35 @@ def buffer_bytes(cfg):
     return 2 * rows * cfg["n_models"] * cfg["d_in"] * 2
 
 
+def meminfo_available(text):
+    """Bytes the kernel says can be allocated without swapping (MemAvailable: free memory plus the
+    page cache it can drop) from /proc/meminfo's text, or None when it has no such line."""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # kB
+    return None
+
+
 def available_bytes(device):
+    """Memory a new allocation can take on device: CUDA's free memory; on the CPU, MemAvailable
+    (not MemFree, which leaves out the page cache: after reading a dataset it is a fraction of what
+    can be had), else psutil's, else the physical memory (macOS without psutil)."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo") as f:
+            found = meminfo_available(f.read())
+        if found is not None:
+            return found
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def check_buffer_fits(cfg):
@@ -86,6 +110,7 @@ class RowBuffer:
     """
 
     def __init__(self, cfg, n_sequences, n_models, d_in):
+        cfg = completed(cfg)
         self.cfg, self.n_sequences = cfg, n_sequences
         self.device = torch.device(cfg["device"])
         self.seq_len = cfg["seq_len"]
@@ -214,6 +239,7 @@ class Buffer(RowBuffer):
     scaled by a factor that makes their mean norm sqrt(d_in)."""
 
     def __init__(self, cfg, model_A, model_B=None, all_tokens=None, state=None):
+        cfg = completed(cfg)  # the reference's own key set works: the other keys take their defaults
         if isinstance(model_A, (list, tuple)):
             models, all_tokens = list(model_A), (model_B if all_tokens is None else all_tokens)
         else:

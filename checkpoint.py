@@ -71,6 +71,26 @@ def read_trainer_state(version_dir, k, rank=0, world_size=1, shard_index=0):
     return state
 
 
+def sequences_read(version_dir, cfg=None):
+    """How many token sequences the run in version_dir had read at its newest checkpoint (wraps
+    included, so it can exceed the dataset): the saved config's record, else its trainer state's
+    pointers (read through a memory map: its buffer is never loaded); None when neither says."""
+    if version_dir is None:
+        return None
+    k = latest_checkpoint(version_dir)
+    cfg = read_cfg(version_dir, k) if cfg is None else cfg
+    if cfg.get("sequences_read") is not None:
+        return int(cfg["sequences_read"])
+    trainer_file = checkpoint_files(version_dir, k).trainer
+    if not trainer_file.is_file():
+        return None
+    state = torch.load(trainer_file, map_location="cpu", weights_only=True, mmap=True)
+    buffer_state = state.get("buffer")
+    if not buffer_state or "sequences_run" not in buffer_state:
+        return None
+    return int(state.get("sequence_offset", 0)) + int(state.get("world_size", 1)) * int(buffer_state["sequences_run"])
+
+
 def prune_trainer_states(version_dir, k, world_size):
     """Delete the trainer and rank states of every checkpoint but k (they hold buffers: large)."""
     keep = {checkpoint_files(version_dir, k).trainer, *(rank_state_file(version_dir, k, r) for r in range(1, world_size))}

@@ -39,9 +39,10 @@ def firing(acts_NSF, is_chat_N, latent):
 @torch.no_grad()
 def main(argv):
     from crosscoder import CrossCoder
-    from diffing import classify_latents, is_model_specific, iter_paired_activations, latent_scaling
-    from toy import build_toy_pair, make_tokens
-    from train import complete_cfg
+    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, classify_latents, is_model_specific, iter_paired_activations,
+                         latent_scaling)
+    from toy import build_toy_pair, heldout_tokens
+    from config import complete_cfg
 
     flags = {"reference": "the crosscoder whose genuine chat-only latents are matched (an L1 toy run)",
              "other": "the crosscoder searched for them (e.g. a BatchTopK toy run)"}
@@ -50,16 +51,19 @@ def main(argv):
         print(format_help("usage: python compare.py --reference DIR --other DIR", {}, flags))
         return 0 if opts.get("help") else 2
     reference, other = CrossCoder.load(opts["reference"]), CrossCoder.load(opts["other"])
-    cfg = complete_cfg(dict(reference.cfg))
+    cfg = complete_cfg(dict(reference.cfg), validate=False)
     if cfg.get("preset") != "toy" or other.cfg.get("preset") != "toy":
         raise ConfigError("compare.py reads the toy pair's held-out text: both checkpoints must be toy-preset runs")
-    base, chat = build_toy_pair(cfg)[:2]
-    tokens, is_chat = make_tokens(512, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 4)  # toy_report's
-    x_NSMD = torch.cat([x for _, x in iter_paired_activations([base, chat], tokens, cfg["hook_point"], 128)])
+    base, chat = build_toy_pair(cfg)[:2]  # on cfg["device"], the crosscoders' (CrossCoder.load's default)
+    positions = cfg["seq_len"] - 1
+    tokens, is_chat = heldout_tokens(cfg, -(-HELDOUT_TOKENS // positions))  # the toy report's and analysis.py's
+    batch = max(1, BATCH_TOKENS // positions)
+    x_NSMD = torch.cat([x for _, x in iter_paired_activations([base, chat], tokens, cfg["hook_point"], batch)])
     acts = {}
     for name, cc in (("reference", reference), ("other", other)):
-        x_BMD = x_NSMD.flatten(0, 1) * torch.tensor(cc.cfg["normalisation_factor"])[:, None]
-        acts[name] = (x_BMD, cc.encode(x_BMD).float().view(*x_NSMD.shape[:2], -1))
+        device = cc.W_enc.device
+        x_BMD = x_NSMD.flatten(0, 1).to(device) * torch.tensor(cc.cfg["normalisation_factor"], device=device)[:, None]
+        acts[name] = (x_BMD, cc.encode(x_BMD).float().view(*x_NSMD.shape[:2], -1).cpu())
     x_BMD, ref_acts = acts["reference"]
     alive = ref_acts.sum((0, 1)) > 0
     chat_only = torch.nonzero(classify_latents(reference.relative_decoder_norm())["chat_only"] & alive).flatten()

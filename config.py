@@ -1,9 +1,9 @@
-"""The config's schema: every key's type, allowed values and meaning; `--key value` parsing,
-`--help`, validation.
+"""The config: every key's type, allowed values, meaning and default; the presets; completing a
+partial config (complete_cfg: the CLI, the constructors and the loaders all use it); `--key value`
+parsing, `--help`, validation.
 
-The default values live in train.py (the dict users edit); this file says what is valid and what
-each key means, so that a typo fails in a second with a message naming the key, not an hour into
-a run. A leaf module: it imports nothing from the repo, and not torch.
+A typo fails in a second with a message naming the key, not an hour into a run. A leaf module: it
+imports nothing from the repo, and not torch.
 """
 import difflib
 import math
@@ -70,7 +70,8 @@ SCHEMA = {
     "aux_normalise": Key(bool, *_free, "batchtopk: divide the AuxK loss by the error's variance over the batch"),
     "threshold_beta": Key(float, *_beta, "batchtopk: EMA decay of the inference threshold"),
     "threshold_start_step": Key(int, *_nonneg, "batchtopk: the inference threshold is estimated after this step"),
-    "dead_tokens": Key(int, *_pos, "batchtopk: tokens without firing after which AuxK counts a latent dead"),
+    "dead_tokens": Key("int?", *_pos, "batchtopk: tokens without firing after which AuxK counts a latent dead "
+                                      "(none: min(10M, num_tokens // 10))"),
     "k_max": Key("int?", *_pos, "batchtopk: anneal k linearly from k_max over k_annealing_steps (none: no annealing)"),
     "k_annealing_steps": Key(int, *_nonneg, "batchtopk: steps over which k falls from k_max to k"),
     "b_dec_init": Key("str?", lambda v: v in B_DEC_INITS, f"one of {list(B_DEC_INITS)}",
@@ -95,17 +96,92 @@ SCHEMA = {
                                      "data-parallel groups x latent_shards"),
     "step_dtype": Key(str, lambda v: v in STEP_DTYPES, f"one of {list(STEP_DTYPES)}",
                       "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
+    "toy_seed": Key(int, *_nonneg, "toy preset: seeds the toy model pair and its text (not the crosscoder: "
+                                   "a seed sweep keeps the pair)"),
 }
+PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
+
+# Every key's default: the Gemma-2-2b replication (train.py applies a user's edits over these).
+DEFAULTS = {
+    # --- the reference's keys and defaults
+    "seed": 49,
+    "batch_size": 4096,
+    "buffer_mult": 128,
+    "lr": 5e-5,
+    "num_tokens": 400_000_000,
+    "l1_coeff": 2.0,
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "d_in": 2304,  # Gemma-2-2b d_model
+    "dict_size": 2**14,
+    "seq_len": 1024,
+    "enc_dtype": "fp32",
+    "model_name": "gemma-2-2b",
+    "site": "resid_pre",
+    "device": None,  # None: cuda if available, else cpu (the reference fixed the first GPU)
+    "model_batch_size": 4,
+    "log_every": 100,
+    "save_every": 30000,
+    "dec_init_norm": 0.08,
+    "hook_point": "blocks.14.hook_resid_pre",  # residual entering block 14 of 26
+    "wandb_project": "crosscoder-model-diff",
+    "wandb_entity": None,
+    # --- keys this repo adds
+    "model_names": ["gemma-2-2b", "gemma-2-2b-it"],  # index 0 base, index 1 chat
+    "n_models": 2,
+    "architecture": "l1",  # "l1" (the reference) or "batchtopk" (Minder, Dumas et al. 2025)
+    # batchtopk's recipe, as the authors' BatchTopKCrossCoderTrainer (Minder, Dumas et al. 2025)
+    "k": 100,  # mean active latents per token (k * batch_size kept per batch)
+    "aux_coeff": 1 / 32,  # weight of the AuxK loss that revives dead latents
+    "aux_k": None,  # dead latents used by the AuxK loss per token (None: d_in // 2)
+    "aux_normalise": True,  # divide the AuxK loss by the error's variance over the batch
+    "threshold_beta": 0.999,  # EMA decay of the inference threshold
+    "threshold_start_step": 1000,  # the threshold is estimated after this step
+    "dead_tokens": None,  # AuxK counts a latent dead after this many tokens without firing (None: min(10M, num_tokens // 10))
+    "k_max": None,  # anneal k from k_max down to k over k_annealing_steps (None: constant k)
+    "k_annealing_steps": 0,
+    "b_dec_init": None,  # "zeros" or "geometric_median" (None: the latter for batchtopk, zeros for l1)
+    "recon_loss": None,  # "squared" or "norm" (None: norm for batchtopk, squared for l1 as the reference)
+    "dataset": PILE_LMSYS_DATASET,  # hub id, local datasets dir, or .pt token tensor
+    "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
+    "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
+    "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
+    "store_dir": None,  # train from an activation store written by store.py (None: run the models)
+    "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
+    "latent_shards": 1,  # torchrun: split the dictionary over this many processes (sharding.py)
+    "dead_window": 1000,  # l1: steps without firing after which the logged dead_fraction counts a latent
+    "checkpoint_dir": None,  # None: checkpoints/ beside this file
+    "data_dir": None,  # None: data/ beside this file
+    "wandb_mode": None,  # None: online with credentials, else offline; or "disabled"
+    "progress": True,
+    "toy_seed": 49,  # --preset toy: the pair and its text (toy.py), apart from the crosscoder's seed
+}
+# `--preset toy`: the embedded CPU default (toy.py builds the pair), applied over DEFAULTS.
+TOY_CFG = {
+    "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
+    "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
+    "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
+    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
+    "device": "cpu", "dataset": "toy",
+}
+PRESETS = {"gemma": {}, "toy": TOY_CFG}
+# Keys that may change when resuming; the others come from the checkpoint's config.
+RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
+                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype",
+                      "store_dir"}
+
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
+                "sequences_read",  # token sequences the run had read at that checkpoint, wraps included
                 "source",  # where a crosscoder trained elsewhere was read from (published.py)
                 "sweep", "sweep_id"}  # a sweep member's values and its sweep's directory name (sweep.py)
 
 
 def effective(cfg, key):
-    """The value a key with an architecture-dependent default (none) takes: aux_k d_in // 2 (the
+    """The value a key whose default (none) depends on the run takes: aux_k d_in // 2 (the
     authors' heuristic, Gao et al. B.1); b_dec_init and recon_loss the authors' choice for
-    batchtopk, the reference's for l1. Configs saved before these keys existed get the same."""
+    batchtopk, the reference's for l1; dead_tokens a tenth of the run, at most 10M. Configs saved
+    before these keys existed get the same."""
     value = cfg.get(key)
     if value is not None:
         return value
@@ -116,6 +192,11 @@ def effective(cfg, key):
         return "geometric_median" if batchtopk else "zeros"
     if key == "recon_loss":
         return "norm" if batchtopk else "squared"
+    if key == "dead_tokens":
+        # Deviation from the authors' fixed 10M tokens (about 5-10% of their runs): in a run under
+        # ~10M tokens no latent would ever count as dead and AuxK would never act. A tenth of the
+        # run, capped at their 10M, is their 10M on their runs.
+        return max(1, min(10_000_000, cfg["num_tokens"] // 10))
     raise KeyError(key)
 
 
@@ -211,16 +292,16 @@ def format_help(usage, defaults, flags=None, presets=None):
     if defaults:
         lines += ["", "config keys (--key value; lists comma-separated; none for an empty optional value):"]
     for key, value in defaults.items():
-        shown = _as_text(value)
+        shown = as_text(value)
         for name, preset in (presets or {}).items():
             if key in preset and preset[key] != value:
-                shown += f" ({name}: {_as_text(preset[key])})"
+                shown += f" ({name}: {as_text(preset[key])})"
         doc = SCHEMA[key].doc if key in SCHEMA else ""
         lines.append(f"  --{key:<22} {shown:<34} {doc}")
     return "\n".join(lines)
 
 
-def _as_text(value):
+def as_text(value):
     """A value as it is typed on the command line."""
     if value is None:
         return "none"
@@ -231,8 +312,10 @@ def _as_text(value):
     return str(value)
 
 
-def validate_cfg(cfg):
-    """One clear ConfigError for the first invalid key; returns cfg unchanged when valid."""
+def validate_cfg(cfg, across=True):
+    """One clear ConfigError for the first invalid key; returns cfg unchanged when valid. across:
+    also the checks between keys that a training run needs (latent shards, the BatchTopK threshold's
+    steps, one name per model); the constructors check each key alone."""
     for key, value in cfg.items():
         if key in DERIVED_KEYS:
             continue
@@ -258,6 +341,8 @@ def validate_cfg(cfg):
             raise ConfigError(f"config key '{key}' must be {tname}, got {value!r} ({type(value).__name__})")
         if check is not None and not check(value):
             raise ConfigError(f"config key '{key}' must be {need}, got {value!r}")
+    if not across:
+        return cfg
     if "latent_shards" in cfg and "dict_size" in cfg and cfg["dict_size"] % cfg["latent_shards"]:
         raise ConfigError(f"dict_size {cfg['dict_size']} does not split into latent_shards={cfg['latent_shards']} "
                           "equal shards: choose a multiple")
@@ -269,6 +354,30 @@ def validate_cfg(cfg):
     if "model_names" in cfg and "n_models" in cfg and len(cfg["model_names"]) != cfg["n_models"]:
         raise ConfigError(f"config key 'model_names' lists {len(cfg['model_names'])} models but n_models={cfg['n_models']}")
     return cfg
+
+
+def complete_cfg(cfg, base=None, validate=True):
+    """How every config is completed, once: base (DEFAULTS, or train.py's edited copy) <- the
+    config's preset <- cfg. A partial config (the reference's own dict, or a config saved by an
+    older version) gets today's defaults for the keys it lacks. validate: refuse an unknown key
+    (with a suggestion) or a bad value, as the CLI does; loaders of saved configs pass False.
+    Returns a new dict."""
+    preset = cfg.get("preset") or "gemma"
+    if preset not in PRESETS:
+        raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    out = {**(DEFAULTS if base is None else base), **PRESETS[preset], **cfg, "preset": preset}
+    if not validate and preset == "toy" and "toy_seed" not in cfg and "seed" in cfg:
+        out["toy_seed"] = cfg["seed"]  # a toy run saved before toy_seed: its pair was built from its seed
+    return validate_cfg(out) if validate else out
+
+
+def completed(cfg):
+    """What a constructor (CrossCoder, Buffer, Trainer) works on: cfg itself when it holds every
+    key (so a caller's dict keeps receiving what training writes into it, as in the reference),
+    else a completed copy; each key validated either way (the checks between keys are the CLI's)."""
+    if all(key in cfg for key in DEFAULTS):
+        return validate_cfg(cfg, across=False)
+    return validate_cfg(complete_cfg(cfg, validate=False), across=False)
 
 
 def check_mesh(latent_shards, world_size):

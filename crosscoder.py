@@ -20,7 +20,7 @@ from torch import nn
 import distributed
 import published
 from batchtopk import aux_loss, batch_topk_mask, update_threshold
-from config import effective
+from config import DERIVED_KEYS, SCHEMA, completed, effective
 # The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
 from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
 from sharding import init_decoder, shard_rows, sum_over_shards, take_shard
@@ -34,8 +34,6 @@ HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
 PUBLISHED_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")
 PUBLISHED_FACTORS = (0.2758961493232058, 0.24422852496546169)
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
-# The config keys a CrossCoder reads (BatchTopK also reads k and its recipe's keys in training).
-CROSSCODER_KEYS = ("d_in", "dict_size", "enc_dtype", "n_models", "seed", "dec_init_norm", "architecture", "device")
 class LossOutput(NamedTuple):
     # The reference's named tuple, fields in the same order.
     l2_loss: torch.Tensor
@@ -58,10 +56,7 @@ class CrossCoder(nn.Module):
         """shard (index, count): hold only that slice of the latents (sharding.py; the whole
         dictionary's initialisation, sliced)."""
         super().__init__()
-        missing = [key for key in CROSSCODER_KEYS if key not in cfg]
-        if missing:
-            raise KeyError(f"crosscoder config is missing {missing}: build configs from train.default_cfg "
-                           "(dict(default_cfg, d_in=..., dict_size=...)), which holds every key's default")
+        cfg = completed(cfg)  # the reference's own key set works: the other keys take their defaults
         enc_dtype = cfg["enc_dtype"]
         if enc_dtype not in DTYPES:
             raise ValueError(f"enc_dtype must be one of {sorted(DTYPES)}, got {enc_dtype!r}")
@@ -179,13 +174,13 @@ class CrossCoder(nn.Module):
 
     def relative_decoder_norm(self, model_a=0, model_b=1):
         """[F]: norm_b / (norm_a + norm_b); 0 = only in model a (base), 1 = only in b (chat).
-        NaN for a latent whose decoder is zero in both models."""
-        norms_FM = self.decoder_norms().float()
+        NaN for a latent whose decoder is zero in both models. Detached, as every analysis helper's."""
+        norms_FM = self.decoder_norms().detach().float()
         return norms_FM[:, model_b] / (norms_FM[:, model_a] + norms_FM[:, model_b])
 
     def decoder_cosine_similarity(self, model_a=0, model_b=1):
-        """[F]: cosine similarity between each latent's decoder vectors in models a and b."""
-        W = self.W_dec.float()
+        """[F]: cosine similarity between each latent's decoder vectors in models a and b (detached)."""
+        W = self.W_dec.detach().float()
         return torch.nn.functional.cosine_similarity(W[:, model_a], W[:, model_b], dim=-1)
 
     @torch.no_grad()
@@ -291,8 +286,10 @@ class CrossCoder(nn.Module):
     @classmethod
     def _from_state(cls, cfg, state, device, shard=(0, 1), where=""):
         cfg["device"] = resolve_device(device)
-        # Build on CPU (cheap to fill), check shapes, then move.
-        model = cls(dict(cfg, device="cpu"), shard)
+        # Build on CPU (cheap to fill), check shapes, then move. model.cfg is the config as saved
+        # (keys this version does not know included: they are not validated).
+        known = {k: v for k, v in cfg.items() if (k in SCHEMA or k in DERIVED_KEYS) and v is not None}
+        model = cls(dict(known, device="cpu"), shard)
         model.cfg = cfg
         if shard[1] > 1:  # this shard's latents only
             rows = shard_rows(cfg["dict_size"], shard)

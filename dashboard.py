@@ -57,6 +57,9 @@ def window_contributions(crosscoder, models, tokens_NS, latents_E, seqs_E, posit
     return out_EWM
 
 
+ONE_SIDED = 1e-4  # a decoder this small beside the other model's: the latent has no direction there
+
+
 def latent_table(crosscoder, fire_counts_F=None, n_tokens=None, max_act_F=None, scaling=None):
     """The table's columns as lists, one entry per latent shown: every latent that fired
     (fire_counts_F > 0), or every latent without counts. scaling: {latent: (nu_error,
@@ -65,6 +68,8 @@ def latent_table(crosscoder, fire_counts_F=None, n_tokens=None, max_act_F=None, 
     rel_F = crosscoder.relative_decoder_norm().detach().float().cpu()
     cos_F = crosscoder.decoder_cosine_similarity().detach().float().cpu()
     norms_FM = crosscoder.decoder_norms().detach().float().cpu()
+    # A one-sided latent (a decoder of norm ~0) has no cosine: null, not a meaningless "-0.000".
+    cos_F[norms_FM.min(-1).values <= ONE_SIDED * norms_FM.max(-1).values] = float("nan")
     classes = classify_latents(rel_F)
     class_F = np.full(len(rel_F), "other", dtype=object)
     for name in ("base_only", "shared", "chat_only"):

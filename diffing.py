@@ -17,6 +17,8 @@ from activations import autocast_context, extract_activations
 BASE_ONLY_MAX = 0.1
 CHAT_ONLY_MIN = 0.9
 SHARED_RANGE = (0.3, 0.7)
+# Held-out analyses (analysis.py, the toy report): tokens in all, and per forward that stops at the hook.
+HELDOUT_TOKENS, BATCH_TOKENS = 2**18, 2**14
 
 
 def classify_latents(rel_norm_F):
@@ -145,7 +147,7 @@ def rank_sum_order(nu_error_J, nu_reconstruction_J):
 def norm_difference(crosscoder, model=0, other=1):
     """[F] the authors' dec_norm_diff: (|d_model| - |d_other|) / max(|d_model|, |d_other|) / 2 + 1/2,
     so with model 0 (base): 0 = chat-only, 0.5 = equal norms, 1 = base-only."""
-    norms_FM = crosscoder.decoder_norms().float()
+    norms_FM = crosscoder.decoder_norms().detach().float()
     a, b = norms_FM[:, model], norms_FM[:, other]
     return 0.5 * ((a - b) / torch.maximum(a, b) + 1)
 

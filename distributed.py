@@ -37,6 +37,11 @@ def is_main():
     return rank() == 0
 
 
+def is_local_main():
+    """The first process on this machine (torchrun's LOCAL_RANK 0): it prepares node-local files."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
 def launched():
     """True in a process started by torchrun with more than one process in all."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -93,18 +93,18 @@ def format_recovery(rows):
 
 def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_chat_only=96, steps=2000,
                       batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", k=30, checkpoint_dir=None,
-                      counts=None):
+                      counts=None, dead_tokens=None):
     """Train a crosscoder on planted features through the normal Trainer and score it: ({how it
     classified: rows of recovery_report}, the last log, the latents per relative-norm class). With
     counts, scored both by the relative-norm thresholds and by rank (recovery_report)."""
     import tempfile
 
-    from train import default_cfg
+    from config import DEFAULTS
     from trainer import Trainer
 
-    cfg = dict(default_cfg, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
+    cfg = dict(DEFAULTS, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
                lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
-               architecture=architecture, k=k, progress=False,
+               architecture=architecture, k=k, progress=False, dead_tokens=dead_tokens,
                checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"))
     source = PlantedFeatureSource(cfg, n_shared, n_base_only, n_chat_only, seed=seed)
     trainer = Trainer(cfg, buffer=source)
@@ -121,44 +121,82 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     return reports, log, n_class
 
 
-if __name__ == "__main__":
-    # The ground-truth benchmark at its larger setting:
+# The benchmark's settings on the command line: config keys (parsed and checked as train.py's) and
+# the planted features' counts.
+CLI_KEYS = {"architecture": "l1", "k": 30, "d_in": 128, "dict_size": 2048, "num_tokens": 2000 * 1024,
+            "batch_size": 1024, "l1_coeff": 2.0, "lr": 1e-3, "seed": 0, "dead_tokens": None}
+CLI_FLAGS = {"n_shared": "shared true features (default 320)", "n_base_only": "base-only true features (default 96)",
+             "n_chat_only": "chat-only true features (default 96)",
+             "counts": "N_BASE,N_CHAT: classify by rank as the authors do (an L1 run's class counts)",
+             "help": "print this and exit"}
+
+
+def parse_cli(argv):
+    """(planted_benchmark's keyword arguments, the settings line to print), or a ConfigError naming
+    the bad option."""
+    from config import ConfigError, complete_cfg, parse_overrides
+
+    options, extras = parse_overrides(argv, CLI_KEYS, flags=tuple(CLI_FLAGS))
+    if set(options) != set(CLI_KEYS):
+        raise ConfigError(f"planted.py takes {sorted(CLI_KEYS)} and --{', --'.join(sorted(CLI_FLAGS))}, not "
+                          f"{sorted(set(options) - set(CLI_KEYS))}")
+    complete_cfg(options)  # each value checked as train.py checks it
+    kwargs = {key: options[key] for key in ("architecture", "k", "d_in", "dict_size", "batch_size", "l1_coeff", "lr",
+                                            "seed", "dead_tokens")}
+    kwargs["steps"] = options["num_tokens"] // options["batch_size"]
+    for name, default in (("n_shared", 320), ("n_base_only", 96), ("n_chat_only", 96)):
+        try:
+            kwargs[name] = int(extras.get(name, default))
+        except ValueError:
+            raise ConfigError(f"--{name} takes an integer, got {extras[name]!r}") from None
+        if kwargs[name] < 0:
+            raise ConfigError(f"--{name} takes an integer >= 0, got {kwargs[name]}")
+    if "counts" in extras:
+        try:
+            counts = tuple(int(n) for n in extras["counts"].split(","))
+        except ValueError:
+            counts = ()
+        if len(counts) != 2 or min(counts) < 0:
+            raise ConfigError(f"--counts takes two integers N_BASE,N_CHAT, got {extras['counts']!r}")
+        kwargs["counts"] = counts
+    return kwargs, extras.get("help", False)
+
+
+def main(argv):
     #   python planted.py                                  (the reference's L1 crosscoder)
     #   python planted.py --architecture batchtopk --k 30  (BatchTopK at a chosen L0)
-    import sys
-
-    from config import ConfigError, format_help, parse_overrides
-
     #   python planted.py --architecture batchtopk --k 30 --counts 96,96
     #        (classified as the authors classify BatchTopK: as many most base- / chat-leaning latents
     #         as the L1 run's base-only / chat-only counts, which `python planted.py` prints)
-    defaults = {"architecture": "l1", "k": 30}
-    flags = {"counts": "N_BASE,N_CHAT: classify by rank as the authors do (an L1 run's class counts)"}
+    from config import ConfigError, effective, format_help
+
     try:
-        options, extras = parse_overrides(sys.argv[1:], defaults, flags=tuple(flags))
-        if set(options) != set(defaults):
-            raise ConfigError(f"planted.py takes only {sorted(defaults)}, not {sorted(set(options) - set(defaults))}")
-        counts = None
-        if "counts" in extras:
-            counts = tuple(int(n) for n in extras["counts"].split(","))
-            if len(counts) != 2 or min(counts) < 0:
-                raise ValueError
-    except ValueError:
-        sys.exit(f"error: --counts takes two integers N_BASE,N_CHAT, got {extras['counts']!r}")
+        kwargs, show_help = parse_cli(argv)
     except ConfigError as e:
-        sys.exit(f"error: {e}")
-    if extras.get("help"):
-        print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K] [--counts N_BASE,N_CHAT]",
-                          defaults, flags))
-        sys.exit(0)
-    reports, log, n_class = planted_benchmark(architecture=options["architecture"], k=options["k"], counts=counts)
-    dead_rule = ("no activation in the last 1,000 steps" if options["architecture"] == "l1"
-                 else "AuxK's: none in the last dead_tokens")
-    print(f"planted features ({options['architecture']}), d_in 128, 512 true features, dict 2048: "
+        return f"error: {e}"
+    if show_help:
+        print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K] [--key value ...]",
+                          CLI_KEYS, CLI_FLAGS))
+        return 0
+    reports, log, n_class = planted_benchmark(**kwargs)
+    n_true = kwargs["n_shared"] + kwargs["n_base_only"] + kwargs["n_chat_only"]
+    tokens = kwargs["steps"] * kwargs["batch_size"]
+    if kwargs["architecture"] == "l1":
+        dead_rule = "no activation in the last 1,000 steps"
+    else:
+        dead_rule = f"AuxK's: none in the last {effective(dict(kwargs, num_tokens=tokens), 'dead_tokens'):,} tokens"
+    print(f"planted features ({kwargs['architecture']}{', k ' + str(kwargs['k']) if kwargs['architecture'] != 'l1' else ''}"
+          f"), d_in {kwargs['d_in']}, {n_true} true features, dict {kwargs['dict_size']}, {tokens:,} tokens: "
           f"L0 {log['l0_loss']:.1f} (inference, on 8 fresh batches: {log['inference_l0']:.1f}), "
-          f"explained variance {log['explained_variance']:.3f}, "
-          f"dead {log['dead_fraction']:.1%} ({dead_rule})")
+          f"explained variance {log['explained_variance']:.3f}, dead {log['dead_fraction']:.1%} ({dead_rule})")
     print("latents per relative-norm class:", ", ".join(f"{k} {v}" for k, v in n_class.items()))
     for how, rows in reports.items():
         print(f"classified {how}:")
         print(format_recovery(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -46,8 +46,25 @@ def plot_cosine_histogram(cos_F, path=None, title="Cosine similarity of shared l
 
 
 def plot_latent_scaling(nu_error_J, nu_reconstruction_J, path=None, title="Latent Scaling of chat-only latents"):
+    """nu_error against nu_reconstruction, one point per latent, with the region the paper's
+    authors call model-specific (|nu_error| < 0.2 and |nu_reconstruction| < 0.5) drawn and the
+    latents inside it marked."""
+    from matplotlib.patches import Rectangle
+
+    from diffing import NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, is_model_specific
+
     plt, (fig, ax) = _figure()
-    ax.scatter(nu_reconstruction_J.cpu().numpy(), nu_error_J.cpu().numpy(), s=8, alpha=0.6)
+    nu_e, nu_r = nu_error_J.cpu(), nu_reconstruction_J.cpu()
+    passes = is_model_specific(nu_e, nu_r)
+    ax.add_patch(Rectangle((-NU_RECONSTRUCTION_MAX, -NU_ERROR_MAX), 2 * NU_RECONSTRUCTION_MAX, 2 * NU_ERROR_MAX,
+                           facecolor="tab:green", alpha=0.12, edgecolor="tab:green", lw=1,
+                           label=f"model-specific: |nu_error| < {NU_ERROR_MAX}, |nu_reconstruction| < "
+                                 f"{NU_RECONSTRUCTION_MAX}"))
+    ax.scatter(nu_r[~passes].numpy(), nu_e[~passes].numpy(), s=10, alpha=0.6, color="tab:grey",
+               label=f"outside: {int((~passes).sum())} latents")
+    ax.scatter(nu_r[passes].numpy(), nu_e[passes].numpy(), s=18, color="tab:green", edgecolor="black", lw=0.4,
+               label=f"inside: {int(passes.sum())} latents")
     ax.set(xlabel="nu reconstruction (Latent Decoupling)", ylabel="nu error (Complete Shrinkage)", title=title)
     ax.axhline(0, color="grey", lw=0.5), ax.axvline(0, color="grey", lw=0.5)
+    ax.legend(loc="best", fontsize=8)
     return _finish(plt, fig, path)

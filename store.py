@@ -16,6 +16,7 @@ one metadata file. The store is the same as one process writes.
 Shape legend: N sequences, S seq_len, R rows (N * (S - 1)), M models, D d_in.
 """
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from activations import run_models
 from activation_store import SHARD_SEQUENCES, ActivationStore, read_meta, shard_path  # noqa: F401 (re-exported)
 from buffer import norm_factors, sequences_needed
 from checkpoint import atomic_write_text
+from config import ConfigError
 
 @torch.no_grad()
 def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHARD_SEQUENCES):
@@ -61,6 +63,8 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
                 "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
                 "sequences_per_shard": shard_sequences, "shard_sequences": shards, "dataset": cfg["dataset"],
                 "preset": cfg.get("preset"), "harvested_by": w}
+        if cfg.get("preset") == "toy":
+            meta["toy_seed"] = cfg["toy_seed"]  # which toy pair
         atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
     distributed.barrier()
     return store_dir
@@ -75,25 +79,57 @@ def sequences_for_any_world_size(cfg, max_processes=64):
                for w in range(1, max_processes + 1) if cfg["batch_size"] % w == 0)
 
 
+def store_bytes(cfg, n_sequences):
+    """Disk a store of n_sequences takes: bf16 rows [n * (S-1), M, D] and the int32 token ids."""
+    rows = n_sequences * (cfg["seq_len"] - 1)
+    return rows * cfg["n_models"] * cfg["d_in"] * 2 + n_sequences * cfg["seq_len"] * 4
+
+
+def free_disk_bytes(path):
+    """Free bytes on the file system that holds path (or would, once its folders are made)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk(cfg, n_sequences):
+    """A ConfigError, before any model loads, when the store would not fit on its disk (a full
+    disk would otherwise kill the harvest with SIGBUS, writing through the memory map)."""
+    need, free = store_bytes(cfg, n_sequences), free_disk_bytes(cfg["store_dir"])
+    if need > free:
+        raise ConfigError(f"the store of {n_sequences:,} sequences needs {need / 1e9:,.1f} GB but {cfg['store_dir']} "
+                          f"has {free / 1e9:,.1f} GB free: lower num_tokens or choose another store_dir")
+    return need, free
+
+
 def main(argv):
     from crosscoder import resolve_device
     from train import build_cfg, load_models_and_tokens
 
-    usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--preset toy] [--key value ...]"
-    cfg, _ = build_cfg(argv, usage=usage)
+    usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--dry_run] [--preset toy] [--key value ...]"
+    flags = {"dry_run": "print the store's size and the disk's free space, harvest nothing"}
+    cfg, extras = build_cfg([a if a != "--dry_run" else "--dry_run=1" for a in argv], flags=flags, usage=usage)
     if cfg["store_dir"] is None:
         sys.exit(usage + " (--help: every key)")
+    n = sequences_for_any_world_size(cfg)
+    size = f"{n:,} sequences, {store_bytes(cfg, n) / 1e9:,.1f} GB, into {cfg['store_dir']} " \
+           f"({free_disk_bytes(cfg['store_dir']) / 1e9:,.1f} GB free there)"
+    if "dry_run" in extras:
+        print(f"the store at this config: {size}")
+        return
+    check_disk(cfg, n)
     cfg["device"] = distributed.setup(cfg["device"]) if distributed.launched() else cfg["device"]
     cfg["device"] = resolve_device(cfg["device"])
+    if distributed.is_main():
+        print(f"harvesting at most {size}")
     models, tokens = load_models_and_tokens(cfg)
-    n = sequences_for_any_world_size(cfg)
     harvest(cfg, models, tokens, cfg["store_dir"], n)
     if distributed.is_main():
         print(f"harvested {min(n, len(tokens))} sequences into {cfg['store_dir']}"
               f"{f' with {distributed.world_size()} processes' * (distributed.world_size() > 1)}; train from it with "
               f"`python train.py --store_dir {cfg['store_dir']} ...` (the same config) or under torchrun")
 def cli(argv):
-    from config import ConfigError
     from utils import DataError, SetupError
 
     clean = False

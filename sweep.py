@@ -78,6 +78,10 @@ class SharedBatches:
         return self.batch if self.device is None else self.batch.to(self.device, non_blocking=True)
 
     @property
+    def sequences_run(self):  # how far the shared source has read (every member records it)
+        return getattr(self.source, "sequences_run", None)
+
+    @property
     def normalisation_factor(self):
         return getattr(self.source, "normalisation_factor", None)
 
@@ -225,6 +229,14 @@ class Sweep:
             self.failed[i] = str(e)
             if distributed.is_main():
                 print(f"sweep member {i} ({member_name(self.trainers[i].cfg['sweep'])}) stopped: {e}", flush=True)
+            self._hand_over_source()
+
+    def _hand_over_source(self):
+        """The first active member owns the shared source's saved state: when the owner stops, the
+        next saves it, so that a resume of the others continues the data where they left it."""
+        active = self.active()
+        for t in self.trainers:
+            t.buffer.owner = bool(active) and t is active[0][1]
 
     def train(self):
         """Train every member to the end; saves as Trainer.train does (every save_every steps, at the

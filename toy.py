@@ -96,11 +96,13 @@ def make_tokenizer():
 
 
 # ------------------------------------------------------------------ the model pair
-def toy_model_cfg(seed, d_model=64, seq_len=32):
+def toy_model_cfg(seed, d_model=64, seq_len=32, device="cpu"):
+    """The pair's architecture, on device (TransformerLens would otherwise pick a GPU whenever there
+    is one, whatever the run's device)."""
     return HookedTransformerConfig(n_layers=4, d_model=d_model, d_head=16, n_heads=d_model // 16,
                                    d_mlp=4 * d_model, n_ctx=seq_len, d_vocab=len(VOCAB), act_fn="gelu",
                                    normalization_type="LN", positional_embedding_type="rotary",
-                                   rotary_dim=16, seed=seed, model_name="toy")
+                                   rotary_dim=16, seed=seed, model_name="toy", device=device)
 
 
 def train_lm(model, tokens_NS, steps, lr, seed, batch=32, desc="training", anchor=None, anchor_tokens=None,
@@ -142,38 +144,49 @@ def train_lm(model, tokens_NS, steps, lr, seed, batch=32, desc="training", ancho
 def cache_dir(cfg):
     from utils import data_dir
 
-    key = json.dumps({"v": TOY_VERSION, "seed": cfg["seed"], "d": cfg["d_in"], "s": cfg["seq_len"]})
+    key = json.dumps({"v": TOY_VERSION, "seed": cfg["toy_seed"], "d": cfg["d_in"], "s": cfg["seq_len"]})
     return data_dir(cfg) / "toy" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def pair_device(cfg):
+    """Where the pair runs: the run's device (cfg["device"], none: a GPU when there is one)."""
+    from crosscoder import resolve_device
+
+    return resolve_device(cfg["device"])
+
+
 def build_toy_pair(cfg):
-    """(base, chat, tokens, is_chat), built once per (seed, d_in, seq_len) and cached on disk."""
+    """(base, chat, tokens, is_chat), built once per (toy_seed, d_in, seq_len) and cached on disk
+    (on the CPU: a cache built on a GPU host loads anywhere); the models on the run's device."""
     from transformers import PreTrainedTokenizerFast
 
     from buffer import sequences_needed
 
-    d, seed, seq_len = cache_dir(cfg), cfg["seed"], cfg["seq_len"]
+    d, seed, seq_len, device = cache_dir(cfg), cfg["toy_seed"], cfg["seq_len"], pair_device(cfg)
     n_seqs = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + 64
     if not (d / "chat.pt").is_file():
-        print(f"building the toy model pair (once, cached in {d}) ...")
+        cached = sorted(p.parent.name for p in d.parent.glob("*/chat.pt"))
+        why = (f"no pair in the cache has toy_seed={seed}, d_in={cfg['d_in']}, seq_len={seq_len} (the keys that "
+               f"define it; {len(cached)} other pair(s) cached)" if cached else "the cache is empty")
+        print(f"building the toy model pair (a few minutes, once: {why}); caching it in {d}")
         torch.manual_seed(seed)
-        base = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len))
+        base = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         plain, _ = make_tokens(8192, seq_len, chat_fraction=0.0, seed=seed + 1)
         train_lm(base, plain, steps=1200, lr=3e-3, seed=seed, desc="training base model")
-        chat = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len))
+        chat = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         chat.load_state_dict(base.state_dict())
         mix, _ = make_tokens(8192, seq_len, chat_fraction=0.5, seed=seed + 2)
         train_lm(chat, mix, steps=800, lr=1e-3, seed=seed + 1, desc="fine-tuning chat model",
                  anchor=base, anchor_tokens=plain)
         d.mkdir(parents=True, exist_ok=True)
         make_tokenizer().save_pretrained(d / "tokenizer")
-        torch.save(base.state_dict(), d / "base.pt")
-        torch.save(chat.state_dict(), d / "chat.pt")  # written last: marks the cache complete
+        for name, model in (("base", base), ("chat", chat)):  # chat.pt last: it marks the cache complete
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, d / f"{name}.pt")
     tokenizer = PreTrainedTokenizerFast.from_pretrained(d / "tokenizer")
     models = []
     for name in ("base", "chat"):
-        model = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len))
-        model.load_state_dict(torch.load(d / f"{name}.pt", weights_only=True))
+        model = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
+        model.load_state_dict(torch.load(d / f"{name}.pt", map_location=device, weights_only=True))
         model.set_tokenizer(tokenizer, default_padding_side="right")
         models.append(model.eval())
     tokens, is_chat = make_tokens(n_seqs, seq_len, chat_fraction=0.5, seed=seed + 3)
@@ -192,6 +205,12 @@ def answer_mask(tokens_NS):
     return mask
 
 
+def heldout_tokens(cfg, n_seqs):
+    """The held-out text of the toy pair's reports and analysis.py: (tokens [N, S], is_chat [N]),
+    drawn from a seed of their own (training reads seed toy_seed + 3)."""
+    return make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["toy_seed"] + 6)
+
+
 @torch.no_grad()
 def organism_report(base, chat, cfg, n_seqs=256):
     """How the pair differs, on held-out text: relative distance between the two models'
@@ -199,12 +218,12 @@ def organism_report(base, chat, cfg, n_seqs=256):
     predicting the assistant's words (the behaviour only fine-tuning teaches)."""
     from activations import extract_activations
 
-    tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 5)
-    t = tokens.long()
-    a, b = (extract_activations(m, t, cfg["hook_point"])[:, 1:] for m in (base, chat))
+    tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["toy_seed"] + 5)
+    t = tokens.long().to(next(base.parameters()).device)
+    a, b = (extract_activations(m, t, cfg["hook_point"])[:, 1:].cpu() for m in (base, chat))
     rel_diff = (a - b).norm(dim=-1) / a.norm(dim=-1)
-    answers = answer_mask(t)[:, 1:]
-    accuracy = {name: float((m(t).argmax(-1)[:, :-1] == t[:, 1:])[answers].float().mean())
+    answers = answer_mask(tokens.long())[:, 1:]
+    accuracy = {name: float((m(t).argmax(-1)[:, :-1] == t[:, 1:]).cpu()[answers].float().mean())
                 for name, m in (("base", base), ("chat", chat))}
     return {"residual_difference_plain": float(rel_diff[~is_chat].mean()),
             "residual_difference_chat": float(rel_diff[is_chat].mean()),
@@ -212,37 +231,58 @@ def organism_report(base, chat, cfg, n_seqs=256):
 
 
 @torch.no_grad()
-def toy_report(crosscoder, base, chat, cfg, n_seqs=512):
-    """What the method finds on the toy pair, on held-out tokens: latent counts per relative-norm
-    class, each class's share of activation mass inside chat transcripts, and the chat-only
-    latents split by Latent Scaling into genuine ones (diffing.is_model_specific: the base model
-    lacks their direction) and artefacts of the L1 loss (the base model has it)."""
-    from diffing import classify_latents, is_model_specific, iter_paired_activations, latent_scaling
+def toy_report(crosscoder, base, chat, cfg, n_seqs=None, batch_seqs=None):
+    """What the method finds on the toy pair, on the held-out text analysis.py reads (the same
+    tokens, batches and definitions, so the two agree): latent counts per relative-norm class (all
+    latents, as analysis.py counts them) and how many fired, each class's share of activation mass
+    inside chat transcripts, and the chat-only latents split by Latent Scaling into genuine ones
+    (diffing.is_model_specific: the base model lacks their direction) and artefacts of the L1 loss
+    (the base model has it). The crosscoder is read in eval mode (BatchTopK: its inference
+    threshold, as after loading; no collective under torchrun)."""
+    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, classify_latents, is_model_specific, iter_paired_activations,
+                         latent_scaling)
 
-    tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["seed"] + 4)
-    factors = torch.tensor(cfg["normalisation_factor"])
-    x_NSMD = torch.cat([x for _, x in iter_paired_activations([base, chat], tokens, cfg["hook_point"], 128)]) * factors[:, None]
-    f_NSF = crosscoder.encode(x_NSMD.flatten(0, 1)).float().view(*x_NSMD.shape[:2], -1)
-    mass_all, mass_chat = f_NSF.sum((0, 1)), f_NSF[is_chat].sum((0, 1))
-    rel = crosscoder.relative_decoder_norm().cpu()
-    alive = mass_all > 0
-    classes = classify_latents(rel)
-    chat_only = torch.nonzero(classes["chat_only"] & alive).flatten()
-    ls = latent_scaling(crosscoder, [x_NSMD.flatten(0, 1)], chat_only)
+    positions = cfg["seq_len"] - 1
+    tokens, is_chat = heldout_tokens(cfg, n_seqs or -(-HELDOUT_TOKENS // positions))
+    batch_seqs = batch_seqs or max(1, BATCH_TOKENS // positions)
+    was_training = crosscoder.training
+    crosscoder.eval()
+    try:
+        device = crosscoder.W_enc.device
+        s_M = torch.tensor(cfg["normalisation_factor"], device=device)
+        F = crosscoder.b_enc.shape[0]
+        mass_all, mass_chat = torch.zeros(F, device=device), torch.zeros(F, device=device)
+        scaled, first = [], 0
+        for _, x_NSMD in iter_paired_activations([base, chat], tokens, cfg["hook_point"], batch_seqs, "toy report"):
+            x_BMD = x_NSMD.to(device).flatten(0, 1) * s_M[:, None]
+            f_NSF = crosscoder.encode(x_BMD).float().view(*x_NSMD.shape[:2], F)
+            chat_N = is_chat[first : first + len(x_NSMD)].to(device)
+            mass_all += f_NSF.sum((0, 1))
+            mass_chat += f_NSF[chat_N].sum((0, 1))
+            scaled.append(x_BMD)
+            first += len(x_NSMD)
+        rel = crosscoder.relative_decoder_norm().cpu()
+        mass_all, mass_chat = mass_all.cpu(), mass_chat.cpu()
+        alive = mass_all > 0
+        classes = classify_latents(rel)
+        chat_only = torch.nonzero(classes["chat_only"] & alive).flatten()
+        ls = latent_scaling(crosscoder, scaled, chat_only)
+    finally:
+        crosscoder.train(was_training)
     genuine = torch.zeros_like(alive)
     genuine[chat_only] = is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()
     classes["chat_only_genuine"] = classes["chat_only"] & genuine
     classes["chat_only_artefact"] = classes["chat_only"] & ~genuine
     per_latent_F = mass_chat / mass_all.clamp(min=1e-12)
-    report = {"n_latents": cfg["dict_size"], "dead": int((~alive).sum()),
+    report = {"n_latents": F, "dead": int((~alive).sum()), "tokens": len(tokens) * positions,
               "chat_token_fraction": float(is_chat.float().mean()),
               "relative_norm_histogram": torch.histc(rel, bins=10, min=0, max=1).int().tolist()}
     for name, mask in classes.items():
-        mask = mask & alive
-        report[name] = {"count": int(mask.sum()),
-                        "chat_mass_fraction": float(mass_chat[mask].sum() / mass_all[mask].sum().clamp(min=1e-12)),
-                        "mostly_chat": int((per_latent_F[mask] >= 0.9).sum()),
-                        "mostly_plain": int((per_latent_F[mask] <= 0.1).sum())}
+        live = mask & alive
+        report[name] = {"count": int(mask.sum()), "active": int(live.sum()),
+                        "chat_mass_fraction": float(mass_chat[live].sum() / mass_all[live].sum().clamp(min=1e-12)),
+                        "mostly_chat": int((per_latent_F[live] >= 0.9).sum()),
+                        "mostly_plain": int((per_latent_F[live] <= 0.1).sum())}
     return report
 
 
@@ -252,13 +292,19 @@ def format_report(report, organism=None):
         lines.append(f"toy pair: residual distance chat vs base {organism['residual_difference_plain']:.1%} on plain "
                      f"text, {organism['residual_difference_chat']:.1%} on transcripts; assistant-word accuracy "
                      f"base {organism['answer_accuracy_base']:.1%}, chat {organism['answer_accuracy_chat']:.1%}")
-    lines += [f"latents: {report['n_latents']} ({report['dead']} never active on held-out text); "
-             f"{report['chat_token_fraction']:.0%} of held-out tokens are chat transcripts",
-             f"relative decoder norm histogram (10 bins, base-only -> chat-only): {report['relative_norm_histogram']}",
-             f"{'class':<18} {'count':>6} {'mass in chat':>13} {'latents >=90% chat':>19} {'<=10% chat':>11}"]
+    lines += [f"latents: {report['n_latents']}, {report['dead']} never active on the {report['tokens']:,} held-out "
+              f"tokens analysis.py also reads ({report['chat_token_fraction']:.0%} of its sequences are chat transcripts)",
+              f"relative decoder norm histogram (10 bins, base-only -> chat-only): {report['relative_norm_histogram']}",
+              f"{'class':<18} {'latents':>7} {'active':>6} {'mass in chat':>13} {'>=90% chat':>10} {'<=10% chat':>10}"]
     for name in ("chat_only", "chat_only_genuine", "chat_only_artefact", "shared", "base_only", "other"):
         r = report[name]
-        lines.append(f"{name:<18} {r['count']:>6} {r['chat_mass_fraction']:>13.1%} {r['mostly_chat']:>19} {r['mostly_plain']:>11}")
-    lines.append("chat_only_genuine / _artefact: chat-only latents with / without |nu_error| < 0.2 and "
-                 "|nu_reconstruction| < 0.5 (Latent Scaling: the base model lacks / has their direction)")
+        lines.append(f"{name:<18} {r['count']:>7} {r['active']:>6} {r['chat_mass_fraction']:>13.1%} "
+                     f"{r['mostly_chat']:>10} {r['mostly_plain']:>10}")
+    lines += ["classes by relative decoder norm r = |d_chat| / (|d_base| + |d_chat|): base_only r < 0.1, shared "
+              "0.3 < r < 0.7, chat_only r > 0.9, other the rest (0.1-0.3 and 0.7-0.9)",
+              "latents: all in the class; active: those that fired on the held-out tokens (the next columns count "
+              "these); mass in chat: the share of the class's activation that falls inside chat transcripts; "
+              ">=90% / <=10% chat: latents with at least 90% / at most 10% of their own mass there",
+              "chat_only_genuine / _artefact: active chat-only latents with / without |nu_error| < 0.2 and "
+              "|nu_reconstruction| < 0.5 (Latent Scaling: the base model lacks / has their direction)"]
     return "\n".join(lines)

@@ -13,100 +13,28 @@ from pathlib import Path
 
 import torch
 
-from config import ConfigError, check_against_model, check_mesh, format_help, parse_overrides, validate_cfg
+from config import (DEFAULTS, RESUME_OVERRIDABLE, TOY_CFG, ConfigError, as_text, check_against_model, check_mesh,
+                    complete_cfg, format_help, parse_overrides, validate_cfg)
 from checkpoint import CheckpointError, read_cfg, resolve_version_dir
 from crosscoder import resolve_device
 import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
-from utils import (PILE_LMSYS_DATASET, DataError, SetupError, check_tokens, in_notebook, keep_freed_memory,
+from utils import (DataError, SetupError, check_tokens, in_notebook, keep_freed_memory,
                    load_gemma_pair, load_tokens)
 
 # %%
-default_cfg = {
-    # --- the reference's keys and defaults
-    "seed": 49,
-    "batch_size": 4096,
-    "buffer_mult": 128,
-    "lr": 5e-5,
-    "num_tokens": 400_000_000,
-    "l1_coeff": 2.0,
-    "beta1": 0.9,
-    "beta2": 0.999,
-    "d_in": 2304,  # Gemma-2-2b d_model
-    "dict_size": 2**14,
-    "seq_len": 1024,
-    "enc_dtype": "fp32",
-    "model_name": "gemma-2-2b",
-    "site": "resid_pre",
-    "device": None,  # None: cuda if available, else cpu (the reference fixed the first GPU)
-    "model_batch_size": 4,
-    "log_every": 100,
-    "save_every": 30000,
-    "dec_init_norm": 0.08,
-    "hook_point": "blocks.14.hook_resid_pre",  # residual entering block 14 of 26
-    "wandb_project": "crosscoder-model-diff",
-    "wandb_entity": None,
-    # --- keys this repo adds
-    "model_names": ["gemma-2-2b", "gemma-2-2b-it"],  # index 0 base, index 1 chat
-    "n_models": 2,
-    "architecture": "l1",  # "l1" (the reference) or "batchtopk" (Minder, Dumas et al. 2025)
-    # batchtopk's recipe, as the authors' BatchTopKCrossCoderTrainer (Minder, Dumas et al. 2025)
-    "k": 100,  # mean active latents per token (k * batch_size kept per batch)
-    "aux_coeff": 1 / 32,  # weight of the AuxK loss that revives dead latents
-    "aux_k": None,  # dead latents used by the AuxK loss per token (None: d_in // 2)
-    "aux_normalise": True,  # divide the AuxK loss by the error's variance over the batch
-    "threshold_beta": 0.999,  # EMA decay of the inference threshold
-    "threshold_start_step": 1000,  # the threshold is estimated after this step
-    "dead_tokens": 10_000_000,  # AuxK counts a latent dead after this many tokens without firing
-    "k_max": None,  # anneal k from k_max down to k over k_annealing_steps (None: constant k)
-    "k_annealing_steps": 0,
-    "b_dec_init": None,  # "zeros" or "geometric_median" (None: the latter for batchtopk, zeros for l1)
-    "recon_loss": None,  # "squared" or "norm" (None: norm for batchtopk, squared for l1 as the reference)
-    "dataset": PILE_LMSYS_DATASET,  # hub id, local datasets dir, or .pt token tensor
-    "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
-    "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
-    "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
-    "store_dir": None,  # train from an activation store written by store.py (None: run the models)
-    "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
-    "latent_shards": 1,  # torchrun: split the dictionary over this many processes (sharding.py)
-    "dead_window": 1000,  # l1: steps without firing after which the logged dead_fraction counts a latent
-    "checkpoint_dir": None,  # None: checkpoints/ beside this file
-    "data_dir": None,  # None: data/ beside this file
-    "wandb_mode": None,  # None: online with credentials, else offline; or "disabled"
-    "progress": True,
-}
-# `--preset toy`: the embedded CPU default (toy.py builds the pair), applied over default_cfg.
-TOY_CFG = {
-    "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
-    "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
-    "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
-    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
-    "device": "cpu", "dataset": "toy",
-    # batchtopk: the authors count a latent dead after 10M tokens, 10% of their 100M-token runs;
-    # the toy's 1M tokens, scaled alike (at 10M AuxK would never act here)
-    "dead_tokens": 100_000,
-}
-PRESETS = {"gemma": {}, "toy": TOY_CFG}
+# The config: every key, its default and its meaning live in config.py (`python train.py --help`
+# lists them). Edit here, e.g. default_cfg.update(l1_coeff=1.5, dict_size=2**15), or override
+# from the shell with --key value.
+default_cfg = dict(DEFAULTS)
 FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
          "resume": "a checkpoints/version_N directory: continue that run exactly",
          "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
          "sweep_devices": "DEVICE,DEVICE,...: place the sweep's members round-robin (default: all on device)",
          "help": "print this and exit"}
-# Keys that may change when resuming; the others come from the checkpoint's config.
-RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
-                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype",
-                      "store_dir"}
-
 
 # %%
-def complete_cfg(cfg, base_cfg=default_cfg):
-    """base_cfg <- the config's preset <- cfg: how every config is completed, once. A config
-    saved by an older version gets today's defaults for the keys it predates."""
-    preset = cfg.get("preset", "gemma")
-    return {**base_cfg, **PRESETS.get(preset, {}), **cfg, "preset": preset}
-
-
 def split_sweep(argv):
     """(argv without --sweep, the sweep's key=values items or None): --sweep takes every following
     word that is not a flag (`--sweep a=1,2 b=3` as well as `--sweep "a=1,2 b=3"`)."""
@@ -123,12 +51,12 @@ def split_sweep(argv):
 
 
 def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]"):
-    """default_cfg <- preset <- --key value overrides (or the saved config with --resume).
-    Returns (cfg, extras): extras holds the flags given (FLAGS, and a script's own flags: name ->
-    help). --help prints every flag and key and exits."""
+    """base_cfg <- preset <- --key value overrides, or, with --resume, the saved config <- the
+    overrides a resume may change. Returns (cfg, extras): extras holds the flags given (FLAGS, and
+    a script's own flags: name -> help). --help prints every flag and key and exits."""
     all_flags = dict(flags or {}, **FLAGS)
     argv, sweep_specs = split_sweep(argv)
-    cfg, extras = parse_overrides(argv, base_cfg, flags=tuple(all_flags))
+    given, extras = parse_overrides(argv, {}, flags=tuple(all_flags))  # the keys typed, nothing else
     if sweep_specs is not None:
         from sweep import parse_sweep
 
@@ -152,21 +80,22 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
             version_dir = member_dirs(version_dir)[0]
         saved = read_cfg(version_dir)
         saved.pop("step", None)  # the trainer state holds the step to resume from
-        changed = {k for k in cfg if k in base_cfg and cfg[k] != base_cfg[k]}
-        refused = sorted(changed - RESUME_OVERRIDABLE)
+        saved = complete_cfg(saved, base_cfg, validate=False)
+        # Compared with the saved config, not the defaults: `--wrap_tokens false` undoes a saved
+        # true, and a key the run was trained with cannot be changed by typing its default.
+        changed = {k: v for k, v in given.items() if saved.get(k) != v}
+        refused = sorted(set(changed) - RESUME_OVERRIDABLE)
         if refused:
-            raise ConfigError(f"cannot change {refused} when resuming; they come from {version_dir}")
-        if saved.get("architecture") == "batchtopk" and "recon_loss" not in saved:
+            what = ", ".join(f"{k} ({as_text(saved.get(k))} -> {as_text(changed[k])})" for k in refused)
+            raise ConfigError(f"cannot change {what} when resuming: they come from {version_dir}; keys a resume "
+                              f"may change: {', '.join(sorted(RESUME_OVERRIDABLE))}")
+        if saved.get("architecture") == "batchtopk" and "recon_loss" not in read_cfg(version_dir):
             print(f"note: {version_dir} is a BatchTopK run from before the authors' recipe (threshold, dead "
                   "latents, AuxK, loss); it continues under the recipe's defaults")
-        extras["resume_overrides"] = {k: cfg[k] for k in changed}
-        cfg = complete_cfg(dict(saved, **{k: cfg[k] for k in changed}))
+        extras["resume_overrides"] = changed
+        cfg = dict(saved, **changed)
     else:
-        preset = extras.get("preset", "gemma")
-        if preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-        cfg, _ = parse_overrides(argv, dict(base_cfg, **PRESETS[preset]), flags=tuple(all_flags))
-        cfg["preset"] = preset
+        cfg = complete_cfg(dict(given, preset=extras.get("preset", "gemma")), base_cfg, validate=False)
     validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
     if extras.get("sweep"):
         from sweep import expand
@@ -176,8 +105,9 @@ def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train
     return cfg, extras
 
 
-def load_models_and_tokens(cfg):
-    """The models (index 0 base, 1 chat) and the training tokens of a complete config."""
+def load_models_and_tokens(cfg, fresh=True):
+    """The models (index 0 base, 1 chat) and the training tokens of a complete config. fresh (not a
+    resume): the tokens are checked for enough sequences before any model loads."""
     if cfg["preset"] == "toy":
         from toy import build_toy_pair
 
@@ -193,6 +123,12 @@ def load_models_and_tokens(cfg):
         is_dir = (Path(name) / "config.json").is_file()  # a local copy, named after its model
         check_against_model(cfg, get_pretrained_model_config(Path(name).name if is_dir else name))
     tokens = load_tokens(cfg["dataset"], cfg)
+    if fresh and cfg["store_dir"] is None:
+        from sources import check_enough_sequences
+
+        local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
+        check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
+                               cfg["num_tokens"] // cfg["batch_size"])
     return load_gemma_pair(cfg), tokens
 
 
@@ -227,7 +163,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
                                    for d in dict.fromkeys(m["device"] for m in members)}, n_processes)
     models, tokens = None, None
     if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
-        models, tokens = load_models_and_tokens(cfg)
+        models, tokens = load_models_and_tokens(cfg, fresh=resume is None)
         for model in models:
             check_against_model(cfg, model.cfg)
             check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
@@ -266,6 +202,8 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             organism = organism_report(models[0], models[1], cfg)
             print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
         print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
+        print(f"next: python analysis.py --checkpoint {trainer.crosscoder.save_dir}  (figures, summary.txt and "
+              f"the latent dashboard, dashboard.html, in {trainer.crosscoder.save_dir / 'analysis'})")
     return trainer
 
 

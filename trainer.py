@@ -14,11 +14,11 @@ import torch
 from tqdm.auto import tqdm
 
 import distributed
-from checkpoint import (SHARD_STATE, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
+from checkpoint import (SHARD_STATE, CheckpointError, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
                         rank_state_file, read_trainer_state, resolve_version_dir)
 from crosscoder import CrossCoder
 from batchtopk import geometric_median, k_at
-from config import ConfigError, effective
+from config import ConfigError, completed, effective
 from sharding import clip_grad_norm_, gather, gather_weights
 from sources import make_batch_source
 from utils import install_stop_handlers, restore_handlers
@@ -51,7 +51,7 @@ class Trainer:
 
     def __init__(self, cfg, model_A=None, model_B=None, all_tokens=None, *, models=None, tokens=None, buffer=None,
                  resume_from=None):
-        self.cfg = cfg
+        self.cfg = cfg = completed(cfg)  # the reference's own key set works: the other keys take their defaults
         self.total_steps = cfg["num_tokens"] // cfg["batch_size"]
         if self.total_steps < 1:
             raise ValueError(f"num_tokens={cfg['num_tokens']} is less than one batch of {cfg['batch_size']}")
@@ -84,6 +84,12 @@ class Trainer:
             self.crosscoder.latent_group = distributed.latent_group()
             if self.crosscoder.data_parallel > 1:  # AuxK's normaliser is the global batch's
                 self.crosscoder.data_group = distributed.data_group()
+        if resume_from is not None and buffer is None and distributed.any_rank(
+                distributed.is_main() and state.get("buffer") is None):
+            raise CheckpointError(
+                f"{version_dir} holds no data state (buffer and token pointer), so a resume would read the tokens "
+                "again from sequence 0. Its run did not own the data source (a sweep member other than the one "
+                "that saved the shared buffer): resume the sweep from its directory instead")
         # sequences the run read before this view of the tokens began (distributed.rebase_state)
         every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
         state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
@@ -198,7 +204,7 @@ class Trainer:
         start. (Before the authors' recipe BatchTopK used the l1 rule, which early in training
         called a latent dead after one silent step.)"""
         if self.cfg["architecture"] == "batchtopk":
-            return -(-self.cfg["dead_tokens"] // self.cfg["batch_size"])
+            return -(-effective(self.cfg, "dead_tokens") // self.cfg["batch_size"])
         return min(self.cfg["dead_window"], max(self.step_counter, 1))
 
     def dead_fraction(self):
@@ -241,16 +247,26 @@ class Trainer:
             raise NonFiniteError(f"weights are not finite at step {self.step_counter}; not saved. "
                                  f"Last good checkpoint: {self._last_good()}")
         state, weights = self.state_dict(), None
+        run = getattr(self.buffer, "sequences_run", None)  # (None: a source that reads no sequences)
+        if distributed.any_rank(run is not None):  # how far the run read: analysis.py holds out only the rest
+            self.cfg["sequences_read"] = self.sequence_offset + self.world_size * distributed.max_([run or 0])[0]
         if self.world_size > 1:
             self._save_rank_states(state)
             if self.crosscoder.latent_group is not None:
                 weights = gather_weights(self.crosscoder)  # the whole dictionary, on rank 0's host
-            if not distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
-                self.last_saved_step = self.step_counter
-                return None
-        path = self.crosscoder.save(extra_state=state, step=self.step_counter, weights=weights)
+        path, failed = None, None
+        if distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
+            try:
+                path = self.crosscoder.save(extra_state=state, step=self.step_counter, weights=weights)
+                prune_trainer_states(path.parent, self.crosscoder.save_version - 1, self.world_size)
+            except OSError as e:
+                failed = e
+        # Every rank learns whether rank 0's write failed, and all stop with the error: a rank
+        # that went on would wait in the next step's collective until the timeout.
+        if distributed.any_rank(failed is not None):
+            raise failed or OSError(f"rank 0 could not write checkpoint {self.crosscoder.save_version} into "
+                                    f"{self.crosscoder.save_dir} (its error is in rank 0's output)")
         self.last_saved_step = self.step_counter
-        prune_trainer_states(path.parent, self.crosscoder.save_version - 1, self.world_size)
         return path
 
     def _save_rank_states(self, state):

@@ -4,22 +4,21 @@ is in diffing.py (its names are re-exported here for notebooks written before it
 Shape legend: N sequences, S seq_len.
 """
 import json
-import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from config import layers_needed
+from config import PILE_LMSYS_DATASET, layers_needed
 # The model-diffing maths moved to diffing.py; imported here so that existing notebooks keep working.
 from diffing import (GENUINE_NU_MAX, examples_html, iter_paired_activations, latent_scaling,  # noqa: F401
                      normalisation_factors, reconstruction_stats, splice_in_loss, top_activating_examples)
 
 REPO_DIR = Path(__file__).resolve().parent
 DEFAULT_DATA_DIR = REPO_DIR / "data"
-PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"
 
 
 class DataError(ValueError):
@@ -88,26 +87,67 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
             dataset = dataset[split]
         tokens = _dataset_to_tokens(dataset, column, source)
     else:
+        import distributed
+
         cache = data_dir(cfg) / (str(source).replace("/", "__") + ".pt")
         if cache.is_file():
             return load_tokens(cache, cfg, column, split)
-        import datasets
-
-        try:
-            dataset = datasets.load_dataset(str(source), split=split)
-        except (OSError, ValueError) as e:  # offline, unknown id, no access
-            raise SetupError(f"could not download the dataset {source} ({type(e).__name__}: {e}); give a local "
-                             "copy with --dataset (a datasets directory or a .pt token tensor)") from None
-        tokens = _dataset_to_tokens(dataset, column, source)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".pt.tmp")
-        torch.save(tokens, tmp)
-        os.replace(tmp, cache)
+        # Under torchrun one process per machine downloads and converts (3.9 GB for the reference's
+        # dataset, minutes: longer than a collective's timeout); the others wait for its cache
+        # file, or for the note of its failure.
+        failed_note = cache.with_name(cache.name + ".failed")
+        if distributed.is_local_main():
+            failed_note.unlink(missing_ok=True)  # a previous run's
+        distributed.barrier()
+        if distributed.is_local_main():
+            try:
+                _download_tokens(source, cache, column, split)
+            except (SetupError, DataError, OSError) as e:
+                failed_note.parent.mkdir(parents=True, exist_ok=True)
+                failed_note.write_text(str(e))
+                raise
+        else:
+            while not cache.is_file():
+                if failed_note.is_file():
+                    raise SetupError(f"the dataset {source} could not be converted: {failed_note.read_text()}")
+                time.sleep(1)
+        return load_tokens(cache, cfg, column, split)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise DataError(f"{source}: tokens must be a non-empty [n_sequences, seq_len] tensor, got shape {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
         raise DataError(f"{source}: token ids must be integers, got {tokens.dtype}")
     return tokens.to(torch.int32)
+
+
+def _download_tokens(source, cache, column, split):
+    """The hub dataset `source` as an int32 token tensor in the file cache, written atomically (a
+    temporary file of its own, renamed)."""
+    import datasets
+
+    from checkpoint import atomic_torch_save
+
+    try:
+        dataset = datasets.load_dataset(str(source), split=split)
+    except (OSError, ValueError) as e:  # offline, unknown id, no access
+        raise SetupError(f"could not download the dataset {source} ({type(e).__name__}: {e}); give a local "
+                         "copy with --dataset (a datasets directory or a .pt token tensor)") from None
+    tokens = _dataset_to_tokens(dataset, column, source)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(tokens, cache)
+
+
+def check_heldout(n_sequences, n_heldout, read):
+    """A DataError when the last n_heldout of a dataset's n_sequences are not held out: the run
+    read `read` sequences from the start (wraps included; None: unknown, which is said)."""
+    if read is None:
+        print(f"note: the checkpoint does not record how many sequences training read; the last {n_heldout:,} "
+              "of the dataset are taken as held out unchecked")
+        return
+    if read > n_sequences - n_heldout:
+        wrapped = " (it wrapped around the dataset)" if read > n_sequences else ""
+        raise DataError(f"the last {n_heldout:,} sequences of the dataset's {n_sequences:,} are not held out: training "
+                        f"read {read:,}{wrapped}. Give held-out text with --dataset, or fewer with --n_heldout "
+                        f"(at most {max(0, n_sequences - read):,} here)")
 
 
 def check_tokens(tokens_NS, seq_len, vocab_size):
@@ -148,15 +188,35 @@ def load_gemma_pair(cfg, full=False):
                 kwargs["first_n_layers"] = n_layers
             model = HookedTransformer.from_pretrained(name, device=cfg["device"], **kwargs)
         except (OSError, ValueError, RuntimeError, ImportError) as e:
-            raise SetupError(
-                f"could not load {name} ({type(e).__name__}: {e}).\n"
-                "The Gemma replication needs network access to the Hugging Face hub, an accepted Gemma "
-                "licence and `huggingface-cli login` (or local copies: --model_names DIR_A,DIR_B), and a "
-                "CUDA GPU. To see the whole pipeline on a CPU instead, run: python train.py --preset toy") from None
+            raise SetupError(load_failure(name, e, cfg["device"])) from None
         if not full and n_layers is not None:
             drop_unembedding(model)
         models.append(model.eval())
     return models
+
+
+def load_failure(name, error, device=None):
+    """What failed when model `name` did not load, and what to do: the error itself, with the hint
+    that fits it (hub access, memory, weights that do not fit the architecture), never a guess."""
+    text = f"could not load {name} ({type(error).__name__}: {error})"
+    message = str(error).lower()
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+        hub_errors = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled)
+    except ImportError:
+        hub_errors = ()
+    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "not enough memory" in message:
+        return (f"{text}.\nThe device ({device or 'default'}) ran out of memory: free it, use a device with more "
+                "memory, or pass a smaller pair with --model_names")
+    if "size mismatch" in message or "shape" in message:
+        return (f"{text}.\nIts weights do not fit the architecture TransformerLens has for this name (a resized "
+                "vocabulary or another model's weights?): name the directory after the model it really holds")
+    if isinstance(error, hub_errors) or any(w in message for w in ("offline", "connect", "gated", "401", "403",
+                                                                  "huggingface.co", "hf_hub", "repository not found")):
+        return (f"{text}.\nThe weights come from the Hugging Face hub: this needs network access, the model's "
+                "licence accepted on its page and `huggingface-cli login` (Gemma's are gated), or local copies "
+                "(--model_names DIR_A,DIR_B). To see the whole pipeline on a CPU instead: python train.py --preset toy")
+    return text
 
 
 def _local_model(name):

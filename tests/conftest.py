@@ -31,15 +31,34 @@ def pytest_collection_modifyitems(items):
 
 def tiny_cfg(tmp_path=None, **overrides):
     """A complete, valid training config at toy size, writing under tmp_path."""
-    from train import default_cfg
+    from config import DEFAULTS
 
-    cfg = dict(default_cfg, d_in=32, dict_size=64, seq_len=9, batch_size=32, buffer_mult=8,
+    cfg = dict(DEFAULTS, d_in=32, dict_size=64, seq_len=9, batch_size=32, buffer_mult=8,
                num_tokens=32 * 20, lr=1e-3, model_batch_size=4, log_every=5, save_every=1000,
                hook_point="blocks.1.hook_resid_pre", norm_estimate_batches=2, device="cpu",
                wandb_mode="disabled", progress=False, model_names=["a", "b"], model_name="a", seed=0)
     if tmp_path is not None:
         cfg["checkpoint_dir"] = str(tmp_path / "checkpoints")
         cfg["data_dir"] = str(tmp_path / "data")
+    cfg.update(overrides)
+    return cfg
+
+
+# Exactly the keys of the reference replication's config dict (its train.py), at toy size: its
+# notebooks and scripts build CrossCoder, Buffer and Trainer from such a dict.
+REFERENCE_KEYS = ("seed", "batch_size", "buffer_mult", "lr", "num_tokens", "l1_coeff", "beta1", "beta2", "d_in",
+                  "dict_size", "seq_len", "enc_dtype", "model_name", "site", "device", "model_batch_size", "log_every",
+                  "save_every", "dec_init_norm", "hook_point", "wandb_project", "wandb_entity")
+
+
+def reference_cfg(**overrides):
+    """A config with the reference's keys only (values at toy size, its l1_coeff an int as there)."""
+    cfg = {"seed": 49, "batch_size": 32, "buffer_mult": 8, "lr": 5e-5, "num_tokens": 32 * 6, "l1_coeff": 2,
+           "beta1": 0.9, "beta2": 0.999, "d_in": 32, "dict_size": 64, "seq_len": 9, "enc_dtype": "fp32",
+           "model_name": "gemma-2-2b", "site": "resid_pre", "device": "cpu", "model_batch_size": 4, "log_every": 100,
+           "save_every": 30000, "dec_init_norm": 0.08, "hook_point": "blocks.1.hook_resid_pre",
+           "wandb_project": "YOUR_WANDB_PROJECT", "wandb_entity": "YOUR_WANDB_ENTITY"}
+    assert tuple(cfg) == REFERENCE_KEYS
     cfg.update(overrides)
     return cfg
 

@@ -84,6 +84,36 @@ if __name__ == "__main__":
         cfg = tiny_cfg(checkpoint_dir=os.path.dirname(out))
         harvest(cfg, [tiny_model(1), tiny_model(2)], random_tokens(50, 9), out, 50, shard_sequences=8)
         result = {}
+    elif architecture == "save_fails":  # rank 0's checkpoint write fails at step 5: both ranks must stop
+        from crosscoder import CrossCoder
+
+        def failing_save(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        if distributed.is_main():
+            CrossCoder.save = failing_save
+        cfg = tiny_cfg(num_tokens=32 * 20, save_every=5, checkpoint_dir=os.path.dirname(out))
+        trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
+        try:
+            trainer.train()
+            result = {"error": None}
+        except OSError as e:
+            result = {"error": str(e), "step": trainer.step_counter}
+    elif architecture == "convert_tokens":  # both ranks ask for an uncached hub dataset
+        import datasets
+
+        from utils import load_tokens
+
+        conversions = os.path.join(os.path.dirname(out), "conversions")
+
+        def fake_load_dataset(name, split):  # the hub, offline: counts who downloads
+            with open(conversions, "a") as f:
+                f.write(f"{distributed.rank()}\n")
+            return datasets.Dataset.from_dict({"input_ids": [[2, i, i + 1, i + 2] for i in range(40)]})
+
+        datasets.load_dataset = fake_load_dataset
+        tokens = load_tokens("someone/tokenized-data", {"data_dir": os.path.dirname(out)})
+        result = {"tokens": tokens}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from batchtopk import batch_topk_mask
 

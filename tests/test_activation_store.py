@@ -31,6 +31,19 @@ def test_a_store_for_another_config_is_refused(tmp_path, models):
         ActivationStore(cfg, tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("key, value", [("model_names", ["c", "d"]), ("dataset", "another/dataset")])
+def test_a_store_harvested_from_other_models_or_data_is_refused(tmp_path, models, key, value):
+    """The store records which models and which data it was harvested from; a run of other models
+    or data (same shapes and hook: nothing else would tell) is refused, naming the key."""
+    from config import ConfigError
+
+    cfg = tiny_cfg(tmp_path)
+    harvest(cfg, list(models), random_tokens(40, cfg["seq_len"]), tmp_path / "store", 40)
+    ActivationStore(cfg, tmp_path / "store")  # the same config reads it
+    with pytest.raises(ConfigError, match=f"config {key}=.* but the store at .* was harvested with"):
+        ActivationStore(tiny_cfg(tmp_path, **{key: value}), tmp_path / "store")
+
+
 def test_a_strided_reader_serves_the_rows_of_its_share_of_the_sequences(tmp_path, models):
     """ActivationStore(first_sequence=r, stride=w) -- data-parallel rank r of w -- serves, as its
     sequences 0, 1, 2, ..., the store's sequences r, r + w, r + 2w, ..., across shard boundaries."""

@@ -35,3 +35,21 @@ def test_norm_estimate_with_bos_matches_a_direct_computation(models):
         torch.testing.assert_close(got[m], 32 ** 0.5 / acts.norm(dim=-1).mean())
     no_bos = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, progress=False)
     torch.testing.assert_close(no_bos[0], 32 ** 0.5 / extract_activations(models[0], tokens[:8], "blocks.1.hook_resid_pre")[:, 1:].norm(dim=-1).mean())
+
+
+def test_norm_factors_are_estimated_in_fp32_even_where_the_harvest_runs_under_bf16_autocast(models, monkeypatch):
+    """On a GPU the models run under bf16 autocast for the harvest (activations.autocast_context);
+    the factors are estimated without it, in fp32, as the reference did. Simulated on the CPU by
+    making autocast_context a bf16 autocast: the estimate still equals the fp32 computation."""
+    import activations
+
+    monkeypatch.setattr(activations, "autocast_context", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
+    tokens = random_tokens(8, 9)
+    got = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 4, progress=False)
+    for m, model in enumerate(models):
+        acts = extract_activations(model, tokens, "blocks.1.hook_resid_pre")[:, 1:]
+        torch.testing.assert_close(got[m], 32 ** 0.5 / acts.norm(dim=-1).mean(), rtol=1e-6, atol=0)
+    fp32 = extract_activations(models[0], tokens, "blocks.1.hook_resid_pre")
+    with activations.autocast_context("cpu"):  # the simulated harvest does round: the test can tell
+        bf16 = extract_activations(models[0], tokens, "blocks.1.hook_resid_pre").float()
+    assert (bf16 - fp32).abs().max() > 1e-4

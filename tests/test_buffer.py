@@ -160,3 +160,31 @@ def test_saved_shuffling_state_is_a_cpu_generators_and_resumes_on_any_device(mod
     torch.testing.assert_close(first, buf.next())  # the rows already shuffled are served as saved
     for _ in range(20):  # through a refresh with the new seed
         assert torch.isfinite(restored.next()).all()
+
+
+def test_the_references_own_config_and_call_form_build_a_buffer(models):
+    """Buffer(cfg, model_A, model_B, all_tokens) with exactly the reference's keys (the other keys
+    take their defaults): it serves the batches a buffer over the completed config serves."""
+    from config import complete_cfg
+    from conftest import reference_cfg
+
+    cfg = reference_cfg()
+    tokens = random_tokens(64, 9)
+    want = Buffer(complete_cfg(cfg), models[0], models[1], tokens)
+    got = Buffer(cfg, models[0], models[1], tokens)
+    for _ in range(3):
+        torch.testing.assert_close(got.next(), want.next())
+
+
+def test_cpu_memory_available_is_memavailable_not_memfree():
+    """MemAvailable (free memory plus the page cache the kernel can drop) is what an allocation can
+    have; MemFree leaves the cache out. The parser reads MemAvailable from /proc/meminfo's text,
+    and available_bytes('cpu') equals the value the kernel reports (read here independently)."""
+    from buffer import available_bytes, meminfo_available
+
+    text = "MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+    assert meminfo_available(text) == 20_000_000 * 1024
+    assert meminfo_available("MemTotal: 1 kB\n") is None
+    with open("/proc/meminfo") as f:
+        kernel = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert abs(available_bytes("cpu") - kernel) < 0.05 * kernel  # (memory moves a little between the reads)

@@ -58,3 +58,24 @@ def test_atomic_text_write_replaces_whole_files_and_cfg_is_json_safe(tmp_path):
     atomic_write_text(path, json.dumps(jsonable({"f": torch.tensor([1.5, 2.0]), "p": tmp_path})))
     assert json.loads(path.read_text()) == {"f": [1.5, 2.0], "p": str(tmp_path)}
     assert [p.name for p in tmp_path.iterdir()] == ["0_cfg.json"]  # no temporary file left
+
+
+def test_a_checkpoint_records_how_many_sequences_its_run_read(tmp_path, models):
+    """The saved config's sequences_read is the buffer's count of sequences read (refreshes and
+    wraps included), and sequences_read() finds it; for a checkpoint of a run that predates the
+    record, it comes from the trainer state's pointers."""
+    from checkpoint import checkpoint_files, read_cfg, sequences_read
+    from conftest import random_tokens, tiny_cfg
+    from trainer import Trainer
+
+    cfg = tiny_cfg(tmp_path, num_tokens=32 * 40, wrap_tokens=True)
+    trainer = Trainer(cfg, models=list(models), tokens=random_tokens(20, 9))  # 20 sequences: it wraps
+    trainer.train()
+    version = trainer.crosscoder.save_dir
+    read = trainer.buffer.sequences_run
+    assert read > 20 and read_cfg(version)["sequences_read"] == read == sequences_read(version)
+    path = checkpoint_files(version, 0).cfg
+    saved = json.loads(path.read_text())
+    del saved["sequences_read"]
+    path.write_text(json.dumps(saved))
+    assert sequences_read(version) == read

@@ -4,7 +4,7 @@ import pytest
 
 from config import SCHEMA, ConfigError, check_against_model, format_help, parse_overrides, parse_value, validate_cfg
 from conftest import REPO
-from train import default_cfg
+from config import DEFAULTS as default_cfg
 
 
 def test_default_config_is_valid_and_fully_described_by_the_schema():
@@ -107,3 +107,21 @@ def test_help_lists_every_key_with_its_default_and_meaning():
 def test_help_flag_is_not_a_config_key():
     cfg, extras = parse_overrides(["--dict_size", "8", "--help"], default_cfg)
     assert extras == {"help": True} and cfg["dict_size"] == 8
+
+
+def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():
+    """An old toy checkpoint's config without the keys added since: they take the toy preset's
+    values where it has them, else DEFAULTS'; its own values win. A toy run saved before toy_seed
+    existed built its pair from its seed, so as a saved config (validate=False) it keeps that pair."""
+    from config import DEFAULTS, TOY_CFG, complete_cfg
+
+    old = {"preset": "toy", "dict_size": 256, "d_in": 64, "seed": 3}
+    cfg = complete_cfg(old, validate=False)
+    assert set(cfg) == set(DEFAULTS) | {"preset"}
+    assert cfg["dict_size"] == 256 and cfg["batch_size"] == TOY_CFG["batch_size"]
+    assert cfg["step_dtype"] == DEFAULTS["step_dtype"] and cfg["preset"] == "toy" and cfg["toy_seed"] == 3
+    assert complete_cfg(dict(old, toy_seed=5), validate=False)["toy_seed"] == 5
+    assert complete_cfg({"preset": "toy", "seed": 3})["toy_seed"] == DEFAULTS["toy_seed"]  # a new config
+    assert complete_cfg({"dict_size": 8})["preset"] == "gemma"
+    with pytest.raises(ConfigError, match="did you mean 'dict_size'"):
+        complete_cfg({"dict_sise": 8})

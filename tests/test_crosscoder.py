@@ -287,3 +287,43 @@ def test_loading_never_executes_pickled_code(saved, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError):
         CrossCoder.load(saved, 0)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_the_references_own_config_builds_a_crosscoder_with_todays_defaults_for_the_rest():
+    """CrossCoder(cfg) with exactly the reference's keys: the weights are those of the same config
+    completed from config.DEFAULTS (the missing keys take their defaults), and the crosscoder is
+    the reference's L1 one on two models."""
+    from config import complete_cfg
+    from conftest import REFERENCE_KEYS, reference_cfg
+
+    cfg = reference_cfg()
+    assert set(cfg) == set(REFERENCE_KEYS)
+    cc = CrossCoder(cfg)
+    full = CrossCoder(complete_cfg(cfg))
+    assert cc.architecture == "l1" and cc.n_models == 2
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(cc, name), getattr(full, name))
+    assert set(cfg) == set(REFERENCE_KEYS)  # the caller's dict is left as it was
+
+
+def test_an_unknown_key_is_refused_with_the_clis_suggestion():
+    from config import ConfigError
+    from conftest import reference_cfg
+
+    with pytest.raises(ConfigError, match="unknown config key 'l1_coef' \\(did you mean 'l1_coeff'\\?\\)"):
+        CrossCoder(reference_cfg(l1_coef=2))
+
+
+def test_analysis_helpers_return_detached_tensors():
+    """relative_decoder_norm, decoder_cosine_similarity and norm_difference: plain values (no
+    autograd graph, no warning when converted), equal to the same maths on the weights' data."""
+    from diffing import norm_difference
+
+    cc = CrossCoder(cc_cfg(d_in=4, dict_size=6))
+    norms = cc.W_dec.data.norm(dim=-1)
+    want_rel = norms[:, 1] / norms.sum(-1)
+    for value in (cc.relative_decoder_norm(), cc.decoder_cosine_similarity(), norm_difference(cc)):
+        assert not value.requires_grad
+    torch.testing.assert_close(cc.relative_decoder_norm(), want_rel)
+    torch.testing.assert_close(cc.decoder_cosine_similarity(),
+                               torch.nn.functional.cosine_similarity(cc.W_dec.data[:, 0], cc.W_dec.data[:, 1], dim=-1))

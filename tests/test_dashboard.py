@@ -79,6 +79,18 @@ def test_the_table_lists_the_latents_that_fired_with_their_norms_and_latent_scal
     assert sum(histogram) == 64
 
 
+def test_a_one_sided_latent_has_no_cosine_in_the_table():
+    """A latent whose base decoder is zero has no direction there: its cosine is null (shown as a
+    dash), not the "-0.000" cosine_similarity's epsilon makes; the others keep theirs."""
+    cc = CrossCoder(tiny_cfg())
+    with torch.no_grad():
+        cc.W_dec[3, 0] = 0
+    table, _ = latent_table(cc)
+    cos = cc.decoder_cosine_similarity()
+    assert table["cos"][3] is None
+    assert [c for j, c in enumerate(table["cos"]) if j != 3] == [round(float(cos[j]), 4) for j in range(64) if j != 3]
+
+
 def test_a_16k_latent_dashboard_stays_under_5_mb():
     """16,384 latents, each with 10 examples of 11 tokens from 257 x 1024 held-out tokens of a
     256k vocabulary (Zipf-distributed like text), shares Gaussian: the page is under 5 MB."""
@@ -144,3 +156,12 @@ def test_the_toy_dashboard_in_headless_chromium(toy_analysis, tmp_path):
         page.wait_for(f"document.querySelector('#detail h2')?.textContent.startsWith('latent {shown[1]} ')")
         assert page.errors == [], page.errors
     print(f"screenshot: {tmp_path / 'dashboard.png'}")
+    with Chromium(width=900, height=900) as page:  # a narrow window: the table above, no sideways scrolling
+        page.open(url + f"#latent={shown[0]}")
+        page.wait_for(f"document.querySelector('#detail h2')?.textContent.startsWith('latent {shown[0]} ')")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        assert page.evaluate("document.getElementById('list').scrollWidth <= document.getElementById('list').clientWidth")
+        key = page.evaluate("document.getElementById('key').textContent")
+        assert "bold" in key and "Latent Scaling" in key  # the bold rows are explained
+        page.screenshot(tmp_path / "dashboard_narrow.png")
+        assert page.errors == [], page.errors

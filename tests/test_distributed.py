@@ -185,3 +185,27 @@ def test_a_killed_rank_ends_the_job_without_hanging_and_the_last_checkpoint_load
     time.sleep(1)
     assert subprocess.run(["pgrep", "-f", str(marker)], capture_output=True).stdout == b""  # no worker left
     assert CrossCoder.load(version).cfg["world_size"] == 2
+
+
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp_path):
+    """Rank 0 cannot write the checkpoint at step 5 (disk full): every rank stops at that step with
+    an OSError, instead of the other rank waiting in the next step's collective until the timeout
+    (which would exceed this test's limit)."""
+    out = torchrun("tests/dp_worker.py", str(tmp_path / "fail.pt"), "0", "save_fails", timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    got = [torch.load(tmp_path / f"fail.pt.rank{r}", weights_only=True) for r in (0, 1)]
+    assert "No space left on device" in got[0]["error"] and "rank 0 could not write" in got[1]["error"]
+    assert got[0]["step"] == got[1]["step"] == 5
+
+
+def test_on_a_cold_token_cache_one_process_converts_the_dataset_and_every_rank_reads_it(tmp_path):
+    """Two ranks ask for a hub dataset that is not cached yet: one process downloads and converts
+    it (written atomically, never to a shared temporary name), the other waits for its cache file;
+    both get the same tokens."""
+    out = torchrun("tests/dp_worker.py", str(tmp_path / "tok.pt"), "0", "convert_tokens", timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert (tmp_path / "conversions").read_text().split() == ["0"]
+    got = [torch.load(tmp_path / f"tok.pt.rank{r}", weights_only=True)["tokens"] for r in (0, 1)]
+    torch.testing.assert_close(got[0], got[1], atol=0, rtol=0)
+    assert got[0].shape == (40, 4) and got[0].dtype == torch.int32
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

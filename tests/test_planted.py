@@ -51,3 +51,38 @@ def test_classification_by_rank_takes_the_n_most_leaning_latents_of_each_side():
     assert by_threshold["all"]["recovered"] == 1.0 and by_threshold["all"]["classified"] == pytest.approx(1 / 3)
     by_rank = recovery_report(cc, src, threshold=0.9, counts=(1, 1))
     assert by_rank["all"]["classified"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--foo", "1"], "unknown config key 'foo'"),
+    (["--lr2", "1"], "did you mean 'lr'"),
+    (["--model_names", "a,b"], "planted.py takes"),
+    (["--dict_size", "0"], "'dict_size' must be a positive number"),
+    (["--counts", "1"], "--counts takes two integers"),
+    (["--n_shared", "x"], "--n_shared takes an integer"),
+])
+def test_bad_options_are_an_error_message_not_a_traceback(argv, message):
+    """Every bad option ends planted.py with one line naming it (as train.py), before any training."""
+    from planted import main
+
+    result = main(argv)
+    assert isinstance(result, str) and result.startswith("error: ") and message in result, result
+
+
+def test_the_command_line_sets_the_benchmark(monkeypatch):
+    """The options reach planted_benchmark: the sizes, the architecture, dead_tokens and the
+    planted counts (num_tokens // batch_size steps)."""
+    import planted
+
+    seen = {}
+
+    def fake_benchmark(**kwargs):
+        seen.update(kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(planted, "planted_benchmark", fake_benchmark)
+    with pytest.raises(SystemExit):
+        planted.main(["--architecture", "batchtopk", "--k", "6", "--dict_size", "256", "--num_tokens", "1.5e6",
+                      "--n_shared", "96", "--n_base_only", "32", "--n_chat_only", "32", "--dead_tokens", "1e7"])
+    assert seen["steps"] == 1_500_000 // 1024 and seen["dict_size"] == 256 and seen["k"] == 6
+    assert seen["dead_tokens"] == 10_000_000 and (seen["n_shared"], seen["n_base_only"], seen["n_chat_only"]) == (96, 32, 32)

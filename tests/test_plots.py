@@ -38,8 +38,24 @@ def test_cosine_histogram_bins_span_minus_one_to_one(monkeypatch, tmp_path):
     assert np.array_equal(seen["heights"], np.histogram(cos.numpy(), bins=100, range=(-1, 1))[0])
 
 
-def test_latent_scaling_scatter_puts_reconstruction_on_x_and_error_on_y(monkeypatch):
-    seen = drawn(monkeypatch)
-    nu_err, nu_rec = torch.tensor([0.1, 0.9, 0.5]), torch.tensor([0.2, 0.3, 0.8])
+def test_latent_scaling_scatter_draws_the_pass_region_and_marks_the_latents_inside_it(monkeypatch):
+    """Reconstruction on x, error on y; the region |nu_error| < 0.2, |nu_reconstruction| < 0.5 is
+    drawn, and the latents inside it (here the first and the last) are a series of their own,
+    counted in the legend."""
+    seen = {}
+    finish = plots._finish
+
+    def spy(plt, fig, path):
+        ax = fig.axes[0]
+        seen["series"] = [c.get_offsets() for c in ax.collections]
+        seen["region"] = [(p.get_x(), p.get_y(), p.get_width(), p.get_height()) for p in ax.patches]
+        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        return finish(plt, fig, path)
+
+    monkeypatch.setattr(plots, "_finish", spy)
+    nu_err, nu_rec = torch.tensor([0.1, 0.9, 0.5, -0.15]), torch.tensor([0.2, 0.3, 0.8, -0.4])
     assert plots.plot_latent_scaling(nu_err, nu_rec) is None  # no path: nothing written
-    assert np.allclose(seen["points"], np.stack([nu_rec.numpy(), nu_err.numpy()], axis=1))
+    outside, inside = seen["series"]
+    assert np.allclose(inside, [[0.2, 0.1], [-0.4, -0.15]]) and np.allclose(outside, [[0.3, 0.9], [0.8, 0.5]])
+    assert np.allclose(seen["region"], [(-0.5, -0.2, 1.0, 0.4)])
+    assert any("inside: 2 latents" in t for t in seen["legend"]) and any("outside: 2" in t for t in seen["legend"])

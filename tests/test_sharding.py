@@ -92,7 +92,7 @@ def test_torchrun_trains_the_toy_preset_on_two_processes_with_the_dictionary_spl
     out = torchrun("train.py", "--preset", "toy", "--latent_shards", "2", "--num_tokens", "51200", "--data_dir",
                    str(data), "--checkpoint_dir", str(tmp_path / "ckpt"), "--wandb_mode", "disabled", timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert out.stdout.count("final: ") == 1 and out.stdout.count("latents: 1024 (") == 1
+    assert out.stdout.count("final: ") == 1 and out.stdout.count("latents: 1024, ") == 1
     assert "over 2 processes" in out.stdout
     cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
     assert cc.W_dec.shape[0] == 1024 and cc.cfg["latent_shards"] == 2 and cc.cfg["world_size"] == 2

@@ -62,3 +62,25 @@ def test_torchrun_harvests_the_toy_store_and_trains_from_it_with_two_processes(t
     cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
     assert cc.cfg["step"] == 100 and cc.cfg["normalisation_factor"] == pytest.approx(meta["normalisation_factor"])
     assert out.stdout.count("training on the activations stored at") == 1
+
+
+def test_a_store_too_large_for_its_disk_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
+    """store.py checks the free disk first (a full disk kills the harvest with SIGBUS): with 1 MB
+    free, the toy store is refused naming its size, and no model is built. --dry_run prints the
+    size: at the Gemma config, 3.8 TB."""
+    import store
+    import toy
+    from config import ConfigError, complete_cfg
+
+    def no_models(cfg):
+        raise AssertionError("models loaded before the disk check")
+
+    monkeypatch.setattr(toy, "build_toy_pair", no_models)
+    monkeypatch.setattr(store, "free_disk_bytes", lambda path: 10**6)
+    with pytest.raises(ConfigError, match=r"needs [\d.,]+ GB but .* has 0.0 GB free"):
+        store.main(["--preset", "toy", "--store_dir", str(tmp_path / "s")])
+    n = store.sequences_for_any_world_size(complete_cfg({}))
+    size = store.store_bytes(complete_cfg({}), n)
+    assert size == n * 1023 * 2 * 2304 * 2 + n * 1024 * 4 and 3.7e12 < size < 3.9e12
+    store.main(["--store_dir", str(tmp_path / "s"), "--dry_run"])
+    assert f"{n:,} sequences, {size / 1e9:,.1f} GB" in capsys.readouterr().out

@@ -74,7 +74,7 @@ def test_names_that_moved_still_import_from_their_old_modules():
 
 
 def test_no_module_repeats_a_config_default_with_cfg_get():
-    """Defaults live in train.default_cfg; configs are completed once (train.complete_cfg), so no
+    """Defaults live in config.DEFAULTS; configs are completed once (config.complete_cfg), so no
     module reads cfg.get("key", default) for a config key: such a default would drift."""
     from config import SCHEMA
 

@@ -105,6 +105,45 @@ def test_an_interrupted_sweep_resumes_every_member_exactly(tmp_path):
             torch.testing.assert_close(getattr(a.crosscoder, name), getattr(b.crosscoder, name), rtol=0, atol=0)
 
 
+def test_when_the_member_owning_the_buffer_diverges_the_others_resume_where_the_data_left_off(tmp_path):
+    """Member 0 (which owns the shared buffer's saved state) diverges; the sweep is stopped at step
+    12 and resumed: the surviving member continues the data from where it was, not from sequence 0,
+    so it ends equal to its config trained alone for the 24 steps. A member's own directory
+    without the data state is refused for a lone resume, instead of re-reading the tokens."""
+    import signal
+
+    from checkpoint import CheckpointError
+    from trainer import TrainingInterrupted
+
+    models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
+    run = Sweep(tiny_cfg(tmp_path / "sweep", num_tokens=32 * 24, log_every=2), {"lr": [1e30, 1e-3]},
+                models=models, tokens=tokens)
+    draw, calls = run.source.next, []
+
+    def next_then_stop():
+        calls.append(1)
+        if len(calls) == 12:
+            run._stop = signal.SIGTERM
+        return draw()
+
+    run.source.next = next_then_stop
+    with pytest.raises(TrainingInterrupted):
+        run.train()
+    assert list(run.failed) == [0]
+    resumed = Sweep.resume(run.sweep_dir, models=models, tokens=tokens)
+    assert [t.cfg["lr"] for t in resumed.trainers] == [1e-3] and resumed.trainers[0].step_counter == 12
+    resumed.train()
+    alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 24, log_every=2), models=models, tokens=tokens)
+    alone.train()
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(resumed.trainers[0].crosscoder, name), getattr(alone.crosscoder, name),
+                                   rtol=1e-5, atol=1e-5)
+    other = Sweep(tiny_cfg(tmp_path / "other", num_tokens=32 * 12), {"lr": [1e-3, 2e-3]}, models=models, tokens=tokens)
+    other.train()  # member 1 never owned the buffer: its checkpoint holds no data state
+    with pytest.raises(CheckpointError, match="no data state"):
+        Trainer.resume(other.sweep_dir / "version_1", other.trainers[1].cfg, models=models, tokens=tokens)
+
+
 def test_a_sweep_that_does_not_fit_names_the_members_to_drop():
     """Held memory adds up over members, step temporaries do not: with room for exactly the two
     small members and the largest step among them, the big member is the one named."""

@@ -82,3 +82,83 @@ def test_toy_pair_differs_in_transcripts_and_the_crosscoder_finds_model_specific
     assert genuine["count"] >= 3
     assert genuine["chat_mass_fraction"] >= 0.9
     assert artefact["chat_mass_fraction"] < 0.6
+
+
+def fake_toy_cache(cfg):
+    """A toy pair cache for cfg with untrained weights (the real build trains for minutes): what
+    build_toy_pair finds once the pair was built, by this host or another."""
+    from transformer_lens import HookedTransformer
+
+    from toy import cache_dir, toy_model_cfg
+
+    d = cache_dir(cfg)
+    d.mkdir(parents=True)
+    make_tokenizer().save_pretrained(d / "tokenizer")
+    for i, name in enumerate(("base", "chat")):
+        model = HookedTransformer(toy_model_cfg(i, cfg["d_in"], cfg["seq_len"], device="cpu"))
+        torch.save(model.state_dict(), d / f"{name}.pt")
+    return d
+
+
+def test_the_toy_pair_and_its_reports_follow_the_configured_device_on_a_gpu_host(tmp_path, monkeypatch):
+    """On a host with a GPU, a toy run configured for the CPU keeps everything there: the pair's
+    models are built on cfg["device"] (TransformerLens would put them on the GPU), and the
+    organism and toy reports run on it. The GPU host is simulated by making
+    torch.cuda.is_available() answer True: anything that still chose "cuda" would fail."""
+    from config import complete_cfg
+    from crosscoder import CrossCoder
+    from toy import build_toy_pair, organism_report, toy_report
+
+    cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path), "d_in": 32, "dict_size": 64, "seq_len": 12,
+                        "num_tokens": 512 * 4})
+    fake_toy_cache(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    base, chat, tokens, _ = build_toy_pair(cfg)
+    for model in (base, chat):
+        assert model.cfg.device == "cpu" and {p.device.type for p in model.parameters()} == {"cpu"}
+    assert organism_report(base, chat, cfg, n_seqs=8)["answer_accuracy_base"] >= 0
+    cc = CrossCoder(dict(cfg, normalisation_factor=[1.0, 1.0]))
+    report = toy_report(cc, base, chat, dict(cfg, normalisation_factor=[1.0, 1.0]), n_seqs=16)
+    assert report["tokens"] == 16 * 11 and sum(report["relative_norm_histogram"]) == 64
+
+
+def test_the_toy_report_reads_the_crosscoder_in_eval_mode_and_leaves_its_mode(tmp_path):
+    """BatchTopK: the report selects latents by the inference threshold (as analysis.py does after
+    loading), not by the batch's top k (which under torchrun is a collective of every rank): the
+    latents it counts dead are those that never pass the threshold on the held-out tokens,
+    computed here independently. A crosscoder in training mode is put back in training mode."""
+    from config import complete_cfg
+    from crosscoder import CrossCoder
+    from diffing import iter_paired_activations
+    from toy import build_toy_pair, heldout_tokens, toy_report
+
+    cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path), "d_in": 32, "dict_size": 64, "seq_len": 12,
+                        "num_tokens": 512 * 4, "architecture": "batchtopk", "k": 4, "threshold_start_step": 0},
+                       validate=False)
+    cfg["normalisation_factor"] = [1.0, 1.0]
+    fake_toy_cache(cfg)
+    base, chat, _, _ = build_toy_pair(cfg)
+    cc = CrossCoder(cfg).train()
+    tokens, _ = heldout_tokens(cfg, 16)
+    x_BMD = torch.cat([x.flatten(0, 1) for _, x in iter_paired_activations([base, chat], tokens, cfg["hook_point"], 16)])
+    with torch.no_grad():
+        scores_BF = torch.relu(cc.encode(x_BMD, apply_relu=False)) * cc.decoder_norms().sum(-1)
+        cc.threshold.fill_(float(scores_BF.quantile(0.995)))  # far fewer pass than k per token
+        never_pass = int((~(scores_BF > cc.threshold).any(0)).sum())
+        never_in_top_k = int((~(cc.encode(x_BMD) > 0).any(0)).sum())  # training mode: the batch's top k
+    assert never_pass != never_in_top_k  # the two selections differ here
+    report = toy_report(cc, base, chat, cfg, n_seqs=16)
+    assert report["dead"] == never_pass
+    assert cc.training
+
+
+def test_the_toy_pair_has_its_own_seed():
+    """The crosscoder's seed does not choose the pair (a seed sweep keeps the models); toy_seed,
+    d_in and seq_len do."""
+    from config import complete_cfg
+    from toy import cache_dir
+
+    cfg = complete_cfg({"preset": "toy"})
+    assert cache_dir(dict(cfg, seed=1)) == cache_dir(cfg)
+    for key, value in (("toy_seed", 1), ("d_in", 32), ("seq_len", 16)):
+        assert cache_dir(dict(cfg, **{key: value})) != cache_dir(cfg)

@@ -2,9 +2,10 @@
 import json
 
 import pytest
+import torch
 
 from config import ConfigError
-from conftest import run_script
+from conftest import run_script, tiny_cfg
 from train import build_cfg, default_cfg
 
 
@@ -101,14 +102,34 @@ def test_the_gemma_path_trains_offline_on_local_model_copies(tmp_path, tiny_gemm
     assert cc.W_dec.shape == (64, 2, 2304) and len(cc.cfg["normalisation_factor"]) == 2
 
 
-def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():
-    """An old toy checkpoint's config without the keys added since: they take the toy preset's
-    values where it has them, else default_cfg's; its own values win."""
-    from train import TOY_CFG, complete_cfg
+def test_resume_overrides_are_compared_with_the_saved_config_not_the_defaults(tmp_path):
+    """A key typed with --resume is compared with the run's saved value: `--wrap_tokens false`
+    undoes a saved true, and a key the run was trained with cannot be changed by typing the default
+    (--dict_size 16384 on a 64-latent run is refused, not silently ignored)."""
+    from crosscoder import CrossCoder
 
-    old = {"preset": "toy", "dict_size": 256, "d_in": 64}
-    cfg = complete_cfg(old)
-    assert set(cfg) == set(default_cfg) | {"preset"}
-    assert cfg["dict_size"] == 256 and cfg["batch_size"] == TOY_CFG["batch_size"]
-    assert cfg["step_dtype"] == default_cfg["step_dtype"] and cfg["preset"] == "toy"
-    assert complete_cfg({"dict_size": 8})["preset"] == "gemma"
+    cc = CrossCoder(tiny_cfg(tmp_path, preset="toy", wrap_tokens=True, dict_size=64))
+    cc.save()
+    version = str(cc.save_dir)
+    cfg, extras = build_cfg(["--resume", version, "--wrap_tokens", "false"])
+    assert cfg["wrap_tokens"] is False and extras["resume_overrides"] == {"wrap_tokens": False}
+    assert build_cfg(["--resume", version])[0]["wrap_tokens"] is True
+    with pytest.raises(ConfigError, match=r"cannot change dict_size \(64 -> 16384\)"):
+        build_cfg(["--resume", version, "--dict_size", "16384"])
+    assert build_cfg(["--resume", version, "--dict_size", "64"])[0]["dict_size"] == 64  # its own value: no change
+
+
+def test_a_dataset_too_small_for_the_run_is_refused_before_any_model_loads(tmp_path, monkeypatch):
+    """At the default 400M tokens a 50-sequence dataset is refused right after the tokens are read:
+    the models (a download, on a real run) are never loaded."""
+    import train
+    from buffer import TokensExhausted
+
+    def no_models(cfg):
+        raise AssertionError("models loaded before the data check")
+
+    monkeypatch.setattr(train, "load_gemma_pair", no_models)
+    torch.save(torch.randint(0, 1000, (50, 1024)), tmp_path / "tokens.pt")
+    cfg, _ = build_cfg(["--dataset", str(tmp_path / "tokens.pt"), "--device", "cpu"])
+    with pytest.raises(TokensExhausted, match="needs [\\d,]+ sequences of 1024 tokens .* but the dataset has 50"):
+        train.load_models_and_tokens(cfg)

@@ -314,3 +314,46 @@ def test_wandb_offline_writes_a_run_under_the_checkpoint_dir(tmp_path, monkeypat
     trainer.train()
     runs = list((tmp_path / "checkpoints" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+
+
+@pytest.mark.parametrize("form", ["positional", "buffer"])
+def test_the_references_own_config_and_call_forms_train(tmp_path, monkeypatch, models, form):
+    """Trainer(cfg, model_A, model_B, all_tokens) and Trainer(cfg, buffer=source) with exactly the
+    reference's keys: they train to the end and save under checkpoints/ (here a temporary root),
+    and the weights equal those of the same run on the config completed from config.DEFAULTS."""
+    import checkpoint
+    from config import complete_cfg
+    from conftest import reference_cfg
+    from planted import PlantedFeatureSource
+
+    monkeypatch.setattr(checkpoint, "DEFAULT_CHECKPOINT_DIR", tmp_path / "checkpoints")
+    tokens = random_tokens(200, 9)
+    runs = []
+    for cfg in (reference_cfg(), complete_cfg(reference_cfg(), validate=False)):
+        if form == "positional":
+            trainer = Trainer(cfg, models[0], models[1], tokens)
+        else:
+            trainer = Trainer(cfg, buffer=PlantedFeatureSource(cfg, n_shared=8, n_base_only=4, n_chat_only=4))
+        trainer.train()
+        runs.append(trainer)
+    assert runs[0].step_counter == 6 and complete_checkpoints(runs[0].crosscoder.save_dir) == [0]
+    torch.testing.assert_close(runs[0].crosscoder.W_dec, runs[1].crosscoder.W_dec)
+
+
+def test_batchtopk_counts_latents_dead_within_a_short_run_by_default(tmp_path):
+    """dead_tokens at its default follows the run: min(10M, num_tokens // 10) tokens. A latent that
+    never fires in a 100-step run of 32 tokens a step counts dead after 320 tokens (10 steps), so
+    AuxK acts on it; at the authors' fixed 10M tokens it would never count dead in such a run."""
+    from config import effective
+    from planted import PlantedFeatureSource
+
+    cfg = tiny_cfg(tmp_path, architecture="batchtopk", k=2, num_tokens=32 * 100, threshold_start_step=10)
+    assert cfg["dead_tokens"] is None and effective(cfg, "dead_tokens") == 320
+    assert effective(dict(cfg, num_tokens=4 * 10**9), "dead_tokens") == 10_000_000
+    trainer = Trainer(cfg, buffer=PlantedFeatureSource(cfg, n_shared=8, n_base_only=4, n_chat_only=4))
+    assert trainer._dead_window() == 10
+    with torch.no_grad():
+        trainer.crosscoder.b_enc[0] = -1e3  # latent 0 can never fire
+    aux = [float(trainer.step()["aux_loss"]) for _ in range(12)]
+    assert trainer.steps_since_fired[0] == 12
+    assert aux[:10] == [0.0] * 10 and aux[10] > 0 and aux[11] > 0  # dead from step 10 on: AuxK acts

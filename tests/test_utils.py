@@ -155,3 +155,40 @@ def test_dataset_conversion_peaks_near_the_int32_size_not_int64(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     added_mb, int32_mb = float(out.stdout.split()[-1]), 100_000 * 512 * 4 / 2**20
     assert added_mb < 1.4 * int32_mb, f"conversion added {added_mb:.0f} MB at its peak; the result is {int32_mb:.0f} MB"
+
+
+def test_check_heldout_refuses_rows_training_read():
+    """The last n_heldout of n sequences are held out only if the run read fewer than n - n_heldout
+    from the start; a wrapped run read them all."""
+    from utils import check_heldout
+
+    check_heldout(100, 20, 80)  # read 0..79: 80..99 held out
+    with pytest.raises(DataError, match="training read 81\\. .*at most 19 here"):
+        check_heldout(100, 20, 81)
+    with pytest.raises(DataError, match="wrapped around"):
+        check_heldout(100, 20, 150)
+
+
+@pytest.mark.parametrize("error, says, not_says", [
+    (OSError("We couldn't connect to 'https://huggingface.co' to load the files"), "network access", "memory"),
+    (RuntimeError("Error(s) in loading state_dict: size mismatch for embed.W_E: copying a param with shape "
+                  "torch.Size([256001, 2304])"), "do not fit the architecture", "network"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "ran out of memory", "network"),
+    (ValueError("some other failure"), "some other failure", "network"),
+])
+def test_a_model_that_fails_to_load_is_reported_with_what_failed(monkeypatch, error, says, not_says):
+    """The message gives the error and the hint that fits it: no hub/licence/GPU story for a shape
+    mismatch, a resized vocabulary or an out-of-memory error."""
+    from transformer_lens import HookedTransformer
+
+    from utils import SetupError, load_gemma_pair
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(HookedTransformer, "from_pretrained", fail)
+    with pytest.raises(SetupError) as info:
+        load_gemma_pair({"model_names": ["gemma-2-2b"], "hook_point": "blocks.14.hook_resid_pre", "device": "cpu"})
+    message = str(info.value)
+    assert message.startswith(f"could not load gemma-2-2b ({type(error).__name__}: ")
+    assert says in message and not_says not in message.lower()

@@ -43,7 +43,37 @@ def test_a_failed_online_start_falls_back_to_offline(no_credentials, monkeypatch
     monkeypatch.setattr(wandb, "init", fake_init)
     run = wandb_log.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck")))
     assert run == "offline run" and modes == ["online", "offline"]
-    assert "logging offline instead" in capsys.readouterr().out
+    assert "logging offline (online start failed: ConnectionError: no network)" in capsys.readouterr().out
+
+
+def test_a_failed_offline_fallback_disables_logging_instead_of_stopping_training(no_credentials, monkeypatch, capsys):
+    """Online fails, then the offline fallback fails too: start_run returns None (training goes
+    on without wandb) and says why, instead of raising."""
+    import wandb
+
+    def fake_init(mode, **kwargs):
+        raise ConnectionError("no network") if mode == "online" else PermissionError("read-only disk")
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    assert wandb_log.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck"))) is None
+    out = capsys.readouterr().out
+    assert "wandb: disabled" in out and "read-only disk" in out
+
+
+def test_an_offline_run_says_one_line(no_credentials, monkeypatch, capfd):
+    """A real offline run, started, logged to and finished: wandb's banner and sync hints are
+    silenced; the one line printed says where the run is and how to upload it."""
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = wandb_log.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck")))
+    try:
+        run.log({"loss": 1.0}, step=0)
+    finally:
+        wandb_log.finish_run(run)
+    captured = capfd.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "wandb" in line.lower()]
+    assert len(lines) == 1, lines
+    assert "offline" in lines[0] and f"wandb sync {no_credentials / 'ck'}" in lines[0]
 
 
 def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
