@@ -37,6 +37,26 @@ def test_sweep_words_are_taken_up_to_the_next_flag():
     assert split_sweep(["--lr", "1"]) == (["--lr", "1"], None)
 
 
+def stop_after(run, n_draws):
+    """Make the sweep stop, as its SIGTERM handler would, after its n_draws-th batch."""
+    import signal
+
+    draw, calls = run.source.next, []
+
+    def next_then_stop():
+        calls.append(1)
+        if len(calls) == n_draws:
+            run._stop = signal.SIGTERM
+        return draw()
+
+    run.source.next = next_then_stop
+
+
+def assert_same_weights(a, b, tol=1e-5):
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=tol, atol=tol)
+
+
 def test_a_sweep_member_equals_the_same_config_trained_alone(tmp_path):
     """Two L1 crosscoders (l1_coeff 1 and 3) on one real buffer over tiny models: the l1_coeff 3
     member's weights equal a run of that config alone (its own buffer, same seed) to 1e-5, and its
@@ -47,9 +67,7 @@ def test_a_sweep_member_equals_the_same_config_trained_alone(tmp_path):
     run.train()
     alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 12, l1_coeff=3.0), models=models, tokens=tokens)
     alone.train()
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        torch.testing.assert_close(getattr(run.trainers[1].crosscoder, name), getattr(alone.crosscoder, name),
-                                   rtol=1e-5, atol=1e-5)
+    assert_same_weights(run.trainers[1].crosscoder, alone.crosscoder)
     assert not torch.allclose(run.trainers[0].crosscoder.W_dec, alone.crosscoder.W_dec)  # the other member differs
     member = run.sweep_dir / "version_1"
     saved = json.loads((member / "0_cfg.json").read_text())
@@ -77,8 +95,6 @@ def test_a_member_that_diverges_stops_alone_and_the_others_finish(tmp_path):
 def test_an_interrupted_sweep_resumes_every_member_exactly(tmp_path):
     """24 steps straight equals 12 steps, a SIGTERM (every member saved), and Sweep.resume on the
     sweep's directory for 12 more, for both members, on real buffers (refilled on the way)."""
-    import signal
-
     from trainer import TrainingInterrupted
 
     models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
@@ -86,23 +102,14 @@ def test_an_interrupted_sweep_resumes_every_member_exactly(tmp_path):
     straight = Sweep(tiny_cfg(tmp_path / "straight", num_tokens=32 * 24), axes, models=models, tokens=tokens)
     straight.train()
     run = Sweep(tiny_cfg(tmp_path / "stopped", num_tokens=32 * 24), axes, models=models, tokens=tokens)
-    draw, calls = run.source.next, []
-
-    def next_then_stop():
-        calls.append(1)
-        if len(calls) == 12:
-            run._stop = signal.SIGTERM  # as the handler would: the sweep stops after this step
-        return draw()
-
-    run.source.next = next_then_stop
+    stop_after(run, 12)
     with pytest.raises(TrainingInterrupted):
         run.train()
     resumed = Sweep.resume(run.sweep_dir, models=models, tokens=tokens)
     assert [t.step_counter for t in resumed.trainers] == [12, 12]
     resumed.train()
     for a, b in zip(straight.trainers, resumed.trainers):
-        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-            torch.testing.assert_close(getattr(a.crosscoder, name), getattr(b.crosscoder, name), rtol=0, atol=0)
+        assert_same_weights(a.crosscoder, b.crosscoder, tol=0)
 
 
 def test_when_the_member_owning_the_buffer_diverges_the_others_resume_where_the_data_left_off(tmp_path):
@@ -110,23 +117,13 @@ def test_when_the_member_owning_the_buffer_diverges_the_others_resume_where_the_
     12 and resumed: the surviving member continues the data from where it was, not from sequence 0,
     so it ends equal to its config trained alone for the 24 steps. A member's own directory
     without the data state is refused for a lone resume, instead of re-reading the tokens."""
-    import signal
-
     from checkpoint import CheckpointError
     from trainer import TrainingInterrupted
 
     models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
     run = Sweep(tiny_cfg(tmp_path / "sweep", num_tokens=32 * 24, log_every=2), {"lr": [1e30, 1e-3]},
                 models=models, tokens=tokens)
-    draw, calls = run.source.next, []
-
-    def next_then_stop():
-        calls.append(1)
-        if len(calls) == 12:
-            run._stop = signal.SIGTERM
-        return draw()
-
-    run.source.next = next_then_stop
+    stop_after(run, 12)
     with pytest.raises(TrainingInterrupted):
         run.train()
     assert list(run.failed) == [0]
@@ -135,9 +132,7 @@ def test_when_the_member_owning_the_buffer_diverges_the_others_resume_where_the_
     resumed.train()
     alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 24, log_every=2), models=models, tokens=tokens)
     alone.train()
-    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
-        torch.testing.assert_close(getattr(resumed.trainers[0].crosscoder, name), getattr(alone.crosscoder, name),
-                                   rtol=1e-5, atol=1e-5)
+    assert_same_weights(resumed.trainers[0].crosscoder, alone.crosscoder)
     other = Sweep(tiny_cfg(tmp_path / "other", num_tokens=32 * 12), {"lr": [1e-3, 2e-3]}, models=models, tokens=tokens)
     other.train()  # member 1 never owned the buffer: its checkpoint holds no data state
     with pytest.raises(CheckpointError, match="no data state"):
