@@ -260,3 +260,22 @@ def test_splice_in_runs_the_models_under_the_buffers_autocast(monkeypatch):
     cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[1.0, 1.0]))
     splice_in_loss(cc, models, random_tokens(4, 9), batch_size=2)
     assert len(outside) == 2 * 2 * 3 and not any(outside)  # 2 batches x 2 models x clean/spliced/zero
+
+
+def test_held_out_text_that_training_read_is_refused_before_the_models_load(tmp_path):
+    """A checkpoint whose run read 40 of its dataset's 50 sequences: the default 257 held-out
+    sequences would overlap them, so analysis.py says so (before any model loads) and keeps the
+    weight-only analyses; with --n_heldout 10 the last 10 are held out and the check passes (the
+    models, unavailable offline, are then what stops the analyses over tokens)."""
+    torch.save(random_tokens(50, 1024, d_vocab=1000), tmp_path / "tokens.pt")
+    cc = CrossCoder(tiny_cfg(tmp_path, preset="gemma", dataset=str(tmp_path / "tokens.pt"), seq_len=1024,
+                             normalisation_factor=[0.3, 0.25], sequences_read=40))
+    cc.save()
+    version = str(tmp_path / "checkpoints" / "version_0")
+    out = run_script("analysis.py", "--checkpoint", version, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "the last 257 sequences of the dataset's 50 are not held out: training read 40" in out.stdout
+    assert "at most 10 here" in out.stdout
+    ok = run_script("analysis.py", "--checkpoint", version, "--n_heldout", "10", timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert "not held out" not in ok.stdout and "could not load" in ok.stdout
