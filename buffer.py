@@ -109,8 +109,7 @@ class RowBuffer:
     next() -> float32 [batch_size, n_models, d_in] on cfg["device"], normalised per model.
     """
 
-    def __init__(self, cfg, n_sequences, n_models, d_in):
-        cfg = completed(cfg)
+    def __init__(self, cfg, n_sequences, n_models, d_in):  # (cfg completed by the subclass)
         self.cfg, self.n_sequences = cfg, n_sequences
         self.device = torch.device(cfg["device"])
         self.seq_len = cfg["seq_len"]

@@ -109,7 +109,7 @@ def main(argv):
 
     usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--dry_run] [--preset toy] [--key value ...]"
     flags = {"dry_run": "print the store's size and the disk's free space, harvest nothing"}
-    cfg, extras = build_cfg([a if a != "--dry_run" else "--dry_run=1" for a in argv], flags=flags, usage=usage)
+    cfg, extras = build_cfg(argv, flags=flags, usage=usage, switches=tuple(flags))
     if cfg["store_dir"] is None:
         sys.exit(usage + " (--help: every key)")
     n = sequences_for_any_world_size(cfg)

@@ -50,13 +50,15 @@ def split_sweep(argv):
     return rest, specs
 
 
-def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]"):
+def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]",
+              switches=()):
     """base_cfg <- preset <- --key value overrides, or, with --resume, the saved config <- the
     overrides a resume may change. Returns (cfg, extras): extras holds the flags given (FLAGS, and
-    a script's own flags: name -> help). --help prints every flag and key and exits."""
+    a script's own flags: name -> help; its switches, flags without a value, as True). --help
+    prints every flag and key and exits."""
     all_flags = dict(flags or {}, **FLAGS)
     argv, sweep_specs = split_sweep(argv)
-    given, extras = parse_overrides(argv, {}, flags=tuple(all_flags))  # the keys typed, nothing else
+    given, extras = parse_overrides(argv, {}, flags=tuple(all_flags), switches=switches)  # the keys typed, nothing else
     if sweep_specs is not None:
         from sweep import parse_sweep
 
