@@ -36,16 +36,15 @@ from pathlib import Path
 import torch
 
 from activations import estimate_norm_factors
-from checkpoint import latest_version_dir, published_hook_dir, sequences_read
-from published import is_dictionary_learning_dir
-from config import ConfigError, format_help, parse_overrides
+from checkpoint import is_dictionary_learning_dir, latest_version_dir, published_hook_dir, sequences_read
+from cli import format_help, in_notebook, parse_overrides
+from config import ConfigError, complete_cfg
 from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
-from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents, effective_chat_only,
-                     examples_html, is_model_specific, iter_paired_activations, latent_scaling, rank_sum_order,
+from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents,
+                     effective_chat_only, examples_html, is_model_specific, iter_paired_activations, latent_scaling,
+                     plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram, rank_sum_order,
                      reconstruction_stats, splice_in_loss, top_activating_examples)
-from plots import plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram
-from config import complete_cfg
-from utils import DataError, SetupError, check_heldout, in_notebook, load_gemma_pair, load_tokens
+from utils import DataError, SetupError, check_heldout, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
                          "(default: newest local)",

@@ -1,22 +1,24 @@
-"""Paired activation buffer: runs every model on the same tokens (activations.py) and serves
-shuffled batches.
+"""Where a run's batches come from: the paired activation Buffer, which runs every model on the
+same tokens (activations.py) and serves shuffled batches, or an ActivationStore, which serves
+rows harvested by store.py the same way; make_batch_source picks one for each data-parallel rank.
 
-Shape legend: B batch (token positions), M models, D d_in, N sequences, S seq_len (positions).
+Shape legend: B batch (token positions), M models, D d_in, N sequences, S seq_len (positions), R rows.
 
 Like the reference: the buffer holds ~batch_size * buffer_mult token positions in bf16, fills
 fully at the start, and once half of it has been served refills that half and reshuffles.
 Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
 """
+import json
 import os
+from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-# The model-running functions live in activations.py; they are imported here (and re-exported
-# for notebooks written before they moved).
-from activations import (autocast_context, check_models, estimate_norm_factors, extract_activations,  # noqa: F401
-                         has_hook, run_models)
-from config import ConfigError, completed, hook_layer  # noqa: F401 (hook_layer: moved to config.py, kept for notebooks)
+import distributed
+from activations import check_models, estimate_norm_factors, run_models
+from config import ConfigError, completed
 
 
 class TokensExhausted(RuntimeError):
@@ -270,3 +272,111 @@ class Buffer(RowBuffer):
         residual norm is far larger than other tokens', which skewed the factor. We drop BOS in
         both."""
         return norm_factors(self.cfg, self.models, self.all_tokens).to(self.device)
+
+
+# ---------------------------------------------------------------- an activation store (store.py writes it)
+# Layout of a store directory: shard_00000.bin, shard_00001.bin, ... (bf16 rows [sequences * (S-1),
+# M, D], SHARD_SEQUENCES sequences per file, normalised per model), tokens.pt (the token ids, for
+# provenance) and meta.json (written last: its presence marks the store complete).
+SHARD_SEQUENCES = 4096  # sequences per shard file
+# The config keys a store must share with a run that trains from it (toy_seed: only toy stores
+# record it; a store from before model_names and dataset were compared has them all the same).
+STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "dataset", "toy_seed")
+
+
+def shard_path(store_dir, i):
+    return Path(store_dir) / f"shard_{i:05d}.bin"
+
+
+def read_meta(store_dir):
+    """The metadata of a complete store (meta.json is written last)."""
+    meta_file = Path(store_dir) / "meta.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"no complete activation store at {store_dir} (meta.json missing)")
+    return json.loads(meta_file.read_text())
+
+
+class ActivationStore(RowBuffer):
+    """Serves harvested rows exactly as the live Buffer serves fresh ones: same sizes, refresh,
+    shuffle, state and resume. first_sequence, stride: read the store's sequences first_sequence,
+    first_sequence + stride, ... (a data-parallel rank's share, as it reads tokens live)."""
+
+    def __init__(self, cfg, store_dir, state=None, first_sequence=0, stride=1):
+        cfg = completed(cfg)
+        self.store_dir = Path(store_dir)
+        self.meta = read_meta(store_dir)
+        # What was harvested from what: the same models, data, hook and shapes as the run, or an error
+        # (a store of other models would train without complaint on the wrong activations).
+        for key in STORE_KEYS:
+            if key in self.meta and cfg.get(key) != self.meta[key]:
+                raise ConfigError(f"config {key}={cfg.get(key)!r} but the store at {store_dir} was harvested with "
+                                  f"{self.meta[key]!r}: harvest a store for this config (store.py) or train live")
+        self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
+        self.per_shard = self.meta.get("sequences_per_shard", SHARD_SEQUENCES)
+        super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
+        R = cfg["seq_len"] - 1
+        self._shards = [np.memmap(shard_path(self.store_dir, i), dtype=np.int16, mode="r", shape=(n * R, self.meta["n_models"], self.meta["d_in"]))
+                        for i, n in enumerate(self.meta["shard_sequences"])]
+        if state is not None:
+            self.load_state_dict(state)
+        else:
+            self.normalisation_factor = torch.tensor(self.meta["normalisation_factor"], device=self.device)
+            self.refresh()
+
+    def _serve_scale(self):
+        return None  # rows are stored normalised
+
+    def rows(self, first, n):
+        """Rows [n * (S-1), M, D] (bf16) of this reader's sequences first..first+n, as harvested."""
+        R, out = self.cfg["seq_len"] - 1, []
+        ids = self.ids[first : first + n]
+        runs = [(ids.start, len(ids))] if ids.step == 1 else [(i, 1) for i in ids]  # a strided share: one by one
+        for first_sequence, n in runs:
+            while n > 0:
+                shard, offset = divmod(first_sequence, self.per_shard)
+                take = min(n, self.meta["shard_sequences"][shard] - offset)
+                out.append(self._shards[shard][offset * R : (offset + take) * R])
+                first_sequence, n = first_sequence + take, n - take
+        # one copy out of the read-only memory map, into a tensor torch may write
+        return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16).to(self.device)
+
+
+# ---------------------------------------------------------------- a rank's source
+def check_enough_sequences(cfg, local_cfg, have, total_steps, state=None, source="the dataset"):
+    """A TokensExhausted, before any model loads when it can, when this rank's `have` sequences
+    (None: unknown) cannot feed the steps left: a full fill, then half a buffer per refresh (an
+    exact resume keeps its filled buffer). state: the trainer state resumed from, or None."""
+    buffer_state = state and state.get("buffer")
+    start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
+    need = sequences_needed(local_cfg, total_steps - start)
+    if buffer_state is not None and "buffer" in buffer_state:
+        need -= buffer_sequences(local_cfg)
+    w = distributed.world_size()
+    if have is not None and need > have - read and not cfg["wrap_tokens"]:
+        raise TokensExhausted(
+            f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
+            f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
+            "wrap_tokens=True to reuse it")
+
+
+def make_batch_source(cfg, local_cfg, models, tokens, state, sequence_offset, total_steps):
+    """This rank's source of [batch_size / world size, M, D] batches: a live Buffer over the
+    models, or the activation store at cfg["store_dir"]. Rank r of w reads sequences
+    sequence_offset + r, + r + w, ...: all ranks together read in order. state: the trainer state
+    to resume from (its "buffer" is this rank's), or None. Checks first that there are enough
+    sequences for the steps left."""
+    w = distributed.world_size()
+    first = sequence_offset + distributed.rank()
+    buffer_state = state and state.get("buffer")
+    if cfg["store_dir"] is not None:
+        have, source = len(range(first, read_meta(cfg["store_dir"])["n_sequences"], w)), f"the store at {cfg['store_dir']}"
+    else:
+        tokens = tokens[first::w] if tokens is not None else None
+        have, source = (len(tokens) if tokens is not None else None), "the dataset"
+    check_enough_sequences(cfg, local_cfg, have, total_steps, state, source)
+    if cfg["store_dir"] is not None:
+        if distributed.is_main():
+            print(f"training on the activations stored at {cfg['store_dir']} ({have * w:,} sequences); "
+                  "the models are not run")
+        return ActivationStore(local_cfg, cfg["store_dir"], state=buffer_state, first_sequence=first, stride=w)
+    return Buffer(local_cfg, models, tokens, state=buffer_state)

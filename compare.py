@@ -15,7 +15,8 @@ import sys
 
 import torch
 
-from config import ConfigError, format_help, parse_overrides
+from cli import format_help, parse_overrides
+from config import ConfigError
 
 
 def match_decoders(reference, other, latents_J, model=1):

@@ -6,6 +6,7 @@ A typo fails in a second with a message naming the key, not an hour into a run. 
 imports nothing from the repo, and not torch.
 """
 import difflib
+import itertools
 import math
 import re
 from typing import Callable, NamedTuple, Optional
@@ -19,143 +20,128 @@ RECON_LOSSES = (None, "squared", "norm")
 
 
 class Key(NamedTuple):
-    """One config key. kind: int, float, str, bool, list (of str), "str?" or "int?" (or None)."""
-    kind: object
-    check: Optional[Callable]
-    need: str  # what the check requires, for the error message
-    doc: str   # one line for --help
+    """One config key, declared once: everything that reads keys (the CLI, --help, validation,
+    resume, sweeps, the constructors) reads this table."""
+    default: object
+    kind: object  # int, float, str, bool, list (of str), "str?" or "int?" (or None)
+    doc: str  # one line for --help
+    check: Optional[Callable] = None
+    need: str = ""  # what the check requires, for the error message
+    resume: bool = False  # a resume may change it (the others come from the checkpoint)
+    sweep: bool = False  # a sweep may vary it (the members share the models, data, batch and buffer)
+    auto: Optional[Callable] = None  # cfg -> the value a None default takes (effective)
 
 
 # The reference's l1_coeff was an int, which made `--l1_coeff 1.5` fail: every float key accepts
 # ints and floats.
-_pos = (lambda v: v > 0, "a positive number")
-_nonneg = (lambda v: v >= 0, "a number >= 0")
-_beta = (lambda v: 0 <= v < 1, "a number in [0, 1)")
-_free = (None, "")
-SCHEMA = {
-    "seed": Key(int, *_nonneg, "seeds the crosscoder's initialisation and the buffer's shuffling"),
-    "batch_size": Key(int, *_pos, "token positions per training step"),
-    "buffer_mult": Key(int, *_pos, "the buffer holds about batch_size * buffer_mult positions"),
-    "lr": Key(float, *_pos, "Adam learning rate (constant for 80% of the steps, then linear to 0)"),
-    "num_tokens": Key(int, *_pos, "training tokens in all: steps = num_tokens // batch_size"),
-    "l1_coeff": Key(float, *_nonneg, "weight of the decoder-norm-weighted L1 penalty (warmed up over 5%)"),
-    "beta1": Key(float, *_beta, "Adam beta1"),
-    "beta2": Key(float, *_beta, "Adam beta2"),
-    "d_in": Key(int, *_pos, "residual width at the hook point (the models' d_model)"),
-    "dict_size": Key(int, *_pos, "number of latents F"),
-    "seq_len": Key(int, lambda v: v >= 2, "an integer >= 2 (position 0, BOS, is dropped)",
-                   "tokens per sequence run through the models (BOS included, then dropped)"),
-    "enc_dtype": Key(str, lambda v: v in DTYPE_NAMES, f"one of {sorted(DTYPE_NAMES)}",
-                     "dtype of the crosscoder's weights"),
-    "model_name": Key(str, *_free, "the reference's name of the base model (kept for its notebooks)"),
-    "model_names": Key(list, *_free, "models to diff, comma-separated: index 0 base, 1 chat (hub names "
-                                     "or local directories named after them)"),
-    "site": Key(str, *_free, "the reference's name of the hook site (informational)"),
-    "device": Key("str?", *_free, "cuda, cpu, cuda:1 ...; none picks cuda when available"),
-    "model_batch_size": Key(int, *_pos, "sequences per forward pass of the models"),
-    "log_every": Key(int, *_pos, "steps between logged metrics"),
-    "save_every": Key(int, *_pos, "steps between checkpoints"),
-    "dec_init_norm": Key(float, *_pos, "initial norm of every decoder vector"),
-    "hook_point": Key(str, lambda v: v.startswith("blocks.") or v.startswith("hook_") or v.startswith("ln_final"),
-                      "a TransformerLens hook name such as 'blocks.14.hook_resid_pre'",
-                      "TransformerLens hook whose activations are diffed"),
-    "wandb_project": Key(str, *_free, "Weights & Biases project"),
-    "wandb_entity": Key("str?", *_free, "Weights & Biases entity (none: your default)"),
-    "n_models": Key(int, lambda v: v >= 2, "an integer >= 2", "number of models sharing the dictionary"),
-    "architecture": Key(str, lambda v: v in ARCHITECTURES, f"one of {list(ARCHITECTURES)}",
-                        "l1 (the reference) or batchtopk (Minder, Dumas et al. 2025)"),
-    "k": Key(int, *_pos, "batchtopk: mean active latents per token (k * batch_size kept per batch)"),
-    "aux_coeff": Key(float, *_nonneg, "batchtopk: weight of the AuxK loss that revives dead latents"),
-    "aux_k": Key("int?", *_pos, "batchtopk: dead latents used per token by the AuxK loss (none: d_in // 2)"),
-    "aux_normalise": Key(bool, *_free, "batchtopk: divide the AuxK loss by the error's variance over the batch"),
-    "threshold_beta": Key(float, *_beta, "batchtopk: EMA decay of the inference threshold"),
-    "threshold_start_step": Key(int, *_nonneg, "batchtopk: the inference threshold is estimated after this step"),
-    "dead_tokens": Key("int?", *_pos, "batchtopk: tokens without firing after which AuxK counts a latent dead "
-                                      "(none: min(10M, num_tokens // 10))"),
-    "k_max": Key("int?", *_pos, "batchtopk: anneal k linearly from k_max over k_annealing_steps (none: no annealing)"),
-    "k_annealing_steps": Key(int, *_nonneg, "batchtopk: steps over which k falls from k_max to k"),
-    "b_dec_init": Key("str?", lambda v: v in B_DEC_INITS, f"one of {list(B_DEC_INITS)}",
-                      "zeros or geometric_median (of the first batch); none: geometric_median for batchtopk, "
-                      "zeros for l1"),
-    "recon_loss": Key("str?", lambda v: v in RECON_LOSSES, f"one of {list(RECON_LOSSES)}",
-                      "squared (sum of squares per token) or norm (L2 norm per token and model, mean); "
-                      "none: norm for batchtopk, squared for l1"),
-    "norm_estimate_batches": Key(int, *_pos, "model batches used to estimate the normalisation factors"),
-    "wrap_tokens": Key(bool, *_free, "when the tokens run out: false stops with a message, true wraps"),
-    "checkpoint_buffer": Key(bool, *_free, "save the buffer with each checkpoint for an exact resume"),
-    "dead_window": Key(int, *_pos, "l1: steps without firing after which the logged dead_fraction counts a latent"),
-    "store_dir": Key("str?", *_free, "an activation store (store.py) to train from instead of running the "
-                                     "models; store.py writes it there"),
-    "dataset": Key(str, *_free, "training tokens: a hub dataset id, a local datasets dir, or a .pt tensor"),
-    "checkpoint_dir": Key("str?", *_free, "where version_N/ folders go (none: checkpoints/ beside the code)"),
-    "data_dir": Key("str?", *_free, "where downloads and the toy pair are cached (none: data/ beside the code)"),
-    "wandb_mode": Key("str?", lambda v: v in WANDB_MODES, f"one of {list(WANDB_MODES)}",
-                      "none: online with credentials, else offline; or online, offline, disabled"),
-    "progress": Key(bool, *_free, "show progress bars"),
-    "latent_shards": Key(int, *_pos, "split the dictionary over this many processes (torchrun): world size = "
-                                     "data-parallel groups x latent_shards"),
-    "step_dtype": Key(str, lambda v: v in STEP_DTYPES, f"one of {list(STEP_DTYPES)}",
-                      "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)"),
-    "toy_seed": Key(int, *_nonneg, "toy preset: seeds the toy model pair and its text (not the crosscoder: "
-                                   "a seed sweep keeps the pair)"),
-}
-PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
+POS = (lambda v: v > 0, "a positive number")
+NONNEG = (lambda v: v >= 0, "a number >= 0")
+BETA = (lambda v: 0 <= v < 1, "a number in [0, 1)")
 
-# Every key's default: the Gemma-2-2b replication (train.py applies a user's edits over these).
-DEFAULTS = {
+
+def one_of(values):
+    return (lambda v: v in values, f"one of {list(values)}")
+
+
+def by_architecture(**values):
+    return lambda cfg: values[cfg["architecture"]]
+
+
+def dead_tokens_auto(cfg):
+    # Deviation from the authors' fixed 10M tokens (about 5-10% of their runs): in a run under
+    # ~10M tokens no latent would ever count as dead and AuxK would never act. A tenth of the
+    # run, capped at their 10M, is their 10M on their runs.
+    return max(1, min(10_000_000, cfg["num_tokens"] // 10))
+
+
+PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
+# Every key: the Gemma-2-2b replication's defaults (train.py's default_cfg is the copy users edit).
+SCHEMA = {
     # --- the reference's keys and defaults
-    "seed": 49,
-    "batch_size": 4096,
-    "buffer_mult": 128,
-    "lr": 5e-5,
-    "num_tokens": 400_000_000,
-    "l1_coeff": 2.0,
-    "beta1": 0.9,
-    "beta2": 0.999,
-    "d_in": 2304,  # Gemma-2-2b d_model
-    "dict_size": 2**14,
-    "seq_len": 1024,
-    "enc_dtype": "fp32",
-    "model_name": "gemma-2-2b",
-    "site": "resid_pre",
-    "device": None,  # None: cuda if available, else cpu (the reference fixed the first GPU)
-    "model_batch_size": 4,
-    "log_every": 100,
-    "save_every": 30000,
-    "dec_init_norm": 0.08,
-    "hook_point": "blocks.14.hook_resid_pre",  # residual entering block 14 of 26
-    "wandb_project": "crosscoder-model-diff",
-    "wandb_entity": None,
+    "seed": Key(49, int, "seeds the crosscoder's initialisation and the buffer's shuffling", *NONNEG),
+    "batch_size": Key(4096, int, "token positions per training step", *POS),
+    "buffer_mult": Key(128, int, "the buffer holds about batch_size * buffer_mult positions", *POS),
+    "lr": Key(5e-5, float, "Adam learning rate (constant for 80% of the steps, then linear to 0)", *POS, sweep=True),
+    "num_tokens": Key(400_000_000, int, "training tokens in all: steps = num_tokens // batch_size", *POS),
+    "l1_coeff": Key(2.0, float, "weight of the decoder-norm-weighted L1 penalty (warmed up over 5%)", *NONNEG,
+                    sweep=True),
+    "beta1": Key(0.9, float, "Adam beta1", *BETA, sweep=True),
+    "beta2": Key(0.999, float, "Adam beta2", *BETA, sweep=True),
+    "d_in": Key(2304, int, "residual width at the hook point (the models' d_model; Gemma-2-2b 2304)", *POS),
+    "dict_size": Key(2**14, int, "number of latents F", *POS, sweep=True),
+    "seq_len": Key(1024, int, "tokens per sequence run through the models (BOS included, then dropped)",
+                   lambda v: v >= 2, "an integer >= 2 (position 0, BOS, is dropped)"),
+    "enc_dtype": Key("fp32", str, "dtype of the crosscoder's weights", *one_of(DTYPE_NAMES), sweep=True),
+    "model_name": Key("gemma-2-2b", str, "the reference's name of the base model (kept for its notebooks)"),
+    "site": Key("resid_pre", str, "the reference's name of the hook site (informational)"),
+    # (the reference fixed the first GPU)
+    "device": Key(None, "str?", "cuda, cpu, cuda:1 ...; none picks cuda when available", resume=True),
+    "model_batch_size": Key(4, int, "sequences per forward pass of the models", *POS),
+    "log_every": Key(100, int, "steps between logged metrics", *POS, resume=True),
+    "save_every": Key(30000, int, "steps between checkpoints", *POS, resume=True),
+    "dec_init_norm": Key(0.08, float, "initial norm of every decoder vector", *POS, sweep=True),
+    "hook_point": Key("blocks.14.hook_resid_pre", str, "TransformerLens hook whose activations are diffed "
+                      "(Gemma-2-2b: the residual entering block 14 of 26)",
+                      lambda v: v.startswith(("blocks.", "hook_", "ln_final")),
+                      "a TransformerLens hook name such as 'blocks.14.hook_resid_pre'"),
+    "wandb_project": Key("crosscoder-model-diff", str, "Weights & Biases project", resume=True),
+    "wandb_entity": Key(None, "str?", "Weights & Biases entity (none: your default)", resume=True),
     # --- keys this repo adds
-    "model_names": ["gemma-2-2b", "gemma-2-2b-it"],  # index 0 base, index 1 chat
-    "n_models": 2,
-    "architecture": "l1",  # "l1" (the reference) or "batchtopk" (Minder, Dumas et al. 2025)
+    "model_names": Key(["gemma-2-2b", "gemma-2-2b-it"], list, "models to diff, comma-separated: index 0 base, "
+                       "1 chat (hub names or local directories named after them)"),
+    "n_models": Key(2, int, "number of models sharing the dictionary", lambda v: v >= 2, "an integer >= 2"),
+    "architecture": Key("l1", str, "l1 (the reference) or batchtopk (Minder, Dumas et al. 2025)",
+                        *one_of(ARCHITECTURES), sweep=True),
     # batchtopk's recipe, as the authors' BatchTopKCrossCoderTrainer (Minder, Dumas et al. 2025)
-    "k": 100,  # mean active latents per token (k * batch_size kept per batch)
-    "aux_coeff": 1 / 32,  # weight of the AuxK loss that revives dead latents
-    "aux_k": None,  # dead latents used by the AuxK loss per token (None: d_in // 2)
-    "aux_normalise": True,  # divide the AuxK loss by the error's variance over the batch
-    "threshold_beta": 0.999,  # EMA decay of the inference threshold
-    "threshold_start_step": 1000,  # the threshold is estimated after this step
-    "dead_tokens": None,  # AuxK counts a latent dead after this many tokens without firing (None: min(10M, num_tokens // 10))
-    "k_max": None,  # anneal k from k_max down to k over k_annealing_steps (None: constant k)
-    "k_annealing_steps": 0,
-    "b_dec_init": None,  # "zeros" or "geometric_median" (None: the latter for batchtopk, zeros for l1)
-    "recon_loss": None,  # "squared" or "norm" (None: norm for batchtopk, squared for l1 as the reference)
-    "dataset": PILE_LMSYS_DATASET,  # hub id, local datasets dir, or .pt token tensor
-    "norm_estimate_batches": 100,  # model batches used to estimate the normalisation factors
-    "wrap_tokens": False,  # when the tokens run out: False stops with a message, True wraps
-    "checkpoint_buffer": True,  # save the buffer with each checkpoint for an exact resume
-    "store_dir": None,  # train from an activation store written by store.py (None: run the models)
-    "step_dtype": "fp32",  # crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay fp32)
-    "latent_shards": 1,  # torchrun: split the dictionary over this many processes (sharding.py)
-    "dead_window": 1000,  # l1: steps without firing after which the logged dead_fraction counts a latent
-    "checkpoint_dir": None,  # None: checkpoints/ beside this file
-    "data_dir": None,  # None: data/ beside this file
-    "wandb_mode": None,  # None: online with credentials, else offline; or "disabled"
-    "progress": True,
-    "toy_seed": 49,  # --preset toy: the pair and its text (toy.py), apart from the crosscoder's seed
+    "k": Key(100, int, "batchtopk: mean active latents per token (k * batch_size kept per batch)", *POS, sweep=True),
+    "aux_coeff": Key(1 / 32, float, "batchtopk: weight of the AuxK loss that revives dead latents", *NONNEG,
+                     sweep=True),
+    "aux_k": Key(None, "int?", "batchtopk: dead latents used per token by the AuxK loss (none: d_in // 2, "
+                 "Gao et al. B.1)", *POS, sweep=True, auto=lambda cfg: cfg["d_in"] // 2),
+    "aux_normalise": Key(True, bool, "batchtopk: divide the AuxK loss by the error's variance over the batch",
+                         sweep=True),
+    "threshold_beta": Key(0.999, float, "batchtopk: EMA decay of the inference threshold", *BETA, sweep=True),
+    "threshold_start_step": Key(1000, int, "batchtopk: the inference threshold is estimated after this step",
+                                *NONNEG, sweep=True),
+    "dead_tokens": Key(None, "int?", "batchtopk: tokens without firing after which AuxK counts a latent dead "
+                       "(none: min(10M, num_tokens // 10))", *POS, sweep=True, auto=dead_tokens_auto),
+    "k_max": Key(None, "int?", "batchtopk: anneal k linearly from k_max over k_annealing_steps (none: no "
+                 "annealing)", *POS, sweep=True),
+    "k_annealing_steps": Key(0, int, "batchtopk: steps over which k falls from k_max to k", *NONNEG, sweep=True),
+    "b_dec_init": Key(None, "str?", "zeros or geometric_median (of the first batch); none: geometric_median for "
+                      "batchtopk, zeros for l1", *one_of(B_DEC_INITS), sweep=True,
+                      auto=by_architecture(l1="zeros", batchtopk="geometric_median")),
+    "recon_loss": Key(None, "str?", "squared (sum of squares per token) or norm (L2 norm per token and model, "
+                      "mean); none: norm for batchtopk, squared for l1", *one_of(RECON_LOSSES), sweep=True,
+                      auto=by_architecture(l1="squared", batchtopk="norm")),
+    "dataset": Key(PILE_LMSYS_DATASET, str, "training tokens: a hub dataset id, a local datasets dir, or a .pt "
+                   "tensor", resume=True),
+    "norm_estimate_batches": Key(100, int, "model batches used to estimate the normalisation factors", *POS),
+    "wrap_tokens": Key(False, bool, "when the tokens run out: false stops with a message, true wraps",
+                       resume=True),
+    "checkpoint_buffer": Key(True, bool, "save the buffer with each checkpoint for an exact resume", resume=True),
+    "store_dir": Key(None, "str?", "an activation store (store.py) to train from instead of running the "
+                     "models; store.py writes it there", resume=True),
+    "step_dtype": Key("fp32", str, "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay "
+                      "fp32)", *one_of(STEP_DTYPES), resume=True, sweep=True),
+    "latent_shards": Key(1, int, "split the dictionary over this many processes (torchrun): world size = "
+                         "data-parallel groups x latent_shards", *POS),
+    "dead_window": Key(1000, int, "l1: steps without firing after which the logged dead_fraction counts a "
+                       "latent", *POS, sweep=True),
+    "checkpoint_dir": Key(None, "str?", "where version_N/ folders go (none: checkpoints/ beside the code)"),
+    "data_dir": Key(None, "str?", "where downloads and the toy pair are cached (none: data/ beside the code)",
+                    resume=True),
+    "wandb_mode": Key(None, "str?", "none: online with credentials, else offline; or online, offline, disabled",
+                      *one_of(WANDB_MODES), resume=True),
+    "progress": Key(True, bool, "show progress bars", resume=True),
+    "toy_seed": Key(49, int, "toy preset: seeds the toy model pair and its text (not the crosscoder: a seed "
+                    "sweep keeps the pair)", *NONNEG),
 }
+DEFAULTS = {key: spec.default for key, spec in SCHEMA.items()}
+RESUME_OVERRIDABLE = {key for key, spec in SCHEMA.items() if spec.resume}
+# Not seed: it also shuffles the buffer, which a sweep's members share.
+SWEEPABLE = tuple(key for key, spec in SCHEMA.items() if spec.sweep)
+
 # `--preset toy`: the embedded CPU default (toy.py builds the pair), applied over DEFAULTS.
 TOY_CFG = {
     "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
@@ -165,39 +151,20 @@ TOY_CFG = {
     "device": "cpu", "dataset": "toy",
 }
 PRESETS = {"gemma": {}, "toy": TOY_CFG}
-# Keys that may change when resuming; the others come from the checkpoint's config.
-RESUME_OVERRIDABLE = {"device", "log_every", "save_every", "wandb_mode", "wandb_project", "wandb_entity",
-                      "progress", "checkpoint_buffer", "data_dir", "dataset", "wrap_tokens", "step_dtype",
-                      "store_dir"}
 
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
                 "sequences_read",  # token sequences the run had read at that checkpoint, wraps included
-                "source",  # where a crosscoder trained elsewhere was read from (published.py)
+                "source",  # where a crosscoder trained elsewhere was read from (checkpoint.py)
                 "sweep", "sweep_id"}  # a sweep member's values and its sweep's directory name (sweep.py)
 
 
 def effective(cfg, key):
-    """The value a key whose default (none) depends on the run takes: aux_k d_in // 2 (the
-    authors' heuristic, Gao et al. B.1); b_dec_init and recon_loss the authors' choice for
-    batchtopk, the reference's for l1; dead_tokens a tenth of the run, at most 10M. Configs saved
-    before these keys existed get the same."""
+    """The value of a key whose default (none) depends on the run: the table's `auto` (aux_k
+    d_in // 2; b_dec_init and recon_loss the authors' choice for batchtopk, the reference's for
+    l1; dead_tokens a tenth of the run, at most 10M). Configs saved before a key existed get the same."""
     value = cfg.get(key)
-    if value is not None:
-        return value
-    batchtopk = cfg["architecture"] == "batchtopk"
-    if key == "aux_k":
-        return cfg["d_in"] // 2
-    if key == "b_dec_init":
-        return "geometric_median" if batchtopk else "zeros"
-    if key == "recon_loss":
-        return "norm" if batchtopk else "squared"
-    if key == "dead_tokens":
-        # Deviation from the authors' fixed 10M tokens (about 5-10% of their runs): in a run under
-        # ~10M tokens no latent would ever count as dead and AuxK would never act. A tenth of the
-        # run, capped at their 10M, is their 10M on their runs.
-        return max(1, min(10_000_000, cfg["num_tokens"] // 10))
-    raise KeyError(key)
+    return value if value is not None else SCHEMA[key].auto(cfg)
 
 
 def hook_layer(hook_point):
@@ -220,96 +187,10 @@ class ConfigError(ValueError):
     pass
 
 
-def _unknown_key(key):
+def unknown_key(key):
     close = difflib.get_close_matches(key, list(SCHEMA), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def parse_value(key, text):
-    """A command-line string -> the key's type, or a ConfigError naming the key."""
-    if key not in SCHEMA:
-        raise _unknown_key(key)
-    kind = SCHEMA[key].kind
-    try:
-        if kind in ("str?", "int?") and text.lower() in ("none", "null", ""):
-            return None
-        if kind == "str?":
-            return text
-        if kind is bool:
-            if text.lower() in ("true", "1", "yes"):
-                return True
-            if text.lower() in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if kind in (int, "int?"):
-            value = float(text.replace("_", ""))  # accepts 4e8 and 400_000_000
-            if not value.is_integer():
-                raise ValueError
-            return int(value)
-        if kind is float:
-            return float(text)
-        if kind is list:
-            return [part for part in text.split(",") if part]
-        return text
-    except ValueError:
-        name = {int: "an integer", "int?": "an integer or none", float: "a number", bool: "true or false"}.get(kind, kind)
-        raise ConfigError(f"--{key}: expected {name}, got {text!r}") from None
-
-
-def parse_overrides(argv, cfg, flags=("preset", "resume"), switches=()):
-    """The one command-line parser of every script. Applies `--key value` (or `--key=value`)
-    pairs to a copy of cfg, each value parsed to its key's type. Returns (cfg, extras): extras
-    holds the script's own flags (not config keys) as strings, its switches (flags without a
-    value) as True, and "help": True for --help or -h."""
-    cfg, extras = dict(cfg), {}
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if arg in ("--help", "-h") or arg[2:] in switches:
-            extras["help" if arg in ("--help", "-h") else arg[2:]] = True
-            continue
-        if not arg.startswith("--"):
-            raise ConfigError(f"expected --key value, got {arg!r}")
-        key, _, value = arg[2:].partition("=")
-        if not _:
-            if not args:
-                raise ConfigError(f"--{key} needs a value")
-            value = args.pop(0)
-        if key in flags:
-            extras[key] = value
-        else:
-            cfg[key] = parse_value(key, value)
-    return cfg, extras
-
-
-def format_help(usage, defaults, flags=None, presets=None):
-    """--help text: usage, the script's own flags, then every config key with its default (and
-    each preset's value where it differs) and its one-line meaning from SCHEMA."""
-    lines = [usage]
-    if flags:
-        lines += ["", "flags:"] + [f"  --{name:<22} {doc}" for name, doc in flags.items()]
-    if defaults:
-        lines += ["", "config keys (--key value; lists comma-separated; none for an empty optional value):"]
-    for key, value in defaults.items():
-        shown = as_text(value)
-        for name, preset in (presets or {}).items():
-            if key in preset and preset[key] != value:
-                shown += f" ({name}: {as_text(preset[key])})"
-        doc = SCHEMA[key].doc if key in SCHEMA else ""
-        lines.append(f"  --{key:<22} {shown:<34} {doc}")
-    return "\n".join(lines)
-
-
-def as_text(value):
-    """A value as it is typed on the command line."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, list):
-        return ",".join(value)
-    return str(value)
 
 
 def validate_cfg(cfg, across=True):
@@ -320,8 +201,8 @@ def validate_cfg(cfg, across=True):
         if key in DERIVED_KEYS:
             continue
         if key not in SCHEMA:
-            raise _unknown_key(key)
-        kind, check, need, _ = SCHEMA[key]
+            raise unknown_key(key)
+        kind, check, need = SCHEMA[key].kind, SCHEMA[key].check, SCHEMA[key].need
         if value is None and kind in ("str?", "int?"):
             continue  # none: the key's default behaviour (see its doc)
         if kind == "str?":
@@ -401,3 +282,11 @@ def check_against_model(cfg, model_cfg):
                           f"{model_cfg.n_layers} layers")
     if cfg["d_in"] != model_cfg.d_model:
         raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the model's d_model is {model_cfg.d_model}")
+
+
+def expand(cfg, axes):
+    """The grid: one config per combination of the axes' values (the last key varying fastest),
+    each cfg with those values and "sweep": the values that set it apart."""
+    keys = list(axes)
+    return [dict(cfg, **dict(zip(keys, values)), sweep=dict(zip(keys, values)))
+            for values in itertools.product(*(axes[k] for k in keys))]

@@ -1,4 +1,6 @@
-"""The crosscoder of Anthropic's model-diffing paper, as the reference replication defines it.
+"""The crosscoder of Anthropic's model-diffing paper, as the reference replication defines it, and
+its BatchTopK variant. An architecture is a class: CrossCoder (L1, the reference) and
+BatchTopKCrossCoder; `CrossCoder(cfg)` builds the one cfg["architecture"] names.
 
 One sparse dictionary read from and written to the same hook point of several models:
     f      = ReLU( sum_m x_m @ W_enc[m] + b_enc )          (encode)
@@ -6,26 +8,23 @@ One sparse dictionary read from and written to the same hook point of several mo
 Each latent has one decoder vector per model; the ratio of their norms says whether it is
 shared or specific to one model. Model index 0 is the base model, 1 the chat model.
 
+The model holds no process group: training passes a distributed.Mesh to the methods whose sums
+run over several processes (a dictionary split over latent shards, a global batch).
+
 Shape legend: B batch (token positions), M models, D d_in (residual width), F latents (dict_size).
 """
 import copy
-import json
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 from einops import einsum, rearrange
 from torch import nn
 
-import distributed
-import published
-from batchtopk import aux_loss, batch_topk_mask, update_threshold
-from config import DERIVED_KEYS, SCHEMA, completed, effective
-# The latent classes moved to diffing.py; imported here so that existing notebooks keep working.
-from diffing import BASE_ONLY_MAX, CHAT_ONLY_MIN, SHARED_RANGE, classify_latents  # noqa: F401
-from sharding import init_decoder, shard_rows, sum_over_shards, take_shard
-from checkpoint import (CheckpointError, atomic_torch_save, atomic_write_text, checkpoint_files, jsonable,
-                        latest_checkpoint, next_version_dir, published_files, read_checkpoint, resolve_version_dir)
+from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_checkpoint, next_version_dir,
+                        read_crosscoder, read_published, resolve_version_dir, write_checkpoint)
+from config import DERIVED_KEYS, SCHEMA, ConfigError, completed, effective
+from distributed import Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, shard_rows, sum_over_shards, take_shard
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
@@ -33,7 +32,9 @@ HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
 # authors' notebook used these (mean raw norms ~174 base, ~197 chat at blocks.14.hook_resid_pre).
 PUBLISHED_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")
 PUBLISHED_FACTORS = (0.2758961493232058, 0.24422852496546169)
-PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")
+ONE_PROCESS = Mesh()
+
+
 class LossOutput(NamedTuple):
     # The reference's named tuple, fields in the same order.
     l2_loss: torch.Tensor
@@ -51,37 +52,47 @@ def resolve_device(device=None):
     return device
 
 
+def l1_coeff_at(step, total_steps, l1_coeff):
+    """Linear warm-up from 0 to l1_coeff over the first 5% of steps, then constant (reference)."""
+    if step < 0.05 * total_steps:
+        return l1_coeff * step / (0.05 * total_steps)
+    return l1_coeff
+
+
 class CrossCoder(nn.Module):
+    """The reference's crosscoder: ReLU latents, loss = l2 + l1_coeff(t) * sum_j f_j sum_m ||W_dec[j, m]||."""
+    architecture = "l1"
+    EXTRA_STATE = ()  # tensors saved beside the parameters (replicated over latent shards)
+    # Step memory beyond weights, gradients and Adam (sweep.memory_per_rank): its phases, each as
+    # (fp32 [rows, f] copies, copies of W_dec's shard). L1: the pre-activations and activations kept
+    # for the backward and the L0 count's or the gradient's temporary, or two plus the decoder norms'
+    # gradient before it joins W_dec's. Measured with torch's MemTracker (tests/test_sweep.py).
+    STEP_PHASES = ((3, 0), (2, 1))
+
+    def __new__(cls, cfg=None, shard=(0, 1)):
+        if cls is CrossCoder and cfg is not None:  # (cfg None: copy.deepcopy and pickle)
+            cls = ARCHITECTURES[completed(cfg)["architecture"]]
+        return super().__new__(cls)
+
     def __init__(self, cfg, shard=(0, 1)):
-        """shard (index, count): hold only that slice of the latents (sharding.py; the whole
+        """shard (index, count): hold only that slice of the latents (distributed.py; the whole
         dictionary's initialisation, sliced)."""
         super().__init__()
         cfg = completed(cfg)  # the reference's own key set works: the other keys take their defaults
-        enc_dtype = cfg["enc_dtype"]
-        if enc_dtype not in DTYPES:
-            raise ValueError(f"enc_dtype must be one of {sorted(DTYPES)}, got {enc_dtype!r}")
+        if cfg["architecture"] != self.architecture:
+            raise ConfigError(f"{type(self).__name__} is architecture {self.architecture!r}, the config says "
+                              f"{cfg['architecture']!r}: build CrossCoder(cfg)")
         self.cfg = cfg
-        self.dtype = DTYPES[enc_dtype]
+        self.dtype = DTYPES[cfg["enc_dtype"]]
         self.n_models = cfg["n_models"]
-        d_in, dict_size = cfg["d_in"], cfg["dict_size"]
-        # A local generator: same seed -> same weights, without touching the global RNG.
-        rows = shard_rows(dict_size, shard)
-        W_dec_FMD = init_decoder(cfg, rows)
+        rows = shard_rows(cfg["dict_size"], shard)
+        W_dec_FMD = init_decoder(cfg, rows)  # a local generator: same seed, same weights
         W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent")
         self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype).contiguous())
         self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
         self.b_enc = nn.Parameter(torch.zeros(rows.stop - rows.start, dtype=self.dtype))
-        self.b_dec = nn.Parameter(torch.zeros(self.n_models, d_in, dtype=self.dtype))
-        self.architecture = cfg["architecture"]
-        if self.architecture == "batchtopk":
-            # score threshold used at inference; -1 until training has estimated it
-            self.register_buffer("threshold", torch.tensor(-1.0))
-        self.score_norms = None  # set by fold_normalisation: BatchTopK scores use the unfolded norms
-        # Set by the Trainer under torchrun: BatchTopK training selects over the whole global batch
-        # (of data_parallel groups); the latents are split over latent_group (sharding.py).
-        self.global_topk, self.data_parallel = False, 1
-        self.shard, self.latent_group, self.data_group = shard, None, None
-        self.k = cfg.get("k")  # BatchTopK's k now (the trainer anneals it when k_max is set)
+        self.b_dec = nn.Parameter(torch.zeros(self.n_models, cfg["d_in"], dtype=self.dtype))
+        self.shard = shard
         self.to(resolve_device(cfg["device"]))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
@@ -94,50 +105,37 @@ class CrossCoder(nn.Module):
         ) + self.b_enc
         if not apply_relu:
             return pre_BF
-        return self._select(torch.relu(pre_BF))[0]
+        return self.select(torch.relu(pre_BF))[0]
 
-    def _select(self, acts_BF):
-        """The architecture's sparsity: ReLU alone for "l1"; for "batchtopk" the k * batch largest
-        scores (training) or the scores above the estimated threshold (eval). Returns the
-        activations and, in BatchTopK training, the smallest kept score."""
-        if self.architecture != "batchtopk":
-            return acts_BF, None
-        norms_F = self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)
-        scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
-        if self.training or self.threshold < 0:
-            group = distributed.group() if self.training and self.global_topk else None
-            rows = acts_BF.shape[0] * self.data_parallel  # the global batch
-            mask_BF, min_kept = batch_topk_mask(scores_BF, self.k, group, rows)
-            return acts_BF * mask_BF, min_kept
-        return acts_BF * (scores_BF > self.threshold), None
+    def select(self, acts_BF, mesh=ONE_PROCESS):
+        """The architecture's sparsity on the ReLU activations: (activations, the smallest kept
+        score or None). L1: the ReLU alone."""
+        return acts_BF, None
 
-    def decode(self, acts_BF):
+    def decode(self, acts_BF, mesh=ONE_PROCESS):
         x_hat_BMD = einsum(
             acts_BF.to(self.dtype), self.W_dec,
             "batch latent, latent model d_in -> batch model d_in",
         )
-        return sum_over_shards(x_hat_BMD, self.latent_group) + self.b_dec
+        return sum_over_shards(x_hat_BMD, mesh.latent) + self.b_dec
 
     def forward(self, x_BMD):
         return self.decode(self.encode(x_BMD))
 
-    def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True):
+    def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
         """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents) and a
-        dict of the other training terms: "aux_loss", for BatchTopK given the dead latents dead_F
-        [F] (else 0), and for BatchTopK or recon_loss "norm" "l2_norm_loss", the mean over tokens
-        and models of the error's L2 norm (the authors' reconstruction loss). In BatchTopK training, update_threshold_ also updates
-        the inference threshold."""
+        dict of the architecture's other training terms (extra_terms). dead_F [F]: the latents
+        counted dead (BatchTopK's AuxK); update_threshold_: BatchTopK training updates its threshold."""
         pre_BF = self.encode(x_BMD, apply_relu=False)
-        acts_BF, min_kept = self._select(torch.relu(pre_BF))
+        acts_BF, min_kept = self.select(torch.relu(pre_BF), mesh)
         if min_kept is not None and self.training and update_threshold_:
             with torch.no_grad():
                 self.threshold.copy_(update_threshold(self.threshold, min_kept.float(), self.cfg["threshold_beta"]))
-        x_hat_BMD = self.decode(acts_BF)
+        x_hat_BMD = self.decode(acts_BF, mesh)
         # Loss maths in float32 even when the weights are bf16/fp16.
         x_BMD = x_BMD.float()
         err_BMD = x_BMD - x_hat_BMD.float()
-        sq_err_BMD = err_BMD.pow(2)
-        sq_err_BM = sq_err_BMD.sum(-1)
+        sq_err_BM = err_BMD.pow(2).sum(-1)
         sq_err_B = sq_err_BM.sum(-1)
         var_BM = (x_BMD - x_BMD.mean(0, keepdim=True)).pow(2).sum(-1)
         ev_BM = 1 - sq_err_BM / var_BM
@@ -145,8 +143,8 @@ class CrossCoder(nn.Module):
         total_dec_norm_F = self.decoder_norms().float().sum(-1)
         # The reference's l1 = (acts * norms).sum(-1).mean(). Summing over the batch first gives
         # the same number without a [B, F] product in the forward and two in the backward.
-        l1 = sum_over_shards((acts_BF.float().sum(0) * total_dec_norm_F).sum(), self.latent_group) / acts_BF.shape[0]
-        l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), self.latent_group)  # acts >= 0
+        l1 = sum_over_shards((acts_BF.float().sum(0) * total_dec_norm_F).sum(), mesh.latent) / acts_BF.shape[0]
+        l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
         losses = LossOutput(
             l2_loss=sq_err_B.mean(),
             l1_loss=l1,
@@ -155,17 +153,41 @@ class CrossCoder(nn.Module):
             explained_variance_A=ev_BM[:, 0].mean(),
             explained_variance_B=ev_BM[:, 1].mean(),
         )
-        aux = torch.zeros((), device=x_BMD.device)
-        if self.architecture == "batchtopk" and dead_F is not None:
-            aux = aux_loss(err_BMD, pre_BF, self.W_dec, dead_F, effective(self.cfg, "aux_k"), self.latent_group,
-                           norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=self.data_group)
-        terms = {"aux_loss": aux}
-        if self.architecture == "batchtopk" or effective(self.cfg, "recon_loss") == "norm":  # (not the reference's)
+        return losses, acts_BF, self.extra_terms(err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh)
+
+    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
+        """"aux_loss" (0 but for BatchTopK) and, with recon_loss "norm", "l2_norm_loss": the mean
+        over tokens and models of the error's L2 norm (the authors' reconstruction loss)."""
+        terms = {"aux_loss": torch.zeros((), device=err_BMD.device)}
+        if effective(self.cfg, "recon_loss") == "norm":  # (not the reference's)
             terms["l2_norm_loss"] = torch.linalg.vector_norm(err_BMD, dim=-1).mean()
-        return losses, acts_BF, terms
+        return terms
 
     def get_losses(self, x_BMD):
         return self.losses_and_acts(x_BMD)[0]
+
+    # ---------------------------------------------------------------- the training recipe
+    def step_inputs(self, step, steps_since_fired_F):
+        """losses_and_acts's keyword arguments at this step. L1: none."""
+        return {}
+
+    def training_loss(self, losses, terms, step, total_steps):
+        """(loss, the L1 coefficient used): the reconstruction term (the reference's squared error
+        summed over models and d_in, or with recon_loss "norm" the mean L2 norm) + l1_coeff(step) * l1."""
+        l1_coeff = l1_coeff_at(step, total_steps, self.cfg["l1_coeff"])
+        return self._reconstruction(losses, terms) + l1_coeff * losses.l1_loss, l1_coeff
+
+    def _reconstruction(self, losses, terms):
+        return terms["l2_norm_loss"] if effective(self.cfg, "recon_loss") == "norm" else losses.l2_loss
+
+    def step_log(self, terms):
+        """The architecture's own numbers for the training log."""
+        return {"l2_norm_loss": terms["l2_norm_loss"].detach()} if "l2_norm_loss" in terms else {}
+
+    def dead_window(self, step):
+        """Steps without firing after which a latent counts as dead (logged only, for L1):
+        dead_window steps, or since the start."""
+        return min(self.cfg["dead_window"], max(step, 1))
 
     # ---------------------------------------------------------------- analysis helpers
     def decoder_norms(self):
@@ -198,40 +220,30 @@ class CrossCoder(nn.Module):
         s_M = torch.as_tensor(scaling_factors, dtype=torch.float32, device=self.W_enc.device)
         if s_M.shape != (self.n_models,):
             raise ValueError(f"need {self.n_models} scaling factors, got shape {tuple(s_M.shape)}")
-        score_norms = self.decoder_norms().sum(-1).detach() if self.score_norms is None else self.score_norms
         folded = copy.deepcopy(self)  # same architecture, mode and threshold; new weights below
         folded.cfg = dict(self.cfg, normalisation_factor=None, folded_normalisation_factor=s_M.tolist())
         folded.save_dir, folded.save_version = None, 0
         folded.W_enc.copy_((self.W_enc.float() * s_M[:, None, None]).to(self.dtype))
         folded.W_dec.copy_((self.W_dec.float() / s_M[None, :, None]).to(self.dtype))
         folded.b_dec.copy_((self.b_dec.float() / s_M[:, None]).to(self.dtype))
-        folded.score_norms = score_norms  # BatchTopK keeps scoring with the unfolded norms
         return folded
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, extra_state=None, step=None, weights=None):
-        """Write checkpoint k = save_version: weights, config (recording `step` when given) and,
-        when extra_state is given, the trainer state; each atomically, the config last, so its
-        presence marks the checkpoint complete. weights: the whole dictionary's tensors, when
-        this module holds a shard (sharding.gather_weights). Returns the path of the weights file."""
+        """Write checkpoint k = save_version (checkpoint.write_checkpoint): weights, config
+        (recording `step` when given) and, when extra_state is given, the trainer state. weights:
+        the whole dictionary's tensors, when this module holds a shard (distributed.gather_weights).
+        Returns the path of the weights file."""
         if self.save_dir is None:
             self.save_dir = next_version_dir(self.cfg)
-        for stale in self.save_dir.glob(".*.tmp"):  # left by a save that was killed mid-write
-            stale.unlink(missing_ok=True)
-        files = checkpoint_files(self.save_dir, self.save_version)
         if weights is None:
-            weights = {name: getattr(self, name).detach() for name in PARAM_NAMES}
-            if self.architecture == "batchtopk":
-                weights["threshold"] = self.threshold.detach()
-        atomic_torch_save(weights, files.weights)
-        if extra_state is not None:
-            atomic_torch_save(extra_state, files.trainer)
+            weights = {name: getattr(self, name).detach() for name in PARAM_NAMES + self.EXTRA_STATE}
         cfg = {k: v for k, v in self.cfg.items() if k != "step"}
         if step is not None:
             cfg["step"] = step
-        atomic_write_text(files.cfg, json.dumps(jsonable(cfg), indent=2))
+        path = write_checkpoint(self.save_dir, self.save_version, weights, cfg, extra_state)
         self.save_version += 1
-        return files.weights
+        return path
 
     @classmethod
     def load(cls, version_dir, checkpoint_version=None, device=None, shard=(0, 1)):
@@ -242,7 +254,8 @@ class CrossCoder(nn.Module):
         if checkpoint_version is None:
             checkpoint_version = latest_checkpoint(version_dir)
         files = checkpoint_files(version_dir, checkpoint_version)
-        model = cls._from_files(files.cfg, files.weights, device, shard)
+        cfg, state = read_crosscoder(files.cfg, files.weights, mmap=shard[1] > 1)
+        model = cls._from_state(cfg, state, device, shard, where=f"{files.weights} (config {files.cfg})")
         model.save_dir, model.save_version = version_dir, checkpoint_version + 1
         return model
 
@@ -250,38 +263,12 @@ class CrossCoder(nn.Module):
     def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None, model_names=None,
                      hook_point=None):
         """Load a published crosscoder from the Hugging Face hub, or from a local directory given
-        in place of repo_id (no network then). Two layouts: the reference's {path}/cfg.json +
-        {path}/cc_weights.pt, and dictionary_learning's config.json + model.safetensors (the
-        science-of-finetuning crosscoders; published.py: their normalisation is folded, their
-        layer read as its hook point). model_names / hook_point: theirs name neither for sure
+        in place of repo_id (no network then): the reference's layout ({path}/cfg.json +
+        {path}/cc_weights.pt) or dictionary_learning's (the science-of-finetuning crosscoders;
+        checkpoint.read_published). model_names / hook_point: theirs name neither for sure
         (default: the Gemma-2-2b pair, trainer_config.json's layer)."""
-        local = Path(repo_id).is_dir()
-        if local and published.is_dictionary_learning_dir(repo_id):
-            return cls._from_state(*published.read_dictionary_learning(repo_id, model_names, hook_point),
-                                   device, where=repo_id)
-        cfg_path, weights_path = published_files(repo_id, path)
-        if not local:
-            from huggingface_hub import hf_hub_download, list_repo_files
-
-            if f"{path}/cc_weights.pt" not in list_repo_files(repo_id):
-                return cls.load_from_hf(str(published.download(repo_id)), path, device, model_names, hook_point)
-            cfg_path, weights_path = (Path(hf_hub_download(repo_id, f"{path}/{p.name}")) for p in (cfg_path, weights_path))
-        return cls._from_files(cfg_path, weights_path, device)
-
-    @classmethod
-    def _from_files(cls, cfg_path, weights_path, device, shard=(0, 1)):
-        cfg, state = read_checkpoint(cfg_path, weights_path, PARAM_NAMES, mmap=shard[1] > 1)
-        if "d_in" not in cfg:  # the first published cfg.json had no d_in: infer it
-            cfg["d_in"] = state["W_enc"].shape[1]
-        if "n_models" not in cfg:
-            cfg["n_models"] = state["W_enc"].shape[0]
-        cfg.setdefault("architecture", "l1")  # configs from before BatchTopK, the reference's included
-        for key in ("dict_size", "enc_dtype"):
-            if key not in cfg:
-                raise CheckpointError(f"{cfg_path}: config is missing required key '{key}'")
-        if cfg["enc_dtype"] not in DTYPES:
-            raise CheckpointError(f"{cfg_path}: unknown enc_dtype {cfg['enc_dtype']!r}, expected one of {sorted(DTYPES)}")
-        return cls._from_state(cfg, state, device, shard, where=f"{weights_path} (config {cfg_path})")
+        cfg, state, where = read_published(repo_id, path, model_names, hook_point)
+        return cls._from_state(cfg, state, device, where=where)
 
     @classmethod
     def _from_state(cls, cfg, state, device, shard=(0, 1), where=""):
@@ -289,7 +276,7 @@ class CrossCoder(nn.Module):
         # Build on CPU (cheap to fill), check shapes, then move. model.cfg is the config as saved
         # (keys this version does not know included: they are not validated).
         known = {k: v for k, v in cfg.items() if (k in SCHEMA or k in DERIVED_KEYS) and v is not None}
-        model = cls(dict(known, device="cpu"), shard)
+        model = CrossCoder(dict(known, device="cpu"), shard)
         model.cfg = cfg
         if shard[1] > 1:  # this shard's latents only
             rows = shard_rows(cfg["dict_size"], shard)
@@ -300,10 +287,171 @@ class CrossCoder(nn.Module):
                 raise CheckpointError(
                     f"{where}: {name} has shape {got} but the config implies {want} "
                     f"(d_in={cfg['d_in']}, dict_size={cfg['dict_size']}, n_models={cfg['n_models']})")
-        if cfg["architecture"] != "batchtopk" and "threshold" in state:
-            raise CheckpointError(f"{where}: has a BatchTopK threshold but the config says "
-                                  f"architecture {cfg['architecture']!r}")
-        if cfg["architecture"] == "batchtopk" and "threshold" not in state:
-            raise CheckpointError(f"{where}: a batchtopk crosscoder needs its 'threshold'")
+        if set(state) - set(PARAM_NAMES) != set(model.EXTRA_STATE):
+            raise CheckpointError(f"{where}: holds {sorted(set(state) - set(PARAM_NAMES)) or 'no extra state'} but "
+                                  f"a {cfg['architecture']!r} crosscoder needs {list(model.EXTRA_STATE) or 'none'}")
         model.load_state_dict(state)
         return model.eval().to(cfg["device"])  # eval: BatchTopK uses its threshold after loading
+
+
+class BatchTopKCrossCoder(CrossCoder):
+    """BatchTopK (Bussmann et al. 2024) with the training recipe of Minder, Dumas et al. 2025
+    ("Overcoming Sparsity Artifacts in Crosscoders"; their code: science-of-finetuning/
+    dictionary_learning, trainers/crosscoder.py, BatchTopKCrossCoderTrainer).
+
+    Over the whole batch the k * B largest scores are kept instead of an L1 penalty; a latent's
+    score is its activation times the sum over models of its decoder norms. At inference a fixed
+    threshold on the score, estimated during training, replaces the batch-level choice so that a
+    token's latents do not depend on the rest of its batch. The auxiliary loss (Gao et al. 2024,
+    "Scaling and evaluating sparse autoencoders", AuxK, appendix B.1) asks the aux_k most active
+    dead latents to reconstruct the main reconstruction error."""
+    architecture = "batchtopk"
+    EXTRA_STATE = ("threshold",)
+    STEP_PHASES = ((8, 0),)  # the L1 temporaries plus the scores, the flattened selection, AuxK's copy
+
+    def __init__(self, cfg, shard=(0, 1)):
+        super().__init__(cfg, shard)
+        # the score threshold used at inference; -1 until training has estimated it
+        self.register_buffer("threshold", torch.tensor(-1.0, device=self.W_enc.device))
+        self.score_norms = None  # set by fold_normalisation: scores use the unfolded norms
+        self.k = self.cfg["k"]  # k now (step_inputs anneals it when k_max is set)
+
+    def select(self, acts_BF, mesh=ONE_PROCESS):
+        """The k * batch largest scores (training: over the global batch of mesh.world) or the
+        scores above the estimated threshold (eval); and, training, the smallest kept score."""
+        norms_F = self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)
+        scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
+        if self.training or self.threshold < 0:
+            group = mesh.world if self.training else None
+            rows = acts_BF.shape[0] * (mesh.data_parallel if self.training else 1)  # the global batch
+            mask_BF, min_kept = batch_topk_mask(scores_BF, self.k, group, rows)
+            return acts_BF * mask_BF, min_kept
+        return acts_BF * (scores_BF > self.threshold), None
+
+    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
+        """AuxK given the dead latents dead_F (else 0), and always the authors' "l2_norm_loss"."""
+        aux = torch.zeros((), device=err_BMD.device)
+        if dead_F is not None:
+            aux = aux_loss(err_BMD, pre_BF, self.W_dec, dead_F, effective(self.cfg, "aux_k"), mesh.latent,
+                           norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
+        return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
+
+    def step_inputs(self, step, steps_since_fired_F):
+        """k annealed (k_at), the latents dead for dead_window steps, and whether the threshold
+        is estimated yet (after threshold_start_step, as the authors)."""
+        cfg = self.cfg
+        self.k = k_at(step, cfg["k"], cfg["k_max"], cfg["k_annealing_steps"])
+        return {"dead_F": steps_since_fired_F >= self.dead_window(step),
+                "update_threshold_": step > cfg["threshold_start_step"]}
+
+    def training_loss(self, losses, terms, step, total_steps):
+        """reconstruction + aux_coeff * AuxK: no L1 penalty (sparsity is the top-k; AuxK revives
+        dead latents)."""
+        return self._reconstruction(losses, terms) + self.cfg["aux_coeff"] * terms["aux_loss"], 0.0
+
+    def step_log(self, terms):
+        return {"l2_norm_loss": terms["l2_norm_loss"].detach(), "aux_loss": terms["aux_loss"].detach(),
+                "threshold": self.threshold.detach().clone(), "k": torch.tensor(float(self.k))}
+
+    def dead_window(self, step):
+        """dead_tokens worth of batches, as the authors count for AuxK."""
+        return -(-effective(self.cfg, "dead_tokens") // self.cfg["batch_size"])
+
+    @torch.no_grad()
+    def fold_normalisation(self, scaling_factors=None):
+        folded = super().fold_normalisation(scaling_factors)
+        # scores keep the unfolded norms: the same latents are selected on raw activations
+        folded.score_norms = self.decoder_norms().sum(-1).detach() if self.score_norms is None else self.score_norms
+        return folded
+
+
+ARCHITECTURES = {cls.architecture: cls for cls in (CrossCoder, BatchTopKCrossCoder)}
+
+
+# ---------------------------------------------------------------- BatchTopK's maths
+def batch_topk_mask(scores_BF, k, group=None, rows=None):
+    """Boolean mask of the k * B largest scores of the batch, and the smallest positive kept
+    score (0 when none is positive), which the inference threshold tracks.
+
+    group: a process group whose ranks each hold an equal share of one batch's scores (data
+    parallel: rows; latent shards: columns; or both), `rows` rows in all (default: B per rank):
+    the k * rows largest scores over all of them are kept, as one process would on the whole
+    batch. Each rank sends only its own k * rows largest scores (a superset of its share of the
+    global selection, and all of its positive scores whenever the global cutoff is 0), never its
+    [B, F] matrix."""
+    B, F = scores_BF.shape
+    ranks = 1 if group is None else dist.get_world_size(group)
+    n_keep = min(k * (rows or B * ranks), B * F * ranks)
+    if ranks == 1:
+        kept = scores_BF.flatten().topk(n_keep, sorted=False)
+        mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
+        mask[kept.indices] = True
+        return mask.view(B, F), min_positive(kept.values)
+    candidates = scores_BF.detach().flatten().topk(min(n_keep, B * F), sorted=False).values
+    kept = gather(candidates, group).topk(n_keep, sorted=False).values
+    # ties at the cutoff are kept too (topk would keep some of them); a zero cutoff keeps zeros,
+    # which select nothing
+    return scores_BF >= kept.min(), min_positive(kept)
+
+
+def min_positive(values):
+    """The smallest positive value, or 0 when there is none (the authors' update_threshold)."""
+    return torch.where(values > 0, values, torch.inf).min().nan_to_num(posinf=0.0)
+
+
+def update_threshold(threshold, min_kept_score, decay=0.999):
+    """Exponential moving average of the smallest positive kept score; a negative threshold means
+    none estimated yet, and the first estimate is taken as is. No host sync. The authors: decay
+    (their threshold_beta) 0.999, updated only after threshold_start_step."""
+    new = decay * threshold + (1 - decay) * min_kept_score
+    return torch.where(threshold < 0, min_kept_score, new)
+
+
+def k_at(step, k, k_max=None, annealing_steps=0):
+    """k annealed linearly from k_max down to k over the first annealing_steps steps, rounded, at
+    least 1 (the authors' k annealing); k itself without annealing. (Their trainer holds k_max when
+    annealing_steps is 0, which with their script's k_max default of 2048 contradicts the k of
+    their runs' names; we keep k.)"""
+    if k_max is None or annealing_steps <= 0 or step >= annealing_steps:
+        return k
+    return max(1, int(round(k_max - (k_max - k) * step / annealing_steps)))
+
+
+def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None, norms_F=None, normalise=True,
+             data_group=None):
+    """AuxK: reconstruct the (detached) error from the aux_k dead latents of each token with the
+    largest activations, decoded without the decoder bias; squared error summed over models and
+    d_in, mean over the batch. Zero when no latent is dead.
+
+    norms_F: the latents are chosen by activation x this (the decoder norms summed over models, as
+    the authors choose them), the values decoded are the plain activations; None: by activation.
+    normalise: divided by the error's variance over the batch, mean_B sum_MD (e - mean_B e)^2, as
+    Gao et al. and the authors do (over the global batch: data_group's rows together).
+    latent_group: the dictionary is split over these processes."""
+    acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
+    rank_BF = acts_BF if norms_F is None else acts_BF * norms_F.detach().float()
+    if latent_group is None:
+        top = rank_BF.topk(min(aux_k, rank_BF.shape[1]), dim=-1)
+        sparse_BF = torch.zeros_like(acts_BF).scatter(-1, top.indices, acts_BF.gather(-1, top.indices))
+    else:  # the aux_k largest of each row over every shard's latents
+        sparse_BF = acts_BF * aux_keep_mask(rank_BF, aux_k, latent_group)
+    err_hat_BMD = sum_over_shards(torch.einsum("bf,fmd->bmd", sparse_BF, W_dec_FMD.float()), latent_group)
+    err_BMD = err_BMD.detach().float()
+    loss = (err_hat_BMD - err_BMD).pow(2).sum((-1, -2)).mean()
+    if normalise:
+        loss = (loss / residual_variance(err_BMD, data_group)).nan_to_num(0.0)
+    return loss * any_over_shards(dead_F.any(), latent_group)
+
+
+@torch.no_grad()
+def residual_variance(r_BMD, data_group=None):
+    """mean_B sum_MD (r - mean_B r)^2 over the rows of every rank of data_group (the global
+    batch), from its sums in float64: one all-reduce, no host sync."""
+    if data_group is None:
+        return (r_BMD - r_BMD.mean(0)).pow(2).sum((-1, -2)).mean()
+    r = r_BMD.double().flatten(1)
+    sums = torch.cat([r.sum(0), r.pow(2).sum().view(1), torch.tensor([r.shape[0]], dtype=r.dtype, device=r.device)])
+    dist.all_reduce(sums, group=data_group)
+    n = sums[-1]
+    mean_sq = sums[:-2].div(n).pow(2).sum()
+    return (sums[-2] / n - mean_sq).float()

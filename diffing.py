@@ -1,7 +1,8 @@
 """The model-diffing maths: which latents are base-only, shared or chat-only, how well the
 crosscoder reconstructs held-out activations, what splicing it into each model costs, Latent
-Scaling of model-specific latents, and their top activating contexts. analysis.py is the notebook
-over these functions; each is tested against a hand-built case.
+Scaling of model-specific latents, their top activating contexts, and the figures of them (each
+plot_* saves a PNG when given a path, returned, and shows the figure inside a notebook).
+analysis.py is the notebook over these functions; each is tested against a hand-built case.
 
 Shape legend: N sequences, S positions, B tokens (rows), M models, D d_in, F latents, J selected latents.
 """
@@ -11,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from activations import autocast_context, extract_activations
+from cli import in_notebook
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
@@ -125,7 +127,6 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2):
 # Deviation removed: we used max(nu) <= 0.2 for both, chosen by looking at the toy distribution.
 NU_ERROR_MAX = 0.2
 NU_RECONSTRUCTION_MAX = 0.5
-GENUINE_NU_MAX = NU_ERROR_MAX  # the former single threshold, kept for notebooks that import it
 
 
 def is_model_specific(nu_error_J, nu_reconstruction_J):
@@ -239,3 +240,65 @@ def examples_html(str_tokens_fn, tokens_NS, latents_J, values, seqs, positions, 
             parts.append(f"<li>{v:.2f}: {ctx}<b style='background:#fd8'>{html.escape(words[-1])}</b></li>")
         parts.append("</ol>")
     return "\n".join(parts + ["</body></html>"])
+
+
+# ---------------------------------------------------------------- figures
+def _figure():
+    import matplotlib
+
+    if not in_notebook():
+        matplotlib.use("Agg")  # scripts and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt, plt.subplots(figsize=(7, 4))
+
+
+def _finish(plt, fig, path):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    if in_notebook():
+        plt.show()
+    plt.close(fig)
+    return path
+
+
+def plot_relative_norm_histogram(rel_norm_F, path=None, title="Base vs chat model diff"):
+    """The reference's figure: relative decoder norm per latent, 200 bins, ticks at quarters."""
+    plt, (fig, ax) = _figure()
+    rel = rel_norm_F[torch.isfinite(rel_norm_F)].cpu().numpy()
+    ax.hist(rel, bins=200, range=(0, 1))
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
+    ax.set_xticklabels(["0 (base only)", "0.25", "0.5", "0.75", "1 (chat only)"])
+    ax.set(xlabel="relative decoder norm  |d_chat| / (|d_base| + |d_chat|)", ylabel="latents", title=title)
+    return _finish(plt, fig, path)
+
+
+def plot_cosine_histogram(cos_F, path=None, title="Cosine similarity of shared latents' decoders"):
+    plt, (fig, ax) = _figure()
+    ax.hist(cos_F.cpu().numpy(), bins=100, range=(-1, 1), log=True)
+    ax.set(xlabel="cosine(d_base, d_chat)", ylabel="latents (log scale)", title=title)
+    return _finish(plt, fig, path)
+
+
+def plot_latent_scaling(nu_error_J, nu_reconstruction_J, path=None, title="Latent Scaling of chat-only latents"):
+    """nu_error against nu_reconstruction, one point per latent, with the region the paper's
+    authors call model-specific (|nu_error| < 0.2 and |nu_reconstruction| < 0.5) drawn and the
+    latents inside it marked."""
+    from matplotlib.patches import Rectangle
+
+    plt, (fig, ax) = _figure()
+    nu_e, nu_r = nu_error_J.cpu(), nu_reconstruction_J.cpu()
+    passes = is_model_specific(nu_e, nu_r)
+    ax.add_patch(Rectangle((-NU_RECONSTRUCTION_MAX, -NU_ERROR_MAX), 2 * NU_RECONSTRUCTION_MAX, 2 * NU_ERROR_MAX,
+                           facecolor="tab:green", alpha=0.12, edgecolor="tab:green", lw=1,
+                           label=f"model-specific: |nu_error| < {NU_ERROR_MAX}, |nu_reconstruction| < "
+                                 f"{NU_RECONSTRUCTION_MAX}"))
+    ax.scatter(nu_r[~passes].numpy(), nu_e[~passes].numpy(), s=10, alpha=0.6, color="tab:grey",
+               label=f"outside: {int((~passes).sum())} latents")
+    ax.scatter(nu_r[passes].numpy(), nu_e[passes].numpy(), s=18, color="tab:green", edgecolor="black", lw=0.4,
+               label=f"inside: {int(passes.sum())} latents")
+    ax.set(xlabel="nu reconstruction (Latent Decoupling)", ylabel="nu error (Complete Shrinkage)", title=title)
+    ax.axhline(0, color="grey", lw=0.5), ax.axvline(0, color="grey", lw=0.5)
+    ax.legend(loc="best", fontsize=8)
+    return _finish(plt, fig, path)

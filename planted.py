@@ -134,7 +134,8 @@ CLI_FLAGS = {"n_shared": "shared true features (default 320)", "n_base_only": "b
 def parse_cli(argv):
     """(planted_benchmark's keyword arguments, the settings line to print), or a ConfigError naming
     the bad option."""
-    from config import ConfigError, complete_cfg, parse_overrides
+    from cli import parse_overrides
+    from config import ConfigError, complete_cfg
 
     options, extras = parse_overrides(argv, CLI_KEYS, flags=tuple(CLI_FLAGS))
     if set(options) != set(CLI_KEYS):
@@ -168,7 +169,8 @@ def main(argv):
     #   python planted.py --architecture batchtopk --k 30 --counts 96,96
     #        (classified as the authors classify BatchTopK: as many most base- / chat-leaning latents
     #         as the L1 run's base-only / chat-only counts, which `python planted.py` prints)
-    from config import ConfigError, effective, format_help
+    from cli import format_help
+    from config import ConfigError, effective
 
     try:
         kwargs, show_help = parse_cli(argv)

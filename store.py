@@ -26,8 +26,7 @@ from tqdm.auto import tqdm
 
 import distributed
 from activations import run_models
-from activation_store import SHARD_SEQUENCES, ActivationStore, read_meta, shard_path  # noqa: F401 (re-exported)
-from buffer import norm_factors, sequences_needed
+from buffer import SHARD_SEQUENCES, norm_factors, sequences_needed, shard_path
 from checkpoint import atomic_write_text
 from config import ConfigError
 
@@ -105,7 +104,8 @@ def check_disk(cfg, n_sequences):
 
 def main(argv):
     from crosscoder import resolve_device
-    from train import build_cfg, load_models_and_tokens
+    from cli import build_cfg
+    from utils import load_models_and_tokens
 
     usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--dry_run] [--preset toy] [--key value ...]"
     flags = {"dry_run": "print the store's size and the disk's free space, harvest nothing"}

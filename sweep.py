@@ -8,60 +8,24 @@ Each member is a Trainer of its own (config, optimiser, NaN guard, checkpoints i
 version directory under checkpoints/sweep_N/), fed by one shared source: every step the sweep
 draws one batch and every member trains on it, so a member equals the same config trained alone
 (same seed, hence the same batches). Only keys that change the crosscoder or its optimisation may
-vary (SWEEPABLE): the models, hook, data, batch and buffer are what the members share.
+vary (the config table's sweep column): the models, hook, data, batch and buffer are what the members share.
 
 Under torchrun every rank holds every member (data parallel, or its shard of each member's
 latents with latent_shards > 1) and draws its share of the global batch from its own buffer, as
 a single run does; rank 0 chooses the directories, logs and writes the checkpoints.
 """
-import itertools
 import json
 import signal
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 import distributed
-from config import SCHEMA, ConfigError, parse_value
-
-# Keys a sweep may vary. Not seed: it also shuffles the buffer, which the members share.
-SWEEPABLE = ("lr", "l1_coeff", "beta1", "beta2", "dict_size", "enc_dtype", "dec_init_norm", "architecture", "k",
-             "aux_coeff", "aux_k", "aux_normalise", "threshold_beta", "threshold_start_step", "dead_tokens", "k_max",
-             "k_annealing_steps", "b_dec_init", "recon_loss", "dead_window", "step_dtype")
-
-
-def parse_sweep(specs):
-    """["l1_coeff=1,2", "dict_size=16384,32768"] (or one space-separated string) -> {key: [values]},
-    each value parsed to its key's type; a ConfigError names a refused or unknown key."""
-    axes = {}
-    for spec in " ".join(specs).split():
-        key, sep, values = spec.partition("=")
-        if not sep or not values:
-            raise ConfigError(f"--sweep takes key=v1,v2,... items, got {spec!r}")
-        if key not in SCHEMA:
-            parse_value(key, "")  # the unknown-key error, with its suggestion
-        if key not in SWEEPABLE:
-            raise ConfigError(f"--sweep cannot vary '{key}': the members share the models, hook, data, batch and "
-                              f"buffer (and seed, which shuffles it); sweepable keys: {', '.join(SWEEPABLE)}")
-        if key in axes:
-            raise ConfigError(f"--sweep names '{key}' twice")
-        axes[key] = [parse_value(key, v) for v in values.split(",")]
-    if not axes:
-        raise ConfigError("--sweep needs at least one key=v1,v2,... item")
-    return axes
-
-
-def expand(cfg, axes):
-    """The grid: one config per combination of the axes' values (the last key varying fastest),
-    each cfg with those values and "sweep": the values that set it apart."""
-    keys = list(axes)
-    return [dict(cfg, **dict(zip(keys, values)), sweep=dict(zip(keys, values)))
-            for values in itertools.product(*(axes[k] for k in keys))]
-
-
-def member_dirs(sweep_dir):
-    """The members' version directories, in the sweep's order (sweep.json)."""
-    manifest = json.loads((Path(sweep_dir) / "sweep.json").read_text())
-    return [Path(sweep_dir) / m["dir"] for m in manifest["members"]]
-
+from checkpoint import member_dirs, next_sweep_dir, next_version_dir, read_cfg
+from config import ConfigError, expand
+from crosscoder import ARCHITECTURES
+from trainer import NonFiniteError, Trainer, TrainingInterrupted, finish_run, start_run
+from utils import install_stop_handlers, restore_handlers
 
 def member_name(overrides):
     return " ".join(f"{k}={v}" for k, v in overrides.items())
@@ -96,12 +60,43 @@ class SharedBatches:
         raise AttributeError(name)
 
 
+def held_bytes(d_in, dict_size, shards=1, n_models=2):
+    """Bytes one rank holds throughout training in fp32: its shard's weights, gradients and Adam
+    moments (4 copies of W_enc, W_dec, b_enc; b_dec replicated)."""
+    f = dict_size // shards
+    return 4 * 4 * (2 * n_models * d_in * f + f + n_models * d_in)
+
+
+def memory_per_rank(d_in, dict_size, shards=1, rows=4096, n_models=2, architecture="l1"):
+    """Bytes one rank holds at the peak of a training step in fp32: held_bytes, plus the step's
+    temporaries for `rows` rows (the latent group's batch: batch_size / data-parallel groups): the
+    architecture's STEP_PHASES, and [rows, M, D] copies (inputs, reconstruction, error; sharded:
+    the gathered rows and the summed reconstruction). Measured with torch's MemTracker on CPU steps
+    at shapes from rows << M * D to rows >> M * D (tests/test_sweep.py checks it)."""
+    f = dict_size // shards
+    step = max(per_row * rows * f + per_decoder * n_models * d_in * f
+               for per_row, per_decoder in ARCHITECTURES[architecture].STEP_PHASES)
+    row_copies = 2 + 2 * (shards > 1)
+    return held_bytes(d_in, dict_size, shards, n_models) + 4 * (step + row_copies * rows * n_models * d_in)
+
+
+def memory_table(gpu_bytes=80e9, rows=4096, architecture="l1"):
+    """The README's table: GB per rank, d_in 2304 and 3584, dict 2^14 ... 2^20, 1-8 shards."""
+    lines = ["| d_in | dict_size | 1 shard | 2 shards | 4 shards | 8 shards |", "| --- | --- | --- | --- | --- | --- |"]
+    for d_in in (2304, 3584):
+        for log2 in range(14, 21):
+            cells = []
+            for shards in (1, 2, 4, 8):
+                b = memory_per_rank(d_in, 2**log2, shards, rows, architecture=architecture)
+                cells.append(f"{b / 1e9:.1f}" + ("" if b <= gpu_bytes else " (no)"))
+            lines.append(f"| {d_in} | 2^{log2} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def member_bytes(cfg, n_processes=1):
     """(bytes a member holds on one process throughout: its latents' weights, gradients and Adam's
-    two moments in fp32; bytes its step adds at the peak), from sharding.memory_per_rank. Over
+    two moments in fp32; bytes its step adds at the peak), from memory_per_rank. Over
     n_processes, each holds dict_size / latent_shards latents and steps on its latent group's rows."""
-    from sharding import held_bytes, memory_per_rank
-
     d, f, m, shards = cfg["d_in"], cfg["dict_size"], cfg["n_models"], cfg["latent_shards"]
     held = held_bytes(d, f, shards, m)
     rows = cfg["batch_size"] // (n_processes // shards)
@@ -151,9 +146,6 @@ class Sweep:
     weights turn non-finite stops alone (reported at the next log step); the others go on."""
 
     def __init__(self, cfg, axes, models=None, tokens=None, buffer=None, devices=None):
-        from checkpoint import next_version_dir, next_sweep_dir
-        from trainer import Trainer
-
         main = distributed.is_main()  # rank 0 makes the directories; the others are told
         self.axes = axes
         self.sweep_dir = Path(distributed.broadcast(str(next_sweep_dir(cfg)) if main else None))
@@ -185,9 +177,6 @@ class Sweep:
         sweep resumes exactly. A member whose newest checkpoint is older (it stopped on a
         non-finite value) is left out, with how to resume it alone. complete(saved config) -> the
         member's config (train.py: today's defaults and the keys changed on the command line)."""
-        from checkpoint import read_cfg
-        from trainer import Trainer
-
         self = cls.__new__(cls)
         self.sweep_dir = Path(sweep_dir)
         self.axes = json.loads((self.sweep_dir / "sweep.json").read_text())["axes"]
@@ -221,8 +210,6 @@ class Sweep:
 
     def _guard(self, i, fn, *args):
         """Run a member's log or save; a NonFiniteError stops that member only."""
-        from trainer import NonFiniteError
-
         try:  # (every rank raises together: Trainer.check_finite asks them all)
             return fn(*args)
         except NonFiniteError as e:
@@ -241,11 +228,6 @@ class Sweep:
     def train(self):
         """Train every member to the end; saves as Trainer.train does (every save_every steps, at the
         end, on Ctrl-C / SIGTERM, then raising TrainingInterrupted). Returns each member's last log."""
-        from tqdm.auto import tqdm
-
-        from trainer import TrainingInterrupted
-        from utils import install_stop_handlers, restore_handlers
-        from wandb_log import finish_run, start_run
 
         first, n, main, world = self.trainers[0], len(self.trainers), distributed.is_main(), distributed.world_size()
         cfg, self._stop = first.cfg, None

@@ -142,7 +142,7 @@ def train_lm(model, tokens_NS, steps, lr, seed, batch=32, desc="training", ancho
 
 
 def cache_dir(cfg):
-    from utils import data_dir
+    from checkpoint import data_dir
 
     key = json.dumps({"v": TOY_VERSION, "seed": cfg["toy_seed"], "d": cfg["d_in"], "s": cfg["seq_len"]})
     return data_dir(cfg) / "toy" / hashlib.sha1(key.encode()).hexdigest()[:12]

@@ -13,127 +13,28 @@ from pathlib import Path
 
 import torch
 
-from config import (DEFAULTS, RESUME_OVERRIDABLE, TOY_CFG, ConfigError, as_text, check_against_model, check_mesh,
-                    complete_cfg, format_help, parse_overrides, validate_cfg)
-from checkpoint import CheckpointError, read_cfg, resolve_version_dir
+from cli import build_cfg as build_cli_cfg, in_notebook
+from config import DEFAULTS, ConfigError, check_against_model, check_mesh, complete_cfg
+from checkpoint import CheckpointError, resolve_version_dir
 from crosscoder import resolve_device
 import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
-from utils import (DataError, SetupError, check_tokens, in_notebook, keep_freed_memory,
-                   load_gemma_pair, load_tokens)
+from utils import DataError, SetupError, check_tokens, keep_freed_memory, load_models_and_tokens
 
 # %%
 # The config: every key, its default and its meaning live in config.py (`python train.py --help`
 # lists them). Edit here, e.g. default_cfg.update(l1_coeff=1.5, dict_size=2**15), or override
 # from the shell with --key value.
 default_cfg = dict(DEFAULTS)
-FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded CPU pair, minutes)",
-         "resume": "a checkpoints/version_N directory: continue that run exactly",
-         "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
-         "sweep_devices": "DEVICE,DEVICE,...: place the sweep's members round-robin (default: all on device)",
-         "help": "print this and exit"}
+
+
+def build_cfg(argv, **kwargs):
+    """default_cfg (as edited above) <- preset <- --key value, or a resume's saved config (cli.py)."""
+    return build_cli_cfg(argv, default_cfg, **kwargs)
+
 
 # %%
-def split_sweep(argv):
-    """(argv without --sweep, the sweep's key=values items or None): --sweep takes every following
-    word that is not a flag (`--sweep a=1,2 b=3` as well as `--sweep "a=1,2 b=3"`)."""
-    rest, specs, words = [], None, list(argv)
-    while words:
-        word = words.pop(0)
-        if word == "--sweep" or word.startswith("--sweep="):
-            specs = [word.partition("=")[2]] if "=" in word else []
-            while words and not words[0].startswith("--"):
-                specs.append(words.pop(0))
-        else:
-            rest.append(word)
-    return rest, specs
-
-
-def build_cfg(argv, base_cfg=default_cfg, flags=None, usage="usage: python train.py [--preset toy] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]",
-              switches=()):
-    """base_cfg <- preset <- --key value overrides, or, with --resume, the saved config <- the
-    overrides a resume may change. Returns (cfg, extras): extras holds the flags given (FLAGS, and
-    a script's own flags: name -> help; its switches, flags without a value, as True). --help
-    prints every flag and key and exits."""
-    all_flags = dict(flags or {}, **FLAGS)
-    argv, sweep_specs = split_sweep(argv)
-    given, extras = parse_overrides(argv, {}, flags=tuple(all_flags), switches=switches)  # the keys typed, nothing else
-    if sweep_specs is not None:
-        from sweep import parse_sweep
-
-        if extras.get("resume") is not None:
-            raise ConfigError("--sweep with --resume: a sweep resumes from its directory alone (--resume "
-                              "checkpoints/sweep_N), with the values it started with")
-        extras["sweep"] = parse_sweep(sweep_specs)
-    if "sweep_devices" in extras:
-        if sweep_specs is None:
-            raise ConfigError("--sweep_devices places a sweep's members: it needs --sweep")
-        extras["sweep_devices"] = [d for d in extras["sweep_devices"].split(",") if d]
-    if extras.get("help"):
-        print(format_help(usage, base_cfg, all_flags, {"toy": TOY_CFG}))
-        sys.exit(0)
-    resume = extras.get("resume")
-    if resume is not None:
-        version_dir = resolve_version_dir(resume)
-        if (version_dir / "sweep.json").is_file():  # a sweep: its first member's config is the base
-            from sweep import member_dirs
-
-            version_dir = member_dirs(version_dir)[0]
-        saved = read_cfg(version_dir)
-        saved.pop("step", None)  # the trainer state holds the step to resume from
-        saved = complete_cfg(saved, base_cfg, validate=False)
-        # Compared with the saved config, not the defaults: `--wrap_tokens false` undoes a saved
-        # true, and a key the run was trained with cannot be changed by typing its default.
-        changed = {k: v for k, v in given.items() if saved.get(k) != v}
-        refused = sorted(set(changed) - RESUME_OVERRIDABLE)
-        if refused:
-            what = ", ".join(f"{k} ({as_text(saved.get(k))} -> {as_text(changed[k])})" for k in refused)
-            raise ConfigError(f"cannot change {what} when resuming: they come from {version_dir}; keys a resume "
-                              f"may change: {', '.join(sorted(RESUME_OVERRIDABLE))}")
-        if saved.get("architecture") == "batchtopk" and "recon_loss" not in read_cfg(version_dir):
-            print(f"note: {version_dir} is a BatchTopK run from before the authors' recipe (threshold, dead "
-                  "latents, AuxK, loss); it continues under the recipe's defaults")
-        extras["resume_overrides"] = changed
-        cfg = dict(saved, **changed)
-    else:
-        cfg = complete_cfg(dict(given, preset=extras.get("preset", "gemma")), base_cfg, validate=False)
-    validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
-    if extras.get("sweep"):
-        from sweep import expand
-
-        for member in expand(cfg, extras["sweep"]):
-            validate_cfg(member)
-    return cfg, extras
-
-
-def load_models_and_tokens(cfg, fresh=True):
-    """The models (index 0 base, 1 chat) and the training tokens of a complete config. fresh (not a
-    resume): the tokens are checked for enough sequences before any model loads."""
-    if cfg["preset"] == "toy":
-        from toy import build_toy_pair
-
-        if not distributed.is_main():
-            distributed.barrier()  # rank 0 builds (or reads) the cached pair first
-        base, chat, tokens, _ = build_toy_pair(cfg)
-        if distributed.is_main():
-            distributed.barrier()
-        return [base, chat], tokens
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
-
-    for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
-        is_dir = (Path(name) / "config.json").is_file()  # a local copy, named after its model
-        check_against_model(cfg, get_pretrained_model_config(Path(name).name if is_dir else name))
-    tokens = load_tokens(cfg["dataset"], cfg)
-    if fresh and cfg["store_dir"] is None:
-        from sources import check_enough_sequences
-
-        local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
-        check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
-                               cfg["num_tokens"] // cfg["batch_size"])
-    return load_gemma_pair(cfg), tokens
-
-
 def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None):
     """Train one crosscoder (or a sweep's grid of them on one harvest); under torchrun, one
     data-parallel replica per process."""
@@ -156,7 +57,8 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     check_buffer_fits(cfg)  # before any model is loaded
     if sweep:  # every member's weights and Adam state, on its device, beside the buffer
         from buffer import available_bytes, buffer_bytes
-        from sweep import check_sweep_fits, expand, place
+        from sweep import check_sweep_fits, place
+        from config import expand
 
         if sweep_devices:  # the models and the buffer go with the first member
             cfg["device"] = sweep_devices[0]

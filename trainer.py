@@ -8,27 +8,73 @@ over the first 5%; gradient norm clipped at 1.0; loss = l2 + l1_coeff(t) * l1. N
 a step: numbers are read only at log steps. step_dtype "bf16" runs the step's matmuls under bf16
 autocast (the reference: fp32).
 """
+import netrc
+import os
 import signal
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import distributed
-from checkpoint import (SHARD_STATE, CheckpointError, atomic_torch_save, latest_checkpoint, next_version_dir, prune_trainer_states,
-                        rank_state_file, read_trainer_state, resolve_version_dir)
-from crosscoder import CrossCoder
-from batchtopk import geometric_median, k_at
+from buffer import make_batch_source
+from checkpoint import (SHARD_STATE, CheckpointError, atomic_torch_save, checkpoint_root, latest_checkpoint,
+                        next_version_dir, prune_trainer_states, rank_state_file, read_trainer_state,
+                        resolve_version_dir)
 from config import ConfigError, completed, effective
-from sharding import clip_grad_norm_, gather, gather_weights
-from sources import make_batch_source
+from crosscoder import CrossCoder
+from distributed import clip_grad_norm_, gather, gather_weights
 from utils import install_stop_handlers, restore_handlers
-from objective import l1_coeff_at, lr_multiplier, make_optimizer, training_loss  # noqa: F401 (l1_coeff_at: notebooks)
-from wandb_log import finish_run, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
 NONFINITE_SOURCES = {1: "the activations served by the buffer", 2: "the loss (overflow in the forward pass)",
                      3: "the gradients (overflow in the backward pass)"}
+
+
+def lr_multiplier(step, total_steps):
+    """1 for the first 80% of steps, then linear decay to 0 at the end (reference)."""
+    if step < 0.8 * total_steps:
+        return 1.0
+    return 1.0 - (step - 0.8 * total_steps) / (0.2 * total_steps)
+
+
+def make_optimizer(params, cfg):
+    """The reference's Adam (default eps, no weight decay), fused into one kernel per step where
+    the device supports it: the same update, but one pass over the weights and the optimiser
+    state instead of seven (on CPU at the Gemma shape these passes took ~8% of a step)."""
+    params = list(params)
+    kwargs = dict(lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]))
+    try:
+        return torch.optim.Adam(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, **kwargs)
+
+
+@torch.no_grad()
+def geometric_median(x_BMD, group=None, max_iter=100, tol=1e-5):
+    """[M, D]: each model's geometric median of the batch (Weiszfeld's iteration from the mean, at
+    most max_iter steps, stopping when every model's estimate moves less than tol), over the rows
+    of every rank of group. The authors start b_dec there from the first batch."""
+    x = x_BMD.float()
+
+    def total(t):  # a sum over the batch, over every rank's rows
+        t = t.sum(0)
+        if group is not None:
+            dist.all_reduce(t, group=group)
+        return t
+
+    guess_MD = total(x) / total(torch.ones(x.shape[0], 1, device=x.device))
+    for _ in range(max_iter):
+        # (a point exactly at the estimate would get an infinite weight: the authors' code gives NaN)
+        w_BM = 1 / (x - guess_MD).norm(dim=-1).clamp_min(1e-12)
+        new_MD = total(w_BM[..., None] * x) / total(w_BM)[:, None]
+        done = ((new_MD - guess_MD).norm(dim=-1) < tol).all()
+        guess_MD = new_MD
+        if done:  # the same on every rank: every rank holds the same estimate
+            break
+    return guess_MD
 
 
 class NonFiniteError(RuntimeError):
@@ -59,7 +105,7 @@ class Trainer:
             models = list(model_A) if isinstance(model_A, (list, tuple)) else [model_A, model_B]
             tokens = all_tokens if all_tokens is not None else (model_B if isinstance(model_A, (list, tuple)) else None)
         state = None
-        shard = distributed.latent_shard()  # (index, count): this rank's slice of the latents (sharding.py)
+        shard = distributed.latent_shard()  # (index, count): this rank's slice of the latents (distributed.py)
         if shard[1] != cfg["latent_shards"]:
             raise ConfigError(f"latent_shards={cfg['latent_shards']} but this process's mesh splits the latents "
                               f"{shard[1]} way(s): launch with torchrun and call distributed.setup(device, "
@@ -77,13 +123,11 @@ class Trainer:
         # own share of the sequences; gradients are averaged over the ranks in step().
         self.world_size = distributed.world_size()
         local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
+        # The process groups of a step's collectives (BatchTopK's global selection, latent shards'
+        # sums, AuxK's and b_dec's global-batch statistics), passed to the crosscoder each step.
+        self.mesh = distributed.training_mesh()
         if self.world_size > 1:
             cfg["world_size"] = self.world_size
-            self.crosscoder.global_topk = True  # BatchTopK keeps k * the global batch, over all ranks
-            self.crosscoder.data_parallel = self.world_size // shard[1]
-            self.crosscoder.latent_group = distributed.latent_group()
-            if self.crosscoder.data_parallel > 1:  # AuxK's normaliser is the global batch's
-                self.crosscoder.data_group = distributed.data_group()
         if resume_from is not None and buffer is None and distributed.any_rank(
                 distributed.is_main() and state.get("buffer") is None):
             raise CheckpointError(
@@ -135,21 +179,17 @@ class Trainer:
         acts_BMD = self.buffer.next()
         if i == 0 or i == self.last_saved_step:
             self._check_batch(acts_BMD)
-        latent_group = self.crosscoder.latent_group
+        latent_group = self.mesh.latent
         if latent_group is not None:  # every shard encodes the rows of its whole latent group
             acts_BMD = gather(acts_BMD, latent_group)
-        cfg, batchtopk = self.cfg, self.crosscoder.architecture == "batchtopk"
+        cfg = self.cfg
         if i == 0 and effective(cfg, "b_dec_init") == "geometric_median":
             with torch.no_grad():  # the authors start b_dec at the first (global) batch's geometric median
-                self.crosscoder.b_dec.copy_(geometric_median(acts_BMD, self.crosscoder.data_group))
-        dead_F = None
-        if batchtopk:
-            self.crosscoder.k = k_at(i, cfg["k"], cfg["k_max"], cfg["k_annealing_steps"])
-            dead_F = self.steps_since_fired >= self._dead_window()
+                self.crosscoder.b_dec.copy_(geometric_median(acts_BMD, self.mesh.data))
+        inputs = self.crosscoder.step_inputs(i, self.steps_since_fired)  # the architecture's (BatchTopK: k, dead latents)
         with self._step_autocast():
-            losses, latents_BF, terms = self.crosscoder.losses_and_acts(
-                acts_BMD, dead_F, update_threshold_=i > cfg["threshold_start_step"])
-        loss, l1_coeff = training_loss(losses, terms, i, self.total_steps, cfg)
+            losses, latents_BF, terms = self.crosscoder.losses_and_acts(acts_BMD, **inputs, mesh=self.mesh)
+        loss, l1_coeff = self.crosscoder.training_loss(losses, terms, i, self.total_steps)
         loss.backward()
         fired_F = (latents_BF.detach() > 0).any(0)
         if self.world_size > 1:  # gradients averaged before clipping, as in one process; fired on any rank
@@ -178,12 +218,7 @@ class Trainer:
         values = (loss, losses.l2_loss, losses.l1_loss, losses.l0_loss, l1_coeff, lr,
                   losses.explained_variance, losses.explained_variance_A, losses.explained_variance_B)
         log = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in zip(LOG_KEYS, values)}
-        if batchtopk or effective(cfg, "recon_loss") == "norm":
-            log["l2_norm_loss"] = terms["l2_norm_loss"].detach()
-        if batchtopk:
-            log["aux_loss"], log["threshold"] = terms["aux_loss"].detach(), self.crosscoder.threshold.detach().clone()
-            log["k"] = torch.tensor(float(self.crosscoder.k))
-        return log
+        return dict(log, **self.crosscoder.step_log(terms))
 
     def _step_autocast(self):
         """step_dtype "bf16": the encoder and decoder matmuls run in bf16 under autocast; the
@@ -198,18 +233,9 @@ class Trainer:
             raise ValueError(f"the activation source returned shape {tuple(acts_BMD.shape)}, expected "
                              f"[batch_size{per_rank}, n_models, d_in] = {list(want)}")
 
-    def _dead_window(self):
-        """Steps without firing after which a latent counts as dead: BatchTopK (AuxK), dead_tokens
-        worth of batches, as the authors count; l1 (logged only), dead_window steps or since the
-        start. (Before the authors' recipe BatchTopK used the l1 rule, which early in training
-        called a latent dead after one silent step.)"""
-        if self.cfg["architecture"] == "batchtopk":
-            return -(-effective(self.cfg, "dead_tokens") // self.cfg["batch_size"])
-        return min(self.cfg["dead_window"], max(self.step_counter, 1))
-
     def dead_fraction(self):
-        """Fraction of latents counted dead (_dead_window)."""
-        return (self.steps_since_fired >= self._dead_window()).float().mean()
+        """Fraction of latents counted dead (the architecture's dead_window)."""
+        return (self.steps_since_fired >= self.crosscoder.dead_window(self.step_counter)).float().mean()
 
     def check_finite(self):
         """Host sync: raise NonFiniteError if any step so far produced a NaN or Inf, on every rank
@@ -252,7 +278,7 @@ class Trainer:
             self.cfg["sequences_read"] = self.sequence_offset + self.world_size * distributed.max_([run or 0])[0]
         if self.world_size > 1:
             self._save_rank_states(state)
-            if self.crosscoder.latent_group is not None:
+            if self.mesh.latent is not None:
                 weights = gather_weights(self.crosscoder)  # the whole dictionary, on rank 0's host
         path, failed = None, None
         if distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
@@ -280,7 +306,7 @@ class Trainer:
         if not distributed.is_main():
             try:
                 own = {"buffer": state["buffer"], "step": self.step_counter}
-                if self.crosscoder.latent_group is not None:
+                if self.mesh.latent is not None:
                     own.update({key: state[key] for key in SHARD_STATE})
                 atomic_torch_save(own, rank_state_file(save_dir, k, distributed.rank()))
             except OSError as e:
@@ -370,3 +396,64 @@ class Trainer:
         except OSError as e:
             print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
 
+
+# ---------------------------------------------------------------- Weights & Biases
+# wandb must never stop a training run: a failed online start falls back to offline, a failed
+# offline start disables logging, each with a message.
+def has_credentials():
+    """An API key in the environment or a `wandb login` entry in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def start_run(cfg, run_id=None):
+    """A wandb run logging under the checkpoint directory (resumed when run_id is given), or
+    None with cfg wandb_mode "disabled" or when wandb cannot start. wandb_mode None picks online
+    or offline by credentials. Offline, wandb's own banner and sync hints are silenced: one line
+    says where the run is and how to upload it."""
+    mode = cfg["wandb_mode"]
+    if mode == "disabled":
+        return None
+    import wandb
+
+    why = ""
+    if mode is None:
+        mode = "online" if has_credentials() else "offline"
+        why = " (no credentials: run `wandb login` or set wandb_mode)" if mode == "offline" else ""
+    wandb_dir = checkpoint_root(cfg)
+    wandb_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = dict(project=cfg["wandb_project"], entity=cfg["wandb_entity"], config=cfg,
+                  dir=str(wandb_dir), id=run_id, resume="allow" if run_id else None)
+    if cfg.get("sweep_id"):  # a sweep's members: one run each, in one group, from one process
+        kwargs.update(group=cfg["sweep_id"], name=" ".join(f"{k}={v}" for k, v in cfg["sweep"].items()),
+                      reinit="create_new")
+
+    def init(mode):
+        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=mode == "offline"), **kwargs)
+
+    try:
+        run = init(mode)
+    except Exception as e:
+        if mode != "online":
+            print(f"wandb: disabled ({type(e).__name__}: {e})")
+            return None
+        why, mode = f" (online start failed: {type(e).__name__}: {e})", "offline"
+        try:
+            run = init(mode)
+        except Exception as e2:  # wandb must never stop a training run
+            print(f"wandb: disabled{why}; offline failed too ({type(e2).__name__}: {e2})")
+            return None
+    if mode == "offline":
+        run_dir = Path(run.dir).parent if hasattr(run, "dir") else wandb_dir
+        print(f"wandb: logging offline{why} to {run_dir}; upload it later with `wandb sync {run_dir}`")
+    return run
+
+
+def finish_run(run):
+    """Close the run (an offline one's upload command was printed when it started)."""
+    if run is not None:
+        run.finish()

@@ -1,5 +1,4 @@
-"""Token data, model loading, and process settings (notebook, malloc). The model-diffing maths
-is in diffing.py (its names are re-exported here for notebooks written before it moved).
+"""Token data, model loading, and process settings (malloc, signals).
 
 Shape legend: N sequences, S seq_len.
 """
@@ -12,13 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import PILE_LMSYS_DATASET, layers_needed
-# The model-diffing maths moved to diffing.py; imported here so that existing notebooks keep working.
-from diffing import (GENUINE_NU_MAX, examples_html, iter_paired_activations, latent_scaling,  # noqa: F401
-                     normalisation_factors, reconstruction_stats, splice_in_loss, top_activating_examples)
-
-REPO_DIR = Path(__file__).resolve().parent
-DEFAULT_DATA_DIR = REPO_DIR / "data"
+import distributed
+from checkpoint import atomic_torch_save, data_dir
+from config import PILE_LMSYS_DATASET, check_against_model, layers_needed
 
 
 class DataError(ValueError):
@@ -27,11 +22,6 @@ class DataError(ValueError):
 
 class SetupError(RuntimeError):
     """The environment cannot run the requested job (no GPU, no hub access)."""
-
-
-def data_dir(cfg=None):
-    d = (cfg or {}).get("data_dir")
-    return Path(d) if d else DEFAULT_DATA_DIR
 
 
 def _dataset_to_tokens(dataset, column, origin, chunk_rows=4096):
@@ -87,7 +77,6 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
             dataset = dataset[split]
         tokens = _dataset_to_tokens(dataset, column, source)
     else:
-        import distributed
 
         cache = data_dir(cfg) / (str(source).replace("/", "__") + ".pt")
         if cache.is_file():
@@ -124,7 +113,6 @@ def _download_tokens(source, cache, column, split):
     temporary file of its own, renamed)."""
     import datasets
 
-    from checkpoint import atomic_torch_save
 
     try:
         dataset = datasets.load_dataset(str(source), split=split)
@@ -159,6 +147,33 @@ def check_tokens(tokens_NS, seq_len, vocab_size):
     lo, hi = int(tokens_NS.min()), int(tokens_NS.max())
     if lo < 0 or hi >= vocab_size:
         raise DataError(f"token ids must lie in [0, {vocab_size}) for the models' vocabulary; found ids in [{lo}, {hi}]")
+
+
+def load_models_and_tokens(cfg, fresh=True):
+    """The models (index 0 base, 1 chat) and the training tokens of a complete config. fresh (not a
+    resume): the tokens are checked for enough sequences before any model loads."""
+    if cfg["preset"] == "toy":
+        from toy import build_toy_pair
+
+        if not distributed.is_main():
+            distributed.barrier()  # rank 0 builds (or reads) the cached pair first
+        base, chat, tokens, _ = build_toy_pair(cfg)
+        if distributed.is_main():
+            distributed.barrier()
+        return [base, chat], tokens
+    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
+
+    for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
+        is_dir = (Path(name) / "config.json").is_file()  # a local copy, named after its model
+        check_against_model(cfg, get_pretrained_model_config(Path(name).name if is_dir else name))
+    tokens = load_tokens(cfg["dataset"], cfg)
+    if fresh and cfg["store_dir"] is None:
+        from buffer import check_enough_sequences
+
+        local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
+        check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
+                               cfg["num_tokens"] // cfg["batch_size"])
+    return load_gemma_pair(cfg), tokens
 
 
 def load_gemma_pair(cfg, full=False):
@@ -246,14 +261,6 @@ def drop_unembedding(model):
 
 
 # ---------------------------------------------------------------------------- environment
-def in_notebook():
-    """True inside IPython / Jupyter (figures shown, scripts' argv ignored)."""
-    try:
-        return get_ipython() is not None  # noqa: F821 (defined only inside IPython)
-    except NameError:
-        return False
-
-
 def keep_freed_memory():
     """On Linux/glibc, stop malloc from handing large freed blocks back to the OS. By default
     every block over 32 MB is unmapped when freed, so each step's fresh [B, F] temporaries are

@@ -27,7 +27,7 @@ class GlobalBatches:
 
 if __name__ == "__main__":
     out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (sharding.py)
+    shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (distributed.py)
     distributed.setup("cpu", latent_shards=shards)
     if architecture in ("straight", "half", "resume"):  # the tiny models on real buffers, 24 steps
         from conftest import random_tokens, tiny_model
@@ -115,7 +115,7 @@ if __name__ == "__main__":
         tokens = load_tokens("someone/tokenized-data", {"data_dir": os.path.dirname(out)})
         result = {"tokens": tokens}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
-        from batchtopk import batch_topk_mask
+        from crosscoder import batch_topk_mask
 
         scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
         mask, min_kept = batch_topk_mask(scores_BF[distributed.shard(16)], 5, distributed.group())

@@ -1,4 +1,4 @@
-"""One rank of tests/test_sharding.py, started by torchrun: trains a tiny crosscoder split over
+"""One rank of tests/test_distributed.py, started by torchrun: trains a tiny crosscoder split over
 latent_shards (argv[3]) on its share of seeded global batches, saves it, and writes its local
 weights, logs and a final training-mode selection to argv[1].rank<r>."""
 import os

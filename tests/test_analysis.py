@@ -86,7 +86,7 @@ def test_top_activating_examples_match_brute_force():
     tokens = random_tokens(10, 9)
     latents = [0, 3, 7]
     values, seqs, pos = top_activating_examples(cc, models, tokens, latents, k=5, batch_size=3)
-    from buffer import extract_activations
+    from activations import extract_activations
 
     x = torch.stack([extract_activations(m, tokens, "blocks.1.hook_resid_pre")[:, 1:] for m in models], 2)
     N, S1 = x.shape[:2]

@@ -25,7 +25,7 @@ def test_harvest_flop_formula_equals_torch_flop_counter_on_a_gemma_like_forward(
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
     from activations import extract_activations
-    from bench_parallel import harvest_flops_per_token
+    from bench import harvest_flops_per_token
 
     cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=48,
                                   gated_mlp=True, act_fn="gelu", d_vocab=50, n_ctx=16, normalization_type="RMS", seed=0)

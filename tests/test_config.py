@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from config import SCHEMA, ConfigError, check_against_model, format_help, parse_overrides, parse_value, validate_cfg
+from cli import format_help, parse_overrides, parse_value
+from config import SCHEMA, ConfigError, check_against_model, validate_cfg
 from conftest import REPO
 from config import DEFAULTS as default_cfg
 

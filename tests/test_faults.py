@@ -134,7 +134,7 @@ _WRONG = {int: st.one_of(st.text(max_size=5), st.floats(allow_nan=False).filter(
 @given(data=st.data())
 def test_every_key_with_a_wrong_type_is_an_error_naming_it(data):
     key = data.draw(st.sampled_from(sorted(SCHEMA)))
-    value = data.draw(_WRONG[SCHEMA[key][0]])
+    value = data.draw(_WRONG[SCHEMA[key].kind])
     with pytest.raises(ConfigError, match=f"'{key}'"):
         validate_cfg(dict(default_cfg, **{key: value}))
 

@@ -5,7 +5,8 @@ import torch
 
 from buffer import sequences_needed
 from conftest import random_tokens, tiny_cfg, tiny_model, torchrun
-from store import ActivationStore, harvest
+from buffer import ActivationStore
+from store import harvest
 from trainer import Trainer
 
 

@@ -5,8 +5,9 @@ import torch
 
 from config import ConfigError
 from conftest import random_tokens, tiny_cfg, tiny_model, torchrun
-from sweep import Sweep, expand, parse_sweep
-from train import split_sweep
+from cli import parse_sweep, split_sweep
+from config import expand
+from sweep import Sweep
 from trainer import Trainer
 
 
@@ -209,9 +210,8 @@ def test_sweep_devices_are_refused_under_torchrun(monkeypatch):
 def test_a_member_split_over_latents_holds_its_share_and_steps_on_its_latent_groups_rows():
     """member_bytes over processes: with the dictionary in 2 shards a process holds half the
     latents' weights, gradients and Adam moments (fp32, 4 copies); its step is the one
-    sharding.memory_per_rank gives for the latent group's rows (4 processes = 2 groups of 2)."""
-    from sharding import memory_per_rank
-    from sweep import member_bytes
+    memory_per_rank gives for the latent group's rows (4 processes = 2 groups of 2)."""
+    from sweep import member_bytes, memory_per_rank
 
     cfg = tiny_cfg(d_in=64, dict_size=1024, batch_size=256, latent_shards=2)
     held, step = member_bytes(cfg, n_processes=4)

@@ -122,14 +122,14 @@ def test_resume_overrides_are_compared_with_the_saved_config_not_the_defaults(tm
 def test_a_dataset_too_small_for_the_run_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     """At the default 400M tokens a 50-sequence dataset is refused right after the tokens are read:
     the models (a download, on a real run) are never loaded."""
-    import train
+    import utils
     from buffer import TokensExhausted
 
     def no_models(cfg):
         raise AssertionError("models loaded before the data check")
 
-    monkeypatch.setattr(train, "load_gemma_pair", no_models)
+    monkeypatch.setattr(utils, "load_gemma_pair", no_models)
     torch.save(torch.randint(0, 1000, (50, 1024)), tmp_path / "tokens.pt")
     cfg, _ = build_cfg(["--dataset", str(tmp_path / "tokens.pt"), "--device", "cpu"])
     with pytest.raises(TokensExhausted, match="needs [\\d,]+ sequences of 1024 tokens .* but the dataset has 50"):
-        train.load_models_and_tokens(cfg)
+        utils.load_models_and_tokens(cfg)

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import random_tokens, tiny_cfg
 from checkpoint import complete_checkpoints
-from crosscoder import CrossCoder
-from objective import l1_coeff_at, lr_multiplier
-from trainer import NonFiniteError, Trainer, TrainingInterrupted
+import trainer as trainer_module
+from conftest import random_tokens, tiny_cfg
+from crosscoder import CrossCoder, LossOutput, l1_coeff_at
+from trainer import NonFiniteError, Trainer, TrainingInterrupted, lr_multiplier
 
 
 def test_the_lr_of_every_step_follows_the_schedule_through_trainer_step(tmp_path):
@@ -351,9 +351,127 @@ def test_batchtopk_counts_latents_dead_within_a_short_run_by_default(tmp_path):
     assert cfg["dead_tokens"] is None and effective(cfg, "dead_tokens") == 320
     assert effective(dict(cfg, num_tokens=4 * 10**9), "dead_tokens") == 10_000_000
     trainer = Trainer(cfg, buffer=PlantedFeatureSource(cfg, n_shared=8, n_base_only=4, n_chat_only=4))
-    assert trainer._dead_window() == 10
+    assert trainer.crosscoder.dead_window(trainer.step_counter) == 10
     with torch.no_grad():
         trainer.crosscoder.b_enc[0] = -1e3  # latent 0 can never fire
     aux = [float(trainer.step()["aux_loss"]) for _ in range(12)]
     assert trainer.steps_since_fired[0] == 12
     assert aux[:10] == [0.0] * 10 and aux[10] > 0 and aux[11] > 0  # dead from step 10 on: AuxK acts
+
+
+# ---------------------------------------------------------------- test_objective.py
+def test_lr_schedule_at_start_5pct_80pct_and_end():
+    total = 1000
+    assert lr_multiplier(0, total) == 1.0
+    assert lr_multiplier(50, total) == 1.0
+    assert lr_multiplier(799, total) == 1.0
+    assert lr_multiplier(800, total) == pytest.approx(1.0)
+    assert lr_multiplier(900, total) == pytest.approx(0.5)
+    assert lr_multiplier(1000, total) == pytest.approx(0.0)
+
+
+def test_l1_warmup_at_start_5pct_80pct_and_end():
+    total = 1000
+    assert l1_coeff_at(0, total, 2.0) == 0.0
+    assert l1_coeff_at(25, total, 2.0) == pytest.approx(1.0)
+    assert l1_coeff_at(50, total, 2.0) == 2.0
+    assert l1_coeff_at(800, total, 2.0) == 2.0
+    assert l1_coeff_at(999, total, 2.0) == 2.0
+
+
+# ---------------------------------------------------------------- Weights & Biases
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # netrc reads ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    return tmp_path
+
+
+def test_credentials_come_from_the_environment_or_netrc(no_credentials, monkeypatch):
+    assert not trainer_module.has_credentials()
+    netrc_file = no_credentials / ".netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    netrc_file.chmod(0o600)
+    assert trainer_module.has_credentials()
+    netrc_file.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert trainer_module.has_credentials()
+
+
+def test_disabled_mode_starts_nothing_and_writes_nothing(tmp_path):
+    assert trainer_module.start_run(tiny_cfg(wandb_mode="disabled", checkpoint_dir=str(tmp_path / "ck"))) is None
+    assert not (tmp_path / "ck").exists()
+    trainer_module.finish_run(None)  # finishing no run is a no-op
+
+
+def test_a_failed_online_start_falls_back_to_offline(no_credentials, monkeypatch, capsys):
+    import wandb
+
+    modes = []
+
+    def fake_init(mode, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise ConnectionError("no network")
+        return "offline run"
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run = trainer_module.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck")))
+    assert run == "offline run" and modes == ["online", "offline"]
+    assert "logging offline (online start failed: ConnectionError: no network)" in capsys.readouterr().out
+
+
+def test_a_failed_offline_fallback_disables_logging_instead_of_stopping_training(no_credentials, monkeypatch, capsys):
+    """Online fails, then the offline fallback fails too: start_run returns None (training goes
+    on without wandb) and says why, instead of raising."""
+    import wandb
+
+    def fake_init(mode, **kwargs):
+        raise ConnectionError("no network") if mode == "online" else PermissionError("read-only disk")
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    assert trainer_module.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck"))) is None
+    out = capsys.readouterr().out
+    assert "wandb: disabled" in out and "read-only disk" in out
+
+
+def test_an_offline_run_says_one_line(no_credentials, monkeypatch, capfd):
+    """A real offline run, started, logged to and finished: wandb's banner and sync hints are
+    silenced; the one line printed says where the run is and how to upload it."""
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = trainer_module.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck")))
+    try:
+        run.log({"loss": 1.0}, step=0)
+    finally:
+        trainer_module.finish_run(run)
+    captured = capfd.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "wandb" in line.lower()]
+    assert len(lines) == 1, lines
+    assert "offline" in lines[0] and f"wandb sync {no_credentials / 'ck'}" in lines[0]
+
+
+def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
+    import wandb
+
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode) or "run")
+    assert trainer_module.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck"))) == "run"
+    assert modes == ["offline"]
+
+
+def test_sweep_members_get_their_own_runs_in_one_group(tmp_path, monkeypatch):
+    """Two members of one sweep, from one process: two distinct offline runs, both in the group
+    named after the sweep, each named by its values."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = []
+    try:
+        for lr in (1e-3, 1e-2):
+            cfg = tiny_cfg(wandb_mode="offline", checkpoint_dir=str(tmp_path), sweep_id="sweep_0", sweep={"lr": lr})
+            runs.append(trainer_module.start_run(cfg))
+        assert runs[0].id != runs[1].id
+        assert [r.group for r in runs] == ["sweep_0", "sweep_0"] and runs[1].name == "lr=0.01"
+    finally:
+        for run in runs:
+            trainer_module.finish_run(run)
