@@ -359,6 +359,28 @@ def check_enough_sequences(cfg, local_cfg, have, total_steps, state=None, source
             "wrap_tokens=True to reuse it")
 
 
+def rebase_state(state, world_size_now, every_rank_saved=True):
+    """(trainer state to resume from, sequence offset) for a run resumed with world_size_now
+    processes. state["buffer"] is this rank's saved data state. The ranks of a run read their
+    sequences strided (rank r: offset + r, + r + w, ...), so together they have used the first
+    offset + w * pointer sequences. The same number of processes, each with its own saved state
+    (every_rank_saved), resumes exactly. Another number, or a checkpoint without every rank's
+    state, refills fresh buffers from there (the same data from there on, in a new order) and
+    says so."""
+    if state is None or state.get("buffer") is None:
+        return state, 0
+    saved_world, buffer_state = state.get("world_size", 1), state["buffer"]
+    offset = state.get("sequence_offset", 0)
+    if saved_world == world_size_now and every_rank_saved:
+        return state, offset
+    offset += saved_world * int(buffer_state["token_pointer"])
+    if distributed.is_main():
+        print(f"resuming a {saved_world}-process run with {world_size_now} process(es): fresh buffers from "
+              f"sequence {offset:,} (the same data from there on, in a new order)")
+    fresh = {k: v for k, v in buffer_state.items() if k != "buffer"}
+    return dict(state, buffer=dict(fresh, token_pointer=0, sequences_run=0)), offset
+
+
 def make_batch_source(cfg, local_cfg, models, tokens, state, sequence_offset, total_steps):
     """This rank's source of [batch_size / world size, M, D] batches: a live Buffer over the
     models, or the activation store at cfg["store_dir"]. Rank r of w reads sequences

@@ -1,11 +1,12 @@
-"""Checkpoint files: where versions live, atomic writes, safe reads, finding the newest, and the
+"""Files on disk: where versions live, atomic writes, safe reads, finding the newest, and the
 published formats others' crosscoders come in.
 
 Layout (the reference's): <checkpoint_dir>/version_N/{k}.pt (weights), {k}_cfg.json (config,
 written last: its presence marks checkpoint k complete; it records the training step) and, from
-training, {k}_trainer.pt (and {k}_trainer_rank{r}.pt for each further data-parallel rank). The published layout: <hook>/cfg.json and <hook>/cc_weights.pt. Every
-other file asks this one for these names.
+training, {k}_trainer.pt (and {k}_trainer_rank{r}.pt for each further data-parallel rank). The
+published layout: <hook>/cfg.json and <hook>/cc_weights.pt. Every other file asks this one.
 """
+import functools
 import json
 import os
 import tempfile
@@ -162,10 +163,14 @@ def next_sweep_dir(cfg):
     return next_version_dir(cfg, prefix="sweep")
 
 
-def read_checkpoint(cfg_path, weights_path, param_names, mmap=False):
-    """The config dict and the weights of one checkpoint, read safely: every unreadable or
-    unexpected file is a CheckpointError (or FileNotFoundError) naming the file. mmap: map the
-    weights instead of reading them (a shard then reads only its slices)."""
+PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")  # a crosscoder's parameters, the reference's names
+
+
+def read_crosscoder(cfg_path, weights_path, mmap=False):
+    """(cfg, state) of one of our checkpoints or the reference's published one, read safely: an
+    unreadable or unexpected file is a CheckpointError (or FileNotFoundError) naming it; the configs
+    of older versions are completed with what their weights imply. mmap: map the weights (a shard
+    then reads only its slices)."""
     for p in (cfg_path, weights_path):
         if not Path(p).is_file():
             raise FileNotFoundError(f"checkpoint file not found: {p}")
@@ -179,19 +184,9 @@ def read_checkpoint(cfg_path, weights_path, param_names, mmap=False):
         state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{weights_path}: cannot read weights ({type(e).__name__}: {e})") from None
-    if not isinstance(state, dict) or set(state) - {"threshold"} != set(param_names):
+    if not isinstance(state, dict) or not set(PARAM_NAMES) <= set(state):
         keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{weights_path}: expected tensors {list(param_names)}, found {keys}")
-    return cfg, state
-
-
-PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")  # a crosscoder's parameters, the reference's names
-
-
-def read_crosscoder(cfg_path, weights_path, mmap=False):
-    """(cfg, state) of one of our checkpoints or the reference's published one, the configs of
-    older versions completed with what their weights imply; a CheckpointError names what is wrong."""
-    cfg, state = read_checkpoint(cfg_path, weights_path, PARAM_NAMES, mmap=mmap)
+        raise CheckpointError(f"{weights_path}: expected tensors {list(PARAM_NAMES)}, found {keys}")
     cfg.setdefault("d_in", state["W_enc"].shape[1])  # the first published cfg.json had no d_in
     cfg.setdefault("n_models", state["W_enc"].shape[0])
     cfg.setdefault("architecture", "l1")  # configs from before BatchTopK, the reference's included
@@ -250,13 +245,11 @@ def jsonable(obj):
     return obj
 
 
-def _current_umask():
+@functools.cache
+def _umask():  # read once (setting it for a moment), not at import
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-_UMASK = _current_umask()
 
 
 def _atomic_write(path, write_fn):
@@ -265,7 +258,7 @@ def _atomic_write(path, write_fn):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; checkpoints are shared like any file
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; checkpoints are shared like any file
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             f.flush()
@@ -334,27 +327,14 @@ def member_dirs(sweep_dir):
 
 
 # ---------------------------------------------------------------- published crosscoders
-# Crosscoders published in dictionary_learning's format (science-of-finetuning's fork, used by
-# Minder, Dumas et al. 2025 for their Gemma-2-2b crosscoders), read into our CrossCoder's layout.
-#
-# Shape legend: M models, D d_in, F latents.
-#
-# Their files (a hub repo or a local directory): `config.json`, the init arguments that
-# huggingface_hub's PyTorchModelHubMixin writes (activation_dim, dict_size, num_layers, k,
-# code_normalization, ...); `model.safetensors`, the state dict; optionally `trainer_config.json`,
-# {"trainer": {"layer": 13, "dict_class": ..., ...}}. The state dict (their dictionary.py):
-#     encoder.weight [M, D, F], encoder.bias [F], decoder.weight [M, F, D], decoder.bias [M, D],
-#     code_normalization_id (their enum: 1 CROSSCODER, 2 SAE, 3 MIXED, 4 NONE, 5 DECOUPLED),
-#     BatchTopKCrossCoder also k and threshold (a scalar; per model when DECOUPLED), and
-#     NormalizableMixin's activation_mean, activation_std [M, D], target_rms, activation_global_scale
-#     [M]; the mean and std are NaN (no normalisation) unless the run gave them.
-# Their forward on raw x: x_n = (x - mean) * g per model (g = activation_global_scale), the
-# crosscoder on x_n, then x_hat = x_hat_n / (g + 1e-8) + mean. Ours reads x' = s * x (s the
-# `normalisation_factor`), so we record s = g and fold the mean into the biases:
+# dictionary_learning's format (science-of-finetuning's fork; Minder, Dumas et al. 2025's Gemma-2-2b
+# crosscoders; docs/design.md lists its files and tensors). Their forward on raw x: x_n = (x - mean)
+# * g per model (g = activation_global_scale), the crosscoder on x_n, x_hat = x_hat_n / (g + 1e-8)
+# + mean. Ours reads x' = s * x, so we record s = g and fold the mean into the biases:
 #     b_enc' = b_enc - sum_m (g_m mean_m) @ W_enc[m],   b_dec'[m] = b_dec[m] + g_m mean_m,
-# which leaves W_enc and W_dec (so relative decoder norms and BatchTopK scores) as trained. Only
-# their 1e-8 differs (relative 1e-8 / g, ~1e-6 at Gemma's scale).
+# leaving W_enc and W_dec (relative norms, BatchTopK scores) as trained; only their 1e-8 differs.
 # Their "layer L" hooks the output of decoder layer L: TransformerLens's blocks.{L+1}.hook_resid_pre.
+# Shape legend: M models, D d_in, F latents.
 FILES = ("config.json", "model.safetensors")
 TRAINER_FILE = "trainer_config.json"
 CODE_NORMALIZATIONS = {1: "CROSSCODER", 2: "SAE", 3: "MIXED", 4: "NONE", 5: "DECOUPLED"}

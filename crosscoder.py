@@ -1,15 +1,13 @@
-"""The crosscoder of Anthropic's model-diffing paper, as the reference replication defines it, and
-its BatchTopK variant. An architecture is a class: CrossCoder (L1, the reference) and
-BatchTopKCrossCoder; `CrossCoder(cfg)` builds the one cfg["architecture"] names.
+"""The crosscoder of Anthropic's model-diffing paper as the reference replication defines it, and
+its BatchTopK variant: one class per architecture, CrossCoder (L1) and BatchTopKCrossCoder;
+`CrossCoder(cfg)` builds the one cfg["architecture"] names.
 
 One sparse dictionary read from and written to the same hook point of several models:
     f      = ReLU( sum_m x_m @ W_enc[m] + b_enc )          (encode)
     x_hat_m = f @ W_dec[:, m] + b_dec[m]                   (decode)
-Each latent has one decoder vector per model; the ratio of their norms says whether it is
-shared or specific to one model. Model index 0 is the base model, 1 the chat model.
-
-The model holds no process group: training passes a distributed.Mesh to the methods whose sums
-run over several processes (a dictionary split over latent shards, a global batch).
+Each latent has one decoder vector per model; the ratio of their norms says whether it is shared
+or specific to one model. Model 0 is the base, 1 the chat model. The model holds no process group:
+training passes a distributed.Mesh to the methods whose sums span processes.
 
 Shape legend: B batch (token positions), M models, D d_in (residual width), F latents (dict_size).
 """
@@ -24,7 +22,8 @@ from torch import nn
 from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_checkpoint, next_version_dir,
                         read_crosscoder, read_published, resolve_version_dir, write_checkpoint)
 from config import DERIVED_KEYS, SCHEMA, ConfigError, completed, effective
-from distributed import Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, shard_rows, sum_over_shards, take_shard
+from distributed import (Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, resolve_device, shard_rows,
+                         sum_over_shards, take_shard)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
@@ -45,13 +44,6 @@ class LossOutput(NamedTuple):
     explained_variance_B: torch.Tensor
 
 
-def resolve_device(device=None):
-    """None or "auto" -> "cuda" when available, else "cpu"; anything else is kept."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def l1_coeff_at(step, total_steps, l1_coeff):
     """Linear warm-up from 0 to l1_coeff over the first 5% of steps, then constant (reference)."""
     if step < 0.05 * total_steps:
@@ -63,10 +55,9 @@ class CrossCoder(nn.Module):
     """The reference's crosscoder: ReLU latents, loss = l2 + l1_coeff(t) * sum_j f_j sum_m ||W_dec[j, m]||."""
     architecture = "l1"
     EXTRA_STATE = ()  # tensors saved beside the parameters (replicated over latent shards)
-    # Step memory beyond weights, gradients and Adam (sweep.memory_per_rank): its phases, each as
-    # (fp32 [rows, f] copies, copies of W_dec's shard). L1: the pre-activations and activations kept
-    # for the backward and the L0 count's or the gradient's temporary, or two plus the decoder norms'
-    # gradient before it joins W_dec's. Measured with torch's MemTracker (tests/test_sweep.py).
+    # Step memory beyond weights, gradients and Adam, per phase: (fp32 [rows, f] copies, copies of
+    # W_dec's shard); sweep.memory_per_rank. L1: pre-activations, activations and a temporary, or two
+    # and the decoder norms' gradient. Measured with torch's MemTracker (tests/test_distributed.py).
     STEP_PHASES = ((3, 0), (2, 1))
 
     def __new__(cls, cfg=None, shard=(0, 1)):
@@ -123,9 +114,8 @@ class CrossCoder(nn.Module):
         return self.decode(self.encode(x_BMD))
 
     def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
-        """get_losses, plus the latent activations [B, F] (the trainer tracks dead latents) and a
-        dict of the architecture's other training terms (extra_terms). dead_F [F]: the latents
-        counted dead (BatchTopK's AuxK); update_threshold_: BatchTopK training updates its threshold."""
+        """get_losses, the latent activations [B, F] and the architecture's other terms (extra_terms).
+        dead_F [F]: latents counted dead (AuxK); update_threshold_: BatchTopK updates its threshold."""
         pre_BF = self.encode(x_BMD, apply_relu=False)
         acts_BF, min_kept = self.select(torch.relu(pre_BF), mesh)
         if min_kept is not None and self.training and update_threshold_:
@@ -156,8 +146,8 @@ class CrossCoder(nn.Module):
         return losses, acts_BF, self.extra_terms(err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh)
 
     def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
-        """"aux_loss" (0 but for BatchTopK) and, with recon_loss "norm", "l2_norm_loss": the mean
-        over tokens and models of the error's L2 norm (the authors' reconstruction loss)."""
+        """"aux_loss" (0 here) and, with recon_loss "norm", "l2_norm_loss": the error's L2 norm,
+        mean over tokens and models (the BatchTopK authors' reconstruction loss)."""
         terms = {"aux_loss": torch.zeros((), device=err_BMD.device)}
         if effective(self.cfg, "recon_loss") == "norm":  # (not the reference's)
             terms["l2_norm_loss"] = torch.linalg.vector_norm(err_BMD, dim=-1).mean()
@@ -172,8 +162,8 @@ class CrossCoder(nn.Module):
         return {}
 
     def training_loss(self, losses, terms, step, total_steps):
-        """(loss, the L1 coefficient used): the reconstruction term (the reference's squared error
-        summed over models and d_in, or with recon_loss "norm" the mean L2 norm) + l1_coeff(step) * l1."""
+        """(loss, L1 coefficient): reconstruction (the reference's squared error summed over models
+        and d_in, or with recon_loss "norm" the mean L2 norm) + l1_coeff(step) * l1."""
         l1_coeff = l1_coeff_at(step, total_steps, self.cfg["l1_coeff"])
         return self._reconstruction(losses, terms) + l1_coeff * losses.l1_loss, l1_coeff
 
@@ -185,8 +175,7 @@ class CrossCoder(nn.Module):
         return {"l2_norm_loss": terms["l2_norm_loss"].detach()} if "l2_norm_loss" in terms else {}
 
     def dead_window(self, step):
-        """Steps without firing after which a latent counts as dead (logged only, for L1):
-        dead_window steps, or since the start."""
+        """Steps without firing after which a latent counts dead (L1: logged only; since the start)."""
         return min(self.cfg["dead_window"], max(step, 1))
 
     # ---------------------------------------------------------------- analysis helpers
@@ -207,12 +196,9 @@ class CrossCoder(nn.Module):
 
     @torch.no_grad()
     def fold_normalisation(self, scaling_factors=None):
-        """Return an equivalent crosscoder on raw activations.
-
-        Training sees x_norm[m] = s_m * x[m]. Encoding is linear in x, so W_enc[m] * s_m reads
-        raw activations; decoding is divided by s_m to give raw outputs. Relative decoder norms
-        should be read from the unfolded weights (folding rescales each model's decoder).
-        """
+        """An equivalent crosscoder on raw activations. Training sees x_norm[m] = s_m * x[m]:
+        W_enc[m] * s_m reads raw activations, decoding divided by s_m gives raw outputs. Read
+        relative decoder norms from the unfolded weights (folding rescales each model's decoder)."""
         if scaling_factors is None:
             scaling_factors = self.cfg.get("normalisation_factor")
         if scaling_factors is None:
@@ -230,10 +216,9 @@ class CrossCoder(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     def save(self, extra_state=None, step=None, weights=None):
-        """Write checkpoint k = save_version (checkpoint.write_checkpoint): weights, config
-        (recording `step` when given) and, when extra_state is given, the trainer state. weights:
-        the whole dictionary's tensors, when this module holds a shard (distributed.gather_weights).
-        Returns the path of the weights file."""
+        """Write checkpoint k = save_version: weights, config (recording `step`) and the trainer's
+        extra_state when given. weights: the whole dictionary's, when this module holds a shard
+        (distributed.gather_weights). Returns the weights file's path."""
         if self.save_dir is None:
             self.save_dir = next_version_dir(self.cfg)
         if weights is None:
@@ -247,9 +232,9 @@ class CrossCoder(nn.Module):
 
     @classmethod
     def load(cls, version_dir, checkpoint_version=None, device=None, shard=(0, 1)):
-        """Load checkpoint checkpoint_version of version_dir (the newest complete one when None).
-        version_dir is a path, or a name/number under checkpoints/ ("version_3", 3). shard
-        (index, count): only that slice of the latents, read from a memory map of the file."""
+        """Checkpoint checkpoint_version (None: the newest complete) of version_dir, a path or a
+        name/number under checkpoints/ ("version_3", 3). shard (index, count): only that slice of
+        the latents, read from a memory map."""
         version_dir = resolve_version_dir(version_dir)
         if checkpoint_version is None:
             checkpoint_version = latest_checkpoint(version_dir)
@@ -262,19 +247,16 @@ class CrossCoder(nn.Module):
     @classmethod
     def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None, model_names=None,
                      hook_point=None):
-        """Load a published crosscoder from the Hugging Face hub, or from a local directory given
-        in place of repo_id (no network then): the reference's layout ({path}/cfg.json +
-        {path}/cc_weights.pt) or dictionary_learning's (the science-of-finetuning crosscoders;
-        checkpoint.read_published). model_names / hook_point: theirs name neither for sure
-        (default: the Gemma-2-2b pair, trainer_config.json's layer)."""
+        """A published crosscoder from the hub, or a local directory given as repo_id: the
+        reference's layout or dictionary_learning's (checkpoint.read_published). model_names /
+        hook_point: theirs name neither for sure (default: the Gemma-2-2b pair, their layer)."""
         cfg, state, where = read_published(repo_id, path, model_names, hook_point)
         return cls._from_state(cfg, state, device, where=where)
 
     @classmethod
     def _from_state(cls, cfg, state, device, shard=(0, 1), where=""):
         cfg["device"] = resolve_device(device)
-        # Build on CPU (cheap to fill), check shapes, then move. model.cfg is the config as saved
-        # (keys this version does not know included: they are not validated).
+        # Built on CPU, checked, then moved; model.cfg is the config as saved (unknown keys kept).
         known = {k: v for k, v in cfg.items() if (k in SCHEMA or k in DERIVED_KEYS) and v is not None}
         model = CrossCoder(dict(known, device="cpu"), shard)
         model.cfg = cfg
@@ -295,16 +277,12 @@ class CrossCoder(nn.Module):
 
 
 class BatchTopKCrossCoder(CrossCoder):
-    """BatchTopK (Bussmann et al. 2024) with the training recipe of Minder, Dumas et al. 2025
-    ("Overcoming Sparsity Artifacts in Crosscoders"; their code: science-of-finetuning/
-    dictionary_learning, trainers/crosscoder.py, BatchTopKCrossCoderTrainer).
-
-    Over the whole batch the k * B largest scores are kept instead of an L1 penalty; a latent's
-    score is its activation times the sum over models of its decoder norms. At inference a fixed
-    threshold on the score, estimated during training, replaces the batch-level choice so that a
-    token's latents do not depend on the rest of its batch. The auxiliary loss (Gao et al. 2024,
-    "Scaling and evaluating sparse autoencoders", AuxK, appendix B.1) asks the aux_k most active
-    dead latents to reconstruct the main reconstruction error."""
+    """BatchTopK (Bussmann et al. 2024) with the recipe of Minder, Dumas et al. 2025 ("Overcoming
+    Sparsity Artifacts in Crosscoders"; science-of-finetuning/dictionary_learning,
+    BatchTopKCrossCoderTrainer). The k * B largest scores of the batch are kept instead of an L1
+    penalty (score: activation x the decoder norms summed over models); at inference a threshold
+    estimated in training replaces the batch's choice. AuxK (Gao et al. 2024, appendix B.1) asks
+    the aux_k most active dead latents to reconstruct the error."""
     architecture = "batchtopk"
     EXTRA_STATE = ("threshold",)
     STEP_PHASES = ((8, 0),)  # the L1 temporaries plus the scores, the flattened selection, AuxK's copy
@@ -370,15 +348,11 @@ ARCHITECTURES = {cls.architecture: cls for cls in (CrossCoder, BatchTopKCrossCod
 
 # ---------------------------------------------------------------- BatchTopK's maths
 def batch_topk_mask(scores_BF, k, group=None, rows=None):
-    """Boolean mask of the k * B largest scores of the batch, and the smallest positive kept
-    score (0 when none is positive), which the inference threshold tracks.
-
-    group: a process group whose ranks each hold an equal share of one batch's scores (data
-    parallel: rows; latent shards: columns; or both), `rows` rows in all (default: B per rank):
-    the k * rows largest scores over all of them are kept, as one process would on the whole
-    batch. Each rank sends only its own k * rows largest scores (a superset of its share of the
-    global selection, and all of its positive scores whenever the global cutoff is 0), never its
-    [B, F] matrix."""
+    """Mask of the k * B largest scores of the batch, and the smallest positive kept score (0 when
+    none), which the inference threshold tracks. group: ranks holding equal shares of one batch's
+    scores (rows, columns or both), `rows` rows in all: the k * rows largest over all are kept, as
+    one process would. Each rank sends only its own k * rows largest (a superset of its share),
+    never its [B, F] matrix."""
     B, F = scores_BF.shape
     ranks = 1 if group is None else dist.get_world_size(group)
     n_keep = min(k * (rows or B * ranks), B * F * ranks)
@@ -400,18 +374,16 @@ def min_positive(values):
 
 
 def update_threshold(threshold, min_kept_score, decay=0.999):
-    """Exponential moving average of the smallest positive kept score; a negative threshold means
-    none estimated yet, and the first estimate is taken as is. No host sync. The authors: decay
-    (their threshold_beta) 0.999, updated only after threshold_start_step."""
+    """EMA of the smallest positive kept score (the authors' threshold_beta 0.999); a negative
+    threshold means none yet, and the first estimate is taken as is. No host sync."""
     new = decay * threshold + (1 - decay) * min_kept_score
     return torch.where(threshold < 0, min_kept_score, new)
 
 
 def k_at(step, k, k_max=None, annealing_steps=0):
-    """k annealed linearly from k_max down to k over the first annealing_steps steps, rounded, at
-    least 1 (the authors' k annealing); k itself without annealing. (Their trainer holds k_max when
-    annealing_steps is 0, which with their script's k_max default of 2048 contradicts the k of
-    their runs' names; we keep k.)"""
+    """k annealed linearly from k_max to k over annealing_steps, rounded, at least 1 (the authors');
+    k without annealing (their trainer holds k_max at annealing_steps 0, contradicting their runs'
+    names with its 2048 default; we keep k)."""
     if k_max is None or annealing_steps <= 0 or step >= annealing_steps:
         return k
     return max(1, int(round(k_max - (k_max - k) * step / annealing_steps)))
@@ -419,15 +391,11 @@ def k_at(step, k, k_max=None, annealing_steps=0):
 
 def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None, norms_F=None, normalise=True,
              data_group=None):
-    """AuxK: reconstruct the (detached) error from the aux_k dead latents of each token with the
-    largest activations, decoded without the decoder bias; squared error summed over models and
-    d_in, mean over the batch. Zero when no latent is dead.
-
-    norms_F: the latents are chosen by activation x this (the decoder norms summed over models, as
-    the authors choose them), the values decoded are the plain activations; None: by activation.
-    normalise: divided by the error's variance over the batch, mean_B sum_MD (e - mean_B e)^2, as
-    Gao et al. and the authors do (over the global batch: data_group's rows together).
-    latent_group: the dictionary is split over these processes."""
+    """AuxK: the (detached) error reconstructed from each token's aux_k most active dead latents,
+    without the decoder bias; squared error summed over models and d_in, mean over the batch; 0
+    when none is dead. norms_F: chosen by activation x this (the authors: summed decoder norms),
+    decoded with the plain activations. normalise: divided by the error's variance over the
+    (global: data_group's) batch, as Gao et al. and the authors. latent_group: the shards."""
     acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
     rank_BF = acts_BF if norms_F is None else acts_BF * norms_F.detach().float()
     if latent_group is None:

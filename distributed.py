@@ -36,6 +36,13 @@ _control = None  # a gloo group for host-side flags, so that NCCL runs never syn
 _mesh = None  # with latent_shards > 1: the DeviceMesh (data, latent) of world = data groups x latent shards
 
 
+def resolve_device(device=None):
+    """None or "auto" -> "cuda" when available, else "cpu"; anything else is kept."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -235,27 +242,6 @@ def barrier():
     if world_size() > 1:
         dist.barrier(group=_control)
 
-
-def rebase_state(state, world_size_now, every_rank_saved=True):
-    """(trainer state to resume from, sequence offset) for a run resumed with world_size_now
-    processes. state["buffer"] is this rank's saved data state. The ranks of a run read their
-    sequences strided (rank r: offset + r, + r + w, ...), so together they have used the first
-    offset + w * pointer sequences. The same number of processes, each with its own saved state
-    (every_rank_saved), resumes exactly. Another number, or a checkpoint without every rank's
-    state, refills fresh buffers from there (the same data from there on, in a new order) and
-    says so."""
-    if state is None or state.get("buffer") is None:
-        return state, 0
-    saved_world, buffer_state = state.get("world_size", 1), state["buffer"]
-    offset = state.get("sequence_offset", 0)
-    if saved_world == world_size_now and every_rank_saved:
-        return state, offset
-    offset += saved_world * int(buffer_state["token_pointer"])
-    if is_main():
-        print(f"resuming a {saved_world}-process run with {world_size_now} process(es): fresh buffers from "
-              f"sequence {offset:,} (the same data from there on, in a new order)")
-    fresh = {k: v for k, v in buffer_state.items() if k != "buffer"}
-    return dict(state, buffer=dict(fresh, token_pointer=0, sequences_run=0)), offset
 
 class Mesh(NamedTuple):
     """The process groups one training step's collectives run over; Mesh() in one process."""

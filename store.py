@@ -6,7 +6,7 @@
 harvests what a training run with that config would read (the same tokens, in order) into
 memory-mapped bf16 shards, with the normalisation factors and the token ids (provenance) beside
 them. Any number of runs then train from it (`python train.py --store_dir DIR`, under torchrun
-with any number of processes, or Trainer(cfg, buffer=ActivationStore(cfg, dir))): it refreshes
+with any number of processes, or Trainer(cfg, buffer=buffer.ActivationStore(cfg, dir))): it refreshes
 and shuffles exactly as the live Buffer does, reading rows instead of running the models.
 
 Under torchrun each rank harvests every w-th shard (shard i: rank i % w) into the same
@@ -103,7 +103,7 @@ def check_disk(cfg, n_sequences):
 
 
 def main(argv):
-    from crosscoder import resolve_device
+    from distributed import resolve_device
     from cli import build_cfg
     from utils import load_models_and_tokens
 

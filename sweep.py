@@ -24,8 +24,8 @@ import distributed
 from checkpoint import member_dirs, next_sweep_dir, next_version_dir, read_cfg
 from config import ConfigError, expand
 from crosscoder import ARCHITECTURES
-from trainer import NonFiniteError, Trainer, TrainingInterrupted, finish_run, start_run
-from utils import install_stop_handlers, restore_handlers
+from trainer import NonFiniteError, Trainer, TrainingInterrupted
+from utils import finish_run, install_stop_handlers, restore_handlers, start_run
 
 def member_name(overrides):
     return " ".join(f"{k}={v}" for k, v in overrides.items())

@@ -150,7 +150,7 @@ def cache_dir(cfg):
 
 def pair_device(cfg):
     """Where the pair runs: the run's device (cfg["device"], none: a GPU when there is one)."""
-    from crosscoder import resolve_device
+    from distributed import resolve_device
 
     return resolve_device(cfg["device"])
 

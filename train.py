@@ -9,14 +9,12 @@
 # %%
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from cli import build_cfg as build_cli_cfg, in_notebook
 from config import DEFAULTS, ConfigError, check_against_model, check_mesh, complete_cfg
 from checkpoint import CheckpointError, resolve_version_dir
-from crosscoder import resolve_device
 import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
@@ -51,7 +49,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
             "524k-row activation buffer), and none was found. Run `python train.py --preset toy` "
             "to see the whole pipeline on a CPU, or pass --device cpu to try anyway.")
-    cfg["device"] = resolve_device(cfg["device"])
+    cfg["device"] = distributed.resolve_device(cfg["device"])
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     check_buffer_fits(cfg)  # before any model is loaded

@@ -8,24 +8,20 @@ over the first 5%; gradient norm clipped at 1.0; loss = l2 + l1_coeff(t) * l1. N
 a step: numbers are read only at log steps. step_dtype "bf16" runs the step's matmuls under bf16
 autocast (the reference: fp32).
 """
-import netrc
-import os
 import signal
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import distributed
-from buffer import make_batch_source
-from checkpoint import (SHARD_STATE, CheckpointError, atomic_torch_save, checkpoint_root, latest_checkpoint,
-                        next_version_dir, prune_trainer_states, rank_state_file, read_trainer_state,
-                        resolve_version_dir)
+from buffer import make_batch_source, rebase_state
+from checkpoint import (SHARD_STATE, CheckpointError, atomic_torch_save, latest_checkpoint, next_version_dir,
+                        prune_trainer_states, rank_state_file, read_trainer_state, resolve_version_dir)
 from config import ConfigError, completed, effective
 from crosscoder import CrossCoder
 from distributed import clip_grad_norm_, gather, gather_weights
-from utils import install_stop_handlers, restore_handlers
+from utils import finish_run, install_stop_handlers, restore_handlers, start_run
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
@@ -134,9 +130,9 @@ class Trainer:
                 f"{version_dir} holds no data state (buffer and token pointer), so a resume would read the tokens "
                 "again from sequence 0. Its run did not own the data source (a sweep member other than the one "
                 "that saved the shared buffer): resume the sweep from its directory instead")
-        # sequences the run read before this view of the tokens began (distributed.rebase_state)
+        # sequences the run read before this view of the tokens began (buffer.rebase_state)
         every_rank_saved = not distributed.any_rank(state is not None and state.get("buffer") is None)
-        state, self.sequence_offset = distributed.rebase_state(state, self.world_size, every_rank_saved)
+        state, self.sequence_offset = rebase_state(state, self.world_size, every_rank_saved)
         if buffer is None:
             buffer = make_batch_source(cfg, local_cfg, models, tokens, state, self.sequence_offset, self.total_steps)
         elif state is not None and state.get("buffer") is not None:
@@ -395,65 +391,3 @@ class Trainer:
             print(f"not saving after {reason}: {e}")
         except OSError as e:
             print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
-
-
-# ---------------------------------------------------------------- Weights & Biases
-# wandb must never stop a training run: a failed online start falls back to offline, a failed
-# offline start disables logging, each with a message.
-def has_credentials():
-    """An API key in the environment or a `wandb login` entry in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def start_run(cfg, run_id=None):
-    """A wandb run logging under the checkpoint directory (resumed when run_id is given), or
-    None with cfg wandb_mode "disabled" or when wandb cannot start. wandb_mode None picks online
-    or offline by credentials. Offline, wandb's own banner and sync hints are silenced: one line
-    says where the run is and how to upload it."""
-    mode = cfg["wandb_mode"]
-    if mode == "disabled":
-        return None
-    import wandb
-
-    why = ""
-    if mode is None:
-        mode = "online" if has_credentials() else "offline"
-        why = " (no credentials: run `wandb login` or set wandb_mode)" if mode == "offline" else ""
-    wandb_dir = checkpoint_root(cfg)
-    wandb_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(project=cfg["wandb_project"], entity=cfg["wandb_entity"], config=cfg,
-                  dir=str(wandb_dir), id=run_id, resume="allow" if run_id else None)
-    if cfg.get("sweep_id"):  # a sweep's members: one run each, in one group, from one process
-        kwargs.update(group=cfg["sweep_id"], name=" ".join(f"{k}={v}" for k, v in cfg["sweep"].items()),
-                      reinit="create_new")
-
-    def init(mode):
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=mode == "offline"), **kwargs)
-
-    try:
-        run = init(mode)
-    except Exception as e:
-        if mode != "online":
-            print(f"wandb: disabled ({type(e).__name__}: {e})")
-            return None
-        why, mode = f" (online start failed: {type(e).__name__}: {e})", "offline"
-        try:
-            run = init(mode)
-        except Exception as e2:  # wandb must never stop a training run
-            print(f"wandb: disabled{why}; offline failed too ({type(e2).__name__}: {e2})")
-            return None
-    if mode == "offline":
-        run_dir = Path(run.dir).parent if hasattr(run, "dir") else wandb_dir
-        print(f"wandb: logging offline{why} to {run_dir}; upload it later with `wandb sync {run_dir}`")
-    return run
-
-
-def finish_run(run):
-    """Close the run (an offline one's upload command was printed when it started)."""
-    if run is not None:
-        run.finish()

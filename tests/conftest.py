@@ -18,12 +18,20 @@ import torch  # noqa: E402
 SLOW_FIXTURES = {"toy_run", "toy_analysis", "tiny_gemma_dirs"}  # a toy run (and its analysis); full-width Gemma-2
 
 
-def pytest_collection_modifyitems(items):
+def pytest_addoption(parser):
+    parser.addoption("--opt-in", action="store_true",
+                     help="also run the opt-in tests (marked opt_in: they check a platform's behaviour, not ours)")
+
+
+def pytest_collection_modifyitems(config, items):
     """Tests that use a slow fixture, or launch torchrun (several seconds each), are marked slow
-    (`pytest -m "not slow"`: the fast loop)."""
+    (`pytest -m "not slow"`: the fast loop). Tests marked opt_in run only with --opt-in."""
     import inspect
 
+    run_opt_in = config.getoption("--opt-in")
     for item in items:
+        if "opt_in" in item.keywords and not run_opt_in:
+            item.add_marker(pytest.mark.skip(reason="opt-in (glibc's allocator, not this repo): pytest --opt-in"))
         launches = "torchrun(" in inspect.getsource(getattr(item, "function", lambda: None))
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or launches:
             item.add_marker(pytest.mark.slow)

@@ -25,7 +25,7 @@ if __name__ == "__main__":
     x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
     x = x if shards > 1 else x[distributed.shard(32)]  # a latent group sees its whole batch
     weights = {k: v.detach().clone() for k, v in trainer.crosscoder.state_dict().items()}
-    losses, acts, _ = trainer.crosscoder.losses_and_acts(x)  # and the gradients of l2 + l1 on x
+    losses, acts, _ = trainer.crosscoder.losses_and_acts(x, mesh=trainer.mesh)  # and the gradients of l2 + l1 on x
     (losses.l2_loss + losses.l1_loss).backward()
     grads = {name: p.grad for name, p in trainer.crosscoder.named_parameters()}
     torch.save({"weights": weights, "logs": logs, "acts": acts.detach(), "grads": grads,

@@ -261,3 +261,24 @@ def test_a_strided_reader_serves_the_rows_of_its_share_of_the_sequences(tmp_path
     R = cfg["seq_len"] - 1
     want = torch.cat([whole.rows(s, 1) for s in range(1, 30, 3)][2:7])
     assert torch.equal(share.rows(2, 5), want) and len(want) == 5 * R
+
+
+def test_rebase_state_keeps_an_exact_one_process_resume_and_restarts_other_world_sizes_after_the_data_read():
+    """Ranks read strided sequences, so a w-rank run at pointer p has used the first w * p of them
+    (after any earlier offset): a resume with another world size, or without every rank's saved
+    state, starts fresh buffers right there; the same world size with every state is exact."""
+    from buffer import rebase_state
+
+    buffer_state = {"buffer": torch.zeros(4), "token_pointer": 30, "sequences_run": 30, "pointer": 3}
+    single = {"step": 9, "buffer": dict(buffer_state)}
+    assert rebase_state(single, 1) == (single, 0)  # untouched: the exact resume
+    double = dict(single, world_size=2, sequence_offset=8)
+    assert rebase_state(double, 2) == (double, 8)  # every rank has its own state: exact too
+    assert rebase_state(None, 2) == (None, 0)
+    state, offset = rebase_state(dict(single, world_size=2, sequence_offset=8), 1)
+    assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
+    assert state["buffer"]["token_pointer"] == 0 and state["buffer"]["pointer"] == 3 and state["step"] == 9
+    state, offset = rebase_state(single, 2)  # a one-process run resumed by two
+    assert offset == 30 and "buffer" not in state["buffer"]
+    state, offset = rebase_state(double, 2, every_rank_saved=False)  # a rank's state is missing
+    assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]

@@ -2,7 +2,6 @@ import math
 
 import pytest
 
-from cli import format_help, parse_overrides, parse_value
 from config import SCHEMA, ConfigError, check_against_model, validate_cfg
 from conftest import REPO
 from config import DEFAULTS as default_cfg
@@ -23,28 +22,6 @@ def test_reference_defaults():
     assert default_cfg["num_tokens"] // default_cfg["batch_size"] == 97_656
 
 
-def test_overrides_are_parsed_to_each_keys_type():
-    cfg, extras = parse_overrides(
-        ["--l1_coeff", "1.5", "--num_tokens", "4e8", "--dict_size=32768", "--wrap_tokens", "true",
-         "--device", "none", "--model_names", "a,b", "--preset", "toy", "--enc_dtype", "bf16"], default_cfg)
-    assert cfg["l1_coeff"] == 1.5 and cfg["num_tokens"] == 400_000_000 and cfg["dict_size"] == 32768
-    assert cfg["wrap_tokens"] is True and cfg["device"] is None and cfg["model_names"] == ["a", "b"]
-    assert extras == {"preset": "toy"} and cfg["enc_dtype"] == "bf16"
-    assert default_cfg["l1_coeff"] == 2.0  # the defaults are not mutated
-
-
-def test_unknown_key_names_the_key_and_suggests_one():
-    with pytest.raises(ConfigError, match=r"unknown config key 'l1_coef'.*l1_coeff"):
-        parse_overrides(["--l1_coef", "3"], default_cfg)
-
-
-@pytest.mark.parametrize("key,text", [("batch_size", "1.5"), ("batch_size", "many"), ("lr", "fast"),
-                                      ("wrap_tokens", "maybe")])
-def test_value_of_the_wrong_type_names_the_key(key, text):
-    with pytest.raises(ConfigError, match=f"--{key}"):
-        parse_value(key, text)
-
-
 @pytest.mark.parametrize("key,value", [("dict_size", 0), ("batch_size", -4), ("lr", math.nan), ("lr", 0.0),
                                        ("enc_dtype", "fp8"), ("architecture", "topk"), ("seq_len", 1),
                                        ("beta2", 1.0), ("wandb_mode", "sometimes"), ("dict_size", 16.0),
@@ -53,12 +30,6 @@ def test_value_of_the_wrong_type_names_the_key(key, text):
 def test_invalid_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         validate_cfg(dict(default_cfg, **{key: value}))
-
-
-def test_optional_integer_keys_parse_none_and_integers():
-    assert parse_value("aux_k", "none") is None and parse_value("aux_k", "1_152") == 1152
-    with pytest.raises(ConfigError, match="--k_max"):
-        parse_value("k_max", "2.5")
 
 
 def test_a_batchtopk_run_too_short_to_estimate_its_threshold_is_an_error():
@@ -94,20 +65,6 @@ def test_config_is_a_leaf_module_that_imports_neither_torch_nor_the_repo():
     probe = "import sys, config; print(sorted(m for m in ('torch', 'crosscoder', 'buffer', 'utils') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
-
-
-def test_help_lists_every_key_with_its_default_and_meaning():
-    text = format_help("usage", default_cfg, {"preset": "which preset"}, {"toy": {"dict_size": 1024}})
-    for key, key_spec in SCHEMA.items():
-        line = next(line for line in text.splitlines() if line.strip().startswith(f"--{key} "))
-        assert key_spec.doc and key_spec.doc in line
-    assert "16384 (toy: 1024)" in text and "--preset" in text
-    assert "--wrap_tokens            false" in text  # values as typed on the command line
-
-
-def test_help_flag_is_not_a_config_key():
-    cfg, extras = parse_overrides(["--dict_size", "8", "--help"], default_cfg)
-    assert extras == {"help": True} and cfg["dict_size"] == 8
 
 
 def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():

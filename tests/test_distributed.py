@@ -45,7 +45,7 @@ def test_batch_topk_over_two_ranks_keeps_what_one_process_keeps_on_the_whole_bat
     concatenated batch, and both report the same cutoff."""
     out = torchrun("tests/dp_worker.py", str(tmp_path / "topk.pt"), "0", "topk")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    from batchtopk import batch_topk_mask
+    from crosscoder import batch_topk_mask
 
     scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
     want_mask, want_min = batch_topk_mask(scores_BF, 5)
@@ -127,27 +127,6 @@ def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(tm
         assert resumed["token_pointer"] == straight["token_pointer"] > 16  # refreshed after the resume
         for name, want in straight["weights"].items():
             torch.testing.assert_close(resumed["weights"][name], want, atol=0, rtol=0)
-
-
-def test_rebase_state_keeps_an_exact_one_process_resume_and_restarts_other_world_sizes_after_the_data_read():
-    """Ranks read strided sequences, so a w-rank run at pointer p has used the first w * p of them
-    (after any earlier offset): a resume with another world size, or without every rank's saved
-    state, starts fresh buffers right there; the same world size with every state is exact."""
-    from distributed import rebase_state
-
-    buffer_state = {"buffer": torch.zeros(4), "token_pointer": 30, "sequences_run": 30, "pointer": 3}
-    single = {"step": 9, "buffer": dict(buffer_state)}
-    assert rebase_state(single, 1) == (single, 0)  # untouched: the exact resume
-    double = dict(single, world_size=2, sequence_offset=8)
-    assert rebase_state(double, 2) == (double, 8)  # every rank has its own state: exact too
-    assert rebase_state(None, 2) == (None, 0)
-    state, offset = rebase_state(dict(single, world_size=2, sequence_offset=8), 1)
-    assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
-    assert state["buffer"]["token_pointer"] == 0 and state["buffer"]["pointer"] == 3 and state["step"] == 9
-    state, offset = rebase_state(single, 2)  # a one-process run resumed by two
-    assert offset == 30 and "buffer" not in state["buffer"]
-    state, offset = rebase_state(double, 2, every_rank_saved=False)  # a rank's state is missing
-    assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
 
 
 def test_a_killed_rank_ends_the_job_without_hanging_and_the_last_checkpoint_loads(tmp_path, toy_run):

@@ -98,3 +98,14 @@ def test_an_editable_install_imports_the_modules_from_outside_the_repo(tmp_path)
     out = subprocess.run([python, "-c", "from crosscoder import CrossCoder; import crosscoder; print(crosscoder.__file__)"],
                          cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(REPO / "crosscoder.py")
+
+
+def test_the_import_graph_in_the_design_notes_is_the_code_s():
+    """docs/design.md lists each module's imports; a module added or an import changed without the
+    table fails here, so the table a reader trusts is the code's."""
+    import re
+
+    table = {}
+    for m, deps in re.findall(r"^\| `(\w+)` \| ([^|]*) \|$", (REPO / "docs" / "design.md").read_text(), re.M):
+        table[m] = set() if deps.startswith("(none") else {d.strip() for d in deps.split(",")}
+    assert table == {p.stem: repo_imports(p) for p in REPO.glob("*.py")}

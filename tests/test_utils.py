@@ -4,6 +4,8 @@ import datasets
 import pytest
 import torch
 
+import utils
+from conftest import tiny_cfg
 from utils import PILE_LMSYS_DATASET, DataError, check_tokens, load_tokens
 
 
@@ -68,6 +70,7 @@ def test_check_tokens_vocab_and_length():
         check_tokens(t[:0], 10, 50)
 
 
+@pytest.mark.opt_in
 def test_keep_freed_memory_keeps_a_freed_large_block_resident(tmp_path):
     """Without it glibc unmaps a freed 256 MB tensor at once (resident memory drops back); with
     it the block stays in the heap for the next step to reuse without page faults."""
@@ -96,7 +99,7 @@ def test_local_gemma_pair_loads_only_the_blocks_before_the_hook_and_no_unembeddi
     reference's first_n_layers=layer+1 loaded one more), the unembedding is freed, and the
     activations equal the HF model's hidden state after that block. full=True (analysis) loads
     everything and gives the HF model's logits."""
-    from buffer import extract_activations
+    from activations import extract_activations
     from conftest import random_tokens
     from utils import load_gemma_pair
 
@@ -192,3 +195,101 @@ def test_a_model_that_fails_to_load_is_reported_with_what_failed(monkeypatch, er
     message = str(info.value)
     assert message.startswith(f"could not load gemma-2-2b ({type(error).__name__}: ")
     assert says in message and not_says not in message.lower()
+
+
+# ---------------------------------------------------------------- Weights & Biases
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # netrc reads ~/.netrc
+    monkeypatch.delenv("NETRC", raising=False)
+    return tmp_path
+
+
+def test_credentials_come_from_the_environment_or_netrc(no_credentials, monkeypatch):
+    assert not utils.has_credentials()
+    netrc_file = no_credentials / ".netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    netrc_file.chmod(0o600)
+    assert utils.has_credentials()
+    netrc_file.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert utils.has_credentials()
+
+
+def test_disabled_mode_starts_nothing_and_writes_nothing(tmp_path):
+    assert utils.start_run(tiny_cfg(wandb_mode="disabled", checkpoint_dir=str(tmp_path / "ck"))) is None
+    assert not (tmp_path / "ck").exists()
+    utils.finish_run(None)  # finishing no run is a no-op
+
+
+def test_a_failed_online_start_falls_back_to_offline(no_credentials, monkeypatch, capsys):
+    import wandb
+
+    modes = []
+
+    def fake_init(mode, **kwargs):
+        modes.append(mode)
+        if mode == "online":
+            raise ConnectionError("no network")
+        return "offline run"
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run = utils.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck")))
+    assert run == "offline run" and modes == ["online", "offline"]
+    assert "logging offline (online start failed: ConnectionError: no network)" in capsys.readouterr().out
+
+
+def test_a_failed_offline_fallback_disables_logging_instead_of_stopping_training(no_credentials, monkeypatch, capsys):
+    """Online fails, then the offline fallback fails too: start_run returns None (training goes
+    on without wandb) and says why, instead of raising."""
+    import wandb
+
+    def fake_init(mode, **kwargs):
+        raise ConnectionError("no network") if mode == "online" else PermissionError("read-only disk")
+
+    monkeypatch.setattr(wandb, "init", fake_init)
+    assert utils.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck"))) is None
+    out = capsys.readouterr().out
+    assert "wandb: disabled" in out and "read-only disk" in out
+
+
+def test_an_offline_run_says_one_line(no_credentials, monkeypatch, capfd):
+    """A real offline run, started, logged to and finished: wandb's banner and sync hints are
+    silenced; the one line printed says where the run is and how to upload it."""
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run = utils.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck")))
+    try:
+        run.log({"loss": 1.0}, step=0)
+    finally:
+        utils.finish_run(run)
+    captured = capfd.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if "wandb" in line.lower()]
+    assert len(lines) == 1, lines
+    assert "offline" in lines[0] and f"wandb sync {no_credentials / 'ck'}" in lines[0]
+
+
+def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
+    import wandb
+
+    modes = []
+    monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode) or "run")
+    assert utils.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck"))) == "run"
+    assert modes == ["offline"]
+
+
+def test_sweep_members_get_their_own_runs_in_one_group(tmp_path, monkeypatch):
+    """Two members of one sweep, from one process: two distinct offline runs, both in the group
+    named after the sweep, each named by its values."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    runs = []
+    try:
+        for lr in (1e-3, 1e-2):
+            cfg = tiny_cfg(wandb_mode="offline", checkpoint_dir=str(tmp_path), sweep_id="sweep_0", sweep={"lr": lr})
+            runs.append(utils.start_run(cfg))
+        assert runs[0].id != runs[1].id
+        assert [r.group for r in runs] == ["sweep_0", "sweep_0"] and runs[1].name == "lr=0.01"
+    finally:
+        for run in runs:
+            utils.finish_run(run)
