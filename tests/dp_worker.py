@@ -25,10 +25,8 @@ class GlobalBatches:
         return torch.randn(*self.shape, generator=self.g)[self.share]
 
 
-if __name__ == "__main__":
-    out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (distributed.py)
-    distributed.setup("cpu", latent_shards=shards)
+def run(architecture, out, steps, shards):
+    """One mode of this rank; returns what it writes to out.rank<r> (None: nothing)."""
     if architecture in ("straight", "half", "resume"):  # the tiny models on real buffers, 24 steps
         from conftest import random_tokens, tiny_model
 
@@ -126,7 +124,20 @@ if __name__ == "__main__":
         trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
         logs = [trainer.log(trainer.step()) for _ in range(steps)]
         result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}, "logs": logs}
-    if result:
-        torch.save(result, f"{out}.rank{distributed.rank()}")
+    return result
+
+
+if __name__ == "__main__":
+    out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (distributed.py)
+    distributed.setup("cpu", latent_shards=shards)
+    # "a+b": modes a then b in one launch (each torchrun start costs seconds of imports), each
+    # writing <mode>.pt.rank<r> beside out (a combined "half" trains 12 steps)
+    modes = architecture.split("+")
+    for mode in modes:
+        target = out if len(modes) == 1 else os.path.join(os.path.dirname(out), f"{mode}.pt")
+        result = run(mode, target, 12 if mode == "half" and len(modes) > 1 else steps, shards)
+        if result:
+            torch.save(result, f"{target}.rank{distributed.rank()}")
     distributed.teardown()
     distributed.exit_process(0)

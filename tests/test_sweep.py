@@ -210,7 +210,7 @@ def test_a_two_process_sweep_stopped_on_one_rank_resumes_and_its_member_equals_t
     after 12 steps stops both ranks at the same step (the next stop check, 20) with every member
     saved; Sweep.resume on 2 ranks runs to 24, and the default member then equals the same config
     trained alone on 2 ranks (its own buffers, same seed) to 1e-5, while the other differs."""
-    for mode in ("straight", "sweep_signal", "sweep_resume"):
+    for mode in ("straight+sweep_signal", "sweep_resume"):  # (dp_worker.py: "a+b" is one launch)
         out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), "0", mode, str(latent_shards))
         assert out.returncode == 0, mode + out.stdout[-2000:] + out.stderr[-3000:]
         assert "fresh buffers" not in out.stdout
