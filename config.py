@@ -136,6 +136,8 @@ SCHEMA = {
     "progress": Key(True, bool, "show progress bars", resume=True),
     "toy_seed": Key(49, int, "toy preset: seeds the toy model pair and its text (not the crosscoder: a seed "
                     "sweep keeps the pair)", *NONNEG),
+    "toy_prebuilt": Key(True, bool, "toy preset: use the pair shipped in toy_pair/ when the cache has none "
+                        "(false: build it here, minutes)", resume=True),
 }
 DEFAULTS = {key: spec.default for key, spec in SCHEMA.items()}
 RESUME_OVERRIDABLE = {key for key, spec in SCHEMA.items() if spec.resume}

@@ -15,11 +15,15 @@ import hashlib
 import json
 import math
 import random
+import shutil
+from pathlib import Path
 
 import torch
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-TOY_VERSION = 2  # bump when the generator changes: cached pairs are rebuilt
+TOY_VERSION = 2  # bump when the generator changes: cached pairs are rebuilt (and toy_pair/ with them)
+BASE_STEPS, CHAT_STEPS = 1200, 800  # training the base model, then fine-tuning the chat model
+SHIPPED_DIR = Path(__file__).resolve().parent / "toy_pair"  # the default pair, built by build_toy_pair
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 # Word classes of the grammar; each content word's partner is its neighbour in the list.
 WORDS = {
@@ -164,6 +168,12 @@ def build_toy_pair(cfg):
 
     d, seed, seq_len, device = cache_dir(cfg), cfg["toy_seed"], cfg["seq_len"], pair_device(cfg)
     n_seqs = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + 64
+    shipped = SHIPPED_DIR / d.name
+    if not (d / "chat.pt").is_file() and cfg["toy_prebuilt"] and (shipped / "chat.pt").is_file():
+        # The default pair ships with the repo (toy_pair/, 1.7 MB): the same weights on every
+        # machine, and no minutes of building; toy_prebuilt false builds it here instead.
+        print(f"using the toy pair shipped in {shipped} (built by this function; --toy_prebuilt false rebuilds it)")
+        shutil.copytree(shipped, d, dirs_exist_ok=True)
     if not (d / "chat.pt").is_file():
         cached = sorted(p.parent.name for p in d.parent.glob("*/chat.pt"))
         why = (f"no pair in the cache has toy_seed={seed}, d_in={cfg['d_in']}, seq_len={seq_len} (the keys that "
@@ -172,11 +182,11 @@ def build_toy_pair(cfg):
         torch.manual_seed(seed)
         base = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         plain, _ = make_tokens(8192, seq_len, chat_fraction=0.0, seed=seed + 1)
-        train_lm(base, plain, steps=1200, lr=3e-3, seed=seed, desc="training base model")
+        train_lm(base, plain, steps=BASE_STEPS, lr=3e-3, seed=seed, desc="training base model")
         chat = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         chat.load_state_dict(base.state_dict())
         mix, _ = make_tokens(8192, seq_len, chat_fraction=0.5, seed=seed + 2)
-        train_lm(chat, mix, steps=800, lr=1e-3, seed=seed + 1, desc="fine-tuning chat model",
+        train_lm(chat, mix, steps=CHAT_STEPS, lr=1e-3, seed=seed + 1, desc="fine-tuning chat model",
                  anchor=base, anchor_tokens=plain)
         d.mkdir(parents=True, exist_ok=True)
         make_tokenizer().save_pretrained(d / "tokenizer")

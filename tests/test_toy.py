@@ -162,3 +162,40 @@ def test_the_toy_pair_has_its_own_seed():
     assert cache_dir(dict(cfg, seed=1)) == cache_dir(cfg)
     for key, value in (("toy_seed", 1), ("d_in", 32), ("seq_len", 16)):
         assert cache_dir(dict(cfg, **{key: value})) != cache_dir(cfg)
+
+
+def test_the_default_pair_ships_with_the_repo_and_loads_without_training(tmp_path, monkeypatch):
+    """--preset toy on an empty cache takes the pair in toy_pair/ (the same weights on every
+    machine, no minutes of building): nothing is trained, and the models hold the shipped weights."""
+    import toy
+    from config import complete_cfg
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the shipped pair was not used")
+
+    monkeypatch.setattr(toy, "train_lm", no_training)
+    cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path), "num_tokens": 512 * 4})
+    base, chat, _, _ = toy.build_toy_pair(cfg)
+    shipped = toy.SHIPPED_DIR / toy.cache_dir(cfg).name
+    for model, name in ((base, "base"), (chat, "chat")):
+        for key, want in torch.load(shipped / f"{name}.pt", weights_only=True).items():
+            torch.testing.assert_close(model.state_dict()[key], want, atol=0, rtol=0)
+
+
+def test_without_a_shipped_pair_the_pair_is_built_from_the_base_and_cached(tmp_path, monkeypatch):
+    """toy_prebuilt false builds the pair here (few steps in this test): the chat model starts as
+    the base and is fine-tuned away from it; the cache then serves the same pair without training."""
+    import toy
+    from config import complete_cfg
+
+    monkeypatch.setattr(toy, "BASE_STEPS", 3)
+    monkeypatch.setattr(toy, "CHAT_STEPS", 3)
+    cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path), "num_tokens": 512 * 4, "toy_prebuilt": False})
+    base, chat, _, _ = toy.build_toy_pair(cfg)
+    assert (toy.cache_dir(cfg) / "chat.pt").is_file()
+    shipped = torch.load(toy.SHIPPED_DIR / toy.cache_dir(cfg).name / "base.pt", weights_only=True)
+    assert not torch.equal(base.state_dict()["blocks.0.attn.W_Q"], shipped["blocks.0.attn.W_Q"])  # built here
+    assert not torch.equal(base.state_dict()["blocks.0.attn.W_Q"], chat.state_dict()["blocks.0.attn.W_Q"])
+    monkeypatch.setattr(toy, "train_lm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    again, _, _, _ = toy.build_toy_pair(cfg)
+    torch.testing.assert_close(again.state_dict()["blocks.0.attn.W_Q"], base.state_dict()["blocks.0.attn.W_Q"])
