@@ -172,7 +172,7 @@ def build_toy_pair(cfg):
     if not (d / "chat.pt").is_file() and cfg["toy_prebuilt"] and (shipped / "chat.pt").is_file():
         # The default pair ships with the repo (toy_pair/, 1.7 MB): the same weights on every
         # machine, and no minutes of building; toy_prebuilt false builds it here instead.
-        print(f"using the toy pair shipped in {shipped} (built by this function; --toy_prebuilt false rebuilds it)")
+        print(f"using the toy pair shipped in {shipped} (built by toy.build_toy_pair; --toy_prebuilt false rebuilds it)")
         shutil.copytree(shipped, d, dirs_exist_ok=True)
     if not (d / "chat.pt").is_file():
         cached = sorted(p.parent.name for p in d.parent.glob("*/chat.pt"))
