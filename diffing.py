@@ -32,11 +32,11 @@ def classify_latents(rel_norm_F):
     return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
 
 
-def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="activations"):
+def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True):
     """Yields (tokens [n, S], raw activations [n, S-1, M, D]) batch by batch, BOS dropped,
-    so that analyses over many tokens never hold them all in memory."""
+    so that analyses over many tokens never hold them all in memory. progress: show a bar."""
     device = next(models[0].parameters()).device
-    for start in tqdm(range(0, len(tokens_NS), batch_size), desc=desc, leave=False):
+    for start in tqdm(range(0, len(tokens_NS), batch_size), desc=desc, leave=False, disable=not progress):
         t = tokens_NS[start : start + batch_size].to(device, torch.long)
         with torch.no_grad(), autocast_context(device):
             acts = [extract_activations(m, t, hook_point)[:, 1:].float() for m in models]

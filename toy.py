@@ -263,7 +263,8 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=None, batch_seqs=None):
         F = crosscoder.b_enc.shape[0]
         mass_all, mass_chat = torch.zeros(F, device=device), torch.zeros(F, device=device)
         scaled, first = [], 0
-        for _, x_NSMD in iter_paired_activations([base, chat], tokens, cfg["hook_point"], batch_seqs, "toy report"):
+        for _, x_NSMD in iter_paired_activations([base, chat], tokens, cfg["hook_point"], batch_seqs, "toy report",
+                                                 progress=cfg["progress"]):
             x_BMD = x_NSMD.to(device).flatten(0, 1) * s_M[:, None]
             f_NSF = crosscoder.encode(x_BMD).float().view(*x_NSMD.shape[:2], F)
             chat_N = is_chat[first : first + len(x_NSMD)].to(device)
