@@ -1,6 +1,7 @@
-"""The config: every key's type, allowed values, meaning and default; the presets; completing a
-partial config (complete_cfg: the CLI, the constructors and the loaders all use it); `--key value`
-parsing, `--help`, validation.
+"""The config table: every key declared once (default, type, allowed values, meaning, whether a
+resume may change it, whether a sweep may vary it, the value a None default takes); the presets;
+completing a partial config (complete_cfg: the CLI, the constructors and the loaders all use it);
+validation. cli.py parses the command line and prints --help from this table.
 
 A typo fails in a second with a message naming the key, not an hour into a run. A leaf module: it
 imports nothing from the repo, and not torch.
