@@ -37,8 +37,8 @@ def run(architecture, out, steps, shards):
             trainer = Trainer.resume(os.path.join(ckpt, "version_0"), cfg, models=models, tokens=tokens)
         else:
             trainer = Trainer(cfg, models=models, tokens=tokens)
-        if architecture == "half":
-            for _ in range(steps):
+        if architecture == "half":  # 12 of the 24 steps, then a checkpoint
+            for _ in range(12):
                 trainer.step()
             trainer.save()
         else:
@@ -132,11 +132,11 @@ if __name__ == "__main__":
     shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (distributed.py)
     distributed.setup("cpu", latent_shards=shards)
     # "a+b": modes a then b in one launch (each torchrun start costs seconds of imports), each
-    # writing <mode>.pt.rank<r> beside out (a combined "half" trains 12 steps)
+    # writing <mode>.pt.rank<r> beside out
     modes = architecture.split("+")
     for mode in modes:
         target = out if len(modes) == 1 else os.path.join(os.path.dirname(out), f"{mode}.pt")
-        result = run(mode, target, 12 if mode == "half" and len(modes) > 1 else steps, shards)
+        result = run(mode, target, steps, shards)
         if result:
             torch.save(result, f"{target}.rank{distributed.rank()}")
     distributed.teardown()
