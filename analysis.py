@@ -20,7 +20,7 @@ DATASET = None  # held-out tokens; None: the checkpoint's dataset (its last sequ
 N_HELDOUT_SEQS = None  # held-out sequences for the analyses over tokens (2**18 tokens: 257 of Gemma's)
 BATCH_SIZE = None  # sequences per forward that stops at the hook (2**14 tokens: 16 of Gemma's)
 SPLICE_BATCH_SIZE = None  # sequences per full forward with logits (2**11 tokens: 2 of Gemma's 256k-vocabulary)
-SPLICE_BATCH_TOKENS = 2**11
+SPLICE_LOGITS = 2**29  # logits per full forward (Gemma's 256k vocabulary: 2**11 tokens; at most BATCH_TOKENS)
 TOP_K_EXAMPLES = 10
 N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
 # Latent Scaling runs on the chat-only class (relative norm > 0.9), or with a number here on the N
@@ -40,8 +40,8 @@ from checkpoint import is_dictionary_learning_dir, latest_version_dir, published
 from cli import format_help, in_notebook, parse_overrides
 from config import ConfigError, complete_cfg
 from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
-from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents,
-                     effective_chat_only, examples_html, is_model_specific, iter_paired_activations, latent_scaling,
+from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, ActivationCache, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents,
+                     effective_chat_only, examples_html, is_model_specific, latent_scaling,
                      plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram, rank_sum_order,
                      reconstruction_stats, splice_in_loss, top_activating_examples)
 from utils import DataError, SetupError, check_heldout, load_gemma_pair, load_tokens
@@ -53,7 +53,7 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "dataset": "held-out tokens: hub id, datasets dir or .pt tensor (default: the checkpoint's)",
            "n_heldout": f"held-out sequences (default: {HELDOUT_TOKENS:,} tokens' worth)",
            "batch_size": f"sequences per forward that stops at the hook (default: {BATCH_TOKENS:,} tokens' worth)",
-           "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_BATCH_TOKENS:,} tokens' worth)",
+           "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_LOGITS:,} logits' worth)",
            "effective_chat_only": "N: Latent Scaling on the N most chat-leaning latents (default: the chat-only class)",
            "help": "print this and exit"}
 
@@ -115,7 +115,6 @@ print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg[
 n_positions = cfg["seq_len"] - 1  # BOS is dropped
 N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
 BATCH_SIZE = BATCH_SIZE or max(1, BATCH_TOKENS // n_positions)
-SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positions)
 
 # %% [markdown]
 # ## Which latents are shared, base-only or chat-only?
@@ -203,7 +202,11 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 
 # %%
 if models is not None:
-    r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE)
+    # Every pass over the held-out tokens below replays one harvest where it fits in memory.
+    harvest = ActivationCache()
+    SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, min(BATCH_TOKENS, SPLICE_LOGITS // models[0].cfg.d_vocab)
+                                                 // n_positions)
+    r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE, harvest=harvest)
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
           f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
           f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
@@ -229,7 +232,7 @@ base_only = torch.nonzero(classes["base_only"]).flatten()
 def scaled_batches():
     s_M = torch.tensor(cfg["normalisation_factor"])
     return (x.flatten(0, 1) * s_M.to(x.device)[:, None] for _, x in
-            iter_paired_activations(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
+            harvest(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
 
 
 def format_scaling(s):
@@ -275,7 +278,7 @@ if models is not None and len(base_only):
 top_all = fire_counts = None  # every latent's top examples and firing count (the dashboard shows them all)
 if models is not None:
     *top_all, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"]), TOP_K_EXAMPLES,
-                                                    BATCH_SIZE, return_counts=True)
+                                                    BATCH_SIZE, return_counts=True, harvest=harvest)
 if models is not None and len(probed):  # the chat-only class, or the effective chat-only latents
     shown = probed[rel[probed].argsort(descending=True)][:N_EXAMPLE_LATENTS]
     values, seqs, positions = (t[shown] for t in top_all)
@@ -308,7 +311,8 @@ for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probe
             scaling[j] = (e, r, name, ok)
 info = {"checkpoint": summary["checkpoint"], "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
 if models is not None:
-    write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE)
+    write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE,
+                    harvest=harvest)
 else:
     write_dashboard(out_dir / "dashboard.html", cc, scaling=scaling, info=info)
 print(f"dashboard: open {out_dir / 'dashboard.html'} in a browser")

@@ -32,7 +32,7 @@ TEMPLATE = Path(__file__).with_name("dashboard_template.html")
 
 @torch.no_grad()
 def window_contributions(crosscoder, models, tokens_NS, latents_E, seqs_E, positions_E, before=BEFORE, after=AFTER,
-                         batch_size=8, chunk=1024):
+                         batch_size=8, chunk=1024, harvest=iter_paired_activations):
     """[E, W, M] each model's share <x_m, W_enc[m, :, j]> of latent j's pre-activation (training
     space) on the W = before + 1 + after tokens around each example (latent j = latents_E[e], at
     tokens_NS[seqs_E[e], positions_E[e]]); 0 outside the sequence and at BOS, which the crosscoder
@@ -43,7 +43,7 @@ def window_contributions(crosscoder, models, tokens_NS, latents_E, seqs_E, posit
     offsets_W = torch.arange(-before, after + 1)
     out_EWM = torch.zeros(len(latents_E), len(offsets_W), crosscoder.n_models)
     start = 0
-    for _, x_nSMD in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "dashboard"):
+    for _, x_nSMD in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "dashboard"):
         n, S1 = x_nSMD.shape[:2]
         here = torch.nonzero((seqs_E >= start) & (seqs_E < start + n)).flatten()
         for part in here.split(chunk):
@@ -168,10 +168,10 @@ def dashboard_html(table, histogram, info, examples=None):
 
 
 def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fire_counts_F=None, scaling=None,
-                    info=None, batch_size=8):
+                    info=None, batch_size=8, harvest=iter_paired_activations):
     """Write the dashboard. With models and tokens: top = (values, seqs, positions) [F, K] from
     diffing.top_activating_examples over every latent and fire_counts_F, its counts; the contexts
-    are read in one more pass over the tokens. Returns the path."""
+    are read in one more pass over the tokens (harvest: as diffing's analyses). Returns the path."""
     n_tokens = None if tokens_NS is None else tokens_NS.shape[0] * (tokens_NS.shape[1] - 1)
     max_act_F = top[0][:, 0] if top is not None else None
     table, histogram = latent_table(crosscoder, fire_counts_F, n_tokens, max_act_F, scaling)
@@ -182,7 +182,7 @@ def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fir
         values, seqs, positions = (t[rows] for t in top)
         keep = values > 0
         shares = window_contributions(crosscoder, models, tokens_NS, rows[:, None].expand_as(values)[keep], seqs[keep],
-                                      positions[keep], batch_size=batch_size)
+                                      positions[keep], batch_size=batch_size, harvest=harvest)
         full = torch.zeros(*values.shape, shares.shape[1], shares.shape[2])
         full[keep] = shares
         examples = pack_examples(models[1].to_str_tokens, tokens_NS, values, seqs, positions, full)

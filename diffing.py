@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from activations import autocast_context, extract_activations
 from cli import in_notebook
+from config import hook_layer
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
@@ -43,6 +44,33 @@ def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="a
         yield t, torch.stack(acts, dim=2)
 
 
+class ActivationCache:
+    """iter_paired_activations that runs the models once: called like it, it keeps the batches of
+    a pass that fits in max_bytes, and a later call with the same models, tokens, hook and batch
+    size replays them. analysis.py passes one as `harvest` to every analysis over the held-out
+    tokens (five passes: reconstruction, Latent Scaling twice, top examples, the dashboard), so
+    the models run once where the activations fit; past max_bytes (Gemma's 2**18 held-out tokens
+    are 4.8 GB in fp32) each pass harvests again, as before."""
+
+    def __init__(self, max_bytes=2**30):
+        self.max_bytes, self.key, self.batches = max_bytes, None, None
+
+    def __call__(self, models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True):
+        key = (tuple(id(m) for m in models), id(tokens_NS), tuple(tokens_NS.shape), hook_point, batch_size)
+        if key == self.key:
+            yield from self.batches
+            return
+        d_model = models[0].cfg.d_model
+        fits = tokens_NS.shape[0] * (tokens_NS.shape[1] - 1) * len(models) * d_model * 4 <= self.max_bytes
+        kept = []
+        for t, x in iter_paired_activations(models, tokens_NS, hook_point, batch_size, desc, progress):
+            if fits:
+                kept.append((t, x))
+            yield t, x
+        if fits:  # a whole pass: a consumer that stopped early leaves nothing half-kept
+            self.key, self.batches = key, kept
+
+
 def normalisation_factors(crosscoder):
     """[M] factors that take raw activations into the space the crosscoder was trained in (ones
     for a crosscoder whose weights were folded to read raw activations). A clear error when the
@@ -59,14 +87,14 @@ def normalisation_factors(crosscoder):
 
 
 @torch.no_grad()
-def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
+def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=iter_paired_activations):
     """Held-out reconstruction quality in the training (normalised) space: explained variance
     of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
     (for any number of models), mean L0, and the latents never active."""
     s_M = normalisation_factors(crosscoder)
     sums, n_rows = None, 0
     fired_F = torch.zeros(crosscoder.cfg["dict_size"], dtype=torch.bool, device=crosscoder.W_enc.device)
-    for _, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
+    for _, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
         x_BMD = x.flatten(0, 1).to(s_M.device) * s_M[:, None]
         losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
@@ -83,11 +111,14 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8):
 
 
 @torch.no_grad()
-def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2):
+def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True):
     """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
     the crosscoder's reconstruction (positions 1..; BOS kept clean), and zero-ablated (all
     positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
 
+    At blocks.L.hook_resid_pre the three forwards share the blocks before L: they are run once,
+    and each forward starts at block L from its residual (the reference ran all three from the
+    tokens, with hooks; the losses are the same). Other hook points run the three in full.
     The models run under the buffer's bf16 autocast (CUDA), so the [batch, seq, vocab] logits
     are bf16 (log-softmax in fp32): with Gemma's 256k vocabulary each sequence of 1024 costs
     about 3 GB at the peak, hence the small default batch.
@@ -95,22 +126,31 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2):
     information can reach the base model's splice: loss_recovered may exceed 1."""
     folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
     hook_point = crosscoder.cfg["hook_point"]
+    layer = hook_layer(hook_point)
+    from_hook = (layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre"
+                 and all(m.cfg.positional_embedding_type != "shortformer" for m in models))
+    device = next(models[0].parameters()).device
     totals = torch.zeros(len(models), 3, dtype=torch.float64)
     n = 0
-    for t, x in iter_paired_activations(models, tokens_NS, hook_point, batch_size, "splice-in loss"):
+    for start in tqdm(range(0, len(tokens_NS), batch_size), desc="splice-in loss", leave=False, disable=not progress):
+        t = tokens_NS[start : start + batch_size].to(device, torch.long)
+        with autocast_context(device):
+            resid = [extract_activations(m, t, hook_point) for m in models]  # [N, S, D], BOS included
+        x = torch.stack([r[:, 1:].float() for r in resid], dim=2)
         N, S1, M, D = x.shape
-        x_hat = folded(x.flatten(0, 1).to(folded.W_enc.device)).float().view(N, S1, M, D)
+        x_hat = folded(x.flatten(0, 1).to(folded.W_enc.device)).float().view(N, S1, M, D).to(device)
         for m, model in enumerate(models):
-            def splice(act, hook, m=m):
-                act = act.clone()
-                act[:, 1:] = x_hat[:, :, m].to(act.dtype)
-                return act
-
-            with autocast_context(t.device):
-                clean = model(t, return_type="loss")
-                spliced = model.run_with_hooks(t, return_type="loss", fwd_hooks=[(hook_point, splice)])
-                zero = model.run_with_hooks(t, return_type="loss",
-                                            fwd_hooks=[(hook_point, lambda act, hook: torch.zeros_like(act))])
+            spliced_in = resid[m].clone()
+            spliced_in[:, 1:] = x_hat[:, :, m].to(spliced_in.dtype)
+            with autocast_context(device):
+                if from_hook:
+                    clean, spliced, zero = (model(r, start_at_layer=layer, tokens=t, return_type="loss")
+                                            for r in (resid[m], spliced_in, torch.zeros_like(resid[m])))
+                else:
+                    clean = model(t, return_type="loss")
+                    spliced, zero = (model.run_with_hooks(t, return_type="loss",
+                                                          fwd_hooks=[(hook_point, lambda act, hook, r=r: r)])
+                                     for r in (spliced_in, torch.zeros_like(resid[m])))
             totals[m] += torch.tensor([float(clean), float(spliced), float(zero)], dtype=torch.float64) * N
         n += N
     out = {}
@@ -199,7 +239,8 @@ def latent_scaling(crosscoder, batches, latents_J, direction_model=1):
 
 
 @torch.no_grad()
-def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batch_size=8, return_counts=False):
+def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batch_size=8, return_counts=False,
+                            harvest=iter_paired_activations):
     """For each latent: its k highest activations on tokens_NS with their (sequence, position).
     A running top-k merged batch by batch. Returns values, seq, pos [J, k] (value 0: fewer hits),
     and with return_counts the number of tokens each latent fired on [J]."""
@@ -210,7 +251,7 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
     best_i = torch.zeros(J, k, dtype=torch.long, device=latents_J.device)
     counts_J = torch.zeros(J, dtype=torch.long, device=latents_J.device)
     offset = 0
-    for t, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations"):
+    for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations"):
         N, S1 = x.shape[:2]
         f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents_J].float()
         counts_J += (f_BJ > 0).sum(0)

@@ -75,17 +75,20 @@ def setup(device=None, timeout_s=600, latent_shards=1):
     """Join the process group torchrun describes in the environment and return this rank's
     device: cuda:LOCAL_RANK with NCCL when a GPU is asked for or available, else the CPU with
     gloo. A rank that dies makes the others fail after timeout_s instead of hanging.
-    latent_shards > 1: a 2-D mesh, rank = data_index * latent_shards + latent_index."""
+    latent_shards > 1: a 2-D mesh, rank = data_index * latent_shards + latent_index. Called again
+    in the same processes, it keeps the process group and rebuilds the mesh for latent_shards."""
     global _control, _mesh
-    if not launched() or dist.is_initialized():
+    if not launched():
         return device
     use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
-    _control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
+        _control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
+    _mesh = None
     if latent_shards > 1:
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -14,8 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest-xdist's workers share the cores: one thread each
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in every script a test starts
+    torch.set_num_threads(1)
 
-SLOW_FIXTURES = {"toy_run", "toy_analysis", "tiny_gemma_dirs"}  # a toy run (and its analysis); full-width Gemma-2
+
+# a toy run (and its analysis); full-width Gemma-2; the two-process runs
+SLOW_FIXTURES = {"toy_run", "toy_analysis", "tiny_gemma_dirs", "two_rank_runs"}
 
 
 def pytest_addoption(parser):
@@ -127,23 +132,49 @@ def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
     return hf, model.eval()
 
 
+def shared_dir(tmp_path_factory, name, build):
+    """A directory built once per test session, also when pytest-xdist runs the tests in several
+    worker processes: the first worker to ask builds it under a file lock, the others wait for
+    it and read it. build(path) fills the directory; a build that raises leaves nothing."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base directories share this parent
+    path, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir()
+            build(path)
+            done.touch()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_gemma_dirs(tmp_path_factory):
     """Local copies of a tiny Gemma-2 pair, as transformers' save_pretrained writes them, in
     directories named like the real ones (gemma-2-2b, gemma-2-2b-it): 2 layers at full width,
     vocabulary 1000; the chat model's second MLP is scaled so that the two differ. Returns the
-    two paths and the HF models."""
-    root = tmp_path_factory.mktemp("gemma_pair")
-    base, tok = tiny_gemma2_hf(n_layers=2, seed=0)
-    chat, _ = tiny_gemma2_hf(n_layers=2, seed=0)
-    with torch.no_grad():
-        chat.model.layers[1].mlp.down_proj.weight.mul_(1.5)
-    paths = []
-    for name, hf in (("gemma-2-2b", base), ("gemma-2-2b-it", chat)):
-        hf.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-        paths.append(str(root / name))
-    return paths, [base, chat]
+    two paths and the HF models (read back from them)."""
+    from transformers import Gemma2ForCausalLM
+
+    names = ("gemma-2-2b", "gemma-2-2b-it")
+
+    def build(root):
+        base, tok = tiny_gemma2_hf(n_layers=2, seed=0)
+        chat, _ = tiny_gemma2_hf(n_layers=2, seed=0)
+        with torch.no_grad():
+            chat.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+        for name, hf in zip(names, (base, chat)):
+            hf.save_pretrained(root / name)
+            tok.save_pretrained(root / name)
+
+    root = shared_dir(tmp_path_factory, "gemma_pair", build)
+    paths = [str(root / name) for name in names]
+    return paths, [Gemma2ForCausalLM.from_pretrained(p).eval() for p in paths]
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -180,22 +211,60 @@ def run_script(script, *args, timeout=600):
                           text=True, timeout=timeout)
 
 
+def _script_output(root, name, out=None):
+    """Keep a script's result in root (out given) or read it back, as a CompletedProcess."""
+    if out is not None:
+        (root / f"{name}.stdout").write_text(out.stdout)
+        (root / f"{name}.stderr").write_text(out.stderr)
+        return out
+    return subprocess.CompletedProcess([], 0, (root / f"{name}.stdout").read_text(), (root / f"{name}.stderr").read_text())
+
+
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
-    """`python train.py --preset toy` at its defaults, once per test session (about 2-3 minutes:
-    it builds the toy model pair, then trains the crosscoder). Returns (out, checkpoints, data)."""
-    root = tmp_path_factory.mktemp("toy_run")
-    out = run_script("train.py", "--preset", "toy", "--checkpoint_dir", str(root / "checkpoints"),
-                     "--data_dir", str(root / "data"), "--wandb_mode", "disabled")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out, root / "checkpoints", root / "data"
+    """`python train.py --preset toy` at its defaults, once per test session (about 1-2 minutes:
+    it loads the shipped toy pair, then trains the crosscoder). Returns (out, checkpoints, data)."""
+    def build(root):
+        out = run_script("train.py", "--preset", "toy", "--checkpoint_dir", str(root / "checkpoints"),
+                         "--data_dir", str(root / "data"), "--wandb_mode", "disabled")
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        _script_output(root, "train", out)
+
+    root = shared_dir(tmp_path_factory, "toy_run", build)
+    return _script_output(root, "train"), root / "checkpoints", root / "data"
 
 
 @pytest.fixture(scope="session")
-def toy_analysis(toy_run):
+def toy_analysis(toy_run, tmp_path_factory):
     """`python analysis.py` on the toy run's checkpoint, once per test session. Returns (out, the
     analysis directory)."""
     _, checkpoints, _ = toy_run
-    out = run_script("analysis.py", "--checkpoint", str(checkpoints / "version_0"), timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return out, checkpoints / "version_0" / "analysis"
+
+    def build(root):
+        out = run_script("analysis.py", "--checkpoint", str(checkpoints / "version_0"), timeout=300)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        _script_output(root, "analysis", out)
+
+    root = shared_dir(tmp_path_factory, "toy_analysis", build)
+    return _script_output(root, "analysis"), checkpoints / "version_0" / "analysis"
+
+
+# tests/dp_worker.py's specs, in two torchrun launches: the runs, then the resumes from the
+# checkpoints the runs left (a new launch: resumed from disk alone).
+TWO_RANK_RUNS = ("l1", "batchtopk", "topk", "convert_tokens", "harvest", "shard@2", "shard@1", "straight@1", "half@1",
+                 "straight@2", "half@2", "save_fails", "sweep_signal@1", "sweep_signal@2")
+TWO_RANK_RESUMES = ("resume@1", "resume@2", "sweep_resume@1", "sweep_resume@2")
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(tmp_path_factory):
+    """Every two-process mode of tests/dp_worker.py on 2 gloo processes, in two torchrun launches
+    per test session. Returns (the directory of their results, the runs' stdout, the resumes')."""
+    def build(root):
+        for name, specs in (("runs", TWO_RANK_RUNS), ("resumes", TWO_RANK_RESUMES)):
+            out = torchrun("tests/dp_worker.py", str(root), *specs, timeout=600)
+            assert out.returncode == 0, name + out.stdout[-2000:] + out.stderr[-3000:]
+            _script_output(root, name, out)
+
+    root = shared_dir(tmp_path_factory, "two_rank", build)
+    return root, _script_output(root, "runs").stdout, _script_output(root, "resumes").stdout

@@ -1,5 +1,8 @@
-"""One rank of tests/test_distributed.py, started by torchrun: trains a tiny crosscoder on its
-share of seeded global batches and writes its final weights and logs to argv[1].rank<r>."""
+"""One rank of the two-process tests (tests/test_distributed.py, test_sweep.py, test_store.py),
+started by torchrun: `dp_worker.py OUT_DIR SPEC ...` runs each SPEC, `mode` or `mode@shards`
+(latent_shards, default 1), one after the other in this one launch (each torchrun start costs
+two processes' imports of torch and transformer_lens), and writes what it returns to
+OUT_DIR/SPEC.rank<r>. conftest.py's two_rank_runs fixture launches it."""
 import os
 import signal
 import sys
@@ -25,12 +28,16 @@ class GlobalBatches:
         return torch.randn(*self.shape, generator=self.g)[self.share]
 
 
-def run(architecture, out, steps, shards):
-    """One mode of this rank; returns what it writes to out.rank<r> (None: nothing)."""
+STEPS = 6  # the training steps of the data-parallel and the shard modes
+
+
+def run(architecture, out, shards, steps=STEPS):
+    """One mode of this rank, writing beside out (OUT_DIR/SPEC); returns what it writes to
+    out.rank<r> (None: nothing)."""
     if architecture in ("straight", "half", "resume"):  # the tiny models on real buffers, 24 steps
         from conftest import random_tokens, tiny_model
 
-        ckpt = os.path.join(os.path.dirname(out), architecture if architecture == "straight" else "halves")
+        ckpt = os.path.join(os.path.dirname(out), f"{architecture if architecture == 'straight' else 'halves'}@{shards}")
         cfg = tiny_cfg(num_tokens=32 * 24, checkpoint_dir=ckpt, latent_shards=shards)
         models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(600, 9)
         if architecture == "resume":
@@ -50,7 +57,7 @@ def run(architecture, out, steps, shards):
         from sweep import Sweep
         from trainer import TrainingInterrupted
 
-        ckpt = os.path.join(os.path.dirname(out), "sweep")
+        ckpt = os.path.join(os.path.dirname(out), f"sweep@{shards}")
         cfg = tiny_cfg(num_tokens=32 * 24, checkpoint_dir=ckpt, latent_shards=shards)
         models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(600, 9)
         result = {}
@@ -88,21 +95,25 @@ def run(architecture, out, steps, shards):
         def failing_save(self, *args, **kwargs):
             raise OSError(28, "No space left on device")
 
+        real_save = CrossCoder.save
         if distributed.is_main():
             CrossCoder.save = failing_save
-        cfg = tiny_cfg(num_tokens=32 * 20, save_every=5, checkpoint_dir=os.path.dirname(out))
+        cfg = tiny_cfg(num_tokens=32 * 20, save_every=5, checkpoint_dir=os.path.join(os.path.dirname(out), "save_fails"))
         trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
         try:
             trainer.train()
             result = {"error": None}
         except OSError as e:
             result = {"error": str(e), "step": trainer.step_counter}
+        finally:
+            CrossCoder.save = real_save
     elif architecture == "convert_tokens":  # both ranks ask for an uncached hub dataset
         import datasets
 
         from utils import load_tokens
 
         conversions = os.path.join(os.path.dirname(out), "conversions")
+        data_dir = os.path.join(os.path.dirname(out), "tokens")
 
         def fake_load_dataset(name, split):  # the hub, offline: counts who downloads
             with open(conversions, "a") as f:
@@ -110,8 +121,10 @@ def run(architecture, out, steps, shards):
             return datasets.Dataset.from_dict({"input_ids": [[2, i, i + 1, i + 2] for i in range(40)]})
 
         datasets.load_dataset = fake_load_dataset
-        tokens = load_tokens("someone/tokenized-data", {"data_dir": os.path.dirname(out)})
+        tokens = load_tokens("someone/tokenized-data", {"data_dir": data_dir})
         result = {"tokens": tokens}
+    elif architecture == "shard":  # l1 and BatchTopK over the mesh, then a forward and its gradients
+        result = {a: shard_run(a, out, shards, steps) for a in ("l1", "batchtopk")}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from crosscoder import batch_topk_mask
 
@@ -120,24 +133,40 @@ def run(architecture, out, steps, shards):
         result = {"mask": mask, "min_kept": min_kept}
     else:
         cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0,
-                       checkpoint_dir=os.path.dirname(out))
+                       checkpoint_dir=os.path.join(os.path.dirname(out), architecture))
         trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
         logs = [trainer.log(trainer.step()) for _ in range(steps)]
         result = {"weights": {k: v.detach() for k, v in trainer.crosscoder.state_dict().items()}, "logs": logs}
     return result
 
 
+def shard_run(architecture, out, shards, steps):
+    """The dictionary split over latent_shards (or data parallel with 1): steps, a save, then a
+    training-mode forward on a fixed batch and the gradients of l2 + l1 on it."""
+    cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64,
+                   threshold_start_step=0, latent_shards=shards,
+                   checkpoint_dir=os.path.join(os.path.dirname(out), f"ckpt_{architecture}_{shards}"))
+    trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
+    logs = [trainer.log(trainer.step()) for _ in range(steps)]
+    trainer.save()
+    x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
+    x = x if shards > 1 else x[distributed.shard(32)]  # a latent group sees its whole batch
+    weights = {k: v.detach().clone() for k, v in trainer.crosscoder.state_dict().items()}
+    losses, acts, _ = trainer.crosscoder.losses_and_acts(x, mesh=trainer.mesh)
+    (losses.l2_loss + losses.l1_loss).backward()
+    grads = {name: p.grad for name, p in trainer.crosscoder.named_parameters()}
+    return {"weights": weights, "logs": logs, "acts": acts.detach(), "grads": grads,
+            "save_dir": str(trainer.crosscoder.save_dir)}
+
+
 if __name__ == "__main__":
-    out, steps, architecture = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    shards = int(sys.argv[4]) if len(sys.argv) > 4 else 1  # latent_shards (distributed.py)
-    distributed.setup("cpu", latent_shards=shards)
-    # "a+b": modes a then b in one launch (each torchrun start costs seconds of imports), each
-    # writing <mode>.pt.rank<r> beside out
-    modes = architecture.split("+")
-    for mode in modes:
-        target = out if len(modes) == 1 else os.path.join(os.path.dirname(out), f"{mode}.pt")
-        result = run(mode, target, steps, shards)
+    out_dir, specs = sys.argv[1], sys.argv[2:]
+    for spec in specs:
+        mode, _, shards = spec.partition("@")
+        shards = int(shards or 1)
+        distributed.setup("cpu", latent_shards=shards)  # the same processes, this spec's mesh
+        result = run(mode, os.path.join(out_dir, spec), shards)
         if result:
-            torch.save(result, f"{target}.rank{distributed.rank()}")
+            torch.save(result, os.path.join(out_dir, f"{spec}.rank{distributed.rank()}"))
     distributed.teardown()
     distributed.exit_process(0)

@@ -1,12 +1,15 @@
-"""diffing.py's selection rules as the Latent Scaling paper's authors apply them (the maths of
-latent_scaling, splice-in and reconstruction is tested in tests/test_analysis.py)."""
+"""diffing.py's selection rules as the Latent Scaling paper's authors apply them, the splice-in
+shortcut and the activation cache (the maths of latent_scaling, splice-in and reconstruction on
+hand-built cases is tested in tests/test_analysis.py)."""
 import matplotlib.image
 import numpy as np
+import pytest
 import torch
 
 import diffing
-from conftest import tiny_cfg
+from conftest import random_tokens, tiny_cfg, tiny_model
 from crosscoder import CrossCoder
+from diffing import (ActivationCache, iter_paired_activations, splice_in_loss)
 from diffing import effective_chat_only, is_model_specific, latent_scaling, norm_difference, rank_sum_order
 from test_analysis import scaling_case
 
@@ -107,3 +110,63 @@ def test_latent_scaling_scatter_draws_the_pass_region_and_marks_the_latents_insi
     assert np.allclose(inside, [[0.2, 0.1], [-0.4, -0.15]]) and np.allclose(outside, [[0.3, 0.9], [0.8, 0.5]])
     assert np.allclose(seen["region"], [(-0.5, -0.2, 1.0, 0.4)])
     assert any("inside: 2 latents" in t for t in seen["legend"]) and any("outside: 2" in t for t in seen["legend"])
+
+
+def hooked_losses(cc, models, tokens, hook_point):
+    """The three losses of splice_in_loss, each a full forward with a hook at hook_point."""
+    from diffing import normalisation_factors
+
+    folded = cc.fold_normalisation(normalisation_factors(cc))
+    acts = []
+    for model in models:
+        _, cache = model.run_with_cache(tokens, names_filter=hook_point)
+        acts.append(cache[hook_point])
+    x = torch.stack([a[:, 1:] for a in acts], dim=2)
+    x_hat = folded(x.flatten(0, 1)).view(x.shape)
+    out = {}
+    for m, model in enumerate(models):
+        def splice(act, hook, m=m):
+            act = act.clone()
+            act[:, 1:] = x_hat[:, :, m]
+            return act
+
+        out[m] = [float(model(tokens, return_type="loss")),
+                  float(model.run_with_hooks(tokens, return_type="loss", fwd_hooks=[(hook_point, splice)])),
+                  float(model.run_with_hooks(tokens, return_type="loss",
+                                             fwd_hooks=[(hook_point, lambda act, hook: torch.zeros_like(act))]))]
+    return out
+
+
+@pytest.mark.parametrize("hook_point", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"])
+def test_splice_in_losses_equal_full_forwards_with_the_residual_replaced_at_the_hook(hook_point):
+    """At resid_pre the three forwards start at the hook's block from a shared prefix; elsewhere
+    they run in full: either way the losses are those of full forwards with a hook."""
+    torch.manual_seed(0)
+    models = [tiny_model(1), tiny_model(2)]
+    cc = CrossCoder(tiny_cfg(hook_point=hook_point, normalisation_factor=[0.5, 2.0]))
+    tokens = random_tokens(5, 12)
+    got = splice_in_loss(cc, models, tokens, batch_size=2, progress=False)
+    want = hooked_losses(cc, models, tokens, hook_point)
+    for m in range(2):
+        torch.testing.assert_close(torch.tensor([got[m]["clean"], got[m]["spliced"], got[m]["zero_ablation"]], dtype=torch.float64),
+                                   torch.tensor(want[m], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_bytes, forwards", [(2**30, 1), (0, 2)])
+def test_the_activation_cache_replays_a_pass_that_fits_and_harvests_again_one_that_does_not(max_bytes, forwards):
+    models = [tiny_model(1), tiny_model(2)]
+    tokens = random_tokens(7, 9)
+    calls = [0]
+
+    def count(act, hook):
+        calls[0] += 1
+
+    for model in models:
+        model.blocks[0].hook_resid_pre.add_hook(count)
+    cache = ActivationCache(max_bytes)
+    passes = [list(cache(models, tokens, "blocks.1.hook_resid_pre", 3, progress=False)) for _ in range(2)]
+    assert calls[0] == forwards * 2 * 3  # models x batches per pass that ran the models
+    want = list(iter_paired_activations(models, tokens, "blocks.1.hook_resid_pre", 3, progress=False))
+    for got in passes:
+        for (t, x), (t_want, x_want) in zip(got, want, strict=True):
+            torch.testing.assert_close(t, t_want), torch.testing.assert_close(x, x_want)

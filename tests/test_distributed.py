@@ -10,20 +10,19 @@ import torch
 from config import ConfigError, validate_cfg
 from conftest import REPO, free_port, run_script, tiny_cfg, torchrun
 from crosscoder import CrossCoder
-from dp_worker import GlobalBatches
+from dp_worker import STEPS, GlobalBatches
 from trainer import Trainer
 
 
 @pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
-def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_path, architecture):
+def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_path, architecture, two_rank_runs):
     """6 steps on 2 ranks, each fed half of the same global batches: both replicas end identical,
     and equal 6 single-process steps on the whole batches, weights and logged metrics (gradients
     averaged before clipping; BatchTopK keeps k * the global batch over both ranks, so its
     selection, its threshold and its dead-latent AuxK are those of one process)."""
-    steps = 6
-    out = torchrun("tests/dp_worker.py", str(tmp_path / "dp.pt"), str(steps), architecture)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    got, other = (torch.load(tmp_path / f"dp.pt.rank{r}", weights_only=True) for r in (0, 1))
+    root, _, _ = two_rank_runs
+    steps = STEPS
+    got, other = (torch.load(root / f"{architecture}.rank{r}", weights_only=True) for r in (0, 1))
     for name, value in got["weights"].items():
         torch.testing.assert_close(other["weights"][name], value, atol=0, rtol=0)
     assert got["logs"] == other["logs"]  # the logged metrics are reduced over the ranks
@@ -40,17 +39,16 @@ def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_
         assert single.crosscoder.threshold > 0 and max(s["aux_loss"] for s in logs) > 0  # both paths exercised
 
 
-def test_batch_topk_over_two_ranks_keeps_what_one_process_keeps_on_the_whole_batch(tmp_path):
+def test_batch_topk_over_two_ranks_keeps_what_one_process_keeps_on_the_whole_batch(two_rank_runs):
     """batch_topk_mask with a group: each rank's mask is its rows of the one-process mask on the
     concatenated batch, and both report the same cutoff."""
-    out = torchrun("tests/dp_worker.py", str(tmp_path / "topk.pt"), "0", "topk")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    root, _, _ = two_rank_runs
     from crosscoder import batch_topk_mask
 
     scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
     want_mask, want_min = batch_topk_mask(scores_BF, 5)
     for r in (0, 1):
-        got = torch.load(tmp_path / f"topk.pt.rank{r}", weights_only=True)
+        got = torch.load(root / f"topk.rank{r}", weights_only=True)
         torch.testing.assert_close(got["mask"], want_mask[8 * r : 8 * (r + 1)], atol=0, rtol=0)
         torch.testing.assert_close(got["min_kept"], want_min)
 
@@ -108,21 +106,20 @@ def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_
 
 
 @pytest.mark.parametrize("latent_shards", [1, 2])
-def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(tmp_path, latent_shards):
+def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(latent_shards, two_rank_runs):
     """2 ranks on real buffers over the tiny models, data parallel or with the dictionary split
     in 2 (each shard's Adam state and counters saved beside the whole weights): 24 steps straight
     == 12 steps, save (the same launch), then a new torchrun that resumes and runs to 24 (each rank's buffer,
     pointers and RNG restored: buffer refreshes come every 4 steps), to the last bit."""
-    for mode in ("straight+half", "resume"):  # the second launch resumes from disk alone
-        out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), "0", mode, str(latent_shards))
-        assert out.returncode == 0, mode + out.stdout[-2000:] + out.stderr[-3000:]
-        assert "fresh buffers" not in out.stdout
+    root, runs, resumes = two_rank_runs  # the resume is the second launch: from disk alone
+    assert "fresh buffers" not in runs + resumes
     from checkpoint import rank_state_file
 
-    version = tmp_path / "halves" / "version_0"  # only the newest checkpoint's data states are kept
+    version = root / f"halves@{latent_shards}" / "version_0"  # only the newest checkpoint's data states are kept
     assert rank_state_file(version, 1, 1).is_file() and not rank_state_file(version, 0, 1).exists()
     for r in (0, 1):
-        straight, resumed = (torch.load(tmp_path / f"{m}.pt.rank{r}", weights_only=True) for m in ("straight", "resume"))
+        straight, resumed = (torch.load(root / f"{m}@{latent_shards}.rank{r}", weights_only=True)
+                             for m in ("straight", "resume"))
         assert resumed["step"] == straight["step"] == 24
         assert resumed["token_pointer"] == straight["token_pointer"] > 16  # refreshed after the resume
         for name, want in straight["weights"].items():
@@ -168,28 +165,26 @@ def test_a_killed_rank_ends_the_job_without_hanging_and_the_last_checkpoint_load
     assert CrossCoder.load(version).cfg["world_size"] == 2
 
 
-def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(tmp_path):
+def test_a_failed_checkpoint_write_on_rank_0_stops_every_rank_with_the_error(two_rank_runs):
     """Rank 0 cannot write the checkpoint at step 5 (disk full): every rank stops at that step with
     an OSError, instead of the other rank waiting in the next step's collective until the timeout
     (which would exceed this test's limit)."""
-    out = torchrun("tests/dp_worker.py", str(tmp_path / "fail.pt"), "0", "save_fails", timeout=120)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    got = [torch.load(tmp_path / f"fail.pt.rank{r}", weights_only=True) for r in (0, 1)]
+    root, _, _ = two_rank_runs
+    got = [torch.load(root / f"save_fails.rank{r}", weights_only=True) for r in (0, 1)]
     assert "No space left on device" in got[0]["error"] and "rank 0 could not write" in got[1]["error"]
     assert got[0]["step"] == got[1]["step"] == 5
 
 
-def test_on_a_cold_token_cache_one_process_converts_the_dataset_and_every_rank_reads_it(tmp_path):
+def test_on_a_cold_token_cache_one_process_converts_the_dataset_and_every_rank_reads_it(two_rank_runs):
     """Two ranks ask for a hub dataset that is not cached yet: one process downloads and converts
     it (written atomically, never to a shared temporary name), the other waits for its cache file;
     both get the same tokens."""
-    out = torchrun("tests/dp_worker.py", str(tmp_path / "tok.pt"), "0", "convert_tokens", timeout=120)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert (tmp_path / "conversions").read_text().split() == ["0"]
-    got = [torch.load(tmp_path / f"tok.pt.rank{r}", weights_only=True)["tokens"] for r in (0, 1)]
+    root, _, _ = two_rank_runs
+    assert (root / "conversions").read_text().split() == ["0"]
+    got = [torch.load(root / f"convert_tokens.rank{r}", weights_only=True)["tokens"] for r in (0, 1)]
     torch.testing.assert_close(got[0], got[1], atol=0, rtol=0)
     assert got[0].shape == (40, 4) and got[0].dtype == torch.int32
-    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    assert not list((root / "tokens").glob("*.tmp")) and not list((root / "tokens").glob(".*.tmp"))
 
 
 # ---------------------------------------------------------------- Dictionaries split over the latents (distributed.py): 2 gloo processes launched by torchrun from
@@ -210,15 +205,14 @@ def test_a_shard_is_initialised_as_its_rows_of_the_whole_dictionary(monkeypatch)
 
 
 @pytest.mark.parametrize("shards", [2, 1])
-def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_path, shards):
+def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_path, shards, two_rank_runs):
     """6 steps on 2 processes, as 1 data group x 2 latent shards or 2 data groups x 1 shard: the
     logged losses, every rank's weights (its slice), the checkpoint (gathered whole, read by a
     plain CrossCoder.load) and a final training-mode forward -- BatchTopK's selected latents
     included -- and its gradients (each shard's slice) equal one process training the whole
     dictionary on the whole batches, to 1e-5."""
-    steps = 6
-    out = torchrun("tests/shard_worker.py", str(tmp_path / "run.pt"), "l1,batchtopk", str(shards), str(steps))  # one launch
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    root, _, _ = two_rank_runs
+    steps = STEPS
     for architecture in ("l1", "batchtopk"):
         cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0)
         single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
@@ -227,7 +221,7 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
         x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
         losses, want_acts, _ = single.crosscoder.losses_and_acts(x)
         (losses.l2_loss + losses.l1_loss).backward()
-        ranks = [torch.load(tmp_path / f"run.pt.{architecture}.rank{r}", weights_only=True) for r in (0, 1)]
+        ranks = [torch.load(root / f"shard@{shards}.rank{r}", weights_only=True)[architecture] for r in (0, 1)]
         saved = CrossCoder.load(ranks[0]["save_dir"])
         assert saved.cfg["latent_shards"] == shards and saved.cfg["dict_size"] == 64
         for name, value in saved.state_dict().items():

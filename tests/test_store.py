@@ -27,23 +27,24 @@ def test_a_run_from_the_store_equals_a_live_run_on_the_same_tokens(tmp_path, mod
     assert stored.cfg["normalisation_factor"] == pytest.approx(live.cfg["normalisation_factor"])
 
 
-def test_two_processes_harvest_the_store_one_process_harvests(tmp_path):
+def test_two_processes_harvest_the_store_one_process_harvests(tmp_path, two_rank_runs):
     """torchrun with 2 ranks, 7 shards of 8 sequences: each rank writes its shards (0, 2, 4, 6
     and 1, 3, 5) and rank 0 the metadata; shards, tokens and factors equal a one-process harvest."""
-    out = torchrun("tests/dp_worker.py", str(tmp_path / "two"), "0", "harvest")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    root, _, _ = two_rank_runs
+    stores = {"one": tmp_path / "one", "two": root / "harvest"}
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the ranks ran one thread each: the same matmul kernels
     try:
-        harvest(tiny_cfg(), [tiny_model(1), tiny_model(2)], random_tokens(50, 9), tmp_path / "one", 50,
+        harvest(tiny_cfg(), [tiny_model(1), tiny_model(2)], random_tokens(50, 9), stores["one"], 50,
                 shard_sequences=8)
     finally:
-        torch.set_num_threads(2)
-    one, two = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "two"))
+        torch.set_num_threads(threads)
+    one, two = (json.loads((stores[d] / "meta.json").read_text()) for d in ("one", "two"))
     assert two.pop("harvested_by") == 2 and one.pop("harvested_by") == 1 and one == two
     assert one["shard_sequences"] == [8] * 6 + [2]
     for i in range(7):
-        assert (tmp_path / "one" / f"shard_{i:05d}.bin").read_bytes() == (tmp_path / "two" / f"shard_{i:05d}.bin").read_bytes(), i
-    assert torch.equal(torch.load(tmp_path / "one" / "tokens.pt"), torch.load(tmp_path / "two" / "tokens.pt"))
+        assert (stores["one"] / f"shard_{i:05d}.bin").read_bytes() == (stores["two"] / f"shard_{i:05d}.bin").read_bytes(), i
+    assert torch.equal(torch.load(stores["one"] / "tokens.pt"), torch.load(stores["two"] / "tokens.pt"))
 
 
 def test_torchrun_harvests_the_toy_store_and_trains_from_it_with_two_processes(tmp_path, toy_run):

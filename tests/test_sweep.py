@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from config import ConfigError
-from conftest import random_tokens, tiny_cfg, tiny_model, torchrun
+from conftest import random_tokens, tiny_cfg, tiny_model
 from cli import parse_sweep
 from config import expand
 from sweep import Sweep
@@ -204,18 +204,16 @@ def test_a_member_split_over_latents_holds_its_share_and_steps_on_its_latent_gro
 
 
 @pytest.mark.parametrize("latent_shards", [1, 2])
-def test_a_two_process_sweep_stopped_on_one_rank_resumes_and_its_member_equals_the_lone_run(tmp_path, latent_shards):
+def test_a_two_process_sweep_stopped_on_one_rank_resumes_and_its_member_equals_the_lone_run(latent_shards, two_rank_runs):
     """A sweep (l1_coeff 3 and the default) under torchrun, 2 ranks on real buffers over tiny
     models, data parallel or with every member's dictionary split in 2: SIGTERM to rank 1 alone
     after 12 steps stops both ranks at the same step (the next stop check, 20) with every member
     saved; Sweep.resume on 2 ranks runs to 24, and the default member then equals the same config
     trained alone on 2 ranks (its own buffers, same seed) to 1e-5, while the other differs."""
-    for mode in ("straight+sweep_signal", "sweep_resume"):  # (dp_worker.py: "a+b" is one launch)
-        out = torchrun("tests/dp_worker.py", str(tmp_path / f"{mode}.pt"), "0", mode, str(latent_shards))
-        assert out.returncode == 0, mode + out.stdout[-2000:] + out.stderr[-3000:]
-        assert "fresh buffers" not in out.stdout
+    root, runs, resumes = two_rank_runs  # the resume is a second launch (conftest.py)
+    assert "fresh buffers" not in runs + resumes
     for r in (0, 1):
-        stopped, resumed, alone = (torch.load(tmp_path / f"{m}.pt.rank{r}", weights_only=True)
+        stopped, resumed, alone = (torch.load(root / f"{m}@{latent_shards}.rank{r}", weights_only=True)
                                    for m in ("sweep_signal", "sweep_resume", "straight"))
         assert stopped["stopped"] == 20 and stopped["steps"] == [20, 20]
         assert resumed["steps"] == [24, 24] and alone["step"] == 24
