@@ -36,15 +36,17 @@ from pathlib import Path
 import torch
 
 from activations import estimate_norm_factors
-from checkpoint import is_dictionary_learning_dir, latest_version_dir, published_hook_dir, sequences_read
+from checkpoint import latest_version_dir, sequences_read
 from cli import format_help, in_notebook, parse_overrides
 from config import ConfigError, complete_cfg
-from crosscoder import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, CrossCoder
+from crosscoder import CrossCoder
 from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, ActivationCache, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents,
                      effective_chat_only, examples_html, is_model_specific, latent_scaling,
                      plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram, rank_sum_order,
                      reconstruction_stats, splice_in_loss, top_activating_examples)
-from utils import DataError, SetupError, check_heldout, load_gemma_pair, load_tokens
+from hub import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, is_dictionary_learning_dir, published_hook_dir
+from data import DataError, chat_mask, is_mix, load_mix
+from utils import SetupError, check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
                          "(default: newest local)",
@@ -157,10 +159,17 @@ try:
         all_tokens = tokens
     else:
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
-        all_tokens = load_tokens(DATASET or cfg["dataset"], cfg)[:, : cfg["seq_len"]]
-        if DATASET is None or DATASET == cfg["dataset"]:  # held out only if training never read them
-            check_heldout(len(all_tokens), N_HELDOUT_SEQS, sequences_read(cc.save_dir) if origin == "local" else None)
-        tokens = all_tokens[-N_HELDOUT_SEQS:]
+        dataset = DATASET or cfg["dataset"]
+        all_tokens = load_tokens(dataset, cfg)[:, : cfg["seq_len"]]
+        if is_mix(dataset):  # data.py's mix declares its held-out rows, and each token's source
+            check_mix_tokenizer(dataset, cfg["model_names"])
+            tokens, source, meta = load_mix(dataset, split="heldout")
+            tokens = tokens[:N_HELDOUT_SEQS, : cfg["seq_len"]]
+            is_chat = chat_mask(source, meta)[:N_HELDOUT_SEQS, 0]  # a row is one source's
+        else:
+            if DATASET is None or DATASET == cfg["dataset"]:  # held out only if training never read them
+                check_heldout(len(all_tokens), N_HELDOUT_SEQS, sequences_read(cc.save_dir) if origin == "local" else None)
+            tokens = all_tokens[-N_HELDOUT_SEQS:]
         models = load_gemma_pair(gemma_cfg, full=True)
 except (SetupError, DataError, OSError) as e:  # the weight-only analyses above still stand
     print(f"skipping the analyses over tokens (the ones over the weights above stand): {e}")
@@ -170,7 +179,7 @@ except (SetupError, DataError, OSError) as e:  # the weight-only analyses above 
 # ## Normalisation
 # The crosscoder was trained on activations scaled per model to mean norm sqrt(d_in). Our
 # checkpoints store the factors. The reference's did not: for the published crosscoder (from the
-# hub) we take the factors its authors' notebook used (crosscoder.PUBLISHED_FACTORS); for any
+# hub) we take the factors its authors' notebook used (hub.PUBLISHED_FACTORS); for any
 # other checkpoint without them we estimate them as the reference's run did (its first 400
 # sequences, BOS included). FACTORS / --factors overrides all of these.
 
@@ -285,7 +294,7 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
     page = examples_html(models[1].to_str_tokens, tokens, shown.tolist(), values, seqs, positions,
                          title=f"Top activations of {summary['latent_scaling']['selection']} latents")
     (out_dir / "chat_only_examples.html").write_text(page)
-    if is_chat is not None:  # toy pair: which of those top contexts are chat transcripts?
+    if is_chat is not None:  # the toy pair, a mix: which of those top contexts are chat transcripts?
         hit = values > 0
         summary["top_examples_in_transcripts"] = float(is_chat[seqs][hit].float().mean()) if hit.any() else None
         print(f"top examples of chat-only latents inside chat transcripts: {summary['top_examples_in_transcripts']:.1%}")

@@ -1,20 +1,16 @@
 """Throughput benchmark: python bench.py [--shape toy|gemma] [--device cpu|cuda]
 
-Measures in one run, on random-weight models (throughput does not depend on weight values):
- (a) harvest: token positions per second through both models, ours (stop at the hook, only the
-     layers it needs) and the reference's scheme (run_with_cache over every layer and the
-     unembedding), with a check that both give the same activations;
- (b) crosscoder training steps alone (a fixed batch, no harvesting), fp32 and bf16 autocast,
-     with the largest relative difference between their losses;
- (c) end-to-end training with fresh activations, ours and the reference's scheme with its refresh
-     bug fixed, timed over whole buffer refresh cycles so that every trained row was harvested
-     inside the timed window; and the reference as shipped (which harvests only its first fill);
- (d) peak memory of each; (e) achieved FLOP/s of (b) and (c) against a dense matmul measured here;
- and training from an on-disk activation store (store.py) against live harvesting.
-The two schemes run one after the other, each with only its own model in memory.
+On random-weight models (throughput does not depend on weight values), in one run: (a) harvest
+tokens/s through both models, ours (stopped at the hook) and the reference's run_with_cache over
+every layer and the unembedding, checking they give the same activations; (b) crosscoder steps
+alone, fp32 and bf16 autocast, with their largest relative loss difference; (c) end-to-end
+training over whole buffer refresh cycles (every trained row harvested inside the timed window),
+ours, the reference's scheme with its refresh bug fixed and the reference as shipped (it harvests
+only its first fill); (d) peak memory; (e) FLOP/s of (b) and (c) against a dense matmul measured
+here; and training from an on-disk activation store (store.py). Each scheme runs alone in memory.
 
-    python bench.py --nproc N     (c) with 1 and with N data-parallel processes (torchrun, the
-                                  cores split evenly between them), then the 8 x H100 estimate
+    python bench.py --nproc N     (c) with 1 and N data-parallel processes (torchrun, the cores
+                                  split between them), then costs.py's 8 x H100 estimate
     python bench.py --sweep N     (c) for one crosscoder and for a sweep of N on one harvest
 """
 import gc
@@ -36,6 +32,7 @@ from activations import autocast_context, extract_activations
 from buffer import ActivationStore, buffer_sequences, sequences_needed, steps_per_refresh
 from cli import format_help, parse_overrides
 from config import ConfigError, layers_needed
+from costs import crosscoder_flops_per_token, paper_estimate
 from store import harvest
 from trainer import Trainer
 from utils import drop_unembedding, keep_freed_memory
@@ -48,15 +45,7 @@ SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buff
 }
 
 
-# ---------------------------------------------------------------- costs on paper, and across processes
-# On-paper assumptions for an 8 x H100 SXM node (stated in the README with the estimate).
-H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s
-H100_FP32_PEAK = 67e12  # fp32 without TF32 (PyTorch's default for matmuls)
-HARVEST_UTILISATION = 0.40  # bf16 forward passes of the two models
-STEP_UTILISATION = 0.70  # the crosscoder step's matmuls (this CPU reaches 94% of its peak, bench --step_only)
-NVLINK_BUS_BANDWIDTH = 360e9  # all-reduce bus bandwidth, B/s: NCCL tests report 460-480 on NVLink-4 at large sizes
-
-
+# ---------------------------------------------------------------- across processes
 def measure(cfg, shape, nprocs, cycles):
     """{n: (tokens/s, mean peak memory per process)} for each n in nprocs, one torchrun launch each."""
     cores = os.cpu_count() or 1
@@ -82,42 +71,6 @@ def measure(cfg, shape, nprocs, cycles):
     return results
 
 
-def crosscoder_flops_per_token(cfg):
-    """Matmul FLOPs of one training step per token: forward encode + decode 2·(2·M·D·F); backward
-    2·M·D·F for the decoder input grad, the same for each weight grad, none for the input x."""
-    return 10 * cfg["n_models"] * cfg["d_in"] * cfg["dict_size"]
-
-
-def harvest_flops_per_token(c, n_layers, seq_len):
-    """Matmul FLOPs per token of one model's forward through its first n_layers blocks (model
-    config c), as TransformerLens runs them: the Q, K, V, O projections (K and V with grouped
-    heads), the (gated) MLP, and attention scores and mixing over all seq_len positions (it
-    computes the full square, then masks)."""
-    n_kv = c.n_key_value_heads or c.n_heads
-    projections = c.d_model * c.d_head * (2 * c.n_heads + 2 * n_kv)  # W_Q, W_O; W_K, W_V
-    mlp = c.d_model * c.d_mlp * (3 if c.gated_mlp else 2)
-    attention = 2 * c.n_heads * c.d_head * seq_len  # QK^T and pattern @ V
-    return n_layers * 2 * (projections + mlp + attention)
-
-
-def paper_estimate(n_gpus=8, batch_size=4096, d_in=2304, dict_size=2**14, n_models=2, step_dtype="fp32"):
-    """Seconds per step of the Gemma-2-2b replication on 1 and n_gpus H100s, by arithmetic."""
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
-
-    from config import layers_needed
-
-    gemma = get_pretrained_model_config("gemma-2-2b")
-    per_token = harvest_flops_per_token(gemma, layers_needed("blocks.14.hook_resid_pre"), seq_len=1024)
-    harvest = batch_size * n_models * per_token / (H100_BF16_PEAK * HARVEST_UTILISATION)
-    step_peak = H100_FP32_PEAK if step_dtype == "fp32" else H100_BF16_PEAK
-    step = batch_size * crosscoder_flops_per_token(dict(n_models=n_models, d_in=d_in, dict_size=dict_size)) / (
-        step_peak * STEP_UTILISATION)
-    grad_bytes = 4 * 2 * n_models * d_in * dict_size  # fp32 gradients of W_enc and W_dec (biases: negligible)
-    allreduce = grad_bytes * 2 * (n_gpus - 1) / n_gpus / NVLINK_BUS_BANDWIDTH  # a ring all-reduce
-    return {"harvest": harvest, "step": step, "grad_bytes": grad_bytes, "allreduce": allreduce,
-            "one": harvest + step, "many": (harvest + step) / n_gpus + allreduce}
-
-
 def _rate(tokens_per_s):
     return f"{tokens_per_s:,.0f}" if tokens_per_s >= 100 else f"{tokens_per_s:.3g}"  # CPU gemma: a few tokens/s
 
@@ -129,7 +82,7 @@ def report(header, results, nprocs):
     for n in nprocs:
         tps, mem = results[n]
         print(f"{n:<12} {_rate(tps):>10} {tps / base:>9.2f}x {mem:>28.2f}")
-    print("\non paper, Gemma-2-2b on 8 H100 SXM (assumptions: bench.py's constants; 400M tokens, batch 4096):")
+    print("\non paper, Gemma-2-2b on 8 H100 SXM (assumptions: costs.py's constants; 400M tokens, batch 4096):")
     for dtype in ("fp32", "bf16"):
         e = paper_estimate(step_dtype=dtype)
         steps = 400e6 / 4096
@@ -197,6 +150,15 @@ def build_model(shape, device, n_layers=None):
     return HookedTransformer(HookedTransformerConfig.from_dict(cfg)).eval()
 
 
+def model_and_tokens(shape, device, cfg, seed=0):
+    """A random-weight model cut at the hook, as training loads one, and 4096 random sequences."""
+    model = build_model(shape, device, layers_needed(cfg["hook_point"]))
+    drop_unembedding(model)
+    data = torch.randint(1, model.cfg.d_vocab, (4096, cfg["seq_len"]), generator=torch.Generator().manual_seed(seed))
+    data[:, 0] = 2  # BOS
+    return model, data
+
+
 def worker(spec_file):
     """`bench.py --worker SPEC`, one rank under torchrun (measure): a random-weight model of
     the shape, end_to_end on this rank's share."""
@@ -207,10 +169,7 @@ def worker(spec_file):
     if device == "cpu":
         keep_freed_memory()
     torch.manual_seed(0)
-    model = build_model(spec["shape"], device, layers_needed(cfg["hook_point"]))
-    drop_unembedding(model)
-    data = torch.randint(1, model.cfg.d_vocab, (4096, cfg["seq_len"]), generator=torch.Generator().manual_seed(0))
-    data[:, 0] = 2  # BOS
+    model, data = model_and_tokens(spec["shape"], device, cfg)
     tokens_per_s = end_to_end(cfg, model, data, spec["cycles"], device)
     memory = torch.tensor([peak_memory(device)])
     distributed.average_([memory])
@@ -294,17 +253,15 @@ def main():
              "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models",
              "nproc": "N: only (c), ours, with 1 and with N data-parallel processes (torchrun)",
              "sweep": "N: only (c), ours, one crosscoder against a sweep of N on one harvest (sweep.py)"}
+    numbers = ("steps", "cycles", "nproc", "sweep")
     try:
-        options, extras = parse_overrides(sys.argv[1:], options, flags=("shape", "steps", "cycles", "nproc", "sweep"),
-                                          switches=("step_only",))
-        allowed = {"device", "seq_len", "model_batch_size", "batch_size", "buffer_mult"}
-        if set(options) != allowed:
-            raise ConfigError(f"bench.py takes only the config keys {sorted(allowed)}, not {sorted(set(options) - allowed)}")
-        shape_name = extras.get("shape", "toy")
+        given, extras = parse_overrides(sys.argv[1:], options, flags=("shape", *numbers), switches=("step_only",))
+        if set(given) != set(options):
+            raise ConfigError(f"bench.py takes only the config keys {sorted(options)}, not {sorted(set(given) - set(options))}")
+        options, shape_name = given, extras.get("shape", "toy")
         if shape_name not in SHAPES:
             raise ConfigError(f"--shape must be one of {list(SHAPES)}, got {shape_name!r}")
-        steps, cycles, nproc, sweep = (int(extras[k]) if k in extras else None
-                                       for k in ("steps", "cycles", "nproc", "sweep"))
+        steps, cycles, nproc, sweep = (int(extras[k]) if k in extras else None for k in numbers)
     except ConfigError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:
@@ -366,17 +323,15 @@ def main():
         shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
         return print_report(header, rows, summary, device)
 
-    acts, harvest_t, e2e, data = {}, {}, {}, None
+    acts, harvest_t, e2e = {}, {}, {}
     n_cut = layers_needed(hook)
     for name, n_layers, extract in (("ours", n_cut, extract_activations), ("reference", None, reference_extract)):
         reset_peak_memory(device)
-        model = build_model(shape_name, device, n_layers)
-        if name == "ours":
-            drop_unembedding(model)  # as load_gemma_pair does for training
-        if data is None:
-            data = torch.randint(1, model.cfg.d_vocab, (4096, S))
-            data[:, 0] = 2  # BOS
+        if name == "ours":  # cut at the hook, as load_gemma_pair loads it for training
+            model, data = model_and_tokens(shape_name, device, cfg)
             tokens = data[:mbs].to(device)
+        else:
+            model = build_model(shape_name, device, n_layers)
         # (a) harvest through both models (the same weights twice: the cost is what matters)
         with torch.no_grad(), autocast_context(device):
             harvest_t[name], out = timed(lambda: [extract(model, tokens, hook) for _ in range(2)], device,
@@ -430,10 +385,7 @@ def main():
 def sweep_report(cfg, shape_name, device, n, cycles):
     """(c) for ours: one crosscoder, then a sweep of n on one harvest, each after its own warm-up
     cycle; the speed-up over n separate runs is n x (sweep tokens/s) / (one run's tokens/s)."""
-    model = build_model(shape_name, device, layers_needed(cfg["hook_point"]))
-    drop_unembedding(model)
-    data = torch.randint(1, model.cfg.d_vocab, (4096, cfg["seq_len"]))
-    data[:, 0] = 2  # BOS
+    model, data = model_and_tokens(shape_name, device, cfg)
     rows = []
     for members in (0, n):
         reset_peak_memory(device)

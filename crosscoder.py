@@ -20,17 +20,13 @@ from einops import einsum, rearrange
 from torch import nn
 
 from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_checkpoint, next_version_dir,
-                        read_crosscoder, read_published, resolve_version_dir, write_checkpoint)
+                        read_crosscoder, resolve_version_dir, write_checkpoint)
 from config import DERIVED_KEYS, SCHEMA, ConfigError, completed, effective
 from distributed import (Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, resolve_device, shard_rows,
                          sum_over_shards, take_shard)
+from hub import HF_REPO_ID, read_published
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"
-# The published crosscoder's config names only model A and saved no normalisation factors: its
-# authors' notebook used these (mean raw norms ~174 base, ~197 chat at blocks.14.hook_resid_pre).
-PUBLISHED_MODEL_NAMES = ("gemma-2-2b", "gemma-2-2b-it")
-PUBLISHED_FACTORS = (0.2758961493232058, 0.24422852496546169)
 ONE_PROCESS = Mesh()
 
 
@@ -56,8 +52,8 @@ class CrossCoder(nn.Module):
     architecture = "l1"
     EXTRA_STATE = ()  # tensors saved beside the parameters (replicated over latent shards)
     # Step memory beyond weights, gradients and Adam, per phase: (fp32 [rows, f] copies, copies of
-    # W_dec's shard); sweep.memory_per_rank. L1: pre-activations, activations and a temporary, or two
-    # and the decoder norms' gradient. Measured with torch's MemTracker (tests/test_distributed.py).
+    # W_dec's shard); costs.memory_per_rank. L1: pre-activations, activations and a temporary, or two
+    # and the decoder norms' gradient. Measured with torch's MemTracker (tests/test_costs.py).
     STEP_PHASES = ((3, 0), (2, 1))
 
     def __new__(cls, cfg=None, shard=(0, 1)):
@@ -90,10 +86,7 @@ class CrossCoder(nn.Module):
 
     # ---------------------------------------------------------------- forward maths
     def encode(self, x_BMD, apply_relu=True):
-        pre_BF = einsum(
-            x_BMD.to(self.dtype), self.W_enc,
-            "batch model d_in, model d_in latent -> batch latent",
-        ) + self.b_enc
+        pre_BF = einsum(x_BMD.to(self.dtype), self.W_enc, "batch model d_in, model d_in latent -> batch latent") + self.b_enc
         if not apply_relu:
             return pre_BF
         return self.select(torch.relu(pre_BF))[0]
@@ -104,10 +97,7 @@ class CrossCoder(nn.Module):
         return acts_BF, None
 
     def decode(self, acts_BF, mesh=ONE_PROCESS):
-        x_hat_BMD = einsum(
-            acts_BF.to(self.dtype), self.W_dec,
-            "batch latent, latent model d_in -> batch model d_in",
-        )
+        x_hat_BMD = einsum(acts_BF.to(self.dtype), self.W_dec, "batch latent, latent model d_in -> batch model d_in")
         return sum_over_shards(x_hat_BMD, mesh.latent) + self.b_dec
 
     def forward(self, x_BMD):
@@ -135,14 +125,8 @@ class CrossCoder(nn.Module):
         # the same number without a [B, F] product in the forward and two in the backward.
         l1 = sum_over_shards((acts_BF.float().sum(0) * total_dec_norm_F).sum(), mesh.latent) / acts_BF.shape[0]
         l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
-        losses = LossOutput(
-            l2_loss=sq_err_B.mean(),
-            l1_loss=l1,
-            l0_loss=l0_B.mean(),
-            explained_variance=ev_B.mean(),
-            explained_variance_A=ev_BM[:, 0].mean(),
-            explained_variance_B=ev_BM[:, 1].mean(),
-        )
+        losses = LossOutput(l2_loss=sq_err_B.mean(), l1_loss=l1, l0_loss=l0_B.mean(), explained_variance=ev_B.mean(),
+                            explained_variance_A=ev_BM[:, 0].mean(), explained_variance_B=ev_BM[:, 1].mean())
         return losses, acts_BF, self.extra_terms(err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh)
 
     def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
@@ -248,7 +232,7 @@ class CrossCoder(nn.Module):
     def load_from_hf(cls, repo_id=HF_REPO_ID, path="blocks.14.hook_resid_pre", device=None, model_names=None,
                      hook_point=None):
         """A published crosscoder from the hub, or a local directory given as repo_id: the
-        reference's layout or dictionary_learning's (checkpoint.read_published). model_names /
+        reference's layout or dictionary_learning's (hub.read_published). model_names /
         hook_point: theirs name neither for sure (default: the Gemma-2-2b pair, their layer)."""
         cfg, state, where = read_published(repo_id, path, model_names, hook_point)
         return cls._from_state(cfg, state, device, where=where)

@@ -130,7 +130,8 @@ def main(argv):
               f"{f' with {distributed.world_size()} processes' * (distributed.world_size() > 1)}; train from it with "
               f"`python train.py --store_dir {cfg['store_dir']} ...` (the same config) or under torchrun")
 def cli(argv):
-    from utils import DataError, SetupError
+    from data import DataError
+    from utils import SetupError
 
     clean = False
     try:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import distributed
 from checkpoint import member_dirs, next_sweep_dir, next_version_dir, read_cfg
 from config import ConfigError, expand
-from crosscoder import ARCHITECTURES
+from costs import held_bytes, memory_per_rank
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from utils import finish_run, install_stop_handlers, restore_handlers, start_run
 
@@ -58,39 +58,6 @@ class SharedBatches:
         if name in ("state_dict", "load_state_dict") and self.owner:
             return getattr(self.source, name)
         raise AttributeError(name)
-
-
-def held_bytes(d_in, dict_size, shards=1, n_models=2):
-    """Bytes one rank holds throughout training in fp32: its shard's weights, gradients and Adam
-    moments (4 copies of W_enc, W_dec, b_enc; b_dec replicated)."""
-    f = dict_size // shards
-    return 4 * 4 * (2 * n_models * d_in * f + f + n_models * d_in)
-
-
-def memory_per_rank(d_in, dict_size, shards=1, rows=4096, n_models=2, architecture="l1"):
-    """Bytes one rank holds at the peak of a training step in fp32: held_bytes, plus the step's
-    temporaries for `rows` rows (the latent group's batch: batch_size / data-parallel groups): the
-    architecture's STEP_PHASES, and [rows, M, D] copies (inputs, reconstruction, error; sharded:
-    the gathered rows and the summed reconstruction). Measured with torch's MemTracker on CPU steps
-    at shapes from rows << M * D to rows >> M * D (tests/test_sweep.py checks it)."""
-    f = dict_size // shards
-    step = max(per_row * rows * f + per_decoder * n_models * d_in * f
-               for per_row, per_decoder in ARCHITECTURES[architecture].STEP_PHASES)
-    row_copies = 2 + 2 * (shards > 1)
-    return held_bytes(d_in, dict_size, shards, n_models) + 4 * (step + row_copies * rows * n_models * d_in)
-
-
-def memory_table(gpu_bytes=80e9, rows=4096, architecture="l1"):
-    """The README's table: GB per rank, d_in 2304 and 3584, dict 2^14 ... 2^20, 1-8 shards."""
-    lines = ["| d_in | dict_size | 1 shard | 2 shards | 4 shards | 8 shards |", "| --- | --- | --- | --- | --- | --- |"]
-    for d_in in (2304, 3584):
-        for log2 in range(14, 21):
-            cells = []
-            for shards in (1, 2, 4, 8):
-                b = memory_per_rank(d_in, 2**log2, shards, rows, architecture=architecture)
-                cells.append(f"{b / 1e9:.1f}" + ("" if b <= gpu_bytes else " (no)"))
-            lines.append(f"| {d_in} | 2^{log2} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def member_bytes(cfg, n_processes=1):

@@ -18,7 +18,8 @@ from checkpoint import CheckpointError, resolve_version_dir
 import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
-from utils import DataError, SetupError, check_tokens, keep_freed_memory, load_models_and_tokens
+from data import DataError
+from utils import SetupError, check_tokens, keep_freed_memory, load_models_and_tokens
 
 # %%
 # The config: every key, its default and its meaning live in config.py (`python train.py --help`

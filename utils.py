@@ -16,10 +16,7 @@ import torch
 import distributed
 from checkpoint import atomic_torch_save, checkpoint_root, data_dir
 from config import PILE_LMSYS_DATASET, check_against_model, layers_needed
-
-
-class DataError(ValueError):
-    """Training tokens that are missing, malformed or do not fit the models."""
+from data import DataError, check_tokenizer, is_mix, load_mix, read_meta
 
 
 class SetupError(RuntimeError):
@@ -54,13 +51,16 @@ def _dataset_to_tokens(dataset, column, origin, chunk_rows=4096):
 def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="train"):
     """All training tokens as an int32 [N, S] tensor.
 
-    source: a tensor; a .pt file holding one; a directory written by datasets' save_to_disk;
+    source: a tensor; a .pt file holding one; a token mix written by data.py (its train split);
+    a directory written by datasets' save_to_disk;
     or a Hugging Face dataset id (the reference's pile + lmsys mix by default), downloaded once
     and cached as a .pt file under cfg["data_dir"] (default data/ beside the code).
     int32 halves the reference's int64 tensor (7.9 GB -> 3.9 GB): every vocabulary fits.
     """
     if isinstance(source, torch.Tensor):
         tokens = source
+    elif is_mix(source):  # data.py's: training reads its train split (the rest is held out)
+        tokens = load_mix(source, split="train")[0]
     elif Path(str(source)).is_file():
         tokens = torch.load(source, map_location="cpu", weights_only=True)
         if not isinstance(tokens, torch.Tensor):
@@ -151,6 +151,21 @@ def check_tokens(tokens_NS, seq_len, vocab_size):
         raise DataError(f"token ids must lie in [0, {vocab_size}) for the models' vocabulary; found ids in [{lo}, {hi}]")
 
 
+def check_mix_tokenizer(mix_dir, model_names):
+    """A DataError, before any model loads, when data.py's mix was built with another vocabulary
+    than each model's tokenizer (read alone: seconds, not the model's minutes)."""
+    from transformers import AutoTokenizer
+
+    meta = read_meta(mix_dir)
+    for name in model_names:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:  # no hub access: the model cannot load either, and says why
+            print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
+            continue
+        check_tokenizer(meta, tokenizer, where=f"the token mix {mix_dir}")
+
+
 def load_models_and_tokens(cfg, fresh=True):
     """The models (index 0 base, 1 chat) and the training tokens of a complete config. fresh (not a
     resume): the tokens are checked for enough sequences before any model loads."""
@@ -168,6 +183,8 @@ def load_models_and_tokens(cfg, fresh=True):
     for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
         is_dir = (Path(name) / "config.json").is_file()  # a local copy, named after its model
         check_against_model(cfg, get_pretrained_model_config(Path(name).name if is_dir else name))
+    if is_mix(cfg["dataset"]):
+        check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
     tokens = load_tokens(cfg["dataset"], cfg)
     if fresh and cfg["store_dir"] is None:
         from buffer import check_enough_sequences

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded models and configs. The hub is never reached from tests."""
+import json
 import os
 import socket
 import subprocess
@@ -132,6 +133,12 @@ def gemma2_tiny_vocab(tmp_path, n_layers=3, vocab_size=1000, seed=0):
     return hf, model.eval()
 
 
+def shared_root(tmp_path_factory):
+    """The session's base temporary directory, the same in every pytest-xdist worker."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the workers' bases share it
+
+
 def shared_dir(tmp_path_factory, name, build):
     """A directory built once per test session, also when pytest-xdist runs the tests in several
     worker processes: the first worker to ask builds it under a file lock, the others wait for
@@ -140,9 +147,7 @@ def shared_dir(tmp_path_factory, name, build):
 
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' base directories share this parent
+    root = shared_root(tmp_path_factory)
     path, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
@@ -220,33 +225,85 @@ def _script_output(root, name, out=None):
     return subprocess.CompletedProcess([], 0, (root / f"{name}.stdout").read_text(), (root / f"{name}.stderr").read_text())
 
 
+# `python train.py --preset toy` at its defaults, then `python analysis.py` on its checkpoint: the
+# suite's longest chain (1-3 minutes on one core). It starts in the background as soon as the
+# tests are collected, so that the workers run other tests meanwhile; the toy_run and
+# toy_analysis fixtures wait for their step.
+TOY_JOBS = (("train", ["train.py", "--preset", "toy", "--checkpoint_dir", "{root}/checkpoints", "--data_dir",
+                       "{root}/data", "--wandb_mode", "disabled"]),
+            ("analysis", ["analysis.py", "--checkpoint", "{root}/checkpoints/version_0"]))
+_RUN_JOBS = """import json, os, subprocess, sys
+root, jobs = sys.argv[1], json.loads(sys.argv[2])
+for name, args in jobs:
+    with open(f"{root}/{name}.stdout", "w") as out, open(f"{root}/{name}.stderr", "w") as err:
+        code = subprocess.run([sys.executable, *[a.format(root=root) for a in args]], stdout=out, stderr=err).returncode
+    with open(f"{root}/{name}.rc.tmp", "w") as f:
+        f.write(str(code))
+    os.replace(f"{root}/{name}.rc.tmp", f"{root}/{name}.rc")
+    if code:
+        break
+"""
+_background = []  # the job this process started: stopped at the end of its session
+
+
+def start_toy_jobs(root):
+    """Start TOY_JOBS in root/toy_run unless a process of this session already has."""
+    from filelock import FileLock
+
+    path = root / "toy_run"
+    with FileLock(str(root / "toy_run.lock")):
+        if path.exists():
+            return path
+        path.mkdir()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+        _background.append(subprocess.Popen([sys.executable, "-c", _RUN_JOBS, str(path), json.dumps(TOY_JOBS)],
+                                            cwd=REPO, env=env, start_new_session=True))
+    return path
+
+
+def pytest_collection_finish(session):
+    if any({"toy_run", "toy_analysis"} & set(getattr(item, "fixturenames", ())) for item in session.items):
+        start_toy_jobs(shared_root(session.config._tmp_path_factory))
+
+
+def pytest_sessionfinish(session):
+    for proc in _background:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+def toy_job(tmp_path_factory, name, timeout=900):
+    """The result of one of TOY_JOBS, once it has run (started here if no one has)."""
+    import time
+
+    path = start_toy_jobs(shared_root(tmp_path_factory))
+    deadline = time.time() + timeout
+    while not (path / f"{name}.rc").exists():
+        assert time.time() < deadline, f"the background toy {name} did not finish within {timeout} s"
+        assert (name == "train" or not (path / "train.rc").exists() or (path / "train.rc").read_text() == "0"), \
+            "the toy run failed: " + (path / "train.stderr").read_text()[-3000:]
+        time.sleep(0.5)
+    out = subprocess.CompletedProcess(TOY_JOBS, int((path / f"{name}.rc").read_text()),
+                                      (path / f"{name}.stdout").read_text(), (path / f"{name}.stderr").read_text())
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out, path
+
+
 @pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
-    """`python train.py --preset toy` at its defaults, once per test session (about 1-2 minutes:
-    it loads the shipped toy pair, then trains the crosscoder). Returns (out, checkpoints, data)."""
-    def build(root):
-        out = run_script("train.py", "--preset", "toy", "--checkpoint_dir", str(root / "checkpoints"),
-                         "--data_dir", str(root / "data"), "--wandb_mode", "disabled")
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        _script_output(root, "train", out)
-
-    root = shared_dir(tmp_path_factory, "toy_run", build)
-    return _script_output(root, "train"), root / "checkpoints", root / "data"
+    """`python train.py --preset toy` at its defaults, once per test session. Returns (out,
+    checkpoints, data)."""
+    out, path = toy_job(tmp_path_factory, "train")
+    return out, path / "checkpoints", path / "data"
 
 
 @pytest.fixture(scope="session")
 def toy_analysis(toy_run, tmp_path_factory):
     """`python analysis.py` on the toy run's checkpoint, once per test session. Returns (out, the
     analysis directory)."""
-    _, checkpoints, _ = toy_run
-
-    def build(root):
-        out = run_script("analysis.py", "--checkpoint", str(checkpoints / "version_0"), timeout=300)
-        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-        _script_output(root, "analysis", out)
-
-    root = shared_dir(tmp_path_factory, "toy_analysis", build)
-    return _script_output(root, "analysis"), checkpoints / "version_0" / "analysis"
+    out, path = toy_job(tmp_path_factory, "analysis")
+    return out, path / "checkpoints" / "version_0" / "analysis"
 
 
 # tests/dp_worker.py's specs, in two torchrun launches: the runs, then the resumes from the

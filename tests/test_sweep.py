@@ -194,7 +194,8 @@ def test_a_member_split_over_latents_holds_its_share_and_steps_on_its_latent_gro
     """member_bytes over processes: with the dictionary in 2 shards a process holds half the
     latents' weights, gradients and Adam moments (fp32, 4 copies); its step is the one
     memory_per_rank gives for the latent group's rows (4 processes = 2 groups of 2)."""
-    from sweep import member_bytes, memory_per_rank
+    from costs import memory_per_rank
+    from sweep import member_bytes
 
     cfg = tiny_cfg(d_in=64, dict_size=1024, batch_size=256, latent_shards=2)
     held, step = member_bytes(cfg, n_processes=4)

@@ -6,7 +6,8 @@ import torch
 
 import utils
 from conftest import tiny_cfg
-from utils import PILE_LMSYS_DATASET, DataError, check_tokens, load_tokens
+from data import DataError
+from utils import PILE_LMSYS_DATASET, check_tokens, load_tokens
 
 
 def save_dataset(path, rows, column="input_ids"):
@@ -293,3 +294,22 @@ def test_sweep_members_get_their_own_runs_in_one_group(tmp_path, monkeypatch):
     finally:
         for run in runs:
             utils.finish_run(run)
+
+
+def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_another_tokenizer(tmp_path):
+    """load_tokens reads data.py's mix without its held-out rows; check_mix_tokenizer compares the
+    mix's vocabulary with each model's tokenizer (a local directory here) before any model loads."""
+    from data import build_mix
+    from test_data import word_tokenizer, write_sources
+    from utils import check_mix_tokenizer
+
+    tok = word_tokenizer()
+    text, _ = write_sources(tmp_path)
+    tokens, _, meta = build_mix(tok, [{"kind": "text", "path": text, "fraction": 1.0}], 8, 80, tmp_path / "mix",
+                                heldout_fraction=0.2)
+    torch.testing.assert_close(load_tokens(str(tmp_path / "mix")), tokens[:8])
+    tok.save_pretrained(tmp_path / "same")
+    word_tokenizer(words=("a", "b")).save_pretrained(tmp_path / "other")
+    check_mix_tokenizer(tmp_path / "mix", [str(tmp_path / "same")] * 2)
+    with pytest.raises(DataError, match="vocabularies differ"):
+        check_mix_tokenizer(tmp_path / "mix", [str(tmp_path / "same"), str(tmp_path / "other")])

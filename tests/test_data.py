@@ -1,0 +1,129 @@
+"""data.py: token mixes of text and chat data, packed with the tokenizer's BOS and EOS, saved with
+their tokenizer's record and each token's source; the errors a bad input gets."""
+import json
+
+import pytest
+import torch
+
+from data import (DataError, build_mix, check_tokenizer, chat_mask, encode_documents, load_mix, main, pack,
+                  read_documents, vocab_hash)
+
+# A chat template in Gemma's form (the model's turn is "model").
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }} "
+            "{{ m['content'] }} <end_of_turn> {% endfor %}")
+
+
+def word_tokenizer(words=("hello", "world", "how", "are", "you", "fine", "the", "cat", "sat"), bos=True, template=True,
+                   name="tiny"):
+    """A word-level fast tokenizer (offline), with BOS and EOS, and a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "user", "model"] + ["<bos>"] * bos
+    vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words]))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+                                  **({"bos_token": "<bos>"} if bos else {}), name_or_path=name)
+    if template:
+        tok.chat_template = TEMPLATE
+    return tok
+
+
+def test_packing_puts_bos_first_and_eos_after_each_document_and_drops_the_tail():
+    rows = pack([[5, 6, 7], [8, 9]], seq_len=4, bos_id=1, eos_id=2)
+    # stream 5 6 7 2 8 9 2, cut in bodies of 3: [5 6 7] [2 8 9], the tail [2] dropped
+    assert rows.tolist() == [[1, 5, 6, 7], [1, 2, 8, 9]] and rows.dtype == torch.int32
+    assert pack([[5, 6, 7], [8, 9]], seq_len=3, bos_id=None, eos_id=None).tolist() == [[5, 6, 7]]
+    assert pack([[5, 6, 7, 8, 9, 10]], seq_len=3, bos_id=None, eos_id=None, max_rows=1).tolist() == [[5, 6, 7]]
+
+
+def test_a_conversation_is_rendered_through_the_chat_template_without_a_second_bos():
+    tok = word_tokenizer()
+    chat = [[{"role": "user", "content": "how are you"}, {"role": "assistant", "content": "fine"}]]
+    (ids,) = encode_documents(tok, chat, "chat")
+    assert tok.convert_ids_to_tokens(ids) == ["<start_of_turn>", "user", "how", "are", "you", "<end_of_turn>",
+                                              "<start_of_turn>", "model", "fine", "<end_of_turn>"]
+
+
+def write_sources(tmp_path, n_text=40, n_chat=40):
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "the cat sat " * (1 + i % 3)}) for i in range(n_text)))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "hello how are you"},
+                                                       {"role": "assistant", "content": "fine"}]}) for _ in range(n_chat)))
+    return text, chat
+
+
+def test_a_mix_records_its_tokenizer_its_split_and_each_tokens_source(tmp_path):
+    tok = word_tokenizer()
+    text, chat = write_sources(tmp_path)
+    tokens, source, meta = build_mix(tok, [{"kind": "text", "path": text, "fraction": 0.75},
+                                           {"kind": "chat", "path": chat, "fraction": 0.25}],
+                                     seq_len=8, num_tokens=8 * 20, out_dir=tmp_path / "mix", heldout_fraction=0.1)
+    assert tokens.shape == source.shape == (20, 8)
+    assert (tokens[:, 0] == tok.bos_token_id).all()
+    assert [s["rows"] for s in meta["sources"]] == [15, 5]
+    words = {i: tok.convert_ids_to_tokens(i) for i in range(len(tok))}
+    for row, src in zip(tokens.tolist(), source.tolist()):  # a row is one source's, and its tokens say which
+        assert len(set(src)) == 1
+        chatty = any(words[t] in ("<start_of_turn>", "hello", "fine") for t in row)
+        catty = any(words[t] in ("the", "cat", "sat") for t in row)
+        assert (chatty, catty) == ((True, False) if src[0] == 1 else (False, True))
+    assert meta["tokenizer"]["vocab_hash"] == vocab_hash(tok) and meta["splits"] == {"train": [0, 18], "heldout": [18, 20]}
+    again, again_source, again_meta = load_mix(tmp_path / "mix")
+    torch.testing.assert_close(again, tokens), torch.testing.assert_close(again_source, source)
+    held, held_source, _ = load_mix(tmp_path / "mix", split="heldout")
+    torch.testing.assert_close(held, tokens[18:])
+    torch.testing.assert_close(chat_mask(source, meta), source == 1)
+
+
+def test_a_tokenizer_without_bos_gets_rows_without_one(tmp_path):
+    tok = word_tokenizer(bos=False, template=False)
+    text, _ = write_sources(tmp_path)
+    tokens, _, meta = build_mix(tok, [{"kind": "text", "path": text, "fraction": 1.0}], seq_len=6, num_tokens=30,
+                                out_dir=tmp_path / "mix")
+    rows = {tuple(tok.convert_ids_to_tokens(r)) for r in tokens.tolist()}
+    assert meta["bos_token_id"] is None and ("the", "cat", "sat", "<eos>", "the", "cat") in rows  # the stream's start
+
+
+def test_a_mix_built_for_another_tokenizer_is_refused():
+    tok, other = word_tokenizer(), word_tokenizer(words=("a", "b"), name="other")
+    meta = {"tokenizer": {"name": "other", "vocab_size": len(other.get_vocab()), "vocab_hash": vocab_hash(other)}}
+    with pytest.raises(DataError, match="vocabularies differ"):
+        check_tokenizer(meta, tok)
+    check_tokenizer({"tokenizer": {"name": "tiny", "vocab_size": 0, "vocab_hash": vocab_hash(word_tokenizer())}}, tok)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    tok = word_tokenizer()
+    text, chat = write_sources(tmp_path)
+    with pytest.raises(DataError, match="no 'messages' column"):
+        read_documents(text, "chat")
+    with pytest.raises(DataError, match="has no chat template"):
+        encode_documents(word_tokenizer(template=False), read_documents(chat, "chat"), "chat")
+    with pytest.raises(DataError, match="rows of 8 tokens, 100 asked"):
+        build_mix(tok, [{"kind": "text", "path": text, "fraction": 1.0}], 8, 800, tmp_path / "m")
+    with pytest.raises(DataError, match="sum to 1"):
+        build_mix(tok, [{"kind": "text", "path": text, "fraction": 0.5}], 8, 80, tmp_path / "m")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": "hello"}))
+    with pytest.raises(DataError, match="lists of {role, content} messages"):
+        read_documents(bad, "chat")
+
+
+def test_text_files_and_directories_are_documents_and_the_command_line_builds_a_mix(tmp_path, capsys):
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.txt").write_text("the cat sat " * 10)
+    (docs / "sub" / "b.rst").write_text("the cat " * 10)
+    assert sorted(len(d) for d in read_documents(docs, "text")) == [80, 120]
+    tok = word_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    _, chat = write_sources(tmp_path)
+    main(["--tokenizer", str(tmp_path / "tok"), "--text", str(docs), "--chat", str(chat), "--seq_len", "8",
+          "--num_tokens", "48", "--out", str(tmp_path / "mix")])
+    assert "6 rows of 8 tokens" in capsys.readouterr().out
+    _, source, meta = load_mix(tmp_path / "mix")
+    assert [s["kind"] for s in meta["sources"]] == ["text", "chat"] and chat_mask(source, meta).float().mean() == 0.5

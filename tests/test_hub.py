@@ -1,0 +1,129 @@
+"""hub.py: crosscoders in dictionary_learning's format (files written here as their code writes
+them), read with their forward and normalisation, and analysed over tokens."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import random_tokens, run_script
+from crosscoder import CrossCoder
+from hub import FormatError, hook_point_of_layer, read_dictionary_learning
+
+M, D, F = 2, 16, 48
+
+
+def their_files(directory, batchtopk=True, normalised=True, code_normalization_id=1, layer=13, seed=0):
+    """A crosscoder as dictionary_learning's BatchTopKCrossCoder / CrossCoder saves it with
+    PyTorchModelHubMixin: init arguments in config.json, the state dict in model.safetensors."""
+    g = torch.Generator().manual_seed(seed)
+    state = {"encoder.weight": torch.randn(M, D, F, generator=g) * 0.3, "encoder.bias": torch.randn(F, generator=g) * 0.1,
+             "decoder.weight": torch.randn(M, F, D, generator=g) * 0.3, "decoder.bias": torch.randn(M, D, generator=g),
+             "code_normalization_id": torch.tensor(code_normalization_id), "target_rms": torch.tensor(1.0)}
+    state["decoder.weight"][1, :5] *= 0.01  # five base-leaning latents, so that relative norms vary
+    if normalised:
+        state["activation_mean"] = torch.randn(M, D, generator=g) * 5
+        state["activation_std"] = torch.rand(M, D, generator=g) * 3 + 0.5
+        state["activation_global_scale"] = 1.0 / (state["activation_std"].pow(2).sum(-1) + 1e-8).sqrt()
+    else:
+        state["activation_mean"], state["activation_std"] = torch.full((M, D), float("nan")), torch.full((M, D), float("nan"))
+        state["activation_global_scale"] = torch.ones(M)
+    config = {"activation_dim": D, "dict_size": F, "num_layers": M, "code_normalization": "CROSSCODER"}
+    if batchtopk:
+        state["k"], state["threshold"] = torch.tensor(4, dtype=torch.int32), torch.tensor(0.8)
+        config["k"] = 4
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "trainer_config.json").write_text(json.dumps({"trainer": {"layer": layer, "dict_class": "x"}}))
+    return state
+
+
+def their_forward(state, x_BMD, batchtopk):
+    """dictionary_learning's forward on raw activations: normalise (keep_relative_variance),
+    encode, threshold the decoder-norm-scaled activations (BatchTopK, eval), decode, denormalise."""
+    g = state["activation_global_scale"][None, :, None]
+    mean = state["activation_mean"]
+    normalised = not mean.isnan().any()
+    x = (x_BMD - mean) * g if normalised else x_BMD
+    f = torch.relu(torch.einsum("bld,ldf->bf", x, state["encoder.weight"]) + state["encoder.bias"])
+    if batchtopk:
+        scaled = f * state["decoder.weight"].norm(dim=2).sum(0)[None]
+        f = f * (scaled > state["threshold"])
+    x_hat = torch.einsum("bf,lfd->bld", f, state["decoder.weight"]) + state["decoder.bias"]
+    return (x_hat / (g + 1e-8) + mean if normalised else x_hat), f
+
+
+@pytest.mark.parametrize("batchtopk,normalised", [(True, True), (False, True), (True, False), (False, False)])
+def test_a_dictionary_learning_crosscoder_loads_with_its_forward_and_normalisation(tmp_path, batchtopk, normalised):
+    """Read through load_from_hf from a local directory: our crosscoder, given raw activations
+    scaled by the recorded factors as the analysis scales them, selects the same latents with the
+    same values, and folded it reconstructs raw activations as theirs does."""
+    state = their_files(tmp_path, batchtopk, normalised)
+    cc = CrossCoder.load_from_hf(str(tmp_path))
+    assert cc.architecture == ("batchtopk" if batchtopk else "l1") and not cc.training
+    x = torch.randn(64, M, D) * 4 + 2
+    want_x_hat, want_f = their_forward(state, x, batchtopk)
+    s = torch.tensor(cc.cfg["normalisation_factor"])
+    if batchtopk:
+        assert 0 < int((want_f > 0).sum()) < want_f.numel()  # the threshold does select
+    torch.testing.assert_close(cc.encode(x * s[:, None]), want_f, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cc.fold_normalisation(s)(x), want_x_hat, rtol=1e-4, atol=1e-4)
+    norms = state["decoder.weight"].norm(dim=2)  # [M, F]
+    torch.testing.assert_close(cc.relative_decoder_norm(), norms[1] / norms.sum(0))
+    if not normalised:
+        assert cc.cfg["normalisation_factor"] == [1.0, 1.0]
+
+
+def test_their_layer_is_the_output_of_that_decoder_layer_and_names_default_to_the_gemma_pair(tmp_path):
+    their_files(tmp_path, layer=13)
+    cfg, _ = read_dictionary_learning(tmp_path)
+    assert cfg["hook_point"] == "blocks.14.hook_resid_pre" == hook_point_of_layer(13)
+    assert cfg["model_names"] == ["gemma-2-2b", "gemma-2-2b-it"] and cfg["k"] == 4
+    cfg, _ = read_dictionary_learning(tmp_path, model_names=["a", "b"], hook_point="blocks.3.hook_resid_pre")
+    assert cfg["model_names"] == ["a", "b"] and cfg["hook_point"] == "blocks.3.hook_resid_pre"
+
+
+def test_unsupported_variants_are_clear_errors(tmp_path):
+    their_files(tmp_path / "sae", code_normalization_id=2)  # BatchTopK scored by the SAE norm
+    with pytest.raises(FormatError, match="code_normalization SAE"):
+        CrossCoder.load_from_hf(str(tmp_path / "sae"))
+    their_files(tmp_path / "l1sae", batchtopk=False, code_normalization_id=2)  # the L1 forward ignores it
+    assert CrossCoder.load_from_hf(str(tmp_path / "l1sae")).architecture == "l1"
+
+
+def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, tiny_gemma_dirs):
+    """analysis.py --checkpoint <their directory> around a tiny Gemma-2 pair: every analysis runs,
+    with their normalisation as the factors, and its reconstruction matches their forward."""
+    paths, hf_models = tiny_gemma_dirs
+    g = torch.Generator().manual_seed(0)
+    d, f = 2304, 32
+    state = {"encoder.weight": torch.randn(2, d, f, generator=g) * 0.02, "encoder.bias": torch.zeros(f),
+             "decoder.weight": torch.randn(2, f, d, generator=g) * 0.02, "decoder.bias": torch.zeros(2, d),
+             "code_normalization_id": torch.tensor(1), "activation_mean": torch.randn(2, d, generator=g) * 0.1,
+             "activation_std": torch.ones(2, d), "target_rms": torch.tensor(1.0),
+             "k": torch.tensor(4), "threshold": torch.tensor(1e-3)}
+    state["activation_global_scale"] = 1 / (state["activation_std"].pow(2).sum(-1) + 1e-8).sqrt()
+    state["decoder.weight"][0, :4] = 0  # four chat-only latents, for Latent Scaling and the examples page
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    save_file(state, str(theirs / "model.safetensors"))
+    (theirs / "config.json").write_text(json.dumps({"activation_dim": d, "dict_size": f, "num_layers": 2, "k": 4}))
+    (theirs / "trainer_config.json").write_text(json.dumps({"trainer": {"layer": 0}}))  # -> blocks.1.hook_resid_pre
+    tokens = random_tokens(24, 10, d_vocab=1000, bos=2)
+    torch.save(tokens, tmp_path / "tokens.pt")
+    out = run_script("analysis.py", "--checkpoint", str(theirs), "--model_names", ",".join(paths),  # one batch:
+                     "--dataset", str(tmp_path / "tokens.pt"), "--n_heldout", "6", "--batch_size", "6", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    summary = json.loads((theirs / "analysis" / "summary.txt").read_text())
+    assert {"reconstruction", "splice_in", "latent_scaling"} <= set(summary) and "skipped" not in summary
+    assert summary["hook_point"] == "blocks.1.hook_resid_pre"
+    torch.testing.assert_close(torch.tensor(summary["normalisation_factor"]), state["activation_global_scale"])
+    held_out = tokens[-6:]
+    with torch.no_grad():  # their forward on the residual entering block 1 (BOS dropped), both models
+        x = torch.stack([hf(held_out, output_hidden_states=True).hidden_states[1][:, 1:] for hf in hf_models], 2)
+        x_hat, _ = their_forward(state, x.flatten(0, 1).float(), batchtopk=True)
+    x = x.flatten(0, 1).float()
+    ev = 1 - (x - x_hat).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))
+    torch.testing.assert_close(torch.tensor(summary["reconstruction"]["explained_variance_per_model"]), ev,
+                               rtol=1e-3, atol=1e-3)
