@@ -31,10 +31,14 @@ def pytest_addoption(parser):
 
 def pytest_collection_modifyitems(config, items):
     """Tests that use a slow fixture, or launch torchrun (several seconds each), are marked slow
-    (`pytest -m "not slow"`: the fast loop). Tests marked opt_in run only with --opt-in."""
+    (`pytest -m "not slow"`: the fast loop). Tests marked opt_in run only with --opt-in. The
+    tests that wait for the background toy run go last."""
     import inspect
 
     run_opt_in = config.getoption("--opt-in")
+    # The tests that wait for the background toy run last (a stable sort: the same order in every
+    # pytest-xdist worker), so that the workers run the others while it trains.
+    items.sort(key=lambda item: bool({"toy_run", "toy_analysis"} & set(getattr(item, "fixturenames", ()))))
     for item in items:
         if "opt_in" in item.keywords and not run_opt_in:
             item.add_marker(pytest.mark.skip(reason="opt-in (glibc's allocator, not this repo): pytest --opt-in"))

@@ -93,8 +93,9 @@ def test_unsupported_variants_are_clear_errors(tmp_path):
 
 
 def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, tiny_gemma_dirs):
-    """analysis.py --checkpoint <their directory> around a tiny Gemma-2 pair: every analysis runs,
-    with their normalisation as the factors, and its reconstruction matches their forward."""
+    """analysis.py --checkpoint <their directory> around a tiny Gemma-2 pair, on a token mix of that
+    pair's tokenizer: every analysis runs on the mix's held-out rows, with their normalisation as
+    the factors, and its reconstruction there matches their forward."""
     paths, hf_models = tiny_gemma_dirs
     g = torch.Generator().manual_seed(0)
     d, f = 2304, 32
@@ -110,16 +111,25 @@ def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, 
     save_file(state, str(theirs / "model.safetensors"))
     (theirs / "config.json").write_text(json.dumps({"activation_dim": d, "dict_size": f, "num_layers": 2, "k": 4}))
     (theirs / "trainer_config.json").write_text(json.dumps({"trainer": {"layer": 0}}))  # -> blocks.1.hook_resid_pre
-    tokens = random_tokens(24, 10, d_vocab=1000, bos=2)
-    torch.save(tokens, tmp_path / "tokens.pt")
+    # the text: a token mix (data.py) built with the pair's tokenizer, whose held-out split is analysed
+    from transformers import AutoTokenizer
+
+    from data import build_mix, load_mix
+
+    words = random_tokens(30, 9, d_vocab=1000)[:, 1:].clamp(min=4)
+    (tmp_path / "text.jsonl").write_text("\n".join(json.dumps({"text": " ".join(f"w{int(i)}" for i in row)})
+                                                   for row in words))
+    build_mix(AutoTokenizer.from_pretrained(paths[0]), [{"kind": "text", "path": tmp_path / "text.jsonl", "fraction": 1}],
+              seq_len=10, num_tokens=240, out_dir=tmp_path / "mix", heldout_fraction=0.25)
     out = run_script("analysis.py", "--checkpoint", str(theirs), "--model_names", ",".join(paths),  # one batch:
-                     "--dataset", str(tmp_path / "tokens.pt"), "--n_heldout", "6", "--batch_size", "6", timeout=600)
+                     "--dataset", str(tmp_path / "mix"), "--batch_size", "6", timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     summary = json.loads((theirs / "analysis" / "summary.txt").read_text())
     assert {"reconstruction", "splice_in", "latent_scaling"} <= set(summary) and "skipped" not in summary
     assert summary["hook_point"] == "blocks.1.hook_resid_pre"
     torch.testing.assert_close(torch.tensor(summary["normalisation_factor"]), state["activation_global_scale"])
-    held_out = tokens[-6:]
+    held_out = load_mix(tmp_path / "mix", split="heldout")[0].long()
+    assert held_out.shape == (6, 10) and summary["reconstruction"]["tokens"] == 6 * 9
     with torch.no_grad():  # their forward on the residual entering block 1 (BOS dropped), both models
         x = torch.stack([hf(held_out, output_hidden_states=True).hidden_states[1][:, 1:] for hf in hf_models], 2)
         x_hat, _ = their_forward(state, x.flatten(0, 1).float(), batchtopk=True)
