@@ -20,7 +20,7 @@ DATASET = None  # held-out tokens; None: the checkpoint's dataset (its last sequ
 N_HELDOUT_SEQS = None  # held-out sequences for the analyses over tokens (2**18 tokens: 257 of Gemma's)
 BATCH_SIZE = None  # sequences per forward that stops at the hook (2**14 tokens: 16 of Gemma's)
 SPLICE_BATCH_SIZE = None  # sequences per full forward with logits (2**11 tokens: 2 of Gemma's 256k-vocabulary)
-SPLICE_LOGITS = 2**29  # logits per full forward (Gemma's 256k vocabulary: 2**11 tokens; at most BATCH_TOKENS)
+SPLICE_BATCH_TOKENS = 2**11
 TOP_K_EXAMPLES = 10
 N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
 # Latent Scaling runs on the chat-only class (relative norm > 0.9), or with a number here on the N
@@ -55,7 +55,7 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "dataset": "held-out tokens: hub id, datasets dir or .pt tensor (default: the checkpoint's)",
            "n_heldout": f"held-out sequences (default: {HELDOUT_TOKENS:,} tokens' worth)",
            "batch_size": f"sequences per forward that stops at the hook (default: {BATCH_TOKENS:,} tokens' worth)",
-           "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_LOGITS:,} logits' worth)",
+           "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_BATCH_TOKENS:,} tokens' worth)",
            "effective_chat_only": "N: Latent Scaling on the N most chat-leaning latents (default: the chat-only class)",
            "help": "print this and exit"}
 
@@ -117,6 +117,7 @@ print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg[
 n_positions = cfg["seq_len"] - 1  # BOS is dropped
 N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
 BATCH_SIZE = BATCH_SIZE or max(1, BATCH_TOKENS // n_positions)
+SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positions)
 
 # %% [markdown]
 # ## Which latents are shared, base-only or chat-only?
@@ -213,8 +214,6 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 if models is not None:
     # Every pass over the held-out tokens below replays one harvest where it fits in memory.
     harvest = ActivationCache()
-    SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, min(BATCH_TOKENS, SPLICE_LOGITS // models[0].cfg.d_vocab)
-                                                 // n_positions)
     r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE, harvest=harvest)
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
           f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
