@@ -24,7 +24,7 @@ from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_c
 from config import DERIVED_KEYS, SCHEMA, ConfigError, completed, effective
 from distributed import (Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, resolve_device, shard_rows,
                          sum_over_shards, take_shard)
-from hub import HF_REPO_ID, read_published
+from hub import HF_REPO_ID, push_to_hub, read_published
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONE_PROCESS = Mesh()
@@ -236,6 +236,11 @@ class CrossCoder(nn.Module):
         hook_point: theirs name neither for sure (default: the Gemma-2-2b pair, their layer)."""
         cfg, state, where = read_published(repo_id, path, model_names, hook_point)
         return cls._from_state(cfg, state, device, where=where)
+
+    def push_to_hub(self, repo_id, path=None, private=False):
+        """Publish in the layout load_from_hf reads (hub.push_to_hub; hub.write_published writes
+        the same files into a local directory)."""
+        return push_to_hub(self, repo_id, path, private)
 
     @classmethod
     def _from_state(cls, cfg, state, device, shard=(0, 1), where=""):

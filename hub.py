@@ -1,13 +1,15 @@
 """Crosscoders published by others, and publishing ours: the reference's layout on the hub
-(<hook>/cfg.json and <hook>/cc_weights.pt, what CrossCoder.load_from_hf reads) and
-dictionary_learning's (config.json + model.safetensors), read from a hub repo or a local copy.
+(<hook>/cfg.json and <hook>/cc_weights.pt, what CrossCoder.load_from_hf reads, and what
+CrossCoder.push_to_hub writes) and dictionary_learning's (config.json + model.safetensors), read
+from a hub repo or a local copy.
 """
 import json
+import tempfile
 from pathlib import Path
 
 import torch
 
-from checkpoint import read_crosscoder
+from checkpoint import PARAM_NAMES, atomic_torch_save, atomic_write_text, jsonable, read_crosscoder
 
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"  # the reference's published crosscoder
 # The published crosscoder's config names only model A and saved no normalisation factors: its
@@ -24,6 +26,37 @@ def published_hook_dir(root):
     """The hook folder of a directory in the published layout, or None."""
     found = sorted(p.parent.name for p in Path(root).glob("*/cc_weights.pt") if (p.parent / "cfg.json").is_file())
     return found[0] if found else None
+
+
+def write_published(crosscoder, root, path=None):
+    """crosscoder in the reference's published layout under root: <path>/cfg.json (its whole
+    config: the reference's keys, and ours, the model pair and normalisation factors included)
+    and <path>/cc_weights.pt (W_enc, W_dec, b_enc, b_dec, and an architecture's extra state such
+    as BatchTopK's threshold). path: the hook point by default. Returns the folder."""
+    if tuple(crosscoder.shard) != (0, 1):
+        raise ValueError("this module holds one shard of the latents: publish the whole dictionary "
+                         "(CrossCoder.load(version_dir) in one process)")
+    cfg_path, weights_path = published_files(root, path or crosscoder.cfg["hook_point"])
+    cfg_path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {name: getattr(crosscoder, name).detach().cpu() for name in PARAM_NAMES + crosscoder.EXTRA_STATE}
+    atomic_torch_save(weights, weights_path)
+    cfg = {k: v for k, v in crosscoder.cfg.items() if k not in ("device", "step")}
+    atomic_write_text(cfg_path, json.dumps(jsonable(cfg), indent=2))
+    return cfg_path.parent
+
+
+def push_to_hub(crosscoder, repo_id, path=None, private=False):
+    """Upload crosscoder to the hub repo repo_id (created when missing) in the published layout,
+    which CrossCoder.load_from_hf(repo_id, path) reads back. Needs `huggingface-cli login`."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    with tempfile.TemporaryDirectory() as root:
+        folder = write_published(crosscoder, root, path)
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(repo_id=repo_id, folder_path=root,
+                          commit_message=f"crosscoder {folder.name}: dict_size {crosscoder.cfg['dict_size']}")
+    return repo_id
 
 
 def read_published(repo_id, path, model_names=None, hook_point=None):

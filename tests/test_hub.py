@@ -137,3 +137,60 @@ def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, 
     ev = 1 - (x - x_hat).pow(2).sum((0, 2)) / (x - x.mean(0)).pow(2).sum((0, 2))
     torch.testing.assert_close(torch.tensor(summary["reconstruction"]["explained_variance_per_model"]), ev,
                                rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
+def test_a_published_crosscoder_reads_back_whole_and_as_the_reference_read_its_own(tmp_path, architecture):
+    """write_published then load_from_hf on the directory: the same weights (BatchTopK's threshold
+    included), architecture, model pair and factors; and the files load the way the reference's
+    load_from_hf did (its config into the constructor, the four weights into the module)."""
+    from conftest import tiny_cfg
+    from hub import write_published
+
+    cc = CrossCoder(tiny_cfg(architecture=architecture, k=4, normalisation_factor=[0.5, 2.0],
+                             model_names=["base-x", "chat-x"]))
+    with torch.no_grad():
+        cc.b_enc.normal_(), cc.b_dec.normal_()
+        if architecture == "batchtopk":
+            cc.threshold.fill_(0.37)
+    folder = write_published(cc, tmp_path)
+    assert folder == tmp_path / cc.cfg["hook_point"]
+    back = CrossCoder.load_from_hf(str(tmp_path), path=cc.cfg["hook_point"])
+    assert type(back) is type(cc)
+    for name, want in cc.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[name], want, atol=0, rtol=0)
+    for key in ("architecture", "model_names", "normalisation_factor", "dict_size", "hook_point"):
+        assert back.cfg[key] == cc.cfg[key], key
+    cfg = json.loads((folder / "cfg.json").read_text())  # the reference: CrossCoder(cfg).load_state_dict(weights)
+    weights = torch.load(folder / "cc_weights.pt", weights_only=True)
+    ref = CrossCoder({k: cfg[k] for k in ("d_in", "dict_size", "enc_dtype", "dec_init_norm", "seed", "hook_point",
+                                          "architecture", "k") if k in cfg})
+    ref.load_state_dict(weights)
+    torch.testing.assert_close(ref.W_dec, cc.W_dec, atol=0, rtol=0)
+
+
+def test_push_to_hub_uploads_the_published_layout(tmp_path, monkeypatch):
+    """push_to_hub creates the repo and uploads one folder holding <hook>/cfg.json and
+    <hook>/cc_weights.pt (huggingface_hub's HfApi replaced by one that copies into a directory)."""
+    import shutil
+
+    import huggingface_hub
+
+    from conftest import tiny_cfg
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo_id, exist_ok=False, private=False):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, repo_id, folder_path, commit_message=""):
+            calls.append(("upload", repo_id))
+            shutil.copytree(folder_path, tmp_path / "hub" / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    cc = CrossCoder(tiny_cfg())
+    assert cc.push_to_hub("me/my-crosscoder", private=True) == "me/my-crosscoder"
+    assert calls == [("create", "me/my-crosscoder", True), ("upload", "me/my-crosscoder")]
+    back = CrossCoder.load_from_hf(str(tmp_path / "hub" / "me/my-crosscoder"), path=cc.cfg["hook_point"])
+    torch.testing.assert_close(back.W_enc, cc.W_enc, atol=0, rtol=0)
