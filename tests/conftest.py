@@ -240,14 +240,18 @@ _RUN_JOBS = """import json, os, subprocess, sys
 root, jobs = sys.argv[1], json.loads(sys.argv[2])
 for name, args in jobs:
     with open(f"{root}/{name}.stdout", "w") as out, open(f"{root}/{name}.stderr", "w") as err:
-        code = subprocess.run([sys.executable, *[a.format(root=root) for a in args]], stdout=out, stderr=err).returncode
+        try:
+            code = subprocess.run([sys.executable, *[a.format(root=root) for a in args]], stdout=out, stderr=err,
+                                  timeout=900).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
     with open(f"{root}/{name}.rc.tmp", "w") as f:
         f.write(str(code))
     os.replace(f"{root}/{name}.rc.tmp", f"{root}/{name}.rc")
     if code:
         break
 """
-_background = []  # the job this process started: stopped at the end of its session
+_background = []  # the job this process started (stopped if its session is interrupted)
 
 
 def start_toy_jobs(root):
@@ -270,11 +274,15 @@ def pytest_collection_finish(session):
         start_toy_jobs(shared_root(session.config._tmp_path_factory))
 
 
-def pytest_sessionfinish(session):
-    for proc in _background:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-            proc.wait()
+def pytest_sessionfinish(session, exitstatus):
+    """An interrupted session stops the background job it started. Otherwise it is left to end
+    by itself (each step has a timeout): a worker's session may end while another worker still
+    waits for the job."""
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        for proc in _background:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
 
 
 def toy_job(tmp_path_factory, name, timeout=900):
