@@ -14,6 +14,7 @@ FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication) or toy (embedded
          "resume": "a checkpoints/version_N directory: continue that run exactly",
          "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
          "sweep_devices": "DEVICE,DEVICE,...: place the sweep's members round-robin (default: all on device)",
+         "layer": "L: shortcut for --hook_point blocks.L.hook_resid_pre (the residual stream entering block L)",
          "help": "print this and exit"}
 
 
@@ -161,6 +162,8 @@ def build_cfg(argv, base_cfg=DEFAULTS, flags=None, usage=TRAIN_USAGE, switches=(
     if extras.get("help"):
         print(format_help(usage, base_cfg, all_flags, {"toy": TOY_CFG}))
         sys.exit(0)
+    if "layer" in extras:
+        given.update(hook_point=layer_hook(extras.pop("layer"), given.get("hook_point")))
     resume = extras.get("resume")
     if resume is not None:
         version_dir = resolve_version_dir(resume)
@@ -189,6 +192,17 @@ def build_cfg(argv, base_cfg=DEFAULTS, flags=None, usage=TRAIN_USAGE, switches=(
         for member in expand(cfg, extras["sweep"]):
             validate_cfg(member)
     return cfg, extras
+
+
+def layer_hook(layer, hook_point=None):
+    """--layer L as the hook point it names; a ConfigError for a bad L or a --hook_point that
+    names another."""
+    if not str(layer).isdigit():
+        raise ConfigError(f"--layer takes a block index (an integer >= 0), got {layer!r}")
+    hook = f"blocks.{int(layer)}.hook_resid_pre"
+    if hook_point is not None and hook_point != hook:
+        raise ConfigError(f"--layer {layer} means --hook_point {hook}, but --hook_point {hook_point} is given too")
+    return hook
 
 
 def in_notebook():

@@ -281,8 +281,8 @@ def check_against_model(cfg, model_cfg):
         raise ConfigError(f"config key 'seq_len' = {cfg['seq_len']} exceeds the model's context of {model_cfg.n_ctx}")
     need = layers_needed(cfg["hook_point"])
     if need is not None and need > model_cfg.n_layers:
-        raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is not in a model with "
-                          f"{model_cfg.n_layers} layers")
+        raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is beyond the model: it has "
+                          f"{model_cfg.n_layers} layers (--layer 0 to {model_cfg.n_layers})")
     if cfg["d_in"] != model_cfg.d_model:
         raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the model's d_model is {model_cfg.d_model}")
 

@@ -64,3 +64,23 @@ def test_sweep_words_are_taken_up_to_the_next_flag():
         (["--preset", "toy", "--lr", "1"], ["architecture=l1,batchtopk", "k=32"])
     assert split_sweep(["--sweep=l1_coeff=1,2"]) == ([], ["l1_coeff=1,2"])
     assert split_sweep(["--lr", "1"]) == (["--lr", "1"], None)
+
+
+def test_layer_is_the_residual_hook_entering_that_block_and_a_layer_beyond_the_model_is_refused():
+    from types import SimpleNamespace
+
+    from cli import build_cfg
+    from config import check_against_model
+
+    cfg, _ = build_cfg(["--layer", "9", "--d_in", "640"])
+    assert cfg["hook_point"] == "blocks.9.hook_resid_pre"
+    assert build_cfg(["--layer", "9", "--hook_point", "blocks.9.hook_resid_pre"])[0]["hook_point"] == cfg["hook_point"]
+    with pytest.raises(ConfigError, match="--layer 9 means --hook_point blocks.9.hook_resid_pre"):
+        build_cfg(["--layer", "9", "--hook_point", "blocks.3.hook_resid_pre"])
+    with pytest.raises(ConfigError, match="--layer takes a block index"):
+        build_cfg(["--layer", "-1"])
+    gemma3_270m = SimpleNamespace(n_layers=18, d_model=640, n_ctx=32768)  # TransformerLens's config fields
+    check_against_model(cfg, gemma3_270m)
+    check_against_model(build_cfg(["--layer", "18", "--d_in", "640"])[0], gemma3_270m)  # the last block's output
+    with pytest.raises(ConfigError, match=r"beyond the model: it has 18 layers \(--layer 0 to 18\)"):
+        check_against_model(build_cfg(["--layer", "19", "--d_in", "640"])[0], gemma3_270m)
