@@ -40,10 +40,11 @@ from checkpoint import latest_version_dir, sequences_read
 from cli import format_help, in_notebook, parse_overrides
 from config import ConfigError, complete_cfg
 from crosscoder import CrossCoder
-from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, ActivationCache, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX, classify_latents,
-                     effective_chat_only, examples_html, is_model_specific, latent_scaling,
-                     plot_cosine_histogram, plot_latent_scaling, plot_relative_norm_histogram, rank_sum_order,
-                     reconstruction_stats, splice_in_loss, top_activating_examples)
+from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX,
+                     ActivationCache, class_chat_mass, classify_latents, effective_chat_only, examples_html,
+                     is_model_specific, latent_scaling, plot_cosine_histogram, plot_latent_scaling,
+                     plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, source_stats, splice_in_loss,
+                     top_activating_examples)
 from hub import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, is_dictionary_learning_dir, published_hook_dir
 from data import DataError, chat_mask, is_mix, load_mix
 from utils import SetupError, check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
@@ -278,6 +279,32 @@ if models is not None and len(base_only):
     summary["latent_scaling_base_only"], _ = scaling_summary(ls_base, base_only)
     print("latent scaling of the base-only latents (along their base decoder): "
           + format_scaling(summary["latent_scaling_base_only"]))
+
+# %% [markdown]
+# ## Chat tokens against the rest (the toy pair, or a token mix with chat sources)
+# Each source's explained variance, and the share of each class's activation mass that falls in
+# chat rows, beside the share of chat rows itself: a class of chat-specific latents should put
+# its mass in chat well above that share. "specific": the probed latents that pass Latent Scaling.
+
+# %%
+if models is not None and is_chat is not None:
+    by_source = source_stats(cc, models, tokens, is_chat, BATCH_SIZE, harvest=harvest)
+    shown = dict(classes)
+    if ls is not None:
+        shown["chat_specific"] = torch.zeros_like(classes["chat_only"])
+        shown["chat_specific"][probed] = is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()
+    summary["by_source"] = {"chat_row_fraction": float(is_chat.float().mean()),
+                            **{k: by_source[k] for k in ("chat", "text") if k in by_source},
+                            "classes": class_chat_mass(shown, by_source["mass"], by_source["chat_mass"])}
+    for k in ("chat", "text"):
+        if k in by_source:
+            print(f"{k} rows: explained variance per model "
+                  + ", ".join(f"{v:.3f}" for v in by_source[k]["explained_variance_per_model"])
+                  + f" on {by_source[k]['tokens']:,} tokens")
+    print(f"{'class':<15} {'latents':>7} {'active':>6} {'mass in chat':>12}  (chat rows: "
+          f"{summary['by_source']['chat_row_fraction']:.0%} of the held-out rows)")
+    for name, r in summary["by_source"]["classes"].items():
+        print(f"{name:<15} {r['latents']:>7} {r['active']:>6} {r['chat_mass_fraction']:>12.1%}")
 
 # %% [markdown]
 # ## What do the chat-only latents fire on?

@@ -111,6 +111,46 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
 
 
 @torch.no_grad()
+def source_stats(crosscoder, models, tokens_NS, is_chat_N, batch_size=8, harvest=iter_paired_activations):
+    """Per source (chat rows, the other rows): each model's explained variance, pooled over the
+    source's tokens (1 - sum err^2 / sum |x - mean|^2, the mean the source's own), and each
+    latent's activation mass [F] in chat rows and in all rows (class_chat_mass reads them)."""
+    s_M = normalisation_factors(crosscoder)
+    device, F = s_M.device, crosscoder.b_enc.shape[0]
+    mass, chat_mass = torch.zeros(F, dtype=torch.float64, device=device), torch.zeros(F, dtype=torch.float64, device=device)
+    sums = {}  # source -> [err^2 [M], x [M, D], x^2 [M], tokens]
+    first = 0
+    for _, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "by source"):
+        N, S1 = x.shape[:2]
+        x_BMD = x.flatten(0, 1).to(device) * s_M[:, None]
+        acts_BF = crosscoder.encode(x_BMD)
+        err_BMD = crosscoder.decode(acts_BF).float() - x_BMD
+        chat_B = is_chat_N[first : first + N].to(device).repeat_interleave(S1)
+        mass += acts_BF.sum(0).double()
+        chat_mass += acts_BF[chat_B].sum(0).double()
+        for source, rows in (("chat", chat_B), ("text", ~chat_B)):
+            if rows.any():
+                part = [err_BMD[rows].pow(2).sum((0, 2)), x_BMD[rows].sum(0), x_BMD[rows].pow(2).sum((0, 2)), int(rows.sum())]
+                old = sums.get(source)
+                sums[source] = part if old is None else [a + b for a, b in zip(old, part)]
+        first += N
+    out = {"mass": mass.float().cpu(), "chat_mass": chat_mass.float().cpu()}
+    for source, (err2, x_sum, x2, n) in sums.items():
+        var_M = x2.double() - x_sum.double().pow(2).sum(-1) / n  # sum |x - mean|^2
+        out[source] = {"tokens": n, "explained_variance_per_model": (1 - err2.double() / var_M).tolist()}
+    return out
+
+
+def class_chat_mass(classes, mass_F, chat_mass_F):
+    """{class: latents, active (mass > 0), and the share of the class's activation mass that falls
+    in chat rows}."""
+    alive = mass_F > 0
+    return {name: {"latents": int(mask.sum()), "active": int((mask & alive).sum()),
+                   "chat_mass_fraction": float(chat_mass_F[mask].sum() / mass_F[mask].sum().clamp(min=1e-12))}
+            for name, mask in classes.items()}
+
+
+@torch.no_grad()
 def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True):
     """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
     the crosscoder's reconstruction (positions 1..; BOS kept clean), and zero-ablated (all

@@ -105,7 +105,7 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
     """analysis.py on the toy run: every file written, numbers in the ranges a working crosscoder
     gives (on the default toy run: explained variance ~0.96, CE recovered ~100%), and the report
     train.py printed agrees with it on the same checkpoint: the same held-out tokens, latents never
-    active, latents per class and chat-only latents that pass Latent Scaling."""
+    active, latents per class, chat-only latents that pass Latent Scaling and their mass in chat."""
     import json
     import re
 
@@ -129,6 +129,13 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
     genuine = int(re.search(r"^chat_only_genuine +(\d+) ", train_out, re.M).group(1))
     specific = next(v for k, v in summary["latent_scaling"].items() if k.startswith("specific"))
     assert genuine == specific
+    # by source: the chat-specific latents' mass sits in transcripts, as the toy report says
+    by_source = summary["by_source"]
+    mass = float(re.search(r"^chat_only_genuine +\d+ +\d+ +([\d.]+)%", train_out, re.M).group(1)) / 100
+    assert by_source["classes"]["chat_specific"]["latents"] == genuine
+    assert abs(by_source["classes"]["chat_specific"]["chat_mass_fraction"] - mass) < 1e-3
+    assert by_source["chat"]["tokens"] + by_source["text"]["tokens"] == r["tokens"]
+    assert all(0.8 < v <= 1 for k in ("chat", "text") for v in by_source[k]["explained_variance_per_model"])
 
 
 def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses(tmp_path):

@@ -170,3 +170,32 @@ def test_the_activation_cache_replays_a_pass_that_fits_and_harvests_again_one_th
     for got in passes:
         for (t, x), (t_want, x_want) in zip(got, want, strict=True):
             torch.testing.assert_close(t, t_want), torch.testing.assert_close(x, x_want)
+
+
+def test_source_stats_pool_each_sources_tokens_and_split_each_latents_mass():
+    """Per source, explained variance over all its tokens around its own mean, and each latent's
+    activation mass in chat rows and in all, against the same sums over the whole activations."""
+    from diffing import class_chat_mass, source_stats
+
+    torch.manual_seed(0)
+    models = [tiny_model(1), tiny_model(2)]
+    cc = CrossCoder(tiny_cfg(normalisation_factor=[0.5, 2.0]))
+    tokens = random_tokens(7, 9)
+    is_chat = torch.tensor([True, False, False, True, True, False, True])
+    got = source_stats(cc, models, tokens, is_chat, batch_size=3, harvest=ActivationCache())
+    x = torch.cat([x for _, x in iter_paired_activations(models, tokens, cc.cfg["hook_point"], 7, progress=False)])
+    x = x * torch.tensor([0.5, 2.0])[None, None, :, None]  # [N, S-1, M, D] in the training space
+    with torch.no_grad():
+        f = cc.encode(x.flatten(0, 1)).view(*x.shape[:2], -1)
+        x_hat = cc.decode(f.flatten(0, 1)).view(x.shape)
+    for source, rows in (("chat", is_chat), ("text", ~is_chat)):
+        xs, hs = x[rows].flatten(0, 1), x_hat[rows].flatten(0, 1)
+        want = [1 - (hs[:, m] - xs[:, m]).pow(2).sum() / (xs[:, m] - xs[:, m].mean(0)).pow(2).sum() for m in range(2)]
+        torch.testing.assert_close(torch.tensor(got[source]["explained_variance_per_model"]), torch.stack(want),
+                                   rtol=1e-4, atol=1e-5)
+        assert got[source]["tokens"] == xs.shape[0]
+    torch.testing.assert_close(got["mass"], f.sum((0, 1)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["chat_mass"], f[is_chat].sum((0, 1)), rtol=1e-4, atol=1e-4)
+    classes = {"all": torch.ones(64, dtype=torch.bool)}
+    share = class_chat_mass(classes, got["mass"], got["chat_mass"])["all"]["chat_mass_fraction"]
+    assert abs(share - float(f[is_chat].sum() / f.sum())) < 1e-5
