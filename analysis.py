@@ -219,7 +219,7 @@ if models is not None:
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
           f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
           f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
-    summary["splice_in"] = splice_in_loss(cc, models, tokens, SPLICE_BATCH_SIZE)
+    summary["splice_in"] = splice_in_loss(cc, models, tokens, SPLICE_BATCH_SIZE, is_chat_N=is_chat)
     for m, r in summary["splice_in"].items():
         print(f"model {m}: CE clean {r['clean']:.3f}, spliced {r['spliced']:.3f}, zero-ablated "
               f"{r['zero_ablation']:.3f}, loss recovered {r['loss_recovered']:.1%}")
@@ -282,9 +282,10 @@ if models is not None and len(base_only):
 
 # %% [markdown]
 # ## Chat tokens against the rest (the toy pair, or a token mix with chat sources)
-# Each source's explained variance, and the share of each class's activation mass that falls in
-# chat rows, beside the share of chat rows itself: a class of chat-specific latents should put
-# its mass in chat well above that share. "specific": the probed latents that pass Latent Scaling.
+# Each source's explained variance and loss recovered, and the share of each class's activation
+# mass that falls in chat rows, beside the share of chat rows itself: a class of chat-specific
+# latents should put its mass in chat well above that share. "chat_specific": the probed latents
+# that pass Latent Scaling.
 
 # %%
 if models is not None and is_chat is not None:
@@ -301,6 +302,9 @@ if models is not None and is_chat is not None:
             print(f"{k} rows: explained variance per model "
                   + ", ".join(f"{v:.3f}" for v in by_source[k]["explained_variance_per_model"])
                   + f" on {by_source[k]['tokens']:,} tokens")
+    for m, r in summary["splice_in"].items():
+        print(f"model {m}: loss recovered " + ", ".join(f"{k} rows {v['loss_recovered']:.1%} (CE clean {v['clean']:.3f})"
+                                                        for k, v in r["by_source"].items()))
     print(f"{'class':<15} {'latents':>7} {'active':>6} {'mass in chat':>12}  (chat rows: "
           f"{summary['by_source']['chat_row_fraction']:.0%} of the held-out rows)")
     for name, r in summary["by_source"]["classes"].items():

@@ -151,10 +151,11 @@ def class_chat_mass(classes, mass_F, chat_mass_F):
 
 
 @torch.no_grad()
-def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True):
+def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, is_chat_N=None):
     """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
     the crosscoder's reconstruction (positions 1..; BOS kept clean), and zero-ablated (all
     positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
+    is_chat_N [N] (optional): the same per source too, under "by_source" ("chat", "text").
 
     At blocks.L.hook_resid_pre the three forwards share the blocks before L: they are run once,
     and each forward starts at block L from its residual (the reference ran all three from the
@@ -170,8 +171,9 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True):
     from_hook = (layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre"
                  and all(m.cfg.positional_embedding_type != "shortformer" for m in models))
     device = next(models[0].parameters()).device
-    totals = torch.zeros(len(models), 3, dtype=torch.float64)
-    n = 0
+    groups = ("all",) if is_chat_N is None else ("all", "chat", "text")
+    totals = {g: torch.zeros(len(models), 3, dtype=torch.float64) for g in groups}  # summed per-row mean losses
+    rows = dict.fromkeys(groups, 0)
     for start in tqdm(range(0, len(tokens_NS), batch_size), desc="splice-in loss", leave=False, disable=not progress):
         t = tokens_NS[start : start + batch_size].to(device, torch.long)
         with autocast_context(device):
@@ -179,25 +181,36 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True):
         x = torch.stack([r[:, 1:].float() for r in resid], dim=2)
         N, S1, M, D = x.shape
         x_hat = folded(x.flatten(0, 1).to(folded.W_enc.device)).float().view(N, S1, M, D).to(device)
+        chat = None if is_chat_N is None else is_chat_N[start : start + N].bool().cpu()
+        select = {"all": torch.ones(N, dtype=torch.bool), **({} if chat is None else {"chat": chat, "text": ~chat})}
         for m, model in enumerate(models):
             spliced_in = resid[m].clone()
             spliced_in[:, 1:] = x_hat[:, :, m].to(spliced_in.dtype)
             with autocast_context(device):
                 if from_hook:
-                    clean, spliced, zero = (model(r, start_at_layer=layer, tokens=t, return_type="loss")
-                                            for r in (resid[m], spliced_in, torch.zeros_like(resid[m])))
+                    losses = [model(r, start_at_layer=layer, tokens=t, return_type="loss", loss_per_token=True)
+                              for r in (resid[m], spliced_in, torch.zeros_like(resid[m]))]
                 else:
-                    clean = model(t, return_type="loss")
-                    spliced, zero = (model.run_with_hooks(t, return_type="loss",
-                                                          fwd_hooks=[(hook_point, lambda act, hook, r=r: r)])
-                                     for r in (spliced_in, torch.zeros_like(resid[m])))
-            totals[m] += torch.tensor([float(clean), float(spliced), float(zero)], dtype=torch.float64) * N
-        n += N
+                    losses = [model(t, return_type="loss", loss_per_token=True)]
+                    losses += [model.run_with_hooks(t, return_type="loss", loss_per_token=True,
+                                                    fwd_hooks=[(hook_point, lambda act, hook, r=r: r)])
+                               for r in (spliced_in, torch.zeros_like(resid[m]))]
+            per_row_3N = torch.stack([loss.float().mean(-1).double().cpu() for loss in losses])
+            for g in groups:
+                totals[g][m] += per_row_3N[:, select[g]].sum(-1)
+        for g in groups:
+            rows[g] += int(select[g].sum())
+
+    def recovered(total_3, n):
+        clean, spliced, zero = (total_3 / max(n, 1)).tolist()
+        return {"clean": clean, "spliced": spliced, "zero_ablation": zero,
+                "loss_recovered": 1 - (spliced - clean) / (zero - clean) if zero != clean else float("nan")}
+
     out = {}
     for m in range(len(models)):
-        clean, spliced, zero = (totals[m] / n).tolist()
-        out[m] = {"clean": clean, "spliced": spliced, "zero_ablation": zero,
-                  "loss_recovered": 1 - (spliced - clean) / (zero - clean)}
+        out[m] = recovered(totals["all"][m], rows["all"])
+        if is_chat_N is not None:
+            out[m]["by_source"] = {g: recovered(totals[g][m], rows[g]) for g in ("chat", "text") if rows[g]}
     return out
 
 

@@ -136,6 +136,8 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
     assert abs(by_source["classes"]["chat_specific"]["chat_mass_fraction"] - mass) < 1e-3
     assert by_source["chat"]["tokens"] + by_source["text"]["tokens"] == r["tokens"]
     assert all(0.8 < v <= 1 for k in ("chat", "text") for v in by_source[k]["explained_variance_per_model"])
+    assert all(0.8 < summary["splice_in"][m]["by_source"][k]["loss_recovered"] < 1.2 for m in ("0", "1")
+               for k in ("chat", "text"))
 
 
 def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses(tmp_path):

@@ -140,16 +140,21 @@ def hooked_losses(cc, models, tokens, hook_point):
 @pytest.mark.parametrize("hook_point", ["blocks.1.hook_resid_pre", "blocks.1.hook_resid_mid"])
 def test_splice_in_losses_equal_full_forwards_with_the_residual_replaced_at_the_hook(hook_point):
     """At resid_pre the three forwards start at the hook's block from a shared prefix; elsewhere
-    they run in full: either way the losses are those of full forwards with a hook."""
+    they run in full: either way the losses are those of full forwards with a hook, over all rows
+    and over each source's rows."""
     torch.manual_seed(0)
     models = [tiny_model(1), tiny_model(2)]
     cc = CrossCoder(tiny_cfg(hook_point=hook_point, normalisation_factor=[0.5, 2.0]))
     tokens = random_tokens(5, 12)
-    got = splice_in_loss(cc, models, tokens, batch_size=2, progress=False)
+    is_chat = torch.tensor([True, False, True, True, False])
+    got = splice_in_loss(cc, models, tokens, batch_size=2, progress=False, is_chat_N=is_chat)
     want = hooked_losses(cc, models, tokens, hook_point)
+    by_source = {name: hooked_losses(cc, models, tokens[rows], hook_point)
+                 for name, rows in (("chat", is_chat), ("text", ~is_chat))}
     for m in range(2):
-        torch.testing.assert_close(torch.tensor([got[m]["clean"], got[m]["spliced"], got[m]["zero_ablation"]], dtype=torch.float64),
-                                   torch.tensor(want[m], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        for r, w in [(got[m], want[m])] + [(got[m]["by_source"][k], by_source[k][m]) for k in ("chat", "text")]:
+            torch.testing.assert_close(torch.tensor([r["clean"], r["spliced"], r["zero_ablation"]], dtype=torch.float64),
+                                       torch.tensor(w, dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("max_bytes, forwards", [(2**30, 1), (0, 2)])
