@@ -40,13 +40,13 @@ from checkpoint import latest_version_dir, sequences_read
 from cli import format_help, in_notebook, parse_overrides
 from config import ConfigError, complete_cfg
 from crosscoder import CrossCoder
+from data import DataError, chat_mask, is_mix, load_mix, split_rows
 from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX,
                      ActivationCache, class_chat_mass, classify_latents, effective_chat_only, examples_html,
                      is_model_specific, latent_scaling, plot_cosine_histogram, plot_latent_scaling,
                      plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, source_stats, splice_in_loss,
                      top_activating_examples)
 from hub import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, is_dictionary_learning_dir, published_hook_dir
-from data import DataError, chat_mask, is_mix, load_mix
 from utils import SetupError, check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
@@ -162,13 +162,15 @@ try:
     else:
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
         dataset = DATASET or cfg["dataset"]
-        all_tokens = load_tokens(dataset, cfg)[:, : cfg["seq_len"]]
         if is_mix(dataset):  # data.py's mix declares its held-out rows, and each token's source
             check_mix_tokenizer(dataset, cfg["model_names"])
-            tokens, source, meta = load_mix(dataset, split="heldout")
-            tokens = tokens[:N_HELDOUT_SEQS, : cfg["seq_len"]]
-            is_chat = chat_mask(source, meta)[:N_HELDOUT_SEQS, 0]  # a row is one source's
+            mix, source, meta = load_mix(dataset)  # read once: the train rows estimate factors
+            train, heldout = split_rows(meta, "train"), split_rows(meta, "heldout")
+            all_tokens = mix[train, : cfg["seq_len"]]
+            tokens = mix[heldout][:N_HELDOUT_SEQS, : cfg["seq_len"]]
+            is_chat = chat_mask(source[heldout], meta)[:N_HELDOUT_SEQS, 0]  # a row is one source's
         else:
+            all_tokens = load_tokens(dataset, cfg)[:, : cfg["seq_len"]]
             if DATASET is None or DATASET == cfg["dataset"]:  # held out only if training never read them
                 check_heldout(len(all_tokens), N_HELDOUT_SEQS, sequences_read(cc.save_dir) if origin == "local" else None)
             tokens = all_tokens[-N_HELDOUT_SEQS:]

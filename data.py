@@ -211,9 +211,14 @@ def load_mix(path, split=None):
     tokens = torch.load(path / TOKENS, weights_only=True)
     source = torch.load(path / SOURCE, weights_only=True)
     if split is not None:
-        start, stop = meta["splits"][split]
-        tokens, source = tokens[start:stop], source[start:stop]
+        rows = split_rows(meta, split)
+        tokens, source = tokens[rows], source[rows]
     return tokens, source, meta
+
+
+def split_rows(meta, split):
+    """The rows of a split ("train" or "heldout") as a slice."""
+    return slice(*meta["splits"][split])
 
 
 def chat_mask(source, meta):
