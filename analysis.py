@@ -44,7 +44,7 @@ from data import DataError, chat_mask, is_mix, load_mix, split_rows
 from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX,
                      ActivationCache, class_chat_mass, classify_latents, effective_chat_only, examples_html,
                      is_model_specific, latent_scaling, plot_cosine_histogram, plot_latent_scaling,
-                     plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, source_stats, splice_in_loss,
+                     plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, splice_in_loss,
                      top_activating_examples)
 from hub import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, is_dictionary_learning_dir, published_hook_dir
 from utils import SetupError, check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
@@ -217,7 +217,9 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 if models is not None:
     # Every pass over the held-out tokens below replays one harvest where it fits in memory.
     harvest = ActivationCache()
-    r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE, harvest=harvest)
+    r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE, harvest=harvest,
+                                                         is_chat_N=is_chat)
+    mass_F, chat_mass_F = r.pop("mass_F", None), r.pop("chat_mass_F", None)  # per latent: for the by-source cell
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
           f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
           f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
@@ -291,14 +293,14 @@ if models is not None and len(base_only):
 
 # %%
 if models is not None and is_chat is not None:
-    by_source = source_stats(cc, models, tokens, is_chat, BATCH_SIZE, harvest=harvest)
+    by_source = summary["reconstruction"].pop("by_source", summary.get("by_source"))  # (a cell run again)
     shown = dict(classes)
     if ls is not None:
         shown["chat_specific"] = torch.zeros_like(classes["chat_only"])
         shown["chat_specific"][probed] = is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()
     summary["by_source"] = {"chat_row_fraction": float(is_chat.float().mean()),
                             **{k: by_source[k] for k in ("chat", "text") if k in by_source},
-                            "classes": class_chat_mass(shown, by_source["mass"], by_source["chat_mass"])}
+                            "classes": class_chat_mass(shown, mass_F, chat_mass_F)}
     for k in ("chat", "text"):
         if k in by_source:
             print(f"{k} rows: explained variance per model "

@@ -87,15 +87,25 @@ def normalisation_factors(crosscoder):
 
 
 @torch.no_grad()
-def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=iter_paired_activations):
+def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=iter_paired_activations,
+                         is_chat_N=None):
     """Held-out reconstruction quality in the training (normalised) space: explained variance
     of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
-    (for any number of models), mean L0, and the latents never active."""
+    (for any number of models), mean L0, and the latents never active.
+
+    is_chat_N [N] (optional), per source (chat rows, the other rows): "by_source" holds each
+    model's explained variance pooled over the source's tokens (1 - sum err^2 / sum |x - mean|^2,
+    the mean the source's own), and "mass_F", "chat_mass_F" each latent's activation mass in all
+    rows and in chat rows (class_chat_mass reads them)."""
     s_M = normalisation_factors(crosscoder)
-    sums, n_rows = None, 0
-    fired_F = torch.zeros(crosscoder.cfg["dict_size"], dtype=torch.bool, device=crosscoder.W_enc.device)
+    device, F = s_M.device, crosscoder.cfg["dict_size"]
+    sums, n_rows, first = None, 0, 0
+    fired_F = torch.zeros(F, dtype=torch.bool, device=device)
+    mass_F, chat_mass_F = (torch.zeros(F, dtype=torch.float64, device=device) for _ in range(2))
+    source_sums = {}  # source -> [err^2 [M], x [M, D], x^2 [M], tokens]
     for _, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
-        x_BMD = x.flatten(0, 1).to(s_M.device) * s_M[:, None]
+        N, S1 = x.shape[:2]
+        x_BMD = x.flatten(0, 1).to(device) * s_M[:, None]
         losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
         x_hat_BMD = crosscoder.decode(acts_BF).float()
@@ -104,40 +114,27 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
         batch = torch.stack([losses.explained_variance, losses.l0_loss, *ev_M]) * len(x_BMD)
         sums = batch if sums is None else sums + batch
         n_rows += len(x_BMD)
-    means = (sums / n_rows).tolist()
-    return {"explained_variance": means[0], "l0": means[1],
-            "explained_variance_per_model": means[2:], "dead_fraction": float((~fired_F).float().mean()),
-            "dead": int((~fired_F).sum()), "tokens": n_rows}
-
-
-@torch.no_grad()
-def source_stats(crosscoder, models, tokens_NS, is_chat_N, batch_size=8, harvest=iter_paired_activations):
-    """Per source (chat rows, the other rows): each model's explained variance, pooled over the
-    source's tokens (1 - sum err^2 / sum |x - mean|^2, the mean the source's own), and each
-    latent's activation mass [F] in chat rows and in all rows (class_chat_mass reads them)."""
-    s_M = normalisation_factors(crosscoder)
-    device, F = s_M.device, crosscoder.b_enc.shape[0]
-    mass, chat_mass = torch.zeros(F, dtype=torch.float64, device=device), torch.zeros(F, dtype=torch.float64, device=device)
-    sums = {}  # source -> [err^2 [M], x [M, D], x^2 [M], tokens]
-    first = 0
-    for _, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "by source"):
-        N, S1 = x.shape[:2]
-        x_BMD = x.flatten(0, 1).to(device) * s_M[:, None]
-        acts_BF = crosscoder.encode(x_BMD)
-        err_BMD = crosscoder.decode(acts_BF).float() - x_BMD
-        chat_B = is_chat_N[first : first + N].to(device).repeat_interleave(S1)
-        mass += acts_BF.sum(0).double()
-        chat_mass += acts_BF[chat_B].sum(0).double()
-        for source, rows in (("chat", chat_B), ("text", ~chat_B)):
-            if rows.any():
-                part = [err_BMD[rows].pow(2).sum((0, 2)), x_BMD[rows].sum(0), x_BMD[rows].pow(2).sum((0, 2)), int(rows.sum())]
-                old = sums.get(source)
-                sums[source] = part if old is None else [a + b for a, b in zip(old, part)]
+        if is_chat_N is not None:
+            chat_B = is_chat_N[first : first + N].to(device).repeat_interleave(S1)
+            mass_F += acts_BF.sum(0).double()
+            chat_mass_F += acts_BF[chat_B].sum(0).double()
+            err2_BM = (x_hat_BMD - x_BMD).pow(2).sum(-1)
+            for source, rows in (("chat", chat_B), ("text", ~chat_B)):
+                if rows.any():
+                    part = [err2_BM[rows].sum(0), x_BMD[rows].sum(0), x_BMD[rows].pow(2).sum((0, 2)), int(rows.sum())]
+                    old = source_sums.get(source)
+                    source_sums[source] = part if old is None else [a + b for a, b in zip(old, part)]
         first += N
-    out = {"mass": mass.float().cpu(), "chat_mass": chat_mass.float().cpu()}
-    for source, (err2, x_sum, x2, n) in sums.items():
-        var_M = x2.double() - x_sum.double().pow(2).sum(-1) / n  # sum |x - mean|^2
-        out[source] = {"tokens": n, "explained_variance_per_model": (1 - err2.double() / var_M).tolist()}
+    means = (sums / n_rows).tolist()
+    out = {"explained_variance": means[0], "l0": means[1],
+           "explained_variance_per_model": means[2:], "dead_fraction": float((~fired_F).float().mean()),
+           "dead": int((~fired_F).sum()), "tokens": n_rows}
+    if is_chat_N is not None:
+        out["by_source"] = {}
+        for source, (err2_M, x_MD, x2_M, n) in source_sums.items():
+            var_M = x2_M.double() - x_MD.double().pow(2).sum(-1) / n  # sum |x - mean|^2
+            out["by_source"][source] = {"tokens": n, "explained_variance_per_model": (1 - err2_M.double() / var_M).tolist()}
+        out["mass_F"], out["chat_mass_F"] = mass_F.float().cpu(), chat_mass_F.float().cpu()
     return out
 
 

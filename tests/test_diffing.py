@@ -9,7 +9,7 @@ import torch
 import diffing
 from conftest import random_tokens, tiny_cfg, tiny_model
 from crosscoder import CrossCoder
-from diffing import (ActivationCache, iter_paired_activations, splice_in_loss)
+from diffing import ActivationCache, iter_paired_activations, reconstruction_stats, splice_in_loss
 from diffing import effective_chat_only, is_model_specific, latent_scaling, norm_difference, rank_sum_order
 from test_analysis import scaling_case
 
@@ -177,17 +177,20 @@ def test_the_activation_cache_replays_a_pass_that_fits_and_harvests_again_one_th
             torch.testing.assert_close(t, t_want), torch.testing.assert_close(x, x_want)
 
 
-def test_source_stats_pool_each_sources_tokens_and_split_each_latents_mass():
-    """Per source, explained variance over all its tokens around its own mean, and each latent's
-    activation mass in chat rows and in all, against the same sums over the whole activations."""
-    from diffing import class_chat_mass, source_stats
+def test_reconstruction_by_source_pools_each_sources_tokens_and_splits_each_latents_mass():
+    """reconstruction_stats with is_chat_N: per source, explained variance over all its tokens
+    around its own mean, and each latent's activation mass in chat rows and in all, against the
+    same sums over the whole activations; the overall figures are those without is_chat_N."""
+    from diffing import class_chat_mass
 
     torch.manual_seed(0)
     models = [tiny_model(1), tiny_model(2)]
     cc = CrossCoder(tiny_cfg(normalisation_factor=[0.5, 2.0]))
     tokens = random_tokens(7, 9)
     is_chat = torch.tensor([True, False, False, True, True, False, True])
-    got = source_stats(cc, models, tokens, is_chat, batch_size=3, harvest=ActivationCache())
+    got = reconstruction_stats(cc, models, tokens, batch_size=3, harvest=ActivationCache(), is_chat_N=is_chat)
+    assert reconstruction_stats(cc, models, tokens, batch_size=3) == {
+        k: v for k, v in got.items() if k not in ("by_source", "mass_F", "chat_mass_F")}
     x = torch.cat([x for _, x in iter_paired_activations(models, tokens, cc.cfg["hook_point"], 7, progress=False)])
     x = x * torch.tensor([0.5, 2.0])[None, None, :, None]  # [N, S-1, M, D] in the training space
     with torch.no_grad():
@@ -196,11 +199,11 @@ def test_source_stats_pool_each_sources_tokens_and_split_each_latents_mass():
     for source, rows in (("chat", is_chat), ("text", ~is_chat)):
         xs, hs = x[rows].flatten(0, 1), x_hat[rows].flatten(0, 1)
         want = [1 - (hs[:, m] - xs[:, m]).pow(2).sum() / (xs[:, m] - xs[:, m].mean(0)).pow(2).sum() for m in range(2)]
-        torch.testing.assert_close(torch.tensor(got[source]["explained_variance_per_model"]), torch.stack(want),
-                                   rtol=1e-4, atol=1e-5)
-        assert got[source]["tokens"] == xs.shape[0]
-    torch.testing.assert_close(got["mass"], f.sum((0, 1)), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(got["chat_mass"], f[is_chat].sum((0, 1)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(got["by_source"][source]["explained_variance_per_model"]),
+                                   torch.stack(want), rtol=1e-4, atol=1e-5)
+        assert got["by_source"][source]["tokens"] == xs.shape[0]
+    torch.testing.assert_close(got["mass_F"], f.sum((0, 1)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["chat_mass_F"], f[is_chat].sum((0, 1)), rtol=1e-4, atol=1e-4)
     classes = {"all": torch.ones(64, dtype=torch.bool)}
-    share = class_chat_mass(classes, got["mass"], got["chat_mass"])["all"]["chat_mass_fraction"]
+    share = class_chat_mass(classes, got["mass_F"], got["chat_mass_F"])["all"]["chat_mass_fraction"]
     assert abs(share - float(f[is_chat].sum() / f.sum())) < 1e-5
