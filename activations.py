@@ -56,33 +56,42 @@ def check_models(models, hook_point, d_in=None):
 
 
 @torch.no_grad()
-def run_models(models, tokens_NS, hook_point):
-    """Activations [N * (S-1), M, D] of every model on the same tokens, BOS position dropped,
-    under the reference's bf16 autocast where the device has it."""
+def run_models(models, tokens_NS, hook_point, first=1, keep=None):
+    """Activations [N * (S-first), M, D] of every model on the same tokens, the first positions of
+    each row dropped (the BOS), under the reference's bf16 autocast where the device has it.
+    keep (a tokenmask.PositionFilter): only the positions it keeps, so fewer rows."""
     device = next(models[0].parameters()).device
     tokens_NS = tokens_NS.to(device, torch.long)
     with autocast_context(device):
-        acts = [extract_activations(m, tokens_NS, hook_point)[:, 1:] for m in models]
-    return rearrange(torch.stack(acts, dim=0), "model seq pos d_in -> (seq pos) model d_in")
+        acts_NPMD = torch.stack([extract_activations(m, tokens_NS, hook_point)[:, first:] for m in models], dim=2)
+    if keep is not None and keep.active:
+        return acts_NPMD[keep.keep(tokens_NS, acts_NPMD)]
+    return rearrange(acts_NPMD, "seq pos model d_in -> (seq pos) model d_in")
 
 
 @torch.no_grad()
-def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True):
+def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True,
+                          first=None, keep=None):
     """[M] float32 on the CPU: sqrt(d_in) / the mean activation norm of each model over the first
     n_seqs sequences, run model_batch_size at a time, in fp32 (the harvest runs under bf16 autocast
-    on a GPU; the reference estimated the factors without it). drop_bos=False includes position 0, as the
-    reference's run did (and so the published crosscoder's factors)."""
+    on a GPU; the reference estimated the factors without it), over the positions training reads:
+    the first `first` of each row dropped (none: 1 if drop_bos), and only those keep (a
+    tokenmask.PositionFilter) keeps. drop_bos=False includes position 0, as the reference's run did
+    (and so the published crosscoder's factors)."""
+    first = int(drop_bos) if first is None else first
     device = next(models[0].parameters()).device
     n_seqs = min(n_seqs, len(tokens_NS))
     norm_sums, count = torch.zeros(len(models), dtype=torch.float64), 0
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
         # In the models' own dtype (fp32), as the reference estimated: no bf16 autocast here.
-        acts_MNSD = torch.stack([extract_activations(m, tokens, hook_point) for m in models])
-        acts_MNSD = acts_MNSD[:, :, 1:] if drop_bos else acts_MNSD
-        norm_sums += acts_MNSD.float().norm(dim=-1).flatten(1).sum(1).double().cpu()
-        count += acts_MNSD[0, ..., 0].numel()
-    d_in = acts_MNSD.shape[-1]
+        acts_MnPD = torch.stack([extract_activations(m, tokens, hook_point)[:, first:] for m in models])
+        norms_MnP = acts_MnPD.float().norm(dim=-1)
+        if keep is not None and keep.active:
+            norms_MnP = norms_MnP[:, keep.keep(tokens, rearrange(acts_MnPD, "model n pos d -> n pos model d"))]
+        norm_sums += norms_MnP.flatten(1).sum(1).double().cpu()
+        count += norms_MnP[0].numel()
+    d_in = acts_MnPD.shape[-1]
     return (d_in ** 0.5 / (norm_sums / count)).float()
 
 

@@ -47,6 +47,7 @@ from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, 
                      plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, splice_in_loss,
                      top_activating_examples)
 from hub import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, is_dictionary_learning_dir, published_hook_dir
+from tokenmask import PositionFilter, positions
 from utils import SetupError, check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
@@ -115,7 +116,7 @@ cfg = cc.cfg = complete_cfg(dict(cc.cfg, model_names=list(MODEL_NAMES or cc.cfg.
 out_dir.mkdir(parents=True, exist_ok=True)
 summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg["hook_point"]}
 print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg['hook_point']}; writing to {out_dir}")
-n_positions = cfg["seq_len"] - 1  # BOS is dropped
+n_positions = positions(cfg)  # seq_len - ignore_first_n (the BOS dropped)
 N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
 BATCH_SIZE = BATCH_SIZE or max(1, BATCH_TOKENS // n_positions)
 SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positions)
@@ -243,9 +244,11 @@ base_only = torch.nonzero(classes["base_only"]).flatten()
 
 
 def scaled_batches():
-    s_M = torch.tensor(cfg["normalisation_factor"])
-    return (x.flatten(0, 1) * s_M.to(x.device)[:, None] for _, x in
-            harvest(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling"))
+    """The held-out positions training read, normalised (the batches Latent Scaling fits on)."""
+    s_M, keep = torch.tensor(cfg["normalisation_factor"]), PositionFilter(cfg, models)
+    for t, x in harvest(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling", first=keep.first):
+        x_BMD = x.flatten(0, 1) * s_M.to(x.device)[:, None]
+        yield x_BMD[keep.keep(t, x).flatten()] if keep.active else x_BMD
 
 
 def format_scaling(s):

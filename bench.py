@@ -35,7 +35,8 @@ from config import ConfigError, layers_needed
 from costs import crosscoder_flops_per_token, paper_estimate
 from store import harvest
 from trainer import Trainer
-from utils import drop_unembedding, keep_freed_memory
+from models import drop_unembedding
+from utils import keep_freed_memory
 
 SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buffer_mult
     "toy": dict(hook_point="blocks.2.hook_resid_pre", d_in=64, dict_size=1024, seq_len=32, batch_size=512,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 import distributed
 from activations import check_models, estimate_norm_factors, run_models
 from config import ConfigError, completed
+from tokenmask import PositionFilter, check_no_exclusions, first_n, positions
 
 
 class TokensExhausted(RuntimeError):
@@ -26,16 +27,17 @@ class TokensExhausted(RuntimeError):
 
 
 def buffer_sequences(cfg):
-    """Sequences the buffer holds: about batch_size * buffer_mult rows of seq_len - 1 positions
-    (BOS dropped), an even number, so that a refresh refills exactly the half next() served
-    (the reference left a few rows to be served twice when it was odd)."""
-    return max(2, cfg["batch_size"] * cfg["buffer_mult"] // (cfg["seq_len"] - 1) // 2 * 2)
+    """Sequences the buffer holds: about batch_size * buffer_mult rows of seq_len - ignore_first_n
+    positions (BOS dropped), an even number, so that a refresh refills exactly the half next()
+    served (the reference left a few rows to be served twice when it was odd). With positions
+    left out (tokenmask) a refresh reads on until its rows are filled."""
+    return max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions(cfg) // 2 * 2)
 
 
 def steps_per_refresh(cfg):
     """next() calls from one refresh to the next: a refresh comes once the pointer passes
     half the buffer less one batch (Buffer.next)."""
-    half_rows = buffer_sequences(cfg) * (cfg["seq_len"] - 1) // 2
+    half_rows = buffer_sequences(cfg) * positions(cfg) // 2
     return (half_rows - cfg["batch_size"]) // cfg["batch_size"] + 1
 
 
@@ -49,7 +51,7 @@ def sequences_needed(cfg, total_steps):
 def buffer_bytes(cfg):
     """Memory the buffer needs at its peak: bf16 rows [rows, n_models, d_in], twice (the shuffle
     makes a permuted copy)."""
-    rows = buffer_sequences(cfg) * (cfg["seq_len"] - 1)
+    rows = buffer_sequences(cfg) * positions(cfg)
     return 2 * rows * cfg["n_models"] * cfg["d_in"] * 2
 
 
@@ -96,17 +98,21 @@ def check_buffer_fits(cfg):
 
 def norm_factors(cfg, models, tokens_NS):
     """The factors a buffer with this config measures: over the first norm_estimate_batches model
-    batches of tokens_NS, BOS dropped (Buffer.estimate_norm_scaling_factors; store.harvest)."""
-    mbs = cfg["model_batch_size"]
+    batches of tokens_NS, at the positions training reads (Buffer.estimate_norm_scaling_factors;
+    store.harvest)."""
+    mbs, keep = cfg["model_batch_size"], PositionFilter(cfg, models)
     return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
-                                 cfg["norm_estimate_batches"] * mbs, mbs, drop_bos=True, progress=cfg["progress"])
+                                 cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
+                                 first=keep.first, keep=keep)
 
 
 class RowBuffer:
     """The reference's buffer machinery over any source of per-sequence rows: about
     batch_size * buffer_mult rows in bf16, filled fully at the start; once half has been served,
     that half is refilled with the next sequences and the whole buffer reshuffled.
-    Subclasses give rows(first, n): the rows [n * (seq_len - 1), M, D] of sequences first..first+n.
+    Subclasses give rows(first, n): the rows [n * positions, M, D] of sequences first..first+n, or
+    fewer when positions are left out (tokenmask): a refresh then reads on until its rows are
+    filled, and keeps what overflows for the next (pending).
 
     next() -> float32 [batch_size, n_models, d_in] on cfg["device"], normalised per model.
     """
@@ -115,7 +121,7 @@ class RowBuffer:
         self.cfg, self.n_sequences = cfg, n_sequences
         self.device = torch.device(cfg["device"])
         self.seq_len = cfg["seq_len"]
-        self.positions = self.seq_len - 1  # BOS (position 0) is dropped
+        self.positions = positions(cfg)  # seq_len - ignore_first_n (the BOS dropped)
         self.model_batch_size = cfg["model_batch_size"]
         self.batch_size = cfg["batch_size"]
         self.buffer_batches = buffer_sequences(cfg)
@@ -133,6 +139,7 @@ class RowBuffer:
         self.pointer = 0        # next row of the buffer to serve
         self.token_pointer = 0  # next sequence to read
         self.sequences_run = 0  # total sequences read (wraps included)
+        self.pending = None     # rows read past the last refresh's end (only when positions are left out)
         self.first = True
 
     def rows(self, first, n):
@@ -164,19 +171,25 @@ class RowBuffer:
         the first read no tokens and training cycled over the first fill. We read the next
         sequences every time.
         """
-        n_seqs = self.buffer_batches if self.first else self.buffer_batches // 2
-        chunks = range(0, n_seqs, self.model_batch_size)
-        show = self.cfg["progress"] and (self.first or len(chunks) >= 32)
+        target = self.buffer_size if self.first else self.buffer_size // 2
+        show = self.cfg["progress"] and (self.first or target // self.positions >= 32 * self.model_batch_size)
+        bar = tqdm(total=target, desc="filling buffer" if self.first else "refreshing buffer", unit="row",
+                   leave=False, disable=not show)
         row = 0
-        for start in tqdm(chunks, desc="filling buffer" if self.first else "refreshing buffer",
-                          leave=False, disable=not show):
-            want = min(self.model_batch_size, n_seqs - start)
-            while want > 0:  # more than one slice only when wrapping around the tokens
-                first, n = self._take(want)
+        while row < target:
+            if self.pending is not None:  # rows the last refresh read past its end
+                acts, self.pending = self.pending, None
+            else:  # without left-out positions, exactly the sequences that fill the target
+                want = min(self.model_batch_size, -(-(target - row) // self.positions))
+                first, n = self._take(want)  # fewer than want only when wrapping around the tokens
                 acts = self.rows(first, n)
-                self.buffer[row : row + acts.shape[0]] = acts
-                row += acts.shape[0]
-                want -= n
+            k = min(len(acts), target - row)
+            self.buffer[row : row + k] = acts[:k]
+            if k < len(acts):
+                self.pending = acts[k:].clone()
+            row += k
+            bar.update(k)
+        bar.close()
         self.first = False
         perm = torch.randperm(self.buffer_size, generator=self.generator).to(self.device)
         self.buffer = self.buffer[perm]
@@ -200,7 +213,7 @@ class RowBuffer:
     def state_dict(self):
         return {
             "buffer": self.buffer, "pointer": self.pointer, "token_pointer": self.token_pointer,
-            "sequences_run": self.sequences_run, "first": self.first,
+            "sequences_run": self.sequences_run, "first": self.first, "pending": self.pending,
             "normalisation_factor": self.normalisation_factor,
             "generator": self.generator.get_state(),
         }
@@ -210,6 +223,8 @@ class RowBuffer:
         buffer is refilled from the saved token pointer: no data reused, but a different order."""
         self.normalisation_factor = torch.as_tensor(state["normalisation_factor"], device=self.device).float()
         self.token_pointer, self.sequences_run = int(state["token_pointer"]), int(state["sequences_run"])
+        pending = state.get("pending")
+        self.pending = None if pending is None else pending.to(self.device)
         self._restore_generator(state["generator"])
         if "buffer" not in state:
             self.first = True
@@ -251,8 +266,12 @@ class Buffer(RowBuffer):
             raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor")
         if all_tokens.shape[1] < cfg["seq_len"]:
             raise ValueError(f"token sequences have length {all_tokens.shape[1]} < seq_len={cfg['seq_len']}")
+        if cfg["hook_point"] is None:
+            raise ConfigError("config key 'hook_point' is none: give it (or --layer L), or let train.py read it "
+                              "from the models' configs")
         self.models, self.hook_point, self.all_tokens = models, cfg["hook_point"], all_tokens
         check_models(models, self.hook_point, cfg["d_in"])
+        self.keep = PositionFilter(cfg, models)
         super().__init__(cfg, len(all_tokens), len(models), models[0].cfg.d_model)
         if state is not None:
             self.load_state_dict(state)
@@ -261,8 +280,10 @@ class Buffer(RowBuffer):
             self.refresh()
 
     def rows(self, first, n):
-        """Activations [n * (S-1), M, D] of sequences first..first+n, raw, BOS dropped."""
-        return run_models(self.models, self.all_tokens[first : first + n, : self.seq_len], self.hook_point)
+        """Activations [n * P, M, D] of sequences first..first+n, raw, at the positions that count
+        (the first ignore_first_n of each row dropped; fewer rows when positions are left out)."""
+        return run_models(self.models, self.all_tokens[first : first + n, : self.seq_len], self.hook_point,
+                          self.keep.first, self.keep)
 
     def estimate_norm_scaling_factors(self):
         """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches
@@ -311,10 +332,14 @@ class ActivationStore(RowBuffer):
             if key in self.meta and cfg.get(key) != self.meta[key]:
                 raise ConfigError(f"config {key}={cfg.get(key)!r} but the store at {store_dir} was harvested with "
                                   f"{self.meta[key]!r}: harvest a store for this config (store.py) or train live")
+        if self.meta.get("ignore_first_n", 1) != first_n(cfg):
+            raise ConfigError(f"config ignore_first_n={first_n(cfg)} but the store at {store_dir} dropped the first "
+                              f"{self.meta.get('ignore_first_n', 1)} positions of each row")
+        check_no_exclusions(cfg)
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
         self.per_shard = self.meta.get("sequences_per_shard", SHARD_SEQUENCES)
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
-        R = cfg["seq_len"] - 1
+        R = positions(cfg)
         self._shards = [np.memmap(shard_path(self.store_dir, i), dtype=np.int16, mode="r", shape=(n * R, self.meta["n_models"], self.meta["d_in"]))
                         for i, n in enumerate(self.meta["shard_sequences"])]
         if state is not None:
@@ -327,8 +352,8 @@ class ActivationStore(RowBuffer):
         return None  # rows are stored normalised
 
     def rows(self, first, n):
-        """Rows [n * (S-1), M, D] (bf16) of this reader's sequences first..first+n, as harvested."""
-        R, out = self.cfg["seq_len"] - 1, []
+        """Rows [n * P, M, D] (bf16) of this reader's sequences first..first+n, as harvested."""
+        R, out = positions(self.cfg), []
         ids = self.ids[first : first + n]
         runs = [(ids.start, len(ids))] if ids.step == 1 else [(i, 1) for i in ids]  # a strided share: one by one
         for first_sequence, n in runs:

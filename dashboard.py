@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from diffing import classify_latents, iter_paired_activations, normalisation_factors
+from tokenmask import first_n
 
 BEFORE, AFTER = 8, 2  # tokens shown before and after each example's activating token
 HISTOGRAM_BINS = 50
@@ -35,21 +36,22 @@ def window_contributions(crosscoder, models, tokens_NS, latents_E, seqs_E, posit
                          batch_size=8, chunk=1024, harvest=iter_paired_activations):
     """[E, W, M] each model's share <x_m, W_enc[m, :, j]> of latent j's pre-activation (training
     space) on the W = before + 1 + after tokens around each example (latent j = latents_E[e], at
-    tokens_NS[seqs_E[e], positions_E[e]]); 0 outside the sequence and at BOS, which the crosscoder
-    never reads. One pass over the held-out tokens, in the batches of iter_paired_activations."""
+    tokens_NS[seqs_E[e], positions_E[e]]); 0 outside the sequence and at the first ignore_first_n
+    positions (the BOS), which the crosscoder never reads. One pass over the held-out tokens, in the batches of iter_paired_activations."""
     device = crosscoder.W_enc.device
     s_M = normalisation_factors(crosscoder)
     latents_E, seqs_E, positions_E = (torch.as_tensor(v, dtype=torch.long) for v in (latents_E, seqs_E, positions_E))
     offsets_W = torch.arange(-before, after + 1)
     out_EWM = torch.zeros(len(latents_E), len(offsets_W), crosscoder.n_models)
     start = 0
-    for _, x_nSMD in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "dashboard"):
+    first = first_n(crosscoder.cfg)
+    for _, x_nSMD in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "dashboard", first=first):
         n, S1 = x_nSMD.shape[:2]
         here = torch.nonzero((seqs_E >= start) & (seqs_E < start + n)).flatten()
         for part in here.split(chunk):
             pos_PW = positions_E[part, None] + offsets_W  # position in the full sequence (BOS = 0)
-            valid_PW = (pos_PW >= 1) & (pos_PW <= S1)
-            x_PWMD = x_nSMD[(seqs_E[part] - start)[:, None], (pos_PW.clamp(1, S1) - 1)].to(device).float()
+            valid_PW = (pos_PW >= first) & (pos_PW < first + S1)
+            x_PWMD = x_nSMD[(seqs_E[part] - start)[:, None], (pos_PW.clamp(first, first + S1 - 1) - first)].to(device).float()
             enc_MDP = crosscoder.W_enc[:, :, latents_E[part].to(device)].float()
             c_PWM = torch.einsum("pwmd,mdp->pwm", x_PWMD * s_M[:, None], enc_MDP)
             out_EWM[part] = (c_PWM.cpu() * valid_PW[..., None]).float()

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from activations import autocast_context, extract_activations
 from cli import in_notebook
 from config import hook_layer
+from tokenmask import PositionFilter, first_n
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
@@ -33,14 +34,15 @@ def classify_latents(rel_norm_F):
     return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
 
 
-def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True):
-    """Yields (tokens [n, S], raw activations [n, S-1, M, D]) batch by batch, BOS dropped,
-    so that analyses over many tokens never hold them all in memory. progress: show a bar."""
+def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True, first=1):
+    """Yields (tokens [n, S], raw activations [n, S-first, M, D]) batch by batch, the first
+    positions of each row dropped (the BOS; tokenmask.first_n of the crosscoder's config), so
+    that analyses over many tokens never hold them all in memory. progress: show a bar."""
     device = next(models[0].parameters()).device
     for start in tqdm(range(0, len(tokens_NS), batch_size), desc=desc, leave=False, disable=not progress):
         t = tokens_NS[start : start + batch_size].to(device, torch.long)
         with torch.no_grad(), autocast_context(device):
-            acts = [extract_activations(m, t, hook_point)[:, 1:].float() for m in models]
+            acts = [extract_activations(m, t, hook_point)[:, first:].float() for m in models]
         yield t, torch.stack(acts, dim=2)
 
 
@@ -55,15 +57,15 @@ class ActivationCache:
     def __init__(self, max_bytes=2**30):
         self.max_bytes, self.key, self.batches = max_bytes, None, None
 
-    def __call__(self, models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True):
-        key = (tuple(id(m) for m in models), id(tokens_NS), tuple(tokens_NS.shape), hook_point, batch_size)
+    def __call__(self, models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True, first=1):
+        key = (tuple(id(m) for m in models), id(tokens_NS), tuple(tokens_NS.shape), hook_point, batch_size, first)
         if key == self.key:
             yield from self.batches
             return
         d_model = models[0].cfg.d_model
-        fits = tokens_NS.shape[0] * (tokens_NS.shape[1] - 1) * len(models) * d_model * 4 <= self.max_bytes
+        fits = tokens_NS.shape[0] * (tokens_NS.shape[1] - first) * len(models) * d_model * 4 <= self.max_bytes
         kept = []
-        for t, x in iter_paired_activations(models, tokens_NS, hook_point, batch_size, desc, progress):
+        for t, x in iter_paired_activations(models, tokens_NS, hook_point, batch_size, desc, progress, first):
             if fits:
                 kept.append((t, x))
             yield t, x
@@ -93,19 +95,23 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
     of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
     (for any number of models), mean L0, and the latents never active.
 
+    Over the positions training read (tokenmask: ignore_first_n, exclude_tokens, outlier norms).
     is_chat_N [N] (optional), per source (chat rows, the other rows): "by_source" holds each
     model's explained variance pooled over the source's tokens (1 - sum err^2 / sum |x - mean|^2,
     the mean the source's own), and "mass_F", "chat_mass_F" each latent's activation mass in all
     rows and in chat rows (class_chat_mass reads them)."""
     s_M = normalisation_factors(crosscoder)
     device, F = s_M.device, crosscoder.cfg["dict_size"]
+    keep = PositionFilter(crosscoder.cfg, models)  # the positions training read
     sums, n_rows, first = None, 0, 0
     fired_F = torch.zeros(F, dtype=torch.bool, device=device)
     mass_F, chat_mass_F = (torch.zeros(F, dtype=torch.float64, device=device) for _ in range(2))
     source_sums = {}  # source -> [err^2 [M], x [M, D], x^2 [M], tokens]
-    for _, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction"):
+    for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction",
+                        first=keep.first):
         N, S1 = x.shape[:2]
-        x_BMD = x.flatten(0, 1).to(device) * s_M[:, None]
+        kept_B = keep.keep(t, x).flatten().to(device) if keep.active else slice(None)
+        x_BMD = x.flatten(0, 1).to(device)[kept_B] * s_M[:, None]
         losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
         x_hat_BMD = crosscoder.decode(acts_BF).float()
@@ -115,7 +121,7 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
         sums = batch if sums is None else sums + batch
         n_rows += len(x_BMD)
         if is_chat_N is not None:
-            chat_B = is_chat_N[first : first + N].to(device).repeat_interleave(S1)
+            chat_B = is_chat_N[first : first + N].to(device).repeat_interleave(S1)[kept_B]
             mass_F += acts_BF.sum(0).double()
             chat_mass_F += acts_BF[chat_B].sum(0).double()
             err2_BM = (x_hat_BMD - x_BMD).pow(2).sum(-1)
@@ -150,8 +156,8 @@ def class_chat_mass(classes, mass_F, chat_mass_F):
 @torch.no_grad()
 def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, is_chat_N=None):
     """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
-    the crosscoder's reconstruction (positions 1..; BOS kept clean), and zero-ablated (all
-    positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
+    the crosscoder's reconstruction (from position ignore_first_n on: the BOS kept clean), and
+    zero-ablated (all positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
     is_chat_N [N] (optional): the same per source too, under "by_source" ("chat", "text").
 
     At blocks.L.hook_resid_pre the three forwards share the blocks before L: they are run once,
@@ -163,7 +169,7 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, i
     The reconstruction of model m is encoded from every model's residual, so the chat model's
     information can reach the base model's splice: loss_recovered may exceed 1."""
     folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
-    hook_point = crosscoder.cfg["hook_point"]
+    hook_point, first = crosscoder.cfg["hook_point"], first_n(crosscoder.cfg)
     layer = hook_layer(hook_point)
     from_hook = (layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre"
                  and all(m.cfg.positional_embedding_type != "shortformer" for m in models))
@@ -175,14 +181,14 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, i
         t = tokens_NS[start : start + batch_size].to(device, torch.long)
         with autocast_context(device):
             resid = [extract_activations(m, t, hook_point) for m in models]  # [N, S, D], BOS included
-        x = torch.stack([r[:, 1:].float() for r in resid], dim=2)
+        x = torch.stack([r[:, first:].float() for r in resid], dim=2)
         N, S1, M, D = x.shape
         x_hat = folded(x.flatten(0, 1).to(folded.W_enc.device)).float().view(N, S1, M, D).to(device)
         chat = None if is_chat_N is None else is_chat_N[start : start + N].bool().cpu()
         select = {"all": torch.ones(N, dtype=torch.bool), **({} if chat is None else {"chat": chat, "text": ~chat})}
         for m, model in enumerate(models):
             spliced_in = resid[m].clone()
-            spliced_in[:, 1:] = x_hat[:, :, m].to(spliced_in.dtype)
+            spliced_in[:, first:] = x_hat[:, :, m].to(spliced_in.dtype)
             with autocast_context(device):
                 if from_hook:
                     losses = [model(r, start_at_layer=layer, tokens=t, return_type="loss", loss_per_token=True)
@@ -301,19 +307,23 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
     best_i = torch.zeros(J, k, dtype=torch.long, device=latents_J.device)
     counts_J = torch.zeros(J, dtype=torch.long, device=latents_J.device)
     offset = 0
-    for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations"):
+    keep = PositionFilter(crosscoder.cfg, models)
+    first = keep.first
+    for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations", first=first):
         N, S1 = x.shape[:2]
         f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents_J].float()
+        if keep.active:  # a position training never read is no example
+            f_BJ *= keep.keep(t, x).flatten().to(f_BJ.device)[:, None]
         counts_J += (f_BJ > 0).sum(0)
-        idx_B = offset + torch.arange(N * S1, device=s_M.device)  # flat index over (sequence, position 1..)
+        idx_B = offset + torch.arange(N * S1, device=s_M.device)  # flat index over (sequence, position first..)
         kk = min(k, len(f_BJ))
         v, i = f_BJ.topk(kk, dim=0)
         cand_v, cand_i = torch.cat([best_v, v.T], 1), torch.cat([best_i, idx_B[i].T], 1)
         best_v, sel = cand_v.topk(k, dim=1)
         best_i = cand_i.gather(1, sel)
         offset += N * S1
-    S1 = tokens_NS.shape[1] - 1
-    out = best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + 1).cpu()  # position in the full sequence
+    S1 = tokens_NS.shape[1] - first
+    out = best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + first).cpu()  # position in the full sequence
     return (*out, counts_J.cpu()) if return_counts else out
 
 

@@ -29,12 +29,14 @@ from activations import run_models
 from buffer import SHARD_SEQUENCES, norm_factors, sequences_needed, shard_path
 from checkpoint import atomic_write_text
 from config import ConfigError
+from tokenmask import check_no_exclusions, first_n, positions
 
 @torch.no_grad()
 def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHARD_SEQUENCES):
     """Write the activations of tokens_NS[:n_sequences] (BOS dropped, normalised per model, bf16),
     shard_sequences sequences per file. Under torchrun, every rank calls it with the same
     arguments and writes its own shards."""
+    check_no_exclusions(cfg)
     store_dir = Path(store_dir)
     store_dir.mkdir(parents=True, exist_ok=True)
     n_sequences = min(n_sequences, len(tokens_NS))
@@ -43,7 +45,7 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
     factors_M = norm_factors(cfg, models, tokens_NS) if distributed.is_main() else None
     factors_M = torch.tensor(distributed.broadcast(factors_M.tolist() if factors_M is not None else None),
                              device=device)
-    rows_per_seq, M, D = cfg["seq_len"] - 1, len(models), models[0].cfg.d_model
+    rows_per_seq, M, D, first_pos = positions(cfg), len(models), models[0].cfg.d_model, first_n(cfg)
     shards = [min(shard_sequences, n_sequences - first) for first in range(0, n_sequences, shard_sequences)]
     rank, w = distributed.rank(), distributed.world_size()
     for i in range(rank, len(shards), w):
@@ -52,7 +54,7 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
         for start in tqdm(range(0, n, cfg["model_batch_size"]), desc=f"harvesting shard {i}" + f" (rank {rank})" * (w > 1),
                           leave=False, disable=not cfg["progress"]):
             t = tokens_NS[first + start : first + min(start + cfg["model_batch_size"], n), : cfg["seq_len"]]
-            rows_RMD = (run_models(models, t, cfg["hook_point"]).float() * factors_M[:, None]).to(torch.bfloat16)
+            rows_RMD = (run_models(models, t, cfg["hook_point"], first_pos).float() * factors_M[:, None]).to(torch.bfloat16)
             mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
         mm.flush()
     distributed.barrier()  # every rank's shards are on disk (the ranks' shares differ by one shard at most)
@@ -61,7 +63,7 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
         meta = {"hook_point": cfg["hook_point"], "model_names": cfg["model_names"], "n_models": M, "d_in": D,
                 "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
                 "sequences_per_shard": shard_sequences, "shard_sequences": shards, "dataset": cfg["dataset"],
-                "preset": cfg.get("preset"), "harvested_by": w}
+                "preset": cfg.get("preset"), "harvested_by": w, "ignore_first_n": first_pos}
         if cfg.get("preset") == "toy":
             meta["toy_seed"] = cfg["toy_seed"]  # which toy pair
         atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
@@ -79,8 +81,8 @@ def sequences_for_any_world_size(cfg, max_processes=64):
 
 
 def store_bytes(cfg, n_sequences):
-    """Disk a store of n_sequences takes: bf16 rows [n * (S-1), M, D] and the int32 token ids."""
-    rows = n_sequences * (cfg["seq_len"] - 1)
+    """Disk a store of n_sequences takes: bf16 rows [n * P, M, D] and the int32 token ids."""
+    rows = n_sequences * positions(cfg)
     return rows * cfg["n_models"] * cfg["d_in"] * 2 + n_sequences * cfg["seq_len"] * 4
 
 
@@ -105,13 +107,14 @@ def check_disk(cfg, n_sequences):
 def main(argv):
     from distributed import resolve_device
     from cli import build_cfg
-    from utils import load_models_and_tokens
+    from utils import load_models_and_tokens, prepare_models
 
     usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--dry_run] [--preset toy] [--key value ...]"
     flags = {"dry_run": "print the store's size and the disk's free space, harvest nothing"}
     cfg, extras = build_cfg(argv, flags=flags, usage=usage, switches=tuple(flags))
     if cfg["store_dir"] is None:
         sys.exit(usage + " (--help: every key)")
+    prepare_models(cfg)  # d_in and the hook from the models' configs (the store's size needs them)
     n = sequences_for_any_world_size(cfg)
     size = f"{n:,} sequences, {store_bytes(cfg, n) / 1e9:,.1f} GB, into {cfg['store_dir']} " \
            f"({free_disk_bytes(cfg['store_dir']) / 1e9:,.1f} GB free there)"

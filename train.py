@@ -9,6 +9,7 @@
 # %%
 import os
 import sys
+import time
 
 import torch
 
@@ -19,7 +20,7 @@ import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from data import DataError
-from utils import SetupError, check_tokens, keep_freed_memory, load_models_and_tokens
+from utils import SetupError, check_tokens, keep_freed_memory, load_models_and_tokens, prepare_models
 
 # %%
 # The config: every key, its default and its meaning live in config.py (`python train.py --help`
@@ -46,13 +47,15 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
         distributed.local_batch_size(cfg["batch_size"], n_processes)
         cfg["device"] = distributed.setup(cfg["device"], latent_shards=cfg["latent_shards"])
     if cfg["device"] is None and cfg["preset"] != "toy" and not torch.cuda.is_available():
+        what = ("the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a 524k-row activation "
+                "buffer)" if cfg["preset"] == "gemma" else f"the {cfg['preset']} preset expects a CUDA GPU")
         raise SetupError(
-            "the Gemma-2-2b replication needs a CUDA GPU (two 2B-parameter models and a "
-            "524k-row activation buffer), and none was found. Run `python train.py --preset toy` "
-            "to see the whole pipeline on a CPU, or pass --device cpu to try anyway.")
+            f"{what}, and none was found. Run `python train.py --preset toy` (minutes) or `--preset "
+            "gemma3-270m-offline` (real weights, about an hour) on a CPU, or pass --device cpu to try anyway.")
     cfg["device"] = distributed.resolve_device(cfg["device"])
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
+    prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
     check_buffer_fits(cfg)  # before any model is loaded
     if sweep:  # every member's weights and Adam state, on its device, beside the buffer
         from buffer import available_bytes, buffer_bytes
@@ -126,8 +129,11 @@ def cli(argv):
     clean = False
     try:
         cfg, extras = build_cfg(argv)
+        started = time.time()
         main(cfg, extras.get("resume"), extras.get("sweep"), extras.get("resume_overrides"), extras.get("sweep_devices"))
         clean = True
+        if distributed.is_main():
+            print(f"wall time {time.time() - started:.0f} s")
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     except TrainingInterrupted as e:

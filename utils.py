@@ -15,12 +15,12 @@ import torch
 
 import distributed
 from checkpoint import atomic_torch_save, checkpoint_root, data_dir
-from config import PILE_LMSYS_DATASET, check_against_model, layers_needed
+from config import PILE_LMSYS_DATASET
 from data import DataError, check_tokenizer, is_mix, load_mix, read_meta
+from models import SetupError, load_pair, resolve_model_keys, tokenizer_of  # noqa: F401 (SetupError: re-exported)
 
 
-class SetupError(RuntimeError):
-    """The environment cannot run the requested job (no GPU, no hub access)."""
+load_gemma_pair = load_pair  # the name the pipeline and its tests call (any pair, not only Gemma)
 
 
 def _dataset_to_tokens(dataset, column, origin, chunk_rows=4096):
@@ -154,21 +154,32 @@ def check_tokens(tokens_NS, seq_len, vocab_size):
 def check_mix_tokenizer(mix_dir, model_names):
     """A DataError, before any model loads, when data.py's mix was built with another vocabulary
     than each model's tokenizer (read alone: seconds, not the model's minutes)."""
-    from transformers import AutoTokenizer
-
     meta = read_meta(mix_dir)
     for name in model_names:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = tokenizer_of(name)
         except (OSError, ValueError) as e:  # no hub access: the model cannot load either, and says why
             print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
             continue
         check_tokenizer(meta, tokenizer, where=f"the token mix {mix_dir}")
 
 
+def prepare_models(cfg):
+    """Before anything heavy: what a preset builds (realpair.py: a built pair, the PyPI mix) in
+    place of its names, then the keys that come from the models (d_in, hook_point) filled and
+    checked against their configs (models.resolve_model_keys). Updates cfg in place."""
+    if cfg["preset"] == "toy":
+        return cfg
+    from realpair import prepare
+
+    cfg.update(prepare(cfg))
+    return resolve_model_keys(cfg)
+
+
 def load_models_and_tokens(cfg, fresh=True):
-    """The models (index 0 base, 1 chat) and the training tokens of a complete config. fresh (not a
-    resume): the tokens are checked for enough sequences before any model loads."""
+    """The models (index 0 base, 1 chat) and the training tokens of a complete config, after
+    prepare_models. fresh (not a resume): the tokens are checked for enough sequences before any
+    model loads."""
     if cfg["preset"] == "toy":
         from toy import build_toy_pair
 
@@ -178,11 +189,7 @@ def load_models_and_tokens(cfg, fresh=True):
         if distributed.is_main():
             distributed.barrier()
         return [base, chat], tokens
-    from transformer_lens.loading_from_pretrained import get_pretrained_model_config
-
-    for name in cfg["model_names"]:  # architecture checks from TransformerLens's built-in config
-        is_dir = (Path(name) / "config.json").is_file()  # a local copy, named after its model
-        check_against_model(cfg, get_pretrained_model_config(Path(name).name if is_dir else name))
+    prepare_models(cfg)  # (idempotent: train.py has called it before sizing the buffer)
     if is_mix(cfg["dataset"]):
         check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
     tokens = load_tokens(cfg["dataset"], cfg)
@@ -193,90 +200,6 @@ def load_models_and_tokens(cfg, fresh=True):
         check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
                                cfg["num_tokens"] // cfg["batch_size"])
     return load_gemma_pair(cfg), tokens
-
-
-def load_gemma_pair(cfg, full=False):
-    """The models of cfg["model_names"] (the reference's: Gemma-2-2b base, index 0, and
-    Gemma-2-2b-it chat, index 1) as HookedTransformers on cfg["device"], in eval mode.
-
-    A name is a TransformerLens / hub name, or a local directory saved by transformers'
-    save_pretrained (weights, config and tokenizer; no network), named after the TransformerLens
-    model it holds (".../gemma-2-2b-it"). For training (full=False) only what the hook needs is
-    kept: the blocks before it (layers_needed: 14 of Gemma-2-2b's 26 for blocks.14.hook_resid_pre)
-    and the embedding; the unembedding TransformerLens builds (a 256k x 2304 matrix, 2.4 GB in
-    fp32 per model) is freed, so such a model can only be run with stop_at_layer. full=True (the
-    analysis: the splice-in loss needs logits) loads every block and the unembedding.
-    Fails with a message that says what is needed when the hub is unreachable.
-    """
-    from transformer_lens import HookedTransformer
-
-    n_layers = None if full else layers_needed(cfg["hook_point"])
-    models = []
-    for name in cfg["model_names"]:
-        try:
-            kwargs = _local_model(name)
-            if kwargs:
-                name, local_layers = kwargs.pop("tl_name"), kwargs.pop("n_layers")
-                kwargs["first_n_layers"] = local_layers if n_layers is None else min(n_layers, local_layers)
-            else:
-                kwargs["first_n_layers"] = n_layers
-            model = HookedTransformer.from_pretrained(name, device=cfg["device"], **kwargs)
-        except (OSError, ValueError, RuntimeError, ImportError) as e:
-            raise SetupError(load_failure(name, e, cfg["device"])) from None
-        if not full and n_layers is not None:
-            drop_unembedding(model)
-        models.append(model.eval())
-    return models
-
-
-def load_failure(name, error, device=None):
-    """What failed when model `name` did not load, and what to do: the error itself, with the hint
-    that fits it (hub access, memory, weights that do not fit the architecture), never a guess."""
-    text = f"could not load {name} ({type(error).__name__}: {error})"
-    message = str(error).lower()
-    try:
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-        hub_errors = (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled)
-    except ImportError:
-        hub_errors = ()
-    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "not enough memory" in message:
-        return (f"{text}.\nThe device ({device or 'default'}) ran out of memory: free it, use a device with more "
-                "memory, or pass a smaller pair with --model_names")
-    if "size mismatch" in message or "shape" in message:
-        return (f"{text}.\nIts weights do not fit the architecture TransformerLens has for this name (a resized "
-                "vocabulary or another model's weights?): name the directory after the model it really holds")
-    if isinstance(error, hub_errors) or any(w in message for w in ("offline", "connect", "gated", "401", "403",
-                                                                  "huggingface.co", "hf_hub", "repository not found")):
-        return (f"{text}.\nThe weights come from the Hugging Face hub: this needs network access, the model's "
-                "licence accepted on its page and `huggingface-cli login` (Gemma's are gated), or local copies "
-                "(--model_names DIR_A,DIR_B). To see the whole pipeline on a CPU instead: python train.py --preset toy")
-    return text
-
-
-def _local_model(name):
-    """from_pretrained arguments for a local transformers directory; {} for a hub name."""
-    path = Path(name)
-    if not (path / "config.json").is_file():
-        return {}
-    from transformer_lens.loading_from_pretrained import get_official_model_name
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        get_official_model_name(path.name)
-    except ValueError:
-        raise SetupError(f"{path}: name a local model directory after the TransformerLens model it holds "
-                         "(for example .../gemma-2-2b-it), so that its architecture is known") from None
-    hf_model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
-    return {"tl_name": path.name, "n_layers": hf_model.config.num_hidden_layers, "hf_model": hf_model,
-            "tokenizer": AutoTokenizer.from_pretrained(path)}
-
-
-def drop_unembedding(model):
-    """Free the unembedding of a model that is only run up to a hook (stop_at_layer)."""
-    d_model = model.cfg.d_model
-    model.unembed.W_U = torch.nn.Parameter(torch.empty(d_model, 0, device=model.unembed.W_U.device), requires_grad=False)
-    model.unembed.b_U = torch.nn.Parameter(torch.empty(0, device=model.unembed.b_U.device), requires_grad=False)
-    return model
 
 
 # ---------------------------------------------------------------------------- environment

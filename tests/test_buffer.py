@@ -69,7 +69,7 @@ def test_refresh_runs_the_next_sequences_in_order(models, monkeypatch):
     buf, cfg, tokens = make_buffer(models, n_seqs=400, buffer_mult=4)
     seen = []
     original = buffer.run_models
-    monkeypatch.setattr(buffer, "run_models", lambda m, t, h: (seen.append(t.clone()), original(m, t, h))[1])
+    monkeypatch.setattr(buffer, "run_models", lambda m, t, h, *a: (seen.append(t.clone()), original(m, t, h, *a))[1])
     start = buf.token_pointer
     buf.refresh()
     run = torch.cat(seen)

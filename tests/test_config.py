@@ -13,11 +13,17 @@ def test_default_config_is_valid_and_fully_described_by_the_schema():
 
 
 def test_reference_defaults():
+    """The reference's default_cfg; d_in and hook_point are none until read from the default pair's
+    config, which gives the reference's values."""
+    from models import resolve_model_keys
+
     expected = dict(seed=49, batch_size=4096, buffer_mult=128, lr=5e-5, num_tokens=400_000_000, l1_coeff=2,
                     beta1=0.9, beta2=0.999, d_in=2304, dict_size=2**14, seq_len=1024, enc_dtype="fp32",
                     model_batch_size=4, log_every=100, save_every=30000, dec_init_norm=0.08,
                     hook_point="blocks.14.hook_resid_pre")
-    assert {k: default_cfg[k] for k in expected} == expected
+    assert default_cfg["d_in"] is None and default_cfg["hook_point"] is None
+    resolved = resolve_model_keys(dict(default_cfg, preset="gemma"))
+    assert {k: resolved[k] for k in expected} == expected
     assert default_cfg["model_names"] == ["gemma-2-2b", "gemma-2-2b-it"]
     assert default_cfg["num_tokens"] // default_cfg["batch_size"] == 97_656
 
@@ -49,13 +55,14 @@ def test_architecture_checks_use_the_models_config():
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     gemma = get_pretrained_model_config("gemma-2-2b")  # known offline
-    check_against_model(default_cfg, gemma)
+    cfg = dict(default_cfg, d_in=2304, hook_point="blocks.14.hook_resid_pre")
+    check_against_model(cfg, gemma)
     with pytest.raises(ConfigError, match="seq_len"):
-        check_against_model(dict(default_cfg, seq_len=10_000), gemma)
+        check_against_model(dict(cfg, seq_len=10_000), gemma)
     with pytest.raises(ConfigError, match="hook_point"):
-        check_against_model(dict(default_cfg, hook_point="blocks.30.hook_resid_pre"), gemma)
+        check_against_model(dict(cfg, hook_point="blocks.30.hook_resid_pre"), gemma)
     with pytest.raises(ConfigError, match="d_in"):
-        check_against_model(dict(default_cfg, d_in=2048), gemma)
+        check_against_model(dict(cfg, d_in=2048), gemma)
 
 
 def test_config_is_a_leaf_module_that_imports_neither_torch_nor_the_repo():

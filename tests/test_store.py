@@ -81,8 +81,9 @@ def test_a_store_too_large_for_its_disk_is_refused_before_any_model_loads(tmp_pa
     monkeypatch.setattr(store, "free_disk_bytes", lambda path: 10**6)
     with pytest.raises(ConfigError, match=r"needs [\d.,]+ GB but .* has 0.0 GB free"):
         store.main(["--preset", "toy", "--store_dir", str(tmp_path / "s")])
-    n = store.sequences_for_any_world_size(complete_cfg({}))
-    size = store.store_bytes(complete_cfg({}), n)
+    gemma = complete_cfg({"d_in": 2304, "hook_point": "blocks.14.hook_resid_pre"})  # the default pair's, read by --dry_run
+    n = store.sequences_for_any_world_size(gemma)
+    size = store.store_bytes(gemma, n)
     assert size == n * 1023 * 2 * 2304 * 2 + n * 1024 * 4 and 3.7e12 < size < 3.9e12
     store.main(["--store_dir", str(tmp_path / "s"), "--dry_run"])
     assert f"{n:,} sequences, {size / 1e9:,.1f} GB" in capsys.readouterr().out

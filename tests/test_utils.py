@@ -95,42 +95,6 @@ def test_keep_freed_memory_keeps_a_freed_large_block_resident(tmp_path):
     assert grown["1"][0] > 200 and grown["1"][1] > 200  # kept
 
 
-def test_local_gemma_pair_loads_only_the_blocks_before_the_hook_and_no_unembedding(tiny_gemma_dirs):
-    """Training needs blocks.1.hook_resid_pre: the output of block 0. One block is loaded (the
-    reference's first_n_layers=layer+1 loaded one more), the unembedding is freed, and the
-    activations equal the HF model's hidden state after that block. full=True (analysis) loads
-    everything and gives the HF model's logits."""
-    from activations import extract_activations
-    from conftest import random_tokens
-    from utils import load_gemma_pair
-
-    paths, hf_models = tiny_gemma_dirs
-    cfg = {"model_names": paths, "hook_point": "blocks.1.hook_resid_pre", "device": "cpu"}
-    models = load_gemma_pair(cfg)
-    tokens = random_tokens(2, 10, d_vocab=1000, bos=2)
-    for model, hf in zip(models, hf_models):
-        assert model.cfg.n_layers == 1 and len(model.blocks) == 1
-        assert model.unembed.W_U.numel() == 0
-        with torch.no_grad():
-            want = hf(tokens, output_hidden_states=True).hidden_states[1]
-        torch.testing.assert_close(extract_activations(model, tokens, cfg["hook_point"]), want, atol=1e-4, rtol=1e-4)
-    full = load_gemma_pair(cfg, full=True)
-    assert [m.cfg.n_layers for m in full] == [2, 2] and full[0].unembed.W_U.shape == (2304, 1000)
-    with torch.no_grad():
-        torch.testing.assert_close(full[1](tokens), hf_models[1](tokens).logits, atol=1e-3, rtol=1e-3)
-
-
-def test_a_local_model_directory_must_be_named_after_its_model(tmp_path, tiny_gemma_dirs):
-    import shutil
-
-    from utils import SetupError, load_gemma_pair
-
-    odd = tmp_path / "my-model"
-    shutil.copytree(tiny_gemma_dirs[0][0], odd)
-    with pytest.raises(SetupError, match="name a local model directory after"):
-        load_gemma_pair({"model_names": [str(odd)], "hook_point": "blocks.1.hook_resid_pre", "device": "cpu"})
-
-
 def test_dataset_conversion_peaks_near_the_int32_size_not_int64(tmp_path):
     """A 200 MB (int32) token column held as int64 by Arrow: converting it must add about the
     int32 result to the process's peak memory, not an int64 copy of the whole column on top
@@ -171,31 +135,6 @@ def test_check_heldout_refuses_rows_training_read():
         check_heldout(100, 20, 81)
     with pytest.raises(DataError, match="wrapped around"):
         check_heldout(100, 20, 150)
-
-
-@pytest.mark.parametrize("error, says, not_says", [
-    (OSError("We couldn't connect to 'https://huggingface.co' to load the files"), "network access", "memory"),
-    (RuntimeError("Error(s) in loading state_dict: size mismatch for embed.W_E: copying a param with shape "
-                  "torch.Size([256001, 2304])"), "do not fit the architecture", "network"),
-    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "ran out of memory", "network"),
-    (ValueError("some other failure"), "some other failure", "network"),
-])
-def test_a_model_that_fails_to_load_is_reported_with_what_failed(monkeypatch, error, says, not_says):
-    """The message gives the error and the hint that fits it: no hub/licence/GPU story for a shape
-    mismatch, a resized vocabulary or an out-of-memory error."""
-    from transformer_lens import HookedTransformer
-
-    from utils import SetupError, load_gemma_pair
-
-    def fail(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(HookedTransformer, "from_pretrained", fail)
-    with pytest.raises(SetupError) as info:
-        load_gemma_pair({"model_names": ["gemma-2-2b"], "hook_point": "blocks.14.hook_resid_pre", "device": "cpu"})
-    message = str(info.value)
-    assert message.startswith(f"could not load gemma-2-2b ({type(error).__name__}: ")
-    assert says in message and not_says not in message.lower()
 
 
 # ---------------------------------------------------------------- Weights & Biases

