@@ -402,7 +402,7 @@ def rebase_state(state, world_size_now, every_rank_saved=True):
     if distributed.is_main():
         print(f"resuming a {saved_world}-process run with {world_size_now} process(es): fresh buffers from "
               f"sequence {offset:,} (the same data from there on, in a new order)")
-    fresh = {k: v for k, v in buffer_state.items() if k != "buffer"}
+    fresh = {k: v for k, v in buffer_state.items() if k not in ("buffer", "pending")}
     return dict(state, buffer=dict(fresh, token_pointer=0, sequences_run=0)), offset
 
 

@@ -43,7 +43,7 @@ GEMMA3_CHAT_TEMPLATE = (
     "{% else %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
 # The partner's fine-tune: FT_STEPS steps of FT_BATCH conversations cut at FT_SEQ_LEN tokens.
-FT_STEPS, FT_BATCH, FT_SEQ_LEN, FT_LR = 40, 4, 256, 1e-4
+FT_STEPS, FT_BATCH, FT_SEQ_LEN, FT_LR = 40, 4, 256, 2e-5
 CHAT_FRACTION = 0.5
 
 

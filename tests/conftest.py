@@ -97,6 +97,21 @@ def random_tokens(n_seqs, seq_len, d_vocab=50, seed=0, bos=0):
     return tokens
 
 
+def assert_buffer_resumes_identically(cfg, models, tokens, served=5, compared=12):
+    """A buffer rebuilt from the state saved after `served` batches serves the next `compared`
+    batches exactly as the original does."""
+    from buffer import Buffer
+
+    buf = Buffer(cfg, models[0], models[1], tokens)
+    for _ in range(served):
+        buf.next()
+    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in buf.state_dict().items()}
+    expected = [buf.next() for _ in range(compared)]
+    restored = Buffer(cfg, models[0], models[1], tokens, state=state)
+    for want in expected:
+        assert torch.equal(restored.next(), want)
+
+
 @pytest.fixture
 def models():
     return tiny_model(1), tiny_model(2)

@@ -3,7 +3,7 @@ import torch
 
 from activations import extract_activations
 from buffer import ActivationStore, Buffer, TokensExhausted, make_batch_source, sequences_needed
-from conftest import random_tokens, tiny_cfg, tiny_model
+from conftest import assert_buffer_resumes_identically, random_tokens, tiny_cfg, tiny_model
 from store import harvest
 from trainer import Trainer
 
@@ -111,14 +111,8 @@ def test_three_models(models):
 
 
 def test_state_round_trip_continues_identically(models):
-    buf, cfg, tokens = make_buffer(models, n_seqs=400, buffer_mult=4)
-    for _ in range(5):
-        buf.next()
-    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in buf.state_dict().items()}
-    expected = [buf.next() for _ in range(12)]
-    restored = Buffer(cfg, models[0], models[1], tokens, state=state)
-    for want in expected:
-        assert torch.equal(restored.next(), want)
+    cfg = tiny_cfg(buffer_mult=4)
+    assert_buffer_resumes_identically(cfg, models, random_tokens(400, cfg["seq_len"]))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch
 from activations import extract_activations
 from buffer import Buffer
 from config import ConfigError, complete_cfg, effective
-from conftest import random_tokens, tiny_cfg
+from conftest import assert_buffer_resumes_identically, random_tokens, tiny_cfg
 from tokenmask import PositionFilter, check_no_exclusions, excluded_ids, keep_mask
 
 
@@ -95,15 +95,7 @@ def test_normalisation_factors_are_measured_on_the_kept_positions_only(models):
 
 def test_a_buffer_with_excluded_positions_resumes_identically(models):
     cfg = tiny_cfg(exclude_tokens=["3", "4"], outlier_norm_multiple=1.5, buffer_mult=4)
-    tokens = random_tokens(600, cfg["seq_len"], d_vocab=8)
-    buf = Buffer(cfg, models[0], models[1], tokens)
-    for _ in range(5):
-        buf.next()
-    state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in buf.state_dict().items()}
-    expected = [buf.next() for _ in range(12)]
-    restored = Buffer(cfg, models[0], models[1], tokens, state=state)
-    for want in expected:
-        assert torch.equal(restored.next(), want)
+    assert_buffer_resumes_identically(cfg, models, random_tokens(600, cfg["seq_len"], d_vocab=8))
 
 
 def test_an_activation_store_refuses_exclusions_and_ignore_first_n_too_large_is_refused(models):
