@@ -7,9 +7,12 @@ A local directory's architecture comes from its config.json: its TransformerLens
 one whose architecture and shapes it has, or, for the architectures TransformerLens builds from
 a config.json itself (Llama, Qwen, Mistral, ...), that file; `model_archs` names it explicitly.
 """
+import functools
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
 
 import torch
 
@@ -137,16 +140,9 @@ def tl_name_for(directory, arch=None):
     except ValueError:
         pass
     want = hf_shape(read_hf_config(path))
-    for official in tl_loading.OFFICIAL_MODEL_NAMES:
-        if "gemma" not in official.lower() and "llama" not in official.lower():
-            continue
-        try:
-            with _no_hub_configs(tl_loading):
-                cfg = tl_loading.convert_hf_model_config(official)
-        except Exception:  # noqa: BLE001 (configured from the hub: not a name-configured model)
-            continue
-        if _shape(cfg) == want:
-            return official
+    official = next((name for name, shape in name_configured_shapes() if shape == want), None)
+    if official is not None:
+        return official
     # TransformerLens configures any path whose text contains "gemma" or "llama" by name: give it
     # a link with a neutral name to read the config.json instead.
     link = Path(tempfile.mkdtemp(prefix="crosscoder-model-")) / "model"
@@ -154,22 +150,25 @@ def tl_name_for(directory, arch=None):
     return str(link)
 
 
-class _no_hub_configs:
-    """Inside: TransformerLens's AutoConfig fails at once instead of asking the hub."""
-    def __init__(self, module):
-        self.module = module
+@functools.lru_cache(maxsize=1)
+def name_configured_shapes():
+    """[(name, shape)] of the Gemma and Llama models TransformerLens configures by name (offline):
+    the ones a local directory's config.json is matched against. TransformerLens's AutoConfig is
+    made to fail at once for the others, which it would read from the hub."""
+    from transformer_lens import loading_from_pretrained as tl_loading
 
-    def __enter__(self):
-        self.saved = self.module.AutoConfig
+    def no_hub(*args, **kwargs):
+        raise OSError("configured from the hub, not by name")
 
-        class NoHub:
-            @staticmethod
-            def from_pretrained(*a, **k):
-                raise OSError("not configured by name")
-        self.module.AutoConfig = NoHub
-
-    def __exit__(self, *exc):
-        self.module.AutoConfig = self.saved
+    out = []
+    with mock.patch.object(tl_loading.AutoConfig, "from_pretrained", no_hub):
+        for name in tl_loading.OFFICIAL_MODEL_NAMES:
+            if "gemma" in name.lower() or "llama" in name.lower():
+                try:
+                    out.append((name, _shape(tl_loading.convert_hf_model_config(name))))
+                except Exception:  # noqa: BLE001 (configured from the hub)
+                    continue
+    return out
 
 
 def model_facts(name, cfg=None, arch=None):
@@ -192,18 +191,15 @@ def model_facts(name, cfg=None, arch=None):
     return tl_cfg.d_model, tl_cfg.n_layers, tl_cfg.n_ctx
 
 
-class _Facts:
-    def __init__(self, d_model, n_layers, n_ctx):
-        self.d_model, self.n_layers, self.n_ctx = d_model, n_layers, n_ctx
-
-
 def resolve_model_keys(cfg):
     """Fill the keys that come from the models (in place, before any weights load): d_in (none:
     their width) and hook_point (none: the reference's relative depth), then check the config
     against each model: the hook within its layers, seq_len within its context, equal widths."""
     archs = list(cfg.get("model_archs") or [])
-    facts = [_Facts(*model_facts(n, cfg, archs[i] if i < len(archs) else None))
-             for i, n in enumerate(cfg["model_names"])]
+    facts = []
+    for i, name in enumerate(cfg["model_names"]):
+        d_model, n_layers, n_ctx = model_facts(name, cfg, archs[i] if i < len(archs) else None)
+        facts.append(SimpleNamespace(d_model=d_model, n_layers=n_layers, n_ctx=n_ctx))
     widths = {f.d_model for f in facts}
     if len(widths) > 1:
         raise ConfigError(f"the models have different widths {[f.d_model for f in facts]}: a crosscoder diffs "

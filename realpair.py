@@ -17,6 +17,7 @@ with the Gemma tokenizer (BOS at each row's start, EOS between documents).
 
 Everything is cached in data_dir/gemma3-270m-offline/; each step prints its wall time.
 """
+import contextlib
 import hashlib
 import json
 import random
@@ -59,17 +60,13 @@ def packages_dir(cfg):
     return data_dir(cfg) / "packages"
 
 
+@contextlib.contextmanager
 def timed(what):
-    """A context manager printing the wall time of a build step."""
-    class Timer:
-        def __enter__(self):
-            self.t = time.time()
-            print(f"[{NAME}] {what} ...", flush=True)
-
-        def __exit__(self, *exc):
-            if exc[0] is None:
-                print(f"[{NAME}] {what}: {time.time() - self.t:.0f} s", flush=True)
-    return Timer()
+    """Prints a build step's wall time."""
+    t = time.time()
+    print(f"[{NAME}] {what} ...", flush=True)
+    yield
+    print(f"[{NAME}] {what}: {time.time() - t:.0f} s", flush=True)
 
 
 # ---------------------------------------------------------------- packages

@@ -189,7 +189,6 @@ def load_models_and_tokens(cfg, fresh=True):
         if distributed.is_main():
             distributed.barrier()
         return [base, chat], tokens
-    prepare_models(cfg)  # (idempotent: train.py has called it before sizing the buffer)
     if is_mix(cfg["dataset"]):
         check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
     tokens = load_tokens(cfg["dataset"], cfg)
