@@ -42,7 +42,7 @@ from config import ConfigError, complete_cfg
 from crosscoder import CrossCoder
 from data import DataError, chat_mask, is_mix, load_mix, split_rows
 from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX,
-                     ActivationCache, class_chat_mass, classify_latents, effective_chat_only, examples_html,
+                     ActivationCache, class_chat_mass, effective_chat_only, examples_html, latent_classes,
                      is_model_specific, latent_scaling, plot_cosine_histogram, plot_latent_scaling,
                      plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, splice_in_loss,
                      top_activating_examples)
@@ -128,9 +128,13 @@ SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positio
 
 # %%
 rel = cc.relative_decoder_norm().detach().cpu()
-classes = classify_latents(rel)
+classes = latent_classes(cc)
 summary["latent_counts"] = {name: int(mask.sum()) for name, mask in classes.items()}
-print("latents per class (all latents, by relative decoder norm):",
+by = ", ".join(["model-only latents by block (exclusive by construction)"] * bool(cc.partition.exclusive)
+               + ["designated shared latents by block"] * bool(cc.partition.shared)
+               + ["the others by relative decoder norm"])
+summary["classified"] = by
+print(f"latents per class (all latents, {by}):",
       ", ".join(f"{name} {n}" for name, n in summary["latent_counts"].items()))
 plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png")
 

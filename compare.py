@@ -40,7 +40,7 @@ def firing(acts_NSF, is_chat_N, latent):
 @torch.no_grad()
 def main(argv):
     from crosscoder import CrossCoder
-    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, classify_latents, is_model_specific, iter_paired_activations,
+    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, is_model_specific, iter_paired_activations, latent_classes,
                          latent_scaling)
     from toy import build_toy_pair, heldout_tokens
     from config import complete_cfg
@@ -67,7 +67,7 @@ def main(argv):
         acts[name] = (x_BMD, cc.encode(x_BMD).float().view(*x_NSMD.shape[:2], -1).cpu())
     x_BMD, ref_acts = acts["reference"]
     alive = ref_acts.sum((0, 1)) > 0
-    chat_only = torch.nonzero(classify_latents(reference.relative_decoder_norm())["chat_only"] & alive).flatten()
+    chat_only = torch.nonzero(latent_classes(reference)["chat_only"] & alive).flatten()
     ls = latent_scaling(reference, [x_BMD], chat_only)
     genuine = chat_only[is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()]
     print(f"reference {opts['reference']}: {len(genuine)} genuine chat-only latents {genuine.tolist()}")

@@ -132,6 +132,17 @@ SCHEMA = {
     "k_max": Key(None, "int?", "batchtopk: anneal k linearly from k_max over k_annealing_steps (none: no "
                  "annealing)", *POS, sweep=True),
     "k_annealing_steps": Key(0, int, "batchtopk: steps over which k falls from k_max to k", *NONNEG, sweep=True),
+    # partitioned dictionaries (partition.py), for every architecture
+    "exclusive_fraction": Key(0.0, float, "latents exclusive to each model by construction, a fraction of dict_size "
+                              "(0: off; the DFC paper 0.05): the other models' weights of them stay zero",
+                              lambda v: 0 <= v < 0.5, "a number in [0, 0.5)", sweep=True),
+    "shared_fraction": Key(0.0, float, "designated shared latents, one decoder tied across models, a fraction of "
+                           "dict_size (0: off; Anthropic 10k of ~250k, the DFC paper 0.1)",
+                           lambda v: 0 <= v < 1, "a number in [0, 1)", sweep=True),
+    "shared_l1_scale": Key(0.15, float, "l1: the designated shared block's L1 penalty, on its one decoder norm, "
+                           "as a multiple of l1_coeff (Anthropic 0.1-0.2)", *NONNEG, sweep=True),
+    "shared_k_multiplier": Key(2.0, float, "batchtopk: the designated shared block keeps this multiple of its "
+                               "proportional share of k (the DFC paper's best, 2)", *POS, sweep=True),
     "b_dec_init": Key(None, "str?", "zeros or geometric_median (of the first batch); none: geometric_median for "
                       "batchtopk, zeros for l1", *one_of(B_DEC_INITS), sweep=True,
                       auto=by_architecture(l1="zeros", batchtopk="geometric_median")),
@@ -204,6 +215,48 @@ DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset",
                 "sweep", "sweep_id"}  # a sweep member's values and its sweep's directory name (sweep.py)
 
 
+PARTITION_KEYS = {"exclusive_fraction", "shared_fraction", "shared_l1_scale", "shared_k_multiplier", "dict_size",
+                  "n_models", "latent_shards", "architecture", "k", "k_max"}
+# Each architecture's knob of the designated shared block (partition.py); the other's is refused.
+SHARED_KNOBS = {"l1": "shared_l1_scale", "batchtopk": "shared_k_multiplier"}
+
+
+def partition_sizes(cfg):
+    """(latents exclusive to each model, designated shared latents): the fractions of dict_size,
+    rounded down as the DFC authors do."""
+    F = cfg["dict_size"]
+    return int(F * cfg["exclusive_fraction"]), int(F * cfg["shared_fraction"])
+
+
+def check_partition(cfg):
+    """A ConfigError naming the key when cfg's partition cannot be built: a fraction that gives no
+    latent, blocks that overlap (together beyond the dictionary), a block that does not split over
+    the latent shards, the other architecture's knob of the designated block."""
+    exclusive, shared = partition_sizes(cfg)
+    for key, size in (("exclusive_fraction", exclusive), ("shared_fraction", shared)):
+        if cfg[key] > 0 and size == 0:
+            raise ConfigError(f"config key '{key}' = {cfg[key]} gives no latent of dict_size {cfg['dict_size']}")
+    free = cfg["dict_size"] - cfg["n_models"] * exclusive - shared
+    if free < 0:
+        raise ConfigError(f"config keys 'exclusive_fraction' ({cfg['n_models']} x {exclusive} latents) and "
+                          f"'shared_fraction' ({shared}) overlap: together they exceed dict_size {cfg['dict_size']}")
+    shards = cfg["latent_shards"]
+    for key, name, size in (("exclusive_fraction", "each model's exclusive block", exclusive),
+                            ("shared_fraction", "the designated shared block", shared),
+                            ("dict_size", "the free rest", free)):
+        if size % shards:
+            raise ConfigError(f"config key '{key}': {name} ({size} latents) does not split over "
+                              f"latent_shards={shards}: choose sizes that are multiples of it")
+    if shared:
+        for arch, knob in SHARED_KNOBS.items():
+            if arch != cfg["architecture"] and cfg[knob] != SCHEMA[knob].default:
+                raise ConfigError(f"config key '{knob}' is the {arch} crosscoder's designated-shared knob; "
+                                  f"architecture {cfg['architecture']!r} takes '{SHARED_KNOBS[cfg['architecture']]}'")
+        if cfg["architecture"] == "batchtopk" and min(cfg["k"], cfg["k_max"] or cfg["k"]) < 2:
+            raise ConfigError("config key 'shared_fraction' with batchtopk needs k >= 2: the designated block and "
+                              "the rest each keep at least one latent per token")
+
+
 def effective(cfg, key):
     """The value of a key whose default (none) depends on the run: the table's `auto` (aux_k
     d_in // 2; b_dec_init and recon_loss the authors' choice for batchtopk, the reference's for
@@ -272,6 +325,8 @@ def validate_cfg(cfg, across=True):
     if "latent_shards" in cfg and "dict_size" in cfg and cfg["dict_size"] % cfg["latent_shards"]:
         raise ConfigError(f"dict_size {cfg['dict_size']} does not split into latent_shards={cfg['latent_shards']} "
                           "equal shards: choose a multiple")
+    if PARTITION_KEYS <= set(cfg):
+        check_partition(cfg)
     if cfg.get("architecture") == "batchtopk" and {"threshold_start_step", "num_tokens", "batch_size"} <= set(cfg):
         steps = cfg["num_tokens"] // cfg["batch_size"]
         if cfg["threshold_start_step"] >= steps - 1:

@@ -21,10 +21,13 @@ from torch import nn
 
 from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_checkpoint, next_version_dir,
                         read_crosscoder, resolve_version_dir, write_checkpoint)
-from config import DERIVED_KEYS, SCHEMA, ConfigError, completed, effective
-from distributed import (Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, resolve_device, shard_rows,
-                         sum_over_shards, take_shard)
+from config import DERIVED_KEYS, SCHEMA, ConfigError, check_partition, completed, effective
+from distributed import (Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, resolve_device, sum_over_shards,
+                         take_shard)
 from hub import HF_REPO_ID, push_to_hub, read_published
+from partition import (DESIGNATED, allowed_mask, check_violations, constrained, impose_, k_shares, l1_weights,
+                       latent_owner, partition_of, project_decoder_grad, project_encoder_grad, shard_latents,
+                       violations)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONE_PROCESS = Mesh()
@@ -72,12 +75,24 @@ class CrossCoder(nn.Module):
         self.cfg = cfg
         self.dtype = DTYPES[cfg["enc_dtype"]]
         self.n_models = cfg["n_models"]
-        rows = shard_rows(cfg["dict_size"], shard)
-        W_dec_FMD = init_decoder(cfg, rows)  # a local generator: same seed, same weights
-        W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent")
-        self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype).contiguous())
+        # partition.py: the blocks of a partitioned dictionary (one free block for a standard one)
+        if cfg["exclusive_fraction"] or cfg["shared_fraction"]:
+            check_partition(cfg)
+        self.partition = partition_of(cfg)
+        latents_f = shard_latents(self.partition, shard)
+        owner_f = latent_owner(self.partition, latents_f)
+        allowed_fM, tied_f = allowed_mask(owner_f, self.n_models), owner_f == DESIGNATED
+        W_dec_FMD = init_decoder(cfg, latents_f)  # a local generator: same seed, same weights
+        W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent").contiguous()
+        impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)
+        self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype))
         self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
-        self.b_enc = nn.Parameter(torch.zeros(rows.stop - rows.start, dtype=self.dtype))
+        self.b_enc = nn.Parameter(torch.zeros(len(latents_f), dtype=self.dtype))
+        # not saved: the config rebuilds them
+        self.register_buffer("latents", latents_f, persistent=False)  # [f] global indices held here
+        self.register_buffer("owner_f", owner_f, persistent=False)  # a model's index, DESIGNATED or FREE
+        self.register_buffer("allowed_fM", allowed_fM, persistent=False)
+        self.register_buffer("tied_f", tied_f, persistent=False)
         self.b_dec = nn.Parameter(torch.zeros(self.n_models, cfg["d_in"], dtype=self.dtype))
         self.shard = shard
         self.to(resolve_device(cfg["device"]))
@@ -85,8 +100,23 @@ class CrossCoder(nn.Module):
         self.save_version = 0
 
     # ---------------------------------------------------------------- forward maths
+    def encoder_weight(self):
+        """W_enc as the maths use it: of a partitioned dictionary, with its gradient projected
+        (partition.py: forbidden weights get none)."""
+        if not self.partition.exclusive:
+            return self.W_enc
+        return constrained(self.W_enc, lambda g: project_encoder_grad(g, self.allowed_fM))
+
+    def decoder_weight(self):
+        """W_dec as the maths use it: of a partitioned dictionary, with its gradient projected
+        (forbidden rows get none, tied rows the sum over models)."""
+        if not self.partition.active:
+            return self.W_dec
+        return constrained(self.W_dec, lambda g: project_decoder_grad(g, self.allowed_fM, self.tied_f))
+
     def encode(self, x_BMD, apply_relu=True):
-        pre_BF = einsum(x_BMD.to(self.dtype), self.W_enc, "batch model d_in, model d_in latent -> batch latent") + self.b_enc
+        pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(),
+                        "batch model d_in, model d_in latent -> batch latent") + self.b_enc
         if not apply_relu:
             return pre_BF
         return self.select(torch.relu(pre_BF))[0]
@@ -97,7 +127,8 @@ class CrossCoder(nn.Module):
         return acts_BF, None
 
     def decode(self, acts_BF, mesh=ONE_PROCESS):
-        x_hat_BMD = einsum(acts_BF.to(self.dtype), self.W_dec, "batch latent, latent model d_in -> batch model d_in")
+        x_hat_BMD = einsum(acts_BF.to(self.dtype), self.decoder_weight(),
+                           "batch latent, latent model d_in -> batch model d_in")
         return sum_over_shards(x_hat_BMD, mesh.latent) + self.b_dec
 
     def forward(self, x_BMD):
@@ -120,10 +151,14 @@ class CrossCoder(nn.Module):
         var_BM = (x_BMD - x_BMD.mean(0, keepdim=True)).pow(2).sum(-1)
         ev_BM = 1 - sq_err_BM / var_BM
         ev_B = 1 - sq_err_B / var_BM.sum(-1)
-        total_dec_norm_F = self.decoder_norms().float().sum(-1)
+        norms_FM = self.decoder_norms().float()
+        total_dec_norm_F = norms_FM.sum(-1)
+        l1_weight_F = total_dec_norm_F
+        if self.partition.shared:  # the designated block pays for its one tied vector, reduced
+            l1_weight_F = l1_weights(norms_FM, self.tied_f, self.cfg["shared_l1_scale"])
         # The reference's l1 = (acts * norms).sum(-1).mean(). Summing over the batch first gives
         # the same number without a [B, F] product in the forward and two in the backward.
-        l1 = sum_over_shards((acts_BF.float().sum(0) * total_dec_norm_F).sum(), mesh.latent) / acts_BF.shape[0]
+        l1 = sum_over_shards((acts_BF.float().sum(0) * l1_weight_F).sum(), mesh.latent) / acts_BF.shape[0]
         l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
         losses = LossOutput(l2_loss=sq_err_B.mean(), l1_loss=l1, l0_loss=l0_B.mean(), explained_variance=ev_B.mean(),
                             explained_variance_A=ev_BM[:, 0].mean(), explained_variance_B=ev_BM[:, 1].mean())
@@ -165,7 +200,21 @@ class CrossCoder(nn.Module):
     # ---------------------------------------------------------------- analysis helpers
     def decoder_norms(self):
         """[F, M]: the norm of each latent's decoder vector in each model."""
-        return self.W_dec.norm(dim=-1)
+        return self.decoder_weight().norm(dim=-1)
+
+    def latent_owner(self):
+        """[F] (CPU) each latent's block: the model it is exclusive to, partition.DESIGNATED (tied,
+        shared by construction) or partition.FREE (a standard crosscoder's latents)."""
+        return self.owner_f.cpu()
+
+    def verify_partition(self, where="this crosscoder"):
+        """{"forbidden": the largest weight the partition forbids, "tied": the largest relative
+        difference between tied decoder rows}; raises partition.PartitionError unless forbidden is
+        exactly 0 and tied rows agree (to 1e-6)."""
+        if not self.partition.active:
+            return {"forbidden": 0.0, "tied": 0.0}
+        found = violations(self.W_enc, self.W_dec, self.allowed_fM, self.tied_f)
+        return check_violations(found, where)
 
     def relative_decoder_norm(self, model_a=0, model_b=1):
         """[F]: norm_b / (norm_a + norm_b); 0 = only in model a (base), 1 = only in b (chat).
@@ -250,8 +299,7 @@ class CrossCoder(nn.Module):
         model = CrossCoder(dict(known, device="cpu"), shard)
         model.cfg = cfg
         if shard[1] > 1:  # this shard's latents only
-            rows = shard_rows(cfg["dict_size"], shard)
-            state = {name: take_shard(name, t, rows) for name, t in state.items()}
+            state = {name: take_shard(name, t, model.latents) for name, t in state.items()}
         for name in PARAM_NAMES:
             want, got = tuple(getattr(model, name).shape), tuple(state[name].shape)
             if want != got:
@@ -262,6 +310,7 @@ class CrossCoder(nn.Module):
             raise CheckpointError(f"{where}: holds {sorted(set(state) - set(PARAM_NAMES)) or 'no extra state'} but "
                                   f"a {cfg['architecture']!r} crosscoder needs {list(model.EXTRA_STATE) or 'none'}")
         model.load_state_dict(state)
+        model.verify_partition(where)
         return model.eval().to(cfg["device"])  # eval: BatchTopK uses its threshold after loading
 
 
@@ -278,8 +327,10 @@ class BatchTopKCrossCoder(CrossCoder):
 
     def __init__(self, cfg, shard=(0, 1)):
         super().__init__(cfg, shard)
-        # the score threshold used at inference; -1 until training has estimated it
-        self.register_buffer("threshold", torch.tensor(-1.0, device=self.W_enc.device))
+        # the score threshold used at inference; -1 until training has estimated it. With a
+        # designated shared block, which keeps its own k share: [the rest's, the block's].
+        shape = (2,) if self.partition.shared else ()
+        self.register_buffer("threshold", torch.full(shape, -1.0, device=self.W_enc.device))
         self.score_norms = None  # set by fold_normalisation: scores use the unfolded norms
         self.k = self.cfg["k"]  # k now (step_inputs anneals it when k_max is set)
 
@@ -288,18 +339,29 @@ class BatchTopKCrossCoder(CrossCoder):
         scores above the estimated threshold (eval); and, training, the smallest kept score."""
         norms_F = self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)
         scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
-        if self.training or self.threshold < 0:
+        if self.training or (self.threshold < 0).any():
             group = mesh.world if self.training else None
             rows = acts_BF.shape[0] * (mesh.data_parallel if self.training else 1)  # the global batch
-            mask_BF, min_kept = batch_topk_mask(scores_BF, self.k, group, rows)
-            return acts_BF * mask_BF, min_kept
-        return acts_BF * (scores_BF > self.threshold), None
+            if not self.partition.shared:
+                mask_BF, min_kept = batch_topk_mask(scores_BF, self.k, group, rows)
+                return acts_BF * mask_BF, min_kept
+            # the designated shared block keeps its own (larger) share of k (partition.k_shares)
+            ks = k_shares(self.k, self.partition.shared, self.partition.dict_size, self.cfg["shared_k_multiplier"])
+            mask_BF = torch.zeros_like(scores_BF, dtype=torch.bool)
+            min_kept = []
+            for block_F, k in zip((~self.tied_f, self.tied_f), ks):
+                block_mask, block_min = batch_topk_mask(scores_BF[:, block_F], k, group, rows)
+                mask_BF[:, block_F] = block_mask
+                min_kept.append(block_min)
+            return acts_BF * mask_BF, torch.stack(min_kept)
+        threshold_F = self.threshold[self.tied_f.long()] if self.partition.shared else self.threshold
+        return acts_BF * (scores_BF > threshold_F), None
 
     def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
         """AuxK given the dead latents dead_F (else 0), and always the authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
         if dead_F is not None:
-            aux = aux_loss(err_BMD, pre_BF, self.W_dec, dead_F, effective(self.cfg, "aux_k"), mesh.latent,
+            aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
                            norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
 
@@ -317,8 +379,12 @@ class BatchTopKCrossCoder(CrossCoder):
         return self._reconstruction(losses, terms) + self.cfg["aux_coeff"] * terms["aux_loss"], 0.0
 
     def step_log(self, terms):
-        return {"l2_norm_loss": terms["l2_norm_loss"].detach(), "aux_loss": terms["aux_loss"].detach(),
-                "threshold": self.threshold.detach().clone(), "k": torch.tensor(float(self.k))}
+        threshold = self.threshold.detach().clone()
+        log = {"l2_norm_loss": terms["l2_norm_loss"].detach(), "aux_loss": terms["aux_loss"].detach(),
+               "threshold": threshold[0] if threshold.dim() else threshold, "k": torch.tensor(float(self.k))}
+        if threshold.dim():
+            log["threshold_shared"] = threshold[1]
+        return log
 
     def dead_window(self, step):
         """dead_tokens worth of batches, as the authors count for AuxK."""

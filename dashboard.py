@@ -72,7 +72,7 @@ def latent_table(crosscoder, fire_counts_F=None, n_tokens=None, max_act_F=None, 
     norms_FM = crosscoder.decoder_norms().detach().float().cpu()
     # A one-sided latent (a decoder of norm ~0) has no cosine: null, not a meaningless "-0.000".
     cos_F[norms_FM.min(-1).values <= ONE_SIDED * norms_FM.max(-1).values] = float("nan")
-    classes = classify_latents(rel_F)
+    classes = classify_latents(rel_F, crosscoder.latent_owner())
     class_F = np.full(len(rel_F), "other", dtype=object)
     for name in ("base_only", "shared", "chat_only"):
         class_F[classes[name].numpy()] = name

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from activations import autocast_context, extract_activations
 from cli import in_notebook
 from config import hook_layer
+from partition import DESIGNATED, FREE
 from tokenmask import PositionFilter, first_n
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
@@ -25,13 +26,30 @@ SHARED_RANGE = (0.3, 0.7)
 HELDOUT_TOKENS, BATCH_TOKENS = 2**18, 2**14
 
 
-def classify_latents(rel_norm_F):
-    """Boolean masks [F] for the reference's latent classes, from relative decoder norms."""
+def classify_latents(rel_norm_F, owner_F=None):
+    """Boolean masks [F] for the reference's latent classes, from relative decoder norms. owner_F
+    (CrossCoder.latent_owner) of a partitioned dictionary: with exclusive blocks, the model-only
+    classes are those blocks, exclusive by construction (a free latent near 0 or 1 counts as
+    other); designated shared latents are shared; the other free latents by their norm
+    (Anthropic classify exclusives only among the non-designated latents)."""
     base_only = rel_norm_F < BASE_ONLY_MAX
     chat_only = rel_norm_F > CHAT_ONLY_MIN
     shared = (rel_norm_F > SHARED_RANGE[0]) & (rel_norm_F < SHARED_RANGE[1])
+    if owner_F is not None and (owner_F != FREE).any():
+        free = owner_F == FREE
+        if (owner_F >= 0).any():  # exclusive blocks
+            base_only, chat_only = owner_F == 0, owner_F == 1
+        else:
+            base_only, chat_only = base_only & free, chat_only & free
+        shared = (shared & free) | (owner_F == DESIGNATED)
     other = ~(base_only | chat_only | shared)
     return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
+
+
+def latent_classes(crosscoder):
+    """classify_latents of a crosscoder's weights (CPU masks): by relative norm, by block where
+    partitioned."""
+    return classify_latents(crosscoder.relative_decoder_norm().cpu(), crosscoder.latent_owner())
 
 
 def iter_paired_activations(models, tokens_NS, hook_point, batch_size=8, desc="activations", progress=True, first=1):

@@ -8,8 +8,8 @@ averaged before clipping, so one step equals a single-process step on the global
 
 Dictionaries split over the latents: `torchrun --nproc_per_node=N train.py --latent_shards S`.
 The processes form a 2-D mesh, world = data groups x S (distributed.setup). In a latent group of
-S processes, shard s holds latents [s * f, (s + 1) * f): its columns of W_enc and b_enc, its rows
-of W_dec, their gradients and Adam state; b_dec is replicated. Every process of the group sees
+S processes, shard s holds latents [s * f, (s + 1) * f) (of a partitioned dictionary, the s-th
+slice of every block: partition.shard_latents): its columns of W_enc and b_enc, its rows of W_dec, their gradients and Adam state; b_dec is replicated. Every process of the group sees
 the group's whole batch, so encoding needs no communication. The decoder's partial
 reconstructions, the L1 and L0 sums and the AuxK reconstruction are summed over the group with
 sum_over_shards, whose backward is the identity: every process then computes the same loss from
@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from config import ConfigError
+from partition import shard_latents
 
 _control = None  # a gloo group for host-side flags, so that NCCL runs never sync a GPU for them
 _mesh = None  # with latent_shards > 1: the DeviceMesh (data, latent) of world = data groups x latent shards
@@ -297,25 +298,19 @@ def any_over_shards(flag, group):
     return flag > 0
 
 
-def shard_rows(dict_size, shard):
-    """The latents (a slice) that shard (index, count) holds."""
-    index, count = shard
-    f = dict_size // count
-    return slice(index * f, (index + 1) * f)
-
-
-def init_decoder(cfg, rows):
-    """Rows `rows` (a slice) of the initial W_dec [F, M, D] for cfg's seed: random directions of norm
-    dec_init_norm. Drawn a chunk at a time from one generator, so that every shard gets exactly
-    its rows of the whole dictionary's draw without holding the whole dictionary."""
+def init_decoder(cfg, latents_f):
+    """Rows latents_f (global indices, ascending within each block) of the initial W_dec [F, M, D]
+    for cfg's seed: random directions of norm dec_init_norm. Drawn a chunk at a time from one
+    generator, so that every shard gets exactly its rows of the whole dictionary's draw without
+    holding the whole dictionary."""
     F, M, D = cfg["dict_size"], cfg["n_models"], cfg["d_in"]
     gen = torch.Generator().manual_seed(cfg["seed"])
-    out_fMD = torch.empty(rows.stop - rows.start, M, D)
-    for start in range(0, rows.stop, INIT_CHUNK):
+    out_fMD = torch.empty(len(latents_f), M, D)
+    last = int(latents_f.max()) + 1 if len(latents_f) else 0
+    for start in range(0, last, INIT_CHUNK):
         block = torch.randn(min(INIT_CHUNK, F - start), M, D, generator=gen)
-        lo, hi = max(start, rows.start), min(start + len(block), rows.stop)
-        if lo < hi:
-            out_fMD[lo - rows.start : hi - rows.start] = block[lo - start : hi - start]
+        here = torch.nonzero((latents_f >= start) & (latents_f < start + len(block))).flatten()
+        out_fMD[here] = block[latents_f[here] - start]
     return out_fMD / out_fMD.norm(dim=-1, keepdim=True) * cfg["dec_init_norm"]
 
 
@@ -359,10 +354,11 @@ def clip_grad_norm_(crosscoder, max_norm, group):
 LATENT_AXIS = {"W_enc": -1, "W_dec": 0, "b_enc": 0}
 
 
-def take_shard(name, t, rows):
-    """Parameter `name`'s slice for the latents `rows` (itself when it is replicated)."""
+def take_shard(name, t, latents_f):
+    """Parameter `name`'s part for the latents latents_f (global indices; itself when it is
+    replicated). Reads only those rows of a memory-mapped t."""
     axis = LATENT_AXIS.get(name)
-    return t if axis is None else t.narrow(axis, rows.start, rows.stop - rows.start)
+    return t if axis is None else t.index_select(axis % t.dim(), latents_f)
 
 
 @torch.no_grad()
@@ -389,11 +385,12 @@ def gather_weights(crosscoder):
         shape = list(local.shape)
         shape[axis] = f * count
         whole = out[name] = torch.empty(shape, dtype=local.dtype)
-        whole.narrow(axis, 0, f).copy_(local)
+        whole.index_copy_(axis % whole.dim(), crosscoder.latents.cpu(), local.cpu())
         received = torch.empty_like(local) if count > 1 else None
         for source in range(1, count):
             dist.recv(received, src=source)
-            whole.narrow(axis, source * f, f).copy_(received)
+            latents_f = shard_latents(crosscoder.partition, (source, count))
+            whole.index_copy_(axis % whole.dim(), latents_f, received.cpu())
     if rank != 0:
         return None
     for name in crosscoder.EXTRA_STATE:  # replicated, as b_dec (a BatchTopK threshold)

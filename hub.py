@@ -1,7 +1,8 @@
 """Crosscoders published by others, and publishing ours: the reference's layout on the hub
 (<hook>/cfg.json and <hook>/cc_weights.pt, what CrossCoder.load_from_hf reads, and what
 CrossCoder.push_to_hub writes) and dictionary_learning's (config.json + model.safetensors), read
-from a hub repo or a local copy.
+from a hub repo or a local copy, and a training directory of the DFC authors' fork of it
+(superkaiba/dfc_learning: config.json + model_final.pt, its partition inside).
 """
 import json
 import tempfile
@@ -95,8 +96,31 @@ class FormatError(ValueError):
     pass
 
 
+def weights_file(directory):
+    """The state dict of a dictionary_learning directory: model.safetensors (PyTorchModelHubMixin),
+    or a training run's model_final.pt, else its newest checkpoint_<step>.pt (their training.py);
+    None when there is none."""
+    directory = Path(directory)
+    for name in (FILES[1], "model_final.pt"):
+        if (directory / name).is_file():
+            return directory / name
+    steps = [p for p in directory.glob("checkpoint_*.pt") if p.stem.split("_", 1)[1].isdigit()]
+    return max(steps, key=lambda p: int(p.stem.split("_", 1)[1]), default=None)
+
+
 def is_dictionary_learning_dir(path):
-    return all((Path(path) / name).is_file() for name in FILES)
+    return (Path(path) / FILES[0]).is_file() and weights_file(path) is not None
+
+
+def exclusive_fraction_of(partition, directory):
+    """The DFC authors' partition (model_a/b_exclusive_pct, from the state dict's
+    _partition_config, the init arguments or the trainer's dict_class_kwargs) as our
+    exclusive_fraction; 0 for none."""
+    a, b = (float(partition.get(f"model_{m}_exclusive_pct", 0.0)) for m in "ab")
+    if a != b:
+        raise FormatError(f"{directory}: exclusive blocks of unequal sizes ({a} and {b} of the dictionary); ours "
+                          "are one exclusive_fraction per model")
+    return a
 
 
 def hook_point_of_layer(layer):
@@ -115,11 +139,16 @@ def read_dictionary_learning(directory, model_names=None, hook_point=None):
     trainer = {}
     if (directory / TRAINER_FILE).is_file():
         trainer = json.loads((directory / TRAINER_FILE).read_text()).get("trainer", {})
-    raw = load_file(str(directory / "model.safetensors"))
+    if "trainer" in config:  # a training run's directory: its config.json is the trainer's
+        trainer, config = config["trainer"], {}
+    path = weights_file(directory)
+    raw = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
+                                                                                weights_only=True)
+    partition = {**trainer.get("dict_class_kwargs", {}), **config, **(raw.pop("_partition_config", None) or {})}
     raw = {k.split("_orig_mod.")[-1]: v for k, v in raw.items()}  # saved under torch.compile
     missing = [k for k in ("encoder.weight", "encoder.bias", "decoder.weight", "decoder.bias") if k not in raw]
     if missing:
-        raise FormatError(f"{directory}/model.safetensors lacks {missing}: not a dictionary_learning crosscoder")
+        raise FormatError(f"{path} lacks {missing}: not a dictionary_learning crosscoder")
     W_enc_MDF, W_dec_MFD = raw["encoder.weight"].float(), raw["decoder.weight"].float()
     M, D, F = W_enc_MDF.shape
     if W_dec_MFD.shape != (M, F, D):
@@ -150,6 +179,7 @@ def read_dictionary_learning(directory, model_names=None, hook_point=None):
            "dec_init_norm": config.get("norm_init_scale") or 0.005,
            "architecture": "batchtopk" if batchtopk else "l1",
            "hook_point": hook_point or hook_point_of_layer(trainer.get("layer", 13)),
+           "exclusive_fraction": exclusive_fraction_of(partition, directory),
            "model_names": list(model_names or DEFAULT_MODEL_NAMES), "normalisation_factor": factors,
            "source": f"dictionary_learning {config.get('dict_class') or trainer.get('dict_class') or ''} "
                      f"({code_norm}) from {directory}".replace("  ", " ")}
@@ -158,7 +188,7 @@ def read_dictionary_learning(directory, model_names=None, hook_point=None):
         if threshold.numel() != 1:
             raise FormatError(f"{directory}: per-model thresholds (DECOUPLED) are not supported")
         state["threshold"] = threshold.reshape(())
-        k = raw["k"] if "k" in raw else config.get("k")
+        k = raw["k"] if "k" in raw else config.get("k", trainer.get("k"))
         cfg["k"] = None if k is None else int(k)
     return cfg, state
 

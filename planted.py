@@ -7,7 +7,7 @@ Shape legend: B batch, M models, D d_in, F latents, T true features.
 """
 import torch
 
-from diffing import classify_latents, norm_difference
+from diffing import latent_classes, norm_difference
 
 
 class PlantedFeatureSource:
@@ -67,7 +67,7 @@ def recovery_report(crosscoder, source, threshold=0.9, counts=None):
     recovered_T = best_cos_T >= threshold
     predicted_F = torch.full((W_FMD.shape[0],), -1)
     if counts is None:
-        classes = classify_latents(crosscoder.relative_decoder_norm().cpu())
+        classes = latent_classes(crosscoder)
         predicted_F[classes["base_only"]], predicted_F[classes["shared"]], predicted_F[classes["chat_only"]] = 0, 1, 2
     else:
         predicted_F[:] = 1
@@ -112,7 +112,7 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     cc = trainer.crosscoder.eval()  # inference: BatchTopK selects by its threshold, token by token
     with torch.no_grad():
         log["inference_l0"] = sum(float((cc.encode(source.next()) > 0).sum(-1).float().mean()) for _ in range(8)) / 8
-    classes = classify_latents(cc.relative_decoder_norm().detach().cpu())
+    classes = latent_classes(cc)
     n_class = {name: int(mask.sum()) for name, mask in classes.items()}
     reports = {"by the relative-norm thresholds": recovery_report(cc, source)}
     if counts is not None:

@@ -249,7 +249,7 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=None, batch_seqs=None):
     (diffing.is_model_specific: the base model lacks their direction) and artefacts of the L1 loss
     (the base model has it). The crosscoder is read in eval mode (BatchTopK: its inference
     threshold, as after loading; no collective under torchrun)."""
-    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, classify_latents, is_model_specific, iter_paired_activations,
+    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, is_model_specific, iter_paired_activations, latent_classes,
                          latent_scaling)
 
     positions = cfg["seq_len"] - 1
@@ -275,7 +275,7 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=None, batch_seqs=None):
         rel = crosscoder.relative_decoder_norm().cpu()
         mass_all, mass_chat = mass_all.cpu(), mass_chat.cpu()
         alive = mass_all > 0
-        classes = classify_latents(rel)
+        classes = latent_classes(crosscoder)
         chat_only = torch.nonzero(classes["chat_only"] & alive).flatten()
         ls = latent_scaling(crosscoder, scaled, chat_only)
     finally:

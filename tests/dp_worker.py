@@ -125,6 +125,8 @@ def run(architecture, out, shards, steps=STEPS):
         result = {"tokens": tokens}
     elif architecture == "shard":  # l1 and BatchTopK over the mesh, then a forward and its gradients
         result = {a: shard_run(a, out, shards, steps) for a in ("l1", "batchtopk")}
+    elif architecture == "partition":  # the same, partitioned: exclusive, designated shared and free blocks
+        result = {a: shard_run(a, out, shards, steps, **PARTITION) for a in ("l1", "batchtopk")}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from crosscoder import batch_topk_mask
 
@@ -140,12 +142,16 @@ def run(architecture, out, shards, steps=STEPS):
     return result
 
 
-def shard_run(architecture, out, shards, steps):
+PARTITION = {"exclusive_fraction": 0.125, "shared_fraction": 0.125}  # blocks of 8, 8, 8 and 40 latents
+
+
+def shard_run(architecture, out, shards, steps, **partition):
     """The dictionary split over latent_shards (or data parallel with 1): steps, a save, then a
     training-mode forward on a fixed batch and the gradients of l2 + l1 on it."""
     cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64,
-                   threshold_start_step=0, latent_shards=shards,
-                   checkpoint_dir=os.path.join(os.path.dirname(out), f"ckpt_{architecture}_{shards}"))
+                   threshold_start_step=0, latent_shards=shards, **partition,
+                   checkpoint_dir=os.path.join(os.path.dirname(out),
+                                               f"ckpt_{architecture}_{shards}{'_p' * bool(partition)}"))
     trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
     logs = [trainer.log(trainer.step()) for _ in range(steps)]
     trainer.save()

@@ -204,30 +204,37 @@ def test_a_shard_is_initialised_as_its_rows_of_the_whole_dictionary(monkeypatch)
         assert part.b_enc.shape == (16,) and part.b_dec.shape == whole.b_dec.shape
 
 
+@pytest.mark.parametrize("mode", ["shard", "partition"])
 @pytest.mark.parametrize("shards", [2, 1])
-def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_path, shards, two_rank_runs):
+def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_path, shards, mode, two_rank_runs):
     """6 steps on 2 processes, as 1 data group x 2 latent shards or 2 data groups x 1 shard: the
     logged losses, every rank's weights (its slice), the checkpoint (gathered whole, read by a
     plain CrossCoder.load) and a final training-mode forward -- BatchTopK's selected latents
     included -- and its gradients (each shard's slice) equal one process training the whole
-    dictionary on the whole batches, to 1e-5."""
+    dictionary on the whole batches, to 1e-5. Partitioned (exclusive, designated shared and free
+    blocks): each shard holds its slice of every block, and the gathered checkpoint keeps the
+    partition exactly."""
+    from dp_worker import PARTITION
+    from partition import partition_of, shard_latents
     root, _, _ = two_rank_runs
     steps = STEPS
     for architecture in ("l1", "batchtopk"):
-        cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64, threshold_start_step=0)
+        partition = PARTITION if mode == "partition" else {}
+        cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2,
+                       dead_tokens=64, threshold_start_step=0, **partition)
         single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
         logs = [single.log(single.step()) for _ in range(steps)]
         want = {k: v.detach().clone() for k, v in single.crosscoder.state_dict().items()}  # as saved, before the forward
         x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
         losses, want_acts, _ = single.crosscoder.losses_and_acts(x)
         (losses.l2_loss + losses.l1_loss).backward()
-        ranks = [torch.load(root / f"shard@{shards}.rank{r}", weights_only=True)[architecture] for r in (0, 1)]
-        saved = CrossCoder.load(ranks[0]["save_dir"])
+        ranks = [torch.load(root / f"{mode}@{shards}.rank{r}", weights_only=True)[architecture] for r in (0, 1)]
+        saved = CrossCoder.load(ranks[0]["save_dir"])  # (verifies the partition)
         assert saved.cfg["latent_shards"] == shards and saved.cfg["dict_size"] == 64
         for name, value in saved.state_dict().items():
             torch.testing.assert_close(value, want[name], atol=1e-5, rtol=1e-5)
         for r, got in enumerate(ranks):
-            latents = slice(32 * r, 32 * (r + 1)) if shards == 2 else slice(None)
+            latents = shard_latents(partition_of(cfg), (r, 2)) if shards == 2 else slice(None)
             rows = slice(None) if shards == 2 else slice(16 * r, 16 * (r + 1))
             torch.testing.assert_close(got["weights"]["W_dec"], want["W_dec"][latents], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got["weights"]["W_enc"], want["W_enc"][..., latents], atol=1e-5, rtol=1e-5)

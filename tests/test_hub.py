@@ -194,3 +194,40 @@ def test_push_to_hub_uploads_the_published_layout(tmp_path, monkeypatch):
     assert calls == [("create", "me/my-crosscoder", True), ("upload", "me/my-crosscoder")]
     back = CrossCoder.load_from_hf(str(tmp_path / "hub" / "me/my-crosscoder"), path=cc.cfg["hook_point"])
     torch.testing.assert_close(back.W_enc, cc.W_enc, atol=0, rtol=0)
+
+
+def dfc_training_dir(directory, tamper=False):
+    """A training run of the DFC authors' fork (superkaiba/dfc_learning) as its training.py leaves
+    it: config.json holding the trainer's config (dict_class_kwargs as strings) and model_final.pt,
+    a torch.save of the state dict with its _partition_config; 8 of the 48 latents exclusive to
+    each model, their other model's weights zero."""
+    state = their_files(directory / "tmp", batchtopk=True, normalised=False)
+    for m, block in ((1, slice(0, 8)), (0, slice(8, 16))):  # model A's block, then model B's
+        state["encoder.weight"][m, :, block] = 0
+        state["decoder.weight"][m, block] = 0
+    if tamper:
+        state["decoder.weight"][1, 3, 0] = 1e-4
+    state["_partition_config"] = {"dict_size": F, "model_a_exclusive_pct": 1 / 6, "model_b_exclusive_pct": 1 / 6}
+    torch.save(state, directory / "model_final.pt")
+    trainer = {"dict_class": "DedicatedFeatureBatchTopKCrossCoder", "layer": 13, "k": 4,
+               "dict_class_kwargs": {"model_a_exclusive_pct": str(1 / 6), "model_b_exclusive_pct": str(1 / 6)}}
+    (directory / "config.json").write_text(json.dumps({"trainer": trainer, "buffer": {}}))
+    return state
+
+
+def test_a_dedicated_feature_crosscoder_of_the_dfc_authors_loads_with_its_partition(tmp_path):
+    from diffing import latent_classes
+    from partition import PartitionError
+
+    state = dfc_training_dir(tmp_path)
+    cc = CrossCoder.load_from_hf(str(tmp_path))
+    assert cc.partition.exclusive == 8 and cc.cfg["exclusive_fraction"] == 1 / 6 and cc.cfg["k"] == 4
+    assert cc.verify_partition()["forbidden"] == 0
+    classes = latent_classes(cc)
+    assert classes["base_only"].nonzero().flatten().tolist() == list(range(8))
+    assert classes["chat_only"].nonzero().flatten().tolist() == list(range(8, 16))
+    x = torch.randn(64, M, D) * 4
+    torch.testing.assert_close(cc.encode(x), their_forward(state, x, True)[1], rtol=1e-4, atol=1e-5)
+    dfc_training_dir(tmp_path / "broken", tamper=True)
+    with pytest.raises(PartitionError, match="largest forbidden weight 0.0001"):
+        CrossCoder.load_from_hf(str(tmp_path / "broken"))

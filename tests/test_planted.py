@@ -45,7 +45,7 @@ def test_classification_by_rank_takes_the_n_most_leaning_latents_of_each_side():
                                 torch.stack([torch.zeros(3), d[2]])])
     W_dec = torch.stack([torch.stack([0.7 * d[0], 0.3 * d[0]]), torch.stack([d[1], d[1]]),
                          torch.stack([0.2 * d[2], 0.8 * d[2]])])
-    cc = types.SimpleNamespace(W_dec=W_dec, decoder_norms=lambda: W_dec.norm(dim=-1),
+    cc = types.SimpleNamespace(W_dec=W_dec, decoder_norms=lambda: W_dec.norm(dim=-1), latent_owner=lambda: torch.full((3,), -1),
                                relative_decoder_norm=lambda: W_dec.norm(dim=-1)[:, 1] / W_dec.norm(dim=-1).sum(-1))
     by_threshold = recovery_report(cc, src, threshold=0.9)
     assert by_threshold["all"]["recovered"] == 1.0 and by_threshold["all"]["classified"] == pytest.approx(1 / 3)
