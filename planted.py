@@ -84,6 +84,22 @@ def recovery_report(crosscoder, source, threshold=0.9, counts=None):
     return rows
 
 
+@torch.no_grad()
+def false_positives(crosscoder, source, alive_F, threshold=0.9):
+    """(model-only latents that fire, those of them matching no true feature of their class): a
+    base-only (chat-only) latent, by block where partitioned, matches when its decoder in the base
+    (chat) model has cosine >= threshold with a base-only (chat-only) feature's direction."""
+    W_FMD = torch.nn.functional.normalize(crosscoder.W_dec.float().cpu(), dim=-1)
+    classes = latent_classes(crosscoder)
+    n_kept = n_false = 0
+    for label, name, model in ((0, "base_only", 0), (2, "chat_only", 1)):
+        latents = torch.nonzero(classes[name] & alive_F.cpu()).flatten()
+        dirs_TD = source.dirs_TMD[source.labels_T == label, model]
+        best = (W_FMD[latents, model] @ dirs_TD.T).max(-1).values if len(dirs_TD) else torch.zeros(len(latents))
+        n_kept, n_false = n_kept + len(latents), n_false + int((best < threshold).sum())
+    return n_kept, n_false
+
+
 def format_recovery(rows):
     lines = [f"{'true features':<14} {'count':>5} {'recovered':>10} {'class correct':>14}"]
     for name, r in rows.items():
@@ -93,10 +109,11 @@ def format_recovery(rows):
 
 def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_chat_only=96, steps=2000,
                       batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", k=30, checkpoint_dir=None,
-                      counts=None, dead_tokens=None):
+                      counts=None, dead_tokens=None, exclusive_fraction=0.0, shared_fraction=0.0):
     """Train a crosscoder on planted features through the normal Trainer and score it: ({how it
-    classified: rows of recovery_report}, the last log, the latents per relative-norm class). With
-    counts, scored both by the relative-norm thresholds and by rank (recovery_report)."""
+    classified: rows of recovery_report}, the last log, the latents per class). With counts, scored
+    both by the relative-norm thresholds and by rank (recovery_report). The log gains
+    inference_l0, model_only and false_positives (false_positives, on 8 fresh batches)."""
     import tempfile
 
     from config import DEFAULTS
@@ -105,13 +122,16 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     cfg = dict(DEFAULTS, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
                lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
                architecture=architecture, k=k, progress=False, dead_tokens=dead_tokens,
+               exclusive_fraction=exclusive_fraction, shared_fraction=shared_fraction,
                checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"))
     source = PlantedFeatureSource(cfg, n_shared, n_base_only, n_chat_only, seed=seed)
     trainer = Trainer(cfg, buffer=source)
     log = trainer.train()
     cc = trainer.crosscoder.eval()  # inference: BatchTopK selects by its threshold, token by token
     with torch.no_grad():
-        log["inference_l0"] = sum(float((cc.encode(source.next()) > 0).sum(-1).float().mean()) for _ in range(8)) / 8
+        fired_BF = torch.cat([cc.encode(source.next()) > 0 for _ in range(8)])
+    log["inference_l0"] = float(fired_BF.sum(-1).float().mean())
+    log["model_only"], log["false_positives"] = false_positives(cc, source, fired_BF.any(0))
     classes = latent_classes(cc)
     n_class = {name: int(mask.sum()) for name, mask in classes.items()}
     reports = {"by the relative-norm thresholds": recovery_report(cc, source)}
@@ -121,13 +141,56 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     return reports, log, n_class
 
 
+# The partitioned crosscoders (partition.py) against the standard one, in the setting where the
+# capacity competition bites (Anthropic's Feb 2025 update; the DFC paper's toy data): exclusive
+# concepts a few percent per model, a dictionary not much larger than the true features.
+VARIANTS = (("standard", False, False), ("designated-shared", False, True), ("dedicated-feature", True, False))
+DFC_DEFAULTS = {"exclusive_fraction": 0.05, "shared_fraction": 0.1}  # the DFC paper's
+
+
+def compare_partitions(kwargs, exclusive_fraction=0.05, shared_fraction=0.1, architectures=("l1", "batchtopk")):
+    """planted_benchmark of each architecture as the standard, the designated-shared and the
+    dedicated-feature crosscoder, on the same features: one row of figures each."""
+    rows = []
+    for architecture in architectures:
+        for name, exclusive, shared in VARIANTS:
+            run = dict(kwargs, architecture=architecture, exclusive_fraction=exclusive_fraction * exclusive,
+                       shared_fraction=shared_fraction * shared, counts=None)
+            reports, log, _ = planted_benchmark(**run)
+            r = reports["by the relative-norm thresholds"]
+            n_excl = r["base_only"]["features"] + r["chat_only"]["features"]
+            recovered = sum(r[c]["recovered"] * r[c]["features"] for c in ("base_only", "chat_only")) / max(1, n_excl)
+            placed = sum(r[c]["recovered"] * r[c]["classified"] * r[c]["features"]
+                         for c in ("base_only", "chat_only")) / max(1, n_excl)
+            rows.append({"crosscoder": name, "architecture": architecture, "exclusive_recovered": recovered,
+                         "exclusive_placed": placed, "shared_recovered": r["shared"]["recovered"],
+                         "false_positives": log["false_positives"], "model_only": log["model_only"],
+                         "explained_variance": float(log["explained_variance"]),
+                         "dead_fraction": float(log["dead_fraction"]), "l0": log["inference_l0"]})
+    return rows
+
+
+def format_comparison(rows):
+    lines = ["| crosscoder | architecture | exclusive recovered | ... in its class or block | shared recovered | "
+             "false positives / model-only latents | explained variance | dead | L0 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(f"| {r['crosscoder']} | {r['architecture']} | {r['exclusive_recovered']:.1%} | "
+                     f"{r['exclusive_placed']:.1%} | {r['shared_recovered']:.1%} | {r['false_positives']} / "
+                     f"{r['model_only']} | {r['explained_variance']:.3f} | {r['dead_fraction']:.1%} | {r['l0']:.1f} |")
+    return "\n".join(lines)
+
+
 # The benchmark's settings on the command line: config keys (parsed and checked as train.py's) and
 # the planted features' counts.
 CLI_KEYS = {"architecture": "l1", "k": 30, "d_in": 128, "dict_size": 2048, "num_tokens": 2000 * 1024,
-            "batch_size": 1024, "l1_coeff": 2.0, "lr": 1e-3, "seed": 0, "dead_tokens": None}
+            "batch_size": 1024, "l1_coeff": 2.0, "lr": 1e-3, "seed": 0, "dead_tokens": None,
+            "exclusive_fraction": 0.0, "shared_fraction": 0.0}
 CLI_FLAGS = {"n_shared": "shared true features (default 320)", "n_base_only": "base-only true features (default 96)",
              "n_chat_only": "chat-only true features (default 96)",
              "counts": "N_BASE,N_CHAT: classify by rank as the authors do (an L1 run's class counts)",
+             "compare": "the standard, designated-shared and dedicated-feature crosscoders side by side, L1 and "
+                        "BatchTopK (fractions of 0: the DFC paper's 0.05 exclusive, 0.1 shared)",
              "help": "print this and exit"}
 
 
@@ -137,13 +200,13 @@ def parse_cli(argv):
     from cli import parse_overrides
     from config import ConfigError, complete_cfg
 
-    options, extras = parse_overrides(argv, CLI_KEYS, flags=tuple(CLI_FLAGS))
+    options, extras = parse_overrides(argv, CLI_KEYS, flags=tuple(CLI_FLAGS), switches=("compare",))
     if set(options) != set(CLI_KEYS):
         raise ConfigError(f"planted.py takes {sorted(CLI_KEYS)} and --{', --'.join(sorted(CLI_FLAGS))}, not "
                           f"{sorted(set(options) - set(CLI_KEYS))}")
     complete_cfg(options)  # each value checked as train.py checks it
     kwargs = {key: options[key] for key in ("architecture", "k", "d_in", "dict_size", "batch_size", "l1_coeff", "lr",
-                                            "seed", "dead_tokens")}
+                                            "seed", "dead_tokens", "exclusive_fraction", "shared_fraction")}
     kwargs["steps"] = options["num_tokens"] // options["batch_size"]
     for name, default in (("n_shared", 320), ("n_base_only", 96), ("n_chat_only", 96)):
         try:
@@ -160,6 +223,8 @@ def parse_cli(argv):
         if len(counts) != 2 or min(counts) < 0:
             raise ConfigError(f"--counts takes two integers N_BASE,N_CHAT, got {extras['counts']!r}")
         kwargs["counts"] = counts
+    if "compare" in extras:
+        kwargs["compare"] = True
     return kwargs, extras.get("help", False)
 
 
@@ -180,9 +245,17 @@ def main(argv):
         print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K] [--key value ...]",
                           CLI_KEYS, CLI_FLAGS))
         return 0
-    reports, log, n_class = planted_benchmark(**kwargs)
     n_true = kwargs["n_shared"] + kwargs["n_base_only"] + kwargs["n_chat_only"]
     tokens = kwargs["steps"] * kwargs["batch_size"]
+    if kwargs.pop("compare", False):
+        fractions = {key: kwargs.pop(key) or default for key, default in DFC_DEFAULTS.items()}
+        print(f"planted features, d_in {kwargs['d_in']}, {n_true} true features ({kwargs['n_shared']} shared, "
+              f"{kwargs['n_base_only']} base-only, {kwargs['n_chat_only']} chat-only), dict {kwargs['dict_size']}, "
+              f"{tokens:,} tokens, BatchTopK k {kwargs['k']}; partitions: exclusive_fraction "
+              f"{fractions['exclusive_fraction']}, shared_fraction {fractions['shared_fraction']}", flush=True)
+        print(format_comparison(compare_partitions(kwargs, **fractions)))
+        return 0
+    reports, log, n_class = planted_benchmark(**kwargs)
     if kwargs["architecture"] == "l1":
         dead_rule = "no activation in the last 1,000 steps"
     else:
@@ -191,7 +264,9 @@ def main(argv):
           f"), d_in {kwargs['d_in']}, {n_true} true features, dict {kwargs['dict_size']}, {tokens:,} tokens: "
           f"L0 {log['l0_loss']:.1f} (inference, on 8 fresh batches: {log['inference_l0']:.1f}), "
           f"explained variance {log['explained_variance']:.3f}, dead {log['dead_fraction']:.1%} ({dead_rule})")
-    print("latents per relative-norm class:", ", ".join(f"{k} {v}" for k, v in n_class.items()))
+    print("latents per class:", ", ".join(f"{k} {v}" for k, v in n_class.items()),
+          f"(model-only latents that fire: {log['model_only']}, matching no true feature of their class: "
+          f"{log['false_positives']})")
     for how, rows in reports.items():
         print(f"classified {how}:")
         print(format_recovery(rows))

@@ -86,3 +86,39 @@ def test_the_command_line_sets_the_benchmark(monkeypatch):
                       "--n_shared", "96", "--n_base_only", "32", "--n_chat_only", "32", "--dead_tokens", "1e7"])
     assert seen["steps"] == 1_500_000 // 1024 and seen["dict_size"] == 256 and seen["k"] == 6
     assert seen["dead_tokens"] == 10_000_000 and (seen["n_shared"], seen["n_base_only"], seen["n_chat_only"]) == (96, 32, 32)
+
+
+def test_false_positives_are_firing_model_only_latents_matching_no_feature_of_their_class():
+    """A base-only latent on the base-only feature, a chat-only latent on a shared feature's
+    direction (false), a dead chat-only latent on nothing (not counted), a shared latent."""
+    import types
+
+    from planted import false_positives
+
+    src = types.SimpleNamespace(labels_T=torch.tensor([0, 1, 2]), dirs_TMD=torch.zeros(3, 2, 4))
+    d = torch.eye(4)
+    src.dirs_TMD[0, 0], src.dirs_TMD[1, 0], src.dirs_TMD[1, 1], src.dirs_TMD[2, 1] = d[0], d[1], d[1], d[2]
+    W_dec = torch.zeros(4, 2, 4)
+    W_dec[0, 0] = d[0]  # base-only, right
+    W_dec[1, 1] = d[1]  # chat-only on the shared feature's chat direction: false
+    W_dec[2, 1] = d[3]  # chat-only, dead
+    W_dec[3] = d[1]  # shared
+    norms = W_dec.norm(dim=-1)
+    cc = types.SimpleNamespace(W_dec=W_dec, latent_owner=lambda: torch.full((4,), -1),
+                               relative_decoder_norm=lambda: norms[:, 1] / norms.sum(-1))
+    assert false_positives(cc, src, torch.tensor([True, True, False, True])) == (2, 1)
+
+
+def test_the_partition_comparison_trains_each_crosscoder_and_dedicated_blocks_hold_the_model_only_latents():
+    from planted import compare_partitions, main
+
+    kwargs = dict(d_in=16, dict_size=64, n_shared=24, n_base_only=4, n_chat_only=4, steps=30, batch_size=128,
+                  k=4, lr=1e-3, l1_coeff=2.0, seed=0, dead_tokens=None)
+    rows = compare_partitions(kwargs, exclusive_fraction=0.125, shared_fraction=0.25)
+    assert [(r["architecture"], r["crosscoder"]) for r in rows] == [
+        (a, c) for a in ("l1", "batchtopk") for c in ("standard", "designated-shared", "dedicated-feature")]
+    for r in rows:
+        assert 0 <= r["exclusive_placed"] <= r["exclusive_recovered"] <= 1 and 0 < r["explained_variance"] < 1
+        if r["crosscoder"] == "dedicated-feature":  # model-only means in a block: 8 + 8 latents
+            assert r["model_only"] <= 16
+    assert main(["--compare", "--exclusive_fraction", "0.6"]).startswith("error: config key 'exclusive_fraction'")

@@ -41,21 +41,26 @@ def assert_same_weights(a, b, tol=1e-5):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=tol, atol=tol)
 
 
-def test_a_sweep_member_equals_the_same_config_trained_alone(tmp_path):
-    """Two L1 crosscoders (l1_coeff 1 and 3) on one real buffer over tiny models: the l1_coeff 3
-    member's weights equal a run of that config alone (its own buffer, same seed) to 1e-5, and its
-    checkpoints sit in the sweep's version_1 with the sweep's values in its config."""
+@pytest.mark.parametrize("key, values", [("l1_coeff", [1.0, 3.0]), ("exclusive_fraction", [0.0, 0.125])])
+def test_a_sweep_member_equals_the_same_config_trained_alone(tmp_path, key, values):
+    """Two L1 crosscoders (l1_coeff 1 and 3; or standard and partitioned) on one real buffer over
+    tiny models: the second member's weights equal a run of that config alone (its own buffer,
+    same seed) to 1e-5, and its checkpoints sit in the sweep's version_1 with the sweep's values
+    in its config (a partitioned member's loading with its partition)."""
+    from crosscoder import CrossCoder
+
     models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
     cfg = tiny_cfg(tmp_path / "sweep", num_tokens=32 * 12)
-    run = Sweep(cfg, {"l1_coeff": [1.0, 3.0]}, models=models, tokens=tokens)
+    run = Sweep(cfg, {key: values}, models=models, tokens=tokens)
     run.train()
-    alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 12, l1_coeff=3.0), models=models, tokens=tokens)
+    alone = Trainer(tiny_cfg(tmp_path / "alone", num_tokens=32 * 12, **{key: values[1]}), models=models, tokens=tokens)
     alone.train()
     assert_same_weights(run.trainers[1].crosscoder, alone.crosscoder)
     assert not torch.allclose(run.trainers[0].crosscoder.W_dec, alone.crosscoder.W_dec)  # the other member differs
     member = run.sweep_dir / "version_1"
     saved = json.loads((member / "0_cfg.json").read_text())
-    assert saved["sweep"] == {"l1_coeff": 3.0} and saved["sweep_id"] == run.sweep_dir.name and saved["step"] == 12
+    assert saved["sweep"] == {key: values[1]} and saved["sweep_id"] == run.sweep_dir.name and saved["step"] == 12
+    assert CrossCoder.load(member).partition.exclusive == (8 if key == "exclusive_fraction" else 0)
     manifest = json.loads((run.sweep_dir / "sweep.json").read_text())
     assert [m["dir"] for m in manifest["members"]] == ["version_0", "version_1"]
 

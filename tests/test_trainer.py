@@ -288,10 +288,13 @@ def run_straight_and_resumed(tmp_path, models, tokens, n_steps, **kw):
     return straight, second
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, models):
-    """N steps straight == N/2 steps, interrupt, resume, N/2 steps (buffer refreshes included)."""
+@pytest.mark.parametrize("partition", [{}, {"exclusive_fraction": 0.125, "shared_fraction": 0.125}])
+def test_resume_gives_the_same_weights_as_a_straight_run(tmp_path, models, partition):
+    """N steps straight == N/2 steps, interrupt, resume, N/2 steps (buffer refreshes included);
+    also for a partitioned dictionary."""
     tokens = random_tokens(600, 9)
-    straight, resumed = run_straight_and_resumed(tmp_path, models, tokens, n_steps=24)
+    straight, resumed = run_straight_and_resumed(tmp_path, models, tokens, n_steps=24, **partition)
+    assert resumed.crosscoder.partition == straight.crosscoder.partition
     assert resumed.buffer.token_pointer == straight.buffer.token_pointer
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.allclose(getattr(resumed.crosscoder, name), getattr(straight.crosscoder, name), atol=1e-6)
