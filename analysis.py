@@ -281,6 +281,7 @@ if models is not None and len(probed):
     ls = latent_scaling(cc, scaled_batches(), probed)
     summary["latent_scaling"], ok = scaling_summary(ls, probed)
     summary["latent_scaling"]["selection"] = (f"the {EFFECTIVE_CHAT_ONLY} most chat-leaning latents" if EFFECTIVE_CHAT_ONLY
+                                              else "chat-only (the chat model's exclusive block)" if cc.partition.exclusive
                                               else f"chat-only (relative norm > {CHAT_ONLY_MIN})")
     print(f"latent scaling of the {summary['latent_scaling']['selection']} latents: "
           + format_scaling(summary["latent_scaling"]))

@@ -248,8 +248,8 @@ def main():
     from config import DEFAULTS
 
     # none: the shape's value (a small CPU gemma run overrides them)
-    options = {"device": "cuda" if torch.cuda.is_available() else "cpu",
-               **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult")}}
+    options = {"device": "cuda" if torch.cuda.is_available() else "cpu", "architecture": "l1", "k": 100,
+               **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult", "dict_size")}}
     flags = {"shape": "toy (default) or gemma", "steps": "crosscoder steps timed in (b)",
              "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models",
              "nproc": "N: only (c), ours, with 1 and with N data-parallel processes (torchrun)",
@@ -310,6 +310,12 @@ def main():
         step_logs[dtype] = trainer.step()  # the same weights history in both: compare the losses
         add(f"crosscoder step, {dtype}", step_tps[dtype])
         del trainer
+    if cfg["architecture"] == "batchtopk":  # the sparse step (sparse.py) against the dense one, fp32
+        trainer = Trainer(dict(cfg, sparse_step=True), buffer=type("Fixed", (), {"next": lambda self: x})())
+        t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
+        step_tps["sparse"] = batch * steps / t
+        add("crosscoder step, fp32, sparse", step_tps["sparse"])
+        del trainer
     loss_gap = max(abs(float(step_logs["bf16"][k]) / float(step_logs["fp32"][k]) - 1)
                    for k in ("l2_loss", "l1_loss", "explained_variance"))
 
@@ -318,8 +324,11 @@ def main():
         rate = step_tps[dtype] * flops
         summary.append(f"crosscoder step, {dtype}: {rate / 1e9:,.1f} GFLOP/s = {rate / peak[dtype]:.0%} of the {dtype} peak")
     summary.append(f"bf16 autocast vs fp32 after {2 * steps + 1} steps: largest relative loss difference {loss_gap:.1e}")
-    header = (f"bench --shape {shape_name} --device {device}: d_in {cfg['d_in']}, dict {cfg['dict_size']}, "
-              f"batch {batch}, (b) {steps} steps")
+    if "sparse" in step_tps:
+        summary.append(f"sparse/dense BatchTopK step speed-up: {step_tps['sparse'] / step_tps['fp32']:.2f}x")
+    header = (f"bench --shape {shape_name} --device {device}: {cfg['architecture']}"
+              + (f" k {cfg['k']}" if cfg["architecture"] == "batchtopk" else "")
+              + f", d_in {cfg['d_in']}, dict {cfg['dict_size']}, batch {batch}, (b) {steps} steps")
     if extras.get("step_only"):
         shutil.rmtree(cfg["checkpoint_dir"], ignore_errors=True)
         return print_report(header, rows, summary, device)

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch dtypes
 ARCHITECTURES = ("l1", "batchtopk")
 WANDB_MODES = (None, "online", "offline", "disabled")
-STEP_DTYPES = ("fp32", "bf16")
+STEP_DTYPES = ("fp32", "tf32", "bf16")
 B_DEC_INITS = (None, "zeros", "geometric_median")
 RECON_LOSSES = (None, "squared", "norm")
 
@@ -143,6 +143,9 @@ SCHEMA = {
                            "as a multiple of l1_coeff (Anthropic 0.1-0.2)", *NONNEG, sweep=True),
     "shared_k_multiplier": Key(2.0, float, "batchtopk: the designated shared block keeps this multiple of its "
                                "proportional share of k (the DFC paper's best, 2)", *POS, sweep=True),
+    "sparse_step": Key(False, bool, "batchtopk: decode, and take the decoder's and encoder's gradients and AuxK, "
+                       "from the kept latents only (sparse.py; false: the dense reference path)", resume=True,
+                       sweep=True),
     "b_dec_init": Key(None, "str?", "zeros or geometric_median (of the first batch); none: geometric_median for "
                       "batchtopk, zeros for l1", *one_of(B_DEC_INITS), sweep=True,
                       auto=by_architecture(l1="zeros", batchtopk="geometric_median")),
@@ -157,8 +160,8 @@ SCHEMA = {
     "checkpoint_buffer": Key(True, bool, "save the buffer with each checkpoint for an exact resume", resume=True),
     "store_dir": Key(None, "str?", "an activation store (store.py) to train from instead of running the "
                      "models; store.py writes it there", resume=True),
-    "step_dtype": Key("fp32", str, "crosscoder matmuls: fp32 (the reference) or bf16 autocast (weights stay "
-                      "fp32)", *one_of(STEP_DTYPES), resume=True, sweep=True),
+    "step_dtype": Key("fp32", str, "crosscoder matmuls: fp32 (the reference), tf32 (fp32 matmuls on TF32 tensor "
+                      "cores: CUDA; a CPU runs fp32) or bf16 autocast (weights stay fp32)", *one_of(STEP_DTYPES), resume=True, sweep=True),
     "latent_shards": Key(1, int, "split the dictionary over this many processes (torchrun): world size = "
                          "data-parallel groups x latent_shards", *POS),
     "dead_window": Key(1000, int, "l1: steps without firing after which the logged dead_fraction counts a "

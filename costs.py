@@ -57,6 +57,14 @@ def crosscoder_flops_per_token(cfg):
     return 10 * cfg["n_models"] * cfg["d_in"] * cfg["dict_size"]
 
 
+def sparse_step_flops_per_token(cfg):
+    """The same for BatchTopK's sparse step (sparse.py): the dense encoder forward 2·M·D·F, then
+    per kept latent 2·M·D each for the decode, the decoder's gradient, the values' gradient and
+    the encoder's weight gradient (AuxK, when latents are dead, adds its own kept entries)."""
+    M, D = cfg["n_models"], cfg["d_in"]
+    return 2 * M * D * cfg["dict_size"] + 8 * M * D * cfg["k"]
+
+
 def harvest_flops_per_token(c, n_layers, seq_len):
     """Matmul FLOPs per token of one model's forward through its first n_layers blocks (model
     config c), as TransformerLens runs them: the Q, K, V, O projections (K and V with grouped

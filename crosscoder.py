@@ -15,15 +15,15 @@ import copy
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 from einops import einsum, rearrange
 from torch import nn
 
 from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_checkpoint, next_version_dir,
                         read_crosscoder, resolve_version_dir, write_checkpoint)
 from config import DERIVED_KEYS, SCHEMA, ConfigError, check_partition, completed, effective
-from distributed import (Mesh, any_over_shards, aux_keep_mask, gather, init_decoder, resolve_device, sum_over_shards,
-                         take_shard)
+from batchtopk import aux_loss, aux_loss_kept, batch_topk_mask, k_at, update_threshold
+from sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
+from distributed import Mesh, any_over_shards, init_decoder, resolve_device, sum_over_shards, take_shard
 from hub import HF_REPO_ID, push_to_hub, read_published
 from partition import (DESIGNATED, allowed_mask, check_violations, constrained, impose_, k_shares, l1_weights,
                        latent_owner, partition_of, project_decoder_grad, project_encoder_grad, shard_latents,
@@ -59,14 +59,15 @@ class CrossCoder(nn.Module):
     # and the decoder norms' gradient. Measured with torch's MemTracker (tests/test_costs.py).
     STEP_PHASES = ((3, 0), (2, 1))
 
-    def __new__(cls, cfg=None, shard=(0, 1)):
+    def __new__(cls, cfg=None, shard=(0, 1), initialise=True):
         if cls is CrossCoder and cfg is not None:  # (cfg None: copy.deepcopy and pickle)
             cls = ARCHITECTURES[completed(cfg)["architecture"]]
         return super().__new__(cls)
 
-    def __init__(self, cfg, shard=(0, 1)):
+    def __init__(self, cfg, shard=(0, 1), initialise=True):
         """shard (index, count): hold only that slice of the latents (distributed.py; the whole
-        dictionary's initialisation, sliced)."""
+        dictionary's initialisation, sliced). initialise False: uninitialised weights, for a load
+        to fill (a 2^20-latent dictionary's random draw alone takes minutes)."""
         super().__init__()
         cfg = completed(cfg)  # the reference's own key set works: the other keys take their defaults
         if cfg["architecture"] != self.architecture:
@@ -82,9 +83,13 @@ class CrossCoder(nn.Module):
         latents_f = shard_latents(self.partition, shard)
         owner_f = latent_owner(self.partition, latents_f)
         allowed_fM, tied_f = allowed_mask(owner_f, self.n_models), owner_f == DESIGNATED
-        W_dec_FMD = init_decoder(cfg, latents_f)  # a local generator: same seed, same weights
-        W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent").contiguous()
-        impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)
+        if initialise:
+            W_dec_FMD = init_decoder(cfg, latents_f)  # a local generator: same seed, same weights
+            W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent").contiguous()
+            impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)
+        else:
+            W_dec_FMD = torch.empty(len(latents_f), self.n_models, cfg["d_in"], dtype=self.dtype)
+            W_enc_MDF = torch.empty(self.n_models, cfg["d_in"], len(latents_f), dtype=self.dtype)
         self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype))
         self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
         self.b_enc = nn.Parameter(torch.zeros(len(latents_f), dtype=self.dtype))
@@ -139,10 +144,20 @@ class CrossCoder(nn.Module):
         dead_F [F]: latents counted dead (AuxK); update_threshold_: BatchTopK updates its threshold."""
         pre_BF = self.encode(x_BMD, apply_relu=False)
         acts_BF, min_kept = self.select(torch.relu(pre_BF), mesh)
+        self._track_threshold(min_kept, update_threshold_)
+        x_hat_BMD = self.decode(acts_BF, mesh)
+        l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
+        return self._losses(x_BMD, x_hat_BMD, acts_BF.float().sum(0), l0_B, mesh), acts_BF, \
+            self.extra_terms(x_BMD.float() - x_hat_BMD.float(), pre_BF, dead_F, mesh)
+
+    def _track_threshold(self, min_kept, update_threshold_):
         if min_kept is not None and self.training and update_threshold_:
             with torch.no_grad():
                 self.threshold.copy_(update_threshold(self.threshold, min_kept.float(), self.cfg["threshold_beta"]))
-        x_hat_BMD = self.decode(acts_BF, mesh)
+
+    def _losses(self, x_BMD, x_hat_BMD, acts_sum_F, l0_B, mesh):
+        """LossOutput from the inputs, their reconstruction, each latent's activation summed over
+        the batch and each row's L0."""
         # Loss maths in float32 even when the weights are bf16/fp16.
         x_BMD = x_BMD.float()
         err_BMD = x_BMD - x_hat_BMD.float()
@@ -152,19 +167,16 @@ class CrossCoder(nn.Module):
         ev_BM = 1 - sq_err_BM / var_BM
         ev_B = 1 - sq_err_B / var_BM.sum(-1)
         norms_FM = self.decoder_norms().float()
-        total_dec_norm_F = norms_FM.sum(-1)
-        l1_weight_F = total_dec_norm_F
+        l1_weight_F = norms_FM.sum(-1)
         if self.partition.shared:  # the designated block pays for its one tied vector, reduced
             l1_weight_F = l1_weights(norms_FM, self.tied_f, self.cfg["shared_l1_scale"])
         # The reference's l1 = (acts * norms).sum(-1).mean(). Summing over the batch first gives
         # the same number without a [B, F] product in the forward and two in the backward.
-        l1 = sum_over_shards((acts_BF.float().sum(0) * l1_weight_F).sum(), mesh.latent) / acts_BF.shape[0]
-        l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
-        losses = LossOutput(l2_loss=sq_err_B.mean(), l1_loss=l1, l0_loss=l0_B.mean(), explained_variance=ev_B.mean(),
-                            explained_variance_A=ev_BM[:, 0].mean(), explained_variance_B=ev_BM[:, 1].mean())
-        return losses, acts_BF, self.extra_terms(err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh)
+        l1 = sum_over_shards((acts_sum_F * l1_weight_F).sum(), mesh.latent) / x_BMD.shape[0]
+        return LossOutput(l2_loss=sq_err_B.mean(), l1_loss=l1, l0_loss=l0_B.mean(), explained_variance=ev_B.mean(),
+                          explained_variance_A=ev_BM[:, 0].mean(), explained_variance_B=ev_BM[:, 1].mean())
 
-    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
+    def extra_terms(self, err_BMD, pre_BF, dead_F, mesh):
         """"aux_loss" (0 here) and, with recon_loss "norm", "l2_norm_loss": the error's L2 norm,
         mean over tokens and models (the BatchTopK authors' reconstruction loss)."""
         terms = {"aux_loss": torch.zeros((), device=err_BMD.device)}
@@ -296,7 +308,7 @@ class CrossCoder(nn.Module):
         cfg["device"] = resolve_device(device)
         # Built on CPU, checked, then moved; model.cfg is the config as saved (unknown keys kept).
         known = {k: v for k, v in cfg.items() if (k in SCHEMA or k in DERIVED_KEYS) and v is not None}
-        model = CrossCoder(dict(known, device="cpu"), shard)
+        model = CrossCoder(dict(known, device="cpu"), shard, initialise=False)  # the state fills it
         model.cfg = cfg
         if shard[1] > 1:  # this shard's latents only
             state = {name: take_shard(name, t, model.latents) for name, t in state.items()}
@@ -325,8 +337,8 @@ class BatchTopKCrossCoder(CrossCoder):
     EXTRA_STATE = ("threshold",)
     STEP_PHASES = ((8, 0),)  # the L1 temporaries plus the scores, the flattened selection, AuxK's copy
 
-    def __init__(self, cfg, shard=(0, 1)):
-        super().__init__(cfg, shard)
+    def __init__(self, cfg, shard=(0, 1), initialise=True):
+        super().__init__(cfg, shard, initialise)
         # the score threshold used at inference; -1 until training has estimated it. With a
         # designated shared block, which keeps its own k share: [the rest's, the block's].
         shape = (2,) if self.partition.shared else ()
@@ -357,12 +369,40 @@ class BatchTopKCrossCoder(CrossCoder):
         threshold_F = self.threshold[self.tied_f.long()] if self.partition.shared else self.threshold
         return acts_BF * (scores_BF > threshold_F), None
 
-    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
+    def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
+        """With sparse_step (training): the same losses, activations and terms, but the decoder,
+        its gradient, the encoder's weight gradient and AuxK computed from the kept entries only
+        (sparse.py); the dense path (the parent's) is the reference it equals."""
+        if not (self.training and self.cfg["sparse_step"]):
+            return super().losses_and_acts(x_BMD, dead_F, update_threshold_, mesh)
+        W_enc = self.encoder_weight()
+        with torch.no_grad():  # the dense forward only selects: no graph, no [B, F] backward
+            pre_BF = self.encode(x_BMD, apply_relu=False)
+            selected_BF, min_kept = self.select(torch.relu(pre_BF), mesh)
+            kept = kept_entries(selected_BF > 0)
+        self._track_threshold(min_kept, update_threshold_)
+        values_N = torch.relu(kept_preactivations(pre_BF, x_BMD, W_enc, self.b_enc, kept))
+        x_hat_BMD = sum_over_shards(sparse_decode(values_N, kept, self.decoder_weight()), mesh.latent) + self.b_dec
+        B, F = pre_BF.shape
+        acts_sum_F = torch.zeros(F, dtype=torch.float32, device=pre_BF.device).index_add(0, kept.cols, values_N.float())
+        l0_B = torch.zeros(B, device=pre_BF.device).index_add_(0, kept.rows, (values_N > 0).float())
+        losses = self._losses(x_BMD, x_hat_BMD, acts_sum_F, sum_over_shards(l0_B, mesh.latent), mesh)
+        err_BMD = x_BMD.float() - x_hat_BMD.float()
+        aux = torch.zeros((), device=err_BMD.device)
+        if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):  # (a host sync)
+            aux = aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc, self.b_enc, self.decoder_weight(), dead_F,
+                                effective(self.cfg, "aux_k"), mesh.latent, norms_F=self.decoder_norms().sum(-1),
+                                normalise=self.cfg["aux_normalise"], data_group=mesh.data)
+        terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
+        return losses, dense_activations(values_N, kept, (B, F)), terms
+
+    def extra_terms(self, err_BMD, pre_BF, dead_F, mesh):
         """AuxK given the dead latents dead_F (else 0), and always the authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
         if dead_F is not None:
             aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
-                           norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
+                           norms_F=self.decoder_norms().float().sum(-1), normalise=self.cfg["aux_normalise"],
+                           data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
 
     def step_inputs(self, step, steps_since_fired_F):
@@ -399,82 +439,3 @@ class BatchTopKCrossCoder(CrossCoder):
 
 
 ARCHITECTURES = {cls.architecture: cls for cls in (CrossCoder, BatchTopKCrossCoder)}
-
-
-# ---------------------------------------------------------------- BatchTopK's maths
-def batch_topk_mask(scores_BF, k, group=None, rows=None):
-    """Mask of the k * B largest scores of the batch, and the smallest positive kept score (0 when
-    none), which the inference threshold tracks. group: ranks holding equal shares of one batch's
-    scores (rows, columns or both), `rows` rows in all: the k * rows largest over all are kept, as
-    one process would. Each rank sends only its own k * rows largest (a superset of its share),
-    never its [B, F] matrix."""
-    B, F = scores_BF.shape
-    ranks = 1 if group is None else dist.get_world_size(group)
-    n_keep = min(k * (rows or B * ranks), B * F * ranks)
-    if ranks == 1:
-        kept = scores_BF.flatten().topk(n_keep, sorted=False)
-        mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
-        mask[kept.indices] = True
-        return mask.view(B, F), min_positive(kept.values)
-    candidates = scores_BF.detach().flatten().topk(min(n_keep, B * F), sorted=False).values
-    kept = gather(candidates, group).topk(n_keep, sorted=False).values
-    # ties at the cutoff are kept too (topk would keep some of them); a zero cutoff keeps zeros,
-    # which select nothing
-    return scores_BF >= kept.min(), min_positive(kept)
-
-
-def min_positive(values):
-    """The smallest positive value, or 0 when there is none (the authors' update_threshold)."""
-    return torch.where(values > 0, values, torch.inf).min().nan_to_num(posinf=0.0)
-
-
-def update_threshold(threshold, min_kept_score, decay=0.999):
-    """EMA of the smallest positive kept score (the authors' threshold_beta 0.999); a negative
-    threshold means none yet, and the first estimate is taken as is. No host sync."""
-    new = decay * threshold + (1 - decay) * min_kept_score
-    return torch.where(threshold < 0, min_kept_score, new)
-
-
-def k_at(step, k, k_max=None, annealing_steps=0):
-    """k annealed linearly from k_max to k over annealing_steps, rounded, at least 1 (the authors');
-    k without annealing (their trainer holds k_max at annealing_steps 0, contradicting their runs'
-    names with its 2048 default; we keep k)."""
-    if k_max is None or annealing_steps <= 0 or step >= annealing_steps:
-        return k
-    return max(1, int(round(k_max - (k_max - k) * step / annealing_steps)))
-
-
-def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None, norms_F=None, normalise=True,
-             data_group=None):
-    """AuxK: the (detached) error reconstructed from each token's aux_k most active dead latents,
-    without the decoder bias; squared error summed over models and d_in, mean over the batch; 0
-    when none is dead. norms_F: chosen by activation x this (the authors: summed decoder norms),
-    decoded with the plain activations. normalise: divided by the error's variance over the
-    (global: data_group's) batch, as Gao et al. and the authors. latent_group: the shards."""
-    acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
-    rank_BF = acts_BF if norms_F is None else acts_BF * norms_F.detach().float()
-    if latent_group is None:
-        top = rank_BF.topk(min(aux_k, rank_BF.shape[1]), dim=-1)
-        sparse_BF = torch.zeros_like(acts_BF).scatter(-1, top.indices, acts_BF.gather(-1, top.indices))
-    else:  # the aux_k largest of each row over every shard's latents
-        sparse_BF = acts_BF * aux_keep_mask(rank_BF, aux_k, latent_group)
-    err_hat_BMD = sum_over_shards(torch.einsum("bf,fmd->bmd", sparse_BF, W_dec_FMD.float()), latent_group)
-    err_BMD = err_BMD.detach().float()
-    loss = (err_hat_BMD - err_BMD).pow(2).sum((-1, -2)).mean()
-    if normalise:
-        loss = (loss / residual_variance(err_BMD, data_group)).nan_to_num(0.0)
-    return loss * any_over_shards(dead_F.any(), latent_group)
-
-
-@torch.no_grad()
-def residual_variance(r_BMD, data_group=None):
-    """mean_B sum_MD (r - mean_B r)^2 over the rows of every rank of data_group (the global
-    batch), from its sums in float64: one all-reduce, no host sync."""
-    if data_group is None:
-        return (r_BMD - r_BMD.mean(0)).pow(2).sum((-1, -2)).mean()
-    r = r_BMD.double().flatten(1)
-    sums = torch.cat([r.sum(0), r.pow(2).sum().view(1), torch.tensor([r.shape[0]], dtype=r.dtype, device=r.device)])
-    dist.all_reduce(sums, group=data_group)
-    n = sums[-1]
-    mean_sq = sums[:-2].div(n).pow(2).sum()
-    return (sums[-2] / n - mean_sq).float()

@@ -8,6 +8,7 @@ over the first 5%; gradient norm clipped at 1.0; loss = l2 + l1_coeff(t) * l1. N
 a step: numbers are read only at log steps. step_dtype "bf16" runs the step's matmuls under bf16
 autocast (the reference: fp32).
 """
+import contextlib
 import signal
 
 import torch
@@ -83,6 +84,19 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, signum, step):
         super().__init__(f"received {signal.Signals(signum).name} at step {step}")
         self.signum, self.step, self.save_dir = signum, step, None
+
+
+@contextlib.contextmanager
+def matmul_precision(precision):
+    """torch.set_float32_matmul_precision inside the block ("high": TF32 matmuls on CUDA GPUs that
+    have them; a CPU ignores it), the previous setting restored after; None: unchanged."""
+    previous = torch.get_float32_matmul_precision()
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
 
 
 class Trainer:
@@ -183,10 +197,11 @@ class Trainer:
             with torch.no_grad():  # the authors start b_dec at the first (global) batch's geometric median
                 self.crosscoder.b_dec.copy_(geometric_median(acts_BMD, self.mesh.data))
         inputs = self.crosscoder.step_inputs(i, self.steps_since_fired)  # the architecture's (BatchTopK: k, dead latents)
-        with self._step_autocast():
-            losses, latents_BF, terms = self.crosscoder.losses_and_acts(acts_BMD, **inputs, mesh=self.mesh)
-        loss, l1_coeff = self.crosscoder.training_loss(losses, terms, i, self.total_steps)
-        loss.backward()
+        with matmul_precision("high" if cfg["step_dtype"] == "tf32" else None):  # forward and backward
+            with self._step_autocast():
+                losses, latents_BF, terms = self.crosscoder.losses_and_acts(acts_BMD, **inputs, mesh=self.mesh)
+            loss, l1_coeff = self.crosscoder.training_loss(losses, terms, i, self.total_steps)
+            loss.backward()
         fired_F = (latents_BF.detach() > 0).any(0)
         if self.world_size > 1:  # gradients averaged before clipping, as in one process; fired on any rank
             fired_count_F = fired_F.float()

@@ -127,6 +127,9 @@ def run(architecture, out, shards, steps=STEPS):
         result = {a: shard_run(a, out, shards, steps) for a in ("l1", "batchtopk")}
     elif architecture == "partition":  # the same, partitioned: exclusive, designated shared and free blocks
         result = {a: shard_run(a, out, shards, steps, **PARTITION) for a in ("l1", "batchtopk")}
+    elif architecture == "sparse":  # BatchTopK's sparse step, standard and partitioned
+        result = {"batchtopk": shard_run("batchtopk", out, shards, steps, sparse_step=True),
+                  "partitioned": shard_run("batchtopk", out, shards, steps, sparse_step=True, **PARTITION)}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from crosscoder import batch_topk_mask
 
@@ -145,13 +148,12 @@ def run(architecture, out, shards, steps=STEPS):
 PARTITION = {"exclusive_fraction": 0.125, "shared_fraction": 0.125}  # blocks of 8, 8, 8 and 40 latents
 
 
-def shard_run(architecture, out, shards, steps, **partition):
+def shard_run(architecture, out, shards, steps, **extra):
     """The dictionary split over latent_shards (or data parallel with 1): steps, a save, then a
     training-mode forward on a fixed batch and the gradients of l2 + l1 on it."""
     cfg = tiny_cfg(num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2, dead_tokens=64,
-                   threshold_start_step=0, latent_shards=shards, **partition,
-                   checkpoint_dir=os.path.join(os.path.dirname(out),
-                                               f"ckpt_{architecture}_{shards}{'_p' * bool(partition)}"))
+                   threshold_start_step=0, latent_shards=shards, **extra,
+                   checkpoint_dir=os.path.join(os.path.dirname(out), f"ckpt_{architecture}_{shards}_{'_'.join(extra)}"))
     trainer = Trainer(cfg, buffer=GlobalBatches(cfg, distributed.shard(cfg["batch_size"])))
     logs = [trainer.log(trainer.step()) for _ in range(steps)]
     trainer.save()

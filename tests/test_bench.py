@@ -34,3 +34,15 @@ def test_bench_sweep_times_one_crosscoder_and_a_sweep_on_one_harvest():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "end to end, one crosscoder" in out.stdout and "end to end, sweep of 2 (each)" in out.stdout
     assert "2 crosscoders on 1M tokens each" in out.stdout and "x faster" in out.stdout
+
+
+def test_bench_times_the_sparse_batchtopk_step_against_the_dense_one():
+    """`bench.py --architecture batchtopk --step_only`: the dense steps, the sparse one and the
+    speed-up line (timings reported, never asserted)."""
+    import re
+
+    out = run_script("bench.py", "--shape", "toy", "--architecture", "batchtopk", "--k", "8", "--step_only",
+                     "--steps", "3", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "batchtopk k 8" in out.stdout and "crosscoder step, fp32, sparse" in out.stdout
+    assert re.search(r"sparse/dense BatchTopK step speed-up: \d+\.\d\dx", out.stdout)

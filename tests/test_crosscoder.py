@@ -584,3 +584,22 @@ def test_training_loss_is_l2_plus_the_scheduled_l1_or_l2_plus_weighted_auxk():
     assert coeff == 0.0 and float(loss) == pytest.approx(3.0 + 0.25 * 8.0)
     loss, _ = training_loss(losses, aux, 900, 1000, {"architecture": "l1", "l1_coeff": 2.0, "recon_loss": "norm"})
     assert float(loss) == pytest.approx(1.5 + 2.0 * 10.0)
+
+
+@pytest.mark.parametrize("shard", [(0, 1), (1, 2)])
+def test_loading_a_checkpoint_draws_no_random_initialisation(tmp_path, monkeypatch, shard):
+    """A load builds uninitialised weights and fills them from the file: the random draw (minutes
+    for a 2^20-latent dictionary) never runs, and the weights are the saved ones."""
+    import crosscoder
+
+    cc = CrossCoder(cc_cfg(tmp_path, architecture="batchtopk"))
+    cc.save()
+
+    def no_draw(*args):
+        raise AssertionError("init_decoder ran during a load")
+
+    monkeypatch.setattr(crosscoder, "init_decoder", no_draw)
+    loaded = CrossCoder.load(cc.save_dir, shard=shard)
+    rows = slice(None) if shard == (0, 1) else slice(cc.W_dec.shape[0] // 2, None)
+    torch.testing.assert_close(loaded.W_dec, cc.W_dec[rows].detach(), atol=0, rtol=0)
+    torch.testing.assert_close(loaded.W_enc, cc.W_enc[..., rows].detach(), atol=0, rtol=0)

@@ -79,6 +79,15 @@ def test_the_table_lists_the_latents_that_fired_with_their_norms_and_latent_scal
     assert sum(histogram) == 64
 
 
+def test_a_partitioned_crosscoders_table_classifies_by_block():
+    """Dedicated blocks of 8 latents each: 0-7 base-only, 8-15 chat-only, whatever their norms
+    (all equal at init, relative norm 0.5 for the free ones, which are shared)."""
+    cc = CrossCoder(tiny_cfg(exclusive_fraction=0.125))
+    table, _ = latent_table(cc)
+    assert table["class"] == ["base_only"] * 8 + ["chat_only"] * 8 + ["shared"] * 48
+    assert table["cos"][:16] == [None] * 16  # one-sided by construction
+
+
 def test_a_one_sided_latent_has_no_cosine_in_the_table():
     """A latent whose base decoder is zero has no direction there: its cosine is null (shown as a
     dash), not the "-0.000" cosine_similarity's epsilon makes; the others keep theirs."""

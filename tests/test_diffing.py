@@ -207,3 +207,25 @@ def test_reconstruction_by_source_pools_each_sources_tokens_and_splits_each_late
     classes = {"all": torch.ones(64, dtype=torch.bool)}
     share = class_chat_mass(classes, got["mass_F"], got["chat_mass_F"])["all"]["chat_mass_fraction"]
     assert abs(share - float(f[is_chat].sum() / f.sum())) < 1e-5
+
+
+def test_a_partitioned_dictionary_is_classified_by_its_blocks_and_the_free_latents_by_norm():
+    """Exclusive blocks are base-only / chat-only whatever their norms; a free latent near 1 is
+    then other; designated latents are shared; without exclusive blocks (designated only) the
+    free latents keep the norm classes."""
+    from diffing import classify_latents
+    from partition import DESIGNATED, FREE
+
+    rel = torch.tensor([0.5, 0.95, 0.02, 0.5, 0.95, 0.5, 0.05])
+    owner = torch.tensor([0, 1, DESIGNATED, FREE, FREE, FREE, FREE])
+    got = classify_latents(rel, owner)
+    assert got["base_only"].tolist() == [True, False, False, False, False, False, False]
+    assert got["chat_only"].tolist() == [False, True, False, False, False, False, False]
+    assert got["shared"].tolist() == [False, False, True, True, False, True, False]
+    assert got["other"].tolist() == [False, False, False, False, True, False, True]
+    designated_only = classify_latents(rel[2:], owner[2:])
+    assert designated_only["chat_only"].tolist() == [False, False, True, False, False]
+    assert designated_only["base_only"].tolist() == [False, False, False, False, True]
+    assert designated_only["shared"].tolist() == [True, True, False, True, False]
+    plain = classify_latents(rel)
+    assert plain["chat_only"].tolist() == [False, True, False, False, True, False, False]

@@ -204,7 +204,7 @@ def test_a_shard_is_initialised_as_its_rows_of_the_whole_dictionary(monkeypatch)
         assert part.b_enc.shape == (16,) and part.b_dec.shape == whole.b_dec.shape
 
 
-@pytest.mark.parametrize("mode", ["shard", "partition"])
+@pytest.mark.parametrize("mode", ["shard", "partition", "sparse"])
 @pytest.mark.parametrize("shards", [2, 1])
 def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_path, shards, mode, two_rank_runs):
     """6 steps on 2 processes, as 1 data group x 2 latent shards or 2 data groups x 1 shard: the
@@ -213,13 +213,16 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
     included -- and its gradients (each shard's slice) equal one process training the whole
     dictionary on the whole batches, to 1e-5. Partitioned (exclusive, designated shared and free
     blocks): each shard holds its slice of every block, and the gathered checkpoint keeps the
-    partition exactly."""
+    partition exactly. BatchTopK's sparse step (sparse.py), standard and partitioned, against the
+    dense step of one process."""
     from dp_worker import PARTITION
     from partition import partition_of, shard_latents
     root, _, _ = two_rank_runs
     steps = STEPS
-    for architecture in ("l1", "batchtopk"):
-        partition = PARTITION if mode == "partition" else {}
+    runs = {"sparse": [("batchtopk", "batchtopk", {}), ("partitioned", "batchtopk", PARTITION)],
+            "partition": [("l1", "l1", PARTITION), ("batchtopk", "batchtopk", PARTITION)]}.get(
+        mode, [("l1", "l1", {}), ("batchtopk", "batchtopk", {})])
+    for name, architecture, partition in runs:
         cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2,
                        dead_tokens=64, threshold_start_step=0, **partition)
         single = Trainer(cfg, buffer=GlobalBatches(cfg, slice(None)))
@@ -228,7 +231,7 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
         x = torch.randn(32, 2, cfg["d_in"], generator=torch.Generator().manual_seed(7))
         losses, want_acts, _ = single.crosscoder.losses_and_acts(x)
         (losses.l2_loss + losses.l1_loss).backward()
-        ranks = [torch.load(root / f"{mode}@{shards}.rank{r}", weights_only=True)[architecture] for r in (0, 1)]
+        ranks = [torch.load(root / f"{mode}@{shards}.rank{r}", weights_only=True)[name] for r in (0, 1)]
         saved = CrossCoder.load(ranks[0]["save_dir"])  # (verifies the partition)
         assert saved.cfg["latent_shards"] == shards and saved.cfg["dict_size"] == 64
         for name, value in saved.state_dict().items():

@@ -379,3 +379,25 @@ def test_l1_warmup_at_start_5pct_80pct_and_end():
     assert l1_coeff_at(50, total, 2.0) == 2.0
     assert l1_coeff_at(800, total, 2.0) == 2.0
     assert l1_coeff_at(999, total, 2.0) == 2.0
+
+
+def test_a_tf32_step_runs_forward_and_backward_at_high_matmul_precision_and_restores_it(tmp_path):
+    """step_dtype tf32: torch's float32 matmul precision is "high" (TF32 on CUDA) through the
+    forward and the backward, and as before after the step; on a CPU, which has no TF32, the step
+    equals the fp32 step."""
+    seen = []
+    x = torch.randn(32, 2, 32, generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for dtype in ("fp32", "tf32"):
+        trainer = Trainer(tiny_cfg(tmp_path / dtype, step_dtype=dtype), buffer=type("F", (), {"next": lambda s: x})())
+        real = trainer.crosscoder.training_loss
+
+        def spy(*args, real=real):
+            seen.append(torch.get_float32_matmul_precision())
+            return real(*args)
+
+        trainer.crosscoder.training_loss = spy
+        trainer.step()
+        runs[dtype] = trainer.crosscoder
+    assert seen == ["highest", "high"] and torch.get_float32_matmul_precision() == "highest"
+    torch.testing.assert_close(runs["tf32"].W_dec, runs["fp32"].W_dec, atol=0, rtol=0)

@@ -1,0 +1,103 @@
+"""sparse.py and BatchTopK's sparse step: equal to the dense reference path to 1e-5 in fp32."""
+import pytest
+import torch
+
+from conftest import tiny_cfg
+from crosscoder import CrossCoder
+from sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
+from trainer import Trainer
+
+PARTITIONS = [{}, {"exclusive_fraction": 0.125, "shared_fraction": 0.125}]
+
+
+def test_kept_entries_decode_and_their_gradients_equal_the_dense_product():
+    g = torch.Generator().manual_seed(0)
+    acts_BF = torch.relu(torch.randn(6, 10, generator=g)) * (torch.rand(6, 10, generator=g) < 0.3)
+    acts_BF[2] = 0  # a row without any kept latent: an empty bag
+    W_FMD = torch.randn(10, 2, 4, generator=g, requires_grad=True)
+    kept = kept_entries(acts_BF > 0)
+    values_N = acts_BF[kept.rows, kept.cols].clone().requires_grad_()
+    out = sparse_decode(values_N, kept, W_FMD)
+    want = torch.einsum("bf,fmd->bmd", dense_activations(values_N, kept, (6, 10)), W_FMD)
+    torch.testing.assert_close(out, want)
+    (out * torch.arange(48.0).view(6, 2, 4)).sum().backward()
+    dense_values = acts_BF.clone().requires_grad_()
+    W2 = W_FMD.detach().clone().requires_grad_()
+    (torch.einsum("bf,fmd->bmd", dense_values, W2) * torch.arange(48.0).view(6, 2, 4)).sum().backward()
+    torch.testing.assert_close(W_FMD.grad, W2.grad)
+    torch.testing.assert_close(values_N.grad, dense_values.grad[kept.rows, kept.cols])
+
+
+def test_kept_preactivations_give_the_encoder_the_dense_gradient_of_the_kept_entries():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 2, 5, generator=g)
+    W = torch.randn(2, 5, 12, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    pre = torch.einsum("bmd,mdf->bf", x, W) + b
+    mask = torch.rand(8, 12, generator=g) < 0.25
+    kept = kept_entries(mask)
+    weights = torch.randn(len(kept.rows), generator=g)
+    got = kept_preactivations(pre, x, W, b, kept)
+    torch.testing.assert_close(got, pre.detach()[mask])
+    (got * weights).sum().backward()
+    grad_W, grad_b = W.grad.clone(), b.grad.clone()
+    W.grad, b.grad = None, None
+    dense = torch.zeros(8, 12)
+    dense[kept.rows, kept.cols] = weights
+    (pre * dense).sum().backward()
+    torch.testing.assert_close(grad_W, W.grad)
+    torch.testing.assert_close(grad_b, b.grad)
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_a_sparse_step_equals_the_dense_step_losses_terms_and_every_gradient(partition):
+    """Training mode, AuxK over dead latents acting: the losses, the activations, AuxK and the
+    l2 norm loss, and the gradients of the training loss of every parameter."""
+    cfg = tiny_cfg(architecture="batchtopk", k=4, aux_k=8, **partition)
+    dense, sparse = CrossCoder(cfg).train(), CrossCoder(dict(cfg, sparse_step=True)).train()
+    with torch.no_grad():
+        dense.b_enc.uniform_(-0.1, 0.1, generator=torch.Generator().manual_seed(3))
+        sparse.b_enc.copy_(dense.b_enc)
+    x = torch.randn(32, 2, 32, generator=torch.Generator().manual_seed(2))
+    dead_F = torch.arange(64) % 3 == 0
+    results = []
+    for cc in (dense, sparse):
+        losses, acts, terms = cc.losses_and_acts(x, dead_F=dead_F)
+        (terms["l2_norm_loss"] + 0.03 * terms["aux_loss"] + losses.l2_loss).backward()
+        results.append((losses, acts, terms, {n: p.grad for n, p in cc.named_parameters()}))
+    (dl, da, dt, dg), (sl, sa, st, sg) = results
+    assert float(dt["aux_loss"]) > 0
+    for a, b in zip(dl, sl):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sa, da.detach(), atol=1e-5, rtol=1e-5)
+    for key in ("aux_loss", "l2_norm_loss"):
+        torch.testing.assert_close(st[key], dt[key], atol=1e-5, rtol=1e-5)
+    for name in dg:
+        torch.testing.assert_close(sg[name], dg[name], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sparse.threshold, dense.threshold)
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_sparse_training_reaches_the_dense_runs_weights(partition):
+    """30 steps of the Trainer (Adam, clipping, AuxK as latents die, the threshold): the weights
+    and the logged metrics equal the dense run's to 1e-5."""
+    runs = []
+    for sparse in (False, True):
+        cfg = tiny_cfg(architecture="batchtopk", k=4, dead_tokens=64, threshold_start_step=5, num_tokens=32 * 30,
+                       sparse_step=sparse, **partition)
+        g = torch.Generator().manual_seed(0)
+
+        class Batches:
+            def next(self):
+                return torch.randn(32, 2, 32, generator=g) * (torch.rand(32, 1, 1, generator=g) < 0.6)
+
+        trainer = Trainer(cfg, buffer=Batches())
+        logs = [trainer.step() for _ in range(30)]
+        runs.append((trainer.crosscoder, logs))
+    (dense, dense_logs), (sparse, sparse_logs) = runs
+    assert max(float(log["aux_loss"]) for log in dense_logs) > 0
+    for name, want in dense.state_dict().items():
+        torch.testing.assert_close(sparse.state_dict()[name], want, atol=1e-5, rtol=1e-5)
+    for key in ("loss", "l2_loss", "l0_loss", "aux_loss", "explained_variance"):
+        torch.testing.assert_close(torch.stack([log[key] for log in sparse_logs]),
+                                   torch.stack([log[key] for log in dense_logs]), atol=1e-5, rtol=1e-5)
