@@ -252,11 +252,12 @@ def main():
                **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult", "dict_size")}}
     flags = {"shape": "toy (default) or gemma", "steps": "crosscoder steps timed in (b)",
              "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models",
+             "fp32_only": "(b) in fp32 only (a CPU without bf16 units runs a bf16 BatchTopK step for minutes)",
              "nproc": "N: only (c), ours, with 1 and with N data-parallel processes (torchrun)",
              "sweep": "N: only (c), ours, one crosscoder against a sweep of N on one harvest (sweep.py)"}
     numbers = ("steps", "cycles", "nproc", "sweep")
     try:
-        given, extras = parse_overrides(sys.argv[1:], options, flags=("shape", *numbers), switches=("step_only",))
+        given, extras = parse_overrides(sys.argv[1:], options, flags=("shape", *numbers), switches=("step_only", "fp32_only"))
         if set(given) != set(options):
             raise ConfigError(f"bench.py takes only the config keys {sorted(options)}, not {sorted(set(given) - set(options))}")
         options, shape_name = given, extras.get("shape", "toy")
@@ -303,7 +304,8 @@ def main():
     # (b) crosscoder step alone, fp32 (the reference) and bf16 autocast
     x = torch.randn(batch, cfg["n_models"], cfg["d_in"], device=device)
     step_tps, step_logs = {}, {}
-    for dtype in ("fp32", "bf16"):
+    dtypes = ("fp32",) if extras.get("fp32_only") else ("fp32", "bf16")
+    for dtype in dtypes:
         trainer = Trainer(dict(cfg, step_dtype=dtype), buffer=type("Fixed", (), {"next": lambda self: x})())
         t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
         step_tps[dtype] = batch * steps / t
@@ -316,14 +318,15 @@ def main():
         step_tps["sparse"] = batch * steps / t
         add("crosscoder step, fp32, sparse", step_tps["sparse"])
         del trainer
-    loss_gap = max(abs(float(step_logs["bf16"][k]) / float(step_logs["fp32"][k]) - 1)
-                   for k in ("l2_loss", "l1_loss", "explained_variance"))
 
     summary = [f"dense matmul peak measured here: fp32 {peak['fp32'] / 1e9:,.1f}, bf16 {peak['bf16'] / 1e9:,.1f} GFLOP/s"]
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         rate = step_tps[dtype] * flops
         summary.append(f"crosscoder step, {dtype}: {rate / 1e9:,.1f} GFLOP/s = {rate / peak[dtype]:.0%} of the {dtype} peak")
-    summary.append(f"bf16 autocast vs fp32 after {2 * steps + 1} steps: largest relative loss difference {loss_gap:.1e}")
+    if "bf16" in step_logs:
+        loss_gap = max(abs(float(step_logs["bf16"][k]) / float(step_logs["fp32"][k]) - 1)
+                       for k in ("l2_loss", "l1_loss", "explained_variance"))
+        summary.append(f"bf16 autocast vs fp32 after {2 * steps + 1} steps: largest relative loss difference {loss_gap:.1e}")
     if "sparse" in step_tps:
         summary.append(f"sparse/dense BatchTopK step speed-up: {step_tps['sparse'] / step_tps['fp32']:.2f}x")
     header = (f"bench --shape {shape_name} --device {device}: {cfg['architecture']}"
