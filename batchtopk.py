@@ -54,26 +54,40 @@ def k_at(step, k, k_max=None, annealing_steps=0):
     return max(1, int(round(k_max - (k_max - k) * step / annealing_steps)))
 
 
-def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None, norms_F=None, normalise=True,
-             data_group=None):
-    """AuxK: the (detached) error reconstructed from each token's aux_k most active dead latents,
-    without the decoder bias; squared error summed over models and d_in, mean over the batch; 0
-    when none is dead. norms_F: chosen by activation x this (the authors: summed decoder norms),
-    decoded with the plain activations. normalise: divided by the error's variance over the
-    (global: data_group's) batch, as Gao et al. and the authors. latent_group: the shards."""
+@torch.no_grad()
+def aux_selection(pre_BF, dead_F, aux_k, latent_group=None, norms_F=None):
+    """[B, F] bool: each row's aux_k most active dead latents (over every shard's latents with a
+    latent_group), ranked by activation x norms_F when given (the authors: the summed decoder
+    norms); entries with zero activation left out (they would add nothing)."""
     acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
     rank_BF = acts_BF if norms_F is None else acts_BF * norms_F.detach().float()
     if latent_group is None:
-        top = rank_BF.topk(min(aux_k, rank_BF.shape[1]), dim=-1)
-        sparse_BF = torch.zeros_like(acts_BF).scatter(-1, top.indices, acts_BF.gather(-1, top.indices))
-    else:  # the aux_k largest of each row over every shard's latents
-        sparse_BF = acts_BF * aux_keep_mask(rank_BF, aux_k, latent_group)
-    err_hat_BMD = sum_over_shards(torch.einsum("bf,fmd->bmd", sparse_BF, W_dec_FMD.float()), latent_group)
+        top = rank_BF.topk(min(aux_k, rank_BF.shape[1]), dim=-1).indices
+        keep_BF = torch.zeros_like(acts_BF, dtype=torch.bool).scatter(-1, top, True)
+    else:
+        keep_BF = aux_keep_mask(rank_BF, aux_k, latent_group)
+    return keep_BF & (acts_BF > 0)
+
+
+def aux_error_loss(err_hat_BMD, err_BMD, normalise=True, data_group=None):
+    """The AuxK loss of a reconstruction of the (detached) error: squared error summed over models
+    and d_in, mean over the batch; normalise: divided by the error's variance over the (global:
+    data_group's) batch, as Gao et al. and the authors."""
     err_BMD = err_BMD.detach().float()
     loss = (err_hat_BMD - err_BMD).pow(2).sum((-1, -2)).mean()
     if normalise:
         loss = (loss / residual_variance(err_BMD, data_group)).nan_to_num(0.0)
-    return loss * any_over_shards(dead_F.any(), latent_group)
+    return loss
+
+
+def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None, norms_F=None, normalise=True,
+             data_group=None):
+    """AuxK: the error reconstructed from each token's aux_k most active dead latents
+    (aux_selection), decoded with the plain activations and without the decoder bias
+    (aux_error_loss); 0 when none is dead. latent_group: the shards."""
+    sparse_BF = torch.relu(pre_BF.float()) * aux_selection(pre_BF, dead_F, aux_k, latent_group, norms_F)
+    err_hat_BMD = sum_over_shards(torch.einsum("bf,fmd->bmd", sparse_BF, W_dec_FMD.float()), latent_group)
+    return aux_error_loss(err_hat_BMD, err_BMD, normalise, data_group) * any_over_shards(dead_F.any(), latent_group)
 
 
 def aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc_MDF, b_enc_F, W_dec_FMD, dead_F, aux_k, latent_group=None,
@@ -81,22 +95,10 @@ def aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc_MDF, b_enc_F, W_dec_FMD, dead_F,
     """aux_loss over the kept entries only (sparse.py): the same selection and loss, from a dense
     pre_BF without a graph; the gradients reach W_enc, b_enc and W_dec through the kept dead
     latents alone. The caller skips it when no latent is dead anywhere."""
-    with torch.no_grad():
-        acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
-        rank_BF = acts_BF if norms_F is None else acts_BF * norms_F.detach().float()
-        if latent_group is None:
-            top = rank_BF.topk(min(aux_k, rank_BF.shape[1]), dim=-1).indices
-            keep_BF = torch.zeros_like(acts_BF, dtype=torch.bool).scatter(-1, top, True)
-        else:
-            keep_BF = aux_keep_mask(rank_BF, aux_k, latent_group)
-        kept = kept_entries(keep_BF & (acts_BF > 0))  # zeros would add nothing
+    kept = kept_entries(aux_selection(pre_BF, dead_F, aux_k, latent_group, norms_F))
     values_N = torch.relu(kept_preactivations(pre_BF, x_BMD, W_enc_MDF, b_enc_F, kept)).float()
     err_hat_BMD = sum_over_shards(sparse_decode(values_N, kept, W_dec_FMD.float()), latent_group)
-    err_BMD = err_BMD.detach().float()
-    loss = (err_hat_BMD - err_BMD).pow(2).sum((-1, -2)).mean()
-    if normalise:
-        loss = (loss / residual_variance(err_BMD, data_group)).nan_to_num(0.0)
-    return loss
+    return aux_error_loss(err_hat_BMD, err_BMD, normalise, data_group)
 
 
 @torch.no_grad()

@@ -147,17 +147,18 @@ class CrossCoder(nn.Module):
         self._track_threshold(min_kept, update_threshold_)
         x_hat_BMD = self.decode(acts_BF, mesh)
         l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
-        return self._losses(x_BMD, x_hat_BMD, acts_BF.float().sum(0), l0_B, mesh), acts_BF, \
-            self.extra_terms(x_BMD.float() - x_hat_BMD.float(), pre_BF, dead_F, mesh)
+        norms_FM = self.decoder_norms().float()
+        return self._losses(x_BMD, x_hat_BMD, acts_BF.float().sum(0), l0_B, norms_FM, mesh), acts_BF, \
+            self.extra_terms(x_BMD.float() - x_hat_BMD.float(), pre_BF, norms_FM.sum(-1), dead_F, mesh)
 
     def _track_threshold(self, min_kept, update_threshold_):
         if min_kept is not None and self.training and update_threshold_:
             with torch.no_grad():
                 self.threshold.copy_(update_threshold(self.threshold, min_kept.float(), self.cfg["threshold_beta"]))
 
-    def _losses(self, x_BMD, x_hat_BMD, acts_sum_F, l0_B, mesh):
+    def _losses(self, x_BMD, x_hat_BMD, acts_sum_F, l0_B, norms_FM, mesh):
         """LossOutput from the inputs, their reconstruction, each latent's activation summed over
-        the batch and each row's L0."""
+        the batch, each row's L0 and the decoder norms [F, M]."""
         # Loss maths in float32 even when the weights are bf16/fp16.
         x_BMD = x_BMD.float()
         err_BMD = x_BMD - x_hat_BMD.float()
@@ -166,7 +167,6 @@ class CrossCoder(nn.Module):
         var_BM = (x_BMD - x_BMD.mean(0, keepdim=True)).pow(2).sum(-1)
         ev_BM = 1 - sq_err_BM / var_BM
         ev_B = 1 - sq_err_B / var_BM.sum(-1)
-        norms_FM = self.decoder_norms().float()
         l1_weight_F = norms_FM.sum(-1)
         if self.partition.shared:  # the designated block pays for its one tied vector, reduced
             l1_weight_F = l1_weights(norms_FM, self.tied_f, self.cfg["shared_l1_scale"])
@@ -176,7 +176,7 @@ class CrossCoder(nn.Module):
         return LossOutput(l2_loss=sq_err_B.mean(), l1_loss=l1, l0_loss=l0_B.mean(), explained_variance=ev_B.mean(),
                           explained_variance_A=ev_BM[:, 0].mean(), explained_variance_B=ev_BM[:, 1].mean())
 
-    def extra_terms(self, err_BMD, pre_BF, dead_F, mesh):
+    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
         """"aux_loss" (0 here) and, with recon_loss "norm", "l2_norm_loss": the error's L2 norm,
         mean over tokens and models (the BatchTopK authors' reconstruction loss)."""
         terms = {"aux_loss": torch.zeros((), device=err_BMD.device)}
@@ -386,23 +386,23 @@ class BatchTopKCrossCoder(CrossCoder):
         B, F = pre_BF.shape
         acts_sum_F = torch.zeros(F, dtype=torch.float32, device=pre_BF.device).index_add(0, kept.cols, values_N.float())
         l0_B = torch.zeros(B, device=pre_BF.device).index_add_(0, kept.rows, (values_N > 0).float())
-        losses = self._losses(x_BMD, x_hat_BMD, acts_sum_F, sum_over_shards(l0_B, mesh.latent), mesh)
+        norms_FM = self.decoder_norms().float()
+        losses = self._losses(x_BMD, x_hat_BMD, acts_sum_F, sum_over_shards(l0_B, mesh.latent), norms_FM, mesh)
         err_BMD = x_BMD.float() - x_hat_BMD.float()
         aux = torch.zeros((), device=err_BMD.device)
         if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):  # (a host sync)
             aux = aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc, self.b_enc, self.decoder_weight(), dead_F,
-                                effective(self.cfg, "aux_k"), mesh.latent, norms_F=self.decoder_norms().sum(-1),
+                                effective(self.cfg, "aux_k"), mesh.latent, norms_F=norms_FM.sum(-1),
                                 normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
         return losses, dense_activations(values_N, kept, (B, F)), terms
 
-    def extra_terms(self, err_BMD, pre_BF, dead_F, mesh):
+    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
         """AuxK given the dead latents dead_F (else 0), and always the authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
         if dead_F is not None:
             aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
-                           norms_F=self.decoder_norms().float().sum(-1), normalise=self.cfg["aux_normalise"],
-                           data_group=mesh.data)
+                           norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
 
     def step_inputs(self, step, steps_since_fired_F):
