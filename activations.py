@@ -81,7 +81,7 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
     first = int(drop_bos) if first is None else first
     device = next(models[0].parameters()).device
     n_seqs = min(n_seqs, len(tokens_NS))
-    norm_sums, count = torch.zeros(len(models), dtype=torch.float64), 0
+    norm_sums, count = torch.zeros(len(models), dtype=torch.float64, device="cpu"), 0
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
         # In the models' own dtype (fp32), as the reference estimated: no bf16 autocast here.

@@ -249,7 +249,7 @@ base_only = torch.nonzero(classes["base_only"]).flatten()
 
 def scaled_batches():
     """The held-out positions training read, normalised (the batches Latent Scaling fits on)."""
-    s_M, keep = torch.tensor(cfg["normalisation_factor"]), PositionFilter(cfg, models)
+    s_M, keep = torch.tensor(cfg["normalisation_factor"], device="cpu"), PositionFilter(cfg, models)
     for t, x in harvest(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling", first=keep.first):
         x_BMD = x.flatten(0, 1) * s_M.to(x.device)[:, None]
         yield x_BMD[keep.keep(t, x).flatten()] if keep.active else x_BMD
@@ -281,9 +281,10 @@ if models is not None and len(probed):
     ls = latent_scaling(cc, scaled_batches(), probed)
     summary["latent_scaling"], ok = scaling_summary(ls, probed)
     summary["latent_scaling"]["selection"] = (f"the {EFFECTIVE_CHAT_ONLY} most chat-leaning latents" if EFFECTIVE_CHAT_ONLY
-                                              else "chat-only (the chat model's exclusive block)" if cc.partition.exclusive
-                                              else f"chat-only (relative norm > {CHAT_ONLY_MIN})")
-    print(f"latent scaling of the {summary['latent_scaling']['selection']} latents: "
+                                              else "the chat-only latents (the chat model's exclusive block)"
+                                              if cc.partition.exclusive
+                                              else f"the chat-only latents (relative norm > {CHAT_ONLY_MIN})")
+    print(f"latent scaling of {summary['latent_scaling']['selection']}: "
           + format_scaling(summary["latent_scaling"]))
     plot_latent_scaling(ls["nu_error"][ok].cpu(), ls["nu_reconstruction"][ok].cpu(), out_dir / "latent_scaling.png")
 if models is not None and len(base_only):
@@ -328,7 +329,7 @@ if models is not None and is_chat is not None:
 # %%
 top_all = fire_counts = None  # every latent's top examples and firing count (the dashboard shows them all)
 if models is not None:
-    *top_all, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"]), TOP_K_EXAMPLES,
+    *top_all, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"], device="cpu"), TOP_K_EXAMPLES,
                                                     BATCH_SIZE, return_counts=True, harvest=harvest)
 if models is not None and len(probed):  # the chat-only class, or the effective chat-only latents
     shown = probed[rel[probed].argsort(descending=True)][:N_EXAMPLE_LATENTS]

@@ -249,7 +249,7 @@ def main():
 
     # none: the shape's value (a small CPU gemma run overrides them)
     options = {"device": "cuda" if torch.cuda.is_available() else "cpu", "architecture": "l1", "k": 100,
-               **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult", "dict_size")}}
+               **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult", "dict_size", "d_in")}}
     flags = {"shape": "toy (default) or gemma", "steps": "crosscoder steps timed in (b)",
              "cycles": "buffer refresh cycles timed in (c)", "step_only": "only the matmul peak and (b): no models",
              "fp32_only": "(b) in fp32 only (a CPU without bf16 units runs a bf16 BatchTopK step for minutes)",
@@ -264,6 +264,8 @@ def main():
         if shape_name not in SHAPES:
             raise ConfigError(f"--shape must be one of {list(SHAPES)}, got {shape_name!r}")
         steps, cycles, nproc, sweep = (int(extras[k]) if k in extras else None for k in numbers)
+        if options["d_in"] is not None and not extras.get("step_only"):
+            raise ConfigError("--d_in sets the width of (b)'s steps alone (with --step_only): the models fix it otherwise")
     except ConfigError as e:
         sys.exit(f"error: {e}")
     except ValueError as e:

@@ -191,7 +191,7 @@ class RowBuffer:
             bar.update(k)
         bar.close()
         self.first = False
-        perm = torch.randperm(self.buffer_size, generator=self.generator).to(self.device)
+        perm = torch.randperm(self.buffer_size, generator=self.generator, device="cpu").to(self.device)
         self.buffer = self.buffer[perm]
         self.pointer = 0
 

@@ -79,28 +79,31 @@ class CrossCoder(nn.Module):
         # partition.py: the blocks of a partitioned dictionary (one free block for a standard one)
         if cfg["exclusive_fraction"] or cfg["shared_fraction"]:
             check_partition(cfg)
-        self.partition = partition_of(cfg)
-        latents_f = shard_latents(self.partition, shard)
-        owner_f = latent_owner(self.partition, latents_f)
-        allowed_fM, tied_f = allowed_mask(owner_f, self.n_models), owner_f == DESIGNATED
-        if initialise:
-            W_dec_FMD = init_decoder(cfg, latents_f)  # a local generator: same seed, same weights
-            W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent").contiguous()
-            impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)
-        else:
-            W_dec_FMD = torch.empty(len(latents_f), self.n_models, cfg["d_in"], dtype=self.dtype)
-            W_enc_MDF = torch.empty(self.n_models, cfg["d_in"], len(latents_f), dtype=self.dtype)
-        self.W_enc = nn.Parameter(W_enc_MDF.to(self.dtype))
-        self.W_dec = nn.Parameter(W_dec_FMD.to(self.dtype))
-        self.b_enc = nn.Parameter(torch.zeros(len(latents_f), dtype=self.dtype))
+        device = resolve_device(cfg["device"])
+        # The partition's bookkeeping and the seeded draw run on the CPU (the same weights on any
+        # device), whatever torch's default device; the weights are then made on cfg's device.
+        with torch.device("cpu"):
+            self.partition = partition_of(cfg)
+            latents_f = shard_latents(self.partition, shard)
+            owner_f = latent_owner(self.partition, latents_f)
+            allowed_fM, tied_f = allowed_mask(owner_f, self.n_models), owner_f == DESIGNATED
+            if initialise:
+                W_dec_FMD = init_decoder(cfg, latents_f)  # a local generator: same seed, same weights
+                W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent").contiguous()
+                impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)
+        if not initialise:  # made where they will live: a load fills them
+            W_dec_FMD = torch.empty(len(latents_f), self.n_models, cfg["d_in"], dtype=self.dtype, device=device)
+            W_enc_MDF = torch.empty(self.n_models, cfg["d_in"], len(latents_f), dtype=self.dtype, device=device)
+        self.W_enc = nn.Parameter(W_enc_MDF.to(device, self.dtype))
+        self.W_dec = nn.Parameter(W_dec_FMD.to(device, self.dtype))
+        self.b_enc = nn.Parameter(torch.zeros(len(latents_f), dtype=self.dtype, device=device))
         # not saved: the config rebuilds them
-        self.register_buffer("latents", latents_f, persistent=False)  # [f] global indices held here
-        self.register_buffer("owner_f", owner_f, persistent=False)  # a model's index, DESIGNATED or FREE
-        self.register_buffer("allowed_fM", allowed_fM, persistent=False)
-        self.register_buffer("tied_f", tied_f, persistent=False)
-        self.b_dec = nn.Parameter(torch.zeros(self.n_models, cfg["d_in"], dtype=self.dtype))
+        self.register_buffer("latents", latents_f.to(device), persistent=False)  # [f] global indices held here
+        self.register_buffer("owner_f", owner_f.to(device), persistent=False)  # a model's index, DESIGNATED or FREE
+        self.register_buffer("allowed_fM", allowed_fM.to(device), persistent=False)
+        self.register_buffer("tied_f", tied_f.to(device), persistent=False)
+        self.b_dec = nn.Parameter(torch.zeros(self.n_models, cfg["d_in"], dtype=self.dtype, device=device))
         self.shard = shard
-        self.to(resolve_device(cfg["device"]))
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
 
@@ -421,7 +424,8 @@ class BatchTopKCrossCoder(CrossCoder):
     def step_log(self, terms):
         threshold = self.threshold.detach().clone()
         log = {"l2_norm_loss": terms["l2_norm_loss"].detach(), "aux_loss": terms["aux_loss"].detach(),
-               "threshold": threshold[0] if threshold.dim() else threshold, "k": torch.tensor(float(self.k))}
+               "threshold": threshold[0] if threshold.dim() else threshold,
+               "k": torch.tensor(float(self.k), device=threshold.device)}
         if threshold.dim():
             log["threshold_shared"] = threshold[1]
         return log

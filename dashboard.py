@@ -40,9 +40,9 @@ def window_contributions(crosscoder, models, tokens_NS, latents_E, seqs_E, posit
     positions (the BOS), which the crosscoder never reads. One pass over the held-out tokens, in the batches of iter_paired_activations."""
     device = crosscoder.W_enc.device
     s_M = normalisation_factors(crosscoder)
-    latents_E, seqs_E, positions_E = (torch.as_tensor(v, dtype=torch.long) for v in (latents_E, seqs_E, positions_E))
-    offsets_W = torch.arange(-before, after + 1)
-    out_EWM = torch.zeros(len(latents_E), len(offsets_W), crosscoder.n_models)
+    latents_E, seqs_E, positions_E = (torch.as_tensor(v, dtype=torch.long, device="cpu") for v in (latents_E, seqs_E, positions_E))
+    offsets_W = torch.arange(-before, after + 1, device="cpu")
+    out_EWM = torch.zeros(len(latents_E), len(offsets_W), crosscoder.n_models, device="cpu")
     start = 0
     first = first_n(crosscoder.cfg)
     for _, x_nSMD in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "dashboard", first=first):
@@ -128,7 +128,7 @@ def pack_examples(str_tokens, tokens_NS, values_JK, seqs_JK, positions_JK, contr
     vocab, index_NS = torch.unique(tokens_NS, return_inverse=True)
     act_scale_J = values_JK.float().amax(1).clamp(min=1e-12) / ACT_LEVELS
     share_scale_J = contributions_JKWM.abs().flatten(1).amax(1).clamp(min=1e-12) / SHARE_LEVELS
-    row_E = torch.repeat_interleave(torch.arange(len(counts_J)), counts_J)
+    row_E = torch.repeat_interleave(torch.arange(len(counts_J), device="cpu"), counts_J)
     arrays = {
         "offsets": np.concatenate([[0], torch.cumsum(counts_J, 0).numpy()]).astype(np.uint32),
         "act_scale": act_scale_J.numpy().astype(np.float32), "share_scale": share_scale_J.numpy().astype(np.float32),
@@ -180,12 +180,12 @@ def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fir
     info = dict(info or {}, dict_size=int(crosscoder.b_enc.shape[0]), n_tokens=n_tokens, shown=len(table["latent"]))
     examples = None
     if top is not None:
-        rows = torch.as_tensor(table["latent"], dtype=torch.long)
+        rows = torch.as_tensor(table["latent"], dtype=torch.long, device="cpu")
         values, seqs, positions = (t[rows] for t in top)
         keep = values > 0
         shares = window_contributions(crosscoder, models, tokens_NS, rows[:, None].expand_as(values)[keep], seqs[keep],
                                       positions[keep], batch_size=batch_size, harvest=harvest)
-        full = torch.zeros(*values.shape, shares.shape[1], shares.shape[2])
+        full = torch.zeros(*values.shape, shares.shape[1], shares.shape[2], device="cpu")
         full[keep] = shares
         examples = pack_examples(models[1].to_str_tokens, tokens_NS, values, seqs, positions, full)
     Path(path).write_text(dashboard_html(table, histogram, info, examples), encoding="utf-8")

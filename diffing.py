@@ -15,7 +15,7 @@ from activations import autocast_context, extract_activations
 from cli import in_notebook
 from config import hook_layer
 from partition import DESIGNATED, FREE
-from tokenmask import PositionFilter, first_n
+from tokenmask import PositionFilter
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.
@@ -174,8 +174,9 @@ def class_chat_mass(classes, mass_F, chat_mass_F):
 @torch.no_grad()
 def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, is_chat_N=None):
     """Next-token cross-entropy of each model clean, with its residual at the hook replaced by
-    the crosscoder's reconstruction (from position ignore_first_n on: the BOS kept clean), and
-    zero-ablated (all positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
+    the crosscoder's reconstruction at the positions training read (from ignore_first_n on, and
+    not excluded by exclude_tokens or outlier_norm_multiple: the others keep their clean residual,
+    the BOS among them), and zero-ablated (all positions, as the authors' notebook). loss_recovered = 1 - (spliced - clean) / (zero - clean).
     is_chat_N [N] (optional): the same per source too, under "by_source" ("chat", "text").
 
     At blocks.L.hook_resid_pre the three forwards share the blocks before L: they are run once,
@@ -187,13 +188,14 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, i
     The reconstruction of model m is encoded from every model's residual, so the chat model's
     information can reach the base model's splice: loss_recovered may exceed 1."""
     folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
-    hook_point, first = crosscoder.cfg["hook_point"], first_n(crosscoder.cfg)
+    keep = PositionFilter(crosscoder.cfg, models)
+    hook_point, first = crosscoder.cfg["hook_point"], keep.first
     layer = hook_layer(hook_point)
     from_hook = (layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre"
                  and all(m.cfg.positional_embedding_type != "shortformer" for m in models))
     device = next(models[0].parameters()).device
     groups = ("all",) if is_chat_N is None else ("all", "chat", "text")
-    totals = {g: torch.zeros(len(models), 3, dtype=torch.float64) for g in groups}  # summed per-row mean losses
+    totals = {g: torch.zeros(len(models), 3, dtype=torch.float64, device="cpu") for g in groups}  # summed per-row mean losses
     rows = dict.fromkeys(groups, 0)
     for start in tqdm(range(0, len(tokens_NS), batch_size), desc="splice-in loss", leave=False, disable=not progress):
         t = tokens_NS[start : start + batch_size].to(device, torch.long)
@@ -202,8 +204,10 @@ def splice_in_loss(crosscoder, models, tokens_NS, batch_size=2, progress=True, i
         x = torch.stack([r[:, first:].float() for r in resid], dim=2)
         N, S1, M, D = x.shape
         x_hat = folded(x.flatten(0, 1).to(folded.W_enc.device)).float().view(N, S1, M, D).to(device)
+        if keep.active:
+            x_hat = torch.where(keep.keep(t, x).to(device)[..., None, None], x_hat, x)
         chat = None if is_chat_N is None else is_chat_N[start : start + N].bool().cpu()
-        select = {"all": torch.ones(N, dtype=torch.bool), **({} if chat is None else {"chat": chat, "text": ~chat})}
+        select = {"all": torch.ones(N, dtype=torch.bool, device="cpu"), **({} if chat is None else {"chat": chat, "text": ~chat})}
         for m, model in enumerate(models):
             spliced_in = resid[m].clone()
             spliced_in[:, first:] = x_hat[:, :, m].to(spliced_in.dtype)

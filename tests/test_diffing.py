@@ -112,8 +112,9 @@ def test_latent_scaling_scatter_draws_the_pass_region_and_marks_the_latents_insi
     assert any("inside: 2 latents" in t for t in seen["legend"]) and any("outside: 2" in t for t in seen["legend"])
 
 
-def hooked_losses(cc, models, tokens, hook_point):
-    """The three losses of splice_in_loss, each a full forward with a hook at hook_point."""
+def hooked_losses(cc, models, tokens, hook_point, excluded=()):
+    """The three losses of splice_in_loss, each a full forward with a hook at hook_point; the
+    positions holding an excluded token keep their clean residual."""
     from diffing import normalisation_factors
 
     folded = cc.fold_normalisation(normalisation_factors(cc))
@@ -127,7 +128,8 @@ def hooked_losses(cc, models, tokens, hook_point):
     for m, model in enumerate(models):
         def splice(act, hook, m=m):
             act = act.clone()
-            act[:, 1:] = x_hat[:, :, m]
+            kept = ~torch.isin(tokens[:, 1:], torch.tensor(list(excluded), dtype=tokens.dtype))
+            act[:, 1:][kept] = x_hat[:, :, m][kept]
             return act
 
         out[m] = [float(model(tokens, return_type="loss")),
@@ -155,6 +157,24 @@ def test_splice_in_losses_equal_full_forwards_with_the_residual_replaced_at_the_
         for r, w in [(got[m], want[m])] + [(got[m]["by_source"][k], by_source[k][m]) for k in ("chat", "text")]:
             torch.testing.assert_close(torch.tensor([r["clean"], r["spliced"], r["zero_ablation"]], dtype=torch.float64),
                                        torch.tensor(w, dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+def test_excluded_positions_keep_their_clean_residual_in_the_splice_in_loss():
+    """exclude_tokens leaves those positions out of the splice: the losses are those of full
+    forwards that replace only the other positions; excluding every token gives the clean loss."""
+    torch.manual_seed(0)
+    models = [tiny_model(1), tiny_model(2)]
+    tokens = random_tokens(4, 12)
+    some = sorted(set(tokens[:, 1::3].flatten().tolist()))
+    for excluded in (some, sorted(set(tokens.flatten().tolist()))):
+        cc = CrossCoder(tiny_cfg(normalisation_factor=[0.5, 2.0], exclude_tokens=[str(i) for i in excluded]))
+        got = splice_in_loss(cc, models, tokens, batch_size=2, progress=False)
+        want = hooked_losses(cc, models, tokens, "blocks.1.hook_resid_pre", excluded)
+        for m in range(2):
+            torch.testing.assert_close(torch.tensor([got[m]["clean"], got[m]["spliced"], got[m]["zero_ablation"]],
+                                                    dtype=torch.float64), torch.tensor(want[m], dtype=torch.float64),
+                                       rtol=1e-5, atol=1e-5)
+    assert got[0]["spliced"] == got[0]["clean"] and got[1]["spliced"] == got[1]["clean"]
 
 
 @pytest.mark.parametrize("max_bytes, forwards", [(2**30, 1), (0, 2)])

@@ -133,3 +133,42 @@ def test_a_dataset_too_small_for_the_run_is_refused_before_any_model_loads(tmp_p
     cfg, _ = build_cfg(["--dataset", str(tmp_path / "tokens.pt"), "--device", "cpu"])
     with pytest.raises(TokensExhausted, match="needs [\\d,]+ sequences of 1024 tokens .* but the dataset has 50"):
         utils.load_models_and_tokens(cfg)
+
+
+def test_nothing_the_pipeline_makes_lands_on_torchs_default_device(tmp_path):
+    """Placement: the toy pair, the buffer, the crosscoder, the training step and the reports go
+    to cfg["device"] (or to the CPU on purpose), never to torch's default device. The default is
+    set to "meta" here (a tensor without data: any use of one with real tensors fails), so a
+    missing device= anywhere in the toy run, a partitioned sparse BatchTopK run, the toy report and
+    the analysis' measurements raises, as it would put a tensor on the CPU of a GPU run."""
+    from cli import build_cfg
+    from config import DEFAULTS
+    from dashboard import window_contributions
+    from diffing import latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples
+    from toy import format_report, heldout_tokens, toy_report
+    from trainer import Trainer
+    from utils import load_models_and_tokens, prepare_models
+
+    cfg, _ = build_cfg(["--preset", "toy", "--num_tokens", str(512 * 24), "--architecture", "batchtopk",
+                        "--threshold_start_step", "8", "--exclusive_fraction", "0.05", "--sparse_step", "true",
+                        "--checkpoint_dir", str(tmp_path / "ckpt"), "--data_dir", str(tmp_path / "data"),
+                        "--progress", "false", "--wandb_mode", "disabled", "--device", "cpu"], dict(DEFAULTS))
+    with torch.device("meta"):
+        prepare_models(cfg)
+        models, tokens = load_models_and_tokens(cfg)
+        trainer = Trainer(cfg, models=models, tokens=tokens)
+        log = trainer.train()
+        cc = trainer.crosscoder.eval()
+        report = format_report(toy_report(cc, models[0], models[1], cfg, n_seqs=64))
+        held, is_chat = heldout_tokens(cfg, 16)
+        stats = reconstruction_stats(cc, models, held, is_chat_N=is_chat)
+        ce = splice_in_loss(cc, models, held[:4], progress=False)
+        x_BMD = trainer.buffer.next()
+        nu = latent_scaling(cc, [x_BMD], torch.arange(8, device="cpu"))
+        values, seqs, positions = top_activating_examples(cc, models, held, torch.arange(8, device="cpu"), k=2)
+        shares = window_contributions(cc, models, held, torch.arange(4, device="cpu"), seqs[:4, 0], positions[:4, 0])
+    on = {t.device.type for m in models for t in m.state_dict().values()}
+    on |= {t.device.type for t in cc.state_dict().values()} | {x_BMD.device.type, trainer.buffer.buffer.device.type}
+    assert on == {"cpu"}
+    assert torch.isfinite(torch.tensor([log["loss"], stats["explained_variance"], nu["nu_error"].nansum()])).all()
+    assert "chat_only" in report and ce and shares.shape[0] == 4 and torch.isfinite(shares).all()
