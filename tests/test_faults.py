@@ -21,7 +21,7 @@ from crosscoder import CrossCoder
 from train import default_cfg
 from trainer import NonFiniteError, Trainer
 
-TOY_ARGS = ["--preset", "toy", "--num_tokens", "300000", "--save_every", "40", "--wandb_mode", "disabled",
+TOY_ARGS = ["--preset", "toy", "--num_tokens", "150000", "--save_every", "20", "--wandb_mode", "disabled",
             "--progress", "false"]
 
 
