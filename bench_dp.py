@@ -98,7 +98,7 @@ def main(argv):
     gen = torch.Generator().manual_seed(distributed.rank())  # each rank its own rows
     x_BMD = torch.randn(local, 2, shape["d_in"], generator=gen, device="cpu").to(device)
     results = {mode: run(mode, cfg, x_BMD, steps) for mode in ("none", "flat", "ddp", "hooks")}
-    grads_mb = sum(p.numel() for p in CrossCoder(cfg, initialise=False).parameters()) * 4 / 2**20
+    grads_mb = sum(v.numel() for v in results["flat"][1].values()) * 4 / 2**20  # (every state entry is a weight)
     if distributed.is_main():
         none = results["none"][0]
         print(f"bench_dp: {n} processes ({dist.get_backend()}), d_in {shape['d_in']}, dict {shape['dict_size']}, "
