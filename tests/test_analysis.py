@@ -214,14 +214,6 @@ def test_a_checkpoint_in_the_published_layout_is_analysed_over_tokens(tmp_path, 
         want = [2304 ** 0.5 / hf(tokens, output_hidden_states=True).hidden_states[1].norm(dim=-1).mean()
                 for hf in hf_models]
     torch.testing.assert_close(torch.tensor(summary["normalisation_factor"]), torch.stack(want), rtol=1e-4, atol=0)
-    # --splice_in false: every other analysis over tokens, the same numbers, no splice-in loss
-    out = run_script("analysis.py", "--checkpoint", str(published), "--model_names", ",".join(paths),
-                     "--dataset", str(tmp_path / "tokens.pt"), "--n_heldout", "6", "--batch_size", "3",
-                     "--splice_in", "false", timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    again = json.loads((published / "analysis" / "summary.txt").read_text())
-    assert "splice_in" not in again and "CE clean" not in out.stdout
-    assert again["reconstruction"] == summary["reconstruction"] and again["latent_scaling"] == summary["latent_scaling"]
 
 
 def test_functions_that_need_factors_refuse_a_crosscoder_without_them():

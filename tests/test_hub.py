@@ -95,7 +95,8 @@ def test_unsupported_variants_are_clear_errors(tmp_path):
 def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, tiny_gemma_dirs):
     """analysis.py --checkpoint <their directory> around a tiny Gemma-2 pair, on a token mix of that
     pair's tokenizer: every analysis runs on the mix's held-out rows, with their normalisation as
-    the factors, and its reconstruction there matches their forward."""
+    the factors, and its reconstruction there matches their forward; --splice_in false leaves out
+    the splice-in loss alone (the published-layout test in test_analysis.py runs it)."""
     paths, hf_models = tiny_gemma_dirs
     g = torch.Generator().manual_seed(0)
     d, f = 2304, 32
@@ -122,10 +123,11 @@ def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, 
     build_mix(AutoTokenizer.from_pretrained(paths[0]), [{"kind": "text", "path": tmp_path / "text.jsonl", "fraction": 1}],
               seq_len=10, num_tokens=240, out_dir=tmp_path / "mix", heldout_fraction=0.25)
     out = run_script("analysis.py", "--checkpoint", str(theirs), "--model_names", ",".join(paths),  # one batch:
-                     "--dataset", str(tmp_path / "mix"), "--batch_size", "6", timeout=600)
+                     "--dataset", str(tmp_path / "mix"), "--batch_size", "6", "--splice_in", "false", timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     summary = json.loads((theirs / "analysis" / "summary.txt").read_text())
-    assert {"reconstruction", "splice_in", "latent_scaling"} <= set(summary) and "skipped" not in summary
+    assert {"reconstruction", "latent_scaling", "by_source"} <= set(summary) and "skipped" not in summary
+    assert "splice_in" not in summary and "CE clean" not in out.stdout
     assert summary["hook_point"] == "blocks.1.hook_resid_pre"
     torch.testing.assert_close(torch.tensor(summary["normalisation_factor"]), state["activation_global_scale"])
     held_out = load_mix(tmp_path / "mix", split="heldout")[0].long()
