@@ -282,7 +282,7 @@ def partner_report(base_dir, chat_dir, tokenizer, conversations, texts, layer, s
     enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True, return_dict=True,
                                         add_generation_prompt=True, return_tensors="pt")
     reply = models[1].generate(**enc, max_new_tokens=24, do_sample=False)[0, enc["input_ids"].shape[1]:]
-    report["reply"] = tokenizer.decode(reply, skip_special_tokens=True)
+    report["prompt"], report["reply"] = prompt, tokenizer.decode(reply, skip_special_tokens=True)
     return report
 
 
@@ -291,7 +291,7 @@ def format_partner_report(r, layer):
             f"{r['residual_distance_text']:.1%} on Bible text, {r['residual_distance_chat']:.1%} on conversations as "
             f"written; loss on the Bible {r['loss_text_base']:.2f} -> {r['loss_text_chat']:.2f}, on conversations "
             f"{r['loss_chat_base']:.2f} -> {r['loss_chat_chat']:.2f}\n"
-            f"[{NAME}] its reply to 'hi, how was your weekend?': {r['reply']!r}")
+            f"[{NAME}] its reply to {r['prompt']!r}: {r['reply']!r}")
 
 
 # ---------------------------------------------------------------- the whole build

@@ -9,7 +9,8 @@ import torch
 
 from checkpoint import data_dir
 from realpair import (CHAT_PACKAGE, GEMMA3_CHAT_TEMPLATE, TEXT_PACKAGE, anchor_loss, bible_chapters,
-                      chitchat_conversations, fetch, finetune_chat, partner_report, residuals, styled)
+                      chitchat_conversations, fetch, finetune_chat, format_partner_report, partner_report,
+                      residuals, styled)
 
 
 def toy_chat_tokenizer():
@@ -116,6 +117,7 @@ def test_the_partner_report_measures_the_residual_distance_at_the_layer(tmp_path
                           prompt="the dog runs .")
     assert same["residual_distance_chat"] == same["residual_distance_text"] == 0
     assert same["loss_text_base"] == same["loss_text_chat"] and isinstance(same["reply"], str)
+    assert "its reply to 'the dog runs .': " in format_partner_report(same, 1)
     tiny_gemma3(tok, seed=1).save_pretrained(tmp_path / "other")
     other = partner_report(tmp_path / "base", tmp_path / "other", tok, [CONV] * 2, texts, layer=1, seq_len=8, n=2,
                            prompt="the dog runs .")
