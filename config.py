@@ -19,6 +19,7 @@ ARCHITECTURES = ("l1", "batchtopk")
 WANDB_MODES = (None, "online", "offline", "disabled")
 STEP_DTYPES = ("fp32", "tf32", "bf16")
 B_DEC_INITS = (None, "zeros", "geometric_median")
+B_ENC_INITS = ("zeros", "centred")
 RECON_LOSSES = (None, "squared", "norm")
 
 
@@ -150,6 +151,10 @@ SCHEMA = {
     "b_dec_init": Key(None, "str?", "zeros or geometric_median (of the first batch); none: geometric_median for "
                       "batchtopk, zeros for l1", *one_of(B_DEC_INITS), sweep=True,
                       auto=by_architecture(l1="zeros", batchtopk="geometric_median")),
+    "b_enc_init": Key("zeros", str, "zeros (the reference) or centred: b_enc = -<m, W_enc> with m the first batch's "
+                      "geometric median, so every latent's pre-activation starts centred on the data (a residual "
+                      "with a large common direction, as Gemma-3's, otherwise leaves half the latents never firing)",
+                      *one_of(B_ENC_INITS), sweep=True),
     "recon_loss": Key(None, "str?", "squared (sum of squares per token) or norm (L2 norm per token and model, "
                       "mean); none: norm for batchtopk, squared for l1", *one_of(RECON_LOSSES), sweep=True,
                       auto=by_architecture(l1="squared", batchtopk="norm")),

@@ -13,6 +13,7 @@ import signal
 
 import torch
 import torch.distributed as dist
+from einops import einsum
 from tqdm.auto import tqdm
 
 import distributed
@@ -50,6 +51,13 @@ def make_optimizer(params, cfg):
 
 
 @torch.no_grad()
+def centred_b_enc(median_MD, W_enc_MDF):
+    """[F] b_enc that centres each latent's pre-activation on the data: -<median, W_enc[:, :, j]>,
+    so pre = <x - median, W_enc> at the start. Each latent then fires on about the half of the
+    tokens on its side of the median, whatever common direction every token shares."""
+    return -einsum(median_MD.to(W_enc_MDF.dtype), W_enc_MDF, "model d_in, model d_in latent -> latent")
+
+
 def geometric_median(x_BMD, group=None, max_iter=100, tol=1e-5):
     """[M, D]: each model's geometric median of the batch (Weiszfeld's iteration from the mean, at
     most max_iter steps, stopping when every model's estimate moves less than tol), over the rows
@@ -193,9 +201,14 @@ class Trainer:
         if latent_group is not None:  # every shard encodes the rows of its whole latent group
             acts_BMD = gather(acts_BMD, latent_group)
         cfg = self.cfg
-        if i == 0 and effective(cfg, "b_dec_init") == "geometric_median":
-            with torch.no_grad():  # the authors start b_dec at the first (global) batch's geometric median
-                self.crosscoder.b_dec.copy_(geometric_median(acts_BMD, self.mesh.data))
+        median_b_dec, centred = effective(cfg, "b_dec_init") == "geometric_median", cfg["b_enc_init"] == "centred"
+        if i == 0 and (median_b_dec or centred):  # both from the first (global) batch's geometric median
+            with torch.no_grad():
+                median_MD = geometric_median(acts_BMD, self.mesh.data)
+                if median_b_dec:  # the authors start b_dec there
+                    self.crosscoder.b_dec.copy_(median_MD)
+                if centred:  # deviation (off by default): see docs/design.md
+                    self.crosscoder.b_enc.copy_(centred_b_enc(median_MD, self.crosscoder.W_enc))
         inputs = self.crosscoder.step_inputs(i, self.steps_since_fired)  # the architecture's (BatchTopK: k, dead latents)
         with matmul_precision("high" if cfg["step_dtype"] == "tf32" else None):  # forward and backward
             with self._step_autocast():

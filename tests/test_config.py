@@ -32,7 +32,7 @@ def test_reference_defaults():
                                        ("enc_dtype", "fp8"), ("architecture", "topk"), ("seq_len", 1),
                                        ("beta2", 1.0), ("wandb_mode", "sometimes"), ("dict_size", 16.0),
                                        ("wrap_tokens", "yes"), ("n_models", 1), ("aux_k", 0), ("k_max", 2.5),
-                                       ("b_dec_init", "median"), ("recon_loss", "l2"), ("threshold_beta", 1.0)])
+                                       ("b_dec_init", "median"), ("b_enc_init", "median"), ("recon_loss", "l2"), ("threshold_beta", 1.0)])
 def test_invalid_values_name_the_key(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         validate_cfg(dict(default_cfg, **{key: value}))

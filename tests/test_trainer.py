@@ -401,3 +401,43 @@ def test_a_tf32_step_runs_forward_and_backward_at_high_matmul_precision_and_rest
         runs[dtype] = trainer.crosscoder
     assert seen == ["highest", "high"] and torch.get_float32_matmul_precision() == "highest"
     torch.testing.assert_close(runs["tf32"].W_dec, runs["fp32"].W_dec, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
+def test_a_centred_b_enc_starts_every_pre_activation_at_the_first_batchs_median(tmp_path, architecture):
+    """b_enc_init centred: before the first update b_enc = -<m, W_enc> (m the first batch's
+    geometric median, computed here independently), so a token at the median has pre-activation
+    0 for every latent. On data sharing a large common direction (as Gemma-3's residual) every
+    latent then fires on some token of the batch; with b_enc at zero the latents facing away from
+    that direction fire on none."""
+    from trainer import geometric_median
+
+    torch.manual_seed(0)
+    common_D = torch.randn(32)
+    batch = 3 * torch.randn(64, 2, 32) + 10 * common_D / common_D.norm() * 32 ** 0.5
+
+    class Source:
+        def next(self):
+            return batch
+
+    fired = {}
+    for init in ("zeros", "centred"):
+        cfg = tiny_cfg(tmp_path / init, architecture=architecture, k=4, num_tokens=64 * 4, batch_size=64,
+                       threshold_start_step=1, b_enc_init=init)
+        trainer = Trainer(cfg, buffer=Source())
+        cc, seen = trainer.crosscoder, {}
+        orig = cc.losses_and_acts
+
+        def spy(x, *a, cc=cc, seen=seen, orig=orig, **kw):
+            seen.setdefault("b_enc", cc.b_enc.detach().clone())
+            seen.setdefault("pre", cc.encode(x, apply_relu=False).detach())
+            return orig(x, *a, **kw)
+
+        cc.losses_and_acts = spy
+        W_enc_before = cc.W_enc.detach().clone()
+        trainer.step()
+        median = geometric_median(batch)
+        want = -sum(median[m] @ W_enc_before[m] for m in range(2)) if init == "centred" else torch.zeros(64)
+        torch.testing.assert_close(seen["b_enc"], want)
+        fired[init] = float((seen["pre"] > 0).any(0).float().mean())
+    assert fired["centred"] == 1.0 and fired["zeros"] < 0.75, fired
