@@ -58,6 +58,7 @@ def centred_b_enc(median_MD, W_enc_MDF):
     return -einsum(median_MD.to(W_enc_MDF.dtype), W_enc_MDF, "model d_in, model d_in latent -> latent")
 
 
+@torch.no_grad()
 def geometric_median(x_BMD, group=None, max_iter=100, tol=1e-5):
     """[M, D]: each model's geometric median of the batch (Weiszfeld's iteration from the mean, at
     most max_iter steps, stopping when every model's estimate moves less than tol), over the rows
