@@ -304,13 +304,16 @@ def pair_dirs(cfg):
     return root / "gemma-3-270m", root / f"gemma-3-270m-chat-{recipe}"
 
 
+def anchored(cfg):
+    """Whether cfg's partner recipe anchors on Bible text (which the crosscoder's mix then leaves out)."""
+    return RECIPES[cfg["partner_recipe"]]["anchor_weight"] > 0
+
+
 def split_bible(cfg):
     """(the chapters that anchor the fine-tune, the chapters of the crosscoder's mix): the even and
-    the odd ones when cfg's recipe has an anchor, else none and all."""
+    the odd ones when cfg's recipe is anchored, else none and all."""
     chapters = bible_chapters(packages_dir(cfg))
-    if RECIPES[cfg["partner_recipe"]]["anchor_weight"] > 0:
-        return chapters[0::2], chapters[1::2]
-    return [], chapters
+    return (chapters[0::2], chapters[1::2]) if anchored(cfg) else ([], chapters)
 
 
 def build_pair(cfg):
@@ -318,6 +321,7 @@ def build_pair(cfg):
     transformers copy (with the Gemma-3 chat template) and the fine-tuned partner."""
     from transformers import AutoTokenizer
 
+    from config import hook_layer
     from models import default_hook, gguf_to_transformers, read_hf_config
 
     root = cache_root(cfg)
@@ -339,7 +343,7 @@ def build_pair(cfg):
             first, last = finetune_chat(base_dir, tokenizer, conversations[0::2], chat_dir, anchor_texts=anchor_texts,
                                         seed=cfg["seed"], progress=cfg["progress"], **recipe)
         print(f"[{NAME}] fine-tune loss on the model's turns: {first:.3f} (first 5 steps) -> {last:.3f} (last 5)")
-        layer = int(default_hook(read_hf_config(base_dir)["num_hidden_layers"]).split(".")[1])
+        layer = hook_layer(default_hook(read_hf_config(base_dir)["num_hidden_layers"]))
         with timed("comparing the partner with the base"):
             report = partner_report(base_dir, chat_dir, tokenizer, conversations[1::2], mix_texts, layer)
         (chat_dir / "partner_report.json").write_text(json.dumps(report, indent=1))
@@ -358,9 +362,9 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
     tokenizer = tokenizer_of(cfg["model_names"][-1], cfg)
     rows = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
     rows = int(rows / (1 - heldout_fraction)) + 2
-    anchor_texts, texts = split_bible(cfg)
-    out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * bool(anchor_texts))
+    out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * anchored(cfg))
     if not is_mix(out):
+        _, texts = split_bible(cfg)
         root.mkdir(parents=True, exist_ok=True)
         convs = chitchat_conversations(packages_dir(cfg))[1::2]  # the even ones fine-tune the offline partner
         with timed(f"building the token mix ({rows:,} rows of {cfg['seq_len']}, {CHAT_FRACTION:.0%} chat)"):
