@@ -287,7 +287,8 @@ def latent_scaling(crosscoder, batches, latents_J, direction_model=1):
         beta = sum_x f_j(x) <d_j, y_m(x)> / (|d_j|^2 sum_x f_j(x)^2)
     for two targets: the reconstruction error with j's own contribution put back,
     y_m = x_m - x_hat_m + f_j d_j^m (how much of j's direction model m's activation holds), and the
-    reconstruction by the crosscoder y_m = x_hat_m (how much the other latents carry it).
+    reconstruction by the crosscoder's latents y_m = x_hat_m - b_dec_m (how much the other latents
+    carry it; the decoder bias is left out, see docs/design.md, "Latent Scaling").
     Returns beta_error, beta_reconstruction [M, J] and their ratios base / chat, nu_error and
     nu_reconstruction [J]: for a truly chat-only latent both are ~0; a high nu_error means
     Complete Shrinkage, a high nu_reconstruction means Latent Decoupling.
@@ -297,6 +298,7 @@ def latent_scaling(crosscoder, batches, latents_J, direction_model=1):
     d_JD = W_JMD[:, direction_model]
     self_dot_JM = torch.einsum("jmd,jd->jm", W_JMD, d_JD)  # <d_j^m, d_j>
     M = W_JMD.shape[1]
+    b_dec_MD = crosscoder.b_dec.float()
     num_err = torch.zeros(M, len(latents_J), dtype=torch.float64, device=d_JD.device)
     num_rec, den = torch.zeros_like(num_err), torch.zeros(len(latents_J), dtype=torch.float64, device=d_JD.device)
     for x_BMD in batches:
@@ -307,7 +309,12 @@ def latent_scaling(crosscoder, batches, latents_J, direction_model=1):
         for m in range(M):
             err_proj_BJ = (x_BMD[:, m] - x_hat_BMD[:, m]) @ d_JD.T
             num_err[m] += (f_BJ * err_proj_BJ).sum(0).double() + (f_BJ.pow(2).sum(0) * self_dot_JM[:, m]).double()
-            num_rec[m] += (f_BJ * (x_hat_BMD[:, m] @ d_JD.T)).sum(0).double()
+            # Deviation: the authors' target is decode(f), b_dec included. A constant c in the target
+            # adds <c, d_j> sum f / (|d_j|^2 sum f^2) to beta in both models; where b_dec carries a
+            # residual's common vector (Gemma-3-270m: norm 24.2 of 25.3) that term swamps both betas
+            # and pulls nu_reconstruction to ~1 whatever the latent does.
+            latents_BD = x_hat_BMD[:, m] - b_dec_MD[m]
+            num_rec[m] += (f_BJ * (latents_BD @ d_JD.T)).sum(0).double()
         den += (f_BJ.pow(2).sum(0) * d_JD.pow(2).sum(-1)).double()
     beta_err, beta_rec = (num_err / den).float(), (num_rec / den).float()
     base = 1 - direction_model if M == 2 else 0

@@ -55,6 +55,25 @@ def test_latent_scaling_along_the_base_decoder_mirrors_the_chat_probe():
     torch.testing.assert_close(ls["nu_reconstruction"], torch.tensor([0.0]), atol=1e-5, rtol=0)
 
 
+def test_a_common_vector_in_the_decoder_bias_leaves_latent_scaling_unchanged():
+    """A vector c every token of both models holds, carried by b_dec (with b_enc cancelling it in
+    the encoder), changes no latent's activation: the ratios stay the known ones (Latent
+    Decoupling, alpha 0.4; a truly chat-only latent, 0 and 0), although c lies partly along the
+    probed direction."""
+    c = torch.tensor([3.0, 0.0, 0.0, 5.0])
+    for alpha, decoupled, want_err, want_rec in ((0.4, True, 0.0, 0.4), (0.0, False, 0.0, 0.0)):
+        cc, batches = scaling_case(alpha=alpha, decoupled=decoupled)
+        f0 = cc.encode(batches[0]).detach()
+        with torch.no_grad():
+            cc.b_dec.copy_(c.expand(2, 4))
+            cc.b_enc.copy_(-torch.einsum("md,mdf->f", cc.b_dec, cc.W_enc))
+        shifted = [x + c for x in batches]
+        torch.testing.assert_close(cc.encode(shifted[0]), f0, atol=1e-5, rtol=0)
+        ls = latent_scaling(cc, shifted, [0])
+        torch.testing.assert_close(ls["nu_error"], torch.tensor([want_err]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(ls["nu_reconstruction"], torch.tensor([want_rec]), atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- figures
 def drawn(monkeypatch):
     """Records what each figure's axes hold just before it is saved and closed."""
