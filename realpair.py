@@ -355,12 +355,13 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
     """The PYPI_MIX token mix for the chat model's tokenizer (its chat template renders the
     conversations), with enough training rows for cfg's run; built once into the cache."""
     from buffer import sequences_needed
+    from config import data_tokens
     from data import build_mix, is_mix, vocab_hash
     from models import tokenizer_of
 
     root = cache_root(cfg).parent / "pypi-mix"
     tokenizer = tokenizer_of(cfg["model_names"][-1], cfg)
-    rows = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
+    rows = sequences_needed(cfg, data_tokens(cfg) // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
     rows = int(rows / (1 - heldout_fraction)) + 2
     out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * anchored(cfg))
     if not is_mix(out):
@@ -380,9 +381,12 @@ def prepare(cfg):
     """The config with what realpair builds in place of the preset's names: the built pair
     (config.BUILT_PAIRS) and the PYPI_MIX dataset. Under torchrun rank 0 builds first."""
     import distributed
-    from config import BUILT_PAIRS, PYPI_MIX
+    from config import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError
 
     built = list(cfg["model_names"]) == list(BUILT_PAIRS.get(cfg["preset"], ()))
+    if cfg["store_dir"] == PAIR_STORE and not (built and cfg["dataset"] == PYPI_MIX):
+        raise ConfigError(f"store_dir {PAIR_STORE} names the store of the pair and the mix realpair.py builds "
+                          f"(--preset {NAME}, dataset {PYPI_MIX}); give a directory instead")
     if not built and cfg["dataset"] != PYPI_MIX:
         return cfg
     if not distributed.is_main():
@@ -393,6 +397,8 @@ def prepare(cfg):
         out.update(model_names=[str(base_dir), str(chat_dir)], model_name=str(base_dir))
     if cfg["dataset"] == PYPI_MIX:
         out["dataset"] = str(build_pypi_mix(out))
+    if cfg["store_dir"] == PAIR_STORE:  # named after what it holds: the partner and the mix
+        out["store_dir"] = str(cache_root(cfg) / f"acts-{Path(out['model_names'][1]).name}-{Path(out['dataset']).name}")
     if distributed.is_main():
         distributed.barrier()
     return out

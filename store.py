@@ -18,6 +18,7 @@ Shape legend: N sequences, S seq_len, R rows (N * (S - 1)), M models, D d_in.
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import distributed
 from activations import run_models
 from buffer import SHARD_SEQUENCES, norm_factors, sequences_needed, shard_path
 from checkpoint import atomic_write_text
-from config import ConfigError
+from config import ConfigError, data_tokens
 from tokenmask import check_no_exclusions, first_n, positions
 
 @torch.no_grad()
@@ -72,10 +73,10 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
 
 
 def sequences_for_any_world_size(cfg, max_processes=64):
-    """Sequences a run with this config reads at any data-parallel world size up to
+    """Sequences a run with this config reads (of data_tokens) at any data-parallel world size up to
     max_processes that splits its batch (each rank's smaller buffer refreshes on its own
     schedule, so the total differs slightly with the world size)."""
-    steps = cfg["num_tokens"] // cfg["batch_size"]
+    steps = data_tokens(cfg) // cfg["batch_size"]
     return max(w * sequences_needed(dict(cfg, batch_size=cfg["batch_size"] // w), steps)
                for w in range(1, max_processes + 1) if cfg["batch_size"] % w == 0)
 
@@ -107,7 +108,7 @@ def check_disk(cfg, n_sequences):
 def main(argv):
     from distributed import resolve_device
     from cli import build_cfg
-    from utils import load_models_and_tokens, prepare_models
+    from utils import prepare_models
 
     usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--dry_run] [--preset toy] [--key value ...]"
     flags = {"dry_run": "print the store's size and the disk's free space, harvest nothing"}
@@ -124,14 +125,34 @@ def main(argv):
     check_disk(cfg, n)
     cfg["device"] = distributed.setup(cfg["device"]) if distributed.launched() else cfg["device"]
     cfg["device"] = resolve_device(cfg["device"])
+    build(cfg)
     if distributed.is_main():
-        print(f"harvesting at most {size}")
+        print(f"train from it with `python train.py --store_dir {cfg['store_dir']} ...` (the same config) or under "
+              "torchrun")
+
+
+def is_complete(store_dir):
+    return (Path(store_dir) / "meta.json").is_file()  # harvest writes it last
+
+
+def build(cfg):
+    """Harvest the store at cfg["store_dir"] for this config (prepared: utils.prepare_models; on
+    its device): the models and tokens load here and are let go when it is done. train.py calls it
+    when the store a config names is missing."""
+    from utils import load_models_and_tokens
+
+    n = sequences_for_any_world_size(cfg)
+    check_disk(cfg, n)
+    started = time.time()
     models, tokens = load_models_and_tokens(cfg)
+    n = min(n, len(tokens))
+    if distributed.is_main():
+        print(f"harvesting {n:,} sequences ({store_bytes(cfg, n) / 1e9:,.1f} GB) into {cfg['store_dir']}")
     harvest(cfg, models, tokens, cfg["store_dir"], n)
     if distributed.is_main():
-        print(f"harvested {min(n, len(tokens))} sequences into {cfg['store_dir']}"
-              f"{f' with {distributed.world_size()} processes' * (distributed.world_size() > 1)}; train from it with "
-              f"`python train.py --store_dir {cfg['store_dir']} ...` (the same config) or under torchrun")
+        print(f"harvested {n:,} sequences into {cfg['store_dir']}"
+              f"{f' with {distributed.world_size()} processes' * (distributed.world_size() > 1)} "
+              f"in {time.time() - started:.0f} s")
 def cli(argv):
     from data import DataError
     from utils import SetupError

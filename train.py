@@ -57,6 +57,11 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
     check_buffer_fits(cfg)  # before any model is loaded
+    if cfg["store_dir"] is not None and resume is None:
+        import store
+
+        if not store.is_complete(cfg["store_dir"]):
+            store.build(cfg)  # the store the config names, harvested once (the next run reads it)
     if sweep:  # every member's weights and Adam state, on its device, beside the buffer
         from buffer import available_bytes, buffer_bytes
         from sweep import check_sweep_fits, place

@@ -46,6 +46,19 @@ def test_a_batchtopk_run_too_short_to_estimate_its_threshold_is_an_error():
     validate_cfg(dict(short, threshold_start_step=50))
 
 
+def test_data_read_more_than_once_needs_wrap_tokens_and_at_most_num_tokens():
+    """data_tokens sizes the data below num_tokens only when training may wrap around it."""
+    cfg = dict(default_cfg, num_tokens=1000, data_tokens=250)
+    with pytest.raises(ConfigError, match="--wrap_tokens true"):
+        validate_cfg(cfg)
+    validate_cfg(dict(cfg, wrap_tokens=True))
+    validate_cfg(dict(cfg, data_tokens=1000))  # the same size: nothing is read twice
+    with pytest.raises(ConfigError, match="at most num_tokens"):
+        validate_cfg(dict(cfg, data_tokens=2000, wrap_tokens=True))
+    with pytest.raises(ConfigError, match="'data_tokens'"):
+        validate_cfg(dict(cfg, data_tokens=2.5))
+
+
 def test_model_names_must_match_n_models():
     with pytest.raises(ConfigError, match="model_names"):
         validate_cfg(dict(default_cfg, n_models=3))

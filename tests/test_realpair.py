@@ -194,3 +194,23 @@ def test_an_anchored_recipe_keeps_its_anchor_chapters_out_of_the_mix(monkeypatch
     dirs = {r: realpair.pair_dirs(complete_cfg({"preset": "gemma3-270m-offline", "partner_recipe": r}))[1]
             for r in PARTNER_RECIPES}
     assert len(set(dirs.values())) == len(PARTNER_RECIPES)  # each recipe its own partner
+
+
+def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_a_built_pair_has_one(tmp_path, monkeypatch):
+    """store_dir PAIR_STORE becomes a directory under the pair's cache named after the chat
+    partner and the mix it holds (another partner or mix: another store); a pair realpair does not
+    build has none to name."""
+    import realpair
+    from config import PAIR_STORE, ConfigError, complete_cfg
+
+    monkeypatch.setattr(realpair, "build_pair", lambda cfg: (tmp_path / "base", tmp_path / f"chat-{cfg['partner_recipe']}"))
+    monkeypatch.setattr(realpair, "build_pypi_mix", lambda cfg: tmp_path / "mix-r42")
+    cfg = complete_cfg({"preset": "gemma3-270m-offline-caps", "data_dir": str(tmp_path / "data")})
+    assert cfg["store_dir"] == PAIR_STORE
+    out = realpair.prepare(cfg)
+    assert out["store_dir"] == str(tmp_path / "data" / realpair.NAME / "acts-chat-caps-mix-r42")
+    assert out["dataset"] == str(tmp_path / "mix-r42") and out["model_names"][1] == str(tmp_path / "chat-caps")
+    plain = realpair.prepare(dict(cfg, partner_recipe="plain"))["store_dir"]
+    assert plain != out["store_dir"]
+    with pytest.raises(ConfigError, match="give a directory instead"):
+        realpair.prepare(complete_cfg({"preset": "gemma3-270m", "store_dir": PAIR_STORE}))

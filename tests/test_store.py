@@ -47,23 +47,29 @@ def test_two_processes_harvest_the_store_one_process_harvests(tmp_path, two_rank
     assert torch.equal(torch.load(stores["one"] / "tokens.pt"), torch.load(stores["two"] / "tokens.pt"))
 
 
-def test_torchrun_harvests_the_toy_store_and_trains_from_it_with_two_processes(tmp_path, toy_run):
-    """`torchrun store.py --preset toy` then `torchrun train.py --preset toy --store_dir`: the
-    ranks read the store and use its factors (ranks running the models would each measure their
-    own and combine them)."""
+def test_torchrun_train_harvests_the_missing_toy_store_once_and_trains_from_it_with_two_processes(tmp_path, toy_run):
+    """`torchrun train.py --preset toy --store_dir DIR` with no store at DIR: the 2 ranks harvest
+    what data_tokens reads (once, for any world size: store.py's count), then train num_tokens
+    from it, twice over (wrap_tokens), with the store's factors (ranks running the models would
+    each measure their own and combine them)."""
+    import store
+    from config import complete_cfg
+
     _, _, data = toy_run
-    common = ["--preset", "toy", "--num_tokens", "51200", "--data_dir", str(data), "--store_dir", str(tmp_path / "acts"),
-              "--wandb_mode", "disabled"]
-    out = torchrun("store.py", *common, timeout=600)
-    assert out.returncode == 0 and "with 2 processes" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
-    meta = json.loads((tmp_path / "acts" / "meta.json").read_text())
+    common = ["--preset", "toy", "--num_tokens", "51200", "--data_tokens", "25600", "--wrap_tokens", "true",
+              "--data_dir", str(data), "--store_dir", str(tmp_path / "acts"), "--wandb_mode", "disabled"]
     out = torchrun("train.py", *common, "--checkpoint_dir", str(tmp_path / "ckpt"), timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert out.stdout.count("harvested ") == 1 and "with 2 processes" in out.stdout
+    meta = json.loads((tmp_path / "acts" / "meta.json").read_text())
+    half = complete_cfg({"preset": "toy", "num_tokens": 25600})
+    assert meta["n_sequences"] == store.sequences_for_any_world_size(half)
     from crosscoder import CrossCoder
 
     cc = CrossCoder.load(tmp_path / "ckpt" / "version_0")
     assert cc.cfg["step"] == 100 and cc.cfg["normalisation_factor"] == pytest.approx(meta["normalisation_factor"])
     assert out.stdout.count("training on the activations stored at") == 1
+    assert cc.cfg["sequences_read"] > meta["n_sequences"]  # read around again
 
 
 def test_a_store_too_large_for_its_disk_is_refused_before_any_model_loads(tmp_path, monkeypatch, capsys):
