@@ -122,7 +122,6 @@ def main(argv):
     if "dry_run" in extras:
         print(f"the store at this config: {size}")
         return
-    check_disk(cfg, n)
     cfg["device"] = distributed.setup(cfg["device"]) if distributed.launched() else cfg["device"]
     cfg["device"] = resolve_device(cfg["device"])
     build(cfg)
@@ -137,8 +136,8 @@ def is_complete(store_dir):
 
 def build(cfg):
     """Harvest the store at cfg["store_dir"] for this config (prepared: utils.prepare_models; on
-    its device): the models and tokens load here and are let go when it is done. train.py calls it
-    when the store a config names is missing."""
+    its device), the free disk checked before any model loads: the models and tokens load here and
+    are let go when it is done. train.py calls it when the store a config names is missing."""
     from utils import load_models_and_tokens
 
     n = sequences_for_any_world_size(cfg)
@@ -153,6 +152,8 @@ def build(cfg):
         print(f"harvested {n:,} sequences into {cfg['store_dir']}"
               f"{f' with {distributed.world_size()} processes' * (distributed.world_size() > 1)} "
               f"in {time.time() - started:.0f} s")
+
+
 def cli(argv):
     from data import DataError
     from utils import SetupError
