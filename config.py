@@ -181,7 +181,7 @@ SCHEMA = {
                     resume=True),
     "wandb_mode": Key(None, "str?", "none: online with credentials, else offline; or online, offline, disabled",
                       *one_of(WANDB_MODES), resume=True),
-    "progress": Key(True, bool, "show progress bars", resume=True),
+    "progress": Key(True, bool, "show progress bars (transformers' and the hub's too)", resume=True),
     "toy_seed": Key(49, int, "toy preset: seeds the toy model pair and its text (not the crosscoder: a seed "
                     "sweep keeps the pair)", *NONNEG),
     "toy_prebuilt": Key(True, bool, "toy preset: use the pair shipped in toy_pair/ when the cache has none "

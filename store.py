@@ -108,13 +108,14 @@ def check_disk(cfg, n_sequences):
 def main(argv):
     from distributed import resolve_device
     from cli import build_cfg
-    from utils import prepare_models
+    from utils import library_progress, prepare_models
 
     usage = "usage: [torchrun --nproc_per_node=N] store.py --store_dir DIR [--dry_run] [--preset toy] [--key value ...]"
     flags = {"dry_run": "print the store's size and the disk's free space, harvest nothing"}
     cfg, extras = build_cfg(argv, flags=flags, usage=usage, switches=tuple(flags))
     if cfg["store_dir"] is None:
         sys.exit(usage + " (--help: every key)")
+    library_progress(cfg["progress"])
     prepare_models(cfg)  # d_in and the hook from the models' configs (the store's size needs them)
     n = sequences_for_any_world_size(cfg)
     size = f"{n:,} sequences, {store_bytes(cfg, n) / 1e9:,.1f} GB, into {cfg['store_dir']} " \

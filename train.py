@@ -20,7 +20,7 @@ import distributed
 from buffer import TokensExhausted, check_buffer_fits
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from data import DataError
-from utils import SetupError, check_tokens, keep_freed_memory, load_models_and_tokens, prepare_models
+from utils import SetupError, check_tokens, keep_freed_memory, library_progress, load_models_and_tokens, prepare_models
 
 # %%
 # The config: every key, its default and its meaning live in config.py (`python train.py --help`
@@ -55,6 +55,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     cfg["device"] = distributed.resolve_device(cfg["device"])
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
+    library_progress(cfg["progress"])
     prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
     check_buffer_fits(cfg)  # before any model is loaded
     if cfg["store_dir"] is not None and resume is None:

@@ -202,6 +202,21 @@ def load_models_and_tokens(cfg, fresh=True):
 
 
 # ---------------------------------------------------------------------------- environment
+def library_progress(show):
+    """transformers' and the hub's own progress bars (loading weights, dequantizing a GGUF) on or
+    off with the config's `progress`: a run logged to a file (--progress false) then prints one
+    line per step, not bars. Process-wide, so the scripts call it, not the library."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    if show:
+        hf_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        hf_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+
+
 def keep_freed_memory():
     """On Linux/glibc, stop malloc from handing large freed blocks back to the OS. By default
     every block over 32 MB is unmapped when freed, so each step's fresh [B, F] temporaries are

@@ -252,3 +252,24 @@ def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_anoth
     check_mix_tokenizer(tmp_path / "mix", [str(tmp_path / "same")] * 2)
     with pytest.raises(DataError, match="vocabularies differ"):
         check_mix_tokenizer(tmp_path / "mix", [str(tmp_path / "same"), str(tmp_path / "other")])
+
+
+def test_progress_false_silences_the_bars_transformers_and_the_hub_draw(capsys):
+    """library_progress(False): the tqdm that transformers (loading weights, dequantizing a GGUF)
+    and huggingface_hub draw writes nothing; library_progress(True) brings them back."""
+    import huggingface_hub.utils
+    from transformers.utils import logging as hf_logging
+
+    def drawn():
+        for bar in (hf_logging.tqdm, huggingface_hub.utils.tqdm):
+            for _ in bar(range(3), desc="loading", disable=False):
+                pass
+        return capsys.readouterr().err
+
+    try:
+        utils.library_progress(False)
+        assert drawn() == ""
+        utils.library_progress(True)
+        assert drawn().count("loading") >= 2
+    finally:
+        utils.library_progress(True)
