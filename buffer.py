@@ -309,12 +309,15 @@ def shard_path(store_dir, i):
     return Path(store_dir) / f"shard_{i:05d}.bin"
 
 
+def is_complete_store(store_dir):
+    return (Path(store_dir) / "meta.json").is_file()  # store.harvest writes it last
+
+
 def read_meta(store_dir):
-    """The metadata of a complete store (meta.json is written last)."""
-    meta_file = Path(store_dir) / "meta.json"
-    if not meta_file.is_file():
+    """The metadata of a complete store."""
+    if not is_complete_store(store_dir):
         raise FileNotFoundError(f"no complete activation store at {store_dir} (meta.json missing)")
-    return json.loads(meta_file.read_text())
+    return json.loads((Path(store_dir) / "meta.json").read_text())
 
 
 class ActivationStore(RowBuffer):

@@ -131,10 +131,6 @@ def main(argv):
               "torchrun")
 
 
-def is_complete(store_dir):
-    return (Path(store_dir) / "meta.json").is_file()  # harvest writes it last
-
-
 def build(cfg):
     """Harvest the store at cfg["store_dir"] for this config (prepared: utils.prepare_models; on
     its device), the free disk checked before any model loads: the models and tokens load here and

@@ -17,7 +17,7 @@ from cli import build_cfg as build_cli_cfg, in_notebook
 from config import DEFAULTS, ConfigError, check_against_model, check_mesh, complete_cfg
 from checkpoint import CheckpointError, resolve_version_dir
 import distributed
-from buffer import TokensExhausted, check_buffer_fits
+from buffer import TokensExhausted, check_buffer_fits, is_complete_store
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from data import DataError
 from utils import SetupError, check_tokens, keep_freed_memory, library_progress, load_models_and_tokens, prepare_models
@@ -59,9 +59,9 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
     check_buffer_fits(cfg)  # before any model is loaded
     if cfg["store_dir"] is not None and resume is None:
-        import store
+        if not is_complete_store(cfg["store_dir"]):
+            import store
 
-        if not store.is_complete(cfg["store_dir"]):
             store.build(cfg)  # the store the config names, harvested once (the next run reads it)
     if sweep:  # every member's weights and Adam state, on its device, beside the buffer
         from buffer import available_bytes, buffer_bytes

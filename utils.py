@@ -203,18 +203,17 @@ def load_models_and_tokens(cfg, fresh=True):
 
 # ---------------------------------------------------------------------------- environment
 def library_progress(show):
-    """transformers' and the hub's own progress bars (loading weights, dequantizing a GGUF) on or
-    off with the config's `progress`: a run logged to a file (--progress false) then prints one
-    line per step, not bars. Process-wide, so the scripts call it, not the library."""
+    """transformers' and the hub's own progress bars (loading weights, dequantizing a GGUF) off
+    when the config's `progress` is: a run logged to a file then prints one line per step, not
+    bars. With show, they stay as the environment set them (HF_HUB_DISABLE_PROGRESS_BARS).
+    Process-wide, so the scripts call it, not the library."""
+    if show:
+        return
     import huggingface_hub.utils
     from transformers.utils import logging as hf_logging
 
-    if show:
-        hf_logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
-    else:
-        hf_logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def keep_freed_memory():

@@ -256,7 +256,7 @@ def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_anoth
 
 def test_progress_false_silences_the_bars_transformers_and_the_hub_draw(capsys):
     """library_progress(False): the tqdm that transformers (loading weights, dequantizing a GGUF)
-    and huggingface_hub draw writes nothing; library_progress(True) brings them back."""
+    and huggingface_hub draw writes nothing; library_progress(True) leaves them drawing."""
     import huggingface_hub.utils
     from transformers.utils import logging as hf_logging
 
@@ -267,9 +267,10 @@ def test_progress_false_silences_the_bars_transformers_and_the_hub_draw(capsys):
         return capsys.readouterr().err
 
     try:
-        utils.library_progress(False)
-        assert drawn() == ""
         utils.library_progress(True)
         assert drawn().count("loading") >= 2
+        utils.library_progress(False)
+        assert drawn() == ""
     finally:
-        utils.library_progress(True)
+        hf_logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
