@@ -38,20 +38,46 @@ from pathlib import Path
 
 import torch
 
-from activations import estimate_norm_factors
-from checkpoint import latest_version_dir, sequences_read
-from cli import format_help, in_notebook, parse_overrides
-from config import ConfigError, complete_cfg
 from crosscoder import CrossCoder
-from data import DataError, chat_mask, is_mix, load_mix, split_rows
-from diffing import (BATCH_TOKENS, CHAT_ONLY_MIN, HELDOUT_TOKENS, NU_ERROR_MAX, NU_RECONSTRUCTION_MAX,
-                     ActivationCache, class_chat_mass, effective_chat_only, examples_html, latent_classes,
-                     is_model_specific, latent_scaling, plot_cosine_histogram, plot_latent_scaling,
-                     plot_relative_norm_histogram, rank_sum_order, reconstruction_stats, splice_in_loss,
-                     top_activating_examples)
-from hub import HF_REPO_ID, PUBLISHED_FACTORS, PUBLISHED_MODEL_NAMES, is_dictionary_learning_dir, published_hook_dir
-from tokenmask import PositionFilter, positions
-from utils import SetupError, check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
+from crossdiff.config.cli import format_help, in_notebook, parse_overrides
+from crossdiff.config.plan import positions
+from crossdiff.config.schema import ConfigError, complete_cfg
+from crossdiff.diffing.dashboard import write_dashboard
+from crossdiff.diffing.measures import (
+    BATCH_TOKENS,
+    CHAT_ONLY_MIN,
+    HELDOUT_TOKENS,
+    NU_ERROR_MAX,
+    NU_RECONSTRUCTION_MAX,
+    ActivationCache,
+    class_chat_mass,
+    effective_chat_only,
+    examples_html,
+    is_model_specific,
+    latent_classes,
+    latent_scaling,
+    plot_cosine_histogram,
+    plot_latent_scaling,
+    plot_relative_norm_histogram,
+    rank_sum_order,
+    reconstruction_stats,
+    splice_in_loss,
+    top_activating_examples,
+)
+from crossdiff.io.checkpoint import latest_version_dir, sequences_read
+from crossdiff.io.hub import (
+    HF_REPO_ID,
+    PUBLISHED_FACTORS,
+    PUBLISHED_MODEL_NAMES,
+    is_dictionary_learning_dir,
+    published_hook_dir,
+)
+from crossdiff.pairs.toy import build_toy_pair, heldout_tokens
+from crossdiff.sources.activations import estimate_norm_factors
+from crossdiff.sources.mix import DataError, chat_mask, is_mix, load_mix, split_rows
+from crossdiff.sources.models import SetupError
+from crossdiff.sources.tokenmask import PositionFilter
+from utils import check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
                          "(default: newest local)",
@@ -166,8 +192,6 @@ plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png")
 models, tokens, is_chat = None, None, None
 try:
     if cfg["preset"] == "toy":
-        from toy import build_toy_pair, heldout_tokens
-
         base, chat, _, _ = build_toy_pair(dict(cfg, num_tokens=cfg["batch_size"]))
         models = [base, chat]
         tokens, is_chat = heldout_tokens(cfg, N_HELDOUT_SEQS)  # text of its own seed (train.py's toy report reads it too)
@@ -359,11 +383,9 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
 # ## The dashboard
 # Every latent that fired on the held-out tokens (every latent, without the models) in one HTML
 # file that opens from disk: a table that sorts and filters, and each latent's top contexts in
-# both models (dashboard.py).
+# both models (crossdiff/diffing/dashboard.py).
 
 # %%
-from dashboard import write_dashboard
-
 scaling = {}  # latent -> (nu_error, nu_reconstruction, direction, passes), for the table
 for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probed)):
     if result is not None:

@@ -1,5 +1,5 @@
 """Where a run's batches come from: the paired activation Buffer, which runs every model on the
-same tokens (activations.py) and serves shuffled batches, or an ActivationStore, which serves
+same tokens (crossdiff/sources/activations.py) and serves shuffled batches, or an ActivationStore, which serves
 rows harvested by store.py the same way; make_batch_source picks one for each data-parallel rank.
 
 Shape legend: B batch (token positions), M models, D d_in, N sequences, S seq_len (positions), R rows.
@@ -8,102 +8,23 @@ Like the reference: the buffer holds ~batch_size * buffer_mult token positions i
 fully at the start, and once half of it has been served refills that half and reshuffles.
 Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
 """
-import json
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-from activations import check_models, estimate_norm_factors, run_models
-from config import ConfigError, completed
-from tokenmask import PositionFilter, check_no_exclusions, first_n, positions
-
-
-class TokensExhausted(RuntimeError):
-    """The token tensor has no sequences left for a refresh."""
-
-
-def buffer_sequences(cfg):
-    """Sequences the buffer holds: about batch_size * buffer_mult rows of seq_len - ignore_first_n
-    positions (BOS dropped), an even number, so that a refresh refills exactly the half next()
-    served (the reference left a few rows to be served twice when it was odd). With positions
-    left out (tokenmask) a refresh reads on until its rows are filled."""
-    return max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions(cfg) // 2 * 2)
-
-
-def steps_per_refresh(cfg):
-    """next() calls from one refresh to the next: a refresh comes once the pointer passes
-    half the buffer less one batch (Buffer.next)."""
-    half_rows = buffer_sequences(cfg) * positions(cfg) // 2
-    return (half_rows - cfg["batch_size"]) // cfg["batch_size"] + 1
-
-
-def sequences_needed(cfg, total_steps):
-    """How many token sequences a run of total_steps batches reads: one full fill, then half a
-    buffer at every refresh."""
-    n = buffer_sequences(cfg)
-    return n + (total_steps // steps_per_refresh(cfg)) * (n // 2)
-
-
-def buffer_bytes(cfg):
-    """Memory the buffer needs at its peak: bf16 rows [rows, n_models, d_in], twice (the shuffle
-    makes a permuted copy)."""
-    rows = buffer_sequences(cfg) * positions(cfg)
-    return 2 * rows * cfg["n_models"] * cfg["d_in"] * 2
-
-
-def meminfo_available(text):
-    """Bytes the kernel says can be allocated without swapping (MemAvailable: free memory plus the
-    page cache it can drop) from /proc/meminfo's text, or None when it has no such line."""
-    for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024  # kB
-    return None
-
-
-def available_bytes(device):
-    """Memory a new allocation can take on device: CUDA's free memory; on the CPU, MemAvailable
-    (not MemFree, which leaves out the page cache: after reading a dataset it is a fraction of what
-    can be had), else psutil's, else the physical memory (macOS without psutil)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            found = meminfo_available(f.read())
-        if found is not None:
-            return found
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        return psutil.virtual_memory().available
-    except ImportError:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def check_buffer_fits(cfg):
-    """A clear error, before allocating anything, for a buffer larger than the free memory."""
-    need, free = buffer_bytes(cfg), available_bytes(cfg["device"])
-    if need > free:
-        raise ConfigError(
-            f"the activation buffer needs {need / 2**30:.1f} GiB of {cfg['device']} memory at its peak but "
-            f"{free / 2**30:.1f} GiB is free: lower buffer_mult (now {cfg['buffer_mult']}) or batch_size "
-            f"(now {cfg['batch_size']})")
-
-
-def norm_factors(cfg, models, tokens_NS):
-    """The factors a buffer with this config measures: over the first norm_estimate_batches model
-    batches of tokens_NS, at the positions training reads (Buffer.estimate_norm_scaling_factors;
-    store.harvest)."""
-    mbs, keep = cfg["model_batch_size"], PositionFilter(cfg, models)
-    return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
-                                 cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
-                                 first=keep.first, keep=keep)
+from crossdiff.config.plan import (
+    TokensExhausted,
+    buffer_sequences,
+    check_buffer_fits,
+    check_enough_sequences,
+    positions,
+)
+from crossdiff.config.schema import ConfigError, completed
+from crossdiff.scale import distributed
+from crossdiff.sources.activations import check_models, norm_factors, run_models
+from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta
+from crossdiff.sources.tokenmask import PositionFilter
 
 
 class RowBuffer:
@@ -295,56 +216,20 @@ class Buffer(RowBuffer):
         return norm_factors(self.cfg, self.models, self.all_tokens).to(self.device)
 
 
-# ---------------------------------------------------------------- an activation store (store.py writes it)
-# Layout of a store directory: shard_00000.bin, shard_00001.bin, ... (bf16 rows [sequences * (S-1),
-# M, D], SHARD_SEQUENCES sequences per file, normalised per model), tokens.pt (the token ids, for
-# provenance) and meta.json (written last: its presence marks the store complete).
-SHARD_SEQUENCES = 4096  # sequences per shard file
-# The config keys a store must share with a run that trains from it (toy_seed: only toy stores
-# record it; a store from before model_names and dataset were compared has them all the same).
-STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "dataset", "toy_seed")
-
-
-def shard_path(store_dir, i):
-    return Path(store_dir) / f"shard_{i:05d}.bin"
-
-
-def is_complete_store(store_dir):
-    return (Path(store_dir) / "meta.json").is_file()  # store.harvest writes it last
-
-
-def read_meta(store_dir):
-    """The metadata of a complete store."""
-    if not is_complete_store(store_dir):
-        raise FileNotFoundError(f"no complete activation store at {store_dir} (meta.json missing)")
-    return json.loads((Path(store_dir) / "meta.json").read_text())
-
-
 class ActivationStore(RowBuffer):
-    """Serves harvested rows exactly as the live Buffer serves fresh ones: same sizes, refresh,
-    shuffle, state and resume. first_sequence, stride: read the store's sequences first_sequence,
-    first_sequence + stride, ... (a data-parallel rank's share, as it reads tokens live)."""
+    """Serves harvested rows (crossdiff/sources/store.py's format) exactly as the live Buffer
+    serves fresh ones: same sizes, refresh, shuffle, state and resume. first_sequence, stride: read
+    the store's sequences first_sequence, first_sequence + stride, ... (a data-parallel rank's
+    share, as it reads tokens live)."""
 
     def __init__(self, cfg, store_dir, state=None, first_sequence=0, stride=1):
         cfg = completed(cfg)
         self.store_dir = Path(store_dir)
-        self.meta = read_meta(store_dir)
-        # What was harvested from what: the same models, data, hook and shapes as the run, or an error
-        # (a store of other models would train without complaint on the wrong activations).
-        for key in STORE_KEYS:
-            if key in self.meta and cfg.get(key) != self.meta[key]:
-                raise ConfigError(f"config {key}={cfg.get(key)!r} but the store at {store_dir} was harvested with "
-                                  f"{self.meta[key]!r}: harvest a store for this config (store.py) or train live")
-        if self.meta.get("ignore_first_n", 1) != first_n(cfg):
-            raise ConfigError(f"config ignore_first_n={first_n(cfg)} but the store at {store_dir} dropped the first "
-                              f"{self.meta.get('ignore_first_n', 1)} positions of each row")
-        check_no_exclusions(cfg)
+        self.meta = read_store_meta(store_dir)
+        check_store_matches(cfg, self.meta, store_dir)
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
-        self.per_shard = self.meta.get("sequences_per_shard", SHARD_SEQUENCES)
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
-        R = positions(cfg)
-        self._shards = [np.memmap(shard_path(self.store_dir, i), dtype=np.int16, mode="r", shape=(n * R, self.meta["n_models"], self.meta["d_in"]))
-                        for i, n in enumerate(self.meta["shard_sequences"])]
+        self._shards = open_shards(self.store_dir, self.meta, positions(cfg))
         if state is not None:
             self.load_state_dict(state)
         else:
@@ -356,35 +241,7 @@ class ActivationStore(RowBuffer):
 
     def rows(self, first, n):
         """Rows [n * P, M, D] (bf16) of this reader's sequences first..first+n, as harvested."""
-        R, out = positions(self.cfg), []
-        ids = self.ids[first : first + n]
-        runs = [(ids.start, len(ids))] if ids.step == 1 else [(i, 1) for i in ids]  # a strided share: one by one
-        for first_sequence, n in runs:
-            while n > 0:
-                shard, offset = divmod(first_sequence, self.per_shard)
-                take = min(n, self.meta["shard_sequences"][shard] - offset)
-                out.append(self._shards[shard][offset * R : (offset + take) * R])
-                first_sequence, n = first_sequence + take, n - take
-        # one copy out of the read-only memory map, into a tensor torch may write
-        return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16).to(self.device)
-
-
-# ---------------------------------------------------------------- a rank's source
-def check_enough_sequences(cfg, local_cfg, have, total_steps, state=None, source="the dataset"):
-    """A TokensExhausted, before any model loads when it can, when this rank's `have` sequences
-    (None: unknown) cannot feed the steps left: a full fill, then half a buffer per refresh (an
-    exact resume keeps its filled buffer). state: the trainer state resumed from, or None."""
-    buffer_state = state and state.get("buffer")
-    start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
-    need = sequences_needed(local_cfg, total_steps - start)
-    if buffer_state is not None and "buffer" in buffer_state:
-        need -= buffer_sequences(local_cfg)
-    w = distributed.world_size()
-    if have is not None and need > have - read and not cfg["wrap_tokens"]:
-        raise TokensExhausted(
-            f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
-            f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
-            "wrap_tokens=True to reuse it")
+        return read_rows(self._shards, self.meta, self.ids[first : first + n], positions(self.cfg)).to(self.device)
 
 
 def rebase_state(state, world_size_now, every_rank_saved=True):
@@ -419,11 +276,11 @@ def make_batch_source(cfg, local_cfg, models, tokens, state, sequence_offset, to
     first = sequence_offset + distributed.rank()
     buffer_state = state and state.get("buffer")
     if cfg["store_dir"] is not None:
-        have, source = len(range(first, read_meta(cfg["store_dir"])["n_sequences"], w)), f"the store at {cfg['store_dir']}"
+        have, source = len(range(first, read_store_meta(cfg["store_dir"])["n_sequences"], w)), f"the store at {cfg['store_dir']}"
     else:
         tokens = tokens[first::w] if tokens is not None else None
         have, source = (len(tokens) if tokens is not None else None), "the dataset"
-    check_enough_sequences(cfg, local_cfg, have, total_steps, state, source)
+    check_enough_sequences(cfg, local_cfg, have, total_steps, state, source, world_size=w)
     if cfg["store_dir"] is not None:
         if distributed.is_main():
             print(f"training on the activations stored at {cfg['store_dir']} ({have * w:,} sequences); "

@@ -18,16 +18,37 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from checkpoint import (PARAM_NAMES, CheckpointError, checkpoint_files, latest_checkpoint, next_version_dir,
-                        read_crosscoder, resolve_version_dir, write_checkpoint)
-from config import DERIVED_KEYS, SCHEMA, ConfigError, check_partition, completed, effective
-from batchtopk import aux_loss, aux_loss_kept, batch_topk_mask, k_at, update_threshold
-from sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
-from distributed import Mesh, any_over_shards, init_decoder, resolve_device, sum_over_shards, take_shard
-from hub import HF_REPO_ID, push_to_hub, read_published
-from partition import (DESIGNATED, allowed_mask, check_violations, constrained, impose_, k_shares, l1_weights,
-                       latent_owner, partition_of, project_decoder_grad, project_encoder_grad, shard_latents,
-                       violations)
+from crossdiff.arch.batchtopk import aux_loss, aux_loss_kept, batch_topk_mask, k_at, update_threshold
+from crossdiff.arch.partition import (
+    DESIGNATED,
+    allowed_mask,
+    check_violations,
+    constrained,
+    impose_,
+    k_shares,
+    l1_weights,
+    latent_owner,
+    partition_of,
+    project_decoder_grad,
+    project_encoder_grad,
+    shard_latents,
+    violations,
+)
+from crossdiff.arch.shards import any_over_shards, init_decoder, sum_over_shards, take_shard
+from crossdiff.arch.sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
+from crossdiff.config.schema import DERIVED_KEYS, SCHEMA, ConfigError, check_partition, completed, effective
+from crossdiff.io.checkpoint import (
+    PARAM_NAMES,
+    CheckpointError,
+    checkpoint_files,
+    latest_checkpoint,
+    next_version_dir,
+    read_crosscoder,
+    resolve_version_dir,
+    write_checkpoint,
+)
+from crossdiff.io.hub import HF_REPO_ID, push_to_hub, read_published
+from crossdiff.scale.distributed import Mesh, resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONE_PROCESS = Mesh()
@@ -65,7 +86,7 @@ class CrossCoder(nn.Module):
         return super().__new__(cls)
 
     def __init__(self, cfg, shard=(0, 1), initialise=True):
-        """shard (index, count): hold only that slice of the latents (distributed.py; the whole
+        """shard (index, count): hold only that slice of the latents (crossdiff/scale/distributed.py; the whole
         dictionary's initialisation, sliced). initialise False: uninitialised weights, for a load
         to fill (a 2^20-latent dictionary's random draw alone takes minutes)."""
         super().__init__()
@@ -76,7 +97,7 @@ class CrossCoder(nn.Module):
         self.cfg = cfg
         self.dtype = DTYPES[cfg["enc_dtype"]]
         self.n_models = cfg["n_models"]
-        # partition.py: the blocks of a partitioned dictionary (one free block for a standard one)
+        # crossdiff/arch/partition.py: the blocks of a partitioned dictionary (one free block for a standard one)
         if cfg["exclusive_fraction"] or cfg["shared_fraction"]:
             check_partition(cfg)
         device = resolve_device(cfg["device"])
@@ -110,7 +131,7 @@ class CrossCoder(nn.Module):
     # ---------------------------------------------------------------- forward maths
     def encoder_weight(self):
         """W_enc as the maths use it: of a partitioned dictionary, with its gradient projected
-        (partition.py: forbidden weights get none)."""
+        (crossdiff/arch/partition.py: forbidden weights get none)."""
         if not self.partition.exclusive:
             return self.W_enc
         return constrained(self.W_enc, lambda g: project_encoder_grad(g, self.allowed_fM))
@@ -308,6 +329,8 @@ class CrossCoder(nn.Module):
 
     @classmethod
     def _from_state(cls, cfg, state, device, shard=(0, 1), where=""):
+        if cfg["enc_dtype"] not in DTYPES:
+            raise CheckpointError(f"{where}: unknown enc_dtype {cfg['enc_dtype']!r}, expected one of {sorted(DTYPES)}")
         cfg["device"] = resolve_device(device)
         # Built on CPU, checked, then moved; model.cfg is the config as saved (unknown keys kept).
         known = {k: v for k, v in cfg.items() if (k in SCHEMA or k in DERIVED_KEYS) and v is not None}
@@ -375,7 +398,7 @@ class BatchTopKCrossCoder(CrossCoder):
     def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
         """With sparse_step (training): the same losses, activations and terms, but the decoder,
         its gradient, the encoder's weight gradient and AuxK computed from the kept entries only
-        (sparse.py); the dense path (the parent's) is the reference it equals."""
+        (crossdiff/arch/sparse.py); the dense path (the parent's) is the reference it equals."""
         if not (self.training and self.cfg["sparse_step"]):
             return super().losses_and_acts(x_BMD, dead_F, update_threshold_, mesh)
         W_enc = self.encoder_weight()

@@ -20,12 +20,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-import distributed
-from checkpoint import member_dirs, next_sweep_dir, next_version_dir, read_cfg
-from config import ConfigError, expand
-from costs import held_bytes, memory_per_rank
+from crosscoder import ARCHITECTURES
+from crossdiff.config.schema import ConfigError, expand
+from crossdiff.io.checkpoint import member_dirs, next_sweep_dir, next_version_dir, read_cfg
+from crossdiff.io.wandb_run import finish_run, start_run
+from crossdiff.scale import distributed
+from crossdiff.scale.costs import held_bytes, memory_per_rank
+from crossdiff.scale.process import install_stop_handlers, restore_handlers
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
-from utils import finish_run, install_stop_handlers, restore_handlers, start_run
+
 
 def member_name(overrides):
     return " ".join(f"{k}={v}" for k, v in overrides.items())
@@ -67,7 +70,7 @@ def member_bytes(cfg, n_processes=1):
     d, f, m, shards = cfg["d_in"], cfg["dict_size"], cfg["n_models"], cfg["latent_shards"]
     held = held_bytes(d, f, shards, m)
     rows = cfg["batch_size"] // (n_processes // shards)
-    return held, memory_per_rank(d, f, shards, rows, m, cfg["architecture"]) - held
+    return held, memory_per_rank(d, f, ARCHITECTURES[cfg["architecture"]].STEP_PHASES, shards, rows, m) - held
 
 
 def place(cfgs, devices):

@@ -13,24 +13,32 @@ import time
 
 import torch
 
-from cli import build_cfg as build_cli_cfg, in_notebook
-from config import DEFAULTS, ConfigError, check_against_model, check_mesh, complete_cfg
-from checkpoint import CheckpointError, resolve_version_dir
-import distributed
-from buffer import TokensExhausted, check_buffer_fits, is_complete_store
+import store
+from crosscoder import CrossCoder
+from crossdiff.config.cli import build_cfg as build_cli_cfg
+from crossdiff.config.cli import in_notebook
+from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits
+from crossdiff.config.schema import DEFAULTS, ConfigError, check_against_model, check_mesh, complete_cfg, expand
+from crossdiff.io.checkpoint import CheckpointError, resolve_version_dir
+from crossdiff.pairs.toy import format_report, organism_report, toy_report
+from crossdiff.scale import distributed
+from crossdiff.scale.process import keep_freed_memory, library_progress
+from crossdiff.sources.mix import DataError
+from crossdiff.sources.models import SetupError
+from crossdiff.sources.store import is_complete_store
+from sweep import Sweep, check_sweep_fits, member_name, place
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
-from data import DataError
-from utils import SetupError, check_tokens, keep_freed_memory, library_progress, load_models_and_tokens, prepare_models
+from utils import check_tokens, load_models_and_tokens, prepare_models
 
 # %%
-# The config: every key, its default and its meaning live in config.py (`python train.py --help`
+# The config: every key, its default and its meaning live in crossdiff/config/schema.py (`python train.py --help`
 # lists them). Edit here, e.g. default_cfg.update(l1_coeff=1.5, dict_size=2**15), or override
 # from the shell with --key value.
 default_cfg = dict(DEFAULTS)
 
 
 def build_cfg(argv, **kwargs):
-    """default_cfg (as edited above) <- preset <- --key value, or a resume's saved config (cli.py)."""
+    """default_cfg (as edited above) <- preset <- --key value, or a resume's saved config (crossdiff/config/cli.py)."""
     return build_cli_cfg(argv, default_cfg, **kwargs)
 
 
@@ -60,14 +68,8 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     check_buffer_fits(cfg)  # before any model is loaded
     if cfg["store_dir"] is not None and resume is None:
         if not is_complete_store(cfg["store_dir"]):
-            import store
-
             store.build(cfg)  # the store the config names, harvested once (the next run reads it)
     if sweep:  # every member's weights and Adam state, on its device, beside the buffer
-        from buffer import available_bytes, buffer_bytes
-        from sweep import check_sweep_fits, place
-        from config import expand
-
         if sweep_devices:  # the models and the buffer go with the first member
             cfg["device"] = sweep_devices[0]
         members = place(expand(cfg, sweep), sweep_devices or [cfg["device"]])
@@ -81,8 +83,6 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
     resume_sweep = resume is not None and (resolve_version_dir(resume) / "sweep.json").is_file()
     if sweep or resume_sweep:
-        from sweep import Sweep, member_name
-
         if resume_sweep:
             overrides = resume_overrides or {}
             run = Sweep.resume(resolve_version_dir(resume), lambda saved: complete_cfg(dict(saved, **overrides)),
@@ -96,8 +96,6 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
             result = "stopped: non-finite (see above)" if i in run.failed else format_log(log)
             print(f"member {member_name(t.cfg['sweep'])}: {result}; checkpoints in {t.crosscoder.save_dir}")
             if cfg["preset"] == "toy" and i not in run.failed:
-                from toy import format_report, toy_report
-
                 print(format_report(toy_report(whole_crosscoder(t), models[0], models[1], t.cfg)))
         print(f"done: the sweep is in {run.sweep_dir} (sweep.json lists its members)")
         return run
@@ -109,8 +107,6 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     if distributed.is_main():
         print("final: " + format_log(log))
         if cfg["preset"] == "toy":
-            from toy import format_report, organism_report, toy_report
-
             organism = organism_report(models[0], models[1], cfg)
             print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
         print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
@@ -126,8 +122,6 @@ def format_log(log):
 def whole_crosscoder(trainer):
     """The trainer's crosscoder; a dictionary split over the latents is read whole from the
     checkpoint just written (on rank 0)."""
-    from crosscoder import CrossCoder
-
     return trainer.crosscoder if trainer.cfg["latent_shards"] == 1 else CrossCoder.load(trainer.crosscoder.save_dir)
 
 

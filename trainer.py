@@ -16,14 +16,24 @@ import torch.distributed as dist
 from einops import einsum
 from tqdm.auto import tqdm
 
-import distributed
 from buffer import make_batch_source, rebase_state
-from checkpoint import (SHARD_STATE, CheckpointError, atomic_torch_save, latest_checkpoint, next_version_dir,
-                        prune_trainer_states, rank_state_file, read_trainer_state, resolve_version_dir)
-from config import ConfigError, completed, effective
 from crosscoder import CrossCoder
-from distributed import clip_grad_norm_, gather, gather_weights
-from utils import finish_run, install_stop_handlers, restore_handlers, start_run
+from crossdiff.arch.shards import clip_grad_norm_, gather, gather_weights
+from crossdiff.config.schema import ConfigError, completed, effective
+from crossdiff.io.checkpoint import (
+    SHARD_STATE,
+    CheckpointError,
+    atomic_torch_save,
+    latest_checkpoint,
+    next_version_dir,
+    prune_trainer_states,
+    rank_state_file,
+    read_trainer_state,
+    resolve_version_dir,
+)
+from crossdiff.io.wandb_run import finish_run, start_run
+from crossdiff.scale import distributed
+from crossdiff.scale.process import install_stop_handlers, restore_handlers
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
             "explained_variance", "explained_variance_A", "explained_variance_B")
@@ -124,7 +134,7 @@ class Trainer:
             models = list(model_A) if isinstance(model_A, (list, tuple)) else [model_A, model_B]
             tokens = all_tokens if all_tokens is not None else (model_B if isinstance(model_A, (list, tuple)) else None)
         state = None
-        shard = distributed.latent_shard()  # (index, count): this rank's slice of the latents (distributed.py)
+        shard = distributed.latent_shard()  # (index, count): this rank's slice of the latents (crossdiff/scale/distributed.py)
         if shard[1] != cfg["latent_shards"]:
             raise ConfigError(f"latent_shards={cfg['latent_shards']} but this process's mesh splits the latents "
                               f"{shard[1]} way(s): launch with torchrun and call distributed.setup(device, "

@@ -1,24 +1,22 @@
-"""Token data, model loading, process settings (malloc, signals) and run logging (Weights & Biases).
+"""Token data and the pair: loading tokens (the reference's job here), checking them, and loading a run's models.
 
 Shape legend: N sequences, S seq_len.
 """
 import json
-import netrc
-import os
-import signal
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-import distributed
-from checkpoint import atomic_torch_save, checkpoint_root, data_dir
-from config import PILE_LMSYS_DATASET
-from data import DataError, check_tokenizer, is_mix, load_mix, read_meta
-from models import SetupError, load_pair, resolve_model_keys, tokenizer_of  # noqa: F401 (SetupError: re-exported)
-
+from crossdiff.config.plan import check_enough_sequences
+from crossdiff.config.schema import PILE_LMSYS_DATASET
+from crossdiff.io.checkpoint import atomic_torch_save, data_dir
+from crossdiff.pairs.realpair import prepare
+from crossdiff.pairs.toy import build_toy_pair
+from crossdiff.scale import distributed
+from crossdiff.sources.mix import DataError, check_tokenizer, is_mix, load_mix, read_mix_meta
+from crossdiff.sources.models import SetupError, load_pair, resolve_model_keys, tokenizer_of
 
 load_gemma_pair = load_pair  # the name the pipeline and its tests call (any pair, not only Gemma)
 
@@ -154,7 +152,7 @@ def check_tokens(tokens_NS, seq_len, vocab_size):
 def check_mix_tokenizer(mix_dir, model_names):
     """A DataError, before any model loads, when data.py's mix was built with another vocabulary
     than each model's tokenizer (read alone: seconds, not the model's minutes)."""
-    meta = read_meta(mix_dir)
+    meta = read_mix_meta(mix_dir)
     for name in model_names:
         try:
             tokenizer = tokenizer_of(name)
@@ -165,13 +163,11 @@ def check_mix_tokenizer(mix_dir, model_names):
 
 
 def prepare_models(cfg):
-    """Before anything heavy: what a preset builds (realpair.py: a built pair, the PyPI mix) in
+    """Before anything heavy: what a preset builds (crossdiff/pairs/realpair.py: a built pair, the PyPI mix) in
     place of its names, then the keys that come from the models (d_in, hook_point) filled and
     checked against their configs (models.resolve_model_keys). Updates cfg in place."""
     if cfg["preset"] == "toy":
         return cfg
-    from realpair import prepare
-
     cfg.update(prepare(cfg))
     return resolve_model_keys(cfg)
 
@@ -181,8 +177,6 @@ def load_models_and_tokens(cfg, fresh=True):
     prepare_models. fresh (not a resume): the tokens are checked for enough sequences before any
     model loads."""
     if cfg["preset"] == "toy":
-        from toy import build_toy_pair
-
         if not distributed.is_main():
             distributed.barrier()  # rank 0 builds (or reads) the cached pair first
         base, chat, tokens, _ = build_toy_pair(cfg)
@@ -193,119 +187,9 @@ def load_models_and_tokens(cfg, fresh=True):
         check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
     tokens = load_tokens(cfg["dataset"], cfg)
     if fresh and cfg["store_dir"] is None:
-        from buffer import check_enough_sequences
-
         local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
         check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
-                               cfg["num_tokens"] // cfg["batch_size"])
+                               cfg["num_tokens"] // cfg["batch_size"], world_size=distributed.world_size())
     return load_gemma_pair(cfg), tokens
 
 
-# ---------------------------------------------------------------------------- environment
-def library_progress(show):
-    """transformers' and the hub's own progress bars (loading weights, dequantizing a GGUF) off
-    when the config's `progress` is: a run logged to a file then prints one line per step, not
-    bars. With show, they stay as the environment set them (HF_HUB_DISABLE_PROGRESS_BARS).
-    Process-wide, so the scripts call it, not the library."""
-    if show:
-        return
-    import huggingface_hub.utils
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
-
-
-def keep_freed_memory():
-    """On Linux/glibc, stop malloc from handing large freed blocks back to the OS. By default
-    every block over 32 MB is unmapped when freed, so each step's fresh [B, F] temporaries are
-    page-faulted in again: 7-10% of a CPU step at the Gemma shape. Process-wide, so the scripts
-    call it (train.py, bench.py on CPU), not the library. Returns False where it does not apply."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameter numbers
-        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def install_stop_handlers(on_signal):
-    """Route SIGINT and SIGTERM to on_signal(signum); returns the handlers they replaced (None
-    outside the main thread, where Python cannot set handlers)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in old:
-        signal.signal(s, lambda signum, frame: on_signal(signum))
-    return old
-
-
-def restore_handlers(old):
-    """Put back the handlers install_stop_handlers replaced."""
-    for s, handler in (old or {}).items():
-        signal.signal(s, handler)
-
-
-# ---------------------------------------------------------------- Weights & Biases
-# wandb must never stop a training run: a failed online start falls back to offline, a failed
-# offline start disables logging, each with a message.
-def has_credentials():
-    """An API key in the environment or a `wandb login` entry in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def start_run(cfg, run_id=None):
-    """A wandb run logging under the checkpoint directory (resumed when run_id is given), or
-    None with cfg wandb_mode "disabled" or when wandb cannot start. wandb_mode None picks online
-    or offline by credentials. Offline, wandb's own banner and sync hints are silenced: one line
-    says where the run is and how to upload it."""
-    mode = cfg["wandb_mode"]
-    if mode == "disabled":
-        return None
-    import wandb
-
-    why = ""
-    if mode is None:
-        mode = "online" if has_credentials() else "offline"
-        why = " (no credentials: run `wandb login` or set wandb_mode)" if mode == "offline" else ""
-    wandb_dir = checkpoint_root(cfg)
-    wandb_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(project=cfg["wandb_project"], entity=cfg["wandb_entity"], config=cfg,
-                  dir=str(wandb_dir), id=run_id, resume="allow" if run_id else None)
-    if cfg.get("sweep_id"):  # a sweep's members: one run each, in one group, from one process
-        kwargs.update(group=cfg["sweep_id"], name=" ".join(f"{k}={v}" for k, v in cfg["sweep"].items()),
-                      reinit="create_new")
-
-    def init(mode):
-        return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=mode == "offline"), **kwargs)
-
-    try:
-        run = init(mode)
-    except Exception as e:
-        if mode != "online":
-            print(f"wandb: disabled ({type(e).__name__}: {e})")
-            return None
-        why, mode = f" (online start failed: {type(e).__name__}: {e})", "offline"
-        try:
-            run = init(mode)
-        except Exception as e2:  # wandb must never stop a training run
-            print(f"wandb: disabled{why}; offline failed too ({type(e2).__name__}: {e2})")
-            return None
-    if mode == "offline":
-        run_dir = Path(run.dir).parent if hasattr(run, "dir") else wandb_dir
-        print(f"wandb: logging offline{why} to {run_dir}; upload it later with `wandb sync {run_dir}`")
-    return run
-
-
-def finish_run(run):
-    """Close the run (an offline one's upload command was printed when it started)."""
-    if run is not None:
-        run.finish()

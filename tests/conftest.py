@@ -49,7 +49,7 @@ def pytest_collection_modifyitems(config, items):
 
 def tiny_cfg(tmp_path=None, **overrides):
     """A complete, valid training config at toy size, writing under tmp_path."""
-    from config import DEFAULTS
+    from crossdiff.config.schema import DEFAULTS
 
     cfg = dict(DEFAULTS, d_in=32, dict_size=64, seq_len=9, batch_size=32, buffer_mult=8,
                num_tokens=32 * 20, lr=1e-3, model_batch_size=4, log_every=5, save_every=1000,
@@ -120,7 +120,8 @@ def models():
 def tiny_gemma2_hf(n_layers=3, vocab_size=1000, seed=0):
     """A random-init transformers Gemma2ForCausalLM at Gemma-2-2b width (2304, 8 heads of 256,
     MLP 9216) with few layers and a small vocabulary, and a word-level tokenizer for it."""
-    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tk_models
     from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
 
     hf_cfg = Gemma2Config(vocab_size=vocab_size, hidden_size=2304, intermediate_size=9216,
@@ -215,6 +216,8 @@ def torchrun(*args, nproc=2, timeout=300):
     process group) if it runs past timeout."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TQDM_DISABLE="1",
                CUDA_VISIBLE_DEVICES="")
+    if args[0].startswith("tools/"):  # a research tool runs as a module of the repository
+        args = ("-m", args[0][:-3].replace("/", "."), *args[1:])
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -228,10 +231,16 @@ def torchrun(*args, nproc=2, timeout=300):
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def script_command(script):
+    """How a user starts a script: `python train.py` at the top, `python -m tools.bench` for
+    tools/bench.py (a research tool imports the package from the repository)."""
+    return [sys.executable, script] if "/" not in script else [sys.executable, "-m", script[:-3].replace("/", ".")]
+
+
 def run_script(script, *args, timeout=600):
     """Run one of the repo's scripts as a user would, offline, on the CPU."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
-    return subprocess.run([sys.executable, script, *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([*script_command(script), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -12,8 +12,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(1)
 
-import distributed  # noqa: E402
 from conftest import tiny_cfg  # noqa: E402
+from crossdiff.scale import distributed
 from trainer import Trainer  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def run(architecture, out, shards, steps=STEPS):
         result["steps"] = [t.step_counter for t in run.trainers]
     elif architecture == "harvest":  # store.harvest of 50 sequences, 8 per shard, into argv[1]
         from conftest import random_tokens, tiny_model
-        from store import harvest
+        from crossdiff.sources.store import harvest
 
         cfg = tiny_cfg(checkpoint_dir=os.path.dirname(out))
         harvest(cfg, [tiny_model(1), tiny_model(2)], random_tokens(50, 9), out, 50, shard_sequences=8)
@@ -131,7 +131,7 @@ def run(architecture, out, shards, steps=STEPS):
         result = {"batchtopk": shard_run("batchtopk", out, shards, steps, sparse_step=True),
                   "partitioned": shard_run("batchtopk", out, shards, steps, sparse_step=True, **PARTITION)}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
-        from crosscoder import batch_topk_mask
+        from crossdiff.arch.batchtopk import batch_topk_mask
 
         scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
         mask, min_kept = batch_topk_mask(scores_BF[distributed.shard(16)], 5, distributed.group())

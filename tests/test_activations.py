@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from activations import estimate_norm_factors, extract_activations
 from conftest import random_tokens, tiny_model
+from crossdiff.sources.activations import estimate_norm_factors, extract_activations
 
 
 @pytest.mark.parametrize("hook_point", ["blocks.1.hook_resid_pre", "blocks.0.hook_resid_pre",
@@ -41,7 +41,7 @@ def test_norm_factors_are_estimated_in_fp32_even_where_the_harvest_runs_under_bf
     """On a GPU the models run under bf16 autocast for the harvest (activations.autocast_context);
     the factors are estimated without it, in fp32, as the reference did. Simulated on the CPU by
     making autocast_context a bf16 autocast: the estimate still equals the fp32 computation."""
-    import activations
+    from crossdiff.sources import activations
 
     monkeypatch.setattr(activations, "autocast_context", lambda device: torch.autocast("cpu", dtype=torch.bfloat16))
     tokens = random_tokens(8, 9)

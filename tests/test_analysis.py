@@ -3,8 +3,14 @@ import torch
 
 from conftest import random_tokens, run_script, tiny_cfg, tiny_model
 from crosscoder import CrossCoder
-from diffing import (classify_latents, examples_html, latent_scaling, reconstruction_stats, splice_in_loss,
-                     top_activating_examples)
+from crossdiff.diffing.measures import (
+    classify_latents,
+    examples_html,
+    latent_scaling,
+    reconstruction_stats,
+    splice_in_loss,
+    top_activating_examples,
+)
 
 
 def test_latent_classes_follow_the_reference_thresholds():
@@ -86,7 +92,7 @@ def test_top_activating_examples_match_brute_force():
     tokens = random_tokens(10, 9)
     latents = [0, 3, 7]
     values, seqs, pos = top_activating_examples(cc, models, tokens, latents, k=5, batch_size=3)
-    from activations import extract_activations
+    from crossdiff.sources.activations import extract_activations
 
     x = torch.stack([extract_activations(m, tokens, "blocks.1.hook_resid_pre")[:, 1:] for m in models], 2)
     N, S1 = x.shape[:2]
@@ -254,7 +260,7 @@ def test_splice_in_runs_the_models_under_the_buffers_autocast(monkeypatch):
     half, and the fp32 copies of the reference's notebook never exist."""
     from contextlib import contextmanager
 
-    import diffing
+    from crossdiff.diffing import measures as diffing
 
     depth, outside = [0], []
 

@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from activations import extract_activations
-from buffer import ActivationStore, Buffer, TokensExhausted, make_batch_source, sequences_needed
+from buffer import ActivationStore, Buffer, make_batch_source
 from conftest import assert_buffer_resumes_identically, random_tokens, tiny_cfg, tiny_model
-from store import harvest
+from crossdiff.config.plan import TokensExhausted, sequences_needed
+from crossdiff.sources.activations import extract_activations
+from crossdiff.sources.store import harvest
 from trainer import Trainer
 
 
@@ -162,8 +163,8 @@ def test_saved_shuffling_state_is_a_cpu_generators_and_resumes_on_any_device(mod
 def test_the_references_own_config_and_call_form_build_a_buffer(models):
     """Buffer(cfg, model_A, model_B, all_tokens) with exactly the reference's keys (the other keys
     take their defaults): it serves the batches a buffer over the completed config serves."""
-    from config import complete_cfg
     from conftest import reference_cfg
+    from crossdiff.config.schema import complete_cfg
 
     cfg = reference_cfg()
     tokens = random_tokens(64, 9)
@@ -177,7 +178,7 @@ def test_cpu_memory_available_is_memavailable_not_memfree():
     """MemAvailable (free memory plus the page cache the kernel can drop) is what an allocation can
     have; MemFree leaves the cache out. The parser reads MemAvailable from /proc/meminfo's text,
     and available_bytes('cpu') equals the value the kernel reports (read here independently)."""
-    from buffer import available_bytes, meminfo_available
+    from crossdiff.config.plan import available_bytes, meminfo_available
 
     text = "MemTotal:       24000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
     assert meminfo_available(text) == 20_000_000 * 1024
@@ -235,7 +236,7 @@ def test_a_store_for_another_config_is_refused(tmp_path, models):
 def test_a_store_harvested_from_other_models_or_data_is_refused(tmp_path, models, key, value):
     """The store records which models and which data it was harvested from; a run of other models
     or data (same shapes and hook: nothing else would tell) is refused, naming the key."""
-    from config import ConfigError
+    from crossdiff.config.schema import ConfigError
 
     cfg = tiny_cfg(tmp_path)
     harvest(cfg, list(models), random_tokens(40, cfg["seq_len"]), tmp_path / "store", 40)

@@ -3,8 +3,15 @@ import threading
 
 import pytest
 
-from checkpoint import (atomic_write_text, complete_checkpoints, jsonable, latest_checkpoint, latest_version_dir,
-                        next_version_dir, resolve_version_dir)
+from crossdiff.io.checkpoint import (
+    atomic_write_text,
+    complete_checkpoints,
+    jsonable,
+    latest_checkpoint,
+    latest_version_dir,
+    next_version_dir,
+    resolve_version_dir,
+)
 
 
 def make_checkpoint(version_dir, k, with_cfg=True):
@@ -64,8 +71,8 @@ def test_a_checkpoint_records_how_many_sequences_its_run_read(tmp_path, models):
     """The saved config's sequences_read is the buffer's count of sequences read (refreshes and
     wraps included), and sequences_read() finds it; for a checkpoint of a run that predates the
     record, it comes from the trainer state's pointers."""
-    from checkpoint import checkpoint_files, read_cfg, sequences_read
     from conftest import random_tokens, tiny_cfg
+    from crossdiff.io.checkpoint import checkpoint_files, read_cfg, sequences_read
     from trainer import Trainer
 
     cfg = tiny_cfg(tmp_path, num_tokens=32 * 40, wrap_tokens=True)

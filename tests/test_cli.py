@@ -1,10 +1,10 @@
-"""The command line every script shares (cli.py): values parsed to the table's types, --help from
+"""The command line every script shares (crossdiff/config/cli.py): values parsed to the table's types, --help from
 the table, --sweep axes limited to the table's sweep column."""
 import pytest
 
-from cli import format_help, parse_overrides, parse_sweep, parse_value, split_sweep
-from config import SCHEMA, ConfigError
-from config import DEFAULTS as default_cfg
+from crossdiff.config.cli import format_help, parse_overrides, parse_sweep, parse_value, split_sweep
+from crossdiff.config.schema import DEFAULTS as default_cfg
+from crossdiff.config.schema import SCHEMA, ConfigError
 
 
 def test_overrides_are_parsed_to_each_keys_type():
@@ -69,8 +69,8 @@ def test_sweep_words_are_taken_up_to_the_next_flag():
 def test_layer_is_the_residual_hook_entering_that_block_and_a_layer_beyond_the_model_is_refused():
     from types import SimpleNamespace
 
-    from cli import build_cfg
-    from config import check_against_model
+    from crossdiff.config.cli import build_cfg
+    from crossdiff.config.schema import check_against_model
 
     cfg, _ = build_cfg(["--layer", "9", "--d_in", "640"])
     assert cfg["hook_point"] == "blocks.9.hook_resid_pre"

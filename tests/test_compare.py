@@ -3,8 +3,8 @@ import types
 import pytest
 import torch
 
-from compare import firing, match_decoders
 from conftest import run_script
+from tools.compare import firing, match_decoders
 
 
 def test_match_decoders_takes_the_largest_cosine_in_the_chosen_model():
@@ -33,7 +33,7 @@ def test_firing_splits_a_latents_mass_and_firing_rates_by_transcript():
 def test_a_crosscoder_compared_with_itself_matches_each_genuine_latent_to_itself(toy_run):
     _, checkpoints, _ = toy_run
     run = str(checkpoints / "version_0")
-    out = run_script("compare.py", "--reference", run, "--other", run, timeout=300)
+    out = run_script("tools/compare.py", "--reference", run, "--other", run, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines()[2:] if line.strip()]
     assert rows and all(r[0] == r[2] and float(r[3]) > 0.999 and float(r[4]) > 0.9 for r in rows)

@@ -2,9 +2,9 @@ import math
 
 import pytest
 
-from config import SCHEMA, ConfigError, check_against_model, validate_cfg
 from conftest import REPO
-from config import DEFAULTS as default_cfg
+from crossdiff.config.schema import DEFAULTS as default_cfg
+from crossdiff.config.schema import SCHEMA, ConfigError, check_against_model, validate_cfg
 
 
 def test_default_config_is_valid_and_fully_described_by_the_schema():
@@ -15,7 +15,7 @@ def test_default_config_is_valid_and_fully_described_by_the_schema():
 def test_reference_defaults():
     """The reference's default_cfg; d_in and hook_point are none until read from the default pair's
     config, which gives the reference's values."""
-    from models import resolve_model_keys
+    from crossdiff.sources.models import resolve_model_keys
 
     expected = dict(seed=49, batch_size=4096, buffer_mult=128, lr=5e-5, num_tokens=400_000_000, l1_coeff=2,
                     beta1=0.9, beta2=0.999, d_in=2304, dict_size=2**14, seq_len=1024, enc_dtype="fp32",
@@ -82,7 +82,8 @@ def test_config_is_a_leaf_module_that_imports_neither_torch_nor_the_repo():
     import subprocess
     import sys
 
-    probe = "import sys, config; print(sorted(m for m in ('torch', 'crosscoder', 'buffer', 'utils') if m in sys.modules))"
+    probe = ("import sys, crossdiff.config.schema; print(sorted(m for m in sys.modules if m in ('torch', 'crosscoder', "
+             "'buffer', 'utils') or m.startswith('crossdiff.') and m not in ('crossdiff.config', 'crossdiff.config.schema')))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -91,7 +92,7 @@ def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():
     """An old toy checkpoint's config without the keys added since: they take the toy preset's
     values where it has them, else DEFAULTS'; its own values win. A toy run saved before toy_seed
     existed built its pair from its seed, so as a saved config (validate=False) it keeps that pair."""
-    from config import DEFAULTS, TOY_CFG, complete_cfg
+    from crossdiff.config.schema import DEFAULTS, TOY_CFG, complete_cfg
 
     old = {"preset": "toy", "dict_size": 256, "d_in": 64, "seed": 3}
     cfg = complete_cfg(old, validate=False)

@@ -5,8 +5,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_cfg
-from costs import crosscoder_flops_per_token, harvest_flops_per_token, memory_per_rank
-from crosscoder import CrossCoder
+from crosscoder import ARCHITECTURES, CrossCoder
+from crossdiff.scale.costs import crosscoder_flops_per_token, harvest_flops_per_token, memory_per_rank
 from trainer import Trainer
 
 
@@ -27,7 +27,7 @@ def test_harvest_flop_formula_equals_torch_flop_counter_on_a_gemma_like_forward(
     attention) = what torch counts when activations are extracted at blocks.2.hook_resid_pre."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from activations import extract_activations
+    from crossdiff.sources.activations import extract_activations
 
     cfg = HookedTransformerConfig(n_layers=3, d_model=32, d_head=8, n_heads=4, n_key_value_heads=2, d_mlp=48,
                                   gated_mlp=True, act_fn="gelu", d_vocab=50, n_ctx=16, normalization_type="RMS", seed=0)
@@ -56,5 +56,5 @@ def test_the_memory_formula_matches_what_a_training_step_allocates(architecture)
         with tracker:
             trainer.step()
         measured = sum(v.get("Total", 0) for v in tracker.get_tracker_snapshot("peak").values())
-        predicted = memory_per_rank(d_in, latents, 1, rows, architecture=architecture)
+        predicted = memory_per_rank(d_in, latents, ARCHITECTURES[architecture].STEP_PHASES, 1, rows)
         assert 0.95 < predicted / measured < 1.25, (rows, d_in, latents, predicted / measured)

@@ -4,9 +4,10 @@ import pickle
 import pytest
 import torch
 
-from checkpoint import CheckpointError, latest_checkpoint, latest_version_dir
 from conftest import random_tokens, tiny_cfg
-from crosscoder import CrossCoder, LossOutput, aux_loss, batch_topk_mask, k_at, update_threshold
+from crosscoder import CrossCoder, LossOutput
+from crossdiff.arch.batchtopk import aux_loss, batch_topk_mask, k_at, update_threshold
+from crossdiff.io.checkpoint import CheckpointError, latest_checkpoint, latest_version_dir
 from trainer import Trainer, geometric_median
 
 
@@ -294,8 +295,8 @@ def test_the_references_own_config_builds_a_crosscoder_with_todays_defaults_for_
     """CrossCoder(cfg) with exactly the reference's keys: the weights are those of the same config
     completed from config.DEFAULTS (the missing keys take their defaults), and the crosscoder is
     the reference's L1 one on two models."""
-    from config import complete_cfg
     from conftest import REFERENCE_KEYS, reference_cfg
+    from crossdiff.config.schema import complete_cfg
 
     cfg = reference_cfg()
     assert set(cfg) == set(REFERENCE_KEYS)
@@ -308,8 +309,8 @@ def test_the_references_own_config_builds_a_crosscoder_with_todays_defaults_for_
 
 
 def test_an_unknown_key_is_refused_with_the_clis_suggestion():
-    from config import ConfigError
     from conftest import reference_cfg
+    from crossdiff.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match="unknown config key 'l1_coef' \\(did you mean 'l1_coeff'\\?\\)"):
         CrossCoder(reference_cfg(l1_coef=2))
@@ -318,7 +319,7 @@ def test_an_unknown_key_is_refused_with_the_clis_suggestion():
 def test_analysis_helpers_return_detached_tensors():
     """relative_decoder_norm, decoder_cosine_similarity and norm_difference: plain values (no
     autograd graph, no warning when converted), equal to the same maths on the weights' data."""
-    from diffing import norm_difference
+    from crossdiff.diffing.measures import norm_difference
 
     cc = CrossCoder(cc_cfg(d_in=4, dict_size=6))
     norms = cc.W_dec.data.norm(dim=-1)

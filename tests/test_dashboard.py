@@ -1,4 +1,4 @@
-"""The latent dashboard (dashboard.py): its numbers against direct computations, its size at
+"""The latent dashboard (crossdiff/diffing/dashboard.py): its numbers against direct computations, its size at
 16K latents, and the toy checkpoint's page in headless Chromium."""
 import base64
 import gzip
@@ -11,7 +11,14 @@ import torch
 
 from conftest import random_tokens, tiny_cfg
 from crosscoder import CrossCoder
-from dashboard import SHARE_LEVELS, dashboard_html, latent_table, pack_examples, spaced, window_contributions
+from crossdiff.diffing.dashboard import (
+    SHARE_LEVELS,
+    dashboard_html,
+    latent_table,
+    pack_examples,
+    spaced,
+    window_contributions,
+)
 
 
 def unpack(meta, blob):

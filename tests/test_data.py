@@ -5,8 +5,18 @@ import json
 import pytest
 import torch
 
-from data import (DataError, build_mix, check_tokenizer, chat_mask, encode_documents, load_mix, main, pack,
-                  read_documents, vocab_hash)
+from crossdiff.sources.mix import (
+    DataError,
+    build_mix,
+    chat_mask,
+    check_tokenizer,
+    encode_documents,
+    load_mix,
+    pack,
+    read_documents,
+    vocab_hash,
+)
+from data import main
 
 # A chat template in Gemma's form (the model's turn is "model").
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }} "

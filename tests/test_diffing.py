@@ -5,13 +5,22 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
+from test_analysis import scaling_case
 
-import diffing
 from conftest import random_tokens, tiny_cfg, tiny_model
 from crosscoder import CrossCoder
-from diffing import ActivationCache, iter_paired_activations, reconstruction_stats, splice_in_loss
-from diffing import effective_chat_only, is_model_specific, latent_scaling, norm_difference, rank_sum_order
-from test_analysis import scaling_case
+from crossdiff.diffing import measures as diffing
+from crossdiff.diffing.measures import (
+    ActivationCache,
+    effective_chat_only,
+    is_model_specific,
+    iter_paired_activations,
+    latent_scaling,
+    norm_difference,
+    rank_sum_order,
+    reconstruction_stats,
+    splice_in_loss,
+)
 
 
 def test_a_latent_is_model_specific_when_both_ratios_are_small_in_absolute_value():
@@ -134,7 +143,7 @@ def test_latent_scaling_scatter_draws_the_pass_region_and_marks_the_latents_insi
 def hooked_losses(cc, models, tokens, hook_point, excluded=()):
     """The three losses of splice_in_loss, each a full forward with a hook at hook_point; the
     positions holding an excluded token keep their clean residual."""
-    from diffing import normalisation_factors
+    from crossdiff.diffing.measures import normalisation_factors
 
     folded = cc.fold_normalisation(normalisation_factors(cc))
     acts = []
@@ -220,7 +229,7 @@ def test_reconstruction_by_source_pools_each_sources_tokens_and_splits_each_late
     """reconstruction_stats with is_chat_N: per source, explained variance over all its tokens
     around its own mean, and each latent's activation mass in chat rows and in all, against the
     same sums over the whole activations; the overall figures are those without is_chat_N."""
-    from diffing import class_chat_mass
+    from crossdiff.diffing.measures import class_chat_mass
 
     torch.manual_seed(0)
     models = [tiny_model(1), tiny_model(2)]
@@ -252,8 +261,8 @@ def test_a_partitioned_dictionary_is_classified_by_its_blocks_and_the_free_laten
     """Exclusive blocks are base-only / chat-only whatever their norms; a free latent near 1 is
     then other; designated latents are shared; without exclusive blocks (designated only) the
     free latents keep the norm classes."""
-    from diffing import classify_latents
-    from partition import DESIGNATED, FREE
+    from crossdiff.arch.partition import DESIGNATED, FREE
+    from crossdiff.diffing.measures import classify_latents
 
     rel = torch.tensor([0.5, 0.95, 0.02, 0.5, 0.95, 0.5, 0.05])
     owner = torch.tensor([0, 1, DESIGNATED, FREE, FREE, FREE, FREE])

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
+from dp_worker import STEPS, GlobalBatches
 
-from config import ConfigError, validate_cfg
 from conftest import REPO, free_port, run_script, tiny_cfg, torchrun
 from crosscoder import CrossCoder
-from dp_worker import STEPS, GlobalBatches
+from crossdiff.config.schema import ConfigError, validate_cfg
 from trainer import Trainer
 
 
@@ -43,7 +43,7 @@ def test_batch_topk_over_two_ranks_keeps_what_one_process_keeps_on_the_whole_bat
     """batch_topk_mask with a group: each rank's mask is its rows of the one-process mask on the
     concatenated batch, and both report the same cutoff."""
     root, _, _ = two_rank_runs
-    from crosscoder import batch_topk_mask
+    from crossdiff.arch.batchtopk import batch_topk_mask
 
     scores_BF = torch.relu(torch.randn(16, 40, generator=torch.Generator().manual_seed(3)))
     want_mask, want_min = batch_topk_mask(scores_BF, 5)
@@ -89,7 +89,7 @@ def test_sigterm_to_the_launcher_saves_once_and_the_run_resumes_with_two_or_one_
             os.killpg(proc.pid, 9)
             proc.communicate()
     assert proc.returncode != 0 and out.count("checkpoint (TrainingInterrupted) saved") == 1, out[-2000:] + err[-2000:]
-    from checkpoint import read_cfg
+    from crossdiff.io.checkpoint import read_cfg
 
     stopped = read_cfg(version)["step"]  # the newest checkpoint is the interrupt's, at the step it names
     assert 20 <= stopped < 160 and f"checkpoint (TrainingInterrupted) saved at step {stopped}:" in out
@@ -113,7 +113,7 @@ def test_a_two_process_run_resumed_with_two_processes_equals_the_straight_run(la
     pointers and RNG restored: buffer refreshes come every 4 steps), to the last bit."""
     root, runs, resumes = two_rank_runs  # the resume is the second launch: from disk alone
     assert "fresh buffers" not in runs + resumes
-    from checkpoint import rank_state_file
+    from crossdiff.io.checkpoint import rank_state_file
 
     version = root / f"halves@{latent_shards}" / "version_0"  # only the newest checkpoint's data states are kept
     assert rank_state_file(version, 1, 1).is_file() and not rank_state_file(version, 0, 1).exists()
@@ -187,13 +187,13 @@ def test_on_a_cold_token_cache_one_process_converts_the_dataset_and_every_rank_r
     assert not list((root / "tokens").glob("*.tmp")) and not list((root / "tokens").glob(".*.tmp"))
 
 
-# ---------------------------------------------------------------- Dictionaries split over the latents (distributed.py): 2 gloo processes launched by torchrun from
+# ---------------------------------------------------------------- Dictionaries split over the latents (crossdiff/arch/shards.py): 2 gloo processes launched by torchrun from
 def test_a_shard_is_initialised_as_its_rows_of_the_whole_dictionary(monkeypatch):
     """CrossCoder(cfg, shard=(i, n)) holds exactly latents [i F/n, (i+1) F/n) of CrossCoder(cfg),
     also when the initial draw comes in several chunks."""
-    import distributed
+    from crossdiff.arch import shards
 
-    monkeypatch.setattr(distributed, "INIT_CHUNK", 24)  # 64 latents: chunks of 24, 24, 16
+    monkeypatch.setattr(shards, "INIT_CHUNK", 24)  # 64 latents: chunks of 24, 24, 16
     cfg = tiny_cfg(dict_size=64)
     whole = CrossCoder(cfg)
     for i in range(4):
@@ -213,10 +213,11 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
     included -- and its gradients (each shard's slice) equal one process training the whole
     dictionary on the whole batches, to 1e-5. Partitioned (exclusive, designated shared and free
     blocks): each shard holds its slice of every block, and the gathered checkpoint keeps the
-    partition exactly. BatchTopK's sparse step (sparse.py), standard and partitioned, against the
+    partition exactly. BatchTopK's sparse step (crossdiff/arch/sparse.py), standard and partitioned, against the
     dense step of one process."""
     from dp_worker import PARTITION
-    from partition import partition_of, shard_latents
+
+    from crossdiff.arch.partition import partition_of, shard_latents
     root, _, _ = two_rank_runs
     steps = STEPS
     runs = {"sparse": [("batchtopk", "batchtopk", {}), ("partitioned", "batchtopk", PARTITION)],
@@ -292,7 +293,7 @@ def test_the_flat_all_reduce_ends_on_the_weights_distributed_data_parallel_gives
     does), torch's DistributedDataParallel and per-weight all-reduces started from gradient hooks
     average the same gradients, so 6 SGD steps end on the same weights; the benchmark prints each
     mode's time per step."""
-    out = torchrun("bench_dp.py", "--shape", "toy", "--steps", "5", timeout=300)
+    out = torchrun("tools/bench_dp.py", "--shape", "toy", "--steps", "5", timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     lines = {line.split(":")[0].strip(): line for line in out.stdout.splitlines()}
     assert {"none", "flat", "ddp", "hooks"} <= set(lines) and "ms/step" in lines["ddp"]

@@ -14,10 +14,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config import SCHEMA, ConfigError, validate_cfg
 from conftest import REPO, run_script, tiny_cfg
-from checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from crosscoder import CrossCoder
+from crossdiff.config.schema import SCHEMA, ConfigError, validate_cfg
+from crossdiff.io.checkpoint import CheckpointError, complete_checkpoints, latest_checkpoint
 from train import default_cfg
 from trainer import NonFiniteError, Trainer
 

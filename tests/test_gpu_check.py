@@ -8,7 +8,7 @@ from conftest import run_script
 
 
 def test_the_gpu_check_runs_every_part_and_writes_its_table_and_json(tmp_path):
-    out = run_script("gpu_check.py", "--device", "cpu", "--shape", "tiny", "--out", str(tmp_path / "check.json"),
+    out = run_script("tools/gpu_check.py", "--device", "cpu", "--shape", "tiny", "--out", str(tmp_path / "check.json"),
                      timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "check.json").read_text())
@@ -23,5 +23,5 @@ def test_the_gpu_check_runs_every_part_and_writes_its_table_and_json(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU has nothing to refuse")
 def test_the_gpu_check_without_a_gpu_says_so_before_anything_runs():
-    out = run_script("gpu_check.py", timeout=120)
+    out = run_script("tools/gpu_check.py", timeout=120)
     assert out.returncode != 0 and "torch sees no CUDA device" in out.stderr and "Traceback" not in out.stderr

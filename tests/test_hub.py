@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from conftest import random_tokens, run_script
 from crosscoder import CrossCoder
-from hub import FormatError, hook_point_of_layer, read_dictionary_learning
+from crossdiff.io.hub import FormatError, hook_point_of_layer, read_dictionary_learning
 
 M, D, F = 2, 16, 48
 
@@ -115,7 +115,7 @@ def test_analysis_runs_on_a_dictionary_learning_directory_over_tokens(tmp_path, 
     # the text: a token mix (data.py) built with the pair's tokenizer, whose held-out split is analysed
     from transformers import AutoTokenizer
 
-    from data import build_mix, load_mix
+    from crossdiff.sources.mix import build_mix, load_mix
 
     words = random_tokens(30, 9, d_vocab=1000)[:, 1:].clamp(min=4)
     (tmp_path / "text.jsonl").write_text("\n".join(json.dumps({"text": " ".join(f"w{int(i)}" for i in row)})
@@ -147,7 +147,7 @@ def test_a_published_crosscoder_reads_back_whole_and_as_the_reference_read_its_o
     included), architecture, model pair and factors; and the files load the way the reference's
     load_from_hf did (its config into the constructor, the four weights into the module)."""
     from conftest import tiny_cfg
-    from hub import write_published
+    from crossdiff.io.hub import write_published
 
     cc = CrossCoder(tiny_cfg(architecture=architecture, k=4, normalisation_factor=[0.5, 2.0],
                              model_names=["base-x", "chat-x"]))
@@ -218,8 +218,8 @@ def dfc_training_dir(directory, tamper=False):
 
 
 def test_a_dedicated_feature_crosscoder_of_the_dfc_authors_loads_with_its_partition(tmp_path):
-    from diffing import latent_classes
-    from partition import PartitionError
+    from crossdiff.arch.partition import PartitionError
+    from crossdiff.diffing.measures import latent_classes
 
     state = dfc_training_dir(tmp_path)
     cc = CrossCoder.load_from_hf(str(tmp_path))

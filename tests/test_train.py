@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from config import ConfigError
 from conftest import run_script, tiny_cfg
+from crossdiff.config.schema import ConfigError
 from train import build_cfg, default_cfg
 
 
@@ -65,8 +65,8 @@ def test_help_prints_every_key_and_exits_0():
 
 
 def test_a_bad_value_is_refused_before_any_model_code_is_imported():
-    """`--preset toy --lr -1` fails in the config check: neither toy.py (which builds models) nor
-    TransformerLens is imported first, so the error comes in about a second, not after a build."""
+    """`--preset toy --lr -1` fails in the config check: neither TransformerLens nor transformers
+    (the model code) is imported first, so the error comes in seconds, not after a build."""
     import subprocess
     import sys
 
@@ -75,7 +75,7 @@ def test_a_bad_value_is_refused_before_any_model_code_is_imported():
     probe = ("import sys, train\n"
              "try:\n    train.cli(['--preset', 'toy', '--lr', '-1'])\n"
              "except SystemExit as e:\n    print('exit:', e.code)\n"
-             "print('imported:', sorted(m for m in ('toy', 'transformer_lens') if m in sys.modules))\n")
+             "print('imported:', sorted(m for m in ('transformer_lens', 'transformers') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert "exit: config error: config key 'lr' must be a positive number" in out.stdout, out.stdout + out.stderr
     assert "imported: []" in out.stdout
@@ -123,7 +123,7 @@ def test_a_dataset_too_small_for_the_run_is_refused_before_any_model_loads(tmp_p
     """At the default 400M tokens a 50-sequence dataset is refused right after the tokens are read:
     the models (a download, on a real run) are never loaded."""
     import utils
-    from buffer import TokensExhausted
+    from crossdiff.config.plan import TokensExhausted
 
     def no_models(cfg):
         raise AssertionError("models loaded before the data check")
@@ -141,11 +141,11 @@ def test_nothing_the_pipeline_makes_lands_on_torchs_default_device(tmp_path):
     set to "meta" here (a tensor without data: any use of one with real tensors fails), so a
     missing device= anywhere in the toy run, a partitioned sparse BatchTopK run, the toy report and
     the analysis' measurements raises, as it would put a tensor on the CPU of a GPU run."""
-    from cli import build_cfg
-    from config import DEFAULTS
-    from dashboard import window_contributions
-    from diffing import latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples
-    from toy import format_report, heldout_tokens, toy_report
+    from crossdiff.config.cli import build_cfg
+    from crossdiff.config.schema import DEFAULTS
+    from crossdiff.diffing.dashboard import window_contributions
+    from crossdiff.diffing.measures import latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples
+    from crossdiff.pairs.toy import format_report, heldout_tokens, toy_report
     from trainer import Trainer
     from utils import load_models_and_tokens, prepare_models
 

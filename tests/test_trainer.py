@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from checkpoint import complete_checkpoints
 from conftest import random_tokens, tiny_cfg
 from crosscoder import CrossCoder, l1_coeff_at
+from crossdiff.io.checkpoint import complete_checkpoints
 from trainer import NonFiniteError, Trainer, TrainingInterrupted, lr_multiplier
 
 
@@ -200,7 +200,7 @@ def test_periodic_checkpoints(tmp_path):
 def test_every_checkpoint_config_records_its_training_step(tmp_path):
     """Periodic saves at steps 6, 12, 18, the final one at 20, and an interrupt save at the step
     it happened: each checkpoint's config says which."""
-    from checkpoint import read_cfg
+    from crossdiff.io.checkpoint import read_cfg
 
     cfg = tiny_cfg(tmp_path, save_every=6)
     trainer = Trainer(cfg, buffer=RandomSource(cfg))
@@ -323,10 +323,10 @@ def test_the_references_own_config_and_call_forms_train(tmp_path, monkeypatch, m
     """Trainer(cfg, model_A, model_B, all_tokens) and Trainer(cfg, buffer=source) with exactly the
     reference's keys: they train to the end and save under checkpoints/ (here a temporary root),
     and the weights equal those of the same run on the config completed from config.DEFAULTS."""
-    import checkpoint
-    from config import complete_cfg
     from conftest import reference_cfg
-    from planted import PlantedFeatureSource
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.io import checkpoint
+    from tools.planted import PlantedFeatureSource
 
     monkeypatch.setattr(checkpoint, "DEFAULT_CHECKPOINT_DIR", tmp_path / "checkpoints")
     tokens = random_tokens(200, 9)
@@ -346,8 +346,8 @@ def test_batchtopk_counts_latents_dead_within_a_short_run_by_default(tmp_path):
     """dead_tokens at its default follows the run: min(10M, num_tokens // 10) tokens. A latent that
     never fires in a 100-step run of 32 tokens a step counts dead after 320 tokens (10 steps), so
     AuxK acts on it; at the authors' fixed 10M tokens it would never count dead in such a run."""
-    from config import effective
-    from planted import PlantedFeatureSource
+    from crossdiff.config.schema import effective
+    from tools.planted import PlantedFeatureSource
 
     cfg = tiny_cfg(tmp_path, architecture="batchtopk", k=2, num_tokens=32 * 100, threshold_start_step=10)
     assert cfg["dead_tokens"] is None and effective(cfg, "dead_tokens") == 320

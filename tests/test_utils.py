@@ -1,13 +1,11 @@
-from pathlib import Path
 
 import datasets
 import pytest
 import torch
 
-import utils
-from conftest import tiny_cfg
-from data import DataError
-from utils import PILE_LMSYS_DATASET, check_tokens, load_tokens
+from crossdiff.config.schema import PILE_LMSYS_DATASET
+from crossdiff.sources.mix import DataError
+from utils import check_tokens, load_tokens
 
 
 def save_dataset(path, rows, column="input_ids"):
@@ -71,30 +69,6 @@ def test_check_tokens_vocab_and_length():
         check_tokens(t[:0], 10, 50)
 
 
-@pytest.mark.opt_in
-def test_keep_freed_memory_keeps_a_freed_large_block_resident(tmp_path):
-    """Without it glibc unmaps a freed 256 MB tensor at once (resident memory drops back); with
-    it the block stays in the heap for the next step to reuse without page faults."""
-    import subprocess
-    import sys
-
-    probe = (
-        "import sys, torch\n"
-        "from utils import keep_freed_memory\n"
-        "if sys.argv[1] == '1': assert keep_freed_memory()\n"
-        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
-        "before = rss(); t = torch.ones(64 * 2**20); during = rss(); del t; after = rss()\n"
-        "print(during - before, after - before)\n")
-    grown = {}
-    for flag in ("0", "1"):
-        out = subprocess.run([sys.executable, "-c", probe, flag], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], timeout=120)
-        assert out.returncode == 0, out.stderr
-        grown[flag] = [float(v) for v in out.stdout.split()]
-    assert grown["0"][0] > 200 and grown["0"][1] < 50  # default: returned to the OS
-    assert grown["1"][0] > 200 and grown["1"][1] > 200  # kept
-
-
 def test_dataset_conversion_peaks_near_the_int32_size_not_int64(tmp_path):
     """A 200 MB (int32) token column held as int64 by Arrow: converting it must add about the
     int32 result to the process's peak memory, not an int64 copy of the whole column on top
@@ -137,109 +111,12 @@ def test_check_heldout_refuses_rows_training_read():
         check_heldout(100, 20, 150)
 
 
-# ---------------------------------------------------------------- Weights & Biases
-@pytest.fixture
-def no_credentials(tmp_path, monkeypatch):
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # netrc reads ~/.netrc
-    monkeypatch.delenv("NETRC", raising=False)
-    return tmp_path
-
-
-def test_credentials_come_from_the_environment_or_netrc(no_credentials, monkeypatch):
-    assert not utils.has_credentials()
-    netrc_file = no_credentials / ".netrc"
-    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password abc\n")
-    netrc_file.chmod(0o600)
-    assert utils.has_credentials()
-    netrc_file.unlink()
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert utils.has_credentials()
-
-
-def test_disabled_mode_starts_nothing_and_writes_nothing(tmp_path):
-    assert utils.start_run(tiny_cfg(wandb_mode="disabled", checkpoint_dir=str(tmp_path / "ck"))) is None
-    assert not (tmp_path / "ck").exists()
-    utils.finish_run(None)  # finishing no run is a no-op
-
-
-def test_a_failed_online_start_falls_back_to_offline(no_credentials, monkeypatch, capsys):
-    import wandb
-
-    modes = []
-
-    def fake_init(mode, **kwargs):
-        modes.append(mode)
-        if mode == "online":
-            raise ConnectionError("no network")
-        return "offline run"
-
-    monkeypatch.setattr(wandb, "init", fake_init)
-    run = utils.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck")))
-    assert run == "offline run" and modes == ["online", "offline"]
-    assert "logging offline (online start failed: ConnectionError: no network)" in capsys.readouterr().out
-
-
-def test_a_failed_offline_fallback_disables_logging_instead_of_stopping_training(no_credentials, monkeypatch, capsys):
-    """Online fails, then the offline fallback fails too: start_run returns None (training goes
-    on without wandb) and says why, instead of raising."""
-    import wandb
-
-    def fake_init(mode, **kwargs):
-        raise ConnectionError("no network") if mode == "online" else PermissionError("read-only disk")
-
-    monkeypatch.setattr(wandb, "init", fake_init)
-    assert utils.start_run(tiny_cfg(wandb_mode="online", checkpoint_dir=str(no_credentials / "ck"))) is None
-    out = capsys.readouterr().out
-    assert "wandb: disabled" in out and "read-only disk" in out
-
-
-def test_an_offline_run_says_one_line(no_credentials, monkeypatch, capfd):
-    """A real offline run, started, logged to and finished: wandb's banner and sync hints are
-    silenced; the one line printed says where the run is and how to upload it."""
-    monkeypatch.delenv("WANDB_SILENT", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    run = utils.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck")))
-    try:
-        run.log({"loss": 1.0}, step=0)
-    finally:
-        utils.finish_run(run)
-    captured = capfd.readouterr()
-    lines = [line for line in (captured.out + captured.err).splitlines() if "wandb" in line.lower()]
-    assert len(lines) == 1, lines
-    assert "offline" in lines[0] and f"wandb sync {no_credentials / 'ck'}" in lines[0]
-
-
-def test_no_mode_and_no_credentials_logs_offline(no_credentials, monkeypatch):
-    import wandb
-
-    modes = []
-    monkeypatch.setattr(wandb, "init", lambda mode, **kwargs: modes.append(mode) or "run")
-    assert utils.start_run(tiny_cfg(wandb_mode=None, checkpoint_dir=str(no_credentials / "ck"))) == "run"
-    assert modes == ["offline"]
-
-
-def test_sweep_members_get_their_own_runs_in_one_group(tmp_path, monkeypatch):
-    """Two members of one sweep, from one process: two distinct offline runs, both in the group
-    named after the sweep, each named by its values."""
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    runs = []
-    try:
-        for lr in (1e-3, 1e-2):
-            cfg = tiny_cfg(wandb_mode="offline", checkpoint_dir=str(tmp_path), sweep_id="sweep_0", sweep={"lr": lr})
-            runs.append(utils.start_run(cfg))
-        assert runs[0].id != runs[1].id
-        assert [r.group for r in runs] == ["sweep_0", "sweep_0"] and runs[1].name == "lr=0.01"
-    finally:
-        for run in runs:
-            utils.finish_run(run)
-
-
 def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_another_tokenizer(tmp_path):
     """load_tokens reads data.py's mix without its held-out rows; check_mix_tokenizer compares the
     mix's vocabulary with each model's tokenizer (a local directory here) before any model loads."""
-    from data import build_mix
     from test_data import word_tokenizer, write_sources
+
+    from crossdiff.sources.mix import build_mix
     from utils import check_mix_tokenizer
 
     tok = word_tokenizer()
@@ -254,23 +131,3 @@ def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_anoth
         check_mix_tokenizer(tmp_path / "mix", [str(tmp_path / "same"), str(tmp_path / "other")])
 
 
-def test_progress_false_silences_the_bars_transformers_and_the_hub_draw(capsys):
-    """library_progress(False): the tqdm that transformers (loading weights, dequantizing a GGUF)
-    and huggingface_hub draw writes nothing; library_progress(True) leaves them drawing."""
-    import huggingface_hub.utils
-    from transformers.utils import logging as hf_logging
-
-    def drawn():
-        for bar in (hf_logging.tqdm, huggingface_hub.utils.tqdm):
-            for _ in bar(range(3), desc="loading", disable=False):
-                pass
-        return capsys.readouterr().err
-
-    try:
-        utils.library_progress(True)
-        assert drawn().count("loading") >= 2
-        utils.library_progress(False)
-        assert drawn() == ""
-    finally:
-        hf_logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()

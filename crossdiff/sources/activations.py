@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from config import hook_layer, layers_needed
+from crossdiff.config.schema import hook_layer, layers_needed
+from crossdiff.sources.tokenmask import PositionFilter
 
 
 def has_hook(model, hook_point):
@@ -100,3 +101,13 @@ def autocast_context(device):
     device = torch.device(device)
     enabled = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def norm_factors(cfg, models, tokens_NS):
+    """The factors a buffer with this config measures: over the first norm_estimate_batches model
+    batches of tokens_NS, at the positions training reads (Buffer.estimate_norm_scaling_factors;
+    store.harvest)."""
+    mbs, keep = cfg["model_batch_size"], PositionFilter(cfg, models)
+    return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
+                                 cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
+                                 first=keep.first, keep=keep)

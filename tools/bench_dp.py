@@ -1,6 +1,6 @@
 """Data parallel's gradient reduction, measured on N processes:
 
-    torchrun --nproc_per_node=2 bench_dp.py [--shape gemma|toy] [--batch_size B] [--steps S]
+    torchrun --nproc_per_node=2 -m tools.bench_dp [--shape gemma|toy] [--batch_size B] [--steps S]
 
 Three ways to run the same data-parallel crosscoder step (forward, backward, gradients averaged
 over the processes, an SGD step: unlike Adam's, it shows any factor in the averaged gradients in
@@ -23,10 +23,10 @@ import time
 import torch
 import torch.distributed as dist
 
-import distributed
-from cli import parse_overrides
-from config import DEFAULTS, ConfigError
 from crosscoder import CrossCoder
+from crossdiff.config.cli import parse_overrides
+from crossdiff.config.schema import DEFAULTS, ConfigError
+from crossdiff.scale import distributed
 
 SHAPES = {"gemma": dict(d_in=2304, dict_size=2**14, batch_size=1024), "toy": dict(d_in=64, dict_size=1024, batch_size=512)}
 
@@ -86,7 +86,7 @@ def main(argv):
     if extras.get("shape", "gemma") not in SHAPES:
         raise ConfigError(f"--shape must be one of {list(SHAPES)}")
     if not distributed.launched():
-        raise ConfigError("launch it with torchrun: torchrun --nproc_per_node=2 bench_dp.py")
+        raise ConfigError("launch it with torchrun: torchrun --nproc_per_node=2 -m tools.bench_dp")
     shape = dict(SHAPES[extras.get("shape", "gemma")])
     shape["batch_size"] = int(extras.get("batch_size", shape["batch_size"]))
     steps = int(extras.get("steps", 5))

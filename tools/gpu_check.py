@@ -1,7 +1,7 @@
 """The first thing to run on a machine with a GPU: one command (a few minutes on one GPU), one
 table, one JSON file.
 
-    python gpu_check.py [--device cuda] [--out gpu_check.json] [--shape gemma|tiny]
+    python -m tools.gpu_check [--device cuda] [--out gpu_check.json] [--shape gemma|tiny]
 
 (a) the crosscoder step at the Gemma shape (d_in 2304, dict 2^14, batch 4096; BatchTopK k 100)
     for each step_dtype (fp32, tf32, bf16) and each of L1, BatchTopK dense and BatchTopK sparse:
@@ -9,7 +9,7 @@ table, one JSON file.
 (b) end to end on random-weight Gemma-2-2b-shaped models at the replication's config (batch
     4096, buffer_mult 128, seq_len 1024): one buffer refresh cycle, tokens/s and peak memory;
 (c) `train.py --preset toy` on the device (shortened), its exit status and wall time;
-(d) the real pair's harvest (Gemma-3-270m, blocks.10), when realpair.py's build is in data/.
+(d) the real pair's harvest (Gemma-3-270m, blocks.10), when crossdiff/pairs/realpair.py's build is in data/.
 `--shape tiny` runs (a) to (c) at toy sizes in about a minute (the CPU test).
 """
 import json
@@ -18,14 +18,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from bench import end_to_end, matmul_peak, model_and_tokens, peak_memory, reset_peak_memory, timed
-from cli import parse_overrides
-from config import DEFAULTS, STEP_DTYPES, ConfigError
-from costs import crosscoder_flops_per_token, sparse_step_flops_per_token
+from crossdiff.config.cli import parse_overrides
+from crossdiff.config.schema import DEFAULTS, GEMMA3_OFFLINE_CFG, STEP_DTYPES, ConfigError
+from crossdiff.pairs.realpair import pair_dirs
+from crossdiff.scale.costs import crosscoder_flops_per_token, sparse_step_flops_per_token
+from crossdiff.sources.activations import autocast_context, extract_activations
+from crossdiff.sources.models import load_pair, resolve_model_keys
+from tools.bench import end_to_end, matmul_peak, model_and_tokens, peak_memory, reset_peak_memory, timed
 from trainer import Trainer, matmul_precision
+
+REPO = Path(__file__).resolve().parents[1]  # tools/ -> the repository: scripts run from there
 
 SHAPES = {  # the step's shape, (b)'s config, (c)'s tokens
     "gemma": dict(d_in=2304, dict_size=2**14, batch_size=4096, k=100, steps=10, e2e=dict(seq_len=1024,
@@ -94,7 +100,7 @@ def toy_row(shape, device, tmp):
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "train.py", "--preset", "toy", "--device", device, "--num_tokens",
                           str(shape["toy_tokens"]), "--checkpoint_dir", os.path.join(tmp, "toy"),
-                          "--wandb_mode", "disabled"], cwd=os.path.dirname(os.path.abspath(__file__)), env=env,
+                          "--wandb_mode", "disabled"], cwd=REPO, env=env,
                          capture_output=True, text=True)
     return {"returncode": out.returncode, "wall_s": time.perf_counter() - t0,
             "final": next((line for line in out.stdout.splitlines() if line.startswith("final: ")), None),
@@ -102,12 +108,7 @@ def toy_row(shape, device, tmp):
 
 
 def real_pair_row(device, batches=4):
-    """(d): Gemma-3-270m's harvest at its hook on realpair.py's cached build; None without it."""
-    from activations import autocast_context, extract_activations
-    from config import GEMMA3_OFFLINE_CFG
-    from models import load_pair, resolve_model_keys
-    from realpair import pair_dirs
-
+    """(d): Gemma-3-270m's harvest at its hook on crossdiff/pairs/realpair.py's cached build; None without it."""
     dirs = pair_dirs(DEFAULTS)
     if not all((d / "config.json").is_file() for d in dirs):
         return None

@@ -1,4 +1,4 @@
-"""Throughput benchmark: python bench.py [--shape toy|gemma] [--device cpu|cuda]
+"""Throughput benchmark: python -m tools.bench [--shape toy|gemma] [--device cpu|cuda]
 
 On random-weight models (throughput does not depend on weight values), in one run: (a) harvest
 tokens/s through both models, ours (stopped at the hook) and the reference's run_with_cache over
@@ -9,9 +9,9 @@ ours, the reference's scheme with its refresh bug fixed and the reference as shi
 only its first fill); (d) peak memory; (e) FLOP/s of (b) and (c) against a dense matmul measured
 here; and training from an on-disk activation store (store.py). Each scheme runs alone in memory.
 
-    python bench.py --nproc N     (c) with 1 and N data-parallel processes (torchrun, the cores
-                                  split between them), then costs.py's 8 x H100 estimate
-    python bench.py --sweep N     (c) for one crosscoder and for a sweep of N on one harvest
+    python -m tools.bench --nproc N     (c) with 1 and N data-parallel processes (torchrun, the cores
+                                  split between them), then crossdiff/scale/costs.py's 8 x H100 estimate
+    python -m tools.bench --sweep N     (c) for one crosscoder and for a sweep of N on one harvest
 """
 import gc
 import json
@@ -23,20 +23,26 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
-import activations
-import distributed
-from activations import autocast_context, extract_activations
-from buffer import ActivationStore, buffer_sequences, sequences_needed, steps_per_refresh
-from cli import format_help, parse_overrides
-from config import ConfigError, layers_needed
-from costs import crosscoder_flops_per_token, paper_estimate
-from store import harvest
+from buffer import ActivationStore
+from crossdiff.config.cli import format_help, parse_overrides
+from crossdiff.config.plan import buffer_sequences, sequences_needed, steps_per_refresh
+from crossdiff.config.schema import DEFAULTS, ConfigError, layers_needed
+from crossdiff.pairs.toy import toy_model_cfg
+from crossdiff.scale import distributed
+from crossdiff.scale.costs import crosscoder_flops_per_token, paper_estimate
+from crossdiff.scale.process import keep_freed_memory
+from crossdiff.sources import activations
+from crossdiff.sources.activations import autocast_context, extract_activations
+from crossdiff.sources.models import drop_unembedding
+from crossdiff.sources.store import harvest
+from sweep import Sweep
 from trainer import Trainer
-from models import drop_unembedding
-from utils import keep_freed_memory
+
+REPO = Path(__file__).resolve().parents[1]  # tools/ -> the repository: scripts run from there
 
 SHAPES = {  # hook, d_in, dict_size, seq_len, batch_size, model_batch_size, buffer_mult
     "toy": dict(hook_point="blocks.2.hook_resid_pre", d_in=64, dict_size=1024, seq_len=32, batch_size=512,
@@ -60,8 +66,8 @@ def measure(cfg, shape, nprocs, cycles):
                 json.dump(spec, f)
             env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), TQDM_DISABLE="1")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                   os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench.py"), "--worker", spec_file]
-            done = subprocess.run(cmd, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+                   "-m", "tools.bench", "--worker", spec_file]
+            done = subprocess.run(cmd, env=env, cwd=REPO)
             if done.returncode != 0:
                 sys.exit(f"error: the {n}-process run failed (exit status {done.returncode})")
             with open(out) as f:
@@ -83,7 +89,7 @@ def report(header, results, nprocs):
     for n in nprocs:
         tps, mem = results[n]
         print(f"{n:<12} {_rate(tps):>10} {tps / base:>9.2f}x {mem:>28.2f}")
-    print("\non paper, Gemma-2-2b on 8 H100 SXM (assumptions: costs.py's constants; 400M tokens, batch 4096):")
+    print("\non paper, Gemma-2-2b on 8 H100 SXM (assumptions: crossdiff/scale/costs.py's constants; 400M tokens, batch 4096):")
     for dtype in ("fp32", "bf16"):
         e = paper_estimate(step_dtype=dtype)
         steps = 400e6 / 4096
@@ -140,8 +146,6 @@ def build_model(shape, device, n_layers=None):
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     if shape == "toy":
-        from toy import toy_model_cfg
-
         cfg = toy_model_cfg(0).to_dict()
     else:
         cfg = get_pretrained_model_config("gemma-2-2b", device=device).to_dict()
@@ -161,7 +165,7 @@ def model_and_tokens(shape, device, cfg, seed=0):
 
 
 def worker(spec_file):
-    """`bench.py --worker SPEC`, one rank under torchrun (measure): a random-weight model of
+    """`tools/bench.py --worker SPEC`, one rank under torchrun (measure): a random-weight model of
     the shape, end_to_end on this rank's share."""
     spec = json.loads(open(spec_file).read())
     torch.set_num_threads(spec["threads"])
@@ -202,8 +206,6 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False, sweep=0):
     nothing and reshuffles the same rows. sweep=N: N crosscoders (l1_coeff 1..N) trained on one
     harvest (sweep.py); tokens/s counts each batch once, as each member sees it."""
     if sweep:
-        from sweep import Sweep
-
         trainer = Sweep(dict(cfg), {"l1_coeff": [float(i + 1) for i in range(sweep)]}, models=[model, model],
                         tokens=data)
         buf = trainer.source
@@ -245,8 +247,6 @@ def end_to_end(cfg, model, data, cycles, device, shipped=False, sweep=0):
 
 
 def main():
-    from config import DEFAULTS
-
     # none: the shape's value (a small CPU gemma run overrides them)
     options = {"device": "cuda" if torch.cuda.is_available() else "cpu", "architecture": "l1", "k": 100,
                **{k: None for k in ("seq_len", "model_batch_size", "batch_size", "buffer_mult", "dict_size", "d_in")}}
@@ -271,7 +271,7 @@ def main():
     except ValueError as e:
         sys.exit(f"error: --steps, --cycles, --nproc and --sweep take integers ({e})")
     if extras.get("help"):
-        print(format_help("usage: python bench.py [--shape toy|gemma] [--device cpu|cuda] [--key value ...]",
+        print(format_help("usage: python -m tools.bench [--shape toy|gemma] [--device cpu|cuda] [--key value ...]",
                           options, flags))
         sys.exit(0)
     warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")  # TL 3.9, on every model
@@ -314,7 +314,7 @@ def main():
         step_logs[dtype] = trainer.step()  # the same weights history in both: compare the losses
         add(f"crosscoder step, {dtype}", step_tps[dtype])
         del trainer
-    if cfg["architecture"] == "batchtopk":  # the sparse step (sparse.py) against the dense one, fp32
+    if cfg["architecture"] == "batchtopk":  # the sparse step (crossdiff/arch/sparse.py) against the dense one, fp32
         trainer = Trainer(dict(cfg, sparse_step=True), buffer=type("Fixed", (), {"next": lambda self: x})())
         t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
         step_tps["sparse"] = batch * steps / t

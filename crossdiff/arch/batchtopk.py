@@ -1,15 +1,15 @@
 """BatchTopK's maths (Bussmann et al. 2024; the recipe of Minder, Dumas et al. 2025): the selection
 of the k x batch largest scores, over processes too; the inference threshold; k's annealing; the
 AuxK loss over dead latents (Gao et al. 2024, B.1), dense and over the kept entries only
-(sparse.py). BatchTopKCrossCoder (crosscoder.py) is the architecture built from them.
+(arch/sparse.py). BatchTopKCrossCoder (crosscoder.py) is the architecture built from them.
 
 Shape legend: B batch, M models, D d_in, F latents (this shard's).
 """
 import torch
 import torch.distributed as dist
 
-from distributed import any_over_shards, aux_keep_mask, gather, sum_over_shards
-from sparse import kept_entries, kept_preactivations, sparse_decode
+from crossdiff.arch.shards import any_over_shards, aux_keep_mask, gather, sum_over_shards
+from crossdiff.arch.sparse import kept_entries, kept_preactivations, sparse_decode
 
 
 def batch_topk_mask(scores_BF, k, group=None, rows=None):
@@ -92,7 +92,7 @@ def aux_loss(err_BMD, pre_BF, W_dec_FMD, dead_F, aux_k, latent_group=None, norms
 
 def aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc_MDF, b_enc_F, W_dec_FMD, dead_F, aux_k, latent_group=None,
                   norms_F=None, normalise=True, data_group=None):
-    """aux_loss over the kept entries only (sparse.py): the same selection and loss, from a dense
+    """aux_loss over the kept entries only (arch/sparse.py): the same selection and loss, from a dense
     pre_BF without a graph; the gradients reach W_enc, b_enc and W_dec through the kept dead
     latents alone. The caller skips it when no latent is dead anywhere."""
     kept = kept_entries(aux_selection(pre_BF, dead_F, aux_k, latent_group, norms_F))

@@ -1,5 +1,5 @@
 """The embedded CPU default (`python train.py --preset toy`): a toy base/chat model pair with a
-known difference. (The ground-truth benchmark with planted features is planted.py.)
+known difference. (The ground-truth benchmark with planted features is tools/planted.py.)
 
 A small word-level language (a probabilistic grammar) trains a 4-layer HookedTransformer from
 scratch: the "base" model. Fine-tuning it on a mix of that text and chat transcripts gives the
@@ -19,7 +19,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+from crossdiff.config.plan import sequences_needed
+from crossdiff.diffing.measures import (
+    BATCH_TOKENS,
+    HELDOUT_TOKENS,
+    is_model_specific,
+    iter_paired_activations,
+    latent_classes,
+    latent_scaling,
+)
+from crossdiff.io.checkpoint import data_dir
+from crossdiff.scale.distributed import resolve_device
+from crossdiff.sources.activations import extract_activations
 
 TOY_VERSION = 2  # bump when the generator changes: cached pairs are rebuilt (and toy_pair/ with them)
 BASE_STEPS, CHAT_STEPS = 1200, 800  # training the base model, then fine-tuning the chat model
@@ -103,6 +115,8 @@ def make_tokenizer():
 def toy_model_cfg(seed, d_model=64, seq_len=32, device="cpu"):
     """The pair's architecture, on device (TransformerLens would otherwise pick a GPU whenever there
     is one, whatever the run's device)."""
+    from transformer_lens import HookedTransformerConfig  # (a config error is refused before TransformerLens loads)
+
     return HookedTransformerConfig(n_layers=4, d_model=d_model, d_head=16, n_heads=d_model // 16,
                                    d_mlp=4 * d_model, n_ctx=seq_len, d_vocab=len(VOCAB), act_fn="gelu",
                                    normalization_type="LN", positional_embedding_type="rotary",
@@ -146,25 +160,20 @@ def train_lm(model, tokens_NS, steps, lr, seed, batch=32, desc="training", ancho
 
 
 def cache_dir(cfg):
-    from checkpoint import data_dir
-
     key = json.dumps({"v": TOY_VERSION, "seed": cfg["toy_seed"], "d": cfg["d_in"], "s": cfg["seq_len"]})
     return data_dir(cfg) / "toy" / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 def pair_device(cfg):
     """Where the pair runs: the run's device (cfg["device"], none: a GPU when there is one)."""
-    from distributed import resolve_device
-
     return resolve_device(cfg["device"])
 
 
 def build_toy_pair(cfg):
     """(base, chat, tokens, is_chat), built once per (toy_seed, d_in, seq_len) and cached on disk
     (on the CPU: a cache built on a GPU host loads anywhere); the models on the run's device."""
+    from transformer_lens import HookedTransformer
     from transformers import PreTrainedTokenizerFast
-
-    from buffer import sequences_needed
 
     d, seed, seq_len, device = cache_dir(cfg), cfg["toy_seed"], cfg["seq_len"], pair_device(cfg)
     n_seqs = sequences_needed(cfg, cfg["num_tokens"] // cfg["batch_size"]) + 64
@@ -229,8 +238,6 @@ def organism_report(base, chat, cfg, n_seqs=256):
     """How the pair differs, on held-out text: relative distance between the two models'
     residuals at the hook on plain text and on transcripts, and each model's accuracy at
     predicting the assistant's words (the behaviour only fine-tuning teaches)."""
-    from activations import extract_activations
-
     tokens, is_chat = make_tokens(n_seqs, cfg["seq_len"], chat_fraction=0.5, seed=cfg["toy_seed"] + 5)
     t = tokens.long().to(next(base.parameters()).device)
     a, b = (extract_activations(m, t, cfg["hook_point"])[:, 1:].cpu() for m in (base, chat))
@@ -252,9 +259,6 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=None, batch_seqs=None):
     (diffing.is_model_specific: the base model lacks their direction) and artefacts of the L1 loss
     (the base model has it). The crosscoder is read in eval mode (BatchTopK: its inference
     threshold, as after loading; no collective under torchrun)."""
-    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, is_model_specific, iter_paired_activations, latent_classes,
-                         latent_scaling)
-
     positions = cfg["seq_len"] - 1
     tokens, is_chat = heldout_tokens(cfg, n_seqs or -(-HELDOUT_TOKENS // positions))
     batch_seqs = batch_seqs or max(1, BATCH_TOKENS // positions)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import PARAM_NAMES, atomic_torch_save, atomic_write_text, jsonable, read_crosscoder
+from crossdiff.io.checkpoint import PARAM_NAMES, atomic_torch_save, atomic_write_text, jsonable, read_crosscoder
 
 HF_REPO_ID = "ckkissane/crosscoder-gemma-2-2b-model-diff"  # the reference's published crosscoder
 # The published crosscoder's config names only model A and saved no normalisation factors: its

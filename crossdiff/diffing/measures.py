@@ -11,11 +11,11 @@ import html
 import torch
 from tqdm.auto import tqdm
 
-from activations import autocast_context, extract_activations
-from cli import in_notebook
-from config import hook_layer
-from partition import DESIGNATED, FREE
-from tokenmask import PositionFilter
+from crossdiff.arch.partition import DESIGNATED, FREE
+from crossdiff.config.cli import in_notebook
+from crossdiff.config.schema import hook_layer
+from crossdiff.sources.activations import autocast_context, extract_activations
+from crossdiff.sources.tokenmask import PositionFilter
 
 # Relative decoder norm classes (norm_chat / (norm_base + norm_chat)). The reference named the
 # clusters near 0 and 1 without thresholds, and used 0.3-0.7 for shared latents.

@@ -16,7 +16,8 @@ from unittest import mock
 
 import torch
 
-from config import ConfigError, check_against_model, layers_needed
+from crossdiff.config.schema import ConfigError, check_against_model, layers_needed
+from crossdiff.io.checkpoint import data_dir
 
 REFERENCE_DEPTH = (14, 26)  # the reference diffs blocks.14.hook_resid_pre of Gemma-2-2b's 26 layers
 
@@ -66,8 +67,6 @@ def gguf_header(path):
 
 def gguf_cache_dir(path, cfg=None):
     """Where the dequantized copy of a GGUF file is cached: keyed by its name, size and mtime."""
-    from checkpoint import data_dir
-
     p = Path(str(path)).resolve()
     st = p.stat()
     return data_dir(cfg) / "gguf" / f"{p.stem}-{st.st_size:x}-{int(st.st_mtime):x}"

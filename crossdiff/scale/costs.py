@@ -1,11 +1,10 @@
 """What a run costs, on paper: the bytes one rank holds at the peak of a training step (each
 architecture's STEP_PHASES: the sweep checks that its members fit, the README's memory table),
 the FLOPs per token of the harvest and of the crosscoder step, and the seconds per step of the
-Gemma-2-2b replication on one and on 8 H100s (bench.py prints these beside what it measures).
+Gemma-2-2b replication on one and on 8 H100s (tools/bench.py prints these beside what it measures).
 Tests check each formula against torch's own counters (MemTracker, FlopCounterMode).
 """
-from config import layers_needed
-from crosscoder import ARCHITECTURES
+from crossdiff.config.schema import layers_needed
 
 
 # ---------------------------------------------------------------- memory
@@ -16,27 +15,28 @@ def held_bytes(d_in, dict_size, shards=1, n_models=2):
     return 4 * 4 * (2 * n_models * d_in * f + f + n_models * d_in)
 
 
-def memory_per_rank(d_in, dict_size, shards=1, rows=4096, n_models=2, architecture="l1"):
+def memory_per_rank(d_in, dict_size, step_phases, shards=1, rows=4096, n_models=2):
     """Bytes one rank holds at the peak of a training step in fp32: held_bytes, plus the step's
     temporaries for `rows` rows (the latent group's batch: batch_size / data-parallel groups): the
     architecture's STEP_PHASES, and [rows, M, D] copies (inputs, reconstruction, error; sharded:
-    the gathered rows and the summed reconstruction). Measured with torch's MemTracker on CPU steps
+    the gathered rows and the summed reconstruction). step_phases: the architecture class's
+    STEP_PHASES, ((per row, per decoder) fp32 tensors of the step's latents, ...). Measured with torch's MemTracker on CPU steps
     at shapes from rows << M * D to rows >> M * D (tests/test_costs.py checks it)."""
     f = dict_size // shards
     step = max(per_row * rows * f + per_decoder * n_models * d_in * f
-               for per_row, per_decoder in ARCHITECTURES[architecture].STEP_PHASES)
+               for per_row, per_decoder in step_phases)
     row_copies = 2 + 2 * (shards > 1)
     return held_bytes(d_in, dict_size, shards, n_models) + 4 * (step + row_copies * rows * n_models * d_in)
 
 
-def memory_table(gpu_bytes=80e9, rows=4096, architecture="l1"):
+def memory_table(step_phases, gpu_bytes=80e9, rows=4096):
     """The README's table: GB per rank, d_in 2304 and 3584, dict 2^14 ... 2^20, 1-8 shards."""
     lines = ["| d_in | dict_size | 1 shard | 2 shards | 4 shards | 8 shards |", "| --- | --- | --- | --- | --- | --- |"]
     for d_in in (2304, 3584):
         for log2 in range(14, 21):
             cells = []
             for shards in (1, 2, 4, 8):
-                b = memory_per_rank(d_in, 2**log2, shards, rows, architecture=architecture)
+                b = memory_per_rank(d_in, 2**log2, step_phases, shards, rows)
                 cells.append(f"{b / 1e9:.1f}" + ("" if b <= gpu_bytes else " (no)"))
             lines.append(f"| {d_in} | 2^{log2} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -58,7 +58,7 @@ def crosscoder_flops_per_token(cfg):
 
 
 def sparse_step_flops_per_token(cfg):
-    """The same for BatchTopK's sparse step (sparse.py): the dense encoder forward 2·M·D·F, then
+    """The same for BatchTopK's sparse step (arch/sparse.py): the dense encoder forward 2·M·D·F, then
     per kept latent 2·M·D each for the decode, the decoder's gradient, the values' gradient and
     the encoder's weight gradient (AuxK, when latents are dead, adds its own kept entries)."""
     M, D = cfg["n_models"], cfg["d_in"]

@@ -2,10 +2,10 @@
 reference crosscoder, the latent of the other whose decoder in one model points the same way, and
 what the other makes of it (its relative norm, its two decoders' norms and cosine, where it fires).
 
-    python compare.py --reference checkpoints/version_3 --other checkpoints/version_2
+    python -m tools.compare --reference checkpoints/version_3 --other checkpoints/version_2
 
 takes the reference's chat-only latents that pass Latent Scaling's test (diffing.is_model_specific)
-on the toy pair's held-out text (toy.py's report tokens) and prints, for each, its best match in
+on the toy pair's held-out text (crossdiff/pairs/toy.py's report tokens) and prints, for each, its best match in
 the other crosscoder by chat-decoder cosine. It answers "did BatchTopK learn the direction the L1
 crosscoder calls chat-specific, and why is it not chat-only there?".
 
@@ -15,8 +15,18 @@ import sys
 
 import torch
 
-from cli import format_help, parse_overrides
-from config import ConfigError
+from crosscoder import CrossCoder
+from crossdiff.config.cli import format_help, parse_overrides
+from crossdiff.config.schema import ConfigError, complete_cfg
+from crossdiff.diffing.measures import (
+    BATCH_TOKENS,
+    HELDOUT_TOKENS,
+    is_model_specific,
+    iter_paired_activations,
+    latent_classes,
+    latent_scaling,
+)
+from crossdiff.pairs.toy import build_toy_pair, heldout_tokens
 
 
 def match_decoders(reference, other, latents_J, model=1):
@@ -39,17 +49,11 @@ def firing(acts_NSF, is_chat_N, latent):
 
 @torch.no_grad()
 def main(argv):
-    from crosscoder import CrossCoder
-    from diffing import (BATCH_TOKENS, HELDOUT_TOKENS, is_model_specific, iter_paired_activations, latent_classes,
-                         latent_scaling)
-    from toy import build_toy_pair, heldout_tokens
-    from config import complete_cfg
-
     flags = {"reference": "the crosscoder whose genuine chat-only latents are matched (an L1 toy run)",
              "other": "the crosscoder searched for them (e.g. a BatchTopK toy run)"}
     _, opts = parse_overrides(argv, {}, flags=tuple(flags))
     if opts.get("help") or not {"reference", "other"} <= set(opts):
-        print(format_help("usage: python compare.py --reference DIR --other DIR", {}, flags))
+        print(format_help("usage: python -m tools.compare --reference DIR --other DIR", {}, flags))
         return 0 if opts.get("help") else 2
     reference, other = CrossCoder.load(opts["reference"]), CrossCoder.load(opts["other"])
     cfg = complete_cfg(dict(reference.cfg), validate=False)

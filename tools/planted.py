@@ -1,13 +1,16 @@
 """Ground truth for crosscoders: activations of two "models" built as sparse sums of known
 directions, some shared, some base-only, some chat-only (`PlantedFeatureSource`), and a score of
 how many of them a trained crosscoder recovered and classified by relative decoder norm
-(`recovery_report`). `python planted.py` runs the benchmark quoted in the README.
+(`recovery_report`). `python -m tools.planted` runs the benchmark quoted in the README.
 
 Shape legend: B batch, M models, D d_in, F latents, T true features.
 """
 import torch
 
-from diffing import latent_classes, norm_difference
+from crossdiff.config.cli import format_help, parse_overrides
+from crossdiff.config.schema import DEFAULTS, ConfigError, complete_cfg, effective
+from crossdiff.diffing.measures import latent_classes, norm_difference
+from trainer import Trainer
 
 
 class PlantedFeatureSource:
@@ -116,8 +119,6 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     inference_l0, model_only and false_positives (false_positives, on 8 fresh batches)."""
     import tempfile
 
-    from config import DEFAULTS
-    from trainer import Trainer
 
     cfg = dict(DEFAULTS, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
                lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
@@ -141,7 +142,7 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     return reports, log, n_class
 
 
-# The partitioned crosscoders (partition.py) against the standard one, in the setting where the
+# The partitioned crosscoders (crossdiff/arch/partition.py) against the standard one, in the setting where the
 # capacity competition bites (Anthropic's Feb 2025 update; the DFC paper's toy data): exclusive
 # concepts a few percent per model, a dictionary not much larger than the true features.
 VARIANTS = (("standard", False, False), ("designated-shared", False, True), ("dedicated-feature", True, False))
@@ -197,9 +198,6 @@ CLI_FLAGS = {"n_shared": "shared true features (default 320)", "n_base_only": "b
 def parse_cli(argv):
     """(planted_benchmark's keyword arguments, the settings line to print), or a ConfigError naming
     the bad option."""
-    from cli import parse_overrides
-    from config import ConfigError, complete_cfg
-
     options, extras = parse_overrides(argv, CLI_KEYS, flags=tuple(CLI_FLAGS), switches=("compare",))
     if set(options) != set(CLI_KEYS):
         raise ConfigError(f"planted.py takes {sorted(CLI_KEYS)} and --{', --'.join(sorted(CLI_FLAGS))}, not "
@@ -229,20 +227,17 @@ def parse_cli(argv):
 
 
 def main(argv):
-    #   python planted.py                                  (the reference's L1 crosscoder)
-    #   python planted.py --architecture batchtopk --k 30  (BatchTopK at a chosen L0)
-    #   python planted.py --architecture batchtopk --k 30 --counts 96,96
+    #   python -m tools.planted                                  (the reference's L1 crosscoder)
+    #   python -m tools.planted --architecture batchtopk --k 30  (BatchTopK at a chosen L0)
+    #   python -m tools.planted --architecture batchtopk --k 30 --counts 96,96
     #        (classified as the authors classify BatchTopK: as many most base- / chat-leaning latents
-    #         as the L1 run's base-only / chat-only counts, which `python planted.py` prints)
-    from cli import format_help
-    from config import ConfigError, effective
-
+    #         as the L1 run's base-only / chat-only counts, which `python -m tools.planted` prints)
     try:
         kwargs, show_help = parse_cli(argv)
     except ConfigError as e:
         return f"error: {e}"
     if show_help:
-        print(format_help("usage: python planted.py [--architecture l1|batchtopk] [--k K] [--key value ...]",
+        print(format_help("usage: python -m tools.planted [--architecture l1|batchtopk] [--k K] [--key value ...]",
                           CLI_KEYS, CLI_FLAGS))
         return 0
     n_true = kwargs["n_shared"] + kwargs["n_base_only"] + kwargs["n_chat_only"]

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from config import partition_sizes
+from crossdiff.config.schema import partition_sizes
 
 FREE, DESIGNATED = -1, -2  # latent_owner's labels besides the model index of an exclusive latent
 TIED_TOLERANCE = 1e-6  # tied rows: relative; forbidden weights must be exactly 0

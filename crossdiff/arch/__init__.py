@@ -1,0 +1,1 @@
+"""The architectures' maths: BatchTopK, the sparse step, partitioned dictionaries, latent shards."""

@@ -1,0 +1,1 @@
+"""The config: its table and presets (schema), the command line (cli), what a config implies (plan)."""

@@ -1,0 +1,114 @@
+"""What a config implies before anything loads, and the checks on it: how many sequences a run
+reads (the buffer's fill and refreshes), the buffer's bytes, and whether they fit the machine.
+
+The buffer holds about batch_size * buffer_mult token positions, fills fully at the start and
+refills half of itself once that half has been served (buffer.Buffer, as the reference).
+"""
+import os
+
+import torch
+
+from crossdiff.config.schema import ConfigError, effective
+
+
+def first_n(cfg):
+    """Positions dropped at the start of every row (config key ignore_first_n, or its auto value)."""
+    return effective(cfg, "ignore_first_n")
+
+
+def positions(cfg):
+    """Positions per row that reach the crosscoder before any exclusion: seq_len - ignore_first_n."""
+    return cfg["seq_len"] - first_n(cfg)
+
+
+def buffer_sequences(cfg):
+    """Sequences the buffer holds: about batch_size * buffer_mult rows of seq_len - ignore_first_n
+    positions (BOS dropped), an even number, so that a refresh refills exactly the half next()
+    served (the reference left a few rows to be served twice when it was odd). With positions
+    left out (tokenmask) a refresh reads on until its rows are filled."""
+    return max(2, cfg["batch_size"] * cfg["buffer_mult"] // positions(cfg) // 2 * 2)
+
+
+def steps_per_refresh(cfg):
+    """next() calls from one refresh to the next: a refresh comes once the pointer passes
+    half the buffer less one batch (Buffer.next)."""
+    half_rows = buffer_sequences(cfg) * positions(cfg) // 2
+    return (half_rows - cfg["batch_size"]) // cfg["batch_size"] + 1
+
+
+def sequences_needed(cfg, total_steps):
+    """How many token sequences a run of total_steps batches reads: one full fill, then half a
+    buffer at every refresh."""
+    n = buffer_sequences(cfg)
+    return n + (total_steps // steps_per_refresh(cfg)) * (n // 2)
+
+
+def buffer_bytes(cfg):
+    """Memory the buffer needs at its peak: bf16 rows [rows, n_models, d_in], twice (the shuffle
+    makes a permuted copy)."""
+    rows = buffer_sequences(cfg) * positions(cfg)
+    return 2 * rows * cfg["n_models"] * cfg["d_in"] * 2
+
+
+def meminfo_available(text):
+    """Bytes the kernel says can be allocated without swapping (MemAvailable: free memory plus the
+    page cache it can drop) from /proc/meminfo's text, or None when it has no such line."""
+    for line in text.splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def available_bytes(device):
+    """Memory a new allocation can take on device: CUDA's free memory; on the CPU, MemAvailable
+    (not MemFree, which leaves out the page cache: after reading a dataset it is a fraction of what
+    can be had), else psutil's, else the physical memory (macOS without psutil)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            found = meminfo_available(f.read())
+        if found is not None:
+            return found
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_buffer_fits(cfg):
+    """A clear error, before allocating anything, for a buffer larger than the free memory."""
+    need, free = buffer_bytes(cfg), available_bytes(cfg["device"])
+    if need > free:
+        raise ConfigError(
+            f"the activation buffer needs {need / 2**30:.1f} GiB of {cfg['device']} memory at its peak but "
+            f"{free / 2**30:.1f} GiB is free: lower buffer_mult (now {cfg['buffer_mult']}) or batch_size "
+            f"(now {cfg['batch_size']})")
+
+
+class TokensExhausted(RuntimeError):
+    """The token tensor has no sequences left for a refresh."""
+
+
+# ---------------------------------------------------------------- a rank's source
+def check_enough_sequences(cfg, local_cfg, have, total_steps, state=None, source="the dataset", world_size=1):
+    """A TokensExhausted, before any model loads when it can, when this rank's `have` sequences
+    (None: unknown) cannot feed the steps left: a full fill, then half a buffer per refresh (an
+    exact resume keeps its filled buffer). state: the trainer state resumed from, or None; world_size:
+    the data-parallel processes (the message gives the whole run's figures)."""
+    buffer_state = state and state.get("buffer")
+    start, read = (int(state["step"]), int(buffer_state["token_pointer"])) if buffer_state else (0, 0)
+    need = sequences_needed(local_cfg, total_steps - start)
+    if buffer_state is not None and "buffer" in buffer_state:
+        need -= buffer_sequences(local_cfg)
+    w = world_size
+    if have is not None and need > have - read and not cfg["wrap_tokens"]:
+        raise TokensExhausted(
+            f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
+            f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
+            "wrap_tokens=True to reuse it")

@@ -1,0 +1,1 @@
+"""The processes: torch.distributed groups and reductions, process settings, what a run costs."""

@@ -1,0 +1,1 @@
+"""Where tokens and activations come from: models, running them, positions kept, token mixes, the store."""

@@ -1,0 +1,225 @@
+"""Token mixes for any model pair: pretraining text and chat conversations (each rendered through
+the tokenizer's chat template), packed into rows of seq_len tokens and saved with a record of the
+tokenizer and of each token's source, so that a mix built for one tokenizer is never read by
+models of another.
+
+    python data.py --tokenizer google/gemma-3-270m-it --text docs/ --chat chats.jsonl \
+        --chat_fraction 0.5 --seq_len 1024 --num_tokens 20000000 --out data/mix
+
+Inputs: a hub dataset id, a datasets save_to_disk directory, a .jsonl or .parquet file (a text or
+messages column), a text file (one document), or a directory of text files (one each). A
+conversation is a list of {"role", "content"} messages.
+
+Packing: each source's documents are concatenated, each followed by the EOS token when the
+tokenizer has one (the document separator), and cut into rows; a row starts with BOS when the
+tokenizer has one (bos "auto"; "always" or "never" to choose), so that position 0 is BOS only then.
+A row holds one source's tokens; rows of the sources are interleaved in a seeded order.
+
+Output, in the --out directory: tokens.pt (int32 [N, seq_len]), source.pt (uint8 [N, seq_len]:
+each token's source, an index into meta["sources"]) and meta.json: the tokenizer's name, its
+vocabulary size and hash, BOS and EOS ids, the sources (kind, path, column, rows and tokens), the
+fractions asked and got, seq_len, and the splits: rows [0, heldout_start) for training, the rest
+held out for analysis.
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+TOKENS, SOURCE, META = "tokens.pt", "source.pt", "meta.json"
+TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text")
+BOS_POLICIES = ("auto", "always", "never")
+
+
+class DataError(ValueError):
+    """Training tokens that are missing, malformed or do not fit the models."""
+
+
+# ---------------------------------------------------------------- the tokenizer's identity
+def vocab_hash(tokenizer):
+    """sha256 of the tokenizer's vocabulary (token -> id, sorted): equal for the base and chat
+    tokenizers of one family, different across families."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def tokenizer_record(tokenizer):
+    return {"name": getattr(tokenizer, "name_or_path", None), "vocab_size": len(tokenizer.get_vocab()),
+            "vocab_hash": vocab_hash(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id}
+
+
+def check_tokenizer(meta, tokenizer, where="the token mix"):
+    """A DataError when the mix was built with another vocabulary than tokenizer's."""
+    built, here = meta["tokenizer"], tokenizer_record(tokenizer)
+    if built["vocab_hash"] != here["vocab_hash"]:
+        raise DataError(f"{where} was built with the tokenizer {built['name']!r} ({built['vocab_size']:,} tokens), "
+                        f"but the models' tokenizer is {here['name']!r} ({here['vocab_size']:,} tokens): their "
+                        f"vocabularies differ. Build a mix for these models: python data.py --tokenizer {here['name']} ...")
+
+
+# ---------------------------------------------------------------- reading sources
+def read_documents(path, kind, column=None, split="train"):
+    """The documents of one source: strings (kind "text") or message lists (kind "chat")."""
+    column = column or ("text" if kind == "text" else "messages")
+    p = Path(str(path))
+    if p.is_file() and p.suffix in TEXT_SUFFIXES or p.is_dir() and not _is_dataset_dir(p):
+        if kind == "chat":
+            raise DataError(f"{path}: chat data needs a {column!r} column (jsonl, parquet or a dataset), not plain text")
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)})")
+        return [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    if p.is_file() and p.suffix == ".jsonl":
+        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        columns = set().union(*(r.keys() for r in rows)) if rows else set()
+    else:
+        import datasets
+
+        if p.is_file() and p.suffix == ".parquet":
+            rows = datasets.Dataset.from_parquet(str(p))
+        elif p.is_dir():
+            rows = datasets.load_from_disk(str(p))
+        else:
+            rows = datasets.load_dataset(str(path), split=split)
+        if isinstance(rows, datasets.DatasetDict):
+            rows = rows[split]
+        columns = set(rows.column_names)
+    if column not in columns:
+        raise DataError(f"{path}: no {column!r} column (columns: {sorted(columns)}); "
+                        f"{'chat data is a list of {role, content} messages' if kind == 'chat' else 'give --text_column'}")
+    docs = [r[column] for r in rows]
+    if kind == "chat":
+        bad = next((d for d in docs if not (isinstance(d, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                                                        for m in d))), None)
+        if bad is not None:
+            raise DataError(f"{path}: column {column!r} must hold lists of {{role, content}} messages, found {str(bad)[:80]}")
+    return docs
+
+
+def _is_dataset_dir(p):
+    return (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()
+
+
+def alternate(turns):
+    """[user, assistant, user, ...] messages from a list of utterances."""
+    return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+
+# ---------------------------------------------------------------- tokenising and packing
+def encode_documents(tokenizer, docs, kind):
+    """Token ids of each document: text as it is, conversations through the chat template. The
+    BOS a template writes is dropped (the packer puts one at the start of each row)."""
+    if kind == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no chat template: chat data cannot be "
+                            "rendered (use the chat model's tokenizer, e.g. the -it / -Instruct one)")
+        texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
+    else:
+        texts = docs
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    bos = tokenizer.bos_token_id
+    return [x[1:] if bos is not None and x[:1] == [bos] else x for x in ids]
+
+
+def pack(docs_ids, seq_len, bos_id=None, eos_id=None, max_rows=None):
+    """Rows [n, seq_len] of one source: the documents concatenated, each followed by eos_id (when
+    given), cut into rows that each start with bos_id (when given). The tail that does not fill
+    a row is dropped."""
+    body = seq_len - (bos_id is not None)
+    stream = []
+    for ids in docs_ids:
+        stream.extend(ids)
+        if eos_id is not None:
+            stream.append(eos_id)
+    n = len(stream) // body
+    if max_rows is not None:
+        n = min(n, max_rows)
+    rows = torch.tensor(stream[: n * body], dtype=torch.int32).view(n, body)
+    if bos_id is not None:
+        rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.int32), rows], dim=1)
+    return rows
+
+
+def bos_for(tokenizer, policy="auto"):
+    """The BOS id each row starts with, or None."""
+    if policy not in BOS_POLICIES:
+        raise DataError(f"bos must be one of {list(BOS_POLICIES)}, got {policy!r}")
+    if policy == "never":
+        return None
+    if tokenizer.bos_token_id is None:
+        if policy == "always":
+            raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no BOS token (bos 'always')")
+        return None
+    return tokenizer.bos_token_id
+
+
+def build_mix(tokenizer, sources, seq_len, num_tokens, out_dir, bos="auto", heldout_fraction=0.05, seed=0):
+    """Build and save a mix. sources: dicts {kind: "text" | "chat", path, column (optional),
+    fraction}; the fractions (of rows) sum to 1. Returns (tokens [N, S], source [N, S], meta)."""
+    total = sum(s["fraction"] for s in sources)
+    if not sources or abs(total - 1) > 1e-6 or any(s["fraction"] < 0 for s in sources):
+        raise DataError(f"the sources' fractions must be >= 0 and sum to 1, got {[s['fraction'] for s in sources]}")
+    if seq_len < 2:
+        raise DataError(f"seq_len must be >= 2, got {seq_len}")
+    bos_id, n_rows = bos_for(tokenizer, bos), -(-num_tokens // seq_len)
+    parts, records = [], []
+    for i, s in enumerate(sources):  # every source is read and rendered before any is packed
+        docs = read_documents(s["path"], s["kind"], s.get("column"))
+        want = round(s["fraction"] * n_rows)
+        rows = pack(encode_documents(tokenizer, docs, s["kind"]), seq_len, bos_id, tokenizer.eos_token_id, want)
+        if len(rows) < want:
+            raise DataError(f"{s['path']}: {len(docs):,} documents give {len(rows):,} rows of {seq_len} tokens, "
+                            f"{want:,} asked ({s['fraction']:.0%} of {num_tokens:,} tokens): add data or ask for fewer tokens")
+        parts.append(rows)
+        records.append({"kind": s["kind"], "path": str(s["path"]), "column": s.get("column"), "fraction": s["fraction"],
+                        "documents": len(docs), "rows": len(rows), "tokens": rows.numel()})
+    tokens = torch.cat(parts)
+    source = torch.cat([torch.full_like(p, i, dtype=torch.uint8) for i, p in enumerate(parts)])
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
+    tokens, source = tokens[order], source[order]
+    heldout_start = len(tokens) - max(1, round(heldout_fraction * len(tokens))) if heldout_fraction > 0 else len(tokens)
+    meta = {"format": "crosscoder token mix 1", "tokenizer": tokenizer_record(tokenizer), "seq_len": seq_len,
+            "bos": bos, "bos_token_id": bos_id, "separator": "eos" if tokenizer.eos_token_id is not None else None,
+            "sources": records, "rows": len(tokens),
+            "splits": {"train": [0, heldout_start], "heldout": [heldout_start, len(tokens)]}, "seed": seed}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(tokens, out / TOKENS)
+    torch.save(source, out / SOURCE)
+    (out / META).write_text(json.dumps(meta, indent=2))  # last: its presence marks the mix complete
+    return tokens, source, meta
+
+
+# ---------------------------------------------------------------- reading a mix
+def is_mix(path):
+    return (Path(str(path)) / META).is_file()
+
+
+def read_mix_meta(path):
+    return json.loads((Path(str(path)) / META).read_text())
+
+
+def load_mix(path, split=None):
+    """(tokens [N, S] int32, source [N, S] uint8, meta) of a mix; split "train" or "heldout":
+    only its rows."""
+    path = Path(str(path))
+    meta = read_mix_meta(path)
+    tokens = torch.load(path / TOKENS, weights_only=True)
+    source = torch.load(path / SOURCE, weights_only=True)
+    if split is not None:
+        rows = split_rows(meta, split)
+        tokens, source = tokens[rows], source[rows]
+    return tokens, source, meta
+
+
+def split_rows(meta, split):
+    """The rows of a split ("train" or "heldout") as a slice."""
+    return slice(*meta["splits"][split])
+
+
+def chat_mask(source, meta):
+    """[N, S] bool: the tokens that come from chat sources."""
+    chat = torch.tensor([s["kind"] == "chat" for s in meta["sources"]])
+    return chat[source.long()]

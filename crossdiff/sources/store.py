@@ -1,0 +1,159 @@
+"""The activation store's format, its one reader and its one writer: harvest once, train many.
+
+A store directory holds shard_00000.bin, shard_00001.bin, ... (bf16 rows [sequences * R, M, D],
+SHARD_SEQUENCES sequences per file, normalised per model), tokens.pt (the token ids, for
+provenance) and meta.json (written last: its presence marks the store complete). harvest writes
+what a training run with that config would read (the same tokens, in order); buffer.ActivationStore
+serves it through open_shards and read_rows exactly as the live Buffer serves fresh rows. The
+script store.py runs a harvest from the command line.
+
+Under torchrun each rank harvests every w-th shard (shard i: rank i % w) into the same
+directory; rank 0 measures the normalisation factors and, once every rank is done, writes the
+one metadata file. The store is the same as one process writes.
+
+Shape legend: N sequences, S seq_len, R rows per sequence (S - ignore_first_n), M models, D d_in.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from crossdiff.config.plan import first_n, positions, sequences_needed
+from crossdiff.config.schema import ConfigError, data_tokens
+from crossdiff.io.checkpoint import atomic_write_text
+from crossdiff.scale import distributed
+from crossdiff.sources.activations import norm_factors, run_models
+from crossdiff.sources.tokenmask import check_no_exclusions
+
+SHARD_SEQUENCES = 4096  # sequences per shard file
+# The config keys a store must share with a run that trains from it (toy_seed: only toy stores
+# record it; a store from before model_names and dataset were compared has them all the same).
+STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "dataset", "toy_seed")
+
+
+# ---------------------------------------------------------------- the format
+def shard_path(store_dir, i):
+    return Path(store_dir) / f"shard_{i:05d}.bin"
+
+
+def is_complete_store(store_dir):
+    return (Path(store_dir) / "meta.json").is_file()  # harvest writes it last
+
+
+def read_store_meta(store_dir):
+    """The metadata of a complete store."""
+    if not is_complete_store(store_dir):
+        raise FileNotFoundError(f"no complete activation store at {store_dir} (meta.json missing)")
+    return json.loads((Path(store_dir) / "meta.json").read_text())
+
+
+def check_store_matches(cfg, meta, store_dir):
+    """A ConfigError when the store was harvested from other models, data, hook, shapes or
+    positions than cfg's (a store of other models would train without complaint on the wrong
+    activations)."""
+    for key in STORE_KEYS:
+        if key in meta and cfg.get(key) != meta[key]:
+            raise ConfigError(f"config {key}={cfg.get(key)!r} but the store at {store_dir} was harvested with "
+                              f"{meta[key]!r}: harvest a store for this config (store.py) or train live")
+    if meta.get("ignore_first_n", 1) != first_n(cfg):
+        raise ConfigError(f"config ignore_first_n={first_n(cfg)} but the store at {store_dir} dropped the first "
+                          f"{meta.get('ignore_first_n', 1)} positions of each row")
+    check_no_exclusions(cfg)
+
+
+def open_shards(store_dir, meta, rows_per_sequence):
+    """Read-only memory maps of a store's shards, each [n * R, M, D] of bf16 bits (int16)."""
+    return [np.memmap(shard_path(store_dir, i), dtype=np.int16, mode="r",
+                      shape=(n * rows_per_sequence, meta["n_models"], meta["d_in"]))
+            for i, n in enumerate(meta["shard_sequences"])]
+
+
+def read_rows(shards, meta, ids, rows_per_sequence):
+    """Rows [len(ids) * R, M, D] (bf16, on the CPU) of the store's sequences ids (a range)."""
+    per_shard, out = meta.get("sequences_per_shard", SHARD_SEQUENCES), []
+    runs = [(ids.start, len(ids))] if ids.step == 1 else [(i, 1) for i in ids]  # a strided share: one by one
+    for first_sequence, n in runs:
+        while n > 0:
+            shard, offset = divmod(first_sequence, per_shard)
+            take = min(n, meta["shard_sequences"][shard] - offset)
+            out.append(shards[shard][offset * rows_per_sequence : (offset + take) * rows_per_sequence])
+            first_sequence, n = first_sequence + take, n - take
+    # one copy out of the read-only memory map, into a tensor torch may write
+    return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16)
+
+
+# ---------------------------------------------------------------- writing one
+@torch.no_grad()
+def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHARD_SEQUENCES):
+    """Write the activations of tokens_NS[:n_sequences] (BOS dropped, normalised per model, bf16),
+    shard_sequences sequences per file. Under torchrun, every rank calls it with the same
+    arguments and writes its own shards."""
+    check_no_exclusions(cfg)
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    n_sequences = min(n_sequences, len(tokens_NS))
+    device = next(models[0].parameters()).device
+    # The live buffer measures the factors the same way, on the same first sequences.
+    factors_M = norm_factors(cfg, models, tokens_NS) if distributed.is_main() else None
+    factors_M = torch.tensor(distributed.broadcast(factors_M.tolist() if factors_M is not None else None),
+                             device=device)
+    rows_per_seq, M, D, first_pos = positions(cfg), len(models), models[0].cfg.d_model, first_n(cfg)
+    shards = [min(shard_sequences, n_sequences - first) for first in range(0, n_sequences, shard_sequences)]
+    rank, w = distributed.rank(), distributed.world_size()
+    for i in range(rank, len(shards), w):
+        first, n = i * shard_sequences, shards[i]
+        mm = np.memmap(shard_path(store_dir, i), dtype=np.int16, mode="w+", shape=(n * rows_per_seq, M, D))
+        for start in tqdm(range(0, n, cfg["model_batch_size"]), desc=f"harvesting shard {i}" + f" (rank {rank})" * (w > 1),
+                          leave=False, disable=not cfg["progress"]):
+            t = tokens_NS[first + start : first + min(start + cfg["model_batch_size"], n), : cfg["seq_len"]]
+            rows_RMD = (run_models(models, t, cfg["hook_point"], first_pos).float() * factors_M[:, None]).to(torch.bfloat16)
+            mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
+        mm.flush()
+    distributed.barrier()  # every rank's shards are on disk (the ranks' shares differ by one shard at most)
+    if distributed.is_main():
+        torch.save(tokens_NS[:n_sequences, : cfg["seq_len"]].clone(), store_dir / "tokens.pt")
+        meta = {"hook_point": cfg["hook_point"], "model_names": cfg["model_names"], "n_models": M, "d_in": D,
+                "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
+                "sequences_per_shard": shard_sequences, "shard_sequences": shards, "dataset": cfg["dataset"],
+                "preset": cfg.get("preset"), "harvested_by": w, "ignore_first_n": first_pos}
+        if cfg.get("preset") == "toy":
+            meta["toy_seed"] = cfg["toy_seed"]  # which toy pair
+        atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
+    distributed.barrier()
+    return store_dir
+
+
+def sequences_for_any_world_size(cfg, max_processes=64):
+    """Sequences a run with this config reads (of data_tokens) at any data-parallel world size up to
+    max_processes that splits its batch (each rank's smaller buffer refreshes on its own
+    schedule, so the total differs slightly with the world size)."""
+    steps = data_tokens(cfg) // cfg["batch_size"]
+    return max(w * sequences_needed(dict(cfg, batch_size=cfg["batch_size"] // w), steps)
+               for w in range(1, max_processes + 1) if cfg["batch_size"] % w == 0)
+
+
+def store_bytes(cfg, n_sequences):
+    """Disk a store of n_sequences takes: bf16 rows [n * P, M, D] and the int32 token ids."""
+    rows = n_sequences * positions(cfg)
+    return rows * cfg["n_models"] * cfg["d_in"] * 2 + n_sequences * cfg["seq_len"] * 4
+
+
+def free_disk_bytes(path):
+    """Free bytes on the file system that holds path (or would, once its folders are made)."""
+    path = Path(path).resolve()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_disk(cfg, n_sequences):
+    """A ConfigError, before any model loads, when the store would not fit on its disk (a full
+    disk would otherwise kill the harvest with SIGBUS, writing through the memory map)."""
+    need, free = store_bytes(cfg, n_sequences), free_disk_bytes(cfg["store_dir"])
+    if need > free:
+        raise ConfigError(f"the store of {n_sequences:,} sequences needs {need / 1e9:,.1f} GB but {cfg['store_dir']} "
+                          f"has {free / 1e9:,.1f} GB free: lower num_tokens or choose another store_dir")
+    return need, free
