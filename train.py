@@ -18,7 +18,7 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import build_cfg as build_cli_cfg
 from crossdiff.config.cli import in_notebook
 from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits
-from crossdiff.config.schema import DEFAULTS, ConfigError, check_against_model, check_mesh, complete_cfg, expand
+from crossdiff.config.schema import DEFAULTS, Config, ConfigError, check_mesh, complete_cfg, expand
 from crossdiff.io.checkpoint import CheckpointError, resolve_version_dir
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed
@@ -28,7 +28,7 @@ from crossdiff.sources.models import SetupError
 from crossdiff.sources.store import is_complete_store
 from sweep import Sweep, check_sweep_fits, member_name, place
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
-from utils import check_tokens, load_models_and_tokens, prepare_models
+from utils import load_models_and_tokens, prepare_models
 
 # %%
 # The config: every key, its default and its meaning live in crossdiff/config/schema.py (`python train.py --help`
@@ -45,9 +45,31 @@ def build_cfg(argv, **kwargs):
 # %%
 def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None):
     """Train one crosscoder (or a sweep's grid of them on one harvest); under torchrun, one
-    data-parallel replica per process."""
+    data-parallel replica per process. Each step is one call; everything that can be checked
+    without the models is checked before any loads."""
+    cfg = cfg if isinstance(cfg, Config) else complete_cfg(cfg)  # the config, completed and checked once
+    n_processes = start_processes(cfg, sweep_devices)  # torchrun's groups, the device
+    prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
+    check_memory(cfg, sweep, sweep_devices, n_processes)  # the buffer (and a sweep's members) fit
+    if cfg["store_dir"] is not None and resume is None and not is_complete_store(cfg["store_dir"]):
+        store.build(cfg)  # the store the config names, harvested once (the next run reads it)
+    models, tokens = None, None
+    if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
+        models, tokens = load_models_and_tokens(cfg, fresh=resume is None)  # checked against each other
+    if sweep or (resume is not None and (resolve_version_dir(resume) / "sweep.json").is_file()):
+        return train_sweep(cfg, sweep, resume, resume_overrides, sweep_devices, models, tokens)
+    trainer = (Trainer.resume(resume, cfg, models=models, tokens=tokens) if resume is not None
+               else Trainer(cfg, models=models, tokens=tokens))
+    log = trainer.train()
+    report(trainer, log, models)
+    return trainer
+
+
+def start_processes(cfg, sweep_devices):
+    """The process group under torchrun, and the device: a clear error, before anything loads,
+    for a mesh that does not divide or a GPU preset without a GPU. Returns the process count."""
     n_processes = int(os.environ.get("WORLD_SIZE", "1"))
-    check_mesh(cfg["latent_shards"], n_processes)  # before anything loads
+    check_mesh(cfg["latent_shards"], n_processes)
     if sweep_devices and n_processes > 1:
         raise ConfigError("--sweep_devices places a one-process sweep's members; under torchrun every process "
                           "holds every member on its own device (drop --sweep_devices)")
@@ -64,55 +86,54 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     if cfg["device"] == "cpu":
         keep_freed_memory()  # CPU steps otherwise re-fault their large temporaries every step
     library_progress(cfg["progress"])
-    prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
-    check_buffer_fits(cfg)  # before any model is loaded
-    if cfg["store_dir"] is not None and resume is None:
-        if not is_complete_store(cfg["store_dir"]):
-            store.build(cfg)  # the store the config names, harvested once (the next run reads it)
-    if sweep:  # every member's weights and Adam state, on its device, beside the buffer
+    return n_processes
+
+
+def check_memory(cfg, sweep, sweep_devices, n_processes):
+    """The buffer against the free memory; a sweep's members (weights, Adam state, their step)
+    placed on their devices beside it. Before any model is loaded."""
+    check_buffer_fits(cfg)
+    if sweep:
         if sweep_devices:  # the models and the buffer go with the first member
             cfg["device"] = sweep_devices[0]
         members = place(expand(cfg, sweep), sweep_devices or [cfg["device"]])
         check_sweep_fits(members, {d: available_bytes(d) - buffer_bytes(cfg) * (d == cfg["device"])
                                    for d in dict.fromkeys(m["device"] for m in members)}, n_processes)
-    models, tokens = None, None
-    if cfg["store_dir"] is None or cfg["preset"] == "toy":  # (the toy report needs the models)
-        models, tokens = load_models_and_tokens(cfg, fresh=resume is None)
-        for model in models:
-            check_against_model(cfg, model.cfg)
-            check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
-    resume_sweep = resume is not None and (resolve_version_dir(resume) / "sweep.json").is_file()
-    if sweep or resume_sweep:
-        if resume_sweep:
-            overrides = resume_overrides or {}
-            run = Sweep.resume(resolve_version_dir(resume), lambda saved: complete_cfg(dict(saved, **overrides)),
-                               models=models, tokens=tokens)
-        else:
-            run = Sweep(cfg, sweep, models=models, tokens=tokens, devices=sweep_devices)
-        logs = run.train()
-        if not distributed.is_main():
-            return run
-        for i, (t, log) in enumerate(zip(run.trainers, logs)):
-            result = "stopped: non-finite (see above)" if i in run.failed else format_log(log)
-            print(f"member {member_name(t.cfg['sweep'])}: {result}; checkpoints in {t.crosscoder.save_dir}")
-            if cfg["preset"] == "toy" and i not in run.failed:
-                print(format_report(toy_report(whole_crosscoder(t), models[0], models[1], t.cfg)))
-        print(f"done: the sweep is in {run.sweep_dir} (sweep.json lists its members)")
-        return run
+
+
+def train_sweep(cfg, sweep, resume, resume_overrides, sweep_devices, models, tokens):
+    """A sweep's members trained on one harvest (or a sweep resumed), then each one's result."""
     if resume is not None:
-        trainer = Trainer.resume(resume, cfg, models=models, tokens=tokens)
+        overrides = resume_overrides or {}
+        run = Sweep.resume(resolve_version_dir(resume), lambda saved: complete_cfg(dict(saved, **overrides)),
+                           models=models, tokens=tokens)
     else:
-        trainer = Trainer(cfg, models=models, tokens=tokens)
-    log = trainer.train()
-    if distributed.is_main():
-        print("final: " + format_log(log))
-        if cfg["preset"] == "toy":
-            organism = organism_report(models[0], models[1], cfg)
-            print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
-        print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
-        print(f"next: python analysis.py --checkpoint {trainer.crosscoder.save_dir}  (figures, summary.txt and "
-              f"the latent dashboard, dashboard.html, in {trainer.crosscoder.save_dir / 'analysis'})")
-    return trainer
+        run = Sweep(cfg, sweep, models=models, tokens=tokens, devices=sweep_devices)
+    logs = run.train()
+    if not distributed.is_main():
+        return run
+    for i, (t, log) in enumerate(zip(run.trainers, logs)):
+        result = "stopped: non-finite (see above)" if i in run.failed else format_log(log)
+        print(f"member {member_name(t.cfg['sweep'])}: {result}; checkpoints in {t.crosscoder.save_dir}")
+        if cfg["preset"] == "toy" and i not in run.failed:
+            print(format_report(toy_report(whole_crosscoder(t), models[0], models[1], t.cfg)))
+    print(f"done: the sweep is in {run.sweep_dir} (sweep.json lists its members)")
+    return run
+
+
+def report(trainer, log, models):
+    """The final losses, the toy pair's report (what the crosscoder found against the known
+    difference), and where the checkpoints are."""
+    if not distributed.is_main():
+        return
+    cfg = trainer.cfg
+    print("final: " + format_log(log))
+    if cfg["preset"] == "toy":
+        organism = organism_report(models[0], models[1], cfg)
+        print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
+    print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
+    print(f"next: python analysis.py --checkpoint {trainer.crosscoder.save_dir}  (figures, summary.txt and "
+          f"the latent dashboard, dashboard.html, in {trainer.crosscoder.save_dir / 'analysis'})")
 
 
 def format_log(log):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from buffer import make_batch_source, rebase_state
 from crosscoder import CrossCoder
 from crossdiff.arch.shards import clip_grad_norm_, gather, gather_weights
-from crossdiff.config.schema import ConfigError, completed, effective
+from crossdiff.config.schema import Config, ConfigError, completed, effective
 from crossdiff.io.checkpoint import (
     SHARD_STATE,
     CheckpointError,
@@ -151,7 +151,7 @@ class Trainer:
         # Data parallel (torchrun): this rank serves batch_size / world_size rows a step from its
         # own share of the sequences; gradients are averaged over the ranks in step().
         self.world_size = distributed.world_size()
-        local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
+        local_cfg = Config(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))  # checked above
         # The process groups of a step's collectives (BatchTopK's global selection, latent shards'
         # sums, AuxK's and b_dec's global-batch statistics), passed to the crosscoder each step.
         self.mesh = distributed.training_mesh()

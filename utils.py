@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from crossdiff.config.plan import check_enough_sequences
-from crossdiff.config.schema import PILE_LMSYS_DATASET
+from crossdiff.config.schema import PILE_LMSYS_DATASET, check_against_model
 from crossdiff.io.checkpoint import atomic_torch_save, data_dir
 from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair
@@ -174,15 +174,15 @@ def prepare_models(cfg):
 
 def load_models_and_tokens(cfg, fresh=True):
     """The models (index 0 base, 1 chat) and the training tokens of a complete config, after
-    prepare_models. fresh (not a resume): the tokens are checked for enough sequences before any
-    model loads."""
+    prepare_models, checked against each other (context, vocabulary). fresh (not a resume): the
+    tokens are checked for enough sequences before any model loads."""
     if cfg["preset"] == "toy":
         if not distributed.is_main():
             distributed.barrier()  # rank 0 builds (or reads) the cached pair first
         base, chat, tokens, _ = build_toy_pair(cfg)
         if distributed.is_main():
             distributed.barrier()
-        return [base, chat], tokens
+        return check_models_and_tokens(cfg, [base, chat], tokens)
     if is_mix(cfg["dataset"]):
         check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
     tokens = load_tokens(cfg["dataset"], cfg)
@@ -190,6 +190,14 @@ def load_models_and_tokens(cfg, fresh=True):
         local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
         check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
                                cfg["num_tokens"] // cfg["batch_size"], world_size=distributed.world_size())
-    return load_gemma_pair(cfg), tokens
+    return check_models_and_tokens(cfg, load_gemma_pair(cfg), tokens)
+
+
+def check_models_and_tokens(cfg, models, tokens_NS):
+    """(models, tokens) once each model's architecture fits the config and its vocabulary the tokens."""
+    for model in models:
+        check_against_model(cfg, model.cfg)
+        check_tokens(tokens_NS, cfg["seq_len"], model.cfg.d_vocab)
+    return models, tokens_NS
 
 

@@ -104,3 +104,32 @@ def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():
     assert complete_cfg({"dict_size": 8})["preset"] == "gemma"
     with pytest.raises(ConfigError, match="did you mean 'dict_size'"):
         complete_cfg({"dict_sise": 8})
+
+
+def test_a_config_checked_at_the_entry_is_not_checked_again_by_the_constructors(monkeypatch, tmp_path):
+    """complete_cfg (the entry) returns a Config; Trainer, its CrossCoder and its buffer take it as
+    it is (no key is validated again), while a plain dict with the same bad value is refused by
+    the same constructor: the check happens once, where the config enters."""
+    import torch
+
+    from conftest import tiny_cfg
+    from crossdiff.config import schema
+    from crossdiff.config.schema import Config, complete_cfg, completed
+    from trainer import Trainer
+
+    cfg = complete_cfg(tiny_cfg(tmp_path))
+    assert isinstance(cfg, Config) and completed(cfg) is cfg
+    calls = []
+    real = schema.validate_cfg
+    monkeypatch.setattr(schema, "validate_cfg", lambda *a, **k: calls.append(a) or real(*a, **k))
+
+    class Batches:
+        def next(self):
+            return torch.randn(cfg["batch_size"], 2, cfg["d_in"])
+
+    Trainer(cfg, buffer=Batches())
+    assert calls == []
+    plain = dict(cfg, lr=-1.0)
+    with pytest.raises(ConfigError, match="'lr' must be a positive number"):
+        Trainer(plain, buffer=Batches())
+    assert len(calls) == 1

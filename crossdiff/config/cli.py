@@ -5,18 +5,7 @@ a command line at all (in_notebook: inside IPython argv is not parsed, and figur
 """
 import sys
 
-from crossdiff.config.schema import (
-    DEFAULTS,
-    RESUME_OVERRIDABLE,
-    SCHEMA,
-    SWEEPABLE,
-    TOY_CFG,
-    ConfigError,
-    complete_cfg,
-    expand,
-    unknown_key,
-    validate_cfg,
-)
+from crossdiff.config.schema import (Config, ConfigError, DEFAULTS, RESUME_OVERRIDABLE, SCHEMA, SWEEPABLE, TOY_CFG, complete_cfg, expand, unknown_key, validate_cfg)
 from crossdiff.io.checkpoint import member_dirs, read_cfg, resolve_version_dir
 
 TRAIN_USAGE = "usage: python train.py [--preset NAME] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]"
@@ -198,7 +187,7 @@ def build_cfg(argv, base_cfg=DEFAULTS, flags=None, usage=TRAIN_USAGE, switches=(
         cfg = dict(saved, **changed)
     else:
         cfg = complete_cfg(dict(given, preset=extras.get("preset", "gemma")), base_cfg, validate=False)
-    validate_cfg(cfg)  # derived keys (normalisation_factor, preset) are skipped by the validator
+    cfg = Config(validate_cfg(cfg))  # derived keys (normalisation_factor, preset) are skipped by the validator
     if extras.get("sweep"):
         for member in expand(cfg, extras["sweep"]):
             validate_cfg(member)

@@ -373,30 +373,39 @@ def data_tokens(cfg):
     return cfg.get("data_tokens") or cfg["num_tokens"]
 
 
+class Config(dict):
+    """A config completed and checked at the entry (complete_cfg with validate): every key, each
+    valid and the keys consistent. The constructors (CrossCoder, Buffer, Trainer) take it as it
+    is; a plain dict (the reference's partial one, a copy with a key changed) they complete and
+    check themselves."""
+
+
 def complete_cfg(cfg, base=None, validate=True):
     """How every config is completed, once: base (DEFAULTS, or train.py's edited copy) <- the
     config's preset <- cfg. A partial config (the reference's own dict, or a config saved by an
     older version) gets today's defaults for the keys it lacks. validate: refuse an unknown key
     (with a suggestion) or a bad value, as the CLI does; loaders of saved configs pass False.
-    Returns a new dict."""
+    Returns a new dict: a Config when validated."""
     preset = cfg.get("preset") or "gemma"
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     out = {**(DEFAULTS if base is None else base), **PRESETS[preset], **cfg, "preset": preset}
     if not validate and preset == "toy" and "toy_seed" not in cfg and "seed" in cfg:
         out["toy_seed"] = cfg["seed"]  # a toy run saved before toy_seed: its pair was built from its seed
-    return validate_cfg(out) if validate else out
+    return Config(validate_cfg(out)) if validate else out
 
 
 def completed(cfg):
     """What a constructor (CrossCoder, Buffer, Trainer) works on: cfg itself when it holds every
     key (so a caller's dict keeps receiving what training writes into it, as in the reference),
-    else a completed copy; each key validated either way (the checks between keys are the CLI's)."""
-    out = cfg if all(key in cfg for key in DEFAULTS) else complete_cfg(cfg, validate=False)
+    else a completed copy; each key validated either way (the checks between keys are the entry's),
+    except in a Config, checked at the entry already."""
+    out = cfg if isinstance(cfg, Config) else validate_cfg(
+        cfg if all(key in cfg for key in DEFAULTS) else complete_cfg(cfg, validate=False), across=False)
     if out.get("d_in") is None:
         raise ConfigError("config key 'd_in' is none: give it, or let train.py read it (and hook_point) from the "
                           "models' configs (models.resolve_model_keys)")
-    return validate_cfg(out, across=False)
+    return out
 
 
 def check_mesh(latent_shards, world_size):
