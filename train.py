@@ -17,8 +17,8 @@ import store
 from crosscoder import CrossCoder
 from crossdiff.config.cli import build_cfg as build_cli_cfg
 from crossdiff.config.cli import in_notebook
-from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits
-from crossdiff.config.schema import DEFAULTS, Config, ConfigError, check_mesh, complete_cfg, expand
+from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits, check_mesh
+from crossdiff.config.schema import DEFAULTS, Config, ConfigError, complete_cfg, expand
 from crossdiff.io.checkpoint import CheckpointError, resolve_version_dir
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossdiff.config.plan import check_enough_sequences
-from crossdiff.config.schema import PILE_LMSYS_DATASET, check_against_model
+from crossdiff.config.plan import check_against_model, check_enough_sequences
+from crossdiff.config.schema import PILE_LMSYS_DATASET
 from crossdiff.io.checkpoint import atomic_torch_save, data_dir
 from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair

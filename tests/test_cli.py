@@ -70,7 +70,7 @@ def test_layer_is_the_residual_hook_entering_that_block_and_a_layer_beyond_the_m
     from types import SimpleNamespace
 
     from crossdiff.config.cli import build_cfg
-    from crossdiff.config.schema import check_against_model
+    from crossdiff.config.plan import check_against_model
 
     cfg, _ = build_cfg(["--layer", "9", "--d_in", "640"])
     assert cfg["hook_point"] == "blocks.9.hook_resid_pre"

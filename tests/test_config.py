@@ -3,8 +3,9 @@ import math
 import pytest
 
 from conftest import REPO
+from crossdiff.config.plan import check_against_model
 from crossdiff.config.schema import DEFAULTS as default_cfg
-from crossdiff.config.schema import SCHEMA, ConfigError, check_against_model, validate_cfg
+from crossdiff.config.schema import SCHEMA, ConfigError, validate_cfg
 
 
 def test_default_config_is_valid_and_fully_described_by_the_schema():

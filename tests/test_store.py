@@ -76,8 +76,8 @@ def test_a_store_too_large_for_its_disk_is_refused_before_any_model_loads(tmp_pa
     """store.py checks the free disk first (a full disk kills the harvest with SIGBUS): with 1 MB
     free, the toy store is refused naming its size, and no model is built. --dry_run prints the
     size: at the Gemma config, 3.8 TB."""
-    from crossdiff.config.schema import ConfigError, complete_cfg
     import store
+    from crossdiff.config.schema import ConfigError, complete_cfg
     from crossdiff.pairs import toy
     from crossdiff.sources import store as store_format
 

@@ -135,8 +135,8 @@ def test_no_module_repeats_a_config_default_with_cfg_get():
 
 def test_the_schemas_dtype_names_are_the_crosscoders_dtypes():
     """The config table names the dtypes without importing torch; crosscoder.py maps them."""
-    from crossdiff.config.schema import DTYPE_NAMES
     from crosscoder import DTYPES
+    from crossdiff.config.schema import DTYPE_NAMES
 
     assert set(DTYPE_NAMES) == set(DTYPES)
 

@@ -5,9 +5,10 @@ import torch
 
 from buffer import Buffer
 from conftest import assert_buffer_resumes_identically, random_tokens, tiny_cfg
+from crossdiff.config.plan import check_no_exclusions
 from crossdiff.config.schema import ConfigError, complete_cfg, effective
 from crossdiff.sources.activations import extract_activations
-from crossdiff.sources.tokenmask import PositionFilter, check_no_exclusions, excluded_ids, keep_mask
+from crossdiff.sources.tokenmask import PositionFilter, excluded_ids, keep_mask
 
 
 def kept_rows(models, tokens, cfg, first, excluded=()):

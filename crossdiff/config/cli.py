@@ -5,7 +5,19 @@ a command line at all (in_notebook: inside IPython argv is not parsed, and figur
 """
 import sys
 
-from crossdiff.config.schema import (Config, ConfigError, DEFAULTS, RESUME_OVERRIDABLE, SCHEMA, SWEEPABLE, TOY_CFG, complete_cfg, expand, unknown_key, validate_cfg)
+from crossdiff.config.schema import (
+    DEFAULTS,
+    RESUME_OVERRIDABLE,
+    SCHEMA,
+    SWEEPABLE,
+    TOY_CFG,
+    Config,
+    ConfigError,
+    complete_cfg,
+    expand,
+    unknown_key,
+    validate_cfg,
+)
 from crossdiff.io.checkpoint import member_dirs, read_cfg, resolve_version_dir
 
 TRAIN_USAGE = "usage: python train.py [--preset NAME] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]"

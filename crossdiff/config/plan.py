@@ -1,5 +1,7 @@
-"""What a config implies before anything loads, and the checks on it: how many sequences a run
-reads (the buffer's fill and refreshes), the buffer's bytes, and whether they fit the machine.
+"""What a config implies before anything loads, and the checks on it there: the positions kept
+per row, how many sequences a run reads (the buffer's fill and refreshes), the buffer's bytes and
+whether they fit the machine, the process mesh, the models' shapes (from their configs, no
+weights), an activation store's limits. Each one key alone is the table's to check (schema.py).
 
 The buffer holds about batch_size * buffer_mult token positions, fills fully at the start and
 refills half of itself once that half has been served (buffer.Buffer, as the reference).
@@ -8,7 +10,7 @@ import os
 
 import torch
 
-from crossdiff.config.schema import ConfigError, effective
+from crossdiff.config.schema import ConfigError, effective, layers_needed
 
 
 def first_n(cfg):
@@ -112,3 +114,34 @@ def check_enough_sequences(cfg, local_cfg, have, total_steps, state=None, source
             f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
             f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
             "wrap_tokens=True to reuse it")
+
+
+def check_mesh(latent_shards, world_size):
+    """The process mesh world_size = data-parallel groups x latent_shards, or a ConfigError."""
+    if latent_shards > 1 and world_size == 1:
+        raise ConfigError(f"latent_shards={latent_shards} needs as many processes: launch with "
+                          f"torchrun --nproc_per_node={latent_shards} (or a multiple)")
+    if world_size % latent_shards:
+        raise ConfigError(f"latent_shards={latent_shards} does not divide the {world_size} processes: the mesh "
+                          "is data-parallel groups x latent_shards")
+    return world_size // latent_shards
+
+
+def check_against_model(cfg, model_cfg):
+    """Checks that need the model's architecture (a TransformerLens config, no weights)."""
+    if cfg["seq_len"] > model_cfg.n_ctx:
+        raise ConfigError(f"config key 'seq_len' = {cfg['seq_len']} exceeds the model's context of {model_cfg.n_ctx}")
+    need = None if cfg.get("hook_point") is None else layers_needed(cfg["hook_point"])
+    if need is not None and need > model_cfg.n_layers:
+        raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is beyond the model: it has "
+                          f"{model_cfg.n_layers} layers (--layer 0 to {model_cfg.n_layers})")
+    if cfg.get("d_in") is not None and cfg["d_in"] != model_cfg.d_model:
+        raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the model's d_model is {model_cfg.d_model}")
+
+
+def check_no_exclusions(cfg):
+    """A ConfigError for exclusions with an activation store (store.py): a store holds every
+    position of its rows past ignore_first_n (its layout has fixed rows per sequence)."""
+    if cfg.get("exclude_tokens") or cfg.get("outlier_norm_multiple"):
+        raise ConfigError("an activation store keeps every position: exclude_tokens and outlier_norm_multiple "
+                          "apply to live training only (drop --store_dir, or these keys)")

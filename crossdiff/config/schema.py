@@ -408,29 +408,6 @@ def completed(cfg):
     return out
 
 
-def check_mesh(latent_shards, world_size):
-    """The process mesh world_size = data-parallel groups x latent_shards, or a ConfigError."""
-    if latent_shards > 1 and world_size == 1:
-        raise ConfigError(f"latent_shards={latent_shards} needs as many processes: launch with "
-                          f"torchrun --nproc_per_node={latent_shards} (or a multiple)")
-    if world_size % latent_shards:
-        raise ConfigError(f"latent_shards={latent_shards} does not divide the {world_size} processes: the mesh "
-                          "is data-parallel groups x latent_shards")
-    return world_size // latent_shards
-
-
-def check_against_model(cfg, model_cfg):
-    """Checks that need the model's architecture (a TransformerLens config, no weights)."""
-    if cfg["seq_len"] > model_cfg.n_ctx:
-        raise ConfigError(f"config key 'seq_len' = {cfg['seq_len']} exceeds the model's context of {model_cfg.n_ctx}")
-    need = None if cfg.get("hook_point") is None else layers_needed(cfg["hook_point"])
-    if need is not None and need > model_cfg.n_layers:
-        raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is beyond the model: it has "
-                          f"{model_cfg.n_layers} layers (--layer 0 to {model_cfg.n_layers})")
-    if cfg.get("d_in") is not None and cfg["d_in"] != model_cfg.d_model:
-        raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the model's d_model is {model_cfg.d_model}")
-
-
 def expand(cfg, axes):
     """The grid: one config per combination of the axes' values (the last key varying fastest),
     each cfg with those values and "sweep": the values that set it apart."""

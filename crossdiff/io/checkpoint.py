@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import torch
 
-
 REPO_DIR = Path(__file__).resolve().parents[2]  # crossdiff/io/ -> the repository
 DEFAULT_CHECKPOINT_DIR = REPO_DIR / "checkpoints"
 DEFAULT_DATA_DIR = REPO_DIR / "data"

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.config.plan import first_n, positions, sequences_needed
+from crossdiff.config.plan import check_no_exclusions, first_n, positions, sequences_needed
 from crossdiff.config.schema import ConfigError, data_tokens
 from crossdiff.io.checkpoint import atomic_write_text
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import norm_factors, run_models
-from crossdiff.sources.tokenmask import check_no_exclusions
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
 # The config keys a store must share with a run that trains from it (toy_seed: only toy stores

@@ -44,14 +44,6 @@ def keep_mask(tokens_nP, acts_nPMD, exclude_ids=None, outlier_multiple=0.0):
     return keep
 
 
-def check_no_exclusions(cfg):
-    """A ConfigError for exclusions with an activation store (store.py): a store holds every
-    position of its rows past ignore_first_n (its layout has fixed rows per sequence)."""
-    if cfg.get("exclude_tokens") or cfg.get("outlier_norm_multiple"):
-        raise ConfigError("an activation store keeps every position: exclude_tokens and outlier_norm_multiple "
-                          "apply to live training only (drop --store_dir, or these keys)")
-
-
 class PositionFilter:
     """The positions that count for one config and its models. first: positions dropped per row;
     active: whether any position within them is left out; keep(tokens_nS, acts_nPMD) -> [n, P]."""
