@@ -43,24 +43,25 @@ from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
 from crossdiff.config.schema import ConfigError, complete_cfg
 from crossdiff.diffing.dashboard import write_dashboard
+from crossdiff.diffing.figures import (
+    examples_html,
+    format_scaling,
+    plot_cosine_histogram,
+    plot_latent_scaling,
+    plot_relative_norm_histogram,
+)
 from crossdiff.diffing.measures import (
     BATCH_TOKENS,
     CHAT_ONLY_MIN,
     HELDOUT_TOKENS,
-    NU_ERROR_MAX,
-    NU_RECONSTRUCTION_MAX,
     ActivationCache,
     class_chat_mass,
     effective_chat_only,
-    examples_html,
     is_model_specific,
     latent_classes,
     latent_scaling,
-    plot_cosine_histogram,
-    plot_latent_scaling,
-    plot_relative_norm_histogram,
-    rank_sum_order,
     reconstruction_stats,
+    scaling_summary,
     splice_in_loss,
     top_activating_examples,
 )
@@ -78,6 +79,12 @@ from crossdiff.sources.mix import DataError, chat_mask, is_mix, load_mix, split_
 from crossdiff.sources.models import SetupError
 from crossdiff.sources.tokenmask import PositionFilter
 from utils import check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
+
+# A notebook that also runs as a script: each cell does its work where it stands, so importing
+# this file would run the whole analysis. Its maths live in crossdiff/diffing/, to import from there.
+if __name__ != "__main__":
+    raise ImportError("analysis.py is a notebook and a script: run it (python analysis.py, or its cells in a "
+                      "notebook); import the maths it calls from crossdiff.diffing instead")
 
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
                          "(default: newest local)",
@@ -286,27 +293,6 @@ def scaled_batches():
     for t, x in harvest(models, tokens, cfg["hook_point"], BATCH_SIZE, "latent scaling", first=keep.first):
         x_BMD = x.flatten(0, 1) * s_M.to(x.device)[:, None]
         yield x_BMD[keep.keep(t, x).flatten()] if keep.active else x_BMD
-
-
-def format_scaling(s):
-    """One readable line of a scaling_summary."""
-    specific = next(v for k, v in s.items() if k.startswith("specific"))
-    medians = (f"median nu_error {s['median_nu_error']:.2f}, nu_reconstruction {s['median_nu_reconstruction']:.2f}"
-               if s["median_nu_error"] is not None else "no finite ratios")
-    return (f"{s['latents']} latents ({s['finite']} with finite ratios): {specific} pass |nu_error| < {NU_ERROR_MAX} "
-            f"and |nu_reconstruction| < {NU_RECONSTRUCTION_MAX}; {medians}; most specific by rank sum: "
-            f"{s['most_specific_by_rank_sum']}")
-
-
-def scaling_summary(ls, latents_J):
-    ok = torch.isfinite(ls["nu_error"]) & torch.isfinite(ls["nu_reconstruction"])
-    specific = ok & is_model_specific(ls["nu_error"], ls["nu_reconstruction"])
-    order = rank_sum_order(ls["nu_error"].nan_to_num(float("inf")), ls["nu_reconstruction"].nan_to_num(float("inf")))
-    return {"latents": len(latents_J), "finite": int(ok.sum()),
-            f"specific (|nu_error| < {NU_ERROR_MAX}, |nu_reconstruction| < {NU_RECONSTRUCTION_MAX})": int(specific.sum()),
-            "median_nu_error": float(ls["nu_error"][ok].median()) if ok.any() else None,
-            "median_nu_reconstruction": float(ls["nu_reconstruction"][ok].median()) if ok.any() else None,
-            "most_specific_by_rank_sum": latents_J[order[:10].cpu()].tolist()}, ok
 
 
 ls = ls_base = None  # Latent Scaling's results, when it runs

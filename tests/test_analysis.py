@@ -3,9 +3,9 @@ import torch
 
 from conftest import random_tokens, run_script, tiny_cfg, tiny_model
 from crosscoder import CrossCoder
+from crossdiff.diffing.figures import examples_html
 from crossdiff.diffing.measures import (
     classify_latents,
-    examples_html,
     latent_scaling,
     reconstruction_stats,
     splice_in_loss,
@@ -296,3 +296,17 @@ def test_held_out_text_that_training_read_is_refused_before_the_models_load(tmp_
     ok = run_script("analysis.py", "--checkpoint", version, "--n_heldout", "10", timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "not held out" not in ok.stdout and "could not load" in ok.stdout
+
+
+def test_importing_the_notebook_refuses_instead_of_running_the_analysis(tmp_path):
+    """`import analysis` raises ImportError naming where its maths live, before any cell's work
+    (no checkpoint searched for, nothing written); run as a script it analyses (the tests above)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    probe = f"import sys; sys.path.insert(0, {str(REPO)!r}); import analysis"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "ImportError: analysis.py is a notebook and a script" in out.stderr, out.stderr
+    assert "crossdiff.diffing" in out.stderr and list(tmp_path.iterdir()) == []
