@@ -77,7 +77,6 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
             dataset = dataset[split]
         tokens = _dataset_to_tokens(dataset, column, source)
     else:
-
         cache = data_dir(cfg) / (str(source).replace("/", "__") + ".pt")
         if cache.is_file():
             return load_tokens(cache, cfg, column, split)
@@ -112,7 +111,6 @@ def _download_tokens(source, cache, column, split):
     """The hub dataset `source` as an int32 token tensor in the file cache, written atomically (a
     temporary file of its own, renamed)."""
     import datasets
-
 
     try:
         dataset = datasets.load_dataset(str(source), split=split)

@@ -119,7 +119,6 @@ def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_
     inference_l0, model_only and false_positives (false_positives, on 8 fresh batches)."""
     import tempfile
 
-
     cfg = dict(DEFAULTS, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
                lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
                architecture=architecture, k=k, progress=False, dead_tokens=dead_tokens,

@@ -323,7 +323,6 @@ def build_pair(cfg):
     transformers copy (with the Gemma-3 chat template) and the fine-tuned partner."""
     from transformers import AutoTokenizer
 
-
     root = cache_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
     base_dir, chat_dir = pair_dirs(cfg)
