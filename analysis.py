@@ -75,10 +75,10 @@ from crossdiff.io.hub import (
 )
 from crossdiff.pairs.toy import build_toy_pair, heldout_tokens
 from crossdiff.sources.activations import estimate_norm_factors
-from crossdiff.sources.mix import DataError, chat_mask, is_mix, load_mix, split_rows
+from crossdiff.sources.mix import DataError, chat_mask, check_mix_tokenizer, is_mix, load_mix, split_rows
 from crossdiff.sources.models import SetupError
 from crossdiff.sources.tokenmask import PositionFilter
-from utils import check_heldout, check_mix_tokenizer, load_gemma_pair, load_tokens
+from utils import check_heldout, load_gemma_pair, load_tokens
 
 # A notebook that also runs as a script: each cell does its work where it stands, so importing
 # this file would run the whole analysis. Its maths live in crossdiff/diffing/, to import from there.

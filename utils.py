@@ -15,8 +15,8 @@ from crossdiff.io.checkpoint import atomic_torch_save, data_dir
 from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair
 from crossdiff.scale import distributed
-from crossdiff.sources.mix import DataError, check_tokenizer, is_mix, load_mix, read_mix_meta
-from crossdiff.sources.models import SetupError, load_pair, resolve_model_keys, tokenizer_of
+from crossdiff.sources.mix import DataError, check_mix_tokenizer, is_mix, load_mix
+from crossdiff.sources.models import SetupError, load_pair, resolve_model_keys
 
 load_gemma_pair = load_pair  # the name the pipeline and its tests call (any pair, not only Gemma)
 
@@ -147,19 +147,6 @@ def check_tokens(tokens_NS, seq_len, vocab_size):
         raise DataError(f"token ids must lie in [0, {vocab_size}) for the models' vocabulary; found ids in [{lo}, {hi}]")
 
 
-def check_mix_tokenizer(mix_dir, model_names):
-    """A DataError, before any model loads, when data.py's mix was built with another vocabulary
-    than each model's tokenizer (read alone: seconds, not the model's minutes)."""
-    meta = read_mix_meta(mix_dir)
-    for name in model_names:
-        try:
-            tokenizer = tokenizer_of(name)
-        except (OSError, ValueError) as e:  # no hub access: the model cannot load either, and says why
-            print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
-            continue
-        check_tokenizer(meta, tokenizer, where=f"the token mix {mix_dir}")
-
-
 def prepare_models(cfg):
     """Before anything heavy: what a preset builds (crossdiff/pairs/realpair.py: a built pair, the PyPI mix) in
     place of its names, then the keys that come from the models (d_in, hook_point) filled and
@@ -178,24 +165,21 @@ def load_models_and_tokens(cfg, fresh=True):
         if not distributed.is_main():
             distributed.barrier()  # rank 0 builds (or reads) the cached pair first
         base, chat, tokens, _ = build_toy_pair(cfg)
+        models = [base, chat]
         if distributed.is_main():
             distributed.barrier()
-        return check_models_and_tokens(cfg, [base, chat], tokens)
-    if is_mix(cfg["dataset"]):
-        check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
-    tokens = load_tokens(cfg["dataset"], cfg)
-    if fresh and cfg["store_dir"] is None:
-        local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
-        check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
-                               cfg["num_tokens"] // cfg["batch_size"], world_size=distributed.world_size())
-    return check_models_and_tokens(cfg, load_gemma_pair(cfg), tokens)
-
-
-def check_models_and_tokens(cfg, models, tokens_NS):
-    """(models, tokens) once each model's architecture fits the config and its vocabulary the tokens."""
+    else:
+        if is_mix(cfg["dataset"]):
+            check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
+        tokens = load_tokens(cfg["dataset"], cfg)
+        if fresh and cfg["store_dir"] is None:
+            local_cfg = dict(cfg, batch_size=distributed.local_batch_size(cfg["batch_size"]))
+            check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
+                                   cfg["num_tokens"] // cfg["batch_size"], world_size=distributed.world_size())
+        models = load_gemma_pair(cfg)
     for model in models:
         check_against_model(cfg, model.cfg)
-        check_tokens(tokens_NS, cfg["seq_len"], model.cfg.d_vocab)
-    return models, tokens_NS
+        check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
+    return models, tokens
 
 

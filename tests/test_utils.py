@@ -116,8 +116,7 @@ def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_anoth
     mix's vocabulary with each model's tokenizer (a local directory here) before any model loads."""
     from test_data import word_tokenizer, write_sources
 
-    from crossdiff.sources.mix import build_mix
-    from utils import check_mix_tokenizer
+    from crossdiff.sources.mix import build_mix, check_mix_tokenizer
 
     tok = word_tokenizer()
     text, _ = write_sources(tmp_path)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from crossdiff.sources.models import tokenizer_of
+
 TOKENS, SOURCE, META = "tokens.pt", "source.pt", "meta.json"
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text")
 BOS_POLICIES = ("auto", "always", "never")
@@ -223,3 +225,16 @@ def chat_mask(source, meta):
     """[N, S] bool: the tokens that come from chat sources."""
     chat = torch.tensor([s["kind"] == "chat" for s in meta["sources"]])
     return chat[source.long()]
+
+
+def check_mix_tokenizer(mix_dir, model_names):
+    """A DataError, before any model loads, when data.py's mix was built with another vocabulary
+    than each model's tokenizer (read alone: seconds, not the model's minutes)."""
+    meta = read_mix_meta(mix_dir)
+    for name in model_names:
+        try:
+            tokenizer = tokenizer_of(name)
+        except (OSError, ValueError) as e:  # no hub access: the model cannot load either, and says why
+            print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
+            continue
+        check_tokenizer(meta, tokenizer, where=f"the token mix {mix_dir}")
