@@ -162,6 +162,11 @@ def cli(argv):
             launcher = f"torchrun --nproc_per_node={distributed.world_size()}" if distributed.launched() else "python"
             print(f"training interrupted ({e}); resume with: {launcher} train.py --resume {e.save_dir}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (the trainer said what was saved)
+        if distributed.is_main():
+            print("interrupted at once by a second Ctrl-C; resume from the last checkpoint with: python train.py "
+                  "--resume <its version directory>", file=sys.stderr)
+        sys.exit(130)
     except (NonFiniteError, TokensExhausted, SetupError, DataError, FileNotFoundError, CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
     finally:

@@ -383,9 +383,12 @@ class Trainer:
         log, step_log = {}, None
         pbar = tqdm(range(self.step_counter, self.total_steps), initial=self.step_counter, total=self.total_steps,
                     desc="training", disable=not (self.cfg["progress"] and main), dynamic_ncols=True)
+        self._mid_step = False  # between steps: the only state a checkpoint may hold
         try:
             for i in pbar:
+                self._mid_step = True
                 step_log = self.step()
+                self._mid_step = False
                 if i % self.cfg["log_every"] == 0:
                     log = self.log(step_log, pbar)
                 if (i + 1) % self.cfg["save_every"] == 0:
@@ -396,8 +399,13 @@ class Trainer:
         except NonFiniteError:
             raise
         except BaseException as e:
-            # Interrupt or failure: keep the work done so far, then re-raise.
-            self._save_if_new(reason=f"{type(e).__name__}")
+            # Interrupt or failure: keep the work done so far, then re-raise; inside a step the
+            # weights, optimizer and buffer disagree, so the last checkpoint stands.
+            if self._mid_step:
+                print(f"{type(e).__name__} inside step {self.step_counter + 1}: not saving a half-finished step; "
+                      f"the last checkpoint is {self._last_good()}", flush=True)
+            else:
+                self._save_if_new(reason=f"{type(e).__name__}")
             if isinstance(e, TrainingInterrupted):
                 e.save_dir = self.crosscoder.save_dir
             raise

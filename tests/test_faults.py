@@ -233,3 +233,33 @@ def test_a_failed_checkpoint_write_is_reported_and_keeps_the_previous_one(tmp_pa
     assert complete_checkpoints(version_dir) == [0]
     assert not [p for p in version_dir.iterdir() if p.name.endswith(".tmp")]
     CrossCoder.load(version_dir)
+
+
+class SignalsInsideAStep:
+    """A batch source that, at step `at`, delivers two SIGINTs to this process while the step is
+    under way (the second raises KeyboardInterrupt inside the step, as a double Ctrl-C does)."""
+
+    def __init__(self, cfg, at):
+        self.cfg, self.at, self.served = cfg, at, 0
+        self.gen = torch.Generator().manual_seed(0)
+
+    def next(self):
+        if self.served == self.at:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        self.served += 1
+        return torch.randn(self.cfg["batch_size"], 2, self.cfg["d_in"], generator=self.gen)
+
+
+def test_a_double_ctrl_c_inside_a_step_saves_no_half_finished_step(tmp_path, capsys):
+    """Only a state at a step boundary is ever saved: a second Ctrl-C that lands inside a step
+    stops at once without a checkpoint of that step; the last checkpoint (step 4, from
+    save_every) stays the newest, and the run says it saved nothing."""
+    cfg = tiny_cfg(tmp_path, num_tokens=32 * 20, save_every=4)
+    trainer = Trainer(cfg, buffer=SignalsInsideAStep(cfg, at=6))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    version_dir = trainer.crosscoder.save_dir
+    assert complete_checkpoints(version_dir) == [0]
+    assert CrossCoder.load(version_dir).cfg["step"] == 4
+    assert "inside step 7" in capsys.readouterr().out
