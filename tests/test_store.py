@@ -94,3 +94,49 @@ def test_a_store_too_large_for_its_disk_is_refused_before_any_model_loads(tmp_pa
     assert size == n * 1023 * 2 * 2304 * 2 + n * 1024 * 4 and 3.7e12 < size < 3.9e12
     store.main(["--store_dir", str(tmp_path / "s"), "--dry_run"])
     assert f"{n:,} sequences, {size / 1e9:,.1f} GB" in capsys.readouterr().out
+
+
+def store_files(store):
+    return {p.name: p.read_bytes() for p in sorted(store.iterdir())}
+
+
+def test_a_killed_re_harvest_leaves_the_finished_store_whole(tmp_path, models, monkeypatch):
+    """A second harvest into a finished store, killed in its first shard, changes no byte of the
+    store (it writes beside it and swaps in only when complete), which still serves its rows;
+    the next harvest clears the partial one and completes."""
+    from crossdiff.sources import store as fmt
+
+    cfg, store = tiny_cfg(tmp_path), tmp_path / "store"
+    harvest(cfg, list(models), random_tokens(20, 9), store, 20, shard_sequences=8)
+    before = store_files(store)
+    real, calls = fmt.run_models, []
+
+    def killed_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fmt, "run_models", killed_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        harvest(cfg, list(models), random_tokens(20, 9, seed=1), store, 20, shard_sequences=8)
+    assert store_files(store) == before
+    assert ActivationStore(dict(cfg, wrap_tokens=True), store).next().abs().sum() > 0
+    monkeypatch.setattr(fmt, "run_models", real)
+    harvest(cfg, list(models), random_tokens(20, 9, seed=1), store, 20, shard_sequences=8)
+    assert store_files(store) != before  # the new store, and no partial one left beside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "store"]
+
+
+def test_a_harvest_into_a_store_another_harvest_is_writing_is_refused(tmp_path, models):
+    """Two harvests into one store_dir do not race: while one holds the store's lock, another
+    stops at once with an error naming the directory, before writing anything."""
+    from crossdiff.sources.store import StoreError, store_lock
+
+    cfg, store = tiny_cfg(tmp_path), tmp_path / "store"
+    with store_lock(store):
+        with pytest.raises(StoreError, match=f"another harvest is writing {store}"):
+            harvest(cfg, list(models), random_tokens(20, 9), store, 20)
+    assert not store.exists()
+    harvest(cfg, list(models), random_tokens(20, 9), store, 20)  # the lock is free again
+    assert (store / "meta.json").is_file()

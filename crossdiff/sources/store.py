@@ -13,7 +13,11 @@ one metadata file. The store is the same as one process writes.
 
 Shape legend: N sequences, S seq_len, R rows per sequence (S - ignore_first_n), M models, D d_in.
 """
+import contextlib
+import fcntl
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -85,14 +89,91 @@ def read_rows(shards, meta, ids, rows_per_sequence):
 
 
 # ---------------------------------------------------------------- writing one
+class StoreError(OSError):
+    """A store that cannot be written or read as asked: another harvest holds it, or a directory
+    in its way holds other files."""
+
+
+STORE_FILE = re.compile(r"shard_\d{5}\.bin|tokens\.pt|meta\.json")
+
+
+@contextlib.contextmanager
+def store_lock(store_dir):
+    """Hold store_dir for one harvest (an exclusive lock on a file beside it), or a StoreError at
+    once when another harvest holds it."""
+    store_dir = Path(store_dir)
+    store_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = store_dir.parent / f".{store_dir.name}.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another harvest is writing {store_dir}: wait for it to end, or choose another "
+                             f"store_dir (its lock: {lock})") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def staging_dir(store_dir):
+    """An empty directory beside store_dir for a harvest to write into (a killed harvest's is
+    cleared), once store_dir is checked to be absent, empty or a store: the finished store
+    replaces it whole (swap_in)."""
+    store_dir = Path(store_dir)
+    work, old = store_dir.parent / f".{store_dir.name}.partial", store_dir.parent / f".{store_dir.name}.old"
+    if not store_dir.exists() and old.exists():  # killed inside swap_in: the previous store goes back
+        os.rename(old, store_dir)
+    if store_dir.exists():
+        other = [p.name for p in store_dir.iterdir() if not STORE_FILE.fullmatch(p.name)]
+        if not store_dir.is_dir() or other:
+            raise StoreError(f"store_dir {store_dir} holds other files ({', '.join(sorted(other)[:3])}): choose an "
+                             "empty or new directory")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work
+
+
+def swap_in(work, store_dir):
+    """The finished store in work takes store_dir's place: a reader sees the old store or the new
+    one, never a mix (one that holds the old shards open keeps reading them)."""
+    old = store_dir.parent / f".{store_dir.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if store_dir.exists():
+        os.rename(store_dir, old)
+    os.rename(work, store_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 @torch.no_grad()
 def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHARD_SEQUENCES):
     """Write the activations of tokens_NS[:n_sequences] (BOS dropped, normalised per model, bf16),
-    shard_sequences sequences per file. Under torchrun, every rank calls it with the same
-    arguments and writes its own shards."""
+    shard_sequences sequences per file, into a directory beside store_dir that replaces it once
+    complete: a harvest killed at any moment leaves store_dir as it was. One harvest at a time
+    (store_lock). Under torchrun, every rank calls it with the same arguments and writes its own
+    shards; rank 0 holds the lock and swaps the store in."""
     check_no_exclusions(cfg)
     store_dir = Path(store_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        work, refused = None, None
+        if distributed.is_main():
+            try:
+                held.enter_context(store_lock(store_dir))
+                work = staging_dir(store_dir)
+            except StoreError as e:
+                refused = str(e)
+        work, refused = distributed.broadcast((str(work), refused))  # every rank stops, or writes there
+        if refused is not None:
+            raise StoreError(refused)
+        write_store(cfg, models, tokens_NS, Path(work), n_sequences, shard_sequences)
+        if distributed.is_main():
+            swap_in(Path(work), store_dir)
+        distributed.barrier()
+    return store_dir
+
+
+def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences):
+    """The store's files in store_dir (each rank its shards; rank 0 the tokens, then meta.json)."""
     n_sequences = min(n_sequences, len(tokens_NS))
     device = next(models[0].parameters()).device
     # The live buffer measures the factors the same way, on the same first sequences.
@@ -121,8 +202,6 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
         if cfg.get("preset") == "toy":
             meta["toy_seed"] = cfg["toy_seed"]  # which toy pair
         atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
-    distributed.barrier()
-    return store_dir
 
 
 def sequences_for_any_world_size(cfg, max_processes=64):
