@@ -137,3 +137,31 @@ def test_text_files_and_directories_are_documents_and_the_command_line_builds_a_
     assert "6 rows of 8 tokens" in capsys.readouterr().out
     _, source, meta = load_mix(tmp_path / "mix")
     assert [s["kind"] for s in meta["sources"]] == ["text", "chat"] and chat_mask(source, meta).float().mean() == 0.5
+
+
+def test_a_killed_rebuild_leaves_the_previous_mix_whole_and_a_damaged_file_is_named(tmp_path, monkeypatch):
+    """A rebuild killed after writing its tokens changes nothing the reader sees: the previous
+    mix loads as it was (it is written beside and swapped in). A truncated tokens.pt is a
+    DataError naming the file, not an EOFError."""
+    tok, (text, chat) = word_tokenizer(), write_sources(tmp_path)
+    sources = [{"kind": "text", "path": text, "fraction": 0.5}, {"kind": "chat", "path": chat, "fraction": 0.5}]
+    out = tmp_path / "mix"
+    before = build_mix(tok, sources, 8, 160, out, seed=0)
+    real_save, saved = torch.save, []
+
+    def killed_after_the_tokens(obj, f, *args, **kwargs):
+        saved.append(f)
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", killed_after_the_tokens)
+    with pytest.raises(KeyboardInterrupt):
+        build_mix(tok, sources, 8, 160, out, seed=1)
+    monkeypatch.setattr(torch, "save", real_save)
+    tokens, source, meta = load_mix(out)
+    assert torch.equal(tokens, before[0]) and torch.equal(source, before[1]) and meta == before[2]
+    data = (out / "tokens.pt").read_bytes()
+    (out / "tokens.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=f"{out / 'tokens.pt'}: cannot read it"):
+        load_mix(out)

@@ -9,6 +9,8 @@ other file asks this one.
 import functools
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import NamedTuple
@@ -242,6 +244,38 @@ def atomic_torch_save(obj, path):
 
 def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def staging_dir(target, allowed):
+    """An empty directory beside target for a whole directory's files (a killed writer's is
+    cleared), once target is checked to be absent or to hold only files whose names match the
+    regex `allowed` (else a FileExistsError naming it): swap_in puts it in target's place."""
+    target = Path(target)
+    work, old = target.parent / f".{target.name}.partial", target.parent / f".{target.name}.old"
+    if not target.exists() and old.exists():  # killed inside swap_in: the previous one goes back
+        os.rename(old, target)
+    if target.exists():
+        other = [q.name for q in target.iterdir() if not re.fullmatch(allowed, q.name)] if target.is_dir() else [""]
+        if other:
+            raise FileExistsError(f"{target} holds other files ({', '.join(sorted(other)[:3])}): choose an empty or "
+                                  "new directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    return work
+
+
+def swap_in(work, target):
+    """The finished directory work takes target's place: a reader sees the old one or the new
+    one, never a mix (one that holds old files open keeps reading them)."""
+    work, target = Path(work), Path(target)
+    old = target.parent / f".{target.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.rename(target, old)
+    os.rename(work, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def resolve_version_dir(version_dir):

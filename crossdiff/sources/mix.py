@@ -28,8 +28,10 @@ from pathlib import Path
 import torch
 
 from crossdiff.sources.models import tokenizer_of
+from crossdiff.io.checkpoint import staging_dir, swap_in
 
 TOKENS, SOURCE, META = "tokens.pt", "source.pt", "meta.json"
+MIX_FILES = r"tokens\.pt|source\.pt|meta\.json"  # what a mix directory holds
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text")
 BOS_POLICIES = ("auto", "always", "never")
 
@@ -186,11 +188,12 @@ def build_mix(tokenizer, sources, seq_len, num_tokens, out_dir, bos="auto", held
             "bos": bos, "bos_token_id": bos_id, "separator": "eos" if tokenizer.eos_token_id is not None else None,
             "sources": records, "rows": len(tokens),
             "splits": {"train": [0, heldout_start], "heldout": [heldout_start, len(tokens)]}, "seed": seed}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(tokens, out / TOKENS)
-    torch.save(source, out / SOURCE)
-    (out / META).write_text(json.dumps(meta, indent=2))  # last: its presence marks the mix complete
+    # Written beside out_dir and swapped in whole: a killed rebuild leaves the previous mix as it was.
+    work = staging_dir(out_dir, MIX_FILES)
+    torch.save(tokens, work / TOKENS)
+    torch.save(source, work / SOURCE)
+    (work / META).write_text(json.dumps(meta, indent=2))  # last: its presence marks the mix complete
+    swap_in(work, out_dir)
     return tokens, source, meta
 
 
@@ -200,7 +203,19 @@ def is_mix(path):
 
 
 def read_mix_meta(path):
-    return json.loads((Path(str(path)) / META).read_text())
+    """A mix's meta.json, or a DataError naming the file."""
+    file = Path(str(path)) / META
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{file}: cannot read the mix's record ({type(e).__name__}: {e})") from None
+
+
+def _load_tensor(file):
+    try:
+        return torch.load(file, weights_only=True)
+    except Exception as e:  # torch raises EOFError, RuntimeError, pickle's errors on a damaged file
+        raise DataError(f"{file}: cannot read it ({type(e).__name__}: {e}); build the mix again (data.py)") from None
 
 
 def load_mix(path, split=None):
@@ -208,8 +223,7 @@ def load_mix(path, split=None):
     only its rows."""
     path = Path(str(path))
     meta = read_mix_meta(path)
-    tokens = torch.load(path / TOKENS, weights_only=True)
-    source = torch.load(path / SOURCE, weights_only=True)
+    tokens, source = _load_tensor(path / TOKENS), _load_tensor(path / SOURCE)
     if split is not None:
         rows = split_rows(meta, split)
         tokens, source = tokens[rows], source[rows]

@@ -16,8 +16,6 @@ Shape legend: N sequences, S seq_len, R rows per sequence (S - ignore_first_n), 
 import contextlib
 import fcntl
 import json
-import os
-import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 
 from crossdiff.config.plan import check_no_exclusions, first_n, positions, sequences_needed
 from crossdiff.config.schema import ConfigError, data_tokens
-from crossdiff.io.checkpoint import atomic_write_text
+from crossdiff.io.checkpoint import atomic_write_text, staging_dir, swap_in
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import norm_factors, run_models
 
@@ -90,11 +88,10 @@ def read_rows(shards, meta, ids, rows_per_sequence):
 
 # ---------------------------------------------------------------- writing one
 class StoreError(OSError):
-    """A store that cannot be written or read as asked: another harvest holds it, or a directory
-    in its way holds other files."""
+    """A store that cannot be written as asked: another harvest holds it."""
 
 
-STORE_FILE = re.compile(r"shard_\d{5}\.bin|tokens\.pt|meta\.json")
+STORE_FILES = r"shard_\d{5}\.bin|tokens\.pt|meta\.json"  # what a store directory holds
 
 
 @contextlib.contextmanager
@@ -116,35 +113,6 @@ def store_lock(store_dir):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def staging_dir(store_dir):
-    """An empty directory beside store_dir for a harvest to write into (a killed harvest's is
-    cleared), once store_dir is checked to be absent, empty or a store: the finished store
-    replaces it whole (swap_in)."""
-    store_dir = Path(store_dir)
-    work, old = store_dir.parent / f".{store_dir.name}.partial", store_dir.parent / f".{store_dir.name}.old"
-    if not store_dir.exists() and old.exists():  # killed inside swap_in: the previous store goes back
-        os.rename(old, store_dir)
-    if store_dir.exists():
-        other = [p.name for p in store_dir.iterdir() if not STORE_FILE.fullmatch(p.name)]
-        if not store_dir.is_dir() or other:
-            raise StoreError(f"store_dir {store_dir} holds other files ({', '.join(sorted(other)[:3])}): choose an "
-                             "empty or new directory")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    return work
-
-
-def swap_in(work, store_dir):
-    """The finished store in work takes store_dir's place: a reader sees the old store or the new
-    one, never a mix (one that holds the old shards open keeps reading them)."""
-    old = store_dir.parent / f".{store_dir.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if store_dir.exists():
-        os.rename(store_dir, old)
-    os.rename(work, store_dir)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @torch.no_grad()
 def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHARD_SEQUENCES):
     """Write the activations of tokens_NS[:n_sequences] (BOS dropped, normalised per model, bf16),
@@ -159,8 +127,8 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
         if distributed.is_main():
             try:
                 held.enter_context(store_lock(store_dir))
-                work = staging_dir(store_dir)
-            except StoreError as e:
+                work = staging_dir(store_dir, STORE_FILES)
+            except OSError as e:  # held by another harvest, or a directory of other files in the way
                 refused = str(e)
         work, refused = distributed.broadcast((str(work), refused))  # every rank stops, or writes there
         if refused is not None:
