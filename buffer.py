@@ -23,7 +23,7 @@ from crossdiff.config.plan import (
 from crossdiff.config.schema import ConfigError, completed
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import check_models, norm_factors, run_models
-from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta
+from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta, verify_store
 from crossdiff.sources.tokenmask import PositionFilter
 
 
@@ -227,6 +227,8 @@ class ActivationStore(RowBuffer):
         self.store_dir = Path(store_dir)
         self.meta = read_store_meta(store_dir)
         check_store_matches(cfg, self.meta, store_dir)
+        if cfg["verify_store"]:
+            verify_store(self.store_dir, self.meta)
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
         self._shards = open_shards(self.store_dir, self.meta, positions(cfg))

@@ -300,15 +300,16 @@ class CrossCoder(nn.Module):
         return path
 
     @classmethod
-    def load(cls, version_dir, checkpoint_version=None, device=None, shard=(0, 1)):
+    def load(cls, version_dir, checkpoint_version=None, device=None, shard=(0, 1), verify=True):
         """Checkpoint checkpoint_version (None: the newest complete) of version_dir, a path or a
         name/number under checkpoints/ ("version_3", 3). shard (index, count): only that slice of
-        the latents, read from a memory map."""
+        the latents, read from a memory map. verify: the weights' bytes against the sha256 the
+        checkpoint recorded (False skips reading them twice)."""
         version_dir = resolve_version_dir(version_dir)
         if checkpoint_version is None:
             checkpoint_version = latest_checkpoint(version_dir)
         files = checkpoint_files(version_dir, checkpoint_version)
-        cfg, state = read_crosscoder(files.cfg, files.weights, mmap=shard[1] > 1)
+        cfg, state = read_crosscoder(files.cfg, files.weights, mmap=shard[1] > 1, verify=verify)
         model = cls._from_state(cfg, state, device, shard, where=f"{files.weights} (config {files.cfg})")
         model.save_dir, model.save_version = version_dir, checkpoint_version + 1
         return model

@@ -86,3 +86,41 @@ def test_a_checkpoint_records_how_many_sequences_its_run_read(tmp_path, models):
     del saved["sequences_read"]
     path.write_text(json.dumps(saved))
     assert sequences_read(version) == read
+
+
+def zero_bytes(path, offset, n=65536):
+    """Zero n bytes of a file at offset (a damaged disk block), keeping its length."""
+    data = bytearray(path.read_bytes())
+    n = min(n, len(data) - offset)
+    data[offset : offset + n] = bytes(n)
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_zeroed_bytes_is_refused_on_load_and_resume_naming_the_file(tmp_path):
+    """Each checkpoint records its files' sha256 ({k}.sha256, the format `sha256sum -c` reads);
+    weights with a zeroed block are refused by CrossCoder.load and Trainer.resume, naming the
+    file, instead of training on silently zero weights; an intact one loads."""
+    import torch
+
+    from conftest import tiny_cfg
+    from crosscoder import CrossCoder
+    from crossdiff.io.checkpoint import CheckpointError
+    from trainer import Trainer
+
+    class Batches:
+        def next(self):
+            return torch.randn(32, 2, 32)
+
+    cfg = tiny_cfg(tmp_path, d_in=32, dict_size=2048, num_tokens=32 * 3)
+    trainer = Trainer(cfg, buffer=Batches())
+    trainer.train()
+    version = trainer.crosscoder.save_dir
+    sums = (version / "0.sha256").read_text().split("\n")
+    assert sums[0].split() == [__import__("hashlib").sha256((version / "0.pt").read_bytes()).hexdigest(), "0.pt"]
+    CrossCoder.load(version)
+    zero_bytes(version / "0.pt", 4096)
+    with pytest.raises(CheckpointError, match=f"{version / '0.pt'}: its sha256 differs from the one recorded"):
+        CrossCoder.load(version)
+    with pytest.raises(CheckpointError, match="0.pt: its sha256 differs"):
+        Trainer.resume(version, cfg, buffer=Batches())
+    CrossCoder.load(version, verify=False)  # a reader may skip the check

@@ -164,7 +164,8 @@ def test_save_load_round_trip_and_versions_never_overwrite(tmp_path):
     other.save()
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
-    assert sorted(p.name for p in (root / "version_0").iterdir()) == ["0.pt", "0_cfg.json", "1.pt", "1_cfg.json"]
+    assert sorted(p.name for p in (root / "version_0").iterdir()) == ["0.pt", "0.sha256", "0_cfg.json", "1.pt", "1.sha256",
+                                                                        "1_cfg.json"]
     loaded = CrossCoder.load(root / "version_0", 1)
     x = torch.randn(4, 2, 32)
     assert torch.equal(loaded(x), cc(x))
@@ -270,10 +271,13 @@ def test_config_that_is_not_json_is_named(saved):
 
 
 def test_truncated_weights_are_named(saved):
+    """Checked against their recorded sha256 first; unchecked, torch's own error is named too."""
     data = (saved / "0.pt").read_bytes()
     (saved / "0.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"0.pt.*cannot read"):
+    with pytest.raises(CheckpointError, match=r"0.pt: its sha256 differs"):
         CrossCoder.load(saved, 0)
+    with pytest.raises(CheckpointError, match=r"0.pt.*cannot read"):
+        CrossCoder.load(saved, 0, verify=False)
 
 
 class _Evil:

@@ -221,7 +221,7 @@ def test_a_failed_checkpoint_write_is_reported_and_keeps_the_previous_one(tmp_pa
 
     def failing_replace(src, dst):
         calls["n"] += 1
-        if calls["n"] > 3:  # the first checkpoint (weights, trainer state, config) succeeds
+        if calls["n"] > 4:  # the first checkpoint (weights, trainer state, their sha256, config) succeeds
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_replace(src, dst)
 

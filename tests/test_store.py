@@ -140,3 +140,26 @@ def test_a_harvest_into_a_store_another_harvest_is_writing_is_refused(tmp_path, 
     assert not store.exists()
     harvest(cfg, list(models), random_tokens(20, 9), store, 20)  # the lock is free again
     assert (store / "meta.json").is_file()
+
+
+def test_a_damaged_shard_or_an_edited_record_is_refused_when_a_run_opens_the_store(tmp_path, models):
+    """The store records each file's sha256 and a hash of its own record: a shard with a zeroed
+    block is refused naming it (verify_store false skips reading the shards, as stated), and a
+    hand-edited normalisation factor is refused even then."""
+    from crossdiff.sources.store import StoreError
+
+    cfg, store = dict(tiny_cfg(tmp_path), wrap_tokens=True), tmp_path / "store"
+    harvest(cfg, list(models), random_tokens(20, 9), store, 20, shard_sequences=8)
+    ActivationStore(cfg, store)
+    shard = store / "shard_00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[100:4196] = bytes(4096)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{shard}: its sha256 differs from the one recorded"):
+        ActivationStore(cfg, store)
+    ActivationStore(dict(cfg, verify_store=False), store)
+    meta = json.loads((store / "meta.json").read_text())
+    meta["normalisation_factor"] = [1.0, 1.0]
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="meta.json.* was changed after the harvest"):
+        ActivationStore(dict(cfg, verify_store=False), store)

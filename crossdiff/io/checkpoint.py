@@ -7,6 +7,7 @@ training, {k}_trainer.pt (and {k}_trainer_rank{r}.pt for each further data-paral
 other file asks this one.
 """
 import functools
+import hashlib
 import json
 import os
 import re
@@ -30,12 +31,43 @@ class CheckpointFiles(NamedTuple):
     weights: Path
     cfg: Path
     trainer: Path
+    sums: Path  # the sha256 of the weights and the trainer state, as `sha256sum -c` reads them
 
 
 def checkpoint_files(version_dir, k):
     """The files of checkpoint k in version_dir."""
     d = Path(version_dir)
-    return CheckpointFiles(weights=d / f"{k}.pt", cfg=d / f"{k}_cfg.json", trainer=d / f"{k}_trainer.pt")
+    return CheckpointFiles(weights=d / f"{k}.pt", cfg=d / f"{k}_cfg.json", trainer=d / f"{k}_trainer.pt",
+                           sums=d / f"{k}.sha256")
+
+
+# ---------------------------------------------------------------- integrity
+def file_sha256(path, chunk=2**24):
+    """The sha256 of a file's bytes, read a chunk at a time (about 0.6 s per GB here)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_sums(sums_path, files):
+    """sums_path lists each file's sha256 and name (`sha256sum -c` checks them), written atomically."""
+    atomic_write_text(sums_path, "".join(f"{file_sha256(f)}  {Path(f).name}\n" for f in files))
+
+
+def verify_sums(sums_path, names):
+    """A CheckpointError naming the first of the files `names` (beside sums_path) whose bytes no
+    longer have the sha256 recorded there. Files it does not list, or no sums file (written before
+    checkpoints had one), are not checked."""
+    sums_path = Path(sums_path)
+    if not sums_path.is_file():
+        return
+    recorded = dict(reversed(line.split(None, 1)) for line in sums_path.read_text().splitlines() if line.strip())
+    for name in names:
+        if name in recorded and file_sha256(sums_path.parent / name) != recorded[name]:
+            raise CheckpointError(f"{sums_path.parent / name}: its sha256 differs from the one recorded in {sums_path} "
+                                  "when it was written: the file is damaged; use an earlier checkpoint")
 
 
 def trainer_states(version_dir):
@@ -63,9 +95,11 @@ def read_trainer_state(version_dir, k, rank=0, world_size=1, shard_index=0):
     from a run of the same size ("buffer": None when it is missing: fresh buffers), and with its
     shard's Adam state and counters when the dictionary is split over the latents (shard s's are
     in the file of rank s, the first data group's)."""
-    trainer_file = checkpoint_files(version_dir, k).trainer
+    files = checkpoint_files(version_dir, k)
+    trainer_file = files.trainer
     if not trainer_file.is_file():
         raise FileNotFoundError(f"cannot resume: {trainer_file} (optimizer and data state) is missing")
+    verify_sums(files.sums, [trainer_file.name])
     state = _read_state(trainer_file)
     if rank > 0 and state.get("world_size", 1) == world_size:
         own = rank_state_file(version_dir, k, rank)
@@ -155,14 +189,17 @@ def next_sweep_dir(cfg):
 PARAM_NAMES = ("W_enc", "W_dec", "b_enc", "b_dec")  # a crosscoder's parameters, the reference's names
 
 
-def read_crosscoder(cfg_path, weights_path, mmap=False):
+def read_crosscoder(cfg_path, weights_path, mmap=False, verify=True):
     """(cfg, state) of one of our checkpoints or the reference's published one, read safely: an
     unreadable or unexpected file is a CheckpointError (or FileNotFoundError) naming it; the configs
     of older versions are completed with what their weights imply. mmap: map the weights (a shard
-    then reads only its slices)."""
+    then reads only its slices). verify: the weights against the checkpoint's recorded sha256."""
     for p in (cfg_path, weights_path):
         if not Path(p).is_file():
             raise FileNotFoundError(f"checkpoint file not found: {p}")
+    weights_path = Path(weights_path)
+    if verify:
+        verify_sums(weights_path.with_suffix(".sha256"), [weights_path.name])
     try:
         cfg = json.loads(Path(cfg_path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -186,14 +223,16 @@ def read_crosscoder(cfg_path, weights_path, mmap=False):
 
 
 def write_checkpoint(version_dir, k, weights, cfg, trainer_state=None):
-    """Checkpoint k: weights, trainer state (when given) and config, each atomically, the config
-    last, so its presence marks the checkpoint complete. Returns the weights file's path."""
+    """Checkpoint k: weights, trainer state (when given), their sha256 and the config, each
+    atomically, the config last, so its presence marks the checkpoint complete. Returns the
+    weights file's path."""
     for stale in Path(version_dir).glob(".*.tmp"):  # left by a save that was killed mid-write
         stale.unlink(missing_ok=True)
     files = checkpoint_files(version_dir, k)
     atomic_torch_save(weights, files.weights)
     if trainer_state is not None:
         atomic_torch_save(trainer_state, files.trainer)
+    write_sums(files.sums, [files.weights] + [files.trainer] * (trainer_state is not None))
     atomic_write_text(files.cfg, json.dumps(jsonable(cfg), indent=2))
     return files.weights
 
