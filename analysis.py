@@ -65,7 +65,7 @@ from crossdiff.diffing.measures import (
     splice_in_loss,
     top_activating_examples,
 )
-from crossdiff.io.checkpoint import latest_version_dir, sequences_read
+from crossdiff.io.checkpoint import latest_version_dir, sequences_read, staging_dir, swap_in
 from crossdiff.io.hub import (
     HF_REPO_ID,
     PUBLISHED_FACTORS,
@@ -86,6 +86,7 @@ if __name__ != "__main__":
     raise ImportError("analysis.py is a notebook and a script: run it (python analysis.py, or its cells in a "
                       "notebook); import the maths it calls from crossdiff.diffing instead")
 
+ANALYSIS_FILES = r"[\w.-]+\.(png|html|txt|json)"  # what analysis/ holds (another file there: refused)
 OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_learning dir, hf, or a hub repo id "
                          "(default: newest local)",
            "factors": "base,chat normalisation factors (default: the checkpoint's, see the notebook)",
@@ -154,9 +155,17 @@ if "model_names" not in cc.cfg and MODEL_NAMES is None:  # the reference's confi
 # (for the reference's configs: the published pair, its dataset, 400 sequences for the factors).
 cfg = cc.cfg = complete_cfg(dict(cc.cfg, model_names=list(MODEL_NAMES or cc.cfg.get("model_names") or PUBLISHED_MODEL_NAMES)),
                              validate=False)
-out_dir.mkdir(parents=True, exist_ok=True)
-summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "dict_size": cfg["dict_size"], "hook_point": cfg["hook_point"]}
-print(f"crosscoder: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg['hook_point']}; writing to {out_dir}")
+# Every output names what it analysed: the checkpoint, its file and its training step.
+checkpoint_index = getattr(cc, "save_version", 1) - 1 if origin == "local" and getattr(cc, "save_dir", None) else None
+summary = {"checkpoint": str(CHECKPOINT or out_dir.parent), "checkpoint_index": checkpoint_index,
+           "step": cfg.get("step"), "dict_size": cfg["dict_size"], "hook_point": cfg["hook_point"]}
+label = (f"{Path(summary['checkpoint']).name}" + (f" #{checkpoint_index}" if checkpoint_index is not None else "")
+         + (f", step {summary['step']}" if summary["step"] is not None else ""))
+# Written into a folder beside the output folder and swapped in at the end: an analysis stopped
+# half-way leaves the previous one whole, never a mix of two checkpoints' files.
+final_dir, out_dir = out_dir, staging_dir(out_dir, ANALYSIS_FILES)
+print(f"crosscoder {label}: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg['hook_point']}; writing to "
+      f"{final_dir} (at the end)")
 n_positions = positions(cfg)  # seq_len - ignore_first_n (the BOS dropped)
 N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
 BATCH_SIZE = BATCH_SIZE or max(1, BATCH_TOKENS // n_positions)
@@ -177,7 +186,7 @@ by = ", ".join(["model-only latents by block (exclusive by construction)"] * boo
 summary["classified"] = by
 print(f"latents per class (all latents, {by}):",
       ", ".join(f"{name} {n}" for name, n in summary["latent_counts"].items()))
-plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png")
+plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png", title=f"Base vs chat model diff ({label})")
 
 # %% [markdown]
 # ## Do shared latents point the same way in both models?
@@ -186,7 +195,8 @@ plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png")
 cos = cc.decoder_cosine_similarity().detach().cpu()
 shared_cos = cos[classes["shared"]]
 summary["shared_cosine_median"] = float(shared_cos.median()) if len(shared_cos) else None
-plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png")
+plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png",
+                      title=f"Cosine similarity of shared latents' decoders ({label})")
 
 # %% [markdown]
 # ## Models and held-out tokens
@@ -305,7 +315,8 @@ if models is not None and len(probed):
                                               else f"the chat-only latents (relative norm > {CHAT_ONLY_MIN})")
     print(f"latent scaling of {summary['latent_scaling']['selection']}: "
           + format_scaling(summary["latent_scaling"]))
-    plot_latent_scaling(ls["nu_error"][ok].cpu(), ls["nu_reconstruction"][ok].cpu(), out_dir / "latent_scaling.png")
+    plot_latent_scaling(ls["nu_error"][ok].cpu(), ls["nu_reconstruction"][ok].cpu(), out_dir / "latent_scaling.png",
+                        title=f"Latent Scaling of chat-only latents ({label})")
 if models is not None and len(base_only):
     ls_base = latent_scaling(cc, scaled_batches(), base_only, direction_model=0)
     summary["latent_scaling_base_only"], _ = scaling_summary(ls_base, base_only)
@@ -354,12 +365,13 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
     shown = probed[rel[probed].argsort(descending=True)][:N_EXAMPLE_LATENTS]
     values, seqs, positions = (t[shown] for t in top_all)
     page = examples_html(models[1].to_str_tokens, tokens, shown.tolist(), values, seqs, positions,
-                         title=f"Top activations of {summary['latent_scaling']['selection']} latents")
+                         title=f"Top activations of {summary['latent_scaling']['selection']} latents ({label})")
     (out_dir / "chat_only_examples.html").write_text(page)
     if is_chat is not None:  # the toy pair, a mix: which of those top contexts are chat transcripts?
         hit = values > 0
         summary["top_examples_in_transcripts"] = float(is_chat[seqs][hit].float().mean()) if hit.any() else None
-        print(f"top examples of chat-only latents inside chat transcripts: {summary['top_examples_in_transcripts']:.1%}")
+        print("top examples of chat-only latents inside chat transcripts: " + (
+            f"{summary['top_examples_in_transcripts']:.1%}" if hit.any() else "none (no latent shown fired)"))
     if in_notebook():
         from IPython.display import HTML, display
 
@@ -378,14 +390,15 @@ for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probe
         nu_e, nu_r = result["nu_error"], result["nu_reconstruction"]
         for j, e, r, ok in zip(latents_J.tolist(), nu_e.tolist(), nu_r.tolist(), is_model_specific(nu_e, nu_r).tolist()):
             scaling[j] = (e, r, name, ok)
-info = {"checkpoint": summary["checkpoint"], "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
+info = {"checkpoint": label, "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
 if models is not None:
     write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE,
                     harvest=harvest)
 else:
     write_dashboard(out_dir / "dashboard.html", cc, scaling=scaling, info=info)
-print(f"dashboard: open {out_dir / 'dashboard.html'} in a browser")
+print(f"dashboard: open {final_dir / 'dashboard.html'} in a browser")
 
 # %%
 (out_dir / "summary.txt").write_text(json.dumps(summary, indent=2, default=str))
-print(f"analysis written to {out_dir}: " + ", ".join(sorted(p.name for p in out_dir.iterdir())))
+swap_in(out_dir, final_dir)  # the whole analysis at once
+print(f"analysis of {label} written to {final_dir}: " + ", ".join(sorted(p.name for p in final_dir.iterdir())))

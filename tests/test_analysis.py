@@ -310,3 +310,34 @@ def test_importing_the_notebook_refuses_instead_of_running_the_analysis(tmp_path
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "ImportError: analysis.py is a notebook and a script" in out.stderr, out.stderr
     assert "crossdiff.diffing" in out.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_a_stopped_analysis_leaves_the_previous_one_whole_and_every_output_names_its_checkpoint(tmp_path):
+    """analysis.py writes beside analysis/ and swaps the folder in at the end: a second analysis
+    that fails before its dashboard (here: write_dashboard raises) changes no file of the first
+    one's. summary.txt names the checkpoint, its file index and its step; so does the dashboard."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cc = CrossCoder(tiny_cfg(tmp_path, preset="gemma", normalisation_factor=[0.3, 0.25]))
+    cc.save(step=7)
+    version = tmp_path / "checkpoints" / "version_0"
+    assert run_script("analysis.py", "--checkpoint", str(version), timeout=300).returncode == 0
+    analysis = version / "analysis"
+    summary = json.loads((analysis / "summary.txt").read_text())
+    assert (summary["checkpoint"], summary["checkpoint_index"], summary["step"]) == (str(version), 0, 7)
+    assert "version_0 #0, step 7" in (analysis / "dashboard.html").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in analysis.iterdir()}
+    cc.save(step=9)  # checkpoint 1
+    probe = ("import runpy, sys; import crossdiff.diffing.dashboard as d\n"
+             "def fail(*a, **k): raise RuntimeError('stopped')\n"
+             f"d.write_dashboard = fail; sys.argv = ['analysis.py', '--checkpoint', {str(version)!r}]\n"
+             "runpy.run_path('analysis.py', run_name='__main__')\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "RuntimeError: stopped" in out.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in analysis.iterdir()} == before
+    assert run_script("analysis.py", "--checkpoint", str(version), timeout=300).returncode == 0
+    assert json.loads((analysis / "summary.txt").read_text())["checkpoint_index"] == 1
