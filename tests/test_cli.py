@@ -84,3 +84,18 @@ def test_layer_is_the_residual_hook_entering_that_block_and_a_layer_beyond_the_m
     check_against_model(build_cfg(["--layer", "18", "--d_in", "640"])[0], gemma3_270m)  # the last block's output
     with pytest.raises(ConfigError, match=r"beyond the model: it has 18 layers \(--layer 0 to 18\)"):
         check_against_model(build_cfg(["--layer", "19", "--d_in", "640"])[0], gemma3_270m)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--preset", "toy", "--dataset", "/does/not/exist.pt"], "the toy preset trains on its own pair's text"),
+    (["--sweep", "l1_coeff=1,2", "--sweep", "lr=1e-4,1e-3"], "--sweep is given twice"),
+    (["--l1_coeff", "1", "--l1_coeff", "2"], r"--l1_coeff is given twice \('1', then '2'\)"),
+    (["--preset", "toy", "--preset", "gemma"], "--preset is given twice"),
+])
+def test_a_value_that_would_be_ignored_or_overwritten_is_refused(argv, message):
+    """What the command line would drop silently is an error naming it: a dataset the toy preset
+    never reads, a second --sweep (it replaced the first), a key or flag given twice."""
+    from crossdiff.config.cli import build_cfg
+
+    with pytest.raises(ConfigError, match=message):
+        build_cfg(argv)

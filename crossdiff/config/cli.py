@@ -66,7 +66,7 @@ def parse_overrides(argv, cfg, flags=("preset", "resume"), switches=()):
     pairs to a copy of cfg, each value parsed to its key's type. Returns (cfg, extras): extras
     holds the script's own flags (not config keys) as strings, its switches (flags without a
     value) as True, and "help": True for --help or -h."""
-    cfg, extras = dict(cfg), {}
+    cfg, extras, seen = dict(cfg), {}, {}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -80,6 +80,9 @@ def parse_overrides(argv, cfg, flags=("preset", "resume"), switches=()):
             if not args:
                 raise ConfigError(f"--{key} needs a value")
             value = args.pop(0)
+        if key in seen:  # the last would silently win
+            raise ConfigError(f"--{key} is given twice ({seen[key]!r}, then {value!r}): give it once")
+        seen[key] = value
         if key in flags:
             extras[key] = value
         else:
@@ -146,6 +149,8 @@ def split_sweep(argv):
     while words:
         word = words.pop(0)
         if word == "--sweep" or word.startswith("--sweep="):
+            if specs is not None:  # a second --sweep would replace the first
+                raise ConfigError("--sweep is given twice: name every axis in one --sweep (--sweep a=1,2 b=3,4)")
             specs = [word.partition("=")[2]] if "=" in word else []
             while words and not words[0].startswith("--"):
                 specs.append(words.pop(0))
@@ -198,6 +203,9 @@ def build_cfg(argv, base_cfg=DEFAULTS, flags=None, usage=TRAIN_USAGE, switches=(
         extras["resume_overrides"] = changed
         cfg = dict(saved, **changed)
     else:
+        if extras.get("preset") == "toy" and "dataset" in given:
+            raise ConfigError("the toy preset trains on its own pair's text: --dataset would not be read (drop it, or "
+                              "choose another preset)")
         cfg = complete_cfg(dict(given, preset=extras.get("preset", "gemma")), base_cfg, validate=False)
     cfg = Config(validate_cfg(cfg))  # derived keys (normalisation_factor, preset) are skipped by the validator
     if extras.get("sweep"):
