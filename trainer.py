@@ -437,4 +437,5 @@ class Trainer:
         except NonFiniteError as e:
             print(f"not saving after {reason}: {e}")
         except OSError as e:
-            print(f"could not save a checkpoint after {reason} ({e}); the previous ones are intact")
+            print(f"could not save a checkpoint after {reason} ({e}); the last good checkpoint is {self._last_good()}",
+                  flush=True)

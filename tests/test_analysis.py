@@ -119,7 +119,7 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
     written = {p.name for p in analysis_dir.iterdir()}
     assert {"relative_norm_histogram.png", "shared_cosine_histogram.png", "latent_scaling.png",
             "chat_only_examples.html", "dashboard.html", "summary.txt"} <= written
-    assert "loss recovered" in out.stdout and "analysis written to" in out.stdout
+    assert "loss recovered" in out.stdout and re.search(r"analysis of version_0 #\d+, step \d+ written to", out.stdout)
     summary = json.loads((analysis_dir / "summary.txt").read_text())
     r = summary["reconstruction"]
     assert 0.8 < r["explained_variance"] <= 1 and 10 < r["l0"] < 300 and r["tokens"] == 8457 * 31

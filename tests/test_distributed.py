@@ -299,3 +299,39 @@ def test_the_flat_all_reduce_ends_on_the_weights_distributed_data_parallel_gives
     assert {"none", "flat", "ddp", "hooks"} <= set(lines) and "ms/step" in lines["ddp"]
     for other in ("ddp", "hooks"):
         assert float(lines[f"flat vs {other}"].rsplit(" ", 1)[1]) <= 1e-6, lines[f"flat vs {other}"]
+
+
+def test_a_full_disk_under_torchrun_stops_every_rank_within_seconds_naming_the_disk(tmp_path, toy_run):
+    """A disk that takes no file larger than 64 KiB (RLIMIT_FSIZE: writes past it fail with EFBIG,
+    as ENOSPC on a full disk; torch.save reports either as a RuntimeError): the first checkpoint
+    fails on both ranks, every rank stops and torchrun exits non-zero within seconds, saying
+    which file could not be written, how full its disk is, and that no checkpoint is good."""
+    import resource
+    import time
+
+    _, _, data = toy_run
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+        os.setsid()
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", CUDA_VISIBLE_DEVICES="")
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", "train.py", "--preset", "toy", "--num_tokens",
+                             str(512 * 400), "--save_every", "10", "--data_dir", str(data), "--checkpoint_dir",
+                             str(tmp_path / "ckpt"), "--wandb_mode", "disabled"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=small_disk)
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise AssertionError("torchrun hung on a full disk (killed after 150 s)")
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    said = out + err
+    assert "could not write" in said and "its disk has" in said and "MiB free" in said, said[-3000:]
+    assert "the last good checkpoint is none" in said
+    ours = [line for line in err.splitlines() if line.strip().startswith("File ") and "site-packages" not in line
+            and "<frozen" not in line]
+    assert not ours, ours  # a message, not our traceback (torchrun prints its own on any failed worker)

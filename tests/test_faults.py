@@ -21,8 +21,8 @@ from crossdiff.io.checkpoint import CheckpointError, complete_checkpoints, lates
 from train import default_cfg
 from trainer import NonFiniteError, Trainer
 
-TOY_ARGS = ["--preset", "toy", "--num_tokens", "150000", "--save_every", "20", "--wandb_mode", "disabled",
-            "--progress", "false"]
+TOY_ARGS = ["--preset", "toy", "--wandb_mode", "disabled", "--progress", "false"]
+SHORT = ["--num_tokens", "150000", "--save_every", "20"]
 
 
 def start_train(*args):
@@ -49,13 +49,13 @@ def final_weights(version_dir):
 # ------------------------------------------------------------------ kills and interrupts
 def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(toy_run, tmp_path):
     _, _, data = toy_run
-    straight = run_script("train.py", *TOY_ARGS, "--data_dir", str(data), "--checkpoint_dir", str(tmp_path / "a"))
+    straight = run_script("train.py", *TOY_ARGS, *SHORT, "--data_dir", str(data), "--checkpoint_dir", str(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-2000:]
     expected = final_weights(tmp_path / "a" / "version_0")
 
     version_dir = tmp_path / "b" / "version_0"
     rng = random.Random(0)
-    proc = start_train(*TOY_ARGS, "--data_dir", str(data), "--checkpoint_dir", str(tmp_path / "b"))
+    proc = start_train(*TOY_ARGS, *SHORT, "--data_dir", str(data), "--checkpoint_dir", str(tmp_path / "b"))
     for kill in range(2):  # each resume starts a process (seconds of imports): two kills
         wait_for_checkpoint(version_dir, proc)
         time.sleep(rng.uniform(0.0, 1.5))

@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import pytest
@@ -40,6 +41,8 @@ def test_two_processes_harvest_the_store_one_process_harvests(tmp_path, two_rank
     finally:
         torch.set_num_threads(threads)
     one, two = (json.loads((stores[d] / "meta.json").read_text()) for d in ("one", "two"))
+    for meta in (one, two):  # each record's own hash (it covers harvested_by, so the two differ)
+        assert meta.pop("record_sha256") == hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
     assert two.pop("harvested_by") == 2 and one.pop("harvested_by") == 1 and one == two
     assert one["shard_sequences"] == [8] * 6 + [2]
     for i in range(7):

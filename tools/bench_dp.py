@@ -113,8 +113,12 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv):
     try:
-        sys.exit(main(sys.argv[1:]))
+        return main(argv)
     except ConfigError as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":  # a torchrun worker leaves through distributed.exit_process
+    distributed.run_script(cli, sys.argv[1:])

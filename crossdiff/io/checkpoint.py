@@ -6,6 +6,7 @@ written last: its presence marks checkpoint k complete; it records the training 
 training, {k}_trainer.pt (and {k}_trainer_rank{r}.pt for each further data-parallel rank). Every
 other file asks this one.
 """
+import errno
 import functools
 import hashlib
 import json
@@ -271,10 +272,25 @@ def _atomic_write(path, write_fn):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        # torch.save reports a full disk (ENOSPC) as a RuntimeError ("unexpected pos ..."): every
+        # failed write is one OSError here, naming the file and its disk, that the callers catch.
+        if isinstance(e, (RuntimeError, OSError)):
+            raise write_error(path, e) from None
         raise
+
+
+def write_error(path, e):
+    """An OSError naming the file that could not be written, its disk and how full it is."""
+    try:
+        usage = shutil.disk_usage(Path(path).parent)
+        free = f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**30:,.1f} GiB"
+    except OSError:
+        free = "free space unknown"
+    return OSError(getattr(e, "errno", None) or errno.EIO,
+                   f"could not write {path} ({type(e).__name__}: {e}); its disk has {free}")
 
 
 def atomic_torch_save(obj, path):

@@ -142,8 +142,7 @@ def run_script(cli, argv):
     if not launched():
         return cli(argv)
     try:
-        cli(argv)
-        code = 0
+        code = cli(argv) or 0
     except SystemExit as e:
         code = e.code
     exit_process(code)
