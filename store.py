@@ -31,6 +31,8 @@ def main(argv):
     if cfg["store_dir"] is None:
         sys.exit(usage + " (--help: every key)")
     library_progress(cfg["progress"])
+    # The process group first: one process per machine builds what the preset needs (prepare_models)
+    cfg["device"] = distributed.setup(cfg["device"]) if distributed.launched() else cfg["device"]
     prepare_models(cfg)  # d_in and the hook from the models' configs (the store's size needs them)
     n = sequences_for_any_world_size(cfg)
     size = f"{n:,} sequences, {store_bytes(cfg, n) / 1e9:,.1f} GB, into {cfg['store_dir']} " \
@@ -38,7 +40,6 @@ def main(argv):
     if "dry_run" in extras:
         print(f"the store at this config: {size}")
         return
-    cfg["device"] = distributed.setup(cfg["device"]) if distributed.launched() else cfg["device"]
     cfg["device"] = resolve_device(cfg["device"])
     build(cfg)
     if distributed.is_main():

@@ -3,7 +3,6 @@
 Shape legend: N sequences, S seq_len.
 """
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -81,24 +80,9 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
         if cache.is_file():
             return load_tokens(cache, cfg, column, split)
         # Under torchrun one process per machine downloads and converts (3.9 GB for the reference's
-        # dataset, minutes: longer than a collective's timeout); the others wait for its cache
-        # file, or for the note of its failure.
-        failed_note = cache.with_name(cache.name + ".failed")
-        if distributed.is_local_main():
-            failed_note.unlink(missing_ok=True)  # a previous run's
-        distributed.barrier()
-        if distributed.is_local_main():
-            try:
-                _download_tokens(source, cache, column, split)
-            except (SetupError, DataError, OSError) as e:
-                failed_note.parent.mkdir(parents=True, exist_ok=True)
-                failed_note.write_text(str(e))
-                raise
-        else:
-            while not cache.is_file():
-                if failed_note.is_file():
-                    raise SetupError(f"the dataset {source} could not be converted: {failed_note.read_text()}")
-                time.sleep(1)
+        # dataset, minutes: longer than a collective's timeout); the others wait for its cache.
+        distributed.build_once(lambda: cache.is_file() or _download_tokens(source, cache, column, split), cache,
+                               f"downloading the dataset {source}")
         return load_tokens(cache, cfg, column, split)
     if tokens.ndim != 2 or tokens.shape[0] == 0:
         raise DataError(f"{source}: tokens must be a non-empty [n_sequences, seq_len] tensor, got shape {tuple(tokens.shape)}")
@@ -162,12 +146,9 @@ def load_models_and_tokens(cfg, fresh=True):
     prepare_models, checked against each other (context, vocabulary). fresh (not a resume): the
     tokens are checked for enough sequences before any model loads."""
     if cfg["preset"] == "toy":
-        if not distributed.is_main():
-            distributed.barrier()  # rank 0 builds (or reads) the cached pair first
-        base, chat, tokens, _ = build_toy_pair(cfg)
+        base, chat, tokens, _ = distributed.build_once(lambda: build_toy_pair(cfg), data_dir(cfg) / ".toy_pair",
+                                                       "building the toy pair")
         models = [base, chat]
-        if distributed.is_main():
-            distributed.barrier()
     else:
         if is_mix(cfg["dataset"]):
             check_mix_tokenizer(cfg["dataset"], cfg["model_names"])

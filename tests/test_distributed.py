@@ -335,3 +335,37 @@ def test_a_full_disk_under_torchrun_stops_every_rank_within_seconds_naming_the_d
     ours = [line for line in err.splitlines() if line.strip().startswith("File ") and "site-packages" not in line
             and "<frozen" not in line]
     assert not ours, ours  # a message, not our traceback (torchrun prints its own on any failed worker)
+
+
+_SLOW_BUILD = '''
+import sys, time, pathlib
+sys.path.insert(0, {repo!r})
+from crossdiff.scale import distributed
+distributed.setup("cpu", timeout_s=2)  # a collective gives up after 2 s
+out = pathlib.Path({out!r})
+def build():
+    if not (out / "built").is_file():
+        if {fail}:
+            raise RuntimeError("the fake build broke")
+        time.sleep(6)  # three times the collective timeout
+        (out / "built").write_text(f"by rank {{distributed.rank()}}")
+    return (out / "built").read_text()
+print(f"rank {{distributed.rank()}} has the build {{distributed.build_once(build, out / '.flag', 'the fake build')}}")
+distributed.teardown()
+'''
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_one_process_builds_while_the_others_wait_past_the_collective_timeout(tmp_path, fail):
+    """distributed.build_once, as the offline pair's ~20-minute build and the dataset download use
+    it: rank 0 builds for 6 s under a 2 s collective timeout (a barrier there timed out) and rank
+    1 waits, then reads what rank 0 built; a failed build ends both ranks with the builder's error."""
+    script = tmp_path / "slow_build.py"
+    script.write_text(_SLOW_BUILD.format(repo=str(REPO), out=str(tmp_path), fail=fail))
+    out = torchrun(str(script), timeout=120)
+    if fail:
+        assert out.returncode != 0 and "the fake build broke" in out.stdout + out.stderr
+        assert not (tmp_path / "built").exists()
+        return
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(out.stdout.split("\n"))[1:] == ["rank 0 has the build by rank 0", "rank 1 has the build by rank 0"]

@@ -38,7 +38,7 @@ import torch
 from crossdiff.config.cli import build_cfg
 from crossdiff.config.plan import sequences_needed
 from crossdiff.config.schema import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError, data_tokens, hook_layer
-from crossdiff.io.checkpoint import data_dir
+from crossdiff.io.checkpoint import data_dir, staging_dir, swap_in
 from crossdiff.scale import distributed
 from crossdiff.sources.mix import alternate, build_mix, is_mix, vocab_hash
 from crossdiff.sources.models import default_hook, gguf_to_transformers, read_hf_config, tokenizer_of
@@ -336,16 +336,20 @@ def build_pair(cfg):
         anchor_texts, mix_texts = split_bible(cfg)
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
         recipe = RECIPES[cfg["partner_recipe"]]
+        # Built beside chat_dir and swapped in with its report: config.json (what marks it built)
+        # appears only once the partner is whole.
+        work = staging_dir(chat_dir, r".*")
         with timed(f"fine-tuning the chat partner (recipe {cfg['partner_recipe']}: {recipe['steps']} steps of "
                    f"{FT_BATCH} conversations)"):
             # the even conversations fine-tune; the odd ones go to the mix
-            first, last = finetune_chat(base_dir, tokenizer, conversations[0::2], chat_dir, anchor_texts=anchor_texts,
+            first, last = finetune_chat(base_dir, tokenizer, conversations[0::2], work, anchor_texts=anchor_texts,
                                         seed=cfg["seed"], progress=cfg["progress"], **recipe)
         print(f"[{NAME}] fine-tune loss on the model's turns: {first:.3f} (first 5 steps) -> {last:.3f} (last 5)")
         layer = hook_layer(default_hook(read_hf_config(base_dir)["num_hidden_layers"]))
         with timed("comparing the partner with the base"):
-            report = partner_report(base_dir, chat_dir, tokenizer, conversations[1::2], mix_texts, layer)
-        (chat_dir / "partner_report.json").write_text(json.dumps(report, indent=1))
+            report = partner_report(base_dir, work, tokenizer, conversations[1::2], mix_texts, layer)
+        (work / "partner_report.json").write_text(json.dumps(report, indent=1))
+        swap_in(work, chat_dir)
         print(format_partner_report(report, layer), flush=True)
     return base_dir, chat_dir
 
@@ -373,15 +377,19 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
 
 def prepare(cfg):
     """The config with what realpair builds in place of the preset's names: the built pair
-    (config.BUILT_PAIRS) and the PYPI_MIX dataset. Under torchrun rank 0 builds first."""
+    (config.BUILT_PAIRS) and the PYPI_MIX dataset, built once per machine (distributed.build_once)."""
     built = list(cfg["model_names"]) == list(BUILT_PAIRS.get(cfg["preset"], ()))
     if cfg["store_dir"] == PAIR_STORE and not (built and cfg["dataset"] == PYPI_MIX):
         raise ConfigError(f"store_dir {PAIR_STORE} names the store of the pair and the mix pairs/realpair.py builds "
                           f"(--preset {NAME}, dataset {PYPI_MIX}); give a directory instead")
     if not built and cfg["dataset"] != PYPI_MIX:
         return cfg
-    if not distributed.is_main():
-        distributed.barrier()
+    # One process per machine builds (about 20 minutes the first time), the others wait for it.
+    return distributed.build_once(lambda: _prepared(cfg, built), cache_root(cfg).parent / ".prepare",
+                                  f"building the {NAME} pair and mix")
+
+
+def _prepared(cfg, built):
     out = dict(cfg)
     if built:
         base_dir, chat_dir = build_pair(cfg)
@@ -390,8 +398,6 @@ def prepare(cfg):
         out["dataset"] = str(build_pypi_mix(out))
     if cfg["store_dir"] == PAIR_STORE:  # named after what it holds: the partner and the mix
         out["store_dir"] = str(cache_root(cfg) / f"acts-{Path(out['model_names'][1]).name}-{Path(out['dataset']).name}")
-    if distributed.is_main():
-        distributed.barrier()
     return out
 
 

@@ -25,6 +25,7 @@ Shape legend: B batch (one data group's rows), M models, D d_in, F latents, f = 
 import datetime
 import os
 import sys
+import time
 from typing import NamedTuple
 
 import torch
@@ -243,6 +244,38 @@ def broadcast(obj):
 def barrier():
     if world_size() > 1:
         dist.barrier(group=_control)
+
+
+def build_once(build, flag, what, poll_s=1.0):
+    """build() in one process per machine (the local main) while the others poll the file system
+    for its end, with no timeout: a build can outlast any collective's (the offline real pair takes
+    ~20 minutes; a barrier gives up after setup's timeout_s). The others then call build() too, so
+    it must only read what a finished build left. flag: a path for the notes `flag`.PORT.done and
+    .failed (PORT: this job's MASTER_PORT, so that two jobs on one machine keep theirs apart); a
+    waiting process whose builder failed exits naming `what` (the builder prints the error)."""
+    if world_size() == 1:
+        return build()
+    job = os.environ.get("MASTER_PORT", "0")
+    done, failed = (flag.with_name(f"{flag.name}.{job}{end}") for end in (".done", ".failed"))
+    if is_local_main():  # an earlier run's notes go before anyone looks for them
+        done.unlink(missing_ok=True)
+        failed.unlink(missing_ok=True)
+    barrier()
+    if is_local_main():
+        try:
+            result = build()
+        except BaseException as e:
+            failed.parent.mkdir(parents=True, exist_ok=True)
+            failed.write_text(f"{type(e).__name__}: {e}")
+            raise
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.touch()
+        return result
+    while not done.is_file():
+        if failed.is_file():
+            sys.exit(f"error: {what} failed in the first process of this machine: {failed.read_text()}")
+        time.sleep(poll_s)
+    return build()
 
 
 class Mesh(NamedTuple):

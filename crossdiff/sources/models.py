@@ -18,7 +18,7 @@ import torch
 
 from crossdiff.config.plan import check_against_model
 from crossdiff.config.schema import ConfigError, layers_needed
-from crossdiff.io.checkpoint import data_dir
+from crossdiff.io.checkpoint import data_dir, staging_dir, swap_in
 
 REFERENCE_DEPTH = (14, 26)  # the reference diffs blocks.14.hook_resid_pre of Gemma-2-2b's 26 layers
 
@@ -88,11 +88,10 @@ def gguf_to_transformers(path, out_dir, chat_template=None):
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)  # complete or absent
-    return out_dir
+    work = staging_dir(out_dir, r".*")  # beside out_dir, swapped in whole: complete or absent
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+    return swap_in(work, out_dir)
 
 
 def local_dir(name, cfg=None):
