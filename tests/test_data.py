@@ -123,6 +123,50 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         read_documents(bad, "chat")
 
 
+def test_a_bad_jsonl_row_is_an_error_naming_its_file_and_line(tmp_path):
+    """Each fault a jsonl file can have is a DataError naming the file and the line (line 3: line
+    2 is blank), not a JSONDecodeError, KeyError or the tokenizer's TypeError."""
+    good = json.dumps({"text": "the cat sat"})
+    faults = {"{not json": "not valid JSON", "[1, 2]": "expected a JSON object",
+              json.dumps({"body": "the cat"}): "no 'text' \\(this row has \\['body'\\]\\)",
+              json.dumps({"text": None}): "column 'text' must hold strings, found None"}
+    for line, said in faults.items():
+        path = tmp_path / "docs.jsonl"
+        path.write_text(f"{good}\n\n{line}\n{good}\n")
+        with pytest.raises(DataError, match=f"^{path}:3: {said}"):
+            read_documents(path, "text")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": None}]}) + "\n")
+    with pytest.raises(DataError, match=f"^{chat}:1: column 'messages' must hold lists of"):
+        read_documents(chat, "chat")
+
+
+def test_packing_keeps_int32_chunks_and_stops_reading_once_the_rows_are_filled():
+    """pack on 50,000 documents of 4 ids (each above 256: CPython caches smaller ints) with
+    chunks of 1,000 tokens: the rows equal the slices of the concatenated stream (computed here),
+    Python objects at the peak stay under 1 MB (a list of the 250,000 ids is ~9 MB), and asking
+    for 10 rows reads 10 documents of the generator, not all of them."""
+    import tracemalloc
+
+    def docs(n, seen):
+        for i in range(n):
+            seen[0] = i + 1
+            yield [1000 + i, 2000 + i, 3000 + i, 4000 + i]
+
+    stream = [t for i in range(50_000) for t in (1000 + i, 2000 + i, 3000 + i, 4000 + i, 7)]
+    want = torch.tensor(stream[: len(stream) // 15 * 15], dtype=torch.int32).view(-1, 15)
+    del stream
+    seen = [0]
+    tracemalloc.start()
+    rows = pack(docs(50_000, seen), seq_len=16, bos_id=1, eos_id=7, chunk_tokens=1000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert torch.equal(rows[:, 1:], want) and (rows[:, 0] == 1).all() and peak < 1e6, peak
+    seen = [0]
+    assert torch.equal(pack(docs(50_000, seen), seq_len=16, bos_id=1, eos_id=7, max_rows=10, chunk_tokens=1000),
+                       rows[:10]) and seen[0] == 30  # 10 rows of 15 = 150 tokens = 30 documents of 5
+
+
 def test_text_files_and_directories_are_documents_and_the_command_line_builds_a_mix(tmp_path, capsys):
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)

@@ -76,8 +76,9 @@ def read_documents(path, kind, column=None, split="train"):
             raise DataError(f"{path}: no text files ({', '.join(TEXT_SUFFIXES)})")
         return [f.read_text(encoding="utf-8", errors="replace") for f in files]
     if p.is_file() and p.suffix == ".jsonl":
-        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-        columns = set().union(*(r.keys() for r in rows)) if rows else set()
+        rows, lines = _jsonl_rows(p)
+        where = lambda i: f"{path}:{lines[i]}"  # noqa: E731 (a row's line)
+        columns = set().union(*rows)
     else:
         import datasets
 
@@ -89,17 +90,44 @@ def read_documents(path, kind, column=None, split="train"):
             rows = datasets.load_dataset(str(path), split=split)
         if isinstance(rows, datasets.DatasetDict):
             rows = rows[split]
-        columns = set(rows.column_names)
+        columns, where = set(rows.column_names), lambda i: f"{path}, row {i}"
+    hint = "chat data is a list of {role, content} messages" if kind == "chat" else "give --text_column"
     if column not in columns:
-        raise DataError(f"{path}: no {column!r} column (columns: {sorted(columns)}); "
-                        f"{'chat data is a list of {role, content} messages' if kind == 'chat' else 'give --text_column'}")
-    docs = [r[column] for r in rows]
-    if kind == "chat":
-        bad = next((d for d in docs if not (isinstance(d, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m)
-                                                                        for m in d))), None)
-        if bad is not None:
-            raise DataError(f"{path}: column {column!r} must hold lists of {{role, content}} messages, found {str(bad)[:80]}")
+        raise DataError(f"{path}: no {column!r} column (columns: {sorted(columns)}); {hint}")
+    docs = []
+    for i, r in enumerate(rows):
+        if column not in r:
+            raise DataError(f"{where(i)}: no {column!r} (this row has {sorted(r)}); {hint}")
+        d = r[column]
+        if kind == "text" and not isinstance(d, str) or kind == "chat" and not _is_conversation(d):
+            want = "strings" if kind == "text" else "lists of {role, content} messages (each content a string)"
+            raise DataError(f"{where(i)}: column {column!r} must hold {want}, found {str(d)[:80]}")
+        docs.append(d)
     return docs
+
+
+def _jsonl_rows(p):
+    """(the objects of a jsonl file, one a line, their line numbers): blank lines are skipped, a
+    line that is not a JSON object is a DataError naming it."""
+    rows, lines = [], []
+    with open(p, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{p}:{i + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{p}:{i + 1}: expected a JSON object, found {type(row).__name__}")
+            rows.append(row)
+            lines.append(i + 1)
+    return rows, lines
+
+
+def _is_conversation(d):
+    return isinstance(d, list) and all(isinstance(m, dict) and {"role", "content"} <= set(m)
+                                       and isinstance(m["content"], str) for m in d)
 
 
 def _is_dataset_dir(p):
@@ -112,35 +140,47 @@ def alternate(turns):
 
 
 # ---------------------------------------------------------------- tokenising and packing
-def encode_documents(tokenizer, docs, kind):
-    """Token ids of each document: text as it is, conversations through the chat template. The
-    BOS a template writes is dropped (the packer puts one at the start of each row)."""
-    if kind == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no chat template: chat data cannot be "
-                            "rendered (use the chat model's tokenizer, e.g. the -it / -Instruct one)")
-        texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in docs]
-    else:
-        texts = docs
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+def encode_documents(tokenizer, docs, kind, batch=1024):
+    """Token ids of each document, an iterator that tokenises `batch` documents at a time (the
+    ids of a whole corpus as Python lists cost ~36 bytes a token): text as it is, conversations
+    through the chat template. The BOS a template writes is dropped (the packer puts one at the
+    start of each row)."""
+    if kind == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no chat template: chat data cannot be "
+                        "rendered (use the chat model's tokenizer, e.g. the -it / -Instruct one)")
     bos = tokenizer.bos_token_id
-    return [x[1:] if bos is not None and x[:1] == [bos] else x for x in ids]
+
+    def ids():
+        for start in range(0, len(docs), batch):
+            part = docs[start:start + batch]
+            texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in part] if kind == "chat" else part
+            for x in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+                yield x[1:] if bos is not None and x[:1] == [bos] else x
+    return ids()
 
 
-def pack(docs_ids, seq_len, bos_id=None, eos_id=None, max_rows=None):
+def pack(docs_ids, seq_len, bos_id=None, eos_id=None, max_rows=None, chunk_tokens=1 << 20):
     """Rows [n, seq_len] of one source: the documents concatenated, each followed by eos_id (when
     given), cut into rows that each start with bos_id (when given). The tail that does not fill
-    a row is dropped."""
+    a row is dropped. The stream is kept as int32 chunks of chunk_tokens, and reading stops once
+    max_rows are filled: memory is ~4 bytes a token kept."""
     body = seq_len - (bos_id is not None)
-    stream = []
+    limit = None if max_rows is None else max_rows * body
+    chunks, pending, n_tokens = [], [], 0
     for ids in docs_ids:
-        stream.extend(ids)
+        pending.extend(ids)
         if eos_id is not None:
-            stream.append(eos_id)
-    n = len(stream) // body
-    if max_rows is not None:
-        n = min(n, max_rows)
-    rows = torch.tensor(stream[: n * body], dtype=torch.int32).view(n, body)
+            pending.append(eos_id)
+        if len(pending) >= chunk_tokens or limit is not None and n_tokens + len(pending) >= limit:
+            chunks.append(torch.tensor(pending, dtype=torch.int32))
+            n_tokens += len(pending)
+            pending = []
+            if limit is not None and n_tokens >= limit:
+                break
+    chunks.append(torch.tensor(pending, dtype=torch.int32))
+    stream = torch.cat(chunks)
+    n = len(stream) // body if limit is None else min(len(stream) // body, max_rows)
+    rows = stream[: n * body].view(n, body)
     if bos_id is not None:
         rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.int32), rows], dim=1)
     return rows
@@ -169,8 +209,9 @@ def build_mix(tokenizer, sources, seq_len, num_tokens, out_dir, bos="auto", held
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
     bos_id, n_rows = bos_for(tokenizer, bos), -(-num_tokens // seq_len)
     parts, records = [], []
-    for i, s in enumerate(sources):  # every source is read and rendered before any is packed
-        docs = read_documents(s["path"], s["kind"], s.get("column"))
+    # Every source is read and checked before any is tokenised (as it is packed).
+    documents = [read_documents(s["path"], s["kind"], s.get("column")) for s in sources]
+    for s, docs in zip(sources, documents):
         want = round(s["fraction"] * n_rows)
         rows = pack(encode_documents(tokenizer, docs, s["kind"]), seq_len, bos_id, tokenizer.eos_token_id, want)
         if len(rows) < want:
