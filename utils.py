@@ -59,7 +59,11 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
     elif is_mix(source):  # data.py's: training reads its train split (the rest is held out)
         tokens = load_mix(source, split="train")[0]
     elif Path(str(source)).is_file():
-        tokens = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            tokens = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (a truncated or foreign file raises whatever the unpickler meets)
+            raise DataError(f"{source}: cannot read it as a token tensor ({type(e).__name__}: {e}); a .pt dataset "
+                            "holds one int tensor [n_sequences, seq_len] saved by torch.save") from None
         if not isinstance(tokens, torch.Tensor):
             raise DataError(f"{source}: expected a token tensor, found {type(tokens).__name__}")
     elif Path(str(source)).is_dir():

@@ -42,6 +42,22 @@ def test_a_config_the_models_cannot_run_is_refused_before_any_weights_load(tmp_p
         resolve_model_keys(complete_cfg({"model_names": [a, a], "seq_len": 128, **change}))
 
 
+def test_a_config_without_its_layers_or_a_directory_without_a_config_is_named(tmp_path):
+    """A config.json without num_hidden_layers is a SetupError naming the file and the key (a
+    KeyError before); a directory that is no model says it lacks config.json in one line (it
+    printed TransformerLens's 15 KB list of model names)."""
+    a = write_config(tmp_path / "a")
+    hf = json.loads((tmp_path / "a" / "config.json").read_text())
+    del hf["num_hidden_layers"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(SetupError, match=f"{tmp_path / 'a' / 'config.json'} has no 'num_hidden_layers'"):
+        resolve_model_keys(complete_cfg({"model_names": [a, a], "seq_len": 128}))
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(SetupError, match=f"^{tmp_path / 'notes'} is a directory but not a model: it has no config.json") as e:
+        resolve_model_keys(complete_cfg({"model_names": [str(tmp_path / "notes")] * 2, "seq_len": 128}))
+    assert len(str(e.value)) < 300
+
+
 def test_models_of_different_widths_are_refused(tmp_path):
     a, b = write_config(tmp_path / "a"), write_config(tmp_path / "b", hidden_size=128)
     with pytest.raises(ConfigError, match="different widths"):

@@ -166,3 +166,23 @@ def test_a_damaged_shard_or_an_edited_record_is_refused_when_a_run_opens_the_sto
     (store / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(StoreError, match="meta.json.* was changed after the harvest"):
         ActivationStore(dict(cfg, verify_store=False), store)
+
+
+def test_a_truncated_shard_or_record_is_an_error_naming_the_file(tmp_path, models):
+    """A shard cut short (a disk that filled, a partial copy) is a StoreError naming it and both
+    sizes even with verify_store false (np.memmap raised a ValueError naming no file); a cut
+    meta.json is one naming meta.json."""
+    from crossdiff.sources.store import StoreError
+
+    cfg, store = dict(tiny_cfg(tmp_path), wrap_tokens=True, verify_store=False), tmp_path / "store"
+    harvest(cfg, list(models), random_tokens(20, 9), store, 20, shard_sequences=8)
+    shard = store / "shard_00002.bin"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(StoreError, match=f"{shard}: {size // 2:,} bytes, its record says {size:,}"):
+        ActivationStore(cfg, store)
+    meta = store / "meta.json"
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(StoreError, match=f"{meta}: cannot read the store's record"):
+        ActivationStore(cfg, store)

@@ -130,3 +130,12 @@ def test_a_token_mix_trains_on_its_train_split_and_is_refused_by_models_of_anoth
         check_mix_tokenizer(tmp_path / "mix", [str(tmp_path / "same"), str(tmp_path / "other")])
 
 
+
+
+def test_a_truncated_pt_dataset_is_an_error_naming_it(tmp_path):
+    """A .pt token file cut short is a DataError naming it (torch.load's RuntimeError named no file)."""
+    path = tmp_path / "t.pt"
+    torch.save(torch.randint(0, 100, (50, 7)), path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match=f"{path}: cannot read it as a token tensor"):
+        load_tokens(path)

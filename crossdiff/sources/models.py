@@ -108,7 +108,19 @@ def local_dir(name, cfg=None):
 
 # ---------------------------------------------------------------- architecture
 def read_hf_config(directory):
-    return json.loads((Path(directory) / "config.json").read_text())
+    """A model directory's config.json, or a SetupError naming it."""
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SetupError(f"{path}: cannot read the model's config ({type(e).__name__}: {e})") from None
+
+
+def _config_value(hf, key, directory):
+    if key not in hf:
+        raise SetupError(f"{Path(directory) / 'config.json'} has no {key!r}: it is not a transformers model config "
+                         "(save the model with save_pretrained), or give a GGUF file or a TransformerLens name")
+    return hf[key]
 
 
 def _shape(tl_cfg):
@@ -180,7 +192,11 @@ def model_facts(name, cfg=None, arch=None):
     if is_local(name):
         hf = read_hf_config(name)
         hf = hf.get("text_config", hf)
-        return hf["hidden_size"], hf["num_hidden_layers"], hf.get("max_position_embeddings", 2048)
+        return (_config_value(hf, "hidden_size", name), _config_value(hf, "num_hidden_layers", name),
+                hf.get("max_position_embeddings", 2048))
+    if Path(str(name)).is_dir():
+        raise SetupError(f"{name} is a directory but not a model: it has no config.json (a transformers model "
+                         "directory holds config.json, the weights and the tokenizer: save_pretrained writes them)")
     from transformer_lens.loading_from_pretrained import get_pretrained_model_config
 
     try:

@@ -96,10 +96,19 @@ def check_store_matches(cfg, meta, store_dir):
 
 
 def open_shards(store_dir, meta, rows_per_sequence):
-    """Read-only memory maps of a store's shards, each [n * R, M, D] of bf16 bits (int16)."""
-    return [np.memmap(shard_path(store_dir, i), dtype=np.int16, mode="r",
-                      shape=(n * rows_per_sequence, meta["n_models"], meta["d_in"]))
-            for i, n in enumerate(meta["shard_sequences"])]
+    """Read-only memory maps of a store's shards, each [n * R, M, D] of bf16 bits (int16); a
+    StoreError naming a shard that is missing or not the size its record says (truncated)."""
+    shards = []
+    for i, n in enumerate(meta["shard_sequences"]):
+        path, shape = shard_path(store_dir, i), (n * rows_per_sequence, meta["n_models"], meta["d_in"])
+        want = int(np.prod(shape)) * 2
+        got = path.stat().st_size if path.is_file() else None
+        if got != want:
+            raise StoreError(f"{path}: {'missing' if got is None else f'{got:,} bytes'}, its record says "
+                             f"{want:,} ({n} sequences of {rows_per_sequence} rows x {meta['n_models']} models x "
+                             f"{meta['d_in']}): the store is damaged; harvest it again")
+        shards.append(np.memmap(path, dtype=np.int16, mode="r", shape=shape))
+    return shards
 
 
 def read_rows(shards, meta, ids, rows_per_sequence):
