@@ -62,6 +62,7 @@ from crossdiff.diffing.measures import (
     latent_scaling,
     reconstruction_stats,
     scaling_summary,
+    share_in_transcripts,
     splice_in_loss,
     top_activating_examples,
 )
@@ -368,10 +369,9 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
                          title=f"Top activations of {summary['latent_scaling']['selection']} latents ({label})")
     (out_dir / "chat_only_examples.html").write_text(page)
     if is_chat is not None:  # the toy pair, a mix: which of those top contexts are chat transcripts?
-        hit = values > 0
-        summary["top_examples_in_transcripts"] = float(is_chat[seqs][hit].float().mean()) if hit.any() else None
-        print("top examples of chat-only latents inside chat transcripts: " + (
-            f"{summary['top_examples_in_transcripts']:.1%}" if hit.any() else "none (no latent shown fired)"))
+        share = summary["top_examples_in_transcripts"] = share_in_transcripts(is_chat, values, seqs)
+        print("top examples of chat-only latents inside chat transcripts: "
+              + ("none (no latent shown fired)" if share is None else f"{share:.1%}"))
     if in_notebook():
         from IPython.display import HTML, display
 

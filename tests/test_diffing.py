@@ -16,8 +16,20 @@ from crossdiff.diffing.measures import (
     norm_difference,
     rank_sum_order,
     reconstruction_stats,
+    share_in_transcripts,
     splice_in_loss,
 )
+
+
+def test_the_share_of_top_examples_in_transcripts_counts_only_examples_that_fired():
+    """Sequences 0 and 2 are transcripts: of the examples that fired (value > 0) three of four
+    sit in one; when none fired the share is None, which analysis.py says in words (formatting
+    it as a percentage raised a TypeError there, after the expensive passes)."""
+    is_chat = torch.tensor([True, False, True])
+    values = torch.tensor([[3.0, 1.0, 0.0], [2.0, 0.5, 0.0]])
+    seqs = torch.tensor([[0, 2, 1], [1, 0, 1]])
+    assert share_in_transcripts(is_chat, values, seqs) == 0.75
+    assert share_in_transcripts(is_chat, torch.zeros(2, 3), seqs) is None
 
 
 def test_a_latent_is_model_specific_when_both_ratios_are_small_in_absolute_value():

@@ -353,6 +353,13 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
     return (*out, counts_J.cpu()) if return_counts else out
 
 
+def share_in_transcripts(is_chat_N, values_JK, seqs_JK):
+    """Of the top examples that fired (value > 0; top_activating_examples pads with zeros), the
+    share whose sequence is a chat transcript; None when no example fired."""
+    hit = values_JK > 0
+    return float(is_chat_N[seqs_JK][hit].float().mean()) if hit.any() else None
+
+
 def scaling_summary(ls, latents_J):
     """latent_scaling's result ls over latents_J as the summary's numbers: how many have finite
     ratios, how many pass the chat-specific test, the medians, the ten most specific by rank sum;
