@@ -358,9 +358,9 @@ if models is not None and is_chat is not None:
 # ## What do the chat-only latents fire on?
 
 # %%
-top_all = fire_counts = None  # every latent's top examples and firing count (the dashboard shows them all)
+top_all = fire_counts = n_counted = None  # every latent's top examples and firing count (the dashboard shows them all)
 if models is not None:
-    *top_all, fire_counts = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"], device="cpu"), TOP_K_EXAMPLES,
+    *top_all, fire_counts, n_counted = top_activating_examples(cc, models, tokens, torch.arange(cfg["dict_size"], device="cpu"), TOP_K_EXAMPLES,
                                                     BATCH_SIZE, return_counts=True, harvest=harvest)
 if models is not None and len(probed):  # the chat-only class, or the effective chat-only latents
     shown = probed[rel[probed].argsort(descending=True)][:N_EXAMPLE_LATENTS]
@@ -393,7 +393,7 @@ for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probe
 info = {"checkpoint": label, "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
 if models is not None:
     write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE,
-                    harvest=harvest)
+                    harvest=harvest, n_tokens=n_counted)
 else:
     write_dashboard(out_dir / "dashboard.html", cc, scaling=scaling, info=info)
 print(f"dashboard: open {final_dir / 'dashboard.html'} in a browser")

@@ -86,6 +86,30 @@ def test_latent_scaling_recovers_known_ratios():
     assert ls["nu_error"].abs().item() < 1e-6 and ls["nu_reconstruction"].abs().item() < 1e-6
 
 
+def test_firing_counts_and_their_denominator_cover_only_the_positions_training_reads():
+    """With ignore_first_n 3 and one token id excluded, top_activating_examples counts each
+    latent's firings and the positions over those positions only (computed here from the
+    activations and the tokens), and the dashboard's frequency is one over the other (it divided
+    by N x (S - 1), every position after the first)."""
+    from crossdiff.diffing.dashboard import latent_table
+    from crossdiff.sources.activations import extract_activations
+
+    models = [tiny_model(1), tiny_model(2)]
+    tokens = random_tokens(10, 9)
+    excluded = int(tokens[:, 3:].flatten().mode().values)
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[0.7, 1.3], ignore_first_n=3,
+                             exclude_tokens=[str(excluded)]))
+    values, _, _, counts, n = top_activating_examples(cc, models, tokens, list(range(16)), k=3, batch_size=3,
+                                                      return_counts=True)
+    x = torch.stack([extract_activations(m, tokens, "blocks.1.hook_resid_pre")[:, 3:] for m in models], 2)
+    kept = tokens[:, 3:] != excluded
+    f = cc.encode((x * torch.tensor([0.7, 1.3])[:, None]).flatten(0, 1)).view(10, 6, 16)[kept]
+    assert n == int(kept.sum()) < 10 * 6 and torch.equal(counts, (f > 0).sum(0))
+    table, _ = latent_table(cc, counts, n, values[:, 0])
+    for j, freq in zip(table["latent"], table["freq"]):
+        assert abs(freq - counts[j].item() / n) < 1e-3 * freq
+
+
 def test_top_activating_examples_match_brute_force():
     models = [tiny_model(1), tiny_model(2)]
     cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[0.7, 1.3]))

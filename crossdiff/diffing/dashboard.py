@@ -170,11 +170,14 @@ def dashboard_html(table, histogram, info, examples=None):
 
 
 def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fire_counts_F=None, scaling=None,
-                    info=None, batch_size=8, harvest=iter_paired_activations):
+                    info=None, batch_size=8, harvest=iter_paired_activations, n_tokens=None):
     """Write the dashboard. With models and tokens: top = (values, seqs, positions) [F, K] from
-    diffing.top_activating_examples over every latent and fire_counts_F, its counts; the contexts
-    are read in one more pass over the tokens (harvest: as diffing's analyses). Returns the path."""
-    n_tokens = None if tokens_NS is None else tokens_NS.shape[0] * (tokens_NS.shape[1] - 1)
+    diffing.top_activating_examples over every latent, fire_counts_F and n_tokens its counts (of
+    each latent's firings, of the positions counted: the firing frequencies' denominator); the
+    contexts are read in one more pass over the tokens (harvest: as diffing's analyses). Returns
+    the path."""
+    if fire_counts_F is not None and n_tokens is None:
+        raise ValueError("fire_counts_F needs n_tokens, the positions they were counted over")
     max_act_F = top[0][:, 0] if top is not None else None
     table, histogram = latent_table(crosscoder, fire_counts_F, n_tokens, max_act_F, scaling)
     info = dict(info or {}, dict_size=int(crosscoder.b_enc.shape[0]), n_tokens=n_tokens, shown=len(table["latent"]))

@@ -325,21 +325,26 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
                             harvest=iter_paired_activations):
     """For each latent: its k highest activations on tokens_NS with their (sequence, position).
     A running top-k merged batch by batch. Returns values, seq, pos [J, k] (value 0: fewer hits),
-    and with return_counts the number of tokens each latent fired on [J]."""
+    and with return_counts the number of tokens each latent fired on [J] and the number of
+    positions counted (those training reads: after ignore_first_n, without excluded positions)."""
     latents_J = torch.as_tensor(latents_J, device=crosscoder.W_enc.device)
     J = len(latents_J)
     s_M = normalisation_factors(crosscoder)
     best_v = torch.zeros(J, k, device=latents_J.device)
     best_i = torch.zeros(J, k, dtype=torch.long, device=latents_J.device)
     counts_J = torch.zeros(J, dtype=torch.long, device=latents_J.device)
-    offset = 0
+    offset = n_positions = 0
     keep = PositionFilter(crosscoder.cfg, models)
     first = keep.first
     for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations", first=first):
         N, S1 = x.shape[:2]
         f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents_J].float()
         if keep.active:  # a position training never read is no example
-            f_BJ *= keep.keep(t, x).flatten().to(f_BJ.device)[:, None]
+            kept_B = keep.keep(t, x).flatten().to(f_BJ.device)
+            f_BJ *= kept_B[:, None]
+            n_positions += int(kept_B.sum())
+        else:
+            n_positions += N * S1
         counts_J += (f_BJ > 0).sum(0)
         idx_B = offset + torch.arange(N * S1, device=s_M.device)  # flat index over (sequence, position first..)
         kk = min(k, len(f_BJ))
@@ -350,7 +355,7 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
         offset += N * S1
     S1 = tokens_NS.shape[1] - first
     out = best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + first).cpu()  # position in the full sequence
-    return (*out, counts_J.cpu()) if return_counts else out
+    return (*out, counts_J.cpu(), n_positions) if return_counts else out
 
 
 def share_in_transcripts(is_chat_N, values_JK, seqs_JK):
