@@ -163,10 +163,14 @@ def test_a_published_crosscoder_reads_back_whole_and_as_the_reference_read_its_o
         torch.testing.assert_close(back.state_dict()[name], want, atol=0, rtol=0)
     for key in ("architecture", "model_names", "normalisation_factor", "dict_size", "hook_point"):
         assert back.cfg[key] == cc.cfg[key], key
-    cfg = json.loads((folder / "cfg.json").read_text())  # the reference: CrossCoder(cfg).load_state_dict(weights)
-    weights = torch.load(folder / "cc_weights.pt", weights_only=True)
-    ref = CrossCoder({k: cfg[k] for k in ("d_in", "dict_size", "enc_dtype", "dec_init_norm", "seed", "hook_point",
-                                          "architecture", "k") if k in cfg})
+    # The reference's load_from_hf as its analysis.py calls it (no device): cfg.json into the
+    # constructor, which reads these keys and moves itself to cfg["device"], then the weights
+    # loaded with map_location=cfg["device"] (it raised KeyError: 'device' when we left it out).
+    cfg = json.loads((folder / "cfg.json").read_text())
+    reads = ("dict_size", "d_in", "enc_dtype", "seed", "dec_init_norm", "device")
+    assert all(key in cfg for key in reads), [key for key in reads if key not in cfg]
+    weights = torch.load(folder / "cc_weights.pt", map_location=cfg["device"], weights_only=True)
+    ref = CrossCoder({k: cfg[k] for k in (*reads, "hook_point", "architecture", "k") if k in cfg})
     ref.load_state_dict(weights)
     torch.testing.assert_close(ref.W_dec, cc.W_dec, atol=0, rtol=0)
 

@@ -41,7 +41,11 @@ def write_published(crosscoder, root, path=None):
     cfg_path.parent.mkdir(parents=True, exist_ok=True)
     weights = {name: getattr(crosscoder, name).detach().cpu() for name in PARAM_NAMES + crosscoder.EXTRA_STATE}
     atomic_torch_save(weights, weights_path)
-    cfg = {k: v for k, v in crosscoder.cfg.items() if k not in ("device", "step")}
+    cfg = {k: v for k, v in crosscoder.cfg.items() if k != "step"}
+    # The reference's load_from_hf builds CrossCoder(cfg), which moves itself to cfg["device"], and
+    # loads the weights with map_location=cfg["device"]: the key must be there (its analysis.py
+    # passes no device). A GPU-trained dictionary says cuda:0 as the reference's does.
+    cfg["device"] = "cuda:0" if crosscoder.W_enc.device.type == "cuda" else "cpu"
     atomic_write_text(cfg_path, json.dumps(jsonable(cfg), indent=2))
     return cfg_path.parent
 
