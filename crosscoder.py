@@ -165,7 +165,8 @@ class CrossCoder(nn.Module):
 
     def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
         """get_losses, the latent activations [B, F] and the architecture's other terms (extra_terms).
-        dead_F [F]: latents counted dead (AuxK); update_threshold_: BatchTopK updates its threshold."""
+        dead_F [F]: latents dead unless they fire in this batch (AuxK); update_threshold_: BatchTopK
+        updates its threshold."""
         pre_BF = self.encode(x_BMD, apply_relu=False)
         acts_BF, min_kept = self.select(torch.relu(pre_BF), mesh)
         self._track_threshold(min_kept, update_threshold_)
@@ -173,7 +174,7 @@ class CrossCoder(nn.Module):
         l0_B = sum_over_shards(torch.sign(acts_BF).sum(-1, dtype=torch.float32), mesh.latent)  # acts >= 0
         norms_FM = self.decoder_norms().float()
         return self._losses(x_BMD, x_hat_BMD, acts_BF.float().sum(0), l0_B, norms_FM, mesh), acts_BF, \
-            self.extra_terms(x_BMD.float() - x_hat_BMD.float(), pre_BF, norms_FM.sum(-1), dead_F, mesh)
+            self.extra_terms(x_BMD.float() - x_hat_BMD.float(), pre_BF, acts_BF, norms_FM.sum(-1), dead_F, mesh)
 
     def _track_threshold(self, min_kept, update_threshold_):
         if min_kept is not None and self.training and update_threshold_:
@@ -200,7 +201,7 @@ class CrossCoder(nn.Module):
         return LossOutput(l2_loss=sq_err_B.mean(), l1_loss=l1, l0_loss=l0_B.mean(), explained_variance=ev_B.mean(),
                           explained_variance_A=ev_BM[:, 0].mean(), explained_variance_B=ev_BM[:, 1].mean())
 
-    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
+    def extra_terms(self, err_BMD, pre_BF, acts_BF, total_dec_norm_F, dead_F, mesh):
         """"aux_loss" (0 here) and, with recon_loss "norm", "l2_norm_loss": the error's L2 norm,
         mean over tokens and models (the BatchTopK authors' reconstruction loss)."""
         terms = {"aux_loss": torch.zeros((), device=err_BMD.device)}
@@ -417,6 +418,7 @@ class BatchTopKCrossCoder(CrossCoder):
         losses = self._losses(x_BMD, x_hat_BMD, acts_sum_F, sum_over_shards(l0_B, mesh.latent), norms_FM, mesh)
         err_BMD = x_BMD.float() - x_hat_BMD.float()
         aux = torch.zeros((), device=err_BMD.device)
+        dead_F = self._dead_now(dead_F, selected_BF, mesh)
         if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):  # (a host sync)
             aux = aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc, self.b_enc, self.decoder_weight(), dead_F,
                                 effective(self.cfg, "aux_k"), mesh.latent, norms_F=norms_FM.sum(-1),
@@ -424,20 +426,32 @@ class BatchTopKCrossCoder(CrossCoder):
         terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
         return losses, dense_activations(values_N, kept, (B, F)), terms
 
-    def extra_terms(self, err_BMD, pre_BF, total_dec_norm_F, dead_F, mesh):
-        """AuxK given the dead latents dead_F (else 0), and always the authors' "l2_norm_loss"."""
+    def extra_terms(self, err_BMD, pre_BF, acts_BF, total_dec_norm_F, dead_F, mesh):
+        """AuxK over the latents of dead_F that did not fire in this batch (else 0), and always the
+        authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
+        dead_F = self._dead_now(dead_F, acts_BF, mesh)
         if dead_F is not None:
             aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
                            norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
 
+    @staticmethod
+    def _dead_now(stale_F, acts_BF, mesh):
+        """The latents of stale_F that fired nowhere in this global batch: the authors'
+        BatchTopKTrainer resets a latent's counter when it fires, before AuxK picks the dead ones.
+        Under data parallelism one all-reduce of F flags over the data groups (no host sync)."""
+        if stale_F is None:
+            return None
+        return stale_F & ~any_over_shards((acts_BF.detach() > 0).any(0), mesh.data)
+
     def step_inputs(self, step, steps_since_fired_F):
-        """k annealed (k_at), the latents dead for dead_window steps, and whether the threshold
-        is estimated yet (after threshold_start_step, as the authors)."""
+        """k annealed (k_at); the latents that are dead unless they fire in this batch (dead for
+        dead_window steps counting this one; losses_and_acts drops those that fire); and whether
+        the threshold is estimated yet (after threshold_start_step, as the authors)."""
         cfg = self.cfg
         self.k = k_at(step, cfg["k"], cfg["k_max"], cfg["k_annealing_steps"])
-        return {"dead_F": steps_since_fired_F >= self.dead_window(step),
+        return {"dead_F": steps_since_fired_F + 1 >= self.dead_window(step),
                 "update_threshold_": step > cfg["threshold_start_step"]}
 
     def training_loss(self, losses, terms, step, total_steps):

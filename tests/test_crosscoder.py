@@ -507,6 +507,47 @@ def test_a_latent_counts_dead_for_auxk_after_dead_tokens_without_firing(tmp_path
     assert trainer.dead_fraction().item() == pytest.approx(3 / cfg["dict_size"])
 
 
+@pytest.mark.parametrize("sparse_step", [False, True])
+def test_auxk_uses_the_authors_dead_set_counted_after_this_batchs_firings(tmp_path, monkeypatch, sparse_step):
+    """dictionary_learning's BatchTopKTrainer resets the counter of every latent that fires in the
+    batch, then takes as dead those whose counter reached the window: a latent that fires now is
+    never dead now. Over 12 training steps (window 2 batches, k 2 of 64 latents) the dead set AuxK
+    receives equals that rule, replayed here from each step's activations; the set counted before
+    the batch (what AuxK used) differs on some step."""
+    import crosscoder as module
+
+    cfg = tiny_cfg(tmp_path, architecture="batchtopk", k=2, dead_tokens=2 * 32, sparse_step=sparse_step,
+                   num_tokens=32 * 12)
+    gen = torch.Generator().manual_seed(5)
+    trainer = Trainer(cfg, buffer=type("S", (), {"next": lambda self: torch.randn(32, 2, 32, generator=gen)})())
+    received, fired = [], []
+    name = "aux_loss_kept" if sparse_step else "aux_loss"
+    real_aux, real_step = getattr(module, name), trainer.crosscoder.losses_and_acts
+
+    def aux(*args, **kwargs):
+        received.append(args[6 if sparse_step else 3].clone())
+        return real_aux(*args, **kwargs)
+
+    def losses_and_acts(*args, **kwargs):
+        out = real_step(*args, **kwargs)
+        fired.append((out[1].detach() > 0).any(0))
+        if len(received) < len(fired):  # no latent dead at this step
+            received.append(torch.zeros(64, dtype=torch.bool))
+        return out
+
+    monkeypatch.setattr(module, name, aux)
+    trainer.crosscoder.losses_and_acts = losses_and_acts
+    for _ in range(12):
+        trainer.step()
+    since, before_differs = torch.zeros(64, dtype=torch.long), False
+    for step, (got, now) in enumerate(zip(received, fired)):
+        counted_before = since >= 2
+        since = torch.where(now, 0, since + 1)
+        assert torch.equal(got, since >= 2), step
+        before_differs |= not torch.equal(counted_before, since >= 2)
+    assert before_differs and any(r.any() for r in received)
+
+
 def test_the_norm_reconstruction_loss_is_the_mean_l2_norm_per_token_and_model():
     cc = btk().train()
     x = torch.randn(16, 2, 32)
