@@ -11,16 +11,24 @@ from crossdiff.sources.store import harvest
 from trainer import Trainer
 
 
-def test_a_run_from_the_store_equals_a_live_run_on_the_same_tokens(tmp_path, models):
+def test_a_run_from_the_store_follows_a_live_run_within_bf16_rounding_of_its_inputs(tmp_path, models):
+    """The store serves the live buffer's rows in its order, each value within two bf16 roundings
+    (2^-7 relative: the live buffer rounds x * s, the store rounds x and then scales it); over 30
+    Adam steps that difference moves the loss by under 1 % and the weights by under 2 %."""
+    from buffer import Buffer
+
     cfg = tiny_cfg(tmp_path, num_tokens=32 * 30)
     tokens = random_tokens(600, cfg["seq_len"])
     harvest(cfg, list(models), tokens, tmp_path / "store", sequences_needed(cfg, 30))
+    rows_live, rows_store = Buffer(dict(cfg), models[0], models[1], tokens), ActivationStore(dict(cfg), tmp_path / "store")
+    for _ in range(3):
+        a, b = rows_live.next(), rows_store.next()
+        assert ((a - b).abs() <= 2**-7 * a.abs() + 1e-6).all()
     live = Trainer(dict(cfg), models[0], models[1], tokens)
     stored = Trainer(dict(cfg), buffer=ActivationStore(dict(cfg), tmp_path / "store"))
     for _ in range(30):
         a, b = live.step(), stored.step()
     assert float(a["l2_loss"]) == pytest.approx(float(b["l2_loss"]), rel=1e-2)
-    # the inputs differ by bf16 rounding only (bf16(x * s) vs bf16(x) * s); Adam carries that on
     for name in ("W_enc", "W_dec", "b_dec"):
         w_live, w_store = getattr(live.crosscoder, name), getattr(stored.crosscoder, name)
         assert (w_live - w_store).norm() / w_live.norm() < 0.02, name

@@ -5,7 +5,6 @@ import torch
 
 from buffer import Buffer
 from conftest import assert_buffer_resumes_identically, random_tokens, tiny_cfg
-from crossdiff.config.plan import check_no_exclusions
 from crossdiff.config.schema import ConfigError, complete_cfg, effective
 from crossdiff.sources.activations import extract_activations
 from crossdiff.sources.tokenmask import PositionFilter, excluded_ids, keep_mask
@@ -99,8 +98,20 @@ def test_a_buffer_with_excluded_positions_resumes_identically(models):
     assert_buffer_resumes_identically(cfg, models, random_tokens(600, cfg["seq_len"], d_vocab=8))
 
 
-def test_an_activation_store_refuses_exclusions_and_ignore_first_n_too_large_is_refused(models):
+def test_an_activation_store_refuses_exclusions_and_ignore_first_n_too_large_is_refused(models, tmp_path):
+    """A store keeps every position: a harvest, and a run opening a finished store, with
+    exclude_tokens or outlier_norm_multiple set are refused (each call site, not just the check)."""
+    from buffer import ActivationStore
+    from crossdiff.sources.store import harvest
+
+    for excluding in ({"exclude_tokens": ["3"]}, {"outlier_norm_multiple": 2.0}):
+        with pytest.raises(ConfigError, match="store keeps every position"):
+            harvest(tiny_cfg(**excluding), list(models), random_tokens(20, 9), tmp_path / "refused", 20)
+        assert not (tmp_path / "refused").exists()
+    cfg = dict(tiny_cfg(), wrap_tokens=True)
+    harvest(cfg, list(models), random_tokens(20, 9), tmp_path / "store", 20)
+    ActivationStore(cfg, tmp_path / "store")
     with pytest.raises(ConfigError, match="store keeps every position"):
-        check_no_exclusions(tiny_cfg(exclude_tokens=["3"]))
+        ActivationStore(dict(cfg, exclude_tokens=["3"]), tmp_path / "store")
     with pytest.raises(ConfigError, match="leaves no position"):
         PositionFilter(tiny_cfg(ignore_first_n=9, seq_len=9))
