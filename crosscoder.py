@@ -450,7 +450,7 @@ class BatchTopKCrossCoder(CrossCoder):
         dead_window steps counting this one; losses_and_acts drops those that fire); and whether
         the threshold is estimated yet (after threshold_start_step, as the authors)."""
         cfg = self.cfg
-        self.k = k_at(step, cfg["k"], cfg["k_max"], cfg["k_annealing_steps"])
+        self.k = k_at(step, cfg["k"], effective(cfg, "k_max"), effective(cfg, "k_annealing_steps"))
         return {"dead_F": steps_since_fired_F + 1 >= self.dead_window(step),
                 "update_threshold_": step > cfg["threshold_start_step"]}
 

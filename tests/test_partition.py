@@ -121,6 +121,23 @@ def test_training_keeps_the_partition_exactly_and_adam_never_moves_a_forbidden_w
     torch.testing.assert_close(loaded.W_dec, cc.W_dec.detach(), atol=0, rtol=0)
 
 
+def test_with_exclusive_blocks_batchtopk_anneals_k_from_five_k_over_the_first_twentieth_as_the_dfc_authors():
+    """The DFC authors' schedule (1000 -> 200 over 5k of 100k steps) by default once exclusive
+    blocks exist: k at each of a 200-step run's steps is 5k falling linearly to k by step 10
+    (computed here), then k; without exclusive blocks, or with k_max = k, k never moves."""
+    def ks(**kw):
+        cc = CrossCoder(tiny_cfg(architecture="batchtopk", k=4, num_tokens=32 * 200, **kw))
+        out = []
+        for step in range(200):
+            cc.step_inputs(step, torch.zeros(64, dtype=torch.long))
+            out.append(cc.k)
+        return out
+
+    want = [round(20 - 16 * step / 10) for step in range(10)] + [4] * 190
+    assert ks(exclusive_fraction=0.125) == want
+    assert ks() == ks(exclusive_fraction=0.125, k_max=4) == [4] * 200
+
+
 def test_auxk_over_dead_exclusive_latents_reaches_no_forbidden_weight():
     cfg = tiny_cfg(exclusive_fraction=0.25, architecture="batchtopk", k=2, aux_k=16)
     cc = CrossCoder(cfg).train()

@@ -112,18 +112,19 @@ def format_recovery(rows):
 
 def planted_benchmark(d_in=128, dict_size=2048, n_shared=320, n_base_only=96, n_chat_only=96, steps=2000,
                       batch_size=1024, l1_coeff=2.0, lr=1e-3, seed=0, architecture="l1", k=30, checkpoint_dir=None,
-                      counts=None, dead_tokens=None, exclusive_fraction=0.0, shared_fraction=0.0):
+                      counts=None, dead_tokens=None, exclusive_fraction=0.0, shared_fraction=0.0, **config):
     """Train a crosscoder on planted features through the normal Trainer and score it: ({how it
     classified: rows of recovery_report}, the last log, the latents per class). With counts, scored
     both by the relative-norm thresholds and by rank (recovery_report). The log gains
-    inference_l0, model_only and false_positives (false_positives, on 8 fresh batches)."""
+    inference_l0, model_only and false_positives (false_positives, on 8 fresh batches). config: any
+    further config keys (k_max, dec_init_norm, ...)."""
     import tempfile
 
     cfg = dict(DEFAULTS, d_in=d_in, dict_size=dict_size, batch_size=batch_size, num_tokens=batch_size * steps,
                lr=lr, l1_coeff=l1_coeff, seed=seed, device="cpu", wandb_mode="disabled", log_every=max(1, steps // 10),
                architecture=architecture, k=k, progress=False, dead_tokens=dead_tokens,
                exclusive_fraction=exclusive_fraction, shared_fraction=shared_fraction,
-               checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"))
+               checkpoint_dir=checkpoint_dir or tempfile.mkdtemp(prefix="planted_"), **config)
     source = PlantedFeatureSource(cfg, n_shared, n_base_only, n_chat_only, seed=seed)
     trainer = Trainer(cfg, buffer=source)
     log = trainer.train()
@@ -185,7 +186,7 @@ def format_comparison(rows):
 # the planted features' counts.
 CLI_KEYS = {"architecture": "l1", "k": 30, "d_in": 128, "dict_size": 2048, "num_tokens": 2000 * 1024,
             "batch_size": 1024, "l1_coeff": 2.0, "lr": 1e-3, "seed": 0, "dead_tokens": None,
-            "exclusive_fraction": 0.0, "shared_fraction": 0.0}
+            "exclusive_fraction": 0.0, "shared_fraction": 0.0, "k_max": None, "k_annealing_steps": None}
 CLI_FLAGS = {"n_shared": "shared true features (default 320)", "n_base_only": "base-only true features (default 96)",
              "n_chat_only": "chat-only true features (default 96)",
              "counts": "N_BASE,N_CHAT: classify by rank as the authors do (an L1 run's class counts)",
@@ -203,7 +204,8 @@ def parse_cli(argv):
                           f"{sorted(set(options) - set(CLI_KEYS))}")
     complete_cfg(options)  # each value checked as train.py checks it
     kwargs = {key: options[key] for key in ("architecture", "k", "d_in", "dict_size", "batch_size", "l1_coeff", "lr",
-                                            "seed", "dead_tokens", "exclusive_fraction", "shared_fraction")}
+                                            "seed", "dead_tokens", "exclusive_fraction", "shared_fraction", "k_max",
+                                            "k_annealing_steps")}
     kwargs["steps"] = options["num_tokens"] // options["batch_size"]
     for name, default in (("n_shared", 320), ("n_base_only", 96), ("n_chat_only", 96)):
         try:
