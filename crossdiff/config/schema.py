@@ -65,11 +65,11 @@ def dead_tokens_auto(cfg):
 # block from 92.7 % to 98.4 % (docs/results.md). Without exclusive blocks k stays fixed (the
 # BatchTopK authors' recipe).
 def k_max_auto(cfg):
-    return min(5 * cfg["k"], cfg["dict_size"]) if cfg.get("exclusive_fraction", 0.0) > 0 else None
+    return min(5 * cfg["k"], cfg["dict_size"]) if cfg["exclusive_fraction"] > 0 else None
 
 
 def k_annealing_steps_auto(cfg):
-    return max(1, cfg["num_tokens"] // cfg["batch_size"] // 20) if cfg.get("exclusive_fraction", 0.0) > 0 else 0
+    return max(1, cfg["num_tokens"] // cfg["batch_size"] // 20) if cfg["exclusive_fraction"] > 0 else 0
 
 
 def ignore_first_auto(cfg):
