@@ -30,6 +30,9 @@ EFFECTIVE_CHAT_ONLY = None
 # The splice-in loss runs every model to its logits three times: most of the analysis' time on a
 # CPU (12 of 14 minutes on the offline Gemma-3 pair). False skips it.
 SPLICE_IN = True
+# The KL test (crossdiff/diffing/causal.py): on how many held-out sequences (None: all), which
+# extra latents to test as a set ("given"), and how many first tokens of a turn form "first_k".
+KL_TEST, KL_SEQS, LATENTS, FIRST_K = True, 256, None, 9
 
 # %%
 import json
@@ -42,6 +45,7 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
 from crossdiff.config.schema import ConfigError, complete_cfg
+from crossdiff.diffing.causal import ALL, ALL_BIAS, format_kl_table, kl_table
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
     examples_html,
@@ -60,6 +64,7 @@ from crossdiff.diffing.measures import (
     is_model_specific,
     latent_classes,
     latent_scaling,
+    rank_sum_order,
     reconstruction_stats,
     scaling_summary,
     share_in_transcripts,
@@ -74,7 +79,7 @@ from crossdiff.io.hub import (
     is_dictionary_learning_dir,
     published_hook_dir,
 )
-from crossdiff.pairs.toy import build_toy_pair, heldout_tokens
+from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups
 from crossdiff.sources.activations import estimate_norm_factors
 from crossdiff.sources.mix import DataError, chat_mask, check_mix_tokenizer, is_mix, load_mix, split_rows
 from crossdiff.sources.models import SetupError
@@ -98,12 +103,15 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "splice_batch_size": f"sequences per full forward with logits (default: {SPLICE_BATCH_TOKENS:,} tokens' worth)",
            "effective_chat_only": "N: Latent Scaling on the N most chat-leaning latents (default: the chat-only class)",
            "splice_in": "true / false: measure the splice-in loss (default true; most of the time on a CPU)",
+           "kl_test": "true / false: the KL gap each latent set closes (default true)",
+           "latents": "I,J,...: a latent set of your own for the KL test",
            "help": "print this and exit"}
 
 
 def apply_argv(argv):
     """The script's options (the same --key value parser as train.py) into the settings above."""
     global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY, SPLICE_IN
+    global KL_TEST, LATENTS
     _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
     if opts.get("help"):
         print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
@@ -117,10 +125,12 @@ def apply_argv(argv):
         BATCH_SIZE = int(opts["batch_size"]) if "batch_size" in opts else BATCH_SIZE
         SPLICE_BATCH_SIZE = int(opts["splice_batch_size"]) if "splice_batch_size" in opts else SPLICE_BATCH_SIZE
         EFFECTIVE_CHAT_ONLY = int(opts["effective_chat_only"]) if "effective_chat_only" in opts else EFFECTIVE_CHAT_ONLY
-        if "splice_in" in opts:
-            if opts["splice_in"].lower() not in ("true", "false"):
-                raise ValueError(f"splice_in must be true or false, not {opts['splice_in']!r}")
-            SPLICE_IN = opts["splice_in"].lower() == "true"
+        for key in ("splice_in", "kl_test"):
+            if key in opts and opts[key].lower() not in ("true", "false"):
+                raise ValueError(f"{key} must be true or false, not {opts[key]!r}")
+        SPLICE_IN = opts["splice_in"].lower() == "true" if "splice_in" in opts else SPLICE_IN
+        KL_TEST = opts["kl_test"].lower() == "true" if "kl_test" in opts else KL_TEST
+        LATENTS = [int(v) for v in opts["latents"].split(",")] if "latents" in opts else LATENTS
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
 
@@ -323,6 +333,33 @@ if models is not None and len(base_only):
     summary["latent_scaling_base_only"], _ = scaling_summary(ls_base, base_only)
     print("latent scaling of the base-only latents (along their base decoder): "
           + format_scaling(summary["latent_scaling_base_only"]))
+
+# %% [markdown]
+# ## Does a latent set explain the difference? The KL test
+# The chat model runs its layers after the hook from the base model's residual patched with a
+# latent set (crossdiff/diffing/causal.py; Minder, Dumas et al. 2025): the share of the base -> chat
+# KL gap each set closes per group of positions, beside random sets of the same size. "all"
+# leaves out the decoder-bias difference, "all+bias" adds it. Every row: kl_gap.json.
+
+# %%
+if models is not None and KL_TEST:
+    n_kl = len(tokens) if KL_SEQS is None else min(KL_SEQS, len(tokens))
+    groups = (token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else
+              {"all": torch.ones(tokens.shape, dtype=torch.bool)} | (
+                  {} if is_chat is None else {"text": ~is_chat.bool()[:, None].expand(tokens.shape)}))
+    kl_sets = {"all": ALL, "all+bias": ALL_BIAS, "chat_only": chat_only.tolist()}
+    if ls is not None:  # the probed latents that pass Latent Scaling; their halves by its rank sum
+        kl_sets["chat_specific"] = probed[is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()].tolist()
+        ranked = probed[rank_sum_order(ls["nu_error"].nan_to_num(float("inf")),
+                                       ls["nu_reconstruction"].nan_to_num(float("inf"))).cpu()]
+        kl_sets["ls_top_half"], kl_sets["ls_bottom_half"] = ranked[:len(ranked) // 2].tolist(), ranked[len(ranked) // 2:].tolist()
+    if LATENTS:
+        kl_sets["given"] = LATENTS
+    kl_rows = kl_table(cc, models, tokens[:n_kl], kl_sets, {g: m[:n_kl] for g, m in groups.items()},
+                       batch_size=SPLICE_BATCH_SIZE)
+    (out_dir / "kl_gap.json").write_text(json.dumps(kl_rows, indent=1))
+    summary["kl_gap"] = {f"{r['set']}/{r['group']}": r["fraction_closed"] for r in kl_rows}
+    print(f"the share of the base -> chat KL gap each set closes ({n_kl} held-out sequences):\n" + format_kl_table(kl_rows))
 
 # %% [markdown]
 # ## Chat tokens against the rest (the toy pair, or a token mix with chat sources)

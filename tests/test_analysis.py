@@ -168,6 +168,21 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
     assert all(0.8 < v <= 1 for k in ("chat", "text") for v in by_source[k]["explained_variance_per_model"])
     assert all(0.8 < summary["splice_in"][m]["by_source"][k]["loss_recovered"] < 1.2 for m in ("0", "1")
                for k in ("chat", "text"))
+    # the KL test's rows: every set in every toy group, each fraction 1 - KL_S / KL_gap, the sets
+    # of given sizes with their random control, the chat-only set the size of its class
+    rows = json.loads((analysis_dir / "kl_gap.json").read_text())
+    fields = {"method", "set", "group", "n_latents", "n_positions", "kl_gap", "kl_patched", "fraction_closed",
+              "random_mean", "random_std"}
+    assert all(set(row) == fields for row in rows)
+    assert {row["group"] for row in rows} == {"all", "assistant", "first_k", "template", "user", "text"}
+    assert {"all", "all+bias", "chat_only", "chat_specific", "ls_top_half", "ls_bottom_half"} <= {row["set"] for row in rows}
+    for row in rows:
+        if row["fraction_closed"] is not None:
+            assert abs(row["fraction_closed"] - (1 - row["kl_patched"] / row["kl_gap"])) < 1e-9
+            # a control beside every set of chosen latents (none beside every latent)
+            assert (row["random_mean"] is None) == (row["set"] in ("all", "all+bias"))
+    chat_only = next(row for row in rows if row["set"] == "chat_only" and row["group"] == "assistant")
+    assert chat_only["n_latents"] == counts["chat_only"] and "chat_only/assistant" in summary["kl_gap"]
 
 
 def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses(tmp_path):

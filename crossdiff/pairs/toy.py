@@ -227,6 +227,29 @@ def answer_mask(tokens_NS):
     return mask
 
 
+def token_groups(tokens_NS, is_chat_N, first_k=9):
+    """The positions of each role, bool [N, S] each, for the KL test (diffing/causal.py): "all";
+    "assistant" (the words of the assistant's turns: answer_mask), "first_k" (the first first_k
+    of each assistant turn), "user" (the words of the user's turns), "template" (the turn markers
+    <start_of_turn>, <end_of_turn>, user, model, in transcripts) and "text" (plain-text rows)."""
+    assistant = answer_mask(tokens_NS)
+    user_id, start_id, end_id, model_id = (VOCAB.index(w) for w in ("user", "<start_of_turn>", "<end_of_turn>", "model"))
+    chat_NS = is_chat_N.bool().to(tokens_NS.device)[:, None].expand_as(tokens_NS)
+    template = chat_NS & torch.isin(tokens_NS, torch.tensor([user_id, start_id, end_id, model_id], device=tokens_NS.device))
+    user = torch.zeros_like(assistant)
+    first = torch.zeros_like(assistant)
+    inside_user = torch.zeros(len(tokens_NS), dtype=torch.bool, device=tokens_NS.device)
+    turn_pos = torch.zeros(len(tokens_NS), dtype=torch.long, device=tokens_NS.device)
+    for p in range(tokens_NS.shape[1]):
+        inside_user &= tokens_NS[:, p] != end_id
+        user[:, p] = inside_user
+        inside_user |= tokens_NS[:, p] == user_id
+        turn_pos = torch.where(assistant[:, p], turn_pos + 1, 0)  # 1 at an answer's first word
+        first[:, p] = assistant[:, p] & (turn_pos <= first_k)
+    return {"all": torch.ones_like(assistant), "assistant": assistant, "first_k": first, "template": template,
+            "user": user & chat_NS, "text": ~chat_NS}
+
+
 def heldout_tokens(cfg, n_seqs):
     """The held-out text of the toy pair's reports and analysis.py: (tokens [N, S], is_chat [N]),
     drawn from a seed of their own (training reads seed toy_seed + 3)."""

@@ -1,0 +1,159 @@
+"""Does a latent set explain how the chat model differs? The KL test of Minder, Dumas et al. 2025
+("Overcoming Sparsity Artifacts in Crosscoders", arXiv 2504.02922; their code
+science-of-finetuning/sparsity-artifacts-crosscoders, scripts/evaluate_interventions_effects.py).
+
+Both models read the same tokens. At the crosscoder's hook the base model's residual is patched
+with a latent set S, h_S = h_base + sum_{j in S} f_j (d_j^chat - d_j^base) (+ b_chat - b_base when
+the decoder-bias difference is included: say which), and the chat model runs its remaining layers
+from it. Per position, KL(P_chat || P_S); the gap is the same with the unpatched base residual, and
+the fraction closed is 1 - KL_S / KL_gap over a group of positions. A zero gap (a model against
+itself) closes nothing and divides by nothing: the fraction is None.
+
+Shape legend: N sequences, S positions, P positions patched (S - first), D d_in, F latents, J a
+set's latents, V vocabulary, M models.
+"""
+import torch
+from tqdm.auto import tqdm
+
+from crossdiff.config.schema import hook_layer
+from crossdiff.diffing.measures import normalisation_factors
+from crossdiff.sources.activations import autocast_context, extract_activations
+from crossdiff.sources.tokenmask import PositionFilter
+
+ALL, ALL_BIAS = "all", "all+bias"  # the reconstruction difference without / with b_chat - b_base
+MIN_GAP = 1e-4  # nats per token: a smaller gap has no fraction closed (fraction_closed)
+
+
+def kl_per_position(logits_ref_NSV, logits_NSV):
+    """KL(P_ref || P) at each position [N, S], from logits (log-softmax in fp32)."""
+    log_p = torch.log_softmax(logits_ref_NSV.float(), dim=-1)
+    log_q = torch.log_softmax(logits_NSV.float(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def patch(h_base_NPD, acts_NPF, W_dec_FMD, latents_J, b_dec_MD=None, base=0, chat=1):
+    """h_base + sum over j in latents_J of f_j (d_j^chat - d_j^base), plus b_chat - b_base when
+    b_dec_MD is given (raw-space weights: a folded crosscoder's)."""
+    diff_JD = (W_dec_FMD[latents_J, chat] - W_dec_FMD[latents_J, base]).float()
+    out_NPD = h_base_NPD.float() + acts_NPF[..., latents_J].float() @ diff_JD
+    if b_dec_MD is not None:
+        out_NPD = out_NPD + (b_dec_MD[chat] - b_dec_MD[base]).float()
+    return out_NPD
+
+
+def fraction_closed(kl_gap, kl_patched):
+    """1 - KL_S / KL_gap, or None when there is no gap to close: below MIN_GAP nats a token the
+    models agree (a model against itself; the toy pair on plain text, 2e-5) and any patch's own
+    error, reported as kl_patched, would make the ratio a large meaningless number."""
+    return None if kl_gap < MIN_GAP else 1 - kl_patched / kl_gap
+
+
+def _chat_from(model, resid_NSD, tokens_NS, hook_point, from_hook, layer):
+    """The chat model's logits with its residual at hook_point replaced by resid_NSD."""
+    if from_hook:
+        return model(resid_NSD, start_at_layer=layer, tokens=tokens_NS)
+    return model.run_with_hooks(tokens_NS, fwd_hooks=[(hook_point, lambda act, hook: resid_NSD.to(act.dtype))])
+
+
+@torch.no_grad()
+def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, base=0, chat=1, progress=True):
+    """The KL gap each latent set closes in each group of positions, over tokens_NS.
+
+    sets: {name: latent indices, or ALL / ALL_BIAS (every latent, without / with the decoder-bias
+    difference)}; groups: {name: bool [N, S]} (a position's logits, predicting the next token).
+    Positions training never read (before ignore_first_n, excluded tokens) keep the base residual
+    and count in no group. Returns {(set, group): {n_latents, n_positions, kl_gap, kl_patched,
+    fraction_closed}} (the KLs are means over the group's positions)."""
+    folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
+    W_dec_FMD, b_dec_MD = folded.decoder_weight().detach(), folded.b_dec.detach()
+    keep = PositionFilter(crosscoder.cfg, models)
+    hook_point, first = crosscoder.cfg["hook_point"], keep.first
+    layer = hook_layer(hook_point)
+    from_hook = layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre"
+    device = next(models[chat].parameters()).device
+    F = W_dec_FMD.shape[0]
+    latents = {name: torch.arange(F) if isinstance(s, str) else torch.as_tensor(s, dtype=torch.long).flatten()
+               for name, s in sets.items()}
+    for name, s in sets.items():
+        if isinstance(s, str) and s not in (ALL, ALL_BIAS):
+            raise ValueError(f"set {name!r}: {s!r} is neither a list of latents nor {ALL!r} / {ALL_BIAS!r}")
+        bad = latents[name][(latents[name] < 0) | (latents[name] >= F)]
+        if len(bad):
+            raise ValueError(f"set {name!r}: latent {int(bad[0])} is outside the dictionary (0..{F - 1})")
+    sums = {(s, g): torch.zeros(2, dtype=torch.float64) for s in sets for g in groups}  # [gap, patched]
+    counts = dict.fromkeys(groups, 0)
+    for start in tqdm(range(0, len(tokens_NS), batch_size), desc="KL gap", leave=False, disable=not progress):
+        t = tokens_NS[start:start + batch_size].to(device, torch.long)
+        with autocast_context(device):
+            resid = [extract_activations(m, t, hook_point).float() for m in models]
+        x_NPMD = torch.stack([r[:, first:] for r in resid], dim=2)
+        n, P, M, D = x_NPMD.shape
+        acts_NPF = folded.encode(x_NPMD.flatten(0, 1).to(W_dec_FMD.device)).float().view(n, P, F).to(device)
+        kept_NP = keep.keep(t, x_NPMD).to(device) if keep.active else torch.ones(n, P, dtype=torch.bool, device=device)
+        in_group = {g: mask[start:start + n, first:].to(device) & kept_NP for g, mask in groups.items()}
+        with autocast_context(device):
+            clean = _chat_from(models[chat], resid[chat], t, hook_point, from_hook, layer)
+            gap_NP = kl_per_position(clean, _chat_from(models[chat], resid[base], t, hook_point, from_hook, layer))[:, first:]
+            for name, s in sets.items():
+                h = resid[base].clone()
+                patched_NPD = patch(resid[base][:, first:], acts_NPF, W_dec_FMD.to(device), latents[name].to(device),
+                                    b_dec_MD.to(device) if s == ALL_BIAS else None, base, chat)
+                h[:, first:] = torch.where(kept_NP[..., None], patched_NPD, resid[base][:, first:])
+                kl_NP = kl_per_position(clean, _chat_from(models[chat], h, t, hook_point, from_hook, layer))[:, first:]
+                for g, m in in_group.items():
+                    sums[name, g] += torch.stack([gap_NP[m].double().sum(), kl_NP[m].double().sum()]).cpu()
+        for g, m in in_group.items():
+            counts[g] += int(m.sum())
+    out = {}
+    for (name, g), (gap, patched) in sums.items():
+        n_pos = counts[g]
+        kl_gap, kl_s = (gap.item() / n_pos, patched.item() / n_pos) if n_pos else (None, None)
+        out[name, g] = {"n_latents": len(latents[name]), "n_positions": n_pos, "kl_gap": kl_gap, "kl_patched": kl_s,
+                        "fraction_closed": None if not n_pos else fraction_closed(kl_gap, kl_s)}
+    return out
+
+
+def kl_table(crosscoder, models, tokens_NS, sets, groups, n_random=5, seed=0, method="crosscoder", **kw):
+    """kl_gap_closed's rows for kl_gap.json, one per (set, group), each with the control: n_random
+    random sets of the same size (seeded), the mean and spread of what they close (none for the
+    sets of every latent, which have no same-size control)."""
+    F = crosscoder.W_dec.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    sizes = sorted({len(s) for s in sets.values() if not isinstance(s, str) and len(s)})
+    controls = {f"random{J}#{i}": torch.randperm(F, generator=g)[:J] for J in sizes for i in range(n_random)}
+    got = kl_gap_closed(crosscoder, models, tokens_NS, {**sets, **controls}, groups, **kw)
+    rows = []
+    for name, s in sets.items():
+        for group in groups:
+            r = got[name, group]
+            closed = [got[c, group]["fraction_closed"] for c in controls if c.startswith(f"random{r['n_latents']}#")]
+            closed = torch.tensor([c for c in closed if c is not None], dtype=torch.float64)
+            spread = {"random_mean": float(closed.mean()) if len(closed) else None,
+                      "random_std": float(closed.std()) if len(closed) > 1 else None}
+            if isinstance(s, str):
+                spread = {"random_mean": None, "random_std": None}
+            rows.append({"method": method, "set": name, "group": group, **r, **spread})
+    return rows
+
+
+def format_kl_table(rows, groups=None):
+    """The fraction closed per set (rows) and group (columns), with the random control beside it."""
+    groups = groups or list(dict.fromkeys(r["group"] for r in rows))
+    by = {(r["set"], r["group"]): r for r in rows}
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+
+    def cell(r):
+        if r["n_positions"] == 0:
+            return "no positions"
+        if r["fraction_closed"] is None:
+            return f"no gap (KL_S {r['kl_patched']:.2g})"
+        control = "" if r["random_mean"] is None else f" (random {r['random_mean']:.1%} ± {r['random_std'] or 0:.1%})"
+        return f"{r['fraction_closed']:.1%}{control}"
+
+    lines = [f"{'set':<22} {'latents':>7}  " + "  ".join(f"{g:<30}" for g in groups)]
+    lines.append(f"{'(KL gap, positions)':<22} {'':>7}  " + "  ".join(
+        f"{'none' if by[sets[0], g]['kl_gap'] is None else format(by[sets[0], g]['kl_gap'], '.3g')}, "
+        f"{by[sets[0], g]['n_positions']:,}".ljust(30) for g in groups))
+    for s in sets:
+        lines.append(f"{s:<22} {by[s, groups[0]]['n_latents']:>7}  " + "  ".join(f"{cell(by[s, g]):<30}" for g in groups))
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""causal.py: the KL gap a latent set closes, against a brute-force computation (hooked forwards,
+the patch summed latent by latent, KL summed by hand in float64), and its edge cases."""
+import pytest
+import torch
+
+from conftest import random_tokens, tiny_cfg, tiny_model
+from crosscoder import CrossCoder
+from crossdiff.diffing.causal import ALL, ALL_BIAS, fraction_closed, kl_gap_closed
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def crosscoder_with_firing_latents():
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[0.7, 1.3], hook_point=HOOK))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cc.b_enc.copy_(torch.rand(16, generator=g) * 0.5)
+        cc.b_dec.copy_(torch.randn(2, 32, generator=g) * 0.3)
+        cc.W_dec.mul_(5.0)
+    return cc.eval()
+
+
+def brute_force(cc, models, tokens, latents, with_bias, mask):
+    """Mean KL(P_chat || P_S) and the gap over the positions of mask (position 0, the BOS, is
+    never patched), each position's patch summed latent by latent in raw space."""
+    s = cc.cfg["normalisation_factor"]
+    base_cache = models[0].run_with_cache(tokens)[1][HOOK]
+    chat_cache = models[1].run_with_cache(tokens)[1][HOOK]
+    f = cc.encode(torch.stack([base_cache * s[0], chat_cache * s[1]], dim=2).flatten(0, 1)).view(*tokens.shape, -1)
+    patched = base_cache.clone().double()
+    for n in range(tokens.shape[0]):
+        for p in range(1, tokens.shape[1]):
+            for j in latents:
+                patched[n, p] += f[n, p, j].double() * (cc.W_dec[j, 1].double() / s[1] - cc.W_dec[j, 0].double() / s[0])
+            if with_bias:
+                patched[n, p] += cc.b_dec[1].double() / s[1] - cc.b_dec[0].double() / s[0]
+
+    def logits_with(resid):
+        return models[1].run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: resid.to(act.dtype))]).double()
+
+    clean = models[1](tokens).double()
+
+    def mean_kl(other):
+        total = 0.0
+        for n, p in mask.nonzero().tolist():
+            P, Q = torch.softmax(clean[n, p], -1), torch.softmax(other[n, p], -1)
+            total += float((P * (P.log() - Q.log())).sum())
+        return total / int(mask.sum())
+
+    return mean_kl(logits_with(base_cache)), mean_kl(logits_with(patched))
+
+
+@torch.no_grad()
+def test_the_kl_gap_and_what_each_set_closes_equal_a_brute_force_computation():
+    """Three sets (every latent without and with the decoder-bias difference, three latents) in
+    two groups of positions: the gap and KL_S equal the brute force to 1e-5, and the fraction
+    closed is 1 - KL_S / KL_gap."""
+    models = [tiny_model(1), tiny_model(2)]
+    cc = crosscoder_with_firing_latents()
+    tokens = random_tokens(5, 9)
+    odd = torch.zeros(5, 9, dtype=torch.bool)
+    odd[:, 1::2] = True
+    groups = {"all": torch.ones(5, 9, dtype=torch.bool), "odd": odd}
+    sets = {"every": ALL, "every+bias": ALL_BIAS, "three": [1, 5, 7]}
+    got = kl_gap_closed(cc, models, tokens, sets, groups, batch_size=2, progress=False)
+    assert (cc.encode(torch.randn(64, 2, 32)) > 0).any(0).sum() > 8  # the sets do something
+    for name, latents, bias in (("every", range(16), False), ("every+bias", range(16), True), ("three", [1, 5, 7], False)):
+        for g, mask in groups.items():
+            mask = mask.clone()
+            mask[:, 0] = False  # the BOS position is never patched and counts in no group
+            gap, patched = brute_force(cc, models, tokens, latents, bias, mask)
+            row = got[name, g]
+            assert row["n_positions"] == int(mask.sum()) and row["n_latents"] == len(latents)
+            assert row["kl_gap"] == pytest.approx(gap, abs=1e-5) and row["kl_patched"] == pytest.approx(patched, abs=1e-5)
+            assert row["fraction_closed"] == pytest.approx(1 - patched / gap, abs=1e-5)
+    assert got["every", "all"]["kl_gap"] > 1e-3  # the two models differ
+
+
+@torch.no_grad()
+def test_a_model_against_itself_has_no_gap_and_bad_sets_are_named():
+    """The null pair: a zero gap is reported as zero with no fraction (never a NaN); an empty
+    group has no positions and no KL; a latent outside the dictionary is an error naming it."""
+    models = [tiny_model(1), tiny_model(1)]
+    cc = crosscoder_with_firing_latents()
+    tokens = random_tokens(4, 9)
+    groups = {"all": torch.ones(4, 9, dtype=torch.bool), "none": torch.zeros(4, 9, dtype=torch.bool)}
+    got = kl_gap_closed(cc, models, tokens, {"every": ALL}, groups, progress=False)
+    assert got["every", "all"]["kl_gap"] == pytest.approx(0.0, abs=1e-6) and got["every", "all"]["fraction_closed"] is None
+    assert got["every", "none"] == {"n_latents": 16, "n_positions": 0, "kl_gap": None, "kl_patched": None,
+                                    "fraction_closed": None}
+    assert fraction_closed(0.0, 0.0) is None and fraction_closed(2.0, 0.5) == 0.75
+    assert fraction_closed(5e-5, 1e-3) is None  # a gap under MIN_GAP: the models agree
+    with pytest.raises(ValueError, match="latent 16 is outside the dictionary"):
+        kl_gap_closed(cc, models, tokens, {"bad": [3, 16]}, groups, progress=False)
