@@ -45,7 +45,7 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
 from crossdiff.config.schema import ConfigError, complete_cfg
-from crossdiff.diffing.causal import ALL, ALL_BIAS, format_kl_table, kl_table
+from crossdiff.diffing.causal import diffing_sets, format_kl_table, kl_table, source_groups
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
     examples_html,
@@ -64,7 +64,6 @@ from crossdiff.diffing.measures import (
     is_model_specific,
     latent_classes,
     latent_scaling,
-    rank_sum_order,
     reconstruction_stats,
     scaling_summary,
     share_in_transcripts,
@@ -344,17 +343,8 @@ if models is not None and len(base_only):
 # %%
 if models is not None and KL_TEST:
     n_kl = len(tokens) if KL_SEQS is None else min(KL_SEQS, len(tokens))
-    groups = (token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else
-              {"all": torch.ones(tokens.shape, dtype=torch.bool)} | (
-                  {} if is_chat is None else {"text": ~is_chat.bool()[:, None].expand(tokens.shape)}))
-    kl_sets = {"all": ALL, "all+bias": ALL_BIAS, "chat_only": chat_only.tolist()}
-    if ls is not None:  # the probed latents that pass Latent Scaling; their halves by its rank sum
-        kl_sets["chat_specific"] = probed[is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()].tolist()
-        ranked = probed[rank_sum_order(ls["nu_error"].nan_to_num(float("inf")),
-                                       ls["nu_reconstruction"].nan_to_num(float("inf"))).cpu()]
-        kl_sets["ls_top_half"], kl_sets["ls_bottom_half"] = ranked[:len(ranked) // 2].tolist(), ranked[len(ranked) // 2:].tolist()
-    if LATENTS:
-        kl_sets["given"] = LATENTS
+    groups = token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else source_groups(tokens, is_chat)
+    kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
     kl_rows = kl_table(cc, models, tokens[:n_kl], kl_sets, {g: m[:n_kl] for g, m in groups.items()},
                        batch_size=SPLICE_BATCH_SIZE)
     (out_dir / "kl_gap.json").write_text(json.dumps(kl_rows, indent=1))

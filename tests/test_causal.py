@@ -92,3 +92,19 @@ def test_a_model_against_itself_has_no_gap_and_bad_sets_are_named():
     assert fraction_closed(5e-5, 1e-3) is None  # a gap under MIN_GAP: the models agree
     with pytest.raises(ValueError, match="latent 16 is outside the dictionary"):
         kl_gap_closed(cc, models, tokens, {"bad": [3, 16]}, groups, progress=False)
+
+
+def test_the_standard_sets_split_the_probed_latents_by_latent_scalings_rank_sum():
+    """Latents 10..15 probed: the ones passing the paper's rule are chat_specific, and the halves
+    split them by the rank sum of the two ratios (smallest first, NaN last)."""
+    from crossdiff.diffing.causal import diffing_sets
+
+    probed = torch.arange(10, 16)
+    ls = {"nu_error": torch.tensor([0.1, 0.9, 0.05, float("nan"), 0.5, 0.3]),
+          "nu_reconstruction": torch.tensor([0.2, 0.8, 0.1, 0.1, 0.6, 0.4])}
+    sets = diffing_sets(torch.tensor([3, 4]), probed, ls, given=[7])
+    assert sets["all"] == ALL and sets["all+bias"] == ALL_BIAS and sets["chat_only"] == [3, 4] and sets["given"] == [7]
+    assert sets["chat_specific"] == [10, 12]  # |nu_error| < 0.2 and |nu_reconstruction| < 0.5
+    # rank sums (ascending ranks, NaN as +inf, ties by position): 12: 0+0, 10: 1+2, 15: 2+3,
+    # 13: 5+1, 14: 3+4, 11: 4+5
+    assert sets["ls_top_half"] == [12, 10, 15] and sets["ls_bottom_half"] == [13, 14, 11]

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crossdiff.config.schema import hook_layer
-from crossdiff.diffing.measures import normalisation_factors
+from crossdiff.diffing.measures import is_model_specific, normalisation_factors, rank_sum_order
 from crossdiff.sources.activations import autocast_context, extract_activations
 from crossdiff.sources.tokenmask import PositionFilter
 
@@ -111,6 +111,31 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
         out[name, g] = {"n_latents": len(latents[name]), "n_positions": n_pos, "kl_gap": kl_gap, "kl_patched": kl_s,
                         "fraction_closed": None if not n_pos else fraction_closed(kl_gap, kl_s)}
     return out
+
+
+def diffing_sets(chat_only_J, probed_J=None, ls=None, given=None):
+    """The sets analysis.py tests: every latent without and with the decoder-bias difference, the
+    chat-only class; with Latent Scaling's result ls over probed_J, the latents that pass it and
+    the top and bottom halves of probed_J by its rank sum (the authors' comparison); given: a
+    user's list."""
+    sets = {"all": ALL, "all+bias": ALL_BIAS, "chat_only": chat_only_J.tolist()}
+    if ls is not None:
+        nu_e, nu_r = ls["nu_error"].cpu(), ls["nu_reconstruction"].cpu()
+        sets["chat_specific"] = probed_J[is_model_specific(nu_e, nu_r)].tolist()
+        ranked = probed_J[rank_sum_order(nu_e.nan_to_num(float("inf")), nu_r.nan_to_num(float("inf")))]
+        sets["ls_top_half"], sets["ls_bottom_half"] = ranked[:len(ranked) // 2].tolist(), ranked[len(ranked) // 2:].tolist()
+    if given:
+        sets["given"] = list(given)
+    return sets
+
+
+def source_groups(tokens_NS, is_chat_N=None):
+    """Groups of positions for data without roles: "all", and "text" (the plain-text rows) when
+    the rows' sources are known."""
+    groups = {"all": torch.ones(tokens_NS.shape, dtype=torch.bool)}
+    if is_chat_N is not None:
+        groups["text"] = ~is_chat_N.bool().cpu()[:, None].expand(tokens_NS.shape)
+    return groups
 
 
 def kl_table(crosscoder, models, tokens_NS, sets, groups, n_random=5, seed=0, method="crosscoder", **kw):
