@@ -108,3 +108,30 @@ def test_the_standard_sets_split_the_probed_latents_by_latent_scalings_rank_sum(
     # rank sums (ascending ranks, NaN as +inf, ties by position): 12: 0+0, 10: 1+2, 15: 2+3,
     # 13: 5+1, 14: 3+4, 11: 4+5
     assert sets["ls_top_half"] == [12, 10, 15] and sets["ls_bottom_half"] == [13, 14, 11]
+
+
+def test_the_toy_base_model_against_itself_comes_out_as_no_difference(tmp_path):
+    """The null pair: a crosscoder trained 400 steps on the toy base model and an identical copy.
+    Every latent is shared (relative norm within 0.4-0.6: no latent model-specific, a
+    false-positive rate of 0 of 1024), and the KL test finds a gap of exactly 0 and reports no
+    fraction for any set (never a NaN)."""
+    import copy
+
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.diffing.measures import latent_classes
+    from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups
+    from trainer import Trainer
+
+    cfg = complete_cfg({"preset": "toy", "data_dir": str(tmp_path / "data"), "checkpoint_dir": str(tmp_path / "ckpt"),
+                        "num_tokens": 512 * 400, "progress": False, "wandb_mode": "disabled"})
+    base, _, tokens, _ = build_toy_pair(cfg)
+    twin = copy.deepcopy(base)
+    trainer = Trainer(cfg, models=[base, twin], tokens=tokens)
+    trainer.train()
+    cc = trainer.crosscoder.eval()
+    rel = cc.relative_decoder_norm().detach()
+    assert ((rel > 0.4) & (rel < 0.6)).all() and int(latent_classes(cc)["shared"].sum()) == 1024
+    held, is_chat = heldout_tokens(cfg, 32)
+    got = kl_gap_closed(cc, [base, twin], held, {"every": ALL, "every+bias": ALL_BIAS, "some": [0, 1, 2]},
+                        token_groups(held, is_chat), progress=False)
+    assert all(row["kl_gap"] == 0.0 and row["fraction_closed"] is None for row in got.values() if row["n_positions"])
