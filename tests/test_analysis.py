@@ -183,6 +183,10 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
             assert (row["random_mean"] is None) == (row["set"] in ("all", "all+bias"))
     chat_only = next(row for row in rows if row["set"] == "chat_only" and row["group"] == "assistant")
     assert chat_only["n_latents"] == counts["chat_only"] and "chat_only/assistant" in summary["kl_gap"]
+    differ = summary["models_kl"]  # where the models differ: per group, and the largest places in order
+    assert set(differ["by_group"]) == {"all", "assistant", "first_k", "template", "user", "text"}
+    kls = [t["kl"] for t in differ["top"]]
+    assert len(kls) == 10 and kls == sorted(kls, reverse=True) and all(t["context"] for t in differ["top"])
 
 
 def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses(tmp_path):

@@ -135,3 +135,29 @@ def test_the_toy_base_model_against_itself_comes_out_as_no_difference(tmp_path):
     got = kl_gap_closed(cc, [base, twin], held, {"every": ALL, "every+bias": ALL_BIAS, "some": [0, 1, 2]},
                         token_groups(held, is_chat), progress=False)
     assert all(row["kl_gap"] == 0.0 and row["fraction_closed"] is None for row in got.values() if row["n_positions"])
+
+
+@torch.no_grad()
+def test_where_the_models_differ_is_their_kl_per_position_averaged_per_group_and_ranked():
+    """models_kl against KL(P_chat || P_base) summed by hand in float64 at every position from 1
+    on: each group's mean, and the 5 largest with their sequence and position."""
+    from crossdiff.diffing.causal import models_kl
+
+    models = [tiny_model(1), tiny_model(2)]
+    tokens = random_tokens(5, 9)
+    odd = torch.zeros(5, 9, dtype=torch.bool)
+    odd[:, 1::2] = True
+    by_group, top = models_kl(models, tokens, {"all": torch.ones(5, 9, dtype=torch.bool), "odd": odd}, batch_size=2,
+                              top=5, progress=False)
+    chat, base = models[1](tokens).double(), models[0](tokens).double()
+    kl = {}
+    for n in range(5):
+        for p in range(1, 9):
+            P, Q = torch.softmax(chat[n, p], -1), torch.softmax(base[n, p], -1)
+            kl[n, p] = float((P * (P.log() - Q.log())).sum())
+    assert by_group["all"]["n_positions"] == 40 and by_group["odd"]["n_positions"] == 20
+    assert by_group["all"]["kl"] == pytest.approx(sum(kl.values()) / 40, abs=1e-6)
+    assert by_group["odd"]["kl"] == pytest.approx(sum(v for (n, p), v in kl.items() if p % 2) / 20, abs=1e-6)
+    want = sorted(kl.items(), key=lambda item: -item[1])[:5]
+    assert [(n, p) for _, n, p in top] == [k for k, _ in want]
+    assert [v for v, _, _ in top] == pytest.approx([v for _, v in want], abs=1e-6)

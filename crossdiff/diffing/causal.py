@@ -182,3 +182,32 @@ def format_kl_table(rows, groups=None):
     for s in sets:
         lines.append(f"{s:<22} {by[s, groups[0]]['n_latents']:>7}  " + "  ".join(f"{cell(by[s, g]):<30}" for g in groups))
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def models_kl(models, tokens_NS, groups, batch_size=4, base=0, chat=1, first=1, top=10, progress=True):
+    """Where the two models differ, with no dictionary: KL(P_chat || P_base) of their full
+    forwards at each position from `first` on. Returns ({group: {n_positions, kl}} (the mean),
+    [(kl, sequence, position)] for the `top` largest over all those positions)."""
+    device = next(models[chat].parameters()).device
+    sums, counts = dict.fromkeys(groups, 0.0), dict.fromkeys(groups, 0)
+    best_v, best_i = torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.long)
+    S = tokens_NS.shape[1]
+    for start in tqdm(range(0, len(tokens_NS), batch_size), desc="KL between the models", leave=False,
+                      disable=not progress):
+        t = tokens_NS[start:start + batch_size].to(device, torch.long)
+        with autocast_context(device):
+            kl_NS = kl_per_position(models[chat](t), models[base](t)).double().cpu()
+        kl_NS[:, :first] = float("nan")
+        for g, mask in groups.items():
+            m = mask[start:start + len(t)].cpu().clone()
+            m[:, :first] = False
+            sums[g] += float(kl_NS[m].sum())
+            counts[g] += int(m.sum())
+        flat = kl_NS.flatten().nan_to_num(-1.0)
+        v, i = flat.topk(min(top, len(flat)))
+        best_v, best_i = torch.cat([best_v, v]), torch.cat([best_i, i + start * S])
+        keep = best_v.topk(min(top, len(best_v))).indices
+        best_v, best_i = best_v[keep], best_i[keep]
+    by_group = {g: {"n_positions": counts[g], "kl": sums[g] / counts[g] if counts[g] else None} for g in groups}
+    return by_group, [(float(v), int(i) // S, int(i) % S) for v, i in zip(best_v, best_i)]
