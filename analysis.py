@@ -45,7 +45,15 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import first_n, positions
 from crossdiff.config.schema import ConfigError, complete_cfg
-from crossdiff.diffing.causal import diffing_sets, format_kl_table, kl_table, models_kl, source_groups
+from crossdiff.diffing.causal import (
+    adl_direction,
+    diffing_sets,
+    format_kl_table,
+    kl_table,
+    logit_lens,
+    models_kl,
+    source_groups,
+)
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
     examples_html,
@@ -359,6 +367,14 @@ if models is not None and KL_TEST:
     kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
     kl_rows = kl_table(cc, models, tokens[:n_kl], kl_sets, {g: m[:n_kl] for g, m in groups.items()},
                        batch_size=SPLICE_BATCH_SIZE)
+    # the Activation Difference Lens, a baseline with no training: the mean difference over the
+    # first 5 positions of text rows, its logit lens, and the gap it closes added everywhere
+    text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]
+    adl = adl_direction(models, text_rows[:n_kl], cfg["hook_point"], first=first_n(cfg), batch_size=BATCH_SIZE)
+    summary["adl_logit_lens"] = logit_lens(models[1], adl)
+    print("Activation Difference Lens, top tokens: " + ", ".join(t for t, _ in summary["adl_logit_lens"]))
+    kl_rows += kl_table(cc, models, tokens[:n_kl], {"adl": adl}, {g: m[:n_kl] for g, m in groups.items()},
+                        method="adl", batch_size=SPLICE_BATCH_SIZE)
     (out_dir / "kl_gap.json").write_text(json.dumps(kl_rows, indent=1))
     summary["kl_gap"] = {f"{r['set']}/{r['group']}": r["fraction_closed"] for r in kl_rows}
     print(f"the share of the base -> chat KL gap each set closes ({n_kl} held-out sequences):\n" + format_kl_table(kl_rows))

@@ -161,3 +161,31 @@ def test_where_the_models_differ_is_their_kl_per_position_averaged_per_group_and
     want = sorted(kl.items(), key=lambda item: -item[1])[:5]
     assert [(n, p) for _, n, p in top] == [k for k, _ in want]
     assert [v for v, _, _ in top] == pytest.approx([v for _, v in want], abs=1e-6)
+
+
+@torch.no_grad()
+def test_the_activation_difference_lens_its_logit_lens_and_its_kl_gap_closed():
+    """adl_direction is the mean of h_chat - h_base over positions 1..5 (computed from cached
+    residuals); its logit lens is the model's final norm and unembedding of it; added at every
+    position from 1 on, the KL it leaves equals a hooked forward with the KL summed by hand."""
+    from crossdiff.diffing.causal import adl_direction, logit_lens
+
+    models = [tiny_model(1), tiny_model(2)]
+    tokens = random_tokens(6, 9)
+    cache = [m.run_with_cache(tokens)[1][HOOK] for m in models]
+    direction = adl_direction(models, tokens, HOOK, n_positions=5, batch_size=4)
+    torch.testing.assert_close(direction, (cache[1] - cache[0])[:, 1:6].mean((0, 1)), atol=1e-6, rtol=1e-5)
+    lens = logit_lens(models[1], direction, top=3)
+    logits = models[1].unembed(models[1].ln_final(direction[None, None]))[0, 0]
+    assert [int(t) for t, _ in lens] == logits.topk(3).indices.tolist()
+
+    cc = crosscoder_with_firing_latents()
+    mask = torch.ones(6, 9, dtype=torch.bool)
+    got = kl_gap_closed(cc, models, tokens, {"adl": direction}, {"all": mask}, progress=False)["adl", "all"]
+    patched = cache[0].clone()
+    patched[:, 1:] += direction
+    clean = models[1](tokens).double()
+    other = models[1].run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: patched)]).double()
+    P, Q = torch.softmax(clean[:, 1:], -1), torch.softmax(other[:, 1:], -1)
+    assert got["n_latents"] == 0 and got["n_positions"] == 6 * 8
+    assert got["kl_patched"] == pytest.approx(float((P * (P.log() - Q.log())).sum(-1).mean()), abs=1e-5)

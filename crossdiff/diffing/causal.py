@@ -60,7 +60,7 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
     """The KL gap each latent set closes in each group of positions, over tokens_NS.
 
     sets: {name: latent indices, or ALL / ALL_BIAS (every latent, without / with the decoder-bias
-    difference)}; groups: {name: bool [N, S]} (a position's logits, predicting the next token).
+    difference), or a float direction [D] added at every patched position}; groups: {name: bool [N, S]} (a position's logits, predicting the next token).
     Positions training never read (before ignore_first_n, excluded tokens) keep the base residual
     and count in no group. Returns {(set, group): {n_latents, n_positions, kl_gap, kl_patched,
     fraction_closed}} (the KLs are means over the group's positions)."""
@@ -72,9 +72,15 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
     from_hook = layer is not None and hook_point == f"blocks.{layer}.hook_resid_pre"
     device = next(models[chat].parameters()).device
     F = W_dec_FMD.shape[0]
+    vectors = {name: s.float() for name, s in sets.items() if torch.is_tensor(s) and s.is_floating_point()}
     latents = {name: torch.arange(F) if isinstance(s, str) else torch.as_tensor(s, dtype=torch.long).flatten()
-               for name, s in sets.items()}
+               for name, s in sets.items() if name not in vectors}
     for name, s in sets.items():
+        if name in vectors:
+            if vectors[name].shape != W_dec_FMD.shape[-1:]:
+                raise ValueError(f"set {name!r}: a direction must have d_in {W_dec_FMD.shape[-1]} entries, "
+                                 f"got shape {tuple(vectors[name].shape)}")
+            continue
         if isinstance(s, str) and s not in (ALL, ALL_BIAS):
             raise ValueError(f"set {name!r}: {s!r} is neither a list of latents nor {ALL!r} / {ALL_BIAS!r}")
         bad = latents[name][(latents[name] < 0) | (latents[name] >= F)]
@@ -96,8 +102,11 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
             gap_NP = kl_per_position(clean, _chat_from(models[chat], resid[base], t, hook_point, from_hook, layer))[:, first:]
             for name, s in sets.items():
                 h = resid[base].clone()
-                patched_NPD = patch(resid[base][:, first:], acts_NPF, W_dec_FMD.to(device), latents[name].to(device),
-                                    b_dec_MD.to(device) if s == ALL_BIAS else None, base, chat)
+                if name in vectors:  # a direction added at every position (the Activation Difference Lens)
+                    patched_NPD = resid[base][:, first:] + vectors[name].to(device)
+                else:
+                    patched_NPD = patch(resid[base][:, first:], acts_NPF, W_dec_FMD.to(device), latents[name].to(device),
+                                        b_dec_MD.to(device) if isinstance(s, str) and s == ALL_BIAS else None, base, chat)
                 h[:, first:] = torch.where(kept_NP[..., None], patched_NPD, resid[base][:, first:])
                 kl_NP = kl_per_position(clean, _chat_from(models[chat], h, t, hook_point, from_hook, layer))[:, first:]
                 for g, m in in_group.items():
@@ -108,9 +117,36 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
     for (name, g), (gap, patched) in sums.items():
         n_pos = counts[g]
         kl_gap, kl_s = (gap.item() / n_pos, patched.item() / n_pos) if n_pos else (None, None)
-        out[name, g] = {"n_latents": len(latents[name]), "n_positions": n_pos, "kl_gap": kl_gap, "kl_patched": kl_s,
+        out[name, g] = {"n_latents": len(latents[name]) if name in latents else 0, "n_positions": n_pos, "kl_gap": kl_gap, "kl_patched": kl_s,
                         "fraction_closed": None if not n_pos else fraction_closed(kl_gap, kl_s)}
     return out
+
+
+@torch.no_grad()
+def adl_direction(models, tokens_NS, hook_point, n_positions=5, first=1, batch_size=8, base=0, chat=1):
+    """The Activation Difference Lens (Minder et al. 2025, arXiv 2510.13900): the mean of
+    h_chat - h_base at the hook over the first n_positions positions training reads (from `first`
+    on: the BOS, identical input to both, is left out) of tokens_NS (pass pretraining-like rows)."""
+    device = next(models[chat].parameters()).device
+    total, count = None, 0
+    for start in range(0, len(tokens_NS), batch_size):
+        t = tokens_NS[start:start + batch_size].to(device, torch.long)
+        with autocast_context(device):
+            diff = (extract_activations(models[chat], t, hook_point).float()
+                    - extract_activations(models[base], t, hook_point).float())[:, first:first + n_positions]
+        total = diff.sum((0, 1)) if total is None else total + diff.sum((0, 1))
+        count += diff.shape[0] * diff.shape[1]
+    return total / count
+
+
+@torch.no_grad()
+def logit_lens(model, direction_D, top=10):
+    """The `top` tokens a direction promotes, read through the model's final norm and unembedding:
+    [(token, logit)]."""
+    logits_V = model.unembed(model.ln_final(direction_D.to(model.W_U.device)[None, None].float()))[0, 0]
+    values, ids = logits_V.topk(top)
+    return [(model.to_single_str_token(int(i)) if model.tokenizer is not None else str(int(i)), float(v))
+            for v, i in zip(values, ids)]
 
 
 def diffing_sets(chat_only_J, probed_J=None, ls=None, given=None):
@@ -139,19 +175,24 @@ def source_groups(tokens_NS, is_chat_N=None):
 
 
 def kl_table(crosscoder, models, tokens_NS, sets, groups, n_random=5, seed=0, method="crosscoder", **kw):
-    """kl_gap_closed's rows for kl_gap.json, one per (set, group), each with the control: n_random
-    random sets of the same size (seeded), the mean and spread of what they close (none for the
-    sets of every latent, which have no same-size control)."""
-    F = crosscoder.W_dec.shape[0]
+    """kl_gap_closed's rows for kl_gap.json, one per (set, group), each with its control: n_random
+    random latent sets of the same size, or for a direction n_random random directions of its
+    norm (seeded); the mean and spread of what they close (none for the sets of every latent)."""
+    F, D = crosscoder.W_dec.shape[0], crosscoder.W_dec.shape[-1]
     g = torch.Generator().manual_seed(seed)
-    sizes = sorted({len(s) for s in sets.values() if not isinstance(s, str) and len(s)})
+    vectors = {n: v for n, v in sets.items() if torch.is_tensor(v) and v.is_floating_point()}
+    sizes = sorted({len(v) for n, v in sets.items() if not isinstance(v, str) and n not in vectors and len(v)})
     controls = {f"random{J}#{i}": torch.randperm(F, generator=g)[:J] for J in sizes for i in range(n_random)}
+    for n, v in vectors.items():
+        for i in range(n_random):
+            controls[f"{n}~random#{i}"] = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0) * v.float().norm()
     got = kl_gap_closed(crosscoder, models, tokens_NS, {**sets, **controls}, groups, **kw)
     rows = []
     for name, s in sets.items():
         for group in groups:
             r = got[name, group]
-            closed = [got[c, group]["fraction_closed"] for c in controls if c.startswith(f"random{r['n_latents']}#")]
+            prefix = f"{name}~random#" if name in vectors else f"random{r['n_latents']}#"
+            closed = [got[c, group]["fraction_closed"] for c in controls if c.startswith(prefix)]
             closed = torch.tensor([c for c in closed if c is not None], dtype=torch.float64)
             spread = {"random_mean": float(closed.mean()) if len(closed) else None,
                       "random_std": float(closed.std()) if len(closed) > 1 else None}
@@ -180,7 +221,8 @@ def format_kl_table(rows, groups=None):
         f"{'none' if by[sets[0], g]['kl_gap'] is None else format(by[sets[0], g]['kl_gap'], '.3g')}, "
         f"{by[sets[0], g]['n_positions']:,}".ljust(30) for g in groups))
     for s in sets:
-        lines.append(f"{s:<22} {by[s, groups[0]]['n_latents']:>7}  " + "  ".join(f"{cell(by[s, g]):<30}" for g in groups))
+        n = by[s, groups[0]]["n_latents"]
+        lines.append(f"{s:<22} {n or 'a dir.':>7}  " + "  ".join(f"{cell(by[s, g]):<30}" for g in groups))
     return "\n".join(lines)
 
 
