@@ -43,17 +43,9 @@ import torch
 
 from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
-from crossdiff.config.plan import first_n, positions
+from crossdiff.config.plan import positions
 from crossdiff.config.schema import ConfigError, complete_cfg
-from crossdiff.diffing.causal import (
-    adl_direction,
-    diffing_sets,
-    format_kl_table,
-    kl_table,
-    logit_lens,
-    models_kl,
-    source_groups,
-)
+from crossdiff.diffing.causal import diff_report, diffing_sets, source_groups
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
     examples_html,
@@ -352,32 +344,13 @@ if models is not None and len(base_only):
 if models is not None and KL_TEST:
     n_kl = len(tokens) if KL_SEQS is None else min(KL_SEQS, len(tokens))
     groups = token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else source_groups(tokens, is_chat)
-    # where the two models differ, with no dictionary: their KL per group, and its largest places
-    def words(toks):  # a word-level vocabulary's tokens carry no spaces; BPE's do (" x", "▁x", "Ġx")
-        return ("" if any(t[:1] in (" ", "▁", "Ġ") for t in toks) else " ").join(toks)
-
-    by_group, top_kl = models_kl(models, tokens[:n_kl], {g: m[:n_kl] for g, m in groups.items()}, SPLICE_BATCH_SIZE,
-                                 first=first_n(cfg))
-    summary["models_kl"] = {"by_group": by_group, "top": [
-        {"kl": v, "sequence": n, "position": p, "context": words(models[1].to_str_tokens(tokens[n, max(0, p - 8):p + 2]))}
-        for v, n, p in top_kl]}
-    print("KL(P_chat || P_base) per token: " + ", ".join(f"{g} {r['kl']:.3g} ({r['n_positions']:,})" for g, r in by_group.items()
-                                                         if r["kl"] is not None))
-    print("largest at: " + "; ".join(f"{t['kl']:.2f} [{t['context']}]" for t in summary["models_kl"]["top"][:3]))
-    kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
-    kl_rows = kl_table(cc, models, tokens[:n_kl], kl_sets, {g: m[:n_kl] for g, m in groups.items()},
-                       batch_size=SPLICE_BATCH_SIZE)
-    # the Activation Difference Lens, a baseline with no training: the mean difference over the
-    # first 5 positions of text rows, its logit lens, and the gap it closes added everywhere
-    text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]
-    adl = adl_direction(models, text_rows[:n_kl], cfg["hook_point"], first=first_n(cfg), batch_size=BATCH_SIZE)
-    summary["adl_logit_lens"] = logit_lens(models[1], adl)
-    print("Activation Difference Lens, top tokens: " + ", ".join(t for t, _ in summary["adl_logit_lens"]))
-    kl_rows += kl_table(cc, models, tokens[:n_kl], {"adl": adl}, {g: m[:n_kl] for g, m in groups.items()},
-                        method="adl", batch_size=SPLICE_BATCH_SIZE)
+    text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]  # pretraining-like rows, for the ADL
+    kl_rows, kl_summary, kl_text = diff_report(cc, models, tokens[:n_kl], {g: m[:n_kl] for g, m in groups.items()},
+                                               diffing_sets(chat_only, probed, ls, LATENTS), text_rows[:n_kl],
+                                               SPLICE_BATCH_SIZE, BATCH_SIZE)
     (out_dir / "kl_gap.json").write_text(json.dumps(kl_rows, indent=1))
-    summary["kl_gap"] = {f"{r['set']}/{r['group']}": r["fraction_closed"] for r in kl_rows}
-    print(f"the share of the base -> chat KL gap each set closes ({n_kl} held-out sequences):\n" + format_kl_table(kl_rows))
+    summary.update(kl_summary)
+    print(kl_text)
 
 # %% [markdown]
 # ## Chat tokens against the rest (the toy pair, or a token mix with chat sources)

@@ -253,3 +253,35 @@ def models_kl(models, tokens_NS, groups, batch_size=4, base=0, chat=1, first=1, 
         best_v, best_i = best_v[keep], best_i[keep]
     by_group = {g: {"n_positions": counts[g], "kl": sums[g] / counts[g] if counts[g] else None} for g in groups}
     return by_group, [(float(v), int(i) // S, int(i) % S) for v, i in zip(best_v, best_i)]
+
+
+def words(tokens_str):
+    """Tokens as text: a word-level vocabulary's carry no spaces, BPE's do (" x", "▁x", "Ġx")."""
+    return ("" if any(t[:1] in (" ", "▁", "Ġ") for t in tokens_str) else " ").join(tokens_str)
+
+
+def diff_report(crosscoder, models, tokens_NS, groups, sets, text_rows_NS, batch_size=4, adl_batch_size=8, top=10):
+    """What analysis.py's KL section reports on tokens_NS: where the models differ (models_kl, with
+    each top place's context), the gap each set closes (kl_table), and the Activation Difference
+    Lens on text_rows_NS (its logit lens and its gap closed). Returns (the rows of kl_gap.json,
+    the summary's entries, the text printed)."""
+    first = PositionFilter(crosscoder.cfg, models).first
+    by_group, top_kl = models_kl(models, tokens_NS, groups, batch_size, first=first, top=top)
+    places = [{"kl": v, "sequence": n, "position": p,
+               "context": words(models[1].to_str_tokens(tokens_NS[n, max(0, p - 8):p + 2]))} for v, n, p in top_kl]
+    rows = kl_table(crosscoder, models, tokens_NS, sets, groups, batch_size=batch_size)
+    adl = adl_direction(models, text_rows_NS, crosscoder.cfg["hook_point"], first=first, batch_size=adl_batch_size)
+    lens = logit_lens(models[1], adl)
+    rows += kl_table(crosscoder, models, tokens_NS, {"adl": adl}, groups, method="adl", batch_size=batch_size)
+    summary = {"models_kl": {"by_group": by_group, "top": places}, "adl_logit_lens": lens,
+               "kl_gap": {f"{r['method']}:{r['set']}/{r['group']}": r["fraction_closed"] for r in rows}}
+    text = "\n".join([
+        "KL(P_chat || P_base) per token: " + ", ".join(f"{g} {r['kl']:.3g} ({r['n_positions']:,})"
+                                                     for g, r in by_group.items() if r["kl"] is not None),
+        "largest at: " + "; ".join(f"{t['kl']:.2f} [{t['context']}]" for t in places[:3]),
+        "Activation Difference Lens (mean difference over the first 5 positions of text rows), top tokens: "
+        + ", ".join(t for t, _ in lens),
+        f"the share of the base -> chat KL gap each set closes ({len(tokens_NS)} held-out sequences):",
+        format_kl_table(rows)])
+    return rows, summary, text
+
