@@ -33,6 +33,9 @@ SPLICE_IN = True
 # The KL test (crossdiff/diffing/causal.py): on how many held-out sequences (None: all), which
 # extra latents to test as a set ("given"), and how many first tokens of a turn form "first_k".
 KL_TEST, KL_SEQS, LATENTS, FIRST_K = True, 256, None, 9
+# Also the 2 % of the dictionary that closes the most of the assistant (else all) gap one latent
+# at a time, chosen on the next KL_SEQS held-out rows: one forward per latent (None: toy only).
+RANKED = None
 
 # %%
 import json
@@ -45,7 +48,7 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
 from crossdiff.config.schema import ConfigError, complete_cfg
-from crossdiff.diffing.causal import diff_report, diffing_sets, source_groups
+from crossdiff.diffing.causal import diff_report, diffing_sets, ranked_sets, source_groups
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
     examples_html,
@@ -104,13 +107,14 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "splice_in": "true / false: measure the splice-in loss (default true; most of the time on a CPU)",
            "kl_test": "true / false: the KL gap each latent set closes (default true)",
            "latents": "I,J,...: a latent set of your own for the KL test",
+           "ranked": "true / false: the KL test's ranked sets, a forward per latent (default: the toy preset)",
            "help": "print this and exit"}
 
 
 def apply_argv(argv):
     """The script's options (the same --key value parser as train.py) into the settings above."""
     global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY, SPLICE_IN
-    global KL_TEST, LATENTS
+    global KL_TEST, LATENTS, RANKED
     _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
     if opts.get("help"):
         print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
@@ -124,11 +128,12 @@ def apply_argv(argv):
         BATCH_SIZE = int(opts["batch_size"]) if "batch_size" in opts else BATCH_SIZE
         SPLICE_BATCH_SIZE = int(opts["splice_batch_size"]) if "splice_batch_size" in opts else SPLICE_BATCH_SIZE
         EFFECTIVE_CHAT_ONLY = int(opts["effective_chat_only"]) if "effective_chat_only" in opts else EFFECTIVE_CHAT_ONLY
-        for key in ("splice_in", "kl_test"):
+        for key in ("splice_in", "kl_test", "ranked"):
             if key in opts and opts[key].lower() not in ("true", "false"):
                 raise ValueError(f"{key} must be true or false, not {opts[key]!r}")
         SPLICE_IN = opts["splice_in"].lower() == "true" if "splice_in" in opts else SPLICE_IN
         KL_TEST = opts["kl_test"].lower() == "true" if "kl_test" in opts else KL_TEST
+        RANKED = opts["ranked"].lower() == "true" if "ranked" in opts else RANKED
         LATENTS = [int(v) for v in opts["latents"].split(",")] if "latents" in opts else LATENTS
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
@@ -345,9 +350,13 @@ if models is not None and KL_TEST:
     n_kl = len(tokens) if KL_SEQS is None else min(KL_SEQS, len(tokens))
     groups = token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else source_groups(tokens, is_chat)
     text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]  # pretraining-like rows, for the ADL
+    kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
+    if (cfg["preset"] == "toy" if RANKED is None else RANKED) and len(tokens) > n_kl:  # chosen on other rows
+        picked = "assistant" if "assistant" in groups else "all"
+        kl_sets |= ranked_sets(cc, models, tokens[n_kl:2 * n_kl], groups[picked][n_kl:2 * n_kl],
+                               batch_size=SPLICE_BATCH_SIZE)
     kl_rows, kl_summary, kl_text = diff_report(cc, models, tokens[:n_kl], {g: m[:n_kl] for g, m in groups.items()},
-                                               diffing_sets(chat_only, probed, ls, LATENTS), text_rows[:n_kl],
-                                               SPLICE_BATCH_SIZE, BATCH_SIZE)
+                                               kl_sets, text_rows[:n_kl], SPLICE_BATCH_SIZE, BATCH_SIZE)
     (out_dir / "kl_gap.json").write_text(json.dumps(kl_rows, indent=1))
     summary.update(kl_summary)
     print(kl_text)

@@ -189,3 +189,20 @@ def test_the_activation_difference_lens_its_logit_lens_and_its_kl_gap_closed():
     P, Q = torch.softmax(clean[:, 1:], -1), torch.softmax(other[:, 1:], -1)
     assert got["n_latents"] == 0 and got["n_positions"] == 6 * 8
     assert got["kl_patched"] == pytest.approx(float((P * (P.log() - Q.log())).sum(-1).mean()), abs=1e-5)
+
+
+@torch.no_grad()
+def test_ranking_latents_by_the_gap_each_closes_alone_orders_them_by_their_own_rows():
+    """rank_by_gap_closed's order and fractions are those of each latent's own singleton row of
+    kl_gap_closed, largest first."""
+    from crossdiff.diffing.causal import rank_by_gap_closed
+
+    models = [tiny_model(1), tiny_model(2)]
+    cc = crosscoder_with_firing_latents()
+    tokens = random_tokens(4, 9)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    order, closed = rank_by_gap_closed(cc, models, tokens, mask, candidates_J=[2, 5, 7, 11], progress=False)
+    alone = {j: kl_gap_closed(cc, models, tokens, {"s": [j]}, {"g": mask}, progress=False)["s", "g"]["fraction_closed"]
+             for j in (2, 5, 7, 11)}
+    assert order.tolist() == sorted(alone, key=lambda j: -alone[j])
+    assert closed.tolist() == pytest.approx(sorted(alone.values(), reverse=True), abs=1e-9)

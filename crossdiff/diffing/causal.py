@@ -12,6 +12,8 @@ itself) closes nothing and divides by nothing: the fraction is None.
 Shape legend: N sequences, S positions, P positions patched (S - first), D d_in, F latents, J a
 set's latents, V vocabulary, M models.
 """
+from typing import NamedTuple
+
 import torch
 from tqdm.auto import tqdm
 
@@ -21,6 +23,11 @@ from crossdiff.sources.activations import autocast_context, extract_activations
 from crossdiff.sources.tokenmask import PositionFilter
 
 ALL, ALL_BIAS = "all", "all+bias"  # the reconstruction difference without / with b_chat - b_base
+
+
+class WithBias(NamedTuple):
+    """A latent set patched together with the decoder-bias difference b_chat - b_base."""
+    latents: list
 MIN_GAP = 1e-4  # nats per token: a smaller gap has no fraction closed (fraction_closed)
 
 
@@ -59,8 +66,9 @@ def _chat_from(model, resid_NSD, tokens_NS, hook_point, from_hook, layer):
 def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, base=0, chat=1, progress=True):
     """The KL gap each latent set closes in each group of positions, over tokens_NS.
 
-    sets: {name: latent indices, or ALL / ALL_BIAS (every latent, without / with the decoder-bias
-    difference), or a float direction [D] added at every patched position}; groups: {name: bool [N, S]} (a position's logits, predicting the next token).
+    sets: {name: latent indices, WithBias(latent indices) (patched with the decoder-bias
+    difference too), ALL / ALL_BIAS (every latent, without / with it), or a float direction [D]
+    added at every patched position}; groups: {name: bool [N, S]} (a position's logits, predicting the next token).
     Positions training never read (before ignore_first_n, excluded tokens) keep the base residual
     and count in no group. Returns {(set, group): {n_latents, n_positions, kl_gap, kl_patched,
     fraction_closed}} (the KLs are means over the group's positions)."""
@@ -73,7 +81,9 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
     device = next(models[chat].parameters()).device
     F = W_dec_FMD.shape[0]
     vectors = {name: s.float() for name, s in sets.items() if torch.is_tensor(s) and s.is_floating_point()}
-    latents = {name: torch.arange(F) if isinstance(s, str) else torch.as_tensor(s, dtype=torch.long).flatten()
+    with_bias = {name for name, s in sets.items() if isinstance(s, WithBias) or isinstance(s, str) and s == ALL_BIAS}
+    latents = {name: torch.arange(F) if isinstance(s, str) else
+               torch.as_tensor(s.latents if isinstance(s, WithBias) else s, dtype=torch.long).flatten()
                for name, s in sets.items() if name not in vectors}
     for name, s in sets.items():
         if name in vectors:
@@ -106,7 +116,7 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
                     patched_NPD = resid[base][:, first:] + vectors[name].to(device)
                 else:
                     patched_NPD = patch(resid[base][:, first:], acts_NPF, W_dec_FMD.to(device), latents[name].to(device),
-                                        b_dec_MD.to(device) if isinstance(s, str) and s == ALL_BIAS else None, base, chat)
+                                        b_dec_MD.to(device) if name in with_bias else None, base, chat)
                 h[:, first:] = torch.where(kept_NP[..., None], patched_NPD, resid[base][:, first:])
                 kl_NP = kl_per_position(clean, _chat_from(models[chat], h, t, hook_point, from_hook, layer))[:, first:]
                 for g, m in in_group.items():
@@ -149,6 +159,27 @@ def logit_lens(model, direction_D, top=10):
             for v, i in zip(values, ids)]
 
 
+def rank_by_gap_closed(crosscoder, models, tokens_NS, group_NS, candidates_J=None, **kw):
+    """The candidate latents (default: all) in order of the gap each closes alone in a group of
+    positions, most first, with those fractions: a selection to be measured on other rows (the
+    selection rows' own figures are biased upward). One chat forward per latent and batch."""
+    F = crosscoder.W_dec.shape[0]
+    candidates = range(F) if candidates_J is None else [int(j) for j in candidates_J]
+    single = kl_gap_closed(crosscoder, models, tokens_NS, {j: [j] for j in candidates}, {"group": group_NS}, **kw)
+    closed = torch.tensor([single[j, "group"]["fraction_closed"] or 0.0 for j in candidates], dtype=torch.float64)
+    order = closed.argsort(descending=True, stable=True)
+    return torch.tensor(list(candidates))[order], closed[order]
+
+
+def ranked_sets(crosscoder, models, tokens_NS, group_NS, share=0.02, **kw):
+    """The share of the dictionary that closes the most of a group's gap one latent at a time
+    (rank_by_gap_closed on tokens_NS: pass rows the table does not evaluate on), alone and with
+    the decoder-bias difference: {"ranked<k>": latents, "ranked<k>+bias": WithBias(latents)}."""
+    order, _ = rank_by_gap_closed(crosscoder, models, tokens_NS, group_NS, **kw)
+    k = max(1, round(share * crosscoder.W_dec.shape[0]))
+    return {f"ranked{k}": order[:k].tolist(), f"ranked{k}+bias": WithBias(order[:k].tolist())}
+
+
 def diffing_sets(chat_only_J, probed_J=None, ls=None, given=None):
     """The sets analysis.py tests: every latent without and with the decoder-bias difference, the
     chat-only class; with Latent Scaling's result ls over probed_J, the latents that pass it and
@@ -181,8 +212,18 @@ def kl_table(crosscoder, models, tokens_NS, sets, groups, n_random=5, seed=0, me
     F, D = crosscoder.W_dec.shape[0], crosscoder.W_dec.shape[-1]
     g = torch.Generator().manual_seed(seed)
     vectors = {n: v for n, v in sets.items() if torch.is_tensor(v) and v.is_floating_point()}
-    sizes = sorted({len(v) for n, v in sets.items() if not isinstance(v, str) and n not in vectors and len(v)})
-    controls = {f"random{J}#{i}": torch.randperm(F, generator=g)[:J] for J in sizes for i in range(n_random)}
+
+    def control_name(v, n_latents, i):  # a random set of the same size, with the bias when it has it
+        return f"random{n_latents}{'+bias' * isinstance(v, WithBias)}#{i}"
+
+    sized = {(len(v.latents if isinstance(v, WithBias) else v), isinstance(v, WithBias))
+             for n, v in sets.items() if not isinstance(v, str) and n not in vectors}
+    controls = {}
+    for J, bias in sorted(s for s in sized if s[0]):
+        g_J = torch.Generator().manual_seed(seed + 7919 * J + bias)  # a size's draws whatever else is tested
+        for i in range(n_random):
+            picked = torch.randperm(F, generator=g_J)[:J]
+            controls[control_name(WithBias(picked) if bias else picked, J, i)] = WithBias(picked) if bias else picked
     for n, v in vectors.items():
         for i in range(n_random):
             controls[f"{n}~random#{i}"] = torch.nn.functional.normalize(torch.randn(D, generator=g), dim=0) * v.float().norm()
@@ -191,7 +232,7 @@ def kl_table(crosscoder, models, tokens_NS, sets, groups, n_random=5, seed=0, me
     for name, s in sets.items():
         for group in groups:
             r = got[name, group]
-            prefix = f"{name}~random#" if name in vectors else f"random{r['n_latents']}#"
+            prefix = f"{name}~random#" if name in vectors else control_name(s, r["n_latents"], "")
             closed = [got[c, group]["fraction_closed"] for c in controls if c.startswith(prefix)]
             closed = torch.tensor([c for c in closed if c is not None], dtype=torch.float64)
             spread = {"random_mean": float(closed.mean()) if len(closed) else None,
