@@ -74,6 +74,9 @@ def test_the_kl_gap_and_what_each_set_closes_equal_a_brute_force_computation():
             assert row["kl_gap"] == pytest.approx(gap, abs=1e-5) and row["kl_patched"] == pytest.approx(patched, abs=1e-5)
             assert row["fraction_closed"] == pytest.approx(1 - patched / gap, abs=1e-5)
     assert got["every", "all"]["kl_gap"] > 1e-3  # the two models differ
+    shared = kl_gap_closed(cc, models, tokens, sets, groups, batch_size=2, progress=False, forward_rows=6)
+    for key, row in got.items():  # three sets in one forward of 6 rows: the same figures
+        assert shared[key]["kl_patched"] == pytest.approx(row["kl_patched"], abs=1e-6)
 
 
 @torch.no_grad()
@@ -206,3 +209,18 @@ def test_ranking_latents_by_the_gap_each_closes_alone_orders_them_by_their_own_r
              for j in (2, 5, 7, 11)}
     assert order.tolist() == sorted(alone, key=lambda j: -alone[j])
     assert closed.tolist() == pytest.approx(sorted(alone.values(), reverse=True), abs=1e-9)
+
+
+@torch.no_grad()
+def test_the_ranked_sets_take_the_top_share_of_the_ranking_alone_and_with_the_bias():
+    """ranked_sets with share 0.25 of 16 latents: the first 4 of rank_by_gap_closed's order, as a
+    plain set and as WithBias."""
+    from crossdiff.diffing.causal import WithBias, rank_by_gap_closed, ranked_sets
+
+    models = [tiny_model(1), tiny_model(2)]
+    cc = crosscoder_with_firing_latents()
+    tokens = random_tokens(4, 9)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    order, _ = rank_by_gap_closed(cc, models, tokens, mask, progress=False)
+    sets = ranked_sets(cc, models, tokens, mask, share=0.25, progress=False)
+    assert sets == {"ranked4": order[:4].tolist(), "ranked4+bias": WithBias(order[:4].tolist())}

@@ -12,6 +12,7 @@ itself) closes nothing and divides by nothing: the fraction is None.
 Shape legend: N sequences, S positions, P positions patched (S - first), D d_in, F latents, J a
 set's latents, V vocabulary, M models.
 """
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -63,7 +64,8 @@ def _chat_from(model, resid_NSD, tokens_NS, hook_point, from_hook, layer):
 
 
 @torch.no_grad()
-def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, base=0, chat=1, progress=True):
+def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, base=0, chat=1, progress=True,
+                  forward_rows=None):
     """The KL gap each latent set closes in each group of positions, over tokens_NS.
 
     sets: {name: latent indices, WithBias(latent indices) (patched with the decoder-bias
@@ -71,7 +73,8 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
     added at every patched position}; groups: {name: bool [N, S]} (a position's logits, predicting the next token).
     Positions training never read (before ignore_first_n, excluded tokens) keep the base residual
     and count in no group. Returns {(set, group): {n_latents, n_positions, kl_gap, kl_patched,
-    fraction_closed}} (the KLs are means over the group's positions)."""
+    fraction_closed}} (the KLs are means over the group's positions). forward_rows: rows one chat
+    forward may take (default: a batch), so that forward_rows // batch_size sets share a forward."""
     folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
     W_dec_FMD, b_dec_MD = folded.decoder_weight().detach(), folded.b_dec.detach()
     keep = PositionFilter(crosscoder.cfg, models)
@@ -96,8 +99,21 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
         bad = latents[name][(latents[name] < 0) | (latents[name] >= F)]
         if len(bad):
             raise ValueError(f"set {name!r}: latent {int(bad[0])} is outside the dictionary (0..{F - 1})")
-    sums = {(s, g): torch.zeros(2, dtype=torch.float64) for s in sets for g in groups}  # [gap, patched]
-    counts = dict.fromkeys(groups, 0)
+    names = list(sets)
+
+    def patched(name, h_base_NSD, acts_NPF, kept_NP):  # the base residual with the set's patch
+        h = h_base_NSD.clone()
+        if name in vectors:  # a direction added at every position (the Activation Difference Lens)
+            patched_NPD = h_base_NSD[:, first:] + vectors[name].to(device)
+        else:
+            patched_NPD = patch(h_base_NSD[:, first:], acts_NPF, W_dec_FMD.to(device), latents[name].to(device),
+                                b_dec_MD.to(device) if name in with_bias else None, base, chat)
+        h[:, first:] = torch.where(kept_NP[..., None], patched_NPD, h_base_NSD[:, first:])
+        return h
+
+    # summed KL per group (the gap) and per set and group (patched), and positions per group
+    gap_sums, counts = torch.zeros(len(groups), dtype=torch.float64), torch.zeros(len(groups), dtype=torch.float64)
+    patched_sums = torch.zeros(len(names), len(groups), dtype=torch.float64)
     for start in tqdm(range(0, len(tokens_NS), batch_size), desc="KL gap", leave=False, disable=not progress):
         t = tokens_NS[start:start + batch_size].to(device, torch.long)
         with autocast_context(device):
@@ -106,27 +122,22 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
         n, P, M, D = x_NPMD.shape
         acts_NPF = folded.encode(x_NPMD.flatten(0, 1).to(W_dec_FMD.device)).float().view(n, P, F).to(device)
         kept_NP = keep.keep(t, x_NPMD).to(device) if keep.active else torch.ones(n, P, dtype=torch.bool, device=device)
-        in_group = {g: mask[start:start + n, first:].to(device) & kept_NP for g, mask in groups.items()}
+        masks_GNP = torch.stack([mask[start:start + n, first:].to(device) & kept_NP for mask in groups.values()]).double()
         with autocast_context(device):
             clean = _chat_from(models[chat], resid[chat], t, hook_point, from_hook, layer)
             gap_NP = kl_per_position(clean, _chat_from(models[chat], resid[base], t, hook_point, from_hook, layer))[:, first:]
-            for name, s in sets.items():
-                h = resid[base].clone()
-                if name in vectors:  # a direction added at every position (the Activation Difference Lens)
-                    patched_NPD = resid[base][:, first:] + vectors[name].to(device)
-                else:
-                    patched_NPD = patch(resid[base][:, first:], acts_NPF, W_dec_FMD.to(device), latents[name].to(device),
-                                        b_dec_MD.to(device) if name in with_bias else None, base, chat)
-                h[:, first:] = torch.where(kept_NP[..., None], patched_NPD, resid[base][:, first:])
-                kl_NP = kl_per_position(clean, _chat_from(models[chat], h, t, hook_point, from_hook, layer))[:, first:]
-                for g, m in in_group.items():
-                    sums[name, g] += torch.stack([gap_NP[m].double().sum(), kl_NP[m].double().sum()]).cpu()
-        for g, m in in_group.items():
-            counts[g] += int(m.sum())
+            gap_sums += torch.einsum("np,gnp->g", gap_NP.double(), masks_GNP).cpu()
+            for i in range(0, len(names), max(1, (forward_rows or n) // n)):  # sets a forward
+                chunk = names[i:i + max(1, (forward_rows or n) // n)]
+                h = torch.cat([patched(name, resid[base], acts_NPF, kept_NP) for name in chunk])
+                logits = _chat_from(models[chat], h, t.repeat(len(chunk), 1), hook_point, from_hook, layer)
+                kl_CNP = kl_per_position(clean[None], logits.view(len(chunk), *clean.shape))[:, :, first:]
+                patched_sums[i:i + len(chunk)] += torch.einsum("cnp,gnp->cg", kl_CNP.double(), masks_GNP).cpu()
+        counts += masks_GNP.sum((1, 2)).cpu()
     out = {}
-    for (name, g), (gap, patched) in sums.items():
-        n_pos = counts[g]
-        kl_gap, kl_s = (gap.item() / n_pos, patched.item() / n_pos) if n_pos else (None, None)
+    for (k, name), (j, g) in itertools.product(enumerate(names), enumerate(groups)):
+        n_pos = int(counts[j])
+        kl_gap, kl_s = (gap_sums[j].item() / n_pos, patched_sums[k, j].item() / n_pos) if n_pos else (None, None)
         out[name, g] = {"n_latents": len(latents[name]) if name in latents else 0, "n_positions": n_pos, "kl_gap": kl_gap, "kl_patched": kl_s,
                         "fraction_closed": None if not n_pos else fraction_closed(kl_gap, kl_s)}
     return out
