@@ -36,6 +36,7 @@ KL_TEST, KL_SEQS, LATENTS, FIRST_K = True, 256, None, 9
 # Also the 2 % of the dictionary that closes the most of the assistant (else all) gap one latent
 # at a time, chosen on the next KL_SEQS held-out rows: one forward per latent (None: toy only).
 RANKED = None
+STEER, LATENTS_TO_STEER = True, None  # steering: None = up to 3 chat-specific (else chat-only) latents
 
 # %%
 import json
@@ -48,7 +49,8 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
 from crossdiff.config.schema import ConfigError, complete_cfg
-from crossdiff.diffing.causal import diff_report, diffing_sets, ranked_sets, source_groups
+from crossdiff.diffing.causal import diff_report, diffing_sets, ranked_sets, source_groups, words
+from crossdiff.diffing.steering import steer, steering_prompts
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
     examples_html,
@@ -81,7 +83,7 @@ from crossdiff.io.hub import (
     is_dictionary_learning_dir,
     published_hook_dir,
 )
-from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups
+from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups, user_turns
 from crossdiff.sources.activations import estimate_norm_factors
 from crossdiff.sources.mix import DataError, chat_mask, check_mix_tokenizer, is_mix, load_mix, split_rows
 from crossdiff.sources.models import SetupError
@@ -413,6 +415,26 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
         from IPython.display import HTML, display
 
         display(HTML(page))
+
+# %% [markdown]
+# ## Steering: the base model with a chat-specific latent's direction added
+# Greedy continuations of a few held-out prompts (on the toy pair, user turns up to the model's
+# turn) with factor x max activation x the latent's chat decoder direction added at the hook,
+# beside both models' own (crossdiff/diffing/steering.py). Every continuation: steering.json.
+
+# %%
+if models is not None and STEER and top_all is not None:
+    steered_latents = LATENTS_TO_STEER or (kl_sets.get("chat_specific") or chat_only.tolist() if KL_TEST else [])[:3]
+    prompts = user_turns(tokens, is_chat) if cfg["preset"] == "toy" else steering_prompts(tokens)
+    steering = {j: steer(cc, models, prompts, j, float(top_all[0][j, 0])) for j in steered_latents
+                if float(top_all[0][j, 0]) > 0}
+    (out_dir / "steering.json").write_text(json.dumps(steering, indent=1))
+    for j, runs in steering.items():
+        r = runs[0]
+        print(f"steering latent {j} on [{words(models[1].to_str_tokens(torch.tensor(r['prompt'][-6:])))}]: base "
+              f"[{words(models[1].to_str_tokens(torch.tensor(r['base'])))}], chat "
+              f"[{words(models[1].to_str_tokens(torch.tensor(r['chat'])))}], "
+              + ", ".join(f"x{f} [{words(models[1].to_str_tokens(torch.tensor(t)))}]" for f, t in r["steered"].items()))
 
 # %% [markdown]
 # ## The dashboard

@@ -187,6 +187,9 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
             assert (row["random_mean"] is None) == (row["set"] in ("all", "all+bias"))
     chat_only = next(row for row in rows if row["set"] == "chat_only" and row["group"] == "assistant")
     assert chat_only["n_latents"] == counts["chat_only"] and "crosscoder:chat_only/assistant" in summary["kl_gap"]
+    steering = json.loads((analysis_dir / "steering.json").read_text())  # up to 3 latents, 3 prompts each
+    assert 1 <= len(steering) <= 3 and all(len(runs) == 3 and set(runs[0]) == {"prompt", "base", "chat", "steered"}
+                                           for runs in steering.values())
     differ = summary["models_kl"]  # where the models differ: per group, and the largest places in order
     assert set(differ["by_group"]) == {"all", "assistant", "first_k", "template", "user", "text"}
     kls = [t["kl"] for t in differ["top"]]

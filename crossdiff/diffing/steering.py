@@ -47,3 +47,9 @@ def steer(crosscoder, models, prompts, latent, max_activation, factors=FACTORS, 
                     "steered": {f: greedy(models[base], prompt, max_new_tokens, hook_point,
                                           f * max_activation * direction_D)[n:].tolist() for f in factors}})
     return out
+
+
+def steering_prompts(tokens_NS, n=3, length=12):
+    """A few held-out prompts: the first `length` tokens of n rows (the toy pair has its own,
+    toy.user_turns)."""
+    return [row[:length] for row in tokens_NS[:n]]

@@ -250,6 +250,19 @@ def token_groups(tokens_NS, is_chat_N, first_k=9):
             "user": user & chat_NS, "text": ~chat_NS}
 
 
+def user_turns(tokens_NS, is_chat_N, n=3):
+    """Steering prompts: the first user turn of n transcripts, up to and with the model's turn
+    marker (what the chat model answers next)."""
+    model_id, prompts = VOCAB.index("model"), []
+    for row, chat in zip(tokens_NS, is_chat_N):
+        hits = torch.nonzero(row == model_id).flatten()
+        if chat and len(hits):
+            prompts.append(row[:int(hits[0]) + 1])
+        if len(prompts) == n:
+            break
+    return prompts
+
+
 def heldout_tokens(cfg, n_seqs):
     """The held-out text of the toy pair's reports and analysis.py: (tokens [N, S], is_chat [N]),
     drawn from a seed of their own (training reads seed toy_seed + 3)."""
