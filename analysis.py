@@ -36,7 +36,10 @@ KL_TEST, KL_SEQS, LATENTS, FIRST_K = True, 256, None, 9
 # Also the 2 % of the dictionary that closes the most of the assistant (else all) gap one latent
 # at a time, chosen on the next KL_SEQS held-out rows: one forward per latent (None: toy only).
 RANKED = None
-STEER, LATENTS_TO_STEER = True, None  # steering: None = up to 3 chat-specific (else chat-only) latents
+# Steering: 3 latents x 3 prompts x 5 continuations of 12 greedy tokens, full forwards (None: the
+# toy preset only; minutes on a CPU for a real pair); which latents (None: up to 3 chat-specific,
+# else chat-only, ones).
+STEER, LATENTS_TO_STEER = None, None
 
 # %%
 import json
@@ -110,13 +113,14 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "kl_test": "true / false: the KL gap each latent set closes (default true)",
            "latents": "I,J,...: a latent set of your own for the KL test",
            "ranked": "true / false: the KL test's ranked sets, a forward per latent (default: the toy preset)",
+           "steer": "true / false: steer the base model with chat-specific latents (default: the toy preset)",
            "help": "print this and exit"}
 
 
 def apply_argv(argv):
     """The script's options (the same --key value parser as train.py) into the settings above."""
     global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY, SPLICE_IN
-    global KL_TEST, LATENTS, RANKED
+    global KL_TEST, LATENTS, RANKED, STEER
     _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
     if opts.get("help"):
         print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
@@ -130,12 +134,13 @@ def apply_argv(argv):
         BATCH_SIZE = int(opts["batch_size"]) if "batch_size" in opts else BATCH_SIZE
         SPLICE_BATCH_SIZE = int(opts["splice_batch_size"]) if "splice_batch_size" in opts else SPLICE_BATCH_SIZE
         EFFECTIVE_CHAT_ONLY = int(opts["effective_chat_only"]) if "effective_chat_only" in opts else EFFECTIVE_CHAT_ONLY
-        for key in ("splice_in", "kl_test", "ranked"):
+        for key in ("splice_in", "kl_test", "ranked", "steer"):
             if key in opts and opts[key].lower() not in ("true", "false"):
                 raise ValueError(f"{key} must be true or false, not {opts[key]!r}")
         SPLICE_IN = opts["splice_in"].lower() == "true" if "splice_in" in opts else SPLICE_IN
         KL_TEST = opts["kl_test"].lower() == "true" if "kl_test" in opts else KL_TEST
         RANKED = opts["ranked"].lower() == "true" if "ranked" in opts else RANKED
+        STEER = opts["steer"].lower() == "true" if "steer" in opts else STEER
         LATENTS = [int(v) for v in opts["latents"].split(",")] if "latents" in opts else LATENTS
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
@@ -423,7 +428,7 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
 # beside both models' own (crossdiff/diffing/steering.py). Every continuation: steering.json.
 
 # %%
-if models is not None and STEER and top_all is not None:
+if models is not None and (cfg["preset"] == "toy" if STEER is None else STEER) and top_all is not None:
     steered_latents = LATENTS_TO_STEER or (kl_sets.get("chat_specific") or chat_only.tolist() if KL_TEST else [])[:3]
     prompts = user_turns(tokens, is_chat) if cfg["preset"] == "toy" else steering_prompts(tokens)
     steering = {j: steer(cc, models, prompts, j, float(top_all[0][j, 0])) for j in steered_latents
