@@ -429,10 +429,13 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
 
 # %%
 if models is not None and (cfg["preset"] == "toy" if STEER is None else STEER) and top_all is not None:
-    steered_latents = LATENTS_TO_STEER or (kl_sets.get("chat_specific") or chat_only.tolist() if KL_TEST else [])[:3]
+    specific = diffing_sets(chat_only, probed, ls).get("chat_specific") if ls is not None else None
+    steered_latents = (LATENTS_TO_STEER or specific or chat_only.tolist())[:3]
     prompts = user_turns(tokens, is_chat) if cfg["preset"] == "toy" else steering_prompts(tokens)
-    steering = {j: steer(cc, models, prompts, j, float(top_all[0][j, 0])) for j in steered_latents
-                if float(top_all[0][j, 0]) > 0}
+    silent = [j for j in steered_latents if not float(top_all[0][j, 0]) > 0]
+    if silent:
+        print(f"not steering latents {silent}: they never fired on the held-out tokens (no activation to scale by)")
+    steering = {j: steer(cc, models, prompts, j, float(top_all[0][j, 0])) for j in steered_latents if j not in silent}
     (out_dir / "steering.json").write_text(json.dumps(steering, indent=1))
     for j, runs in steering.items():
         r = runs[0]
