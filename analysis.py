@@ -51,8 +51,16 @@ import torch
 from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
-from crossdiff.config.schema import ConfigError, complete_cfg
-from crossdiff.diffing.causal import diff_report, diffing_sets, ranked_sets, source_groups, words
+from crossdiff.config.schema import ConfigError, complete_cfg, effective
+from crossdiff.diffing.causal import (
+    diff_report,
+    diffing_sets,
+    gap_where_firing,
+    ranked_sets,
+    role_groups,
+    source_groups,
+    words,
+)
 from crossdiff.diffing.steering import steer, steering_prompts
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
@@ -72,6 +80,7 @@ from crossdiff.diffing.measures import (
     is_model_specific,
     latent_classes,
     latent_scaling,
+    per_model,
     reconstruction_stats,
     scaling_summary,
     share_in_transcripts,
@@ -88,7 +97,15 @@ from crossdiff.io.hub import (
 )
 from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups, user_turns
 from crossdiff.sources.activations import estimate_norm_factors
-from crossdiff.sources.mix import DataError, chat_mask, check_mix_tokenizer, is_mix, load_mix, split_rows
+from crossdiff.sources.mix import (
+    DataError,
+    chat_mask,
+    check_mix_tokenizer,
+    is_mix,
+    load_mix,
+    load_roles,
+    split_rows,
+)
 from crossdiff.sources.models import SetupError
 from crossdiff.sources.tokenmask import PositionFilter
 from utils import check_heldout, load_gemma_pair, load_tokens
@@ -228,7 +245,7 @@ plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png",
 # data) skips the analyses over tokens; any other error stops the script.
 
 # %%
-models, tokens, is_chat = None, None, None
+models, tokens, is_chat, roles = None, None, None, None
 try:
     if cfg["preset"] == "toy":
         base, chat, _, _ = build_toy_pair(dict(cfg, num_tokens=cfg["batch_size"]))
@@ -245,6 +262,8 @@ try:
             all_tokens = mix[train, : cfg["seq_len"]]
             tokens = mix[heldout][:N_HELDOUT_SEQS, : cfg["seq_len"]]
             is_chat = chat_mask(source[heldout], meta)[:N_HELDOUT_SEQS, 0]  # a row is one source's
+            roles = load_roles(dataset, "heldout")  # each token's role in a conversation (None: an older mix)
+            roles = None if roles is None else roles[:N_HELDOUT_SEQS, : cfg["seq_len"]]
         else:
             all_tokens = load_tokens(dataset, cfg)[:, : cfg["seq_len"]]
             if DATASET is None or DATASET == cfg["dataset"]:  # held out only if training never read them
@@ -275,7 +294,8 @@ elif models is not None:
     mbs = cfg["model_batch_size"]
     n_est = cfg["norm_estimate_batches"] * mbs
     cfg["normalisation_factor"] = estimate_norm_factors(models, all_tokens, cfg["hook_point"], n_est, mbs,
-                                                        drop_bos=False).tolist()
+                                                        drop_bos=False,
+                                                        difference=effective(cfg, "norm_scale") == "difference").tolist()
     factor_source = f"estimated here as the reference's run did (first {min(n_est, len(all_tokens))} sequences, BOS included)"
 else:
     factor_source = "none (the checkpoint has none and no models to estimate them)"
@@ -297,9 +317,12 @@ if models is not None:
                                                          is_chat_N=is_chat)
     mass_F, chat_mass_F = r.pop("mass_F", None), r.pop("chat_mass_F", None)  # per latent: for the by-source cell
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
-          f"(per model {', '.join(f'{v:.3f}' for v in r['explained_variance_per_model'])}), L0 {r['l0']:.1f}; "
+          f"(per model {per_model(r['explained_variance_per_model'])}; of {cc.reconstructs}), L0 {r['l0']:.1f}; "
           f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
-if models is not None and SPLICE_IN:
+if models is not None and SPLICE_IN and cc.reconstructs != "each model":
+    print("splice-in: not measured, this architecture reconstructs no model's activation (the KL test's "
+          "all+bias set patches h_base + its reconstruction into the chat model)")
+elif models is not None and SPLICE_IN:
     summary["splice_in"] = splice_in_loss(cc, models, tokens, SPLICE_BATCH_SIZE, is_chat_N=is_chat)
     for m, r in summary["splice_in"].items():
         print(f"model {m}: CE clean {r['clean']:.3f}, spliced {r['spliced']:.3f}, zero-ablated "
@@ -353,15 +376,21 @@ if models is not None and len(base_only):
 # leaves out the decoder-bias difference, "all+bias" adds it. Every row: kl_gap.json.
 
 # %%
+gap_alone, steering = {}, {}  # per latent, for the dashboard
 if models is not None and KL_TEST:
     n_kl = len(tokens) if KL_SEQS is None else min(KL_SEQS, len(tokens))
-    groups = token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else source_groups(tokens, is_chat)
+    groups = (token_groups(tokens, is_chat, FIRST_K) if cfg["preset"] == "toy" else
+              role_groups(roles, FIRST_K) if roles is not None else source_groups(tokens, is_chat))
     text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]  # pretraining-like rows, for the ADL
     kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
-    if (cfg["preset"] == "toy" if RANKED is None else RANKED) and len(tokens) > n_kl:  # chosen on other rows
+    per_latent = cfg["preset"] == "toy" if RANKED is None else RANKED  # one chat forward per latent and batch
+    if per_latent and len(tokens) > n_kl:  # chosen on other rows
         picked = "assistant" if "assistant" in groups else "all"
         kl_sets |= ranked_sets(cc, models, tokens[n_kl:2 * n_kl], groups[picked][n_kl:2 * n_kl],
                                batch_size=SPLICE_BATCH_SIZE)
+    if per_latent:  # for the dashboard: each probed latent alone, where it fires
+        gap_alone = summary["kl_gap_alone"] = gap_where_firing(cc, models, tokens[:n_kl], probed.tolist(),
+                                                               batch_size=SPLICE_BATCH_SIZE)
     kl_rows, kl_summary, kl_text = diff_report(cc, models, tokens[:n_kl], {g: m[:n_kl] for g, m in groups.items()},
                                                kl_sets, text_rows[:n_kl], SPLICE_BATCH_SIZE, BATCH_SIZE)
     (out_dir / "kl_gap.json").write_text(json.dumps(kl_rows, indent=1))
@@ -387,9 +416,8 @@ if models is not None and is_chat is not None:
                             "classes": class_chat_mass(shown, mass_F, chat_mass_F)}
     for k in ("chat", "text"):
         if k in by_source:
-            print(f"{k} rows: explained variance per model "
-                  + ", ".join(f"{v:.3f}" for v in by_source[k]["explained_variance_per_model"])
-                  + f" on {by_source[k]['tokens']:,} tokens")
+            print(f"{k} rows: explained variance per model {per_model(by_source[k]['explained_variance_per_model'])} "
+                  f"on {by_source[k]['tokens']:,} tokens")
     for m, r in summary.get("splice_in", {}).items():
         print(f"model {m}: loss recovered " + ", ".join(f"{k} rows {v['loss_recovered']:.1%} (CE clean {v['clean']:.3f})"
                                                         for k, v in r["by_source"].items()))
@@ -457,7 +485,12 @@ for name, result, latents_J in (("base", ls_base, base_only), ("chat", ls, probe
         nu_e, nu_r = result["nu_error"], result["nu_reconstruction"]
         for j, e, r, ok in zip(latents_J.tolist(), nu_e.tolist(), nu_r.tolist(), is_model_specific(nu_e, nu_r).tolist()):
             scaling[j] = (e, r, name, ok)
-info = {"checkpoint": label, "models": cfg["model_names"], "hook_point": cfg["hook_point"]}
+info = {"checkpoint": label, "models": cfg["model_names"], "hook_point": cfg["hook_point"], "gap_alone": gap_alone}
+if steering:  # its continuations as text
+    info["steering"] = {j: [{"prompt": words(models[1].to_str_tokens(torch.tensor(r["prompt"][-8:]))),
+                             **{k: words(models[1].to_str_tokens(torch.tensor(r[k]))) for k in ("base", "chat")},
+                             "steered": {f: words(models[1].to_str_tokens(torch.tensor(t))) for f, t in r["steered"].items()}}
+                            for r in runs] for j, runs in steering.items()}
 if models is not None:
     write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE,
                     harvest=harvest, n_tokens=n_counted)

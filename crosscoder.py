@@ -1,6 +1,6 @@
 """The crosscoder of Anthropic's model-diffing paper as the reference replication defines it, and
-its BatchTopK variant: one class per architecture, CrossCoder (L1) and BatchTopKCrossCoder;
-`CrossCoder(cfg)` builds the one cfg["architecture"] names.
+its BatchTopK variant: one class per architecture, CrossCoder (L1), BatchTopKCrossCoder and the
+diff-SAE baseline (DiffSAE); `CrossCoder(cfg)` builds the one cfg["architecture"] names.
 
 One sparse dictionary read from and written to the same hook point of several models:
     f      = ReLU( sum_m x_m @ W_enc[m] + b_enc )          (encode)
@@ -18,6 +18,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
+from crossdiff.arch import diff_sae
 from crossdiff.arch.batchtopk import aux_loss, aux_loss_kept, batch_topk_mask, k_at, update_threshold
 from crossdiff.arch.partition import (
     DESIGNATED,
@@ -36,7 +37,15 @@ from crossdiff.arch.partition import (
 )
 from crossdiff.arch.shards import any_over_shards, init_decoder, sum_over_shards, take_shard
 from crossdiff.arch.sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
-from crossdiff.config.schema import DERIVED_KEYS, SCHEMA, ConfigError, check_partition, completed, effective
+from crossdiff.config.schema import (
+    DERIVED_KEYS,
+    SCHEMA,
+    ConfigError,
+    check_diff_sae,
+    check_partition,
+    completed,
+    effective,
+)
 from crossdiff.io.checkpoint import (
     PARAM_NAMES,
     CheckpointError,
@@ -74,6 +83,7 @@ def l1_coeff_at(step, total_steps, l1_coeff):
 class CrossCoder(nn.Module):
     """The reference's crosscoder: ReLU latents, loss = l2 + l1_coeff(t) * sum_j f_j sum_m ||W_dec[j, m]||."""
     architecture = "l1"
+    reconstructs = "each model"  # (the explained variance's subject, for reports)
     EXTRA_STATE = ()  # tensors saved beside the parameters (replicated over latent shards)
     # Step memory beyond weights, gradients and Adam, per phase: (fp32 [rows, f] copies, copies of
     # W_dec's shard); costs.memory_per_rank. L1: pre-activations, activations and a temporary, or two
@@ -162,6 +172,12 @@ class CrossCoder(nn.Module):
 
     def forward(self, x_BMD):
         return self.decode(self.encode(x_BMD))
+
+    def target(self, x_BMD):
+        """What the architecture reconstructs from a pair's activations: the pair itself (the
+        diff-SAE: its difference). Training, its first batch's median and analysis's explained
+        variance compare against it."""
+        return x_BMD
 
     def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
         """get_losses, the latent activations [B, F] and the architecture's other terms (extra_terms).
@@ -480,4 +496,51 @@ class BatchTopKCrossCoder(CrossCoder):
         return folded
 
 
-ARCHITECTURES = {cls.architecture: cls for cls in (CrossCoder, BatchTopKCrossCoder)}
+class DiffSAE(BatchTopKCrossCoder):
+    """The diff-SAE baseline (Aranguri, Drori, Nanda 2025): a BatchTopK SAE, with the BatchTopK
+    crosscoder's recipe, on the chat - base difference, in the crosscoder's layout
+    (crossdiff/arch/diff_sae.py): the base encoder is the chat one's negative, the base decoder and
+    decoder bias are zero. So encode(x) reads the difference, decode gives [0, its reconstruction],
+    and every tool that reads a crosscoder (the KL test's patch, Latent Scaling, the dashboard)
+    reads it. Normalisation: one factor for both models (norm_scale "difference")."""
+    architecture = "diff_sae"
+    reconstructs = "the chat - base difference"
+
+    def __init__(self, cfg, shard=(0, 1), initialise=True):
+        check_diff_sae(completed(cfg))  # before the partition's checks: it takes none
+        super().__init__(cfg, shard, initialise)
+        if initialise:
+            diff_sae.impose_(self.W_enc.data, self.W_dec.data)
+
+    def target(self, x_BMD):
+        return diff_sae.difference_target(x_BMD)
+
+    def encoder_weight(self):
+        return constrained(self.W_enc, diff_sae.project_encoder_grad)
+
+    def decoder_weight(self):
+        return constrained(self.W_dec, diff_sae.project_decoder_grad)
+
+    def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
+        """The BatchTopK losses on the difference (a pair or a target: target is idempotent)."""
+        return super().losses_and_acts(self.target(x_BMD), dead_F, update_threshold_, mesh)
+
+    def _losses(self, x_BMD, x_hat_BMD, acts_sum_F, l0_B, norms_FM, mesh):
+        # the base slot is 0 in target and reconstruction (0/0 explained variance): both per-model
+        # numbers report the difference's
+        losses = super()._losses(x_BMD, x_hat_BMD, acts_sum_F, l0_B, norms_FM, mesh)
+        return losses._replace(explained_variance_A=losses.explained_variance_B)
+
+    def verify_partition(self, where="this diff-SAE"):
+        """The layout: base decoder and decoder bias exactly 0, base encoder the chat one's negative."""
+        return check_violations(diff_sae.violations(self.W_enc, self.W_dec, self.b_dec), where)
+
+    @torch.no_grad()
+    def fold_normalisation(self, scaling_factors=None):
+        s = self.cfg.get("normalisation_factor") if scaling_factors is None else scaling_factors
+        if s is not None and len(set(torch.as_tensor(s).tolist())) > 1:
+            raise ValueError(f"a diff-SAE folds one factor for both models (norm_scale 'difference'); got {list(s)}")
+        return super().fold_normalisation(scaling_factors)
+
+
+ARCHITECTURES = {cls.architecture: cls for cls in (CrossCoder, BatchTopKCrossCoder, DiffSAE)}

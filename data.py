@@ -44,6 +44,8 @@ def main(argv=None):
     chat = chat_mask(source, meta).float().mean()
     print(f"wrote {a.out}: {tokens.shape[0]:,} rows of {a.seq_len} tokens ({tokens.numel():,}), {chat:.1%} from chat "
           f"sources; held out: rows {meta['splits']['heldout'][0]:,} on")
+    print("token roles (role.pt): " + ", ".join(f"{name} {n / tokens.numel():.1%}" for name, n in meta["role_tokens"].items()
+                                                if n))
 
 
 if __name__ == "__main__":

@@ -215,7 +215,7 @@ class Trainer:
         median_b_dec, centred = effective(cfg, "b_dec_init") == "geometric_median", cfg["b_enc_init"] == "centred"
         if i == 0 and (median_b_dec or centred):  # both from the first (global) batch's geometric median
             with torch.no_grad():
-                median_MD = geometric_median(acts_BMD, self.mesh.data)
+                median_MD = geometric_median(self.crosscoder.target(acts_BMD), self.mesh.data)
                 if median_b_dec:  # the authors start b_dec there
                     self.crosscoder.b_dec.copy_(median_MD)
                 if centred:  # deviation (off by default): see docs/design.md

@@ -344,7 +344,7 @@ def toy_analysis(toy_run, tmp_path_factory):
 
 # tests/dp_worker.py's specs, in two torchrun launches: the runs, then the resumes from the
 # checkpoints the runs left (a new launch: resumed from disk alone).
-TWO_RANK_RUNS = ("l1", "batchtopk", "topk", "convert_tokens", "harvest", "shard@2", "shard@1", "partition@2", "partition@1", "sparse@2", "sparse@1", "straight@1", "half@1",
+TWO_RANK_RUNS = ("l1", "batchtopk", "diff_sae", "topk", "convert_tokens", "harvest", "shard@2", "shard@1", "partition@2", "partition@1", "sparse@2", "sparse@1", "straight@1", "half@1",
                  "straight@2", "half@2", "save_fails", "sweep_signal@1", "sweep_signal@2")
 TWO_RANK_RESUMES = ("resume@1", "resume@2", "sweep_resume@1", "sweep_resume@2")
 

@@ -127,9 +127,10 @@ def run(architecture, out, shards, steps=STEPS):
         result = {a: shard_run(a, out, shards, steps) for a in ("l1", "batchtopk")}
     elif architecture == "partition":  # the same, partitioned: exclusive, designated shared and free blocks
         result = {a: shard_run(a, out, shards, steps, **PARTITION) for a in ("l1", "batchtopk")}
-    elif architecture == "sparse":  # BatchTopK's sparse step, standard and partitioned
+    elif architecture == "sparse":  # BatchTopK's sparse step, standard and partitioned, and the diff-SAE's
         result = {"batchtopk": shard_run("batchtopk", out, shards, steps, sparse_step=True),
-                  "partitioned": shard_run("batchtopk", out, shards, steps, sparse_step=True, **PARTITION)}
+                  "partitioned": shard_run("batchtopk", out, shards, steps, sparse_step=True, **PARTITION),
+                  "diff_sae": shard_run("diff_sae", out, shards, steps, sparse_step=True)}
     elif architecture == "topk":  # one BatchTopK selection over both ranks' halves of a batch
         from crossdiff.arch.batchtopk import batch_topk_mask
 

@@ -37,6 +37,16 @@ def test_norm_estimate_with_bos_matches_a_direct_computation(models):
     torch.testing.assert_close(no_bos[0], 32 ** 0.5 / extract_activations(models[0], tokens[:8], "blocks.1.hook_resid_pre")[:, 1:].norm(dim=-1).mean())
 
 
+def test_the_difference_scale_is_one_factor_that_gives_chat_minus_base_a_mean_norm_of_sqrt_d_in(models):
+    """norm_scale "difference" (the diff-SAE's): both models get sqrt(d_in) / the mean norm of
+    h_chat - h_base, so the scaled difference is the difference of the raw activations, scaled."""
+    tokens = random_tokens(10, 9)
+    got = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, progress=False, difference=True)
+    h = [extract_activations(m, tokens[:8], "blocks.1.hook_resid_pre")[:, 1:] for m in models]
+    want = 32 ** 0.5 / (h[1] - h[0]).norm(dim=-1).mean()
+    torch.testing.assert_close(got, torch.stack([want, want]))
+
+
 def test_norm_factors_are_estimated_in_fp32_even_where_the_harvest_runs_under_bf16_autocast(models, monkeypatch):
     """On a GPU the models run under bf16 autocast for the harvest (activations.autocast_context);
     the factors are estimated without it, in fp32, as the reference did. Simulated on the CPU by

@@ -224,3 +224,59 @@ def test_the_ranked_sets_take_the_top_share_of_the_ranking_alone_and_with_the_bi
     order, _ = rank_by_gap_closed(cc, models, tokens, mask, progress=False)
     sets = ranked_sets(cc, models, tokens, mask, share=0.25, progress=False)
     assert sets == {"ranked4": order[:4].tolist(), "ranked4+bias": WithBias(order[:4].tolist())}
+
+
+@torch.no_grad()
+def test_the_diff_sae_patches_the_base_residual_with_its_reconstruction_of_the_difference():
+    """A diff-SAE's set S patches h_base + sum_{j in S} f_j d_j / s (f from the scaled
+    difference s (h_chat - h_base), kept above the threshold; d_j its decoder): the KL test equals
+    that patch run through the chat model's remaining layers, KL summed by hand."""
+    models = [tiny_model(1), tiny_model(2)]
+    cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, architecture="diff_sae", k=4, normalisation_factor=[0.9, 0.9],
+                             hook_point=HOOK)).eval()
+    with torch.no_grad():
+        cc.b_enc.copy_(torch.rand(16, generator=torch.Generator().manual_seed(0)) * 0.5)
+        cc.W_dec[:, 1].mul_(5.0)
+        cc.threshold.fill_(0.2)
+    tokens = random_tokens(4, 9)
+    mask = torch.ones(4, 9, dtype=torch.bool)
+    mask[:, 0] = False
+    got = kl_gap_closed(cc, models, tokens, {"three": [2, 5, 11], "every+bias": ALL_BIAS}, {"all": mask},
+                        batch_size=2, progress=False)
+    h = [m.run_with_cache(tokens)[1][HOOK] for m in models]
+    V = cc.W_dec[:, 1]
+    pre = torch.relu(0.9 * (h[1] - h[0]) @ cc.W_enc[1] + cc.b_enc)
+    f = pre * (pre * V.norm(dim=-1) > 0.2)
+    assert (f[..., [2, 5, 11]] > 0).any()  # the set does something
+    clean = models[1](tokens).double()
+    for name, latents, bias in (("three", [2, 5, 11], False), ("every+bias", list(range(16)), True)):
+        patched = h[0].clone().double()
+        patched[:, 1:] += (f[:, 1:, latents].double() @ V[latents].double() + bias * cc.b_dec[1].double()) / 0.9
+        logits = models[1].run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda act, hook: patched.to(act.dtype))]).double()
+        P, Q = torch.softmax(clean, -1), torch.softmax(logits, -1)
+        kl = (P * (P.log() - Q.log())).sum(-1)[mask].mean()
+        assert got[name, "all"]["kl_patched"] == pytest.approx(float(kl), abs=1e-5)
+
+
+@torch.no_grad()
+def test_each_latents_own_gap_is_measured_on_the_positions_where_it_fires():
+    """gap_where_firing: latent j patched alone, over the positions where j fires (BOS never):
+    equal to the brute force on that mask, computed from the latent's activations by hand."""
+    from crossdiff.diffing.causal import gap_where_firing
+
+    models = [tiny_model(1), tiny_model(2)]
+    cc = crosscoder_with_firing_latents()
+    tokens = random_tokens(4, 9)
+    s = cc.cfg["normalisation_factor"]
+    h = [m.run_with_cache(tokens)[1][HOOK] for m in models]
+    f = cc.encode(torch.stack([h[0] * s[0], h[1] * s[1]], dim=2).flatten(0, 1)).view(4, 9, -1)
+    fires = f[:, 1:] > 0
+    picked = [j for j in range(16) if 0 < int(fires[..., j].sum()) < 32][:2]  # somewhere, not everywhere
+    assert len(picked) == 2
+    got = gap_where_firing(cc, models, tokens, picked, batch_size=2, progress=False)
+    for j in picked:
+        mask = f[..., j] > 0
+        mask[:, 0] = False
+        gap, patched = brute_force(cc, models, tokens, [j], False, mask)
+        assert got[j]["n_positions"] == int(mask.sum())
+        assert got[j]["kl_gap"] == pytest.approx(gap, abs=1e-5) and got[j]["kl_patched"] == pytest.approx(patched, abs=1e-5)

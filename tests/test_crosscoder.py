@@ -649,3 +649,88 @@ def test_loading_a_checkpoint_draws_no_random_initialisation(tmp_path, monkeypat
     rows = slice(None) if shard == (0, 1) else slice(cc.W_dec.shape[0] // 2, None)
     torch.testing.assert_close(loaded.W_dec, cc.W_dec[rows].detach(), atol=0, rtol=0)
     torch.testing.assert_close(loaded.W_enc, cc.W_enc[..., rows].detach(), atol=0, rtol=0)
+
+
+class _Batches:
+    """Seeded pairs whose chat activation is the base one plus, on a third of the rows, one of 8
+    fixed directions at a random strength (a difference a small dictionary can learn)."""
+
+    def __init__(self, cfg, seed=0):
+        self.g, self.cfg = torch.Generator().manual_seed(seed), cfg
+        self.directions = torch.randn(8, cfg["d_in"], generator=torch.Generator().manual_seed(99))
+
+    def next(self):
+        B, D = self.cfg["batch_size"], self.cfg["d_in"]
+        base = torch.randn(B, D, generator=self.g) * 3
+        which = torch.randint(8, (B,), generator=self.g)
+        strength = torch.rand(B, 1, generator=self.g) * 2 * (torch.rand(B, 1, generator=self.g) < 0.3)
+        return torch.stack([base, base + strength * self.directions[which]], 1)
+
+
+def test_the_diff_sae_is_a_batchtopk_sae_on_the_chat_minus_base_difference():
+    """Its training-mode losses and activations equal a plain BatchTopK SAE computed by hand on
+    d = x_chat - x_base (encoder W_enc[chat], decoder W_dec[:, chat], bias b_dec[chat]): the k * B
+    largest scores f * |d_j| kept, l2 the mean squared error of d."""
+    cfg = cc_cfg(architecture="diff_sae", k=3, batch_size=16)
+    cc = CrossCoder(cfg)
+    with torch.no_grad():
+        cc.b_enc.copy_(torch.randn(cfg["dict_size"], generator=torch.Generator().manual_seed(1)) * 0.1)
+        cc.b_dec[1].copy_(torch.randn(cfg["d_in"], generator=torch.Generator().manual_seed(2)) * 0.1)
+    x = _Batches(cfg).next()
+    losses, acts, _ = cc.train().losses_and_acts(x)
+    d = x[:, 1] - x[:, 0]
+    W, b, V, c = cc.W_enc[1].detach(), cc.b_enc.detach(), cc.W_dec[:, 1].detach(), cc.b_dec[1].detach()
+    pre = torch.relu(d @ W + b)
+    scores = (pre * V.norm(dim=-1)).flatten()
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    keep[scores.topk(3 * 16).indices] = True
+    f = pre * keep.view_as(pre)
+    torch.testing.assert_close(acts.detach(), f, atol=1e-5, rtol=1e-5)
+    d_hat = f @ V + c
+    assert float(losses.l2_loss) == pytest.approx(float((d - d_hat).pow(2).sum(-1).mean()), rel=1e-5)
+    assert float(losses.explained_variance_A) == float(losses.explained_variance_B) == pytest.approx(
+        float(1 - ((d - d_hat).pow(2).sum(-1) / (d - d.mean(0)).pow(2).sum(-1)).mean()), rel=1e-5)
+    assert cc.relative_decoder_norm().eq(1).all()  # every latent lives in the difference
+
+
+@pytest.mark.parametrize("sparse_step", [False, True])
+def test_training_keeps_the_diff_sae_layout_exactly_and_it_survives_a_save_and_load(tmp_path, sparse_step):
+    """Through Trainer steps (Adam, clipping, AuxK, the median initialisation): the base encoder
+    stays exactly the chat one's negative, the base decoder and decoder bias exactly 0; the loss
+    falls; the checkpoint loads as a DiffSAE, and one whose base decoder was altered is refused."""
+    from crossdiff.arch.partition import PartitionError
+
+    cfg = cc_cfg(tmp_path, architecture="diff_sae", k=4, num_tokens=32 * 40, dead_tokens=64, threshold_start_step=5,
+                 sparse_step=sparse_step, lr=3e-3)
+    trainer = Trainer(cfg, buffer=_Batches(cfg))
+    logs = [trainer.log(trainer.step()) for _ in range(40)]
+    cc = trainer.crosscoder
+    assert torch.equal(cc.W_enc[0], -cc.W_enc[1]) and not cc.W_dec[:, 0].any() and not cc.b_dec[0].any()
+    assert logs[-1]["l2_loss"] < 0.5 * logs[0]["l2_loss"]
+    assert max(log["aux_loss"] for log in logs) > 0  # AuxK took part
+    trainer.save()
+    loaded = CrossCoder.load(cc.save_dir)
+    assert type(loaded).__name__ == "DiffSAE" and torch.equal(loaded.W_enc, cc.W_enc.detach())
+    x = _Batches(cfg, seed=5).next()
+    torch.testing.assert_close(loaded.encode(x), loaded.encode(loaded.target(x)), atol=1e-5, rtol=1e-5)
+    state = torch.load(latest_version_dir(cfg["checkpoint_dir"]) / "0.pt", weights_only=True)
+    state["W_dec"][0, 0, 0] = 1e-3
+    torch.save(state, tmp_path / "altered.pt")
+    with pytest.raises(PartitionError, match="largest forbidden weight 0.001"):
+        CrossCoder._from_state(dict(loaded.cfg), state, "cpu", where="altered")
+
+
+def test_a_diff_sae_refuses_a_partition_other_model_counts_and_unequal_factors():
+    from crossdiff.config.schema import ConfigError, validate_cfg
+
+    for bad, match in (({"shared_fraction": 0.25}, "'shared_fraction' = 0.25: architecture 'diff_sae' takes no partition"),
+                       ({"exclusive_fraction": 0.125}, "'exclusive_fraction' = 0.125"),
+                       ({"n_models": 3}, "2 models; n_models is 3")):
+        with pytest.raises(ConfigError, match=match):
+            validate_cfg(cc_cfg(architecture="diff_sae", **bad))
+        with pytest.raises(ConfigError, match=match):
+            CrossCoder(cc_cfg(architecture="diff_sae", **bad))
+    with pytest.raises(ValueError, match="one factor for both models"):
+        CrossCoder(cc_cfg(architecture="diff_sae")).fold_normalisation([0.5, 0.7])
+    folded = CrossCoder(cc_cfg(architecture="diff_sae")).fold_normalisation([0.5, 0.5])
+    assert folded.verify_partition()["forbidden"] == 0 and torch.equal(folded.W_enc[0], -folded.W_enc[1])

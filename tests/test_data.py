@@ -89,6 +89,49 @@ def test_a_mix_records_its_tokenizer_its_split_and_each_tokens_source(tmp_path):
     torch.testing.assert_close(chat_mask(source, meta), source == 1)
 
 
+def test_each_token_of_a_conversation_records_its_role_by_its_place_not_its_word(tmp_path):
+    """role.pt: a user's words are "user", an assistant's "assistant", the template's markers and
+    role names (and the separator EOS, each row's BOS) "template", a text row's tokens "text";
+    a word that is also a marker ("user", "model" inside a message) takes its message's role.
+    role_groups reads them: the first k of each assistant turn, and the other groups."""
+    from crossdiff.diffing.causal import role_groups
+    from crossdiff.sources.mix import ROLES, load_roles
+
+    tok = word_tokenizer()
+    text = tmp_path / "text.jsonl"
+    text.write_text("\n".join(json.dumps({"text": "the cat sat"}) for _ in range(30)))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": "the user sat"},
+                                                       {"role": "assistant", "content": "model fine you"}]})
+                              for _ in range(30)))
+    tokens, source, meta = build_mix(tok, [{"kind": "text", "path": text, "fraction": 0.5},
+                                           {"kind": "chat", "path": chat, "fraction": 0.5}],
+                                     seq_len=13, num_tokens=13 * 8, out_dir=tmp_path / "mix", heldout_fraction=0.25)
+    roles = load_roles(tmp_path / "mix")
+    T, U, A = "template", "user", "assistant"
+    one_chat = ["<bos>", "<start_of_turn>", "user", "the", "user", "sat", "<end_of_turn>", "<start_of_turn>", "model",
+                "model", "fine", "you", "<end_of_turn>", "<eos>"]
+    want = dict(zip(range(len(one_chat)), [T, T, T, U, U, U, T, T, T, A, A, A, T, T]))
+    for row, src, role in zip(tokens.tolist(), source.tolist(), roles.tolist()):
+        names = [ROLES[r] for r in role]
+        if src[0] == 1:  # a chat row: the stream of conversations, each followed by EOS, after one BOS
+            stream = one_chat[1:] * 2
+            words = tok.convert_ids_to_tokens(row)
+            offset = next(i for i in range(13) if words[1:] == stream[i:i + 12])
+            assert names == [T] + [want[1 + (offset + i) % 13] for i in range(12)]
+        else:
+            assert names == ["text"] * 13
+    assert meta["roles"] == list(ROLES) and meta["role_tokens"]["assistant"] == int((roles == ROLES.index(A)).sum())
+    torch.testing.assert_close(load_roles(tmp_path / "mix", "heldout"), roles[6:])
+    groups = role_groups(roles, first_k=2)
+    assert torch.equal(groups["assistant"], roles == ROLES.index(A)) and torch.equal(groups["text"], roles == 0)
+    first = groups["first_k"]  # the first two of each run of assistant tokens
+    for n in range(len(roles)):
+        runs = [p for p in range(13) if groups["assistant"][n, p] and (p == 0 or not groups["assistant"][n, p - 1])]
+        assert set(first[n].nonzero().flatten().tolist()) == {q for p in runs for q in (p, p + 1) if q < 13 and
+                                                              groups["assistant"][n, q]}
+
+
 def test_a_tokenizer_without_bos_gets_rows_without_one(tmp_path):
     tok = word_tokenizer(bos=False, template=False)
     text, _ = write_sources(tmp_path)

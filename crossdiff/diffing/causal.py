@@ -19,8 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from crossdiff.config.schema import hook_layer
-from crossdiff.diffing.measures import is_model_specific, normalisation_factors, rank_sum_order
+from crossdiff.diffing.measures import iter_paired_activations, is_model_specific, normalisation_factors, rank_sum_order
 from crossdiff.sources.activations import autocast_context, extract_activations
+from crossdiff.sources.mix import ASSISTANT, TEMPLATE, TEXT, USER
 from crossdiff.sources.tokenmask import PositionFilter
 
 ALL, ALL_BIAS = "all", "all+bias"  # the reconstruction difference without / with b_chat - b_base
@@ -182,6 +183,32 @@ def rank_by_gap_closed(crosscoder, models, tokens_NS, group_NS, candidates_J=Non
     return torch.tensor(list(candidates))[order], closed[order]
 
 
+@torch.no_grad()
+def firing_positions(crosscoder, models, tokens_NS, latents_J, batch_size=8):
+    """{latent: bool [N, S]}: the positions where each latent fires (of those training reads)."""
+    s_M, keep = normalisation_factors(crosscoder), PositionFilter(crosscoder.cfg, models)
+    latents = torch.as_tensor(list(latents_J), dtype=torch.long)
+    fires_NSJ = torch.zeros(*tokens_NS.shape, len(latents), dtype=torch.bool)
+    start = 0
+    for t, x in iter_paired_activations(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "firing",
+                                        progress=False, first=keep.first):
+        n, P = x.shape[:2]
+        f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents.to(s_M.device)]
+        kept = keep.keep(t, x).flatten().to(f_BJ.device) if keep.active else True
+        fires_NSJ[start:start + n, keep.first:] = ((f_BJ > 0) & kept[..., None] if keep.active else f_BJ > 0).view(
+            n, P, -1).cpu()
+        start += n
+    return {int(j): fires_NSJ[..., i] for i, j in enumerate(latents)}
+
+
+def gap_where_firing(crosscoder, models, tokens_NS, latents_J, **kw):
+    """{latent: kl_gap_closed's row} for each latent patched alone, over the positions where it
+    fires (the dashboard's per-latent figure). One chat forward per latent and batch."""
+    fires = firing_positions(crosscoder, models, tokens_NS, latents_J, kw.get("batch_size", 4))
+    rows = kl_gap_closed(crosscoder, models, tokens_NS, {j: [j] for j in fires}, fires, **kw)
+    return {j: rows[j, j] for j in fires}
+
+
 def ranked_sets(crosscoder, models, tokens_NS, group_NS, share=0.02, **kw):
     """The share of the dictionary that closes the most of a group's gap one latent at a time
     (rank_by_gap_closed on tokens_NS: pass rows the table does not evaluate on), alone and with
@@ -205,6 +232,22 @@ def diffing_sets(chat_only_J, probed_J=None, ls=None, given=None):
     if given:
         sets["given"] = list(given)
     return sets
+
+
+def role_groups(role_NS, first_k=9):
+    """The KL test's groups from each token's role (data.py's role.pt): "all", "assistant" (an
+    assistant's words), "first_k" (the first first_k tokens of each assistant turn), "template"
+    (the chat template's own tokens), "user" (a user's words) and "text" (plain-text rows). An
+    empty group stays (its row reports no positions and no KL)."""
+    role_NS = torch.as_tensor(role_NS).long()
+    assistant = role_NS == ASSISTANT
+    first = torch.zeros_like(assistant)
+    run_N = torch.zeros(role_NS.shape[0], dtype=torch.long)
+    for p in range(role_NS.shape[1]):
+        run_N = torch.where(assistant[:, p], run_N + 1, 0)  # 1 at a turn's first assistant token
+        first[:, p] = assistant[:, p] & (run_N <= first_k)
+    return {"all": torch.ones_like(assistant), "assistant": assistant, "first_k": first,
+            "template": role_NS == TEMPLATE, "user": role_NS == USER, "text": role_NS == TEXT}
 
 
 def source_groups(tokens_NS, is_chat_N=None):

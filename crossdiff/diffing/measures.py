@@ -103,12 +103,23 @@ def normalisation_factors(crosscoder):
         "cc.cfg['normalisation_factor'] = [a, b]) or estimate them with buffer.estimate_norm_factors")
 
 
+def finite_or_none(value):
+    """value, or None where it is NaN (0/0: an explained variance of a constant target)."""
+    return None if value != value else value
+
+
+def per_model(values):
+    """'0.970, 0.958' ('-' for None: a constant target's)."""
+    return ", ".join("-" if v is None else f"{v:.3f}" for v in values)
+
+
 @torch.no_grad()
 def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=iter_paired_activations,
                          is_chat_N=None):
     """Held-out reconstruction quality in the training (normalised) space: explained variance
     of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
-    (for any number of models), mean L0, and the latents never active.
+    (for any number of models; None for a target that is constant, the diff-SAE's base), mean L0,
+    and the latents never active. Of what the architecture reconstructs (crosscoder.target).
 
     Over the positions training read (tokenmask: ignore_first_n, exclude_tokens, outlier norms).
     is_chat_N [N] (optional), per source (chat rows, the other rows): "by_source" holds each
@@ -126,7 +137,7 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
                         first=keep.first):
         N, S1 = x.shape[:2]
         kept_B = keep.keep(t, x).flatten().to(device) if keep.active else slice(None)
-        x_BMD = x.flatten(0, 1).to(device)[kept_B] * s_M[:, None]
+        x_BMD = crosscoder.target(x.flatten(0, 1).to(device)[kept_B] * s_M[:, None])  # (the diff-SAE: [0, chat - base])
         losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
         x_hat_BMD = crosscoder.decode(acts_BF).float()
@@ -148,13 +159,14 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
         first += N
     means = (sums / n_rows).tolist()
     out = {"explained_variance": means[0], "l0": means[1],
-           "explained_variance_per_model": means[2:], "dead_fraction": float((~fired_F).float().mean()),
+           "explained_variance_per_model": [finite_or_none(v) for v in means[2:]], "dead_fraction": float((~fired_F).float().mean()),
            "dead": int((~fired_F).sum()), "tokens": n_rows}
     if is_chat_N is not None:
         out["by_source"] = {}
         for source, (err2_M, x_MD, x2_M, n) in source_sums.items():
             var_M = x2_M.double() - x_MD.double().pow(2).sum(-1) / n  # sum |x - mean|^2
-            out["by_source"][source] = {"tokens": n, "explained_variance_per_model": (1 - err2_M.double() / var_M).tolist()}
+            out["by_source"][source] = {"tokens": n, "explained_variance_per_model":
+                                        [finite_or_none(v) for v in (1 - err2_M.double() / var_M).tolist()]}
         out["mass_F"], out["chat_mass_F"] = mass_F.float().cpu(), chat_mass_F.float().cpu()
     return out
 

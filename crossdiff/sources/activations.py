@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from crossdiff.config.schema import hook_layer, layers_needed
+from crossdiff.config.schema import effective, hook_layer, layers_needed
 from crossdiff.sources.tokenmask import PositionFilter
 
 
@@ -72,13 +72,16 @@ def run_models(models, tokens_NS, hook_point, first=1, keep=None):
 
 @torch.no_grad()
 def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True,
-                          first=None, keep=None):
+                          first=None, keep=None, difference=False):
     """[M] float32 on the CPU: sqrt(d_in) / the mean activation norm of each model over the first
     n_seqs sequences, run model_batch_size at a time, in fp32 (the harvest runs under bf16 autocast
     on a GPU; the reference estimated the factors without it), over the positions training reads:
     the first `first` of each row dropped (none: 1 if drop_bos), and only those keep (a
     tokenmask.PositionFilter) keeps. drop_bos=False includes position 0, as the reference's run did
-    (and so the published crosscoder's factors)."""
+    (and so the published crosscoder's factors). difference (norm_scale "difference", the
+    diff-SAE's): one factor for every model, sqrt(d_in) / the mean norm of chat - base (models 1
+    and 0), so the difference a diff-SAE reads has mean norm sqrt(d_in) and stays the scaled
+    difference of the raw activations."""
     first = int(drop_bos) if first is None else first
     device = next(models[0].parameters()).device
     n_seqs = min(n_seqs, len(tokens_NS))
@@ -87,7 +90,8 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
         # In the models' own dtype (fp32), as the reference estimated: no bf16 autocast here.
         acts_MnPD = torch.stack([extract_activations(m, tokens, hook_point)[:, first:] for m in models])
-        norms_MnP = acts_MnPD.float().norm(dim=-1)
+        norms_MnP = acts_MnPD.float().norm(dim=-1) if not difference else \
+            (acts_MnPD[1].float() - acts_MnPD[0].float()).norm(dim=-1).expand(len(models), -1, -1)
         if keep is not None and keep.active:
             norms_MnP = norms_MnP[:, keep.keep(tokens, rearrange(acts_MnPD, "model n pos d -> n pos model d"))]
         norm_sums += norms_MnP.flatten(1).sum(1).double().cpu()
@@ -110,4 +114,4 @@ def norm_factors(cfg, models, tokens_NS):
     mbs, keep = cfg["model_batch_size"], PositionFilter(cfg, models)
     return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
                                  cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
-                                 first=keep.first, keep=keep)
+                                 first=keep.first, keep=keep, difference=effective(cfg, "norm_scale") == "difference")

@@ -16,7 +16,9 @@ tokenizer has one (bos "auto"; "always" or "never" to choose), so that position 
 A row holds one source's tokens; rows of the sources are interleaved in a seeded order.
 
 Output, in the --out directory: tokens.pt (int32 [N, seq_len]), source.pt (uint8 [N, seq_len]:
-each token's source, an index into meta["sources"]) and meta.json: the tokenizer's name, its
+each token's source, an index into meta["sources"]), role.pt (uint8 [N, seq_len]: each token's
+role, an index into meta["roles"]: text, or within a conversation the template's own tokens, a
+user's, an assistant's or a system message's words) and meta.json: the tokenizer's name, its
 vocabulary size and hash, BOS and EOS ids, the sources (kind, path, column, rows and tokens), the
 fractions asked and got, seq_len, and the splits: rows [0, heldout_start) for training, the rest
 held out for analysis.
@@ -30,8 +32,12 @@ import torch
 from crossdiff.sources.models import tokenizer_of
 from crossdiff.io.checkpoint import staging_dir, swap_in
 
-TOKENS, SOURCE, META = "tokens.pt", "source.pt", "meta.json"
-MIX_FILES = r"tokens\.pt|source\.pt|meta\.json"  # what a mix directory holds
+TOKENS, SOURCE, ROLE, META = "tokens.pt", "source.pt", "role.pt", "meta.json"
+MIX_FILES = r"tokens\.pt|source\.pt|role\.pt|meta\.json"  # what a mix directory holds
+# A token's role (role.pt): "unknown" for a chat token a tokenizer without character offsets
+# cannot place (a slow tokenizer).
+ROLES = ("text", "template", "user", "assistant", "system", "unknown")
+TEXT, TEMPLATE, USER, ASSISTANT, SYSTEM, UNKNOWN = range(len(ROLES))
 TEXT_SUFFIXES = (".txt", ".rst", ".md", ".text")
 BOS_POLICIES = ("auto", "always", "never")
 
@@ -140,11 +146,34 @@ def alternate(turns):
 
 
 # ---------------------------------------------------------------- tokenising and packing
-def encode_documents(tokenizer, docs, kind, batch=1024):
+def message_roles(text, messages, offsets):
+    """Each token's role (ROLES index) in a conversation rendered as text through its template: a
+    token that starts inside a message's content (found in order, stripped, as templates trim it)
+    takes that message's role; the template's own tokens (markers, role names, separators) are
+    TEMPLATE. offsets: each token's (start, end) characters in text."""
+    spans, cursor = [], 0
+    for m in messages:
+        content = str(m.get("content") or "").strip()
+        at = text.find(content, cursor) if content else -1
+        if at >= 0:
+            role = {"user": USER, "assistant": ASSISTANT, "model": ASSISTANT, "system": SYSTEM}.get(m.get("role"), UNKNOWN)
+            spans.append((at, at + len(content), role))
+            cursor = at + len(content)
+    roles, i = [], 0
+    for start, end in offsets:
+        while i < len(spans) and spans[i][1] <= start:
+            i += 1
+        inside = i < len(spans) and spans[i][0] <= start < spans[i][1] and end > start
+        roles.append(spans[i][2] if inside else TEMPLATE)
+    return roles
+
+
+def encode_documents(tokenizer, docs, kind, batch=1024, with_roles=False):
     """Token ids of each document, an iterator that tokenises `batch` documents at a time (the
     ids of a whole corpus as Python lists cost ~36 bytes a token): text as it is, conversations
     through the chat template. The BOS a template writes is dropped (the packer puts one at the
-    start of each row)."""
+    start of each row). with_roles: (ids, roles) pairs, roles each token's ROLES index (None for
+    text: all TEXT; UNKNOWN where the tokenizer gives no character offsets)."""
     if kind == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no chat template: chat data cannot be "
                         "rendered (use the chat model's tokenizer, e.g. the -it / -Instruct one)")
@@ -154,8 +183,17 @@ def encode_documents(tokenizer, docs, kind, batch=1024):
         for start in range(0, len(docs), batch):
             part = docs[start:start + batch]
             texts = [tokenizer.apply_chat_template(d, tokenize=False) for d in part] if kind == "chat" else part
-            for x in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-                yield x[1:] if bos is not None and x[:1] == [bos] else x
+            offsets = with_roles and kind == "chat" and getattr(tokenizer, "is_fast", False)
+            enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+            for n, x in enumerate(enc["input_ids"]):
+                first = int(bos is not None and x[:1] == [bos])
+                if not with_roles:
+                    yield x[first:]
+                elif kind != "chat":
+                    yield x[first:], None
+                else:
+                    roles = message_roles(texts[n], part[n], enc["offset_mapping"][n]) if offsets else [UNKNOWN] * len(x)
+                    yield x[first:], roles[first:]
     return ids()
 
 
@@ -164,26 +202,38 @@ def pack(docs_ids, seq_len, bos_id=None, eos_id=None, max_rows=None, chunk_token
     given), cut into rows that each start with bos_id (when given). The tail that does not fill
     a row is dropped. The stream is kept as int32 chunks of chunk_tokens, and reading stops once
     max_rows are filled: memory is ~4 bytes a token kept."""
+    return pack_roles(((ids, None) for ids in docs_ids), seq_len, bos_id, eos_id, max_rows, chunk_tokens)[0]
+
+
+def pack_roles(docs, seq_len, bos_id=None, eos_id=None, max_rows=None, chunk_tokens=1 << 20, bos_role=TEXT):
+    """pack, with each token's role packed beside it: docs yields (ids, roles), roles a list of
+    ROLES indices or None (text: TEXT). A conversation's EOS is TEMPLATE, a text's TEXT; each
+    row's BOS is bos_role. Returns (rows int32 [n, seq_len], roles uint8 [n, seq_len])."""
     body = seq_len - (bos_id is not None)
     limit = None if max_rows is None else max_rows * body
-    chunks, pending, n_tokens = [], [], 0
-    for ids in docs_ids:
+    chunks, role_chunks, pending, pending_roles, n_tokens = [], [], [], [], 0
+    for ids, roles in docs:
         pending.extend(ids)
+        pending_roles.extend([TEXT] * len(ids) if roles is None else roles)
         if eos_id is not None:
             pending.append(eos_id)
+            pending_roles.append(TEXT if roles is None else TEMPLATE)
         if len(pending) >= chunk_tokens or limit is not None and n_tokens + len(pending) >= limit:
             chunks.append(torch.tensor(pending, dtype=torch.int32))
+            role_chunks.append(torch.tensor(pending_roles, dtype=torch.uint8))
             n_tokens += len(pending)
-            pending = []
+            pending, pending_roles = [], []
             if limit is not None and n_tokens >= limit:
                 break
     chunks.append(torch.tensor(pending, dtype=torch.int32))
-    stream = torch.cat(chunks)
+    role_chunks.append(torch.tensor(pending_roles, dtype=torch.uint8))
+    stream, role_stream = torch.cat(chunks), torch.cat(role_chunks)
     n = len(stream) // body if limit is None else min(len(stream) // body, max_rows)
-    rows = stream[: n * body].view(n, body)
+    rows, roles = stream[: n * body].view(n, body), role_stream[: n * body].view(n, body)
     if bos_id is not None:
         rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.int32), rows], dim=1)
-    return rows
+        roles = torch.cat([torch.full((n, 1), bos_role, dtype=torch.uint8), roles], dim=1)
+    return rows, roles
 
 
 def bos_for(tokenizer, policy="auto"):
@@ -208,31 +258,35 @@ def build_mix(tokenizer, sources, seq_len, num_tokens, out_dir, bos="auto", held
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
     bos_id, n_rows = bos_for(tokenizer, bos), -(-num_tokens // seq_len)
-    parts, records = [], []
+    parts, role_parts, records = [], [], []
     # Every source is read and checked before any is tokenised (as it is packed).
     documents = [read_documents(s["path"], s["kind"], s.get("column")) for s in sources]
     for s, docs in zip(sources, documents):
         want = round(s["fraction"] * n_rows)
-        rows = pack(encode_documents(tokenizer, docs, s["kind"]), seq_len, bos_id, tokenizer.eos_token_id, want)
+        rows, roles = pack_roles(encode_documents(tokenizer, docs, s["kind"], with_roles=True), seq_len, bos_id,
+                                 tokenizer.eos_token_id, want, bos_role=TEMPLATE if s["kind"] == "chat" else TEXT)
         if len(rows) < want:
             raise DataError(f"{s['path']}: {len(docs):,} documents give {len(rows):,} rows of {seq_len} tokens, "
                             f"{want:,} asked ({s['fraction']:.0%} of {num_tokens:,} tokens): add data or ask for fewer tokens")
         parts.append(rows)
+        role_parts.append(roles)
         records.append({"kind": s["kind"], "path": str(s["path"]), "column": s.get("column"), "fraction": s["fraction"],
                         "documents": len(docs), "rows": len(rows), "tokens": rows.numel()})
     tokens = torch.cat(parts)
     source = torch.cat([torch.full_like(p, i, dtype=torch.uint8) for i, p in enumerate(parts)])
     order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed))
-    tokens, source = tokens[order], source[order]
+    tokens, source, role = tokens[order], source[order], torch.cat(role_parts)[order]
     heldout_start = len(tokens) - max(1, round(heldout_fraction * len(tokens))) if heldout_fraction > 0 else len(tokens)
     meta = {"format": "crosscoder token mix 1", "tokenizer": tokenizer_record(tokenizer), "seq_len": seq_len,
             "bos": bos, "bos_token_id": bos_id, "separator": "eos" if tokenizer.eos_token_id is not None else None,
-            "sources": records, "rows": len(tokens),
+            "sources": records, "rows": len(tokens), "roles": list(ROLES),
+            "role_tokens": {name: int((role == i).sum()) for i, name in enumerate(ROLES)},
             "splits": {"train": [0, heldout_start], "heldout": [heldout_start, len(tokens)]}, "seed": seed}
     # Written beside out_dir and swapped in whole: a killed rebuild leaves the previous mix as it was.
     work = staging_dir(out_dir, MIX_FILES)
     torch.save(tokens, work / TOKENS)
     torch.save(source, work / SOURCE)
+    torch.save(role, work / ROLE)
     (work / META).write_text(json.dumps(meta, indent=2))  # last: its presence marks the mix complete
     swap_in(work, out_dir)
     return tokens, source, meta
@@ -269,6 +323,16 @@ def load_mix(path, split=None):
         rows = split_rows(meta, split)
         tokens, source = tokens[rows], source[rows]
     return tokens, source, meta
+
+
+def load_roles(path, split=None):
+    """Each token's role [N, S] (uint8, indices into ROLES) of a mix, or None for a mix built
+    before roles were recorded; split: only its rows."""
+    path = Path(str(path))
+    if not (path / ROLE).is_file():
+        return None
+    role = _load_tensor(path / ROLE)
+    return role if split is None else role[split_rows(read_mix_meta(path), split)]
 
 
 def split_rows(meta, split):

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crossdiff.config.plan import check_no_exclusions, first_n, positions, sequences_needed
-from crossdiff.config.schema import ConfigError, data_tokens
+from crossdiff.config.schema import ConfigError, data_tokens, effective
 from crossdiff.io.checkpoint import atomic_write_text, file_sha256, staging_dir, swap_in
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import norm_factors, run_models
@@ -92,6 +92,11 @@ def check_store_matches(cfg, meta, store_dir):
     if meta.get("ignore_first_n", 1) != first_n(cfg):
         raise ConfigError(f"config ignore_first_n={first_n(cfg)} but the store at {store_dir} dropped the first "
                           f"{meta.get('ignore_first_n', 1)} positions of each row")
+    scale = meta.get("norm_scale", "per_model")  # (stores harvested before the key scaled per model)
+    if scale != effective(cfg, "norm_scale"):
+        raise ConfigError(f"config norm_scale={effective(cfg, 'norm_scale')!r} (architecture {cfg['architecture']!r}) "
+                          f"but the store at {store_dir} holds rows scaled {scale!r}: harvest a store for this "
+                          "config (store.py --architecture ...) or train live")
     check_no_exclusions(cfg)
 
 
@@ -208,7 +213,8 @@ def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences)
         meta = {"hook_point": cfg["hook_point"], "model_names": cfg["model_names"], "n_models": M, "d_in": D,
                 "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
                 "sequences_per_shard": shard_sequences, "shard_sequences": shards, "dataset": cfg["dataset"],
-                "preset": cfg.get("preset"), "harvested_by": w, "ignore_first_n": first_pos}
+                "preset": cfg.get("preset"), "harvested_by": w, "ignore_first_n": first_pos,
+                "norm_scale": effective(cfg, "norm_scale")}
         if cfg.get("preset") == "toy":
             meta["toy_seed"] = cfg["toy_seed"]  # which toy pair
         meta["sha256"] = sums
