@@ -186,7 +186,7 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
             # a control beside every set of chosen latents (none beside every latent)
             assert (row["random_mean"] is None) == (row["set"] in ("all", "all+bias"))
     chat_only = next(row for row in rows if row["set"] == "chat_only" and row["group"] == "assistant")
-    assert chat_only["n_latents"] == counts["chat_only"] and "crosscoder:chat_only/assistant" in summary["kl_gap"]
+    assert chat_only["n_latents"] == counts["chat_only"] and "l1:chat_only/assistant" in summary["kl_gap"]
     steering = json.loads((analysis_dir / "steering.json").read_text())  # up to 3 latents, 3 prompts each
     assert 1 <= len(steering) <= 3 and all(len(runs) == 3 and set(runs[0]) == {"prompt", "base", "chat", "steered"}
                                            for runs in steering.values())

@@ -280,3 +280,4 @@ def test_each_latents_own_gap_is_measured_on_the_positions_where_it_fires():
         gap, patched = brute_force(cc, models, tokens, [j], False, mask)
         assert got[j]["n_positions"] == int(mask.sum())
         assert got[j]["kl_gap"] == pytest.approx(gap, abs=1e-5) and got[j]["kl_patched"] == pytest.approx(patched, abs=1e-5)
+    assert gap_where_firing(cc, models, tokens, [], progress=False) == {}  # nothing probed (no chat-only latent)

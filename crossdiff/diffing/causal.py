@@ -204,6 +204,8 @@ def firing_positions(crosscoder, models, tokens_NS, latents_J, batch_size=8):
 def gap_where_firing(crosscoder, models, tokens_NS, latents_J, **kw):
     """{latent: kl_gap_closed's row} for each latent patched alone, over the positions where it
     fires (the dashboard's per-latent figure). One chat forward per latent and batch."""
+    if not len(latents_J):
+        return {}
     fires = firing_positions(crosscoder, models, tokens_NS, latents_J, kw.get("batch_size", 4))
     rows = kl_gap_closed(crosscoder, models, tokens_NS, {j: [j] for j in fires}, fires, **kw)
     return {j: rows[j, j] for j in fires}
@@ -355,6 +357,13 @@ def words(tokens_str):
     return ("" if any(t[:1] in (" ", "▁", "Ġ") for t in tokens_str) else " ").join(tokens_str)
 
 
+def method_name(cfg):
+    """kl_gap.json's method: the architecture, "dfc-" before it with exclusive blocks (the
+    dedicated-feature crosscoder), "-shared" after it with a designated shared block."""
+    return ("dfc-" if cfg.get("exclusive_fraction") else "") + cfg["architecture"] + \
+        ("-shared" if cfg.get("shared_fraction") else "")
+
+
 def diff_report(crosscoder, models, tokens_NS, groups, sets, text_rows_NS, batch_size=4, adl_batch_size=8, top=10):
     """What analysis.py's KL section reports on tokens_NS: where the models differ (models_kl, with
     each top place's context), the gap each set closes (kl_table), and the Activation Difference
@@ -364,7 +373,7 @@ def diff_report(crosscoder, models, tokens_NS, groups, sets, text_rows_NS, batch
     by_group, top_kl = models_kl(models, tokens_NS, groups, batch_size, first=first, top=top)
     places = [{"kl": v, "sequence": n, "position": p,
                "context": words(models[1].to_str_tokens(tokens_NS[n, max(0, p - 8):p + 2]))} for v, n, p in top_kl]
-    rows = kl_table(crosscoder, models, tokens_NS, sets, groups, batch_size=batch_size)
+    rows = kl_table(crosscoder, models, tokens_NS, sets, groups, batch_size=batch_size, method=method_name(crosscoder.cfg))
     adl = adl_direction(models, text_rows_NS, crosscoder.cfg["hook_point"], first=first, batch_size=adl_batch_size)
     lens = logit_lens(models[1], adl)
     rows += kl_table(crosscoder, models, tokens_NS, {"adl": adl}, groups, method="adl", batch_size=batch_size)
