@@ -20,9 +20,9 @@ from crossdiff.config.plan import (
     check_enough_sequences,
     positions,
 )
-from crossdiff.config.schema import ConfigError, completed
+from crossdiff.config.schema import ConfigError, completed, effective
 from crossdiff.scale import distributed
-from crossdiff.sources.activations import check_models, norm_factors, run_models
+from crossdiff.sources.activations import check_models, factors_from_rows, norm_factors, run_models
 from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta, verify_store
 from crossdiff.sources.tokenmask import PositionFilter
 
@@ -232,14 +232,23 @@ class ActivationStore(RowBuffer):
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
         self._shards = open_shards(self.store_dir, self.meta, positions(cfg))
+        # Rows are stored normalised with the store's factors. A run of the other scaling
+        # (norm_scale: a diff-SAE on a crosscoder's store) rescales them as they are served, by
+        # factors estimated from the store's first rows as a live run estimates them.
+        self.stored_factor = torch.tensor(self.meta["normalisation_factor"], device=self.device)
+        self.rescaled = self.meta.get("norm_scale", "per_model") != effective(cfg, "norm_scale")
         if state is not None:
             self.load_state_dict(state)
         else:
-            self.normalisation_factor = torch.tensor(self.meta["normalisation_factor"], device=self.device)
+            self.normalisation_factor = self.stored_factor
+            if self.rescaled:
+                n = min(cfg["norm_estimate_batches"] * cfg["model_batch_size"], len(self.ids))
+                raw_RMD = self.rows(0, n).float() / self.stored_factor[None, :, None]
+                self.normalisation_factor = factors_from_rows(raw_RMD, effective(cfg, "norm_scale")).to(self.device)
             self.refresh()
 
     def _serve_scale(self):
-        return None  # rows are stored normalised
+        return self.normalisation_factor / self.stored_factor if self.rescaled else None  # stored normalised
 
     def rows(self, first, n):
         """Rows [n * P, M, D] (bf16) of this reader's sequences first..first+n, as harvested."""

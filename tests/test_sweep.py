@@ -155,6 +155,10 @@ def test_train_py_reads_the_sweep_validates_every_member_and_refuses_it_with_res
         build_cfg(["--preset", "toy", "--num_tokens", "51200", "--sweep", "architecture=l1,batchtopk"])
     with pytest.raises(ConfigError, match="resumes from its directory alone"):
         build_cfg(["--resume", "checkpoints/sweep_0", "--sweep", "lr=1,2"])
+    # the diff-SAE scales the activations by their difference, a crosscoder per model: one buffer cannot serve both
+    with pytest.raises(ConfigError, match="scale the activations difference and per_model .* share one buffer"):
+        build_cfg(["--preset", "toy", "--sweep", "architecture=batchtopk,diff_sae"])
+    build_cfg(["--preset", "toy", "--sweep", "k=8,16", "--architecture", "diff_sae"])  # diff-SAEs among themselves
 
 
 def test_members_are_placed_round_robin_and_each_device_is_checked_on_its_own():

@@ -460,5 +460,11 @@ def expand(cfg, axes):
     """The grid: one config per combination of the axes' values (the last key varying fastest),
     each cfg with those values and "sweep": the values that set it apart."""
     keys = list(axes)
-    return [dict(cfg, **dict(zip(keys, values)), sweep=dict(zip(keys, values)))
-            for values in itertools.product(*(axes[k] for k in keys))]
+    members = [dict(cfg, **dict(zip(keys, values)), sweep=dict(zip(keys, values)))
+               for values in itertools.product(*(axes[k] for k in keys))]
+    scales = sorted({effective(m, "norm_scale") for m in members})
+    if len(scales) > 1:  # one buffer serves every member, at one scaling
+        raise ConfigError(f"--sweep's members would scale the activations {' and '.join(scales)} (norm_scale: the "
+                          "diff-SAE's difference against a crosscoder's per model) but share one buffer: sweep them "
+                          "in separate runs")
+    return members

@@ -100,6 +100,18 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
     return (d_in ** 0.5 / (norm_sums / count)).float()
 
 
+def factors_from_rows(raw_RMD, norm_scale):
+    """[M] float32: sqrt(d_in) / the mean norm of each model's raw rows ("per_model"), or for every
+    model of models 1 - 0 ("difference"); estimate_norm_factors's figures, from rows in hand (a
+    store's, read back at another scaling)."""
+    raw_RMD = raw_RMD.float()
+    if norm_scale == "difference":
+        mean = (raw_RMD[:, 1] - raw_RMD[:, 0]).norm(dim=-1).double().mean().expand(raw_RMD.shape[1])
+    else:
+        mean = raw_RMD.norm(dim=-1).double().mean(0)
+    return (raw_RMD.shape[-1] ** 0.5 / mean).float()
+
+
 def autocast_context(device):
     """bf16 autocast where the device supports it (CUDA), as the reference; plain fp32 elsewhere."""
     device = torch.device(device)

@@ -92,11 +92,6 @@ def check_store_matches(cfg, meta, store_dir):
     if meta.get("ignore_first_n", 1) != first_n(cfg):
         raise ConfigError(f"config ignore_first_n={first_n(cfg)} but the store at {store_dir} dropped the first "
                           f"{meta.get('ignore_first_n', 1)} positions of each row")
-    scale = meta.get("norm_scale", "per_model")  # (stores harvested before the key scaled per model)
-    if scale != effective(cfg, "norm_scale"):
-        raise ConfigError(f"config norm_scale={effective(cfg, 'norm_scale')!r} (architecture {cfg['architecture']!r}) "
-                          f"but the store at {store_dir} holds rows scaled {scale!r}: harvest a store for this "
-                          "config (store.py --architecture ...) or train live")
     check_no_exclusions(cfg)
 
 
