@@ -181,3 +181,32 @@ def test_the_toy_dashboard_in_headless_chromium(toy_analysis, tmp_path):
         assert "bold" in key and "Latent Scaling" in key  # the bold rows are explained
         page.screenshot(tmp_path / "dashboard_narrow.png")
         assert page.errors == [], page.errors
+
+
+def test_a_latents_page_shows_the_gap_it_closes_alone_and_its_steering_runs(tmp_path):
+    """analysis.py hands the dashboard each probed latent's gap where it fires and the steering
+    runs (info "gap_alone", "steering"): the latent's page states the share closed with its
+    positions and the gap, and each prompt's continuations; a latent without them states none."""
+    from browser import INSTALL_HINT, Chromium, find_chromium
+
+    from crossdiff.diffing.dashboard import write_dashboard
+
+    if find_chromium() is None:
+        pytest.fail(INSTALL_HINT)
+    cc = CrossCoder(tiny_cfg())
+    info = {"checkpoint": "tiny", "gap_alone": {"5": {"n_positions": 1234, "kl_gap": 0.25, "kl_patched": 0.2,
+                                                      "fraction_closed": 0.2, "n_latents": 1}},
+            "steering": {"5": [{"prompt": "the cat sat", "base": "on <the> mat", "chat": "HELLO",
+                                "steered": {"0.5": "on a mat", "1.5": "HELLO THERE"}}]}}
+    path = write_dashboard(tmp_path / "dashboard.html", cc, info=info)
+    with Chromium() as page:
+        page.open(path.resolve().as_uri() + "#latent=5")
+        page.wait_for("document.querySelector('#detail h2')?.textContent.startsWith('latent 5 ')")
+        text = page.evaluate("document.getElementById('detail').textContent")
+        assert "on the 1,234 positions where it fires: closes 20.0% of the base → chat KL gap (0.250 nats)" in text
+        assert "base: on <the> mat" in text and "chat: HELLO" in text and "x1.5: HELLO THERE" in text
+        page.open("about:blank")
+        page.open(path.resolve().as_uri() + "#latent=6")
+        page.wait_for("document.querySelector('#detail h2')?.textContent.startsWith('latent 6 ')")
+        assert "closes" not in page.evaluate("document.getElementById('detail').textContent")
+        assert page.errors == [], page.errors
