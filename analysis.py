@@ -131,13 +131,14 @@ OPTIONS = {"checkpoint": "a version_N dir, a published-layout or dictionary_lear
            "latents": "I,J,...: a latent set of your own for the KL test",
            "ranked": "true / false: the KL test's ranked sets, a forward per latent (default: the toy preset)",
            "steer": "true / false: steer the base model with chat-specific latents (default: the toy preset)",
+           "steer_latents": "I,J,...: steer with these latents instead (implies --steer true)",
            "help": "print this and exit"}
 
 
 def apply_argv(argv):
     """The script's options (the same --key value parser as train.py) into the settings above."""
     global CHECKPOINT, FACTORS, MODEL_NAMES, DATASET, N_HELDOUT_SEQS, BATCH_SIZE, SPLICE_BATCH_SIZE, EFFECTIVE_CHAT_ONLY, SPLICE_IN
-    global KL_TEST, LATENTS, RANKED, STEER
+    global KL_TEST, LATENTS, RANKED, STEER, LATENTS_TO_STEER
     _, opts = parse_overrides(argv, {}, flags=tuple(OPTIONS))
     if opts.get("help"):
         print(format_help("usage: python analysis.py [--checkpoint PATH_OR_REPO] [--option value ...]", {}, OPTIONS))
@@ -159,6 +160,8 @@ def apply_argv(argv):
         RANKED = opts["ranked"].lower() == "true" if "ranked" in opts else RANKED
         STEER = opts["steer"].lower() == "true" if "steer" in opts else STEER
         LATENTS = [int(v) for v in opts["latents"].split(",")] if "latents" in opts else LATENTS
+        if "steer_latents" in opts:
+            LATENTS_TO_STEER, STEER = [int(v) for v in opts["steer_latents"].split(",")], True
     except ValueError as e:
         raise ConfigError(f"bad option value: {e}") from None
 
@@ -383,11 +386,16 @@ if models is not None and KL_TEST:
               role_groups(roles, FIRST_K) if roles is not None else source_groups(tokens, is_chat))
     text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]  # pretraining-like rows, for the ADL
     kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
+    empty = [name for name, v in kl_sets.items() if isinstance(v, list) and not v]
+    if empty:  # nothing to patch: no row rather than a trivial 0 %
+        print(f"KL test: no latent in {', '.join(empty)}; left out")
+        kl_sets = {name: v for name, v in kl_sets.items() if name not in empty}
     per_latent = cfg["preset"] == "toy" if RANKED is None else RANKED  # one chat forward per latent and batch
     if per_latent and len(tokens) > n_kl:  # chosen on other rows
         picked = "assistant" if "assistant" in groups else "all"
         kl_sets |= ranked_sets(cc, models, tokens[n_kl:2 * n_kl], groups[picked][n_kl:2 * n_kl],
                                batch_size=SPLICE_BATCH_SIZE)
+    summary["kl_sets"] = {name: list(getattr(v, "latents", v)) for name, v in kl_sets.items() if not isinstance(v, str)}
     if per_latent:  # for the dashboard: each probed latent alone, where it fires
         gap_alone = summary["kl_gap_alone"] = gap_where_firing(cc, models, tokens[:n_kl], probed.tolist(),
                                                                batch_size=SPLICE_BATCH_SIZE)
