@@ -63,3 +63,21 @@ def test_norm_factors_are_estimated_in_fp32_even_where_the_harvest_runs_under_bf
     with activations.autocast_context("cpu"):  # the simulated harvest does round: the test can tell
         bf16 = extract_activations(models[0], tokens, "blocks.1.hook_resid_pre").float()
     assert (bf16 - fp32).abs().max() > 1e-4
+
+
+def test_a_model_listed_twice_runs_once_and_fills_both_columns(models):
+    """run_models on [m, m] (the null pair): one forward, the same activations in both models'
+    columns; [base, chat] still runs each."""
+    from crossdiff.sources.activations import run_models
+
+    base, chat = models
+    calls = []
+    handle = base.blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    tokens = random_tokens(3, 9)
+    rows = run_models([base, base], tokens, "blocks.1.hook_resid_pre")
+    handle.remove()
+    assert len(calls) == 1 and torch.equal(rows[:, 0], rows[:, 1])
+    want = extract_activations(base, tokens, "blocks.1.hook_resid_pre")[:, 1:].flatten(0, 1)
+    torch.testing.assert_close(rows[:, 0], want)
+    both = run_models([base, chat], tokens, "blocks.1.hook_resid_pre")
+    assert not torch.equal(both[:, 0], both[:, 1])

@@ -96,6 +96,9 @@ def test_a_llama_fine_tune_loads_from_its_config_json_whatever_its_path_says(tmp
     t = torch.tensor([[2, 5, 9, 11, 4, 7]])
     want = hf(t, output_hidden_states=True).hidden_states[2]
     torch.testing.assert_close(model(t, stop_at_layer=2), want, rtol=1e-4, atol=1e-4)
+    # the null pair, a model against itself: loaded once, both indices the same model
+    base, same = load_pair({"model_names": [str(path)] * 2, "hook_point": "blocks.2.hook_resid_pre", "device": "cpu"})
+    assert base is same
 
 
 def write_gguf(path, arch):

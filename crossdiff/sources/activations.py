@@ -64,7 +64,11 @@ def run_models(models, tokens_NS, hook_point, first=1, keep=None):
     device = next(models[0].parameters()).device
     tokens_NS = tokens_NS.to(device, torch.long)
     with autocast_context(device):
-        acts_NPMD = torch.stack([extract_activations(m, tokens_NS, hook_point)[:, first:] for m in models], dim=2)
+        acts = {}  # each model object once: a model listed twice (the null pair) runs once
+        for m in models:
+            if id(m) not in acts:
+                acts[id(m)] = extract_activations(m, tokens_NS, hook_point)[:, first:]
+        acts_NPMD = torch.stack([acts[id(m)] for m in models], dim=2)
     if keep is not None and keep.active:
         return acts_NPMD[keep.keep(tokens_NS, acts_NPMD)]
     return rearrange(acts_NPMD, "seq pos model d_in -> (seq pos) model d_in")

@@ -244,8 +244,12 @@ def load_pair(cfg, full=False):
     """
     n_layers = None if full else layers_needed(cfg["hook_point"])
     archs = list(cfg.get("model_archs") or [])
-    models = []
+    models, loaded = [], {}
     for i, name in enumerate(cfg["model_names"]):
+        key = (name, archs[i] if i < len(archs) else None)
+        if key in loaded:  # a model against itself (the null pair): one copy, run once (run_models)
+            models.append(loaded[key])
+            continue
         try:
             # transformers and TransformerLens build on torch's default device, then move to cfg's
             with torch.device("cpu"):
@@ -257,6 +261,7 @@ def load_pair(cfg, full=False):
         if not full and n_layers is not None:
             drop_unembedding(model)
         models.append(model.eval())
+        loaded[key] = models[-1]
     return models
 
 
