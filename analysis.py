@@ -320,7 +320,8 @@ if models is not None:
                                                          is_chat_N=is_chat)
     mass_F, chat_mass_F = r.pop("mass_F", None), r.pop("chat_mass_F", None)  # per latent: for the by-source cell
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
-          f"(per model {per_model(r['explained_variance_per_model'])}; of {cc.reconstructs}), L0 {r['l0']:.1f}; "
+          f"(the reference's mean over tokens, as training logs it; per model, pooled 1 - sum err^2 / sum var: "
+          f"{per_model(r['explained_variance_per_model'])}; of {cc.reconstructs}), L0 {r['l0']:.1f}; "
           f"{r['dead']} latents ({r['dead_fraction']:.1%}) never active on these tokens")
 if models is not None and SPLICE_IN and cc.reconstructs != "each model":
     print("splice-in: not measured, this architecture reconstructs no model's activation (the KL test's "
@@ -450,7 +451,7 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
     (out_dir / "chat_only_examples.html").write_text(page)
     if is_chat is not None:  # the toy pair, a mix: which of those top contexts are chat transcripts?
         share = summary["top_examples_in_transcripts"] = share_in_transcripts(is_chat, values, seqs)
-        print("top examples of chat-only latents inside chat transcripts: "
+        print(f"top examples of {summary['latent_scaling']['selection']} inside chat transcripts: "
               + ("none (no latent shown fired)" if share is None else f"{share:.1%}"))
     if in_notebook():
         from IPython.display import HTML, display

@@ -19,7 +19,7 @@ from crossdiff.config.cli import build_cfg as build_cli_cfg
 from crossdiff.config.cli import in_notebook
 from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits, check_mesh
 from crossdiff.config.schema import DEFAULTS, Config, ConfigError, complete_cfg, expand
-from crossdiff.io.checkpoint import CheckpointError, resolve_version_dir
+from crossdiff.io.checkpoint import CheckpointError, check_checkpoint_dir, resolve_version_dir
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed
 from crossdiff.scale.process import keep_freed_memory, library_progress
@@ -50,6 +50,7 @@ def main(cfg, resume=None, sweep=None, resume_overrides=None, sweep_devices=None
     without the models is checked before any loads."""
     cfg = cfg if isinstance(cfg, Config) else complete_cfg(cfg)  # the config, completed and checked once
     n_processes = start_processes(cfg, sweep_devices)  # torchrun's groups, the device
+    check_checkpoint_dir(cfg, resolve_version_dir(resume) if resume is not None else None)  # writable, now
     prepare_models(cfg)  # d_in and hook_point from the models' configs; a preset's pair and mix built
     check_memory(cfg, sweep, sweep_devices, n_processes)  # the buffer (and a sweep's members) fit
     if cfg["store_dir"] is not None and resume is None and not is_complete_store(cfg["store_dir"]):
@@ -131,6 +132,8 @@ def report(trainer, log, models):
         return
     cfg = trainer.cfg
     print("final: " + format_log(log))
+    print("(the last batch's figures; explained_variance is the reference's mean over tokens of 1 - |err|^2 / "
+          "|x - batch mean|^2, so analysis.py's per-model figures, pooled over held-out tokens, differ)")
     if cfg["preset"] == "toy":
         organism = organism_report(models[0], models[1], cfg)
         print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))

@@ -156,12 +156,12 @@ def test_analysis_script_runs_end_to_end_on_a_toy_checkpoint(toy_run, toy_analys
     assert int(dead) == r["dead"] and int(tokens.replace(",", "")) == r["tokens"]
     for name, n in counts.items():
         assert re.search(rf"^{name} +{n} ", train_out, re.M), (name, n)
-    genuine = int(re.search(r"^chat_only_genuine +(\d+) ", train_out, re.M).group(1))
+    genuine = int(re.search(r"^chat_specific +(\d+) ", train_out, re.M).group(1))
     specific = next(v for k, v in summary["latent_scaling"].items() if k.startswith("specific"))
     assert genuine == specific
     # by source: the chat-specific latents' mass sits in transcripts, as the toy report says
     by_source = summary["by_source"]
-    mass = float(re.search(r"^chat_only_genuine +\d+ +\d+ +([\d.]+)%", train_out, re.M).group(1)) / 100
+    mass = float(re.search(r"^chat_specific +\d+ +\d+ +([\d.]+)%", train_out, re.M).group(1)) / 100
     assert by_source["classes"]["chat_specific"]["latents"] == genuine
     assert abs(by_source["classes"]["chat_specific"]["chat_mass_fraction"] - mass) < 1e-3
     assert by_source["chat"]["tokens"] + by_source["text"]["tokens"] == r["tokens"]

@@ -142,7 +142,14 @@ def test_the_schemas_dtype_names_are_the_crosscoders_dtypes():
 
 
 def venv_with(tmp_path, *install_args):
-    """A venv on this Python's packages with the repo installed by pip (install_args), no deps."""
+    """A venv on this Python's packages with the repo installed by pip (install_args), no deps,
+    built by this Python's setuptools (requirements.txt: >= 70.1, which builds wheels without the
+    wheel package; an older one is named rather than failing in bdist_wheel)."""
+    import setuptools
+
+    major, minor = (int(v) for v in setuptools.__version__.split(".")[:2])
+    assert (major, minor) >= (70, 1), (f"setuptools {setuptools.__version__} cannot build the install without the "
+                                       "wheel package: pip install -r requirements.txt (setuptools>=70.1)")
     venv = tmp_path / "venv"
     # (without its own pip: Python 3.11's bundled setuptools would shadow the installed one)
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)

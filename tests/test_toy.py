@@ -78,7 +78,7 @@ def test_toy_pair_differs_in_transcripts_and_the_crosscoder_finds_model_specific
     # Latent Scaling splits the chat-only latents: those the base model lacks fire almost only in
     # transcripts; the rest (the base model has their direction: L1 artefacts) do not. Measured at
     # this seed: 7 genuine at 99.8% of their mass in transcripts, 63 artefacts at 29.1%.
-    genuine, artefact = report["chat_only_genuine"], report["chat_only_artefact"]
+    genuine, artefact = report["chat_specific"], report["chat_only_artefact"]
     assert genuine["count"] >= 3
     assert genuine["chat_mass_fraction"] >= 0.9
     assert artefact["chat_mass_fraction"] < 0.6

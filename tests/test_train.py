@@ -131,8 +131,30 @@ def test_a_dataset_too_small_for_the_run_is_refused_before_any_model_loads(tmp_p
     monkeypatch.setattr(utils, "load_gemma_pair", no_models)
     torch.save(torch.randint(0, 1000, (50, 1024)), tmp_path / "tokens.pt")
     cfg, _ = build_cfg(["--dataset", str(tmp_path / "tokens.pt"), "--device", "cpu"])
-    with pytest.raises(TokensExhausted, match="needs [\\d,]+ sequences of 1024 tokens .* but the dataset has 50"):
+    with pytest.raises(TokensExhausted, match=r"needs [\d,]+ sequences of 1024 tokens but the dataset has 50: the "
+                                              r"buffer's first fill takes [\d,]+ \(batch_size 4096 x buffer_mult 128 "
+                                              r"rows.*lower buffer_mult or num_tokens"):
         utils.load_models_and_tokens(cfg)
+
+
+def test_an_unwritable_checkpoint_dir_is_refused_before_the_pair_is_built(tmp_path, monkeypatch):
+    """--checkpoint_dir under a file (or any directory that takes no file) stops the run at once,
+    naming the key and the reason, before the toy pair is built; a writable one is made."""
+    import crossdiff.pairs.toy as toy
+    import train
+
+    def no_pair(*args, **kwargs):
+        raise AssertionError("the pair was built before the checkpoint directory was checked")
+
+    monkeypatch.setattr(toy, "build_toy_pair", no_pair)
+    monkeypatch.setattr(train, "toy_report", no_pair)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"config key 'checkpoint_dir': cannot write checkpoints into .*a_file/ckpt "
+                                         r"\(NotADirectoryError"):
+        train.cli(["--preset", "toy", "--checkpoint_dir", str(tmp_path / "a_file" / "ckpt"), "--progress", "false"])
+    from crossdiff.io.checkpoint import check_checkpoint_dir
+
+    assert check_checkpoint_dir({"checkpoint_dir": str(tmp_path / "new" / "dir")}).is_dir()
 
 
 def test_nothing_the_pipeline_makes_lands_on_torchs_default_device(tmp_path):

@@ -113,10 +113,14 @@ def check_enough_sequences(cfg, local_cfg, have, total_steps, state=None, source
         need -= buffer_sequences(local_cfg)
     w = world_size
     if have is not None and need > have - read and not cfg["wrap_tokens"]:
+        fill = buffer_sequences(local_cfg) * w
+        steps = (f"num_tokens={cfg['num_tokens']:,} reads {need * w - fill:,} more" if need * w > fill else
+                 "no more for its steps")
         raise TokensExhausted(
-            f"num_tokens={cfg['num_tokens']:,} needs {need * w:,} sequences of {cfg['seq_len']} tokens (buffer "
-            f"refreshes included) but {source} has {have * w:,}; lower num_tokens, add data, or set "
-            "wrap_tokens=True to reuse it")
+            f"the run needs {need * w:,} sequences of {cfg['seq_len']} tokens but {source} has {have * w:,}: the "
+            f"buffer's first fill takes {fill:,} (batch_size {cfg['batch_size']} x buffer_mult "
+            f"{cfg['buffer_mult']} rows, {positions(cfg)} a sequence) and {steps} as it refreshes half of it; "
+            "lower buffer_mult or num_tokens, add data, or set wrap_tokens=True to reuse it")
 
 
 def check_mesh(latent_shards, world_size):

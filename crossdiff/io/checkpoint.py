@@ -168,6 +168,23 @@ def checkpoint_root(cfg):
     return Path(root) if root else DEFAULT_CHECKPOINT_DIR
 
 
+def check_checkpoint_dir(cfg, resume_dir=None):
+    """Before anything loads: the directory checkpoints will be written to (a resume's version
+    directory, else the checkpoint root) exists or can be made, and takes a file. A CheckpointError
+    naming the key and the reason, not a failure at the first save."""
+    where = Path(resume_dir) if resume_dir is not None else checkpoint_root(cfg)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        probe = where / f".write_check_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        key = "--resume" if resume_dir is not None else "config key 'checkpoint_dir'"
+        raise CheckpointError(f"{key}: cannot write checkpoints into {where} ({type(e).__name__}: "
+                              f"{e.strerror or e}); give a writable directory") from None
+    return where
+
+
 def next_version_dir(cfg, prefix="version"):
     """Create and return the next free version_N (or {prefix}_N) under the config's checkpoint root."""
     root = checkpoint_root(cfg)

@@ -325,7 +325,7 @@ def toy_report(crosscoder, base, chat, cfg, n_seqs=None, batch_seqs=None):
         crosscoder.train(was_training)
     genuine = torch.zeros_like(alive)
     genuine[chat_only] = is_model_specific(ls["nu_error"], ls["nu_reconstruction"]).cpu()
-    classes["chat_only_genuine"] = classes["chat_only"] & genuine
+    classes["chat_specific"] = classes["chat_only"] & genuine  # (analysis.py's name)
     classes["chat_only_artefact"] = classes["chat_only"] & ~genuine
     per_latent_F = mass_chat / mass_all.clamp(min=1e-12)
     report = {"n_latents": F, "dead": int((~alive).sum()), "tokens": len(tokens) * positions,
@@ -350,7 +350,7 @@ def format_report(report, organism=None):
               f"tokens analysis.py also reads ({report['chat_token_fraction']:.0%} of its sequences are chat transcripts)",
               f"relative decoder norm histogram (10 bins, base-only -> chat-only): {report['relative_norm_histogram']}",
               f"{'class':<18} {'latents':>7} {'active':>6} {'mass in chat':>13} {'>=90% chat':>10} {'<=10% chat':>10}"]
-    for name in ("chat_only", "chat_only_genuine", "chat_only_artefact", "shared", "base_only", "other"):
+    for name in ("chat_only", "chat_specific", "chat_only_artefact", "shared", "base_only", "other"):
         r = report[name]
         lines.append(f"{name:<18} {r['count']:>7} {r['active']:>6} {r['chat_mass_fraction']:>13.1%} "
                      f"{r['mostly_chat']:>10} {r['mostly_plain']:>10}")
@@ -359,6 +359,6 @@ def format_report(report, organism=None):
               "latents: all in the class; active: those that fired on the held-out tokens (the next columns count "
               "these); mass in chat: the share of the class's activation that falls inside chat transcripts; "
               ">=90% / <=10% chat: latents with at least 90% / at most 10% of their own mass there",
-              "chat_only_genuine / _artefact: active chat-only latents with / without |nu_error| < 0.2 and "
+              "chat_specific / chat_only_artefact: active chat-only latents with / without |nu_error| < 0.2 and "
               "|nu_reconstruction| < 0.5 (Latent Scaling: the base model lacks / has their direction)"]
     return "\n".join(lines)
