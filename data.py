@@ -13,18 +13,20 @@ from crossdiff.sources.mix import BOS_POLICIES, DataError, build_mix, chat_mask
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build a token mix of text and chat data for a model pair "
                                             "(crossdiff/sources/mix.py's docstring says what it writes).")
-    p.add_argument("--tokenizer", required=True, help="a hub id or local directory (the chat model's: it has the template)")
+    p.add_argument("--tokenizer", required=True, help="a hub id, local directory or GGUF file, as train.py's "
+                   "--model_names takes (the chat model's: it has the template)")
     p.add_argument("--text", action="append", default=[], help="a text source (repeatable)")
     p.add_argument("--chat", action="append", default=[], help="a chat source with a messages column (repeatable)")
     p.add_argument("--text_column", default=None, help="the text sources' column (default: text)")
     p.add_argument("--chat_column", default=None, help="the chat sources' column (default: messages)")
-    p.add_argument("--chat_fraction", type=float, default=0.5, help="share of rows from chat data (split evenly)")
-    p.add_argument("--seq_len", type=int, default=1024)
-    p.add_argument("--num_tokens", type=int, required=True)
-    p.add_argument("--bos", default="auto", choices=BOS_POLICIES)
-    p.add_argument("--heldout_fraction", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True)
+    p.add_argument("--chat_fraction", type=float, default=0.5, help="share of rows from chat data, split evenly over the chat sources (default %(default)s)")
+    p.add_argument("--seq_len", type=int, default=1024, help="tokens a row (default %(default)s)")
+    p.add_argument("--num_tokens", type=int, required=True, help="tokens in the mix, held-out rows included")
+    p.add_argument("--bos", default="auto", choices=BOS_POLICIES, help="start each row with BOS: auto (when the "
+                   "tokenizer has one; the default), always or never")
+    p.add_argument("--heldout_fraction", type=float, default=0.05, help="share of rows held out for analysis.py (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the rows' interleaving order (default %(default)s)")
+    p.add_argument("--out", required=True, help="the mix's directory (written beside and swapped in)")
     a = p.parse_args(argv)
     if not a.text and not a.chat:
         p.error("give at least one --text or --chat source")
@@ -33,10 +35,10 @@ def main(argv=None):
                 for t in a.text]
                + [{"kind": "chat", "path": c, "column": a.chat_column, "fraction": chat_share / len(a.chat)}
                   for c in a.chat])
-    from transformers import AutoTokenizer
+    from crossdiff.sources.models import tokenizer_of
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(a.tokenizer)
+        tokenizer = tokenizer_of(a.tokenizer)
         tokens, source, meta = build_mix(tokenizer, sources, a.seq_len, a.num_tokens, a.out, a.bos,
                                          a.heldout_fraction, a.seed)
     except (DataError, OSError) as e:

@@ -24,20 +24,22 @@ TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if 
 
 
 def word_tokenizer(words=("hello", "world", "how", "are", "you", "fine", "the", "cat", "sat"), bos=True, template=True,
-                   name="tiny"):
+                   name="tiny", bos_adds=True):
     """A word-level fast tokenizer (offline), with BOS and EOS, and a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>", "user", "model"] + ["<bos>"] * bos
     vocab = {w: i for i, w in enumerate(dict.fromkeys([*specials, *words]))}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos and bos_adds:  # it puts BOS before text, as Gemma's does (bos_adds False: SmolLM2's, which never does)
+        tk.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
                                   additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
                                   **({"bos_token": "<bos>"} if bos else {}), name_or_path=name)
     if template:
-        tok.chat_template = TEMPLATE
+        tok.chat_template = TEMPLATE if template is True else template
     return tok
 
 
@@ -130,6 +132,30 @@ def test_each_token_of_a_conversation_records_its_role_by_its_place_not_its_word
         runs = [p for p in range(13) if groups["assistant"][n, p] and (p == 0 or not groups["assistant"][n, p - 1])]
         assert set(first[n].nonzero().flatten().tolist()) == {q for p in runs for q in (p, p + 1) if q < 13 and
                                                               groups["assistant"][n, q]}
+
+
+def test_a_bos_token_the_template_uses_as_its_turn_marker_is_never_doubled(tmp_path):
+    """SmolLM2's BOS is <|im_start|>, which its template writes before every turn and its
+    tokenizer never puts before text: rows get no BOS of their own (bos auto), every conversation
+    keeps its first marker, and no two markers stand side by side. --bos always, which would
+    double them, is refused naming the option."""
+    marker = "{% for m in messages %}<bos>{{ m['role'] }} {{ m['content'] }} <end_of_turn> {% endfor %}"
+    tok = word_tokenizer(bos_adds=False, template=marker)
+    _, chat = write_sources(tmp_path)
+    tokens, _, meta = build_mix(tok, [{"kind": "chat", "path": chat, "fraction": 1.0}], seq_len=12, num_tokens=120,
+                                out_dir=tmp_path / "auto")
+    words = [tok.convert_ids_to_tokens(row) for row in tokens.tolist()]
+    assert meta["bos_token_id"] is None
+    assert not any(a == b == "<bos>" for w in words for a, b in zip(w, w[1:]))  # never doubled
+    stream = [t for w in words for t in w]  # every turn keeps its marker: "<bos> user", "<bos> assistant"
+    assert all(stream[i - 1] == "<bos>" for i, t in enumerate(stream) if t in ("user", "assistant") and i > 0)
+    with pytest.raises(DataError, match="BOS '<bos>' is its chat template's turn marker.*use --bos auto"):
+        build_mix(tok, [{"kind": "chat", "path": chat, "fraction": 1.0}], seq_len=12, num_tokens=120,
+                  out_dir=tmp_path / "always", bos="always")
+    gemma_like = word_tokenizer()  # a BOS the tokenizer adds and the template writes once: dropped, one per row
+    tokens, _, _ = build_mix(gemma_like, [{"kind": "chat", "path": chat, "fraction": 1.0}], seq_len=12,
+                             num_tokens=120, out_dir=tmp_path / "gemma")
+    assert all(gemma_like.convert_ids_to_tokens(row).count("<bos>") == 1 for row in tokens.tolist())
 
 
 def test_a_tokenizer_without_bos_gets_rows_without_one(tmp_path):

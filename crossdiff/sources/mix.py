@@ -168,16 +168,17 @@ def message_roles(text, messages, offsets):
     return roles
 
 
-def encode_documents(tokenizer, docs, kind, batch=1024, with_roles=False):
+def encode_documents(tokenizer, docs, kind, batch=1024, with_roles=False, bos_id="tokenizer"):
     """Token ids of each document, an iterator that tokenises `batch` documents at a time (the
     ids of a whole corpus as Python lists cost ~36 bytes a token): text as it is, conversations
     through the chat template. The BOS a template writes is dropped (the packer puts one at the
-    start of each row). with_roles: (ids, roles) pairs, roles each token's ROLES index (None for
+    start of each row: bos_id, by default the tokenizer's), unless the template writes that token
+    again in the conversation: then it is a turn marker (SmolLM2's <|im_start|>) and stays. with_roles: (ids, roles) pairs, roles each token's ROLES index (None for
     text: all TEXT; UNKNOWN where the tokenizer gives no character offsets)."""
     if kind == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no chat template: chat data cannot be "
                         "rendered (use the chat model's tokenizer, e.g. the -it / -Instruct one)")
-    bos = tokenizer.bos_token_id
+    bos = tokenizer.bos_token_id if bos_id == "tokenizer" else bos_id
 
     def ids():
         for start in range(0, len(docs), batch):
@@ -186,7 +187,11 @@ def encode_documents(tokenizer, docs, kind, batch=1024, with_roles=False):
             offsets = with_roles and kind == "chat" and getattr(tokenizer, "is_fast", False)
             enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=offsets)
             for n, x in enumerate(enc["input_ids"]):
-                first = int(bos is not None and x[:1] == [bos])
+                first = int(bos is not None and x[:1] == [bos] and x.count(bos) == 1)
+                if bos is not None and x.count(bos) > 1 and bos_id != "tokenizer":
+                    raise DataError(f"the tokenizer {tokenizer.name_or_path!r}'s BOS {tokenizer.bos_token!r} is its chat "
+                                    "template's turn marker: rows starting with it would double a conversation's "
+                                    "(use --bos auto, which gives such rows none)")
                 if not with_roles:
                     yield x[first:]
                 elif kind != "chat":
@@ -237,7 +242,9 @@ def pack_roles(docs, seq_len, bos_id=None, eos_id=None, max_rows=None, chunk_tok
 
 
 def bos_for(tokenizer, policy="auto"):
-    """The BOS id each row starts with, or None."""
+    """The BOS id each row starts with, or None. "auto": the tokenizer's BOS when it puts one
+    before text itself (Gemma's <bos>), none when it has a BOS token it never adds (SmolLM2's
+    <|im_start|>, a turn marker: rows starting with it would double the template's)."""
     if policy not in BOS_POLICIES:
         raise DataError(f"bos must be one of {list(BOS_POLICIES)}, got {policy!r}")
     if policy == "never":
@@ -245,6 +252,8 @@ def bos_for(tokenizer, policy="auto"):
     if tokenizer.bos_token_id is None:
         if policy == "always":
             raise DataError(f"the tokenizer {tokenizer.name_or_path!r} has no BOS token (bos 'always')")
+        return None
+    if policy == "auto" and tokenizer("a", add_special_tokens=True)["input_ids"][:1] != [tokenizer.bos_token_id]:
         return None
     return tokenizer.bos_token_id
 
@@ -263,8 +272,9 @@ def build_mix(tokenizer, sources, seq_len, num_tokens, out_dir, bos="auto", held
     documents = [read_documents(s["path"], s["kind"], s.get("column")) for s in sources]
     for s, docs in zip(sources, documents):
         want = round(s["fraction"] * n_rows)
-        rows, roles = pack_roles(encode_documents(tokenizer, docs, s["kind"], with_roles=True), seq_len, bos_id,
-                                 tokenizer.eos_token_id, want, bos_role=TEMPLATE if s["kind"] == "chat" else TEXT)
+        ids = encode_documents(tokenizer, docs, s["kind"], with_roles=True, bos_id=bos_id)
+        rows, roles = pack_roles(ids, seq_len, bos_id, tokenizer.eos_token_id, want,
+                                 bos_role=TEMPLATE if s["kind"] == "chat" else TEXT)
         if len(rows) < want:
             raise DataError(f"{s['path']}: {len(docs):,} documents give {len(rows):,} rows of {seq_len} tokens, "
                             f"{want:,} asked ({s['fraction']:.0%} of {num_tokens:,} tokens): add data or ask for fewer tokens")
