@@ -96,7 +96,7 @@ from crossdiff.io.hub import (
     published_hook_dir,
 )
 from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups, user_turns
-from crossdiff.sources.activations import estimate_norm_factors
+from crossdiff.sources.activations import estimate_norm_factors, high_norm_note
 from crossdiff.sources.mix import (
     DataError,
     chat_mask,
@@ -314,6 +314,9 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 
 # %%
 if models is not None:
+    note = high_norm_note(models, tokens[:8], cfg["hook_point"], PositionFilter(cfg, models).first)
+    if note and not PositionFilter(cfg, models).active:  # (as training warns; an attention sink)
+        print(note)
     # Every pass over the held-out tokens below replays one harvest where it fits in memory.
     harvest = ActivationCache()
     r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE, harvest=harvest,

@@ -81,3 +81,28 @@ def test_a_model_listed_twice_runs_once_and_fills_both_columns(models):
     torch.testing.assert_close(rows[:, 0], want)
     both = run_models([base, chat], tokens, "blocks.1.hook_resid_pre")
     assert not torch.equal(both[:, 0], both[:, 1])
+
+
+def test_a_position_far_above_the_others_norm_is_named_with_its_token_and_the_options(models):
+    """high_norm_positions: the positions whose median norm is over 10x the overall median, each
+    with the token most often there; high_norm_note on a model whose position 2 is blown up 100x
+    names it, its token, and --ignore_first_n 3 / --outlier_norm_multiple; an ordinary model
+    gets no note."""
+    from crossdiff.sources.activations import high_norm_note, high_norm_positions
+
+    norms = torch.ones(6, 5)
+    norms[:, 1] = 40.0
+    tokens = torch.randint(0, 50, (6, 6))
+    tokens[:4, 2] = 7  # position 1 after one dropped: the full row's 2
+    (found,) = high_norm_positions(tokens, norms, first=1)
+    assert found[:3] == (2, 40.0, 1.0) and found[3] == 7 and found[4] == pytest.approx(4 / 6)
+    base, chat = models
+    tokens = random_tokens(8, 9)
+    assert high_norm_note([base, chat], tokens, "blocks.1.hook_resid_pre", 1) is None
+    base.add_hook("blocks.0.hook_resid_post", lambda act, hook: act * torch.tensor([1, 1, 100, 1, 1, 1, 1, 1, 1.0])[
+        None, : act.shape[1], None])
+    try:
+        note = high_norm_note([base, chat], tokens, "blocks.1.hook_resid_pre", 1)
+    finally:
+        base.reset_hooks()
+    assert note.startswith("note: position 2 (median norm") and "--ignore_first_n 3 or --outlier_norm_multiple 10" in note

@@ -104,6 +104,42 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
     return (d_in ** 0.5 / (norm_sums / count)).float()
 
 
+HIGH_NORM = 10.0  # a position whose median norm is this multiple of the others' is named
+
+
+def high_norm_positions(tokens_NS, norms_NP, first=0, multiple=HIGH_NORM):
+    """The positions (in the full row) whose median activation norm over the rows is above
+    multiple x the median over every position: [(position, its median, the others' median, the
+    token most often there, the share of rows it is)] (an attention sink: a position that holds
+    activations far above the rest dominates the squared loss)."""
+    med_P = norms_NP.float().median(0).values
+    overall = float(norms_NP.float().median())
+    out = []
+    for p in torch.nonzero(med_P > multiple * overall).flatten().tolist():
+        ids, counts = tokens_NS[:, first + p].unique(return_counts=True)
+        top = int(counts.argmax())
+        out.append((first + p, float(med_P[p]), overall, int(ids[top]), float(counts[top]) / len(tokens_NS)))
+    return out
+
+
+def high_norm_note(models, tokens_NS, hook_point, first, multiple=HIGH_NORM):
+    """One line naming the high-norm positions of the first rows (any model's norm), the token
+    there and the options that leave them out, or None."""
+    with torch.no_grad():
+        norms_NP = torch.stack([extract_activations(m, tokens_NS.to(next(m.parameters()).device, torch.long),
+                                                    hook_point)[:, first:].float().norm(dim=-1).cpu()
+                                for m in models]).amax(0)
+    found = high_norm_positions(tokens_NS.cpu(), norms_NP, first, multiple)
+    if not found:
+        return None
+    tok = models[0].tokenizer
+    parts = [f"position {p} (median norm {m:.3g} against {o:.3g} elsewhere; token "
+             f"{tok.convert_ids_to_tokens(t) if tok is not None else t!r} in {share:.0%} of rows)"
+             for p, m, o, t, share in found]
+    return (f"note: {'; '.join(parts)} holds activations far above the rest and will dominate the loss; leave it "
+            f"out with --ignore_first_n {max(p for p, *_ in found) + 1} or --outlier_norm_multiple {multiple:g}")
+
+
 def factors_from_rows(raw_RMD, norm_scale):
     """[M] float32: sqrt(d_in) / the mean norm of each model's raw rows ("per_model"), or for every
     model of models 1 - 0 ("difference"); estimate_norm_factors's figures, from rows in hand (a
@@ -128,6 +164,10 @@ def norm_factors(cfg, models, tokens_NS):
     batches of tokens_NS, at the positions training reads (Buffer.estimate_norm_scaling_factors;
     store.harvest)."""
     mbs, keep = cfg["model_batch_size"], PositionFilter(cfg, models)
+    if not keep.active:  # (positions already filtered are the user's choice)
+        note = high_norm_note(models, tokens_NS[:mbs, : cfg["seq_len"]], cfg["hook_point"], keep.first)
+        if note:
+            print(note)
     return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
                                  cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
                                  first=keep.first, keep=keep, difference=effective(cfg, "norm_scale") == "difference")
