@@ -314,8 +314,9 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 
 # %%
 if models is not None:
-    note = high_norm_note(models, tokens[:8], cfg["hook_point"], PositionFilter(cfg, models).first)
-    if note and not PositionFilter(cfg, models).active:  # (as training warns; an attention sink)
+    keep = PositionFilter(cfg, models)
+    note = None if keep.active else high_norm_note(models, tokens[:8], cfg["hook_point"], keep.first)
+    if note:  # (as training warns: an attention sink)
         print(note)
     # Every pass over the held-out tokens below replays one harvest where it fits in memory.
     harvest = ActivationCache()
