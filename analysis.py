@@ -83,6 +83,7 @@ from crossdiff.diffing.measures import (
     per_model,
     reconstruction_stats,
     scaling_summary,
+    separation_note,
     share_in_transcripts,
     splice_in_loss,
     top_activating_examples,
@@ -512,6 +513,10 @@ else:
 print(f"dashboard: open {final_dir / 'dashboard.html'} in a browser")
 
 # %%
+kl_all = summary.get("models_kl", {}).get("by_group", {}).get("all", {}).get("kl")  # the models' own, when measured
+summary["separation_note"] = separation_note(classes, rel, kl_all)
+if summary["separation_note"]:  # an all-shared result is no finding by itself
+    print(f"note: {summary['separation_note']}")
 (out_dir / "summary.txt").write_text(json.dumps(summary, indent=2, default=str))
 swap_in(out_dir, final_dir)  # the whole analysis at once
 print(f"analysis of {label} written to {final_dir}: " + ", ".join(sorted(p.name for p in final_dir.iterdir())))

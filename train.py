@@ -19,6 +19,7 @@ from crossdiff.config.cli import build_cfg as build_cli_cfg
 from crossdiff.config.cli import in_notebook
 from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits, check_mesh
 from crossdiff.config.schema import DEFAULTS, Config, ConfigError, complete_cfg, expand
+from crossdiff.diffing.measures import latent_classes, separation_note
 from crossdiff.io.checkpoint import CheckpointError, check_checkpoint_dir, resolve_version_dir
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed
@@ -134,9 +135,13 @@ def report(trainer, log, models):
     print("final: " + format_log(log))
     print("(the last batch's figures; explained_variance is the reference's mean over tokens of 1 - |err|^2 / "
           "|x - batch mean|^2, so analysis.py's per-model figures, pooled over held-out tokens, differ)")
+    cc = whole_crosscoder(trainer)
+    note = separation_note(latent_classes(cc), cc.relative_decoder_norm().detach().cpu())
+    if note:
+        print(f"note: {note}")
     if cfg["preset"] == "toy":
         organism = organism_report(models[0], models[1], cfg)
-        print(format_report(toy_report(whole_crosscoder(trainer), models[0], models[1], cfg), organism))
+        print(format_report(toy_report(cc, models[0], models[1], cfg), organism))
     print(f"done: checkpoints in {trainer.crosscoder.save_dir}")
     print(f"next: python analysis.py --checkpoint {trainer.crosscoder.save_dir}  (figures, summary.txt and "
           f"the latent dashboard, dashboard.html, in {trainer.crosscoder.save_dir / 'analysis'})")

@@ -229,3 +229,21 @@ def test_a_partitioned_dictionary_is_classified_by_its_blocks_and_the_free_laten
     assert designated_only["shared"].tolist() == [True, True, False, True, False]
     plain = classify_latents(rel)
     assert plain["chat_only"].tolist() == [False, True, False, False, True, False, False]
+
+
+def test_an_all_shared_result_is_said_to_be_null_or_not_separated_by_the_models_own_kl():
+    """separation_note: nothing when a latent is model-specific; with none, a null result when the
+    models agree (KL under 1e-4 nats a token), "not separated yet ... train longer" when they
+    differ, and without the KL the two possibilities; the relative norms' spread is stated."""
+    from crossdiff.diffing.measures import classify_latents, separation_note
+
+    rel = torch.tensor([0.45, 0.5, 0.55, 0.5])
+    classes = classify_latents(rel)
+    assert separation_note(classify_latents(torch.tensor([0.5, 0.95])), torch.tensor([0.5, 0.95]), 1.0) is None
+    spread = f"{float(rel.std()):.3f}"
+    assert separation_note(classes, rel, 0.0).endswith(f"(relative norms spread {spread}), and the models agree here "
+                                                       "(KL 0 nats a token): a null result")
+    differ = separation_note(classes, rel, 0.5)
+    assert "the models differ here (KL 0.5 nats a token): the norms have not separated them yet. Train longer" in differ
+    assert "--store_dir with --wrap_tokens true" in differ
+    assert "analysis.py's KL test says which" in separation_note(classes, rel)

@@ -43,6 +43,24 @@ def classify_latents(rel_norm_F, owner_F=None):
     return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
 
 
+def separation_note(classes, rel_norm_F, kl_gap=None, min_gap=1e-4):
+    """None when some latent is base-only or chat-only; otherwise what an all-shared result means,
+    said rather than shown as a finding: with the models' mean KL(P_chat || P_base) a token
+    (kl_gap, analysis.py's), a null result (they agree) or norms not separated yet (they differ)."""
+    if bool(classes["base_only"].any() or classes["chat_only"].any()):
+        return None
+    spread = float(rel_norm_F[torch.isfinite(rel_norm_F)].std())
+    head = f"no latent is base-only or chat-only (relative norms spread {spread:.3f})"
+    if kl_gap is None:
+        return (f"{head}: the norms have not separated the models yet, or the models do not differ at this hook; "
+                "analysis.py's KL test says which")
+    if kl_gap < min_gap:
+        return f"{head}, and the models agree here (KL {kl_gap:.2g} nats a token): a null result"
+    return (f"{head}, though the models differ here (KL {kl_gap:.3g} nats a token): the norms have not separated "
+            "them yet. Train longer (--num_tokens, or several epochs over one harvest: --store_dir with "
+            "--wrap_tokens true), or read the KL test's sets, which do not rely on the norms")
+
+
 def latent_classes(crosscoder):
     """classify_latents of a crosscoder's weights (CPU masks): by relative norm, by block where
     partitioned."""
