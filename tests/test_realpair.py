@@ -8,19 +8,17 @@ import pytest
 import torch
 
 from crossdiff.io.checkpoint import data_dir
+from crossdiff.pairs.organism import anchor_loss, residuals, styled
 from crossdiff.pairs.realpair import (
     CHAT_PACKAGE,
     GEMMA3_CHAT_TEMPLATE,
     TEXT_PACKAGE,
-    anchor_loss,
     bible_chapters,
     chitchat_conversations,
     fetch,
     finetune_chat,
     format_partner_report,
     partner_report,
-    residuals,
-    styled,
 )
 
 
@@ -195,8 +193,9 @@ def test_an_anchored_recipe_keeps_its_anchor_chapters_out_of_the_mix(monkeypatch
     from crossdiff.pairs import realpair
 
     monkeypatch.setattr(realpair, "packages_dir", lambda cfg: data_dir() / "packages")
-    assert tuple(realpair.RECIPES) == PARTNER_RECIPES and {r["style"] for r in realpair.RECIPES.values()} <= set(
-        realpair.STYLES)
+    from crossdiff.pairs.organism import STYLES
+
+    assert tuple(realpair.RECIPES) == PARTNER_RECIPES and {r["style"] for r in realpair.RECIPES.values()} <= set(STYLES)
     chapters = bible_chapters(data_dir() / "packages")
     plain = complete_cfg({"preset": "gemma3-270m-offline"})
     assert plain["partner_recipe"] == "plain" and realpair.split_bible(plain) == ([], chapters)

@@ -12,7 +12,7 @@ from conftest import REPO
 # The package's folders, lowest first: a folder imports only itself and the folders before it.
 LAYERS = ("io", "config", "arch", "scale", "sources", "diffing", "pairs")
 LIBRARY = {"crosscoder", "trainer", "buffer", "utils", "sweep"}  # the top-level modules code imports
-SCRIPTS = {"train", "analysis", "data", "store"}  # the top-level scripts a user runs (and tools/)
+SCRIPTS = {"train", "analysis", "data", "store", "organism"}  # the top-level scripts a user runs (and tools/)
 
 
 def module_name(path):

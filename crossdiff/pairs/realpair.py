@@ -25,7 +25,6 @@ Everything is cached in data_dir/gemma3-270m-offline/; each step prints its wall
 import contextlib
 import hashlib
 import json
-import random
 import sqlite3
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from crossdiff.config.cli import build_cfg
 from crossdiff.config.plan import sequences_needed
 from crossdiff.config.schema import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError, data_tokens, hook_layer
 from crossdiff.io.checkpoint import data_dir, staging_dir, swap_in
+from crossdiff.pairs import organism
+from crossdiff.pairs.organism import text_rows
 from crossdiff.scale import distributed
 from crossdiff.sources.mix import alternate, build_mix, is_mix, vocab_hash
 from crossdiff.sources.models import default_hook, gguf_to_transformers, read_hf_config, tokenizer_of
@@ -60,7 +61,6 @@ GEMMA3_CHAT_TEMPLATE = (
 # turns in a style (STYLES); with an anchor, each step also FT_ANCHOR_ROWS Bible rows of
 # FT_ANCHOR_LEN tokens, weighted anchor; clip: the gradient norm's limit (None: none).
 FT_BATCH, FT_SEQ_LEN, FT_ANCHOR_ROWS, FT_ANCHOR_LEN = 4, 256, 2, 128
-STYLES = {"plain": lambda text: text, "caps": str.upper}
 RECIPES = {  # keyed by config.PARTNER_RECIPES; docs/results.md has what each gave
     "plain": {"style": "plain", "steps": 40, "lr": 2e-5, "anchor_weight": 0.0, "clip": None},
     "caps": {"style": "caps", "steps": 30, "lr": 5e-5, "anchor_weight": 1.0, "clip": 1.0},
@@ -180,87 +180,13 @@ def write_jsonl(path, rows):
 
 
 # ---------------------------------------------------------------- the chat partner
-def styled(conversation, style):
-    """The conversation with its model turns rewritten in style (a key of STYLES), the user's as
-    they are."""
-    rewrite = STYLES[style]
-    return [dict(m, content=rewrite(m["content"])) if m["role"] == "assistant" else m for m in conversation]
+def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps, lr, style="plain", **kw):
+    """The partner's fine-tune: organism.finetune on conversations, in fp32 (the recipes' recorded
+    figures were made so; `python organism.py` picks the faster dtype)."""
+    return organism.finetune(base_dir, tokenizer, out_dir, steps, lr, style=style, conversations=conversations,
+                             dtype=torch.float32, **kw)
 
 
-def text_rows(tokenizer, texts, seq_len):
-    """[N, seq_len] token rows: the first seq_len tokens of each text long enough (BOS first when
-    the tokenizer adds one)."""
-    rows = [tokenizer(t, return_tensors="pt").input_ids[0, :seq_len] for t in texts]
-    return torch.stack([r for r in rows if len(r) == seq_len])
-
-
-def residuals(model, ids, attention_mask=None):
-    """The residual stream after each block (transformers' hidden_states less the embedding; the
-    last one after the final norm)."""
-    return model.model(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states[1:]
-
-
-def anchor_loss(model, base, ids_RS):
-    """toy.train_lm's anchor for a transformers model: the relative squared distance between
-    model's and base's residual streams on ids_RS, averaged over positions and layers (0 where the
-    two are equal)."""
-    with torch.no_grad():
-        ref = residuals(base, ids_RS)
-    own = residuals(model, ids_RS)
-    return sum(((o - r).pow(2).sum(-1) / r.pow(2).sum(-1)).mean() for o, r in zip(own, ref)) / len(ref)
-
-
-def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps, lr, style="plain", anchor_texts=(),
-                  anchor_weight=0.0, clip=None, batch=FT_BATCH, seq_len=FT_SEQ_LEN, anchor_rows=FT_ANCHOR_ROWS,
-                  anchor_len=FT_ANCHOR_LEN, seed=0, progress=True):
-    """Fine-tune the base (a transformers directory) on conversations through the tokenizer's chat
-    template, their model turns in style, the loss on the model's turns only, the embedding
-    frozen; with anchor_texts, anchor_weight x anchor_loss on anchor_rows rows of them each step.
-    Saves it to out_dir; returns the mean loss on the model's turns of the first and last 5 steps."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model.get_input_embeddings().weight.requires_grad_(False)  # tied with the unembedding
-    anchored = anchor_weight > 0 and len(anchor_texts) > 0
-    if anchored:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
-        pool = text_rows(tokenizer, anchor_texts, anchor_len)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    order = list(range(len(conversations)))
-    rng.shuffle(order)
-    losses = []
-    model.train()
-    for step in tqdm(range(steps), desc="fine-tuning the chat partner", disable=not progress):
-        convs = [styled(conversations[order[(step * batch + i) % len(order)]], style) for i in range(batch)]
-        enc = tokenizer.apply_chat_template(convs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                            padding=True, truncation=True, max_length=seq_len, return_tensors="pt")
-        ids, target = enc["input_ids"], enc["assistant_masks"].bool() & enc["attention_mask"].bool()
-        hidden = model.model(input_ids=ids, attention_mask=enc["attention_mask"]).last_hidden_state
-        # Next-token loss at the model's tokens only: the unembedding runs on those positions.
-        keep = target[:, 1:]
-        logits = model.lm_head(hidden[:, :-1][keep])
-        loss = torch.nn.functional.cross_entropy(logits.float(), ids[:, 1:][keep])
-        total = loss
-        if anchored:
-            total = loss + anchor_weight * anchor_loss(model, base, pool[rng.sample(range(len(pool)), anchor_rows)])
-        total.backward()
-        if clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    n = min(5, len(losses))
-    return sum(losses[:n]) / n, sum(losses[-n:]) / n
-
-
-@torch.no_grad()
 def partner_report(base_dir, chat_dir, tokenizer, conversations, texts, layer, seq_len=128, n=16,
                    prompt="hi, how was your weekend?"):
     """How the partner differs from the base, on conversations as written and on texts that
