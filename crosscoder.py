@@ -447,7 +447,9 @@ class BatchTopKCrossCoder(CrossCoder):
         authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
         dead_F = self._dead_now(dead_F, acts_BF, mesh)
-        if dead_F is not None:
+        # skipped when no latent is dead anywhere (as dictionary_learning and the sparse step): a
+        # whole decode, its backward and a top-k saved, for one host sync
+        if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):
             aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
                            norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}

@@ -734,3 +734,21 @@ def test_a_diff_sae_refuses_a_partition_other_model_counts_and_unequal_factors()
         CrossCoder(cc_cfg(architecture="diff_sae")).fold_normalisation([0.5, 0.7])
     folded = CrossCoder(cc_cfg(architecture="diff_sae")).fold_normalisation([0.5, 0.5])
     assert folded.verify_partition()["forbidden"] == 0 and torch.equal(folded.W_enc[0], -folded.W_enc[1])
+
+
+def test_the_dense_batchtopk_step_skips_auxk_when_no_latent_is_dead(monkeypatch):
+    """AuxK's decode and top-k run only when some latent is dead (its loss would be 0 anyway): with
+    none dead it is never called and the term is 0; with one dead it runs."""
+    import crosscoder
+
+    cc = CrossCoder(cc_cfg(architecture="batchtopk", k=4)).train()
+    calls, real = [], crosscoder.aux_loss
+    monkeypatch.setattr(crosscoder, "aux_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    x = torch.randn(32, 2, cc.cfg["d_in"])
+    _, _, terms = cc.losses_and_acts(x, dead_F=torch.zeros(cc.cfg["dict_size"], dtype=torch.bool))
+    assert calls == [] and float(terms["aux_loss"]) == 0
+    _, acts, _ = cc.losses_and_acts(x)
+    dead = ~(acts > 0).any(0)
+    assert dead.any()
+    cc.losses_and_acts(x, dead_F=dead)
+    assert calls == [1]
