@@ -281,13 +281,18 @@ def build_pair(cfg):
     return base_dir, chat_dir
 
 
+def mix_rows(cfg, heldout_fraction=0.05):
+    """The rows of the PYPI_MIX mix cfg's run needs (its name says them), held-out ones included."""
+    rows = sequences_needed(cfg, data_tokens(cfg) // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
+    return int(rows / (1 - heldout_fraction)) + 2
+
+
 def build_pypi_mix(cfg, heldout_fraction=0.05):
     """The PYPI_MIX token mix for the chat model's tokenizer (its chat template renders the
     conversations), with enough training rows for cfg's run; built once into the cache."""
     root = cache_root(cfg).parent / "pypi-mix"
     tokenizer = tokenizer_of(cfg["model_names"][-1], cfg)
-    rows = sequences_needed(cfg, data_tokens(cfg) // cfg["batch_size"]) + cfg["norm_estimate_batches"] * cfg["model_batch_size"]
-    rows = int(rows / (1 - heldout_fraction)) + 2
+    rows = mix_rows(cfg, heldout_fraction)
     out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * anchored(cfg))
     if not is_mix(out):
         _, texts = split_bible(cfg)
@@ -312,7 +317,8 @@ def plan(cfg, built):
     """The stages the preset runs, in order, each cached or to build with its estimated time and
     where it goes, and the total: printed before anything runs."""
     base_dir, chat_dir = pair_dirs(cfg)
-    mixes = list((cache_root(cfg).parent / "pypi-mix").glob(f"*-s{cfg['seq_len']}-r*"))
+    mixes = list((cache_root(cfg).parent / "pypi-mix").glob(f"*-s{cfg['seq_len']}-r{mix_rows(cfg)}"
+                                                         + "-bible-odd" * anchored(cfg)))
     stages = []
     if built:
         have_base = (base_dir / "config.json").is_file()
