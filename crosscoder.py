@@ -447,9 +447,7 @@ class BatchTopKCrossCoder(CrossCoder):
         authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
         dead_F = self._dead_now(dead_F, acts_BF, mesh)
-        # skipped when no latent is dead anywhere (as dictionary_learning and the sparse step): a
-        # whole decode, its backward and a top-k saved, for one host sync
-        if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):
+        if dead_F is not None:
             aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
                            norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
@@ -469,7 +467,10 @@ class BatchTopKCrossCoder(CrossCoder):
         the threshold is estimated yet (after threshold_start_step, as the authors)."""
         cfg = self.cfg
         self.k = k_at(step, cfg["k"], effective(cfg, "k_max"), effective(cfg, "k_annealing_steps"))
-        return {"dead_F": steps_since_fired_F + 1 >= self.dead_window(step),
+        # Before dead_window steps no latent can be dead: AuxK (a decode, its backward and a top-k)
+        # is skipped then, known on the host (checking the mask later would be a host sync).
+        can_die = step + 1 >= self.dead_window(step)
+        return {"dead_F": steps_since_fired_F + 1 >= self.dead_window(step) if can_die else None,
                 "update_threshold_": step > cfg["threshold_start_step"]}
 
     def training_loss(self, losses, terms, step, total_steps):

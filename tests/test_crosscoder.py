@@ -736,19 +736,23 @@ def test_a_diff_sae_refuses_a_partition_other_model_counts_and_unequal_factors()
     assert folded.verify_partition()["forbidden"] == 0 and torch.equal(folded.W_enc[0], -folded.W_enc[1])
 
 
-def test_the_dense_batchtopk_step_skips_auxk_when_no_latent_is_dead(monkeypatch):
-    """AuxK's decode and top-k run only when some latent is dead (its loss would be 0 anyway): with
-    none dead it is never called and the term is 0; with one dead it runs."""
+def test_the_batchtopk_step_skips_auxk_before_any_latent_can_be_dead(monkeypatch):
+    """Before dead_window steps no latent can be dead: step_inputs passes no dead mask and AuxK's
+    decode and top-k never run (known on the host: no sync); from then on the mask is the
+    latents stale for dead_window steps, and AuxK runs."""
     import crosscoder
 
-    cc = CrossCoder(cc_cfg(architecture="batchtopk", k=4)).train()
+    cc = CrossCoder(cc_cfg(architecture="batchtopk", k=4, dead_tokens=32 * 5, batch_size=32)).train()
+    assert cc.dead_window(0) == 5
     calls, real = [], crosscoder.aux_loss
     monkeypatch.setattr(crosscoder, "aux_loss", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     x = torch.randn(32, 2, cc.cfg["d_in"])
-    _, _, terms = cc.losses_and_acts(x, dead_F=torch.zeros(cc.cfg["dict_size"], dtype=torch.bool))
+    stale = torch.full((cc.cfg["dict_size"],), 3)
+    early = cc.step_inputs(3, stale)
+    assert early["dead_F"] is None
+    _, _, terms = cc.losses_and_acts(x, **early)
     assert calls == [] and float(terms["aux_loss"]) == 0
-    _, acts, _ = cc.losses_and_acts(x)
-    dead = ~(acts > 0).any(0)
-    assert dead.any()
-    cc.losses_and_acts(x, dead_F=dead)
+    late = cc.step_inputs(4, stale + 1)
+    assert late["dead_F"].all()
+    cc.losses_and_acts(x, **late)
     assert calls == [1]

@@ -462,7 +462,7 @@ def expand(cfg, axes):
     keys = list(axes)
     members = [dict(cfg, **dict(zip(keys, values)), sweep=dict(zip(keys, values)))
                for values in itertools.product(*(axes[k] for k in keys))]
-    scales = sorted({effective(m, "norm_scale") for m in members})
+    scales = sorted({effective(m, "norm_scale") for m in members if "architecture" in m})
     if len(scales) > 1:  # one buffer serves every member, at one scaling
         raise ConfigError(f"--sweep's members would scale the activations {' and '.join(scales)} (norm_scale: the "
                           "diff-SAE's difference against a crosscoder's per model) but share one buffer: sweep them "
