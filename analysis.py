@@ -473,7 +473,7 @@ if models is not None and len(probed):  # the chat-only class, or the effective 
 if models is not None and (cfg["preset"] == "toy" if STEER is None else STEER) and top_all is not None:
     specific = diffing_sets(chat_only, probed, ls).get("chat_specific") if ls is not None else None
     steered_latents = (LATENTS_TO_STEER or specific or chat_only.tolist())[:3]
-    prompts = user_turns(tokens, is_chat) if cfg["preset"] == "toy" else steering_prompts(tokens)
+    prompts = user_turns(tokens, is_chat) if cfg["preset"] == "toy" else steering_prompts(tokens, roles_NS=roles)
     silent = [j for j in steered_latents if not float(top_all[0][j, 0]) > 0]
     if silent:
         print(f"not steering latents {silent}: they never fired on the held-out tokens (no activation to scale by)")

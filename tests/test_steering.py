@@ -35,3 +35,18 @@ def test_steering_adds_the_latents_raw_chat_direction_and_decodes_greedily():
     assert greedy(models[0], prompt, 0).tolist() == prompt.tolist()
     with pytest.raises(ValueError, match="latent 3 never fired"):
         steer(cc, models, [prompt], latent=3, max_activation=0.0)
+
+
+def test_with_roles_the_prompts_end_where_an_assistant_turn_begins():
+    """A mix's roles: each prompt is a row up to its first assistant token (the model's turn is
+    next); a row whose answer starts too early, or that has none, is passed over."""
+    from crossdiff.diffing.steering import steering_prompts
+
+    tokens = torch.arange(60).view(3, 20)
+    roles = torch.zeros(3, 20, dtype=torch.uint8)
+    roles[0, 2:5] = 3  # an answer at position 2: too early
+    roles[1, 14:18] = 3
+    roles[2, 12:] = 3
+    got = steering_prompts(tokens, n=2, length=12, roles_NS=roles)
+    assert [p.tolist() for p in got] == [list(range(20, 34)), list(range(40, 52))]
+    assert len(steering_prompts(tokens, n=3, length=12)) == 3  # without roles: the rows' first tokens

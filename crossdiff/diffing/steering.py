@@ -49,7 +49,18 @@ def steer(crosscoder, models, prompts, latent, max_activation, factors=FACTORS, 
     return out
 
 
-def steering_prompts(tokens_NS, n=3, length=12):
-    """A few held-out prompts: the first `length` tokens of n rows (the toy pair has its own,
-    toy.user_turns)."""
-    return [row[:length] for row in tokens_NS[:n]]
+def steering_prompts(tokens_NS, n=3, length=12, roles_NS=None, assistant=3):
+    """A few held-out prompts: with each token's role (a mix's role.pt; assistant: its index), the
+    rows up to their first assistant token, so the model's turn is next (rows that start inside
+    an answer are passed over); else the first `length` tokens of n rows (the toy pair has its
+    own, toy.user_turns)."""
+    if roles_NS is None:
+        return [row[:length] for row in tokens_NS[:n]]
+    prompts = []
+    for row, roles in zip(tokens_NS, roles_NS):
+        at = torch.nonzero(roles == assistant).flatten()
+        if len(at) and at[0] >= length:  # a turn with a question before it
+            prompts.append(row[:int(at[0])])
+        if len(prompts) == n:
+            break
+    return prompts
