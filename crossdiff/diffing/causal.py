@@ -34,10 +34,16 @@ MIN_GAP = 1e-4  # nats per token: a smaller gap has no fraction closed (fraction
 
 
 def kl_per_position(logits_ref_NSV, logits_NSV):
-    """KL(P_ref || P) at each position [N, S], from logits (log-softmax in fp32)."""
-    log_p = torch.log_softmax(logits_ref_NSV.float(), dim=-1)
-    log_q = torch.log_softmax(logits_NSV.float(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """KL(P_ref || P) at each position [..., S], from logits (log-softmax in fp32; ref broadcast
+    to the other's leading dimensions). One row at a time: a row's temporaries are [S, V]
+    (Gemma's 262k vocabulary: 0.7 GB at 128 positions, where a 16-row batch at once took 10 GB)."""
+    ref = logits_ref_NSV.expand_as(logits_NSV)
+    out = torch.empty(logits_NSV.shape[:-1], dtype=torch.float32, device=logits_NSV.device)
+    for idx in itertools.product(*(range(d) for d in logits_NSV.shape[:-2])):
+        log_p = torch.log_softmax(ref[idx].float(), dim=-1)
+        log_q = torch.log_softmax(logits_NSV[idx].float(), dim=-1)
+        out[idx] = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return out
 
 
 def patch(h_base_NPD, acts_NPF, W_dec_FMD, latents_J, b_dec_MD=None, base=0, chat=1):
