@@ -155,6 +155,8 @@ def finetune(base_dir, tokenizer, out_dir, steps, lr, style="plain", conversatio
             rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"])
             print(f"resuming the fine-tune at step {start} of {steps} ({saved})")
+        else:  # another recipe's state: said, then replaced at the first save
+            print(f"note: {saved} holds a fine-tune of other settings ({state['what']}); starting from step 0")
 
     def save(step):
         atomic_torch_save({"what": what, "step": step, "model": model.state_dict(), "opt": opt.state_dict(),
