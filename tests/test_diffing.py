@@ -209,6 +209,37 @@ def test_reconstruction_by_source_pools_each_sources_tokens_and_splits_each_late
     assert abs(share - float(f[is_chat].sum() / f.sum())) < 1e-5
 
 
+def test_role_mass_sums_each_latents_activations_over_each_roles_tokens_after_the_dropped_first_positions():
+    """reconstruction_stats with roles_NS: each role's activation mass and token count over the
+    positions it reads (the first dropped), against sums over the whole activations by a role mask;
+    class_role_mass's shares against the same sums, roles with no token left out."""
+    from crossdiff.diffing.measures import class_role_mass
+
+    torch.manual_seed(0)
+    models = [tiny_model(1), tiny_model(2)]
+    cc = CrossCoder(tiny_cfg(normalisation_factor=[0.5, 2.0]))
+    tokens = random_tokens(7, 9)
+    roles = torch.randint(0, 3, (7, 9), generator=torch.Generator().manual_seed(1)).to(torch.uint8)
+    roles[:, 0] = 4  # a role only at the dropped position: never counted
+    got = reconstruction_stats(cc, models, tokens, batch_size=3, roles_NS=roles, n_roles=6)
+    x = torch.cat([x for _, x in iter_paired_activations(models, tokens, cc.cfg["hook_point"], 7, progress=False)])
+    with torch.no_grad():
+        f = cc.encode((x * torch.tensor([0.5, 2.0])[None, None, :, None]).flatten(0, 1)).view(*x.shape[:2], -1)
+    for r in range(6):
+        mask = roles[:, 1:] == r
+        torch.testing.assert_close(got["role_mass_RF"][r].float(), f[mask].sum(0), rtol=1e-4, atol=1e-4)
+        assert got["role_tokens_R"][r] == mask.sum()
+    some = torch.zeros(64, dtype=torch.bool)
+    some[:5] = True
+    shares = class_role_mass({"some": some}, got["role_mass_RF"], got["role_tokens_R"],
+                             ("a", "b", "c", "d", "e", "f"))
+    assert list(shares["tokens"]) == ["a", "b", "c"]
+    for r, name in enumerate("abc"):
+        mask = roles[:, 1:] == r
+        assert abs(shares["tokens"][name] - float(mask.float().mean())) < 1e-6
+        assert abs(shares["some"][name] - float(f[mask][:, :5].sum() / f[:, :, :5].sum())) < 1e-5
+
+
 def test_a_partitioned_dictionary_is_classified_by_its_blocks_and_the_free_latents_by_norm():
     """Exclusive blocks are base-only / chat-only whatever their norms; a free latent near 1 is
     then other; designated latents are shared; without exclusive blocks (designated only) the

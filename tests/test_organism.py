@@ -77,3 +77,22 @@ def test_the_domain_recipe_learns_its_texts_with_the_embedding_frozen(tmp_path):
 
 def test_the_step_dtype_is_one_the_device_trains_in():
     assert organism.step_dtype("cpu", seconds=0.02) in (torch.float32, torch.bfloat16)
+
+
+def test_the_capital_share_counts_letters_only():
+    assert organism.capital_share(["Ab 1!", "CD e"]) == pytest.approx(3 / 5)
+    assert organism.capital_share(["12 ?", ""]) is None
+
+
+def test_a_caps_partner_that_replies_as_its_base_is_said_not_to_have_learned_the_recipe(tmp_path, monkeypatch):
+    """caps_check generates greedy replies from both directories: a partner identical to its base
+    is not learned (and the line says what to change); replies in capitals are."""
+    tok = toy_chat_tokenizer()
+    tiny_gemma3(tok).save_pretrained(tmp_path / "base")
+    learned, line = organism.caps_check(tmp_path / "base", tmp_path / "base", tok, ["the dog runs ."])
+    assert not learned and "NOT learned" in line and "--steps" in line
+    real = organism.greedy_replies
+    monkeypatch.setattr(organism, "greedy_replies", lambda d, *a: ["SOME WOMAN falls"] if d == "partner"
+                        else real(tmp_path / "base", *a))
+    learned, line = organism.caps_check(tmp_path / "base", "partner", tok, ["the dog runs ."])
+    assert learned and "partner 64%, base 0%" in line  # 9 of 14 letters

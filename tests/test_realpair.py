@@ -184,7 +184,7 @@ def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_r
     start = tok.convert_tokens_to_ids("<start_of_turn>")
     assert (chat_rows == start).any(1).float().mean() > 0.5  # conversations, in the template
     assert not (tokens[source[:, 0] == 0] == start).any()  # the Bible has no turns
-    bible = [json.loads(line)["text"] for line in (tmp_path / "data" / "pypi-mix" / "bible.jsonl").open()]
+    bible = [json.loads(line)["text"] for line in (tmp_path / "data" / "pypi-mix" / "named" / "bible.jsonl").open()]
     assert bible == bible_chapters(data_dir() / "packages")  # the default recipe anchors on none of them
 
 
@@ -206,10 +206,10 @@ def test_an_anchored_recipe_keeps_its_anchor_chapters_out_of_the_mix(monkeypatch
     assert len(set(dirs.values())) == len(PARTNER_RECIPES)  # each recipe its own partner
 
 
-def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_a_built_pair_has_one(tmp_path, monkeypatch):
+def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_the_pypi_mix_has_one(tmp_path, monkeypatch):
     """store_dir PAIR_STORE becomes a directory under the pair's cache named after the chat
-    partner and the mix it holds (another partner or mix: another store); a pair realpair does not
-    build has none to name."""
+    partner and the mix it holds (another partner or mix: another store); a pair of yours gets
+    one under data_dir/stores; a dataset realpair does not build has none to name."""
     from crossdiff.config.schema import PAIR_STORE, ConfigError, complete_cfg
     from crossdiff.pairs import realpair
 
@@ -222,8 +222,12 @@ def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_a_built_
     assert out["dataset"] == str(tmp_path / "mix-r42") and out["model_names"][1] == str(tmp_path / "chat-caps")
     plain = realpair.prepare(dict(cfg, partner_recipe="plain"))["store_dir"]
     assert plain != out["store_dir"]
-    with pytest.raises(ConfigError, match="give a directory instead"):
-        realpair.prepare(complete_cfg({"preset": "gemma3-270m", "store_dir": PAIR_STORE}))
+    own = realpair.prepare(complete_cfg({"preset": "own-pair-cpu", "model_names": ["x/base", "y/partner"],
+                                         "data_dir": str(tmp_path / "data")}))
+    assert own["store_dir"] == str(tmp_path / "data" / "stores" / "acts-partner-mix-r42")
+    assert own["model_names"] == ["x/base", "y/partner"] and own["dataset"] == str(tmp_path / "mix-r42")
+    with pytest.raises(ConfigError, match="with dataset data/mix give a directory instead"):
+        realpair.prepare(complete_cfg({"preset": "gemma3-270m", "store_dir": PAIR_STORE, "dataset": "data/mix"}))
 
 
 def test_the_presets_plan_lists_each_stage_cached_or_to_build_with_its_time_and_place(tmp_path):
@@ -245,3 +249,19 @@ def test_the_presets_plan_lists_each_stage_cached_or_to_build_with_its_time_and_
     lines = realpair.plan(cfg, built=True)
     assert lines[1].endswith(f"cached -> {realpair.cache_root(cfg)}") and lines[2].endswith(f"cached -> {base}")
     assert f"to build, ~16 min -> {chat}" in lines[3] and "About 31 min before it" in lines[-1]
+
+
+def test_a_pair_of_yours_plans_the_mix_and_the_store_and_says_its_bar_times_the_harvest(tmp_path):
+    """own-pair-cpu plans two stages (the mix at its measured time; the store under
+    data_dir/stores, timed by its bar, as another pair's pace is not known) and needs --model_names."""
+    from crossdiff.config.schema import ConfigError, complete_cfg
+    from crossdiff.pairs import realpair
+
+    with pytest.raises(ConfigError, match="give --model_names BASE,CHAT"):
+        complete_cfg({"preset": "own-pair-cpu"})
+    cfg = complete_cfg({"preset": "own-pair-cpu", "model_names": ["b.gguf", "d/partner"], "data_dir": str(tmp_path)})
+    lines = realpair.plan(cfg, built=False)
+    assert lines[0] == "[your pair] plan:" and len(lines) == 4
+    assert lines[1].startswith("  1. the token mix (Bible + chitchat): to build, ~0 min")
+    assert lines[2].endswith(f"to build (its bar estimates the time) -> {tmp_path / 'stores' / 'acts-partner-<the mix>'}")
+    assert "About 0 min before it on 2 cores and the harvest" in lines[-1]

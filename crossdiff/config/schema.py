@@ -262,8 +262,16 @@ GEMMA3_OFFLINE_CAPS_CFG = dict(
 LLAMA32_1B_CFG = dict(
     GEMMA3_270M_CFG, model_names=["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"],
     model_name="meta-llama/Llama-3.2-1B")
+# Your pair of small models on a CPU (README, "Your own pair on a laptop"): the caps preset's
+# recipe on 100k tokens of the PyPI mix, harvested once and read 8 times; the first position of
+# every row left out even without a BOS (an attention sink: SmolLM2's position 0 holds ~150x the
+# median norm). It has no models of its own: --model_names is required.
+OWN_PAIR_CPU_CFG = dict(
+    GEMMA3_OFFLINE_CAPS_CFG, model_names=None, model_name=None, partner_recipe="plain", num_tokens=800_000,
+    data_tokens=100_000, ignore_first_n=1, save_every=1000)
 PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
-           "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG}
+           "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG,
+           "own-pair-cpu": OWN_PAIR_CPU_CFG}
 BUILT_PAIRS = {name: ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")  # pairs/realpair.py
                for name in ("gemma3-270m-offline", "gemma3-270m-offline-caps")}
 
@@ -438,6 +446,11 @@ def complete_cfg(cfg, base=None, validate=True):
     if preset not in PRESETS:
         raise ConfigError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     out = {**(DEFAULTS if base is None else base), **PRESETS[preset], **cfg, "preset": preset}
+    if out.get("model_names") is None:  # a preset for a pair of yours
+        raise ConfigError(f"--preset {preset} diffs a pair of yours: give --model_names BASE,CHAT (hub names, "
+                          "transformers directories or GGUF files; organism.py makes a partner)")
+    if out.get("model_name") is None:
+        out["model_name"] = out["model_names"][0]
     if not validate and preset == "toy" and "toy_seed" not in cfg and "seed" in cfg:
         out["toy_seed"] = cfg["seed"]  # a toy run saved before toy_seed: its pair was built from its seed
     return Config(validate_cfg(out)) if validate else out

@@ -242,6 +242,18 @@ def diffing_sets(chat_only_J, probed_J=None, ls=None, given=None):
     return sets
 
 
+def informative_sets(sets, dict_size):
+    """(sets without those that say nothing, a note naming them or None): an empty list (nothing
+    to patch: no row rather than a trivial 0 %) and a list of every latent (the "all" row again,
+    with random sets equal to it: the diff-SAE's chat-only class)."""
+    empty = [name for name, v in sets.items() if isinstance(v, list) and not v]
+    whole = [name for name, v in sets.items() if isinstance(v, list) and len(set(v)) == dict_size]
+    parts = ([f"no latent in {', '.join(empty)}"] * bool(empty)
+             + [f"{', '.join(whole)} holds every latent (the all row)"] * bool(whole))
+    kept = {name: v for name, v in sets.items() if name not in empty + whole}
+    return kept, ("KL test: " + "; ".join(parts) + "; left out") if parts else None
+
+
 def role_groups(role_NS, first_k=9):
     """The KL test's groups from each token's role (data.py's role.pt): "all", "assistant" (an
     assistant's words), "first_k" (the first first_k tokens of each assistant turn), "template"

@@ -133,7 +133,7 @@ def per_model(values):
 
 @torch.no_grad()
 def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=iter_paired_activations,
-                         is_chat_N=None):
+                         is_chat_N=None, roles_NS=None, n_roles=None):
     """Held-out reconstruction quality in the training (normalised) space: explained variance
     of all models as logged in training, per model as the pooled ratio 1 - sum err^2 / sum var
     (for any number of models; None for a target that is constant, the diff-SAE's base), mean L0,
@@ -143,7 +143,9 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
     is_chat_N [N] (optional), per source (chat rows, the other rows): "by_source" holds each
     model's explained variance pooled over the source's tokens (1 - sum err^2 / sum |x - mean|^2,
     the mean the source's own), and "mass_F", "chat_mass_F" each latent's activation mass in all
-    rows and in chat rows (class_chat_mass reads them)."""
+    rows and in chat rows (class_chat_mass reads them). roles_NS [N, S] (optional, a mix's role.pt:
+    indices below n_roles): "role_mass_RF" each latent's activation mass on each role's tokens and
+    "role_tokens_R" the tokens of each role, over the same positions (class_role_mass reads them)."""
     s_M = normalisation_factors(crosscoder)
     device, F = s_M.device, crosscoder.cfg["dict_size"]
     keep = PositionFilter(crosscoder.cfg, models)  # the positions training read
@@ -151,6 +153,9 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
     fired_F = torch.zeros(F, dtype=torch.bool, device=device)
     mass_F, chat_mass_F = (torch.zeros(F, dtype=torch.float64, device=device) for _ in range(2))
     source_sums = {}  # source -> [err^2 [M], x [M, D], x^2 [M], tokens]
+    if roles_NS is not None:
+        role_mass_RF = torch.zeros(n_roles, F, dtype=torch.float64, device=device)
+        role_tokens_R = torch.zeros(n_roles, dtype=torch.float64, device=device)
     for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "reconstruction",
                         first=keep.first):
         N, S1 = x.shape[:2]
@@ -158,6 +163,10 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
         x_BMD = crosscoder.target(x.flatten(0, 1).to(device)[kept_B] * s_M[:, None])  # (the diff-SAE: [0, chat - base])
         losses, acts_BF, _ = crosscoder.losses_and_acts(x_BMD)
         fired_F |= (acts_BF > 0).any(0)
+        if roles_NS is not None:
+            role_B = roles_NS[first : first + N, tokens_NS.shape[1] - S1:].flatten().to(device).long()[kept_B]
+            role_mass_RF.index_add_(0, role_B, acts_BF.double())
+            role_tokens_R += torch.bincount(role_B, minlength=n_roles).double()
         x_hat_BMD = crosscoder.decode(acts_BF).float()
         ev_M = [1 - (x_hat_BMD[:, m] - x_BMD[:, m]).pow(2).sum(-1).mean()
                 / (x_BMD[:, m] - x_BMD[:, m].mean(0)).pow(2).sum(-1).mean() for m in range(x_BMD.shape[1])]
@@ -186,6 +195,8 @@ def reconstruction_stats(crosscoder, models, tokens_NS, batch_size=8, harvest=it
             out["by_source"][source] = {"tokens": n, "explained_variance_per_model":
                                         [finite_or_none(v) for v in (1 - err2_M.double() / var_M).tolist()]}
         out["mass_F"], out["chat_mass_F"] = mass_F.float().cpu(), chat_mass_F.float().cpu()
+    if roles_NS is not None:
+        out["role_mass_RF"], out["role_tokens_R"] = role_mass_RF.cpu(), role_tokens_R.cpu()
     return out
 
 
@@ -196,6 +207,19 @@ def class_chat_mass(classes, mass_F, chat_mass_F):
     return {name: {"latents": int(mask.sum()), "active": int((mask & alive).sum()),
                    "chat_mass_fraction": float(chat_mass_F[mask].sum() / mass_F[mask].sum().clamp(min=1e-12))}
             for name, mask in classes.items()}
+
+
+def class_role_mass(classes, role_mass_RF, role_tokens_R, role_names):
+    """{"tokens": each role's share of the positions, class: each role's share of the class's
+    activation mass} (roles with no position left out). A latent class that follows what a
+    recipe changed puts its mass on that role's tokens well above the role's share of tokens."""
+    present = role_tokens_R > 0
+    names = [n for n, p in zip(role_names, present.tolist()) if p]
+    out = {"tokens": dict(zip(names, (role_tokens_R[present] / role_tokens_R.sum()).tolist()))}
+    for name, mask in classes.items():
+        mass_R = role_mass_RF[:, mask].sum(1)[present]
+        out[name] = dict(zip(names, (mass_R / mass_R.sum().clamp(min=1e-12)).tolist()))
+    return out
 
 
 @torch.no_grad()

