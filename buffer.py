@@ -8,6 +8,8 @@ Like the reference: the buffer holds ~batch_size * buffer_mult token positions i
 fully at the start, and once half of it has been served refills that half and reshuffles.
 Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
 """
+import atexit
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,6 +27,21 @@ from crossdiff.scale import distributed
 from crossdiff.sources.activations import check_models, factors_from_rows, norm_factors, run_models
 from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta, verify_store
 from crossdiff.sources.tokenmask import PositionFilter
+
+
+def take(pointer, n, n_sequences, wrap):
+    """(first, count, the pointer after): the next sequences to read from pointer, at most n;
+    wraps around to the first sequence only when wrap."""
+    available = n_sequences - pointer
+    if available < n:
+        if not wrap:
+            raise TokensExhausted(
+                f"ran out of tokens: need {n} more sequences at sequence {pointer} of "
+                f"{n_sequences}; lower num_tokens, add data, or set wrap_tokens=True")
+        if available == 0:
+            return take(0, n, n_sequences, wrap)
+        n = available
+    return pointer, n, pointer + n
 
 
 class RowBuffer:
@@ -68,20 +85,20 @@ class RowBuffer:
 
     def _take(self, n):
         """(first, count) of the next sequences to read, at most n; wraps around only if cfg asks."""
-        available = self.n_sequences - self.token_pointer
-        if available < n:
-            if not self.wrap:
-                raise TokensExhausted(
-                    f"ran out of tokens: need {n} more sequences at sequence {self.token_pointer} of "
-                    f"{self.n_sequences}; lower num_tokens, add data, or set wrap_tokens=True")
-            if available == 0:
-                self.token_pointer = 0
-                return self._take(n)
-            n = available
-        first = self.token_pointer
-        self.token_pointer += n
+        first, n, self.token_pointer = take(self.token_pointer, n, self.n_sequences, self.wrap)
         self.sequences_run += n
         return first, n
+
+    def refresh_reads(self):
+        """The (first, count) reads the next refresh makes, in order, when no position is left out
+        (every sequence gives `positions` rows): as refresh and _take compute them."""
+        target, pointer, row, reads = self.buffer_size // 2, self.token_pointer, 0, []
+        while row < target:
+            want = min(self.model_batch_size, -(-(target - row) // self.positions))
+            first, n, pointer = take(pointer, want, self.n_sequences, self.wrap)
+            reads.append((first, n))
+            row += n * self.positions
+        return reads
 
     @torch.no_grad()
     def refresh(self):
@@ -232,6 +249,12 @@ class ActivationStore(RowBuffer):
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
         self._shards = open_shards(self.store_dir, self.meta, positions(cfg))
+        # The next refresh's reads, made in the background while training runs (store_prefetch):
+        # (first, n) -> a future of its rows, in pinned memory when they go to a GPU.
+        self._ahead, self._reader = {}, None
+        if cfg["store_prefetch"]:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-prefetch")
+            atexit.register(self._reader.shutdown, wait=False, cancel_futures=True)
         # Rows are stored normalised with the store's factors. A run of the other scaling
         # (norm_scale: a diff-SAE on a crosscoder's store) rescales them as they are served, by
         # factors estimated from the store's first rows as a live run estimates them.
@@ -252,7 +275,25 @@ class ActivationStore(RowBuffer):
 
     def rows(self, first, n):
         """Rows [n * P, M, D] (bf16) of this reader's sequences first..first+n, as harvested."""
-        return read_rows(self._shards, self.meta, self.ids[first : first + n], positions(self.cfg)).to(self.device)
+        ahead = self._ahead.pop((first, n), None)
+        block = ahead.result() if ahead is not None else self._read(first, n)
+        return block.to(self.device, non_blocking=True)
+
+    def _read(self, first, n):
+        return read_rows(self._shards, self.meta, self.ids[first : first + n], positions(self.cfg),
+                         pin=self.device.type == "cuda")
+
+    def refresh(self):
+        super().refresh()
+        if self._reader is not None:  # the next refresh's rows, read while this half is served
+            try:
+                self._ahead = {r: self._reader.submit(self._read, *r) for r in self.refresh_reads()}
+            except TokensExhausted:  # the run ends before it: nothing to read ahead
+                self._ahead = {}
+
+    def load_state_dict(self, state):
+        self._ahead = {}  # read for another pointer
+        super().load_state_dict(state)
 
 
 def rebase_state(state, world_size_now, every_rank_saved=True):

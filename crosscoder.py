@@ -61,6 +61,7 @@ from crossdiff.scale.distributed import Mesh, resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ONE_PROCESS = Mesh()
+FOLD_CHUNK = 2**14  # latents folded at a time (fold_normalisation)
 
 
 class LossOutput(NamedTuple):
@@ -133,6 +134,10 @@ class CrossCoder(nn.Module):
         self.register_buffer("owner_f", owner_f.to(device), persistent=False)  # a model's index, DESIGNATED or FREE
         self.register_buffer("allowed_fM", allowed_fM.to(device), persistent=False)
         self.register_buffer("tied_f", tied_f.to(device), persistent=False)
+        # the two top-k groups of a designated block as index lists (boolean column indexing would
+        # be a host sync each step): [the rest, the designated block]
+        for name, m in (("rest_f", ~tied_f), ("designated_f", tied_f)):
+            self.register_buffer(name, torch.nonzero(m).flatten().to(device), persistent=False)
         self.b_dec = nn.Parameter(torch.zeros(self.n_models, cfg["d_in"], dtype=self.dtype, device=device))
         self.shard = shard
         self.save_dir = None  # chosen at the first save, never at construction
@@ -154,8 +159,8 @@ class CrossCoder(nn.Module):
         return constrained(self.W_dec, lambda g: project_decoder_grad(g, self.allowed_fM, self.tied_f))
 
     def encode(self, x_BMD, apply_relu=True):
-        pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(),
-                        "batch model d_in, model d_in latent -> batch latent") + self.b_enc
+        pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(), "batch model d_in, model d_in latent -> batch latent")
+        pre_BF = pre_BF + self.b_enc.to(pre_BF.dtype)  # under bf16 autocast the [B, F] terms stay bf16
         if not apply_relu:
             return pre_BF
         return self.select(torch.relu(pre_BF))[0]
@@ -295,8 +300,12 @@ class CrossCoder(nn.Module):
         folded = copy.deepcopy(self)  # same architecture, mode and threshold; new weights below
         folded.cfg = dict(self.cfg, normalisation_factor=None, folded_normalisation_factor=s_M.tolist())
         folded.save_dir, folded.save_version = None, 0
-        folded.W_enc.copy_((self.W_enc.float() * s_M[:, None, None]).to(self.dtype))
-        folded.W_dec.copy_((self.W_dec.float() / s_M[None, :, None]).to(self.dtype))
+        # In place on the copy, FOLD_CHUNK latents at a time: the peak is the two crosscoders and a
+        # chunk in fp32, not a third whole copy (64 GiB of temporaries at 2^20 latents in fp32).
+        for W_enc_MDf in folded.W_enc.split(FOLD_CHUNK, dim=-1):
+            W_enc_MDf.copy_((W_enc_MDf.float() * s_M[:, None, None]).to(self.dtype))
+        for W_dec_fMD in folded.W_dec.split(FOLD_CHUNK, dim=0):
+            W_dec_fMD.copy_((W_dec_fMD.float() / s_M[None, :, None]).to(self.dtype))
         folded.b_dec.copy_((self.b_dec.float() / s_M[:, None]).to(self.dtype))
         return folded
 
@@ -405,9 +414,9 @@ class BatchTopKCrossCoder(CrossCoder):
             ks = k_shares(self.k, self.partition.shared, self.partition.dict_size, self.cfg["shared_k_multiplier"])
             mask_BF = torch.zeros_like(scores_BF, dtype=torch.bool)
             min_kept = []
-            for block_F, k in zip((~self.tied_f, self.tied_f), ks):
-                block_mask, block_min = batch_topk_mask(scores_BF[:, block_F], k, group, rows)
-                mask_BF[:, block_F] = block_mask
+            for block_f, k in zip((self.rest_f, self.designated_f), ks):
+                block_mask, block_min = batch_topk_mask(scores_BF.index_select(1, block_f), k, group, rows)
+                mask_BF.index_copy_(1, block_f, block_mask)
                 min_kept.append(block_min)
             return acts_BF * mask_BF, torch.stack(min_kept)
         threshold_F = self.threshold[self.tied_f.long()] if self.partition.shared else self.threshold
@@ -482,7 +491,7 @@ class BatchTopKCrossCoder(CrossCoder):
         threshold = self.threshold.detach().clone()
         log = {"l2_norm_loss": terms["l2_norm_loss"].detach(), "aux_loss": terms["aux_loss"].detach(),
                "threshold": threshold[0] if threshold.dim() else threshold,
-               "k": torch.tensor(float(self.k), device=threshold.device)}
+               "k": torch.full((), float(self.k), device=threshold.device)}  # (a tensor literal: a copy to the device)
         if threshold.dim():
             log["threshold_shared"] = threshold[1]
         return log

@@ -15,7 +15,7 @@ from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair
 from crossdiff.scale import distributed
 from crossdiff.sources.mix import DataError, check_mix_tokenizer, is_mix, load_mix
-from crossdiff.sources.models import SetupError, load_pair, resolve_model_keys
+from crossdiff.sources.models import SetupError, cast_models, load_pair, model_dtype, resolve_model_keys
 
 load_gemma_pair = load_pair  # the name the pipeline and its tests call (any pair, not only Gemma)
 
@@ -152,7 +152,7 @@ def load_models_and_tokens(cfg, fresh=True):
     if cfg["preset"] == "toy":
         base, chat, tokens, _ = distributed.build_once(lambda: build_toy_pair(cfg), data_dir(cfg) / ".toy_pair",
                                                        "building the toy pair")
-        models = [base, chat]
+        models = cast_models([base, chat], model_dtype(cfg))
     else:
         if is_mix(cfg["dataset"]):
             check_mix_tokenizer(cfg["dataset"], cfg["model_names"])

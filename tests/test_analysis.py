@@ -86,11 +86,14 @@ def test_latent_scaling_recovers_known_ratios():
     assert ls["nu_error"].abs().item() < 1e-6 and ls["nu_reconstruction"].abs().item() < 1e-6
 
 
-def test_firing_counts_and_their_denominator_cover_only_the_positions_training_reads():
+@pytest.mark.parametrize("encode_rows", [None, 4])
+def test_firing_counts_and_their_denominator_cover_only_the_positions_training_reads(encode_rows, monkeypatch):
     """With ignore_first_n 3 and one token id excluded, top_activating_examples counts each
     latent's firings and the positions over those positions only (computed here from the
     activations and the tokens), and the dashboard's frequency is one over the other (it divided
-    by N x (S - 1), every position after the first)."""
+    by N x (S - 1), every position after the first); the same when it encodes 4 rows at a time."""
+    if encode_rows:
+        monkeypatch.setattr("crossdiff.diffing.measures.ENCODE_BYTES", encode_rows * 4 * 16)
     from crossdiff.diffing.dashboard import latent_table
     from crossdiff.sources.activations import extract_activations
 
@@ -110,7 +113,12 @@ def test_firing_counts_and_their_denominator_cover_only_the_positions_training_r
         assert abs(freq - counts[j].item() / n) < 1e-3 * freq
 
 
-def test_top_activating_examples_match_brute_force():
+@pytest.mark.parametrize("encode_rows", [None, 5])
+def test_top_activating_examples_match_brute_force(encode_rows, monkeypatch):
+    """The running top-k equals the top-k over every activation, also encoding 5 rows at a time
+    (which splits the batches' rows unevenly)."""
+    if encode_rows:
+        monkeypatch.setattr("crossdiff.diffing.measures.ENCODE_BYTES", encode_rows * 4 * 16)
     models = [tiny_model(1), tiny_model(2)]
     cc = CrossCoder(tiny_cfg(d_in=32, dict_size=16, normalisation_factor=[0.7, 1.3]))
     tokens = random_tokens(10, 9)

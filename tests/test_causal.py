@@ -181,6 +181,7 @@ def test_the_activation_difference_lens_its_logit_lens_and_its_kl_gap_closed():
     lens = logit_lens(models[1], direction, top=3)
     logits = models[1].unembed(models[1].ln_final(direction[None, None]))[0, 0]
     assert [int(t) for t, _ in lens] == logits.topk(3).indices.tolist()
+    assert logit_lens(models[1], torch.zeros_like(direction)) == []  # the null pair's: no token is promoted
 
     cc = crosscoder_with_firing_latents()
     mask = torch.ones(6, 9, dtype=torch.bool)

@@ -756,3 +756,34 @@ def test_the_batchtopk_step_skips_auxk_before_any_latent_can_be_dead(monkeypatch
     assert late["dead_F"].all()
     cc.losses_and_acts(x, **late)
     assert calls == [1]
+
+
+def test_under_bf16_autocast_the_pre_activations_stay_bf16_and_equal_fp32_within_its_precision():
+    """encode's [B, F] pre-activations under CPU bf16 autocast are bf16 (adding the fp32 b_enc
+    would promote them to fp32, doubling the step's largest temporaries), and match fp32's."""
+    torch.manual_seed(0)
+    cc = CrossCoder(tiny_cfg())
+    with torch.no_grad():
+        cc.b_enc.normal_()
+    x = torch.randn(8, 2, cc.cfg["d_in"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        pre = cc.encode(x, apply_relu=False)
+    assert pre.dtype == torch.bfloat16
+    torch.testing.assert_close(pre.float(), cc.encode(x, apply_relu=False), rtol=0.05, atol=0.1)
+
+
+def test_folding_in_chunks_gives_the_weights_of_one_fold(monkeypatch):
+    """fold_normalisation folds FOLD_CHUNK latents at a time in place: chunks of 5 (not dividing
+    the dictionary) give bitwise the weights of a single chunk, and the original is untouched."""
+    import crosscoder
+
+    torch.manual_seed(0)
+    cc = CrossCoder(tiny_cfg())
+    before = {n: p.detach().clone() for n, p in cc.named_parameters()}
+    whole = cc.fold_normalisation([0.5, 3.0])
+    monkeypatch.setattr(crosscoder, "FOLD_CHUNK", 5)
+    chunked = cc.fold_normalisation([0.5, 3.0])
+    for name, p in whole.named_parameters():
+        assert torch.equal(p, dict(chunked.named_parameters())[name]), name
+    assert torch.equal(whole.W_enc[1], before["W_enc"][1] * 3.0)
+    assert all(torch.equal(p, before[n]) for n, p in cc.named_parameters())

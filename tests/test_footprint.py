@@ -60,11 +60,13 @@ def test_the_buffer_check_counts_the_models_the_run_will_load(tmp_path, monkeypa
     alone, before the models were on the device); from a store, which loads no models, it passes."""
     import train
 
-    path = llama_dir(tmp_path / "m")
-    cfg = complete_cfg({"model_names": [path, path], "hook_point": "blocks.2.hook_resid_pre", "d_in": 64,
+    path, other = llama_dir(tmp_path / "m"), llama_dir(tmp_path / "n")
+    cfg = complete_cfg({"model_names": [path, other], "hook_point": "blocks.2.hook_resid_pre", "d_in": 64,
                         "device": "cpu", "batch_size": 64, "buffer_mult": 4, "seq_len": 16})
     models = pair_bytes(cfg)
     assert models == 2 * 4 * weight_count(path, 2)
+    assert pair_bytes(dict(cfg, model_names=[path, path])) == 4 * weight_count(path, 2)  # the null pair: loaded once
+    assert pair_bytes(dict(cfg, model_dtype="bf16")) == 2 * 2 * weight_count(path, 2)
     monkeypatch.setattr("crossdiff.config.plan.available_bytes", lambda device: buffer_bytes(cfg) + models // 2)
     with pytest.raises(ConfigError, match=f"beside the models' {models / 2**30:.1f} GiB"):
         train.check_memory(cfg, None, None, 1)

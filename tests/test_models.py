@@ -99,6 +99,20 @@ def test_a_llama_fine_tune_loads_from_its_config_json_whatever_its_path_says(tmp
     # the null pair, a model against itself: loaded once, both indices the same model
     base, same = load_pair({"model_names": [str(path)] * 2, "hook_point": "blocks.2.hook_resid_pre", "device": "cpu"})
     assert base is same
+    # model_dtype bf16: processed in fp32, then cast; the residual within bf16's precision
+    (half,) = load_pair({"model_names": [str(path)], "hook_point": "blocks.2.hook_resid_pre", "device": "cpu",
+                         "model_dtype": "bf16"})
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16} and half.cfg.dtype == torch.bfloat16
+    got = half(t, stop_at_layer=2)
+    assert got.dtype == torch.bfloat16 and (got.float() - want).norm() / want.norm() < 2e-2
+
+
+def test_model_dtype_auto_is_bf16_on_a_gpu_and_fp32_on_a_cpu():
+    from crossdiff.sources.models import model_dtype
+
+    assert model_dtype({"device": "cuda:1"}) == torch.bfloat16 and model_dtype({"device": "cpu"}) == torch.float32
+    assert model_dtype({"device": "cuda", "model_dtype": "fp32"}) == torch.float32
+    assert model_dtype({"device": "cpu", "model_dtype": "bf16"}) == torch.bfloat16
 
 
 def write_gguf(path, arch):

@@ -221,3 +221,35 @@ def test_a_diff_sae_reads_a_crosscoders_store_rescaled_as_a_store_harvested_for_
     trainer = Trainer(dict(diff), buffer=other)
     assert all(torch.isfinite(trainer.step()["loss"]) for _ in range(5))
     assert trainer.cfg["normalisation_factor"] == pytest.approx(other.normalisation_factor.tolist())
+
+
+def test_reading_the_next_refresh_ahead_serves_the_same_rows_and_reads_them_in_the_background(tmp_path, models,
+                                                                                               monkeypatch):
+    """With store_prefetch, every refresh after the first fill is served from reads made by the
+    background thread (none in the training thread), and the batches equal those of a store read
+    inside each refresh, through wrap-arounds and a resume."""
+    import threading
+
+    cfg = tiny_cfg(tmp_path, wrap_tokens=True, store_prefetch=True)
+    tokens = random_tokens(24, cfg["seq_len"])
+    harvest(cfg, list(models), tokens, tmp_path / "store", 24)
+    ahead, inside = (ActivationStore(dict(cfg, store_prefetch=p), tmp_path / "store") for p in (True, False))
+    reads, real = [], ActivationStore._read
+
+    def recorded(self, first, n):
+        if self is ahead:
+            reads.append(threading.current_thread().name)
+        return real(self, first, n)
+
+    monkeypatch.setattr(ActivationStore, "_read", recorded)
+    refreshes = 0
+    for _ in range(40):
+        pointer = ahead.pointer
+        assert torch.equal(ahead.next(), inside.next())
+        refreshes += ahead.pointer < pointer
+        assert ahead.token_pointer == inside.token_pointer
+    assert refreshes >= 3 and ahead.sequences_run > 24  # it wrapped around the store
+    assert len(reads) >= refreshes and all(r.startswith("store-prefetch") for r in reads)
+    resumed = ActivationStore(dict(cfg), tmp_path / "store", state=ahead.state_dict())
+    for _ in range(10):
+        assert torch.equal(resumed.next(), inside.next())

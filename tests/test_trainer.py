@@ -111,33 +111,46 @@ def test_bf16_step_stays_within_one_percent_of_fp32_and_keeps_fp32_weights(tmp_p
                for k, v in st.items() if k != "step")
 
 
-SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique")  # ops that wait for the device
+# Ops that wait for the device: a read to the host (.item(), float(t), `if t`), nonzero and the
+# ops built on it, and a tensor literal (torch.tensor(...): a copy from the host on a GPU).
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "lift_fresh")
 
 
 class RecordOps(TorchDispatchMode):
+    """Every op dispatched, and "bool index" for indexing with a boolean mask (its kernel runs a
+    nonzero this mode does not see)."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
+        name = str(func)
+        if "index" in name and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                   for a in args if isinstance(a, (list, tuple)) for i in a):
+            name += " bool index"
+        self.ops.append(name)
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("architecture", ["l1", "batchtopk"])
-def test_a_training_step_makes_no_host_sync(tmp_path, architecture):
-    """No op in a (non-log) step reads a value back to the host: .item(), float(t), `if t`,
-    boolean indexing and nonzero all dispatch one of SYNC_OPS, and none is called."""
-    cfg = tiny_cfg(tmp_path, architecture=architecture, k=4)
+@pytest.mark.parametrize("architecture,partition", [
+    ("l1", {}), ("batchtopk", {}), ("l1", {"exclusive_fraction": 0.125, "shared_fraction": 0.25}),
+    ("batchtopk", {"exclusive_fraction": 0.125, "shared_fraction": 0.25})])
+def test_a_training_step_makes_no_host_sync(tmp_path, architecture, partition):
+    """No op in a (non-log) step of any architecture, partitioned or not, waits for the device:
+    none of SYNC_OPS and no boolean-mask indexing (the controls show the detector sees each)."""
+    cfg = tiny_cfg(tmp_path, architecture=architecture, k=4, **partition)
     trainer = Trainer(cfg, buffer=RandomSource(cfg))
     trainer.step()  # step 0 also checks the batch's shape
     with RecordOps() as control:
-        float(torch.ones(()).sum())  # the detector sees a host read
-    assert any(SYNC_OPS[0] in op for op in control.ops)
+        float(torch.ones(()).sum())
+        torch.tensor(1.0)
+        torch.ones(3)[torch.tensor([True, False, True])]
+    assert [any(s in op for op in control.ops) for s in ("_local_scalar_dense", "lift_fresh", "bool index")] == [True] * 3
     with RecordOps() as rec:
         trainer.step()
     assert len(rec.ops) > 50
-    assert [op for op in rec.ops if any(s in op for s in SYNC_OPS)] == []
+    assert [op for op in rec.ops if any(s in op for s in SYNC_OPS + ("bool index",))] == []
 
 
 def test_step_returns_the_reference_log_keys(tmp_path):

@@ -374,10 +374,23 @@ def main():
         if name == "ours":  # training from a store harvested once (untimed) by the same model
             store_dir = tempfile.mkdtemp(prefix="bench_store_")
             harvest(dict(cfg), [model, model], data, store_dir, sequences_needed(cfg, 2 * steps + 2))
-            trainer = Trainer(dict(cfg), buffer=ActivationStore(dict(cfg), store_dir))
-            t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
-            add("training from the activation store", batch * steps / t)
-            del trainer
+            for prefetch in (False, True):  # side by side: the refresh's reads inside it, or read ahead
+                source = ActivationStore(dict(cfg, store_prefetch=prefetch), store_dir)
+                waited, serve = [0.0], source.next
+
+                def waiting_next():  # the time the step waits for its batch (refreshes included)
+                    start = time.perf_counter()
+                    out = serve()
+                    sync(device)
+                    waited[0] += time.perf_counter() - start
+                    return out
+
+                source.next = waiting_next
+                trainer = Trainer(dict(cfg, store_prefetch=prefetch), buffer=source)
+                t, _ = timed(lambda: [trainer.step() for _ in range(steps)], device)
+                add(f"training from the activation store ({'read ahead' if prefetch else 'read in each refresh'}; "
+                    f"{waited[0] / t:.0%} of it waiting for data)", batch * steps / t)
+                del trainer, source
             shutil.rmtree(store_dir, ignore_errors=True)
         model = None
         gc.collect()  # free this scheme's model before the next is built

@@ -23,8 +23,7 @@ def batch_topk_mask(scores_BF, k, group=None, rows=None):
     n_keep = min(k * (rows or B * ranks), B * F * ranks)
     if ranks == 1:
         kept = scores_BF.flatten().topk(n_keep, sorted=False)
-        mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device)
-        mask[kept.indices] = True
+        mask = torch.zeros(B * F, dtype=torch.bool, device=scores_BF.device).index_fill_(0, kept.indices, True)
         return mask.view(B, F), min_positive(kept.values)
     candidates = scores_BF.detach().flatten().topk(min(n_keep, B * F), sorted=False).values
     kept = gather(candidates, group).topk(n_keep, sorted=False).values
@@ -108,7 +107,7 @@ def residual_variance(r_BMD, data_group=None):
     if data_group is None:
         return (r_BMD - r_BMD.mean(0)).pow(2).sum((-1, -2)).mean()
     r = r_BMD.double().flatten(1)
-    sums = torch.cat([r.sum(0), r.pow(2).sum().view(1), torch.tensor([r.shape[0]], dtype=r.dtype, device=r.device)])
+    sums = torch.cat([r.sum(0), r.pow(2).sum().view(1), r.new_full((1,), r.shape[0])])
     dist.all_reduce(sums, group=data_group)
     n = sums[-1]
     mean_sq = sums[:-2].div(n).pow(2).sum()

@@ -20,6 +20,7 @@ TOPK_ARCHITECTURES = ("batchtopk", "diff_sae")  # those that take the batchtopk 
 NORM_SCALES = (None, "per_model", "difference")
 WANDB_MODES = (None, "online", "offline", "disabled")
 STEP_DTYPES = ("fp32", "tf32", "bf16")
+MODEL_DTYPES = ("auto", "fp32", "bf16")
 B_DEC_INITS = (None, "zeros", "geometric_median")
 B_ENC_INITS = ("zeros", "centred")
 RECON_LOSSES = (None, "squared", "norm")
@@ -198,12 +199,18 @@ SCHEMA = {
     "wrap_tokens": Key(False, bool, "when the tokens run out: false stops with a message, true wraps",
                        resume=True),
     "checkpoint_buffer": Key(True, bool, "save the buffer with each checkpoint for an exact resume", resume=True),
+    "store_prefetch": Key(True, bool, "read the activation store's next refresh in a background thread while the "
+                          "current half of the buffer trains (into pinned memory for a GPU); false reads it "
+                          "inside the refresh", resume=True, sweep=False),
     "verify_store": Key(True, bool, "check every file of the activation store against the sha256 recorded at its harvest "
                         "when a run opens it (reads the whole store once: about 0.6 s per GB on 2 CPU cores; false "
                         "skips it, for huge stores)", resume=True, sweep=False),
     "store_dir": Key(None, "str?", "an activation store (store.py) to train from instead of running the "
                      "models; train.py harvests it first when it is missing (or store.py does); "
                      f"{PAIR_STORE}: the built pair's, under data_dir", resume=True),
+    "model_dtype": Key("auto", str, "the models' weights: auto (bf16 on a GPU, as the reference loaded Gemma; fp32 "
+                       "on a CPU, where bf16 may run 10x slower), fp32 or bf16. Loaded and processed in fp32, then "
+                       "cast", *one_of(MODEL_DTYPES), resume=True, sweep=False),
     "step_dtype": Key("fp32", str, "crosscoder matmuls: fp32 (the reference), tf32 (fp32 matmuls on TF32 tensor "
                       "cores: CUDA; a CPU runs fp32) or bf16 autocast (weights stay fp32)", *one_of(STEP_DTYPES), resume=True, sweep=True),
     "latent_shards": Key(1, int, "split the dictionary over this many processes (torchrun): world size = "

@@ -170,7 +170,9 @@ def adl_direction(models, tokens_NS, hook_point, n_positions=5, first=1, batch_s
 @torch.no_grad()
 def logit_lens(model, direction_D, top=10):
     """The `top` tokens a direction promotes, read through the model's final norm and unembedding:
-    [(token, logit)]."""
+    [(token, logit)]; none for a zero direction (the null pair's: every token ties)."""
+    if not bool(direction_D.any()):
+        return []
     logits_V = model.unembed(model.ln_final(direction_D.to(model.W_U.device)[None, None].float()))[0, 0]
     values, ids = logits_V.topk(top)
     return [(model.to_single_str_token(int(i)) if model.tokenizer is not None else str(int(i)), float(v))
@@ -402,7 +404,7 @@ def diff_report(crosscoder, models, tokens_NS, groups, sets, text_rows_NS, batch
                                                      for g, r in by_group.items() if r["kl"] is not None),
         "largest at: " + "; ".join(f"{t['kl']:.2f} [{t['context']}]" for t in places[:3]),
         "Activation Difference Lens (mean difference over the first 5 positions of text rows), top tokens: "
-        + ", ".join(t for t, _ in lens),
+        + (", ".join(t for t, _ in lens) if lens else "none (the difference is 0: the models agree there)"),
         f"the share of the base -> chat KL gap each set closes ({len(tokens_NS)} held-out sequences):",
         format_kl_table(rows)])
     return rows, summary, text

@@ -21,6 +21,7 @@ CHAT_ONLY_MIN = 0.9
 SHARED_RANGE = (0.3, 0.7)
 # Held-out analyses (analysis.py, the toy report): tokens in all, and per forward that stops at the hook.
 HELDOUT_TOKENS, BATCH_TOKENS = 2**18, 2**14
+ENCODE_BYTES = 2**28  # the largest [rows, F] fp32 block the top-examples pass encodes at once (64 rows at 2^20 latents)
 
 
 def classify_latents(rel_norm_F, owner_F=None):
@@ -390,22 +391,22 @@ def top_activating_examples(crosscoder, models, tokens_NS, latents_J, k=10, batc
     offset = n_positions = 0
     keep = PositionFilter(crosscoder.cfg, models)
     first = keep.first
+    rows = max(1, ENCODE_BYTES // (4 * crosscoder.W_enc.shape[-1]))  # encoded at a time: [rows, F] in fp32
     for t, x in harvest(models, tokens_NS, crosscoder.cfg["hook_point"], batch_size, "top activations", first=first):
         N, S1 = x.shape[:2]
-        f_BJ = crosscoder.encode(x.flatten(0, 1).to(s_M.device) * s_M[:, None])[:, latents_J].float()
-        if keep.active:  # a position training never read is no example
-            kept_B = keep.keep(t, x).flatten().to(f_BJ.device)
-            f_BJ *= kept_B[:, None]
-            n_positions += int(kept_B.sum())
-        else:
-            n_positions += N * S1
-        counts_J += (f_BJ > 0).sum(0)
-        idx_B = offset + torch.arange(N * S1, device=s_M.device)  # flat index over (sequence, position first..)
-        kk = min(k, len(f_BJ))
-        v, i = f_BJ.topk(kk, dim=0)
-        cand_v, cand_i = torch.cat([best_v, v.T], 1), torch.cat([best_i, idx_B[i].T], 1)
-        best_v, sel = cand_v.topk(k, dim=1)
-        best_i = cand_i.gather(1, sel)
+        x_BMD = x.flatten(0, 1).to(s_M.device) * s_M[:, None]
+        kept_B = keep.keep(t, x).flatten().to(s_M.device) if keep.active else None
+        n_positions += int(kept_B.sum()) if keep.active else N * S1
+        for lo in range(0, len(x_BMD), rows):
+            f_BJ = crosscoder.encode(x_BMD[lo : lo + rows])[:, latents_J].float()
+            if keep.active:  # a position training never read is no example
+                f_BJ *= kept_B[lo : lo + rows, None]
+            counts_J += (f_BJ > 0).sum(0)
+            idx_B = offset + lo + torch.arange(len(f_BJ), device=s_M.device)  # flat index over (sequence, position first..)
+            v, i = f_BJ.topk(min(k, len(f_BJ)), dim=0)
+            cand_v, cand_i = torch.cat([best_v, v.T], 1), torch.cat([best_i, idx_B[i].T], 1)
+            best_v, sel = cand_v.topk(k, dim=1)
+            best_i = cand_i.gather(1, sel)
         offset += N * S1
     S1 = tokens_NS.shape[1] - first
     out = best_v.cpu(), (best_i // S1).cpu(), (best_i % S1 + first).cpu()  # position in the full sequence

@@ -78,12 +78,12 @@ def packages_dir(cfg):
 
 
 @contextlib.contextmanager
-def timed(what):
+def timed(what, label=NAME):
     """Prints a build step's wall time."""
     t = time.time()
-    print(f"[{NAME}] {what} ...", flush=True)
+    print(f"[{label}] {what} ...", flush=True)
     yield
-    print(f"[{NAME}] {what}: {time.time() - t:.0f} s", flush=True)
+    print(f"[{label}] {what}: {time.time() - t:.0f} s", flush=True)
 
 
 # ---------------------------------------------------------------- packages
@@ -316,7 +316,7 @@ def build_pypi_mix(cfg, heldout_fraction=0.05):
     out = root / (f"{vocab_hash(tokenizer)[:12]}-s{cfg['seq_len']}-r{rows}" + "-bible-odd" * anchored(cfg))
     if not is_mix(out):
         root.mkdir(parents=True, exist_ok=True)
-        with timed(f"building the token mix ({rows:,} rows of {cfg['seq_len']}, {CHAT_FRACTION:.0%} chat)"):
+        with timed(f"building the token mix ({rows:,} rows of {cfg['seq_len']}, {CHAT_FRACTION:.0%} chat)", root.name):
             chat_file = named_source("chitchat", cfg)  # the odd ones: the even ones fine-tune the partner
             text_file = (write_jsonl(root / "bible-odd.jsonl", [{"text": t} for t in split_bible(cfg)[1]])
                          if anchored(cfg) else named_source("bible", cfg))

@@ -92,7 +92,7 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
     norm_sums, count = torch.zeros(len(models), dtype=torch.float64, device="cpu"), 0
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
-        # In the models' own dtype (fp32), as the reference estimated: no bf16 autocast here.
+        # In the models' own dtype (model_dtype), as the reference estimated: no bf16 autocast here.
         acts_MnPD = torch.stack([extract_activations(m, tokens, hook_point)[:, first:] for m in models])
         norms_MnP = acts_MnPD.float().norm(dim=-1) if not difference else \
             (acts_MnPD[1].float() - acts_MnPD[0].float()).norm(dim=-1).expand(len(models), -1, -1)

@@ -10,8 +10,10 @@ import math
 import re
 from pathlib import Path
 
+import torch
+
 from crossdiff.config.schema import layers_needed
-from crossdiff.sources.models import gguf_header, is_gguf, is_local
+from crossdiff.sources.models import gguf_header, is_gguf, is_local, model_dtype
 
 FP32 = 4
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")  # transformers' and GGUF's block names
@@ -67,9 +69,10 @@ def weight_count(name, n_layers, arch=None):
 
 
 def pair_bytes(cfg):
-    """Bytes the pair of cfg's models takes on cfg's device for training (None: not known)."""
+    """Bytes the pair of cfg's models takes on cfg's device for training, in its model_dtype (a
+    model listed twice, the null pair, is loaded once; None: not known)."""
     archs = list(cfg.get("model_archs") or [])
     n_layers = layers_needed(cfg["hook_point"])
-    counts = [weight_count(name, n_layers, archs[i] if i < len(archs) else None)
-              for i, name in enumerate(cfg["model_names"])]
-    return None if None in counts else FP32 * sum(counts)
+    models = dict.fromkeys((name, archs[i] if i < len(archs) else None) for i, name in enumerate(cfg["model_names"]))
+    counts = [weight_count(name, n_layers, arch) for name, arch in models]
+    return None if None in counts else (2 if model_dtype(cfg) == torch.bfloat16 else FP32) * sum(counts)

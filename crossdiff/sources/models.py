@@ -262,6 +262,22 @@ def load_pair(cfg, full=False):
             drop_unembedding(model)
         models.append(model.eval())
         loaded[key] = models[-1]
+    return cast_models(models, model_dtype(cfg))  # processed in fp32 (folding), then cast
+
+
+def model_dtype(cfg):
+    """The models' weight dtype: cfg's model_dtype, auto resolved by its device (bf16 on CUDA)."""
+    value = cfg.get("model_dtype") or "auto"
+    if value == "auto":
+        value = "bf16" if str(cfg.get("device") or "cpu").startswith("cuda") else "fp32"
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[value]
+
+
+def cast_models(models, dtype):
+    """The models' weights in dtype, in place, their cfg.dtype with them."""
+    for model in dict.fromkeys(models):  # a model listed twice (the null pair) is cast once
+        if next(model.parameters()).dtype != dtype:
+            model.to(dtype, print_details=False)  # (TransformerLens's: it sets cfg.dtype too)
     return models
 
 

@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -111,18 +112,27 @@ def open_shards(store_dir, meta, rows_per_sequence):
     return shards
 
 
-def read_rows(shards, meta, ids, rows_per_sequence):
-    """Rows [len(ids) * R, M, D] (bf16, on the CPU) of the store's sequences ids (a range)."""
-    per_shard, out = meta.get("sequences_per_shard", SHARD_SEQUENCES), []
+def read_rows(shards, meta, ids, rows_per_sequence, pin=False):
+    """Rows [len(ids) * R, M, D] (bf16, on the CPU; in pinned memory with pin, for an
+    asynchronous copy to a GPU) of the store's sequences ids (a range)."""
+    per_shard, pieces = meta.get("sequences_per_shard", SHARD_SEQUENCES), []
     runs = [(ids.start, len(ids))] if ids.step == 1 else [(i, 1) for i in ids]  # a strided share: one by one
     for first_sequence, n in runs:
         while n > 0:
             shard, offset = divmod(first_sequence, per_shard)
             take = min(n, meta["shard_sequences"][shard] - offset)
-            out.append(shards[shard][offset * rows_per_sequence : (offset + take) * rows_per_sequence])
+            pieces.append(shards[shard][offset * rows_per_sequence : (offset + take) * rows_per_sequence])
             first_sequence, n = first_sequence + take, n - take
-    # one copy out of the read-only memory map, into a tensor torch may write
-    return torch.from_numpy(np.concatenate(out)).view(torch.bfloat16)
+    # One copy out of the read-only memory map, by torch (which releases the GIL: a prefetching
+    # thread reads while the training thread runs).
+    out = torch.empty(sum(len(q) for q in pieces), meta["n_models"], meta["d_in"], dtype=torch.int16, pin_memory=pin)
+    at = 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read here
+        for q in pieces:
+            out[at : at + len(q)].copy_(torch.from_numpy(q))
+            at += len(q)
+    return out.view(torch.bfloat16)
 
 
 # ---------------------------------------------------------------- writing one
