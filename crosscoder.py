@@ -159,7 +159,8 @@ class CrossCoder(nn.Module):
         return constrained(self.W_dec, lambda g: project_decoder_grad(g, self.allowed_fM, self.tied_f))
 
     def encode(self, x_BMD, apply_relu=True):
-        pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(), "batch model d_in, model d_in latent -> batch latent")
+        pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(),
+                        "batch model d_in, model d_in latent -> batch latent")
         pre_BF = pre_BF + self.b_enc.to(pre_BF.dtype)  # under bf16 autocast the [B, F] terms stay bf16
         if not apply_relu:
             return pre_BF

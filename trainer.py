@@ -253,7 +253,8 @@ class Trainer:
         values = (loss, losses.l2_loss, losses.l1_loss, losses.l0_loss, l1_coeff, lr,
                   losses.explained_variance, losses.explained_variance_A, losses.explained_variance_B)
         # host numbers (l1_coeff, lr) as CPU tensors, filled (no tensor literal, which the no-sync test flags)
-        log = {k: (v.detach() if torch.is_tensor(v) else torch.full((), float(v))) for k, v in zip(LOG_KEYS, values)}
+        log = {k: (v.detach() if torch.is_tensor(v) else torch.full((), float(v), device="cpu"))
+               for k, v in zip(LOG_KEYS, values)}
         return dict(log, **self.crosscoder.step_log(terms))
 
     def _step_autocast(self):

@@ -29,6 +29,7 @@ def test_the_gpu_check_runs_every_part_and_writes_its_table_and_json(tmp_path):
     assert report["end_to_end"]["tokens_per_s"] > 0 and report["end_to_end"]["peak_memory_gib"] > 0
     assert report["toy"]["returncode"] == 0 and report["toy"]["final"].startswith("final: ")
     assert "batchtopk sparse" in out.stdout and "toy preset on the device: exit 0" in out.stdout
+    assert report["sync"] is None and "host syncs in a dense step: not run (a CPU)" in out.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with a GPU has nothing to refuse")

@@ -176,7 +176,7 @@ def worker(spec_file):
     torch.manual_seed(0)
     model, data = model_and_tokens(spec["shape"], device, cfg)
     tokens_per_s = end_to_end(cfg, model, data, spec["cycles"], device)
-    memory = torch.tensor([peak_memory(device)])
+    memory = torch.tensor([peak_memory(device)], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     distributed.average_([memory])
     if distributed.is_main():
         with open(spec["out"], "w") as f:

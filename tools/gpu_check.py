@@ -9,7 +9,9 @@ table, one JSON file.
 (b) end to end on random-weight Gemma-2-2b-shaped models at the replication's config (batch
     4096, buffer_mult 128, seq_len 1024): one buffer refresh cycle, tokens/s and peak memory;
 (c) `train.py --preset toy` on the device (shortened), its exit status and wall time;
-(d) the real pair's harvest (Gemma-3-270m, blocks.10), when crossdiff/pairs/realpair.py's build is in data/.
+(d) the real pair's harvest (Gemma-3-270m, blocks.10), when crossdiff/pairs/realpair.py's build is in data/;
+(e) each dense step (L1, BatchTopK; standard and partitioned) under
+    torch.cuda.set_sync_debug_mode("error"): "no sync", or the op that synced (a CPU: not run).
 `--shape tiny` runs (a) to (c) at toy sizes in about a minute (the CPU test).
 """
 import json
@@ -123,6 +125,35 @@ def real_pair_row(device, batches=4):
     return {"tokens_per_s": batches * tokens.numel() / t, "hook_point": cfg["hook_point"]}
 
 
+SYNC_STEPS = (("l1", "l1", {}), ("batchtopk", "batchtopk", {}),
+              ("l1 partitioned", "l1", {"exclusive_fraction": 0.05, "shared_fraction": 0.1}),
+              ("batchtopk partitioned", "batchtopk", {"exclusive_fraction": 0.05, "shared_fraction": 0.1}))
+
+
+def sync_rows(shape, device, tmp):
+    """(e): a dense step of each kind (after two warm-up steps, the first of which logs) with CUDA's
+    sync debug mode raising on any host sync; None on a CPU."""
+    if not device.startswith("cuda"):
+        return None
+    x = torch.randn(shape["batch_size"], 2, shape["d_in"], device=device)
+    rows = []
+    for name, architecture, partition in SYNC_STEPS:
+        trainer = Trainer(dict(base_cfg(shape, device, tmp), architecture=architecture, **partition), buffer=Fixed(x))
+        trainer.step(), trainer.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer.step()
+            result = "no sync"
+        except RuntimeError as e:
+            result = "synced: " + str(e).splitlines()[0][:200]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        rows.append({"step": name, "result": result})
+        del trainer
+    return rows
+
+
 def main(argv):
     options, extras = parse_overrides(argv, {"device": "cuda"}, flags=("out", "shape"))
     device, shape_name = options["device"], extras.get("shape", "gemma")
@@ -146,6 +177,7 @@ def main(argv):
         part("steps", step_rows, shape, device, tmp, report["matmul_peak_flops"])
         part("end_to_end", end_to_end_row, shape, device, tmp)
         part("toy", toy_row, shape, device, tmp)
+        part("sync", sync_rows, shape, device, tmp)
         if shape_name == "gemma":  # (loading the pair takes minutes on a CPU)
             part("real_pair_harvest", real_pair_row, device)
         else:
@@ -173,6 +205,8 @@ def format_report(r, shape):
     lines.append("real pair harvest: " + (f"{h['tokens_per_s']:,.0f} tokens/s through both models" if h else
                                           "not run (tiny shape) or not built here (python train.py --preset "
                                           "gemma3-270m-offline builds it)"))
+    lines.append("host syncs in a dense step: " + ("not run (a CPU)" if r.get("sync") is None else
+                                                   "; ".join(f"{x['step']} {x['result']}" for x in r["sync"])))
     return "\n".join(lines)
 
 

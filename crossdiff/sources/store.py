@@ -125,7 +125,8 @@ def read_rows(shards, meta, ids, rows_per_sequence, pin=False):
             first_sequence, n = first_sequence + take, n - take
     # One copy out of the read-only memory map, by torch (which releases the GIL: a prefetching
     # thread reads while the training thread runs).
-    out = torch.empty(sum(len(q) for q in pieces), meta["n_models"], meta["d_in"], dtype=torch.int16, pin_memory=pin)
+    out = torch.empty(sum(len(q) for q in pieces), meta["n_models"], meta["d_in"], dtype=torch.int16, device="cpu",
+                      pin_memory=pin)
     at = 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # only read here
