@@ -10,7 +10,7 @@ import torch
 
 from crossdiff.config.plan import check_against_model, check_enough_sequences
 from crossdiff.config.schema import PILE_LMSYS_DATASET
-from crossdiff.io.checkpoint import atomic_torch_save, data_dir
+from crossdiff.io.checkpoint import atomic_torch_save, data_dir, load_mapped
 from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair
 from crossdiff.scale import distributed
@@ -60,7 +60,7 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
         tokens = load_mix(source, split="train")[0]
     elif Path(str(source)).is_file():
         try:
-            tokens = torch.load(source, map_location="cpu", weights_only=True)
+            tokens = load_mapped(source)
         except Exception as e:  # noqa: BLE001 (a truncated or foreign file raises whatever the unpickler meets)
             raise DataError(f"{source}: cannot read it as a token tensor ({type(e).__name__}: {e}); a .pt dataset "
                             "holds one int tensor [n_sequences, seq_len] saved by torch.save") from None

@@ -99,6 +99,25 @@ def test_dataset_conversion_peaks_near_the_int32_size_not_int64(tmp_path):
     assert added_mb < 1.4 * int32_mb, f"conversion added {added_mb:.0f} MB at its peak; the result is {int32_mb:.0f} MB"
 
 
+def test_a_pt_dataset_is_memory_mapped_and_an_old_format_one_read_whole(tmp_path):
+    """load_tokens maps a .pt token file instead of reading it: loading 100 MB adds under 10 MB
+    of private memory (a plain torch.load adds the 100 MB; every rank of a run would hold its own
+    copy), and its rows are the saved ones; a file in torch's pre-zip format loads whole, the same."""
+    def private_mb():  # resident pages not backed by a file
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith("RssAnon"))
+        return int(fields["RssAnon"].split()[0]) / 1024
+
+    saved = torch.arange(25_000_000, dtype=torch.int32).view(25_000, 1_000) % 50_000
+    torch.save(saved, tmp_path / "t.pt")
+    torch.save(saved[:10], tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    saved = saved[[0, -1]].clone()  # (the rest freed)
+    before = private_mb()
+    tokens = load_tokens(tmp_path / "t.pt")
+    assert private_mb() - before < 10
+    assert tokens.shape == (25_000, 1_000) and torch.equal(tokens[[0, -1]], saved)
+    assert torch.equal(load_tokens(tmp_path / "old.pt")[0], saved[0])
+
+
 def test_check_heldout_refuses_rows_training_read():
     """The last n_heldout of n sequences are held out only if the run read fewer than n - n_heldout
     from the start; a wrapped run read them all."""

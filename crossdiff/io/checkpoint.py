@@ -156,6 +156,18 @@ def read_cfg(version_dir, k=None):
         raise CheckpointError(f"{path}: not a valid JSON config ({e})") from None
 
 
+def load_mapped(path):
+    """torch.load of a tensor file, memory-mapped where its format allows (every rank of a run then
+    shares the page cache instead of holding its own copy: 4 GB each at the reference's dataset);
+    files saved before torch's zip format are read whole."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def data_dir(cfg=None):
     """Where downloads and the toy pair are cached: cfg["data_dir"], or data/ beside the code."""
     d = (cfg or {}).get("data_dir")

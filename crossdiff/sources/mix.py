@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from crossdiff.sources.models import tokenizer_of
-from crossdiff.io.checkpoint import staging_dir, swap_in
+from crossdiff.io.checkpoint import load_mapped, staging_dir, swap_in
 
 TOKENS, SOURCE, ROLE, META = "tokens.pt", "source.pt", "role.pt", "meta.json"
 MIX_FILES = r"tokens\.pt|source\.pt|role\.pt|meta\.json"  # what a mix directory holds
@@ -318,7 +318,7 @@ def read_mix_meta(path):
 
 def _load_tensor(file):
     try:
-        return torch.load(file, weights_only=True)
+        return load_mapped(file)
     except Exception as e:  # torch raises EOFError, RuntimeError, pickle's errors on a damaged file
         raise DataError(f"{file}: cannot read it ({type(e).__name__}: {e}); build the mix again (data.py)") from None
 
