@@ -20,7 +20,14 @@ from crossdiff.scale.distributed import resolve_device
 from crossdiff.scale.process import library_progress
 from crossdiff.sources.mix import DataError
 from crossdiff.sources.models import SetupError
-from crossdiff.sources.store import check_disk, free_disk_bytes, harvest, sequences_for_any_world_size, store_bytes
+from crossdiff.sources.store import (
+    HarvestInterrupted,
+    check_disk,
+    free_disk_bytes,
+    harvest,
+    sequences_for_any_world_size,
+    store_bytes,
+)
 from utils import load_models_and_tokens, prepare_models
 
 
@@ -74,6 +81,9 @@ def cli(argv):
         sys.exit(f"config error: {e}")
     except (SetupError, DataError, OSError) as e:
         sys.exit(f"error: {e}")
+    except HarvestInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
     finally:
         distributed.teardown(clean)
 

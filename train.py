@@ -27,7 +27,7 @@ from crossdiff.scale.process import keep_freed_memory, library_progress
 from crossdiff.sources.mix import DataError
 from crossdiff.sources.footprint import pair_bytes
 from crossdiff.sources.models import SetupError
-from crossdiff.sources.store import is_complete_store
+from crossdiff.sources.store import HarvestInterrupted, is_complete_store
 from sweep import Sweep, check_sweep_fits, member_name, place
 from trainer import NonFiniteError, Trainer, TrainingInterrupted
 from utils import load_models_and_tokens, prepare_models
@@ -173,6 +173,10 @@ def cli(argv):
             launcher = f"torchrun --nproc_per_node={distributed.world_size()}" if distributed.launched() else "python"
             print(f"training interrupted ({e}); resume with: {launcher} train.py --resume {e.save_dir}", file=sys.stderr)
         sys.exit(128 + e.signum)
+    except HarvestInterrupted as e:
+        if distributed.is_main():
+            print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(130)
     except KeyboardInterrupt:  # a second Ctrl-C: stopped at once (the trainer said what was saved)
         if distributed.is_main():
             print("interrupted at once by a second Ctrl-C; resume from the last checkpoint with: python train.py "

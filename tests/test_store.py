@@ -112,9 +112,9 @@ def store_files(store):
 
 
 def test_a_killed_re_harvest_leaves_the_finished_store_whole(tmp_path, models, monkeypatch):
-    """A second harvest into a finished store, killed in its first shard, changes no byte of the
-    store (it writes beside it and swaps in only when complete), which still serves its rows;
-    the next harvest clears the partial one and completes."""
+    """A second harvest into a finished store, stopped by Ctrl-C in its first shard, says to run
+    the command again and changes no byte of the store (it writes beside it and swaps in only when
+    complete), which still serves its rows; the next harvest clears the partial one and completes."""
     from crossdiff.sources import store as fmt
 
     cfg, store = tiny_cfg(tmp_path), tmp_path / "store"
@@ -129,7 +129,8 @@ def test_a_killed_re_harvest_leaves_the_finished_store_whole(tmp_path, models, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fmt, "run_models", killed_on_the_second_batch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(fmt.HarvestInterrupted, match=f"into {store} was interrupted; the store is as it was .*"
+                                                     "run the same command again"):
         harvest(cfg, list(models), random_tokens(20, 9, seed=1), store, 20, shard_sequences=8)
     assert store_files(store) == before
     assert ActivationStore(dict(cfg, wrap_tokens=True), store).next().abs().sum() > 0

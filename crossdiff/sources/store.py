@@ -38,6 +38,11 @@ STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "datas
 
 
 # ---------------------------------------------------------------- the format
+class HarvestInterrupted(KeyboardInterrupt):
+    """A Ctrl-C during a harvest: the store as it was (the partial one beside it is cleared by the
+    next harvest); its message says to run the same command again."""
+
+
 class StoreError(OSError):
     """A store that cannot be written as asked (another harvest holds it) or read as recorded."""
 
@@ -179,7 +184,12 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
         work, refused = distributed.broadcast((str(work), refused))  # every rank stops, or writes there
         if refused is not None:
             raise StoreError(refused)
-        write_store(cfg, models, tokens_NS, Path(work), n_sequences, shard_sequences)
+        try:
+            write_store(cfg, models, tokens_NS, Path(work), n_sequences, shard_sequences)
+        except KeyboardInterrupt:
+            raise HarvestInterrupted(f"the harvest into {store_dir} was interrupted; the store is as it was (the "
+                                     "partial harvest beside it is cleared by the next): run the same command "
+                                     "again to harvest it") from None
         if distributed.is_main():
             swap_in(Path(work), store_dir)
         distributed.barrier()
