@@ -8,7 +8,7 @@ Like the reference: the buffer holds ~batch_size * buffer_mult token positions i
 fully at the start, and once half of it has been served refills that half and reshuffles.
 Each model's activations are scaled by a factor that makes their mean norm sqrt(d_in).
 """
-import atexit
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -254,7 +254,8 @@ class ActivationStore(RowBuffer):
         self._ahead, self._reader = {}, None
         if cfg["store_prefetch"]:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-prefetch")
-            atexit.register(self._reader.shutdown, wait=False, cancel_futures=True)
+            # its thread ends with the store (or at exit), pending reads cancelled
+            weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
         # Rows are stored normalised with the store's factors. A run of the other scaling
         # (norm_scale: a diff-SAE on a crosscoder's store) rescales them as they are served, by
         # factors estimated from the store's first rows as a live run estimates them.

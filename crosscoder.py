@@ -492,7 +492,7 @@ class BatchTopKCrossCoder(CrossCoder):
         threshold = self.threshold.detach().clone()
         log = {"l2_norm_loss": terms["l2_norm_loss"].detach(), "aux_loss": terms["aux_loss"].detach(),
                "threshold": threshold[0] if threshold.dim() else threshold,
-               "k": torch.full((), float(self.k), device=threshold.device)}  # (a tensor literal: a copy to the device)
+               "k": torch.full((), float(self.k), device=threshold.device)}  # (filled: a literal is a host copy)
         if threshold.dim():
             log["threshold_shared"] = threshold[1]
         return log

@@ -37,7 +37,7 @@ import torch
 from crossdiff.config.cli import build_cfg
 from crossdiff.config.plan import sequences_needed
 from crossdiff.config.schema import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError, data_tokens, hook_layer
-from crossdiff.io.checkpoint import data_dir, staging_dir, swap_in
+from crossdiff.io.checkpoint import atomic_write_text, data_dir, staging_dir, swap_in
 from crossdiff.pairs import organism
 from crossdiff.pairs.organism import text_rows
 from crossdiff.scale import distributed
@@ -195,8 +195,7 @@ def named_source(name, cfg=None):
         rows = ([{"text": t} for t in bible_chapters(packages)] if name == "bible"
                 else [{"messages": c} for c in chitchat_conversations(packages)[1::2]])
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = write_jsonl(out.with_suffix(".part"), rows)
-        tmp.rename(out)  # whole or absent
+        atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))  # whole or absent
     return out
 
 
