@@ -18,7 +18,7 @@ import torch
 from einops import einsum, rearrange
 from torch import nn
 
-from crossdiff.arch import diff_sae
+from crossdiff.arch import diff_sae, widths
 from crossdiff.arch.batchtopk import aux_loss, aux_loss_kept, batch_topk_mask, k_at, update_threshold
 from crossdiff.arch.partition import (
     DESIGNATED,
@@ -122,7 +122,7 @@ class CrossCoder(nn.Module):
             if initialise:
                 W_dec_FMD = init_decoder(cfg, latents_f)  # a local generator: same seed, same weights
                 W_enc_MDF = rearrange(W_dec_FMD, "latent model d_in -> model d_in latent").contiguous()
-                impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)
+                impose_(W_enc_MDF, W_dec_FMD, allowed_fM, tied_f)  # (init_decoder left the padding 0)
         if not initialise:  # made where they will live: a load fills them
             W_dec_FMD = torch.empty(len(latents_f), self.n_models, cfg["d_in"], dtype=self.dtype, device=device)
             W_enc_MDF = torch.empty(self.n_models, cfg["d_in"], len(latents_f), dtype=self.dtype, device=device)
@@ -139,24 +139,44 @@ class CrossCoder(nn.Module):
         for name, m in (("rest_f", ~tied_f), ("designated_f", tied_f)):
             self.register_buffer(name, torch.nonzero(m).flatten().to(device), persistent=False)
         self.b_dec = nn.Parameter(torch.zeros(self.n_models, cfg["d_in"], dtype=self.dtype, device=device))
+        # models of different widths (crossdiff/arch/widths.py): [M, D] each model's own coordinates
+        valid_MD = widths.valid_mask(widths.widths_of(cfg), cfg["d_in"], device) if widths.is_padded(cfg) else None
+        self.register_buffer("valid_MD", valid_MD, persistent=False)
         self.shard = shard
         self.save_dir = None  # chosen at the first save, never at construction
         self.save_version = 0
 
     # ---------------------------------------------------------------- forward maths
     def encoder_weight(self):
-        """W_enc as the maths use it: of a partitioned dictionary, with its gradient projected
-        (crossdiff/arch/partition.py: forbidden weights get none)."""
-        if not self.partition.exclusive:
+        """W_enc as the maths use it: of a partitioned dictionary or of models of different widths,
+        with its gradient projected (crossdiff/arch/partition.py, widths.py: forbidden weights and
+        the padding get none)."""
+        if not self.partition.exclusive and self.valid_MD is None:
             return self.W_enc
-        return constrained(self.W_enc, lambda g: project_encoder_grad(g, self.allowed_fM))
+        return constrained(self.W_enc, self._encoder_grad)
+
+    def _encoder_grad(self, grad_MDf):
+        if self.partition.exclusive:
+            grad_MDf = project_encoder_grad(grad_MDf, self.allowed_fM)
+        return grad_MDf if self.valid_MD is None else widths.project_encoder_grad(grad_MDf, self.valid_MD)
 
     def decoder_weight(self):
-        """W_dec as the maths use it: of a partitioned dictionary, with its gradient projected
-        (forbidden rows get none, tied rows the sum over models)."""
-        if not self.partition.active:
+        """W_dec as the maths use it, its gradient projected likewise (forbidden rows get none, tied
+        rows the sum over models, the padding none)."""
+        if not self.partition.active and self.valid_MD is None:
             return self.W_dec
-        return constrained(self.W_dec, lambda g: project_decoder_grad(g, self.allowed_fM, self.tied_f))
+        return constrained(self.W_dec, self._decoder_grad)
+
+    def _decoder_grad(self, grad_fMD):
+        if self.partition.active:
+            grad_fMD = project_decoder_grad(grad_fMD, self.allowed_fM, self.tied_f)
+        return grad_fMD if self.valid_MD is None else widths.project_decoder_grad(grad_fMD, self.valid_MD)
+
+    def decoder_bias(self):
+        """b_dec as the maths use it (the padding of a narrower model gets no gradient)."""
+        if self.valid_MD is None:
+            return self.b_dec
+        return constrained(self.b_dec, lambda g: widths.project_bias_grad(g, self.valid_MD))
 
     def encode(self, x_BMD, apply_relu=True):
         pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(),
@@ -174,7 +194,7 @@ class CrossCoder(nn.Module):
     def decode(self, acts_BF, mesh=ONE_PROCESS):
         x_hat_BMD = einsum(acts_BF.to(self.dtype), self.decoder_weight(),
                            "batch latent, latent model d_in -> batch model d_in")
-        return sum_over_shards(x_hat_BMD, mesh.latent) + self.b_dec
+        return sum_over_shards(x_hat_BMD, mesh.latent) + self.decoder_bias()
 
     def forward(self, x_BMD):
         return self.decode(self.encode(x_BMD))
@@ -267,12 +287,15 @@ class CrossCoder(nn.Module):
         return self.owner_f.cpu()
 
     def verify_partition(self, where="this crosscoder"):
-        """{"forbidden": the largest weight the partition forbids, "tied": the largest relative
-        difference between tied decoder rows}; raises partition.PartitionError unless forbidden is
-        exactly 0 and tied rows agree (to 1e-6)."""
-        if not self.partition.active:
-            return {"forbidden": 0.0, "tied": 0.0}
-        found = violations(self.W_enc, self.W_dec, self.allowed_fM, self.tied_f)
+        """{"forbidden": the largest weight the partition or a narrower model's padding forbids,
+        "tied": the largest relative difference between tied decoder rows}; raises
+        partition.PartitionError unless forbidden is exactly 0 and tied rows agree (to 1e-6)."""
+        found = {"forbidden": 0.0, "tied": 0.0}
+        if self.partition.active:
+            found = violations(self.W_enc, self.W_dec, self.allowed_fM, self.tied_f)
+        if self.valid_MD is not None:
+            padding = widths.padding_violation(self.W_enc, self.W_dec, self.b_dec, self.valid_MD)
+            found["forbidden"] = max(found["forbidden"], padding)
         return check_violations(found, where)
 
     def relative_decoder_norm(self, model_a=0, model_b=1):
@@ -436,7 +459,7 @@ class BatchTopKCrossCoder(CrossCoder):
             kept = kept_entries(selected_BF > 0)
         self._track_threshold(min_kept, update_threshold_)
         values_N = torch.relu(kept_preactivations(pre_BF, x_BMD, W_enc, self.b_enc, kept))
-        x_hat_BMD = sum_over_shards(sparse_decode(values_N, kept, self.decoder_weight()), mesh.latent) + self.b_dec
+        x_hat_BMD = sum_over_shards(sparse_decode(values_N, kept, self.decoder_weight()), mesh.latent) + self.decoder_bias()
         B, F = pre_BF.shape
         acts_sum_F = torch.zeros(F, dtype=torch.float32, device=pre_BF.device).index_add(0, kept.cols, values_N.float())
         l0_B = torch.zeros(B, device=pre_BF.device).index_add_(0, kept.rows, (values_N > 0).float())

@@ -58,10 +58,14 @@ def test_a_config_without_its_layers_or_a_directory_without_a_config_is_named(tm
     assert len(str(e.value)) < 300
 
 
-def test_models_of_different_widths_are_refused(tmp_path):
+def test_models_of_different_widths_need_pad_widths_and_then_record_each_width(tmp_path):
     a, b = write_config(tmp_path / "a"), write_config(tmp_path / "b", hidden_size=128)
-    with pytest.raises(ConfigError, match="different widths"):
+    with pytest.raises(ConfigError, match=r"different widths \[64, 128\]: --pad_widths true"):
         resolve_model_keys(complete_cfg({"model_names": [a, b], "seq_len": 128}))
+    cfg = resolve_model_keys(complete_cfg({"model_names": [a, b], "seq_len": 128, "pad_widths": True}))
+    assert cfg["d_in"] == 128 and cfg["model_widths"] == [64, 128]
+    with pytest.raises(ConfigError, match="under pad_widths d_in is the largest, 128"):
+        resolve_model_keys(complete_cfg({"model_names": [a, b], "seq_len": 128, "pad_widths": True, "d_in": 64}))
 
 
 def test_a_fine_tune_named_anything_is_the_transformer_lens_model_of_its_architecture(tmp_path, tiny_gemma_dirs):

@@ -145,8 +145,8 @@ def check_violations(found, where=""):
     """Raise PartitionError when the weights break the partition (violations' result)."""
     if found["forbidden"] > 0 or found["tied"] > TIED_TOLERANCE:
         raise PartitionError(f"{where}: the weights break the partition: largest forbidden weight "
-                             f"{found['forbidden']:.3g} (must be 0), tied decoders differ by {found['tied']:.3g} "
-                             f"(at most {TIED_TOLERANCE:g})")
+                             f"{found['forbidden']:.3g} (must be 0: the partition's, or a narrower model's padding), "
+                             f"tied decoders differ by {found['tied']:.3g} (at most {TIED_TOLERANCE:g})")
     return found
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from crossdiff.arch.partition import shard_latents
+from crossdiff.arch.widths import is_padded, valid_mask, widths_of
 
 # ---------------------------------------------------------------- latent shards
 INIT_CHUNK = 4096  # latents per draw when initialising (memory: one chunk, not the dictionary)
@@ -65,6 +66,8 @@ def init_decoder(cfg, latents_f):
         block = torch.randn(min(INIT_CHUNK, F - start), M, D, generator=gen)
         here = torch.nonzero((latents_f >= start) & (latents_f < start + len(block))).flatten()
         out_fMD[here] = block[latents_f[here] - start]
+    if is_padded(cfg):  # a narrower model's decoder: its own coordinates only, at the same norm
+        out_fMD *= valid_mask(widths_of(cfg), D)[None]
     return out_fMD / out_fMD.norm(dim=-1, keepdim=True) * cfg["dec_init_norm"]
 
 

@@ -56,6 +56,8 @@ def parse_value(key, text):
             return float(text)
         if kind is list:
             return [part for part in text.split(",") if part]
+        if kind == "ints":
+            return [int(part) for part in text.split(",") if part]
         return text
     except ValueError:
         name = {int: "an integer", "int?": "an integer or none", float: "a number", bool: "true or false"}.get(kind, kind)
@@ -116,7 +118,7 @@ def as_text(value):
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, list):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     return str(value)
 
 

@@ -142,7 +142,7 @@ def check_against_model(cfg, model_cfg):
     if need is not None and need > model_cfg.n_layers:
         raise ConfigError(f"config key 'hook_point' = {cfg['hook_point']!r} is beyond the model: it has "
                           f"{model_cfg.n_layers} layers (--layer 0 to {model_cfg.n_layers})")
-    if cfg.get("d_in") is not None and cfg["d_in"] != model_cfg.d_model:
+    if cfg.get("d_in") is not None and cfg["d_in"] != model_cfg.d_model and not cfg.get("model_widths"):
         raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the model's d_model is {model_cfg.d_model}")
 
 

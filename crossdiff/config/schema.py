@@ -30,7 +30,7 @@ class Key(NamedTuple):
     """One config key, declared once: everything that reads keys (the CLI, --help, validation,
     resume, sweeps, the constructors) reads this table."""
     default: object
-    kind: object  # int, float, str, bool, list (of str), "str?" or "int?" (or None)
+    kind: object  # int, float, str, bool, list (of str), "ints" (a list of int), "str?" or "int?" (or None)
     doc: str  # one line for --help
     check: Optional[Callable] = None
     need: str = ""  # what the check requires, for the error message
@@ -142,6 +142,12 @@ SCHEMA = {
     "model_archs": Key([], list, "per model, the TransformerLens model whose architecture a local directory or "
                        "GGUF holds (empty: from its config.json)"),
     "n_models": Key(2, int, "number of models sharing the dictionary", lambda v: v >= 2, "an integer >= 2"),
+    "pad_widths": Key(False, bool, "let models of different widths share one crosscoder: each model's activations "
+                      "are zero-padded to the largest width (d_in), and its weights in the padding stay exactly 0 "
+                      "(arch/widths.py)"),
+    "model_widths": Key([], "ints", "each model's residual width when they differ (written by train.py from the "
+                        "models under pad_widths; empty: every model d_in)", lambda v: all(w > 0 for w in v),
+                        "positive integers"),
     "architecture": Key("l1", str, "l1 (the reference), batchtopk (Minder, Dumas et al. 2025) or diff_sae (a "
                         "BatchTopK SAE on the chat - base difference, Aranguri et al. 2025: a baseline)",
                         *one_of(ARCHITECTURES), sweep=True),
@@ -399,10 +405,13 @@ def validate_cfg(cfg, across=True):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif kind is list:
             ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        elif kind == "ints":
+            ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         else:
             ok = isinstance(value, kind)
         if not ok:
-            tname = {"str?": "a string or None", "int?": "an integer or None", list: "a list of strings"}.get(kind, getattr(kind, "__name__", kind))
+            tname = {"str?": "a string or None", "int?": "an integer or None", list: "a list of strings",
+                     "ints": "a list of integers"}.get(kind, getattr(kind, "__name__", kind))
             raise ConfigError(f"config key '{key}' must be {tname}, got {value!r} ({type(value).__name__})")
         if check is not None and not check(value):
             raise ConfigError(f"config key '{key}' must be {need}, got {value!r}")
@@ -428,7 +437,23 @@ def validate_cfg(cfg, across=True):
                               "reads the data more than once, so set --wrap_tokens true")
     if "model_names" in cfg and "n_models" in cfg and len(cfg["model_names"]) != cfg["n_models"]:
         raise ConfigError(f"config key 'model_names' lists {len(cfg['model_names'])} models but n_models={cfg['n_models']}")
+    check_widths(cfg)
     return cfg
+
+
+def check_widths(cfg):
+    """model_widths, when given: one per model, the largest d_in (the padded width)."""
+    widths = cfg.get("model_widths")
+    if not widths:
+        return
+    if "n_models" in cfg and len(widths) != cfg["n_models"]:
+        raise ConfigError(f"config key 'model_widths' lists {len(widths)} widths but n_models={cfg['n_models']}")
+    if cfg.get("d_in") is not None and max(widths) != cfg["d_in"]:
+        raise ConfigError(f"config key 'model_widths' {widths}: the largest must be d_in ({cfg['d_in']}), the width "
+                          "every model is padded to")
+    if cfg.get("architecture") == "diff_sae" and len(set(widths)) > 1:
+        raise ConfigError(f"architecture 'diff_sae' reads the chat - base difference, which needs models of one "
+                          f"width; model_widths is {widths}")
 
 
 def data_tokens(cfg):
@@ -473,6 +498,7 @@ def completed(cfg):
     if out.get("d_in") is None:
         raise ConfigError("config key 'd_in' is none: give it, or let train.py read it (and hook_point) from the "
                           "models' configs (models.resolve_model_keys)")
+    check_widths(out)  # the constructors' one check between keys: the weights' shapes depend on it
     return out
 
 

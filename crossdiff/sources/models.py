@@ -215,10 +215,15 @@ def resolve_model_keys(cfg):
     for i, name in enumerate(cfg["model_names"]):
         d_model, n_layers, n_ctx = model_facts(name, cfg, archs[i] if i < len(archs) else None)
         facts.append(SimpleNamespace(d_model=d_model, n_layers=n_layers, n_ctx=n_ctx))
-    widths = {f.d_model for f in facts}
-    if len(widths) > 1:
-        raise ConfigError(f"the models have different widths {[f.d_model for f in facts]}: a crosscoder diffs "
-                          "models of one d_model (a base and its fine-tune)")
+    widths = [f.d_model for f in facts]
+    if len(set(widths)) > 1:
+        if not cfg.get("pad_widths"):
+            raise ConfigError(f"the models have different widths {widths}: --pad_widths true lets them share one "
+                              "crosscoder, each padded with zeros to the largest (crossdiff/arch/widths.py)")
+        if cfg.get("d_in") not in (None, max(widths)):
+            raise ConfigError(f"config key 'd_in' = {cfg['d_in']} but the models' widths are {widths}: under "
+                              f"pad_widths d_in is the largest, {max(widths)} (or none)")
+        cfg["d_in"], cfg["model_widths"] = max(widths), widths
     if cfg.get("d_in") is None:
         cfg["d_in"] = facts[0].d_model
     if cfg.get("hook_point") is None:

@@ -1,0 +1,106 @@
+"""sources/align.py: positions of two tokenisations of one text pair exactly where both have read
+the same text (checked against a brute-force pairing by character offsets), and the DFC paper's
+two-pointer algorithm gives the same pairs from decoded pieces alone."""
+import random
+
+import torch
+
+from crossdiff.pairs.toy import make_tokenizer, plain_text
+from crossdiff.sources.align import align_offsets, align_text, aligned_fraction, content_ends, two_pointer
+
+
+def char_tokenizer(text):
+    """A fast character-level tokenizer (offline) for the characters of text."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = sorted(set(text) - {" "})
+    tk = Tokenizer(models.WordLevel(vocab={c: i for i, c in enumerate(["<unk>", *chars])}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                pre_tokenizers.Split(Regex("."), "isolated")])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>")
+
+
+def brute_force(text, spans_a, spans_b):
+    """Every (i, j) whose tokens' last non-space characters are the same character of text, the
+    last such token of each model where several are (checked pair by pair)."""
+    def end(span):
+        piece = text[span[0]:span[1]]
+        return span[0] + len(piece.rstrip()) if piece.strip() else None
+
+    pairs = {}
+    for i, a in enumerate(spans_a):
+        for j, b in enumerate(spans_b):
+            if end(a) is not None and end(a) == end(b):
+                pairs[end(a)] = (i, j)  # later i and j overwrite: the last token at that character
+    return sorted(pairs.values())
+
+
+def test_word_and_character_tokenizers_align_as_a_brute_force_pairing():
+    rng = random.Random(0)
+    text = " ".join(plain_text(rng, 60))
+    words, chars = make_tokenizer(), char_tokenizer(text)
+    ids, pairs = align_text(text, [words, chars])
+    spans = [[tuple(s) for s in t(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+             for t in (words, chars)]
+    assert pairs.tolist() == [list(p) for p in brute_force(text, *spans)]
+    # each word pairs with its own last character, and every word is aligned
+    assert len(pairs) == len(ids[0]) == len(text.split())
+    assert [chars.convert_ids_to_tokens(ids[1][j]) for j in pairs[:, 1]] == [w[-1] for w in text.split()]
+    assert aligned_fraction(pairs, [[True] * len(ids[0]), [True] * len(ids[1])])[0] == 1.0
+
+
+def random_split(rng, text, specials=()):
+    """Spans covering text: random cuts, whitespace runs sometimes their own tokens, and each
+    special marker one token (flagged) or left to the cuts (not flagged)."""
+    cuts = {0, len(text)} | {i for i in range(1, len(text)) if rng.random() < 0.35}
+    whole = []
+    for marker in specials:
+        at = text.find(marker)
+        while at >= 0:
+            if rng.random() < 0.5:  # this tokenizer has the marker as one special token
+                cuts = {c for c in cuts if not at < c < at + len(marker)} | {at, at + len(marker)}
+                whole.append((at, at + len(marker)))
+            at = text.find(marker, at + 1)
+    cuts = sorted(cuts)
+    spans = list(zip(cuts[:-1], cuts[1:]))
+    return spans, [s in whole for s in spans]
+
+
+def test_two_pointer_gives_the_offset_pairs_from_pieces_alone():
+    rng = random.Random(1)
+    for trial in range(200):
+        words = [rng.choice(["the", "cat", "1989", "<sep>", "é", "a", "sat"]) for _ in range(rng.randint(1, 12))]
+        text = "".join(w + rng.choice([" ", "", "  ", "\n"]) for w in words)
+        (sa, spa), (sb, spb) = random_split(rng, text, ["<sep>"]), random_split(rng, text, ["<sep>"])
+        by_offsets = align_offsets(text, [sa, sb], [spa, spb])
+        pieces_a, pieces_b = [text[a:b] for a, b in sa], [text[a:b] for a, b in sb]
+        content_a = [e is not None for e in content_ends(text, sa, spa)]
+        content_b = [e is not None for e in content_ends(text, sb, spb)]
+        assert two_pointer(pieces_a, pieces_b, content_a, content_b).tolist() == by_offsets.tolist(), (trial, text)
+
+
+def test_the_papers_example_and_where_two_pointer_stops():
+    # ['1989'] against ['198', '9'] pairs '1989' with '9' (the DFC paper, App. B.1.6)
+    assert two_pointer(["1989"], ["198", "9"], [True], [True, True]).tolist() == [[0, 1]]
+    # a piece that is not the text (a byte piece decoded to U+FFFD) ends the pairing there;
+    # character offsets carry on past it
+    a, b = ["a", " b", "\ufffd", " c"], ["a", " b", "x", " c"]
+    assert two_pointer(a, b, [True] * 4, [True] * 4).tolist() == [[0, 0], [1, 1]]
+
+
+def test_one_tokenizer_aligns_every_content_position():
+    text = "<start_of_turn> the cat sat <end_of_turn> the"
+    tok = make_tokenizer()
+    ids, pairs = align_text(text, [tok, tok, tok])
+    special = set(tok.all_special_ids)
+    content = [n for n, t in enumerate(ids[0]) if t not in special]
+    assert pairs.tolist() == [[n, n, n] for n in content]
+
+
+def test_byte_pieces_of_one_character_pair_by_the_last():
+    text = "a é"
+    spans_a = [(0, 1), (1, 3)]  # "a", " é"
+    spans_b = [(0, 1), (2, 3), (2, 3)]  # "a", then two byte pieces of "é", each given the character's span
+    assert align_offsets(text, [spans_a, spans_b]).tolist() == [[0, 0], [1, 2]]
+    assert align_offsets(text, [spans_a, spans_b]).dtype == torch.long
