@@ -22,7 +22,7 @@ from crossdiff.config.plan import (
     check_enough_sequences,
     positions,
 )
-from crossdiff.config.schema import ConfigError, completed, effective
+from crossdiff.config.schema import ConfigError, completed, effective, hooks_of
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import check_models, factors_from_rows, norm_factors, run_models
 from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta, verify_store
@@ -200,17 +200,22 @@ class Buffer(RowBuffer):
             models = [model_A, model_B]
         if len(models) != cfg["n_models"]:
             raise ValueError(f"cfg n_models={cfg['n_models']} but {len(models)} models were given")
-        if all_tokens is None or all_tokens.ndim != 2 or all_tokens.shape[0] == 0:
-            raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor")
+        aligned = all_tokens is not None and all_tokens.ndim == 3  # (sources/aligned_mix.py: [N, S, 2M])
+        if all_tokens is None or all_tokens.ndim != 2 + aligned or all_tokens.shape[0] == 0:
+            raise ValueError("all_tokens must be a non-empty [n_sequences, seq_len] tensor (or aligned rows "
+                             "[n_sequences, seq_len, 2 * n_models])")
         if all_tokens.shape[1] < cfg["seq_len"]:
             raise ValueError(f"token sequences have length {all_tokens.shape[1]} < seq_len={cfg['seq_len']}")
         if cfg["hook_point"] is None:
             raise ConfigError("config key 'hook_point' is none: give it (or --layer L), or let train.py read it "
                               "from the models' configs")
-        self.models, self.hook_point, self.all_tokens = models, cfg["hook_point"], all_tokens
-        check_models(models, self.hook_point, cfg["d_in"])
+        self.models, self.hook_point, self.all_tokens = models, hooks_of(cfg), all_tokens
+        check_models(models, self.hook_point, cfg["d_in"], cfg.get("model_widths"))
         self.keep = PositionFilter(cfg, models)
-        super().__init__(cfg, len(all_tokens), len(models), models[0].cfg.d_model)
+        if aligned and self.keep.active:
+            raise ConfigError("exclude_tokens and outlier_norm_multiple do not apply to a mix for models of "
+                              "different tokenizers yet (only its aligned positions are read): drop them")
+        super().__init__(cfg, len(all_tokens), len(models), cfg["d_in"])
         if state is not None:
             self.load_state_dict(state)
         else:
@@ -221,7 +226,7 @@ class Buffer(RowBuffer):
         """Activations [n * P, M, D] of sequences first..first+n, raw, at the positions that count
         (the first ignore_first_n of each row dropped; fewer rows when positions are left out)."""
         return run_models(self.models, self.all_tokens[first : first + n, : self.seq_len], self.hook_point,
-                          self.keep.first, self.keep)
+                          self.keep.first, self.keep, self.cfg["d_in"])
 
     def estimate_norm_scaling_factors(self):
         """Per model: sqrt(d_in) / mean activation norm, over norm_estimate_batches model batches

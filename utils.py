@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from crossdiff.config.plan import check_against_model, check_enough_sequences
-from crossdiff.config.schema import PILE_LMSYS_DATASET
+from crossdiff.config.schema import PILE_LMSYS_DATASET, hooks_of
 from crossdiff.io.checkpoint import atomic_torch_save, data_dir, load_mapped
 from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair
 from crossdiff.scale import distributed
+from crossdiff.sources.aligned_mix import check_aligned_tokenizers, is_aligned, load_aligned_rows
 from crossdiff.sources.mix import DataError, check_mix_tokenizer, is_mix, load_mix
 from crossdiff.sources.models import SetupError, cast_models, load_pair, model_dtype, resolve_model_keys
 
@@ -56,6 +57,8 @@ def load_tokens(source=PILE_LMSYS_DATASET, cfg=None, column="input_ids", split="
     """
     if isinstance(source, torch.Tensor):
         tokens = source
+    elif is_aligned(source):  # data.py's for models of different tokenizers: aligned rows [N, S, 2M]
+        return load_aligned_rows(source, split="train")
     elif is_mix(source):  # data.py's: training reads its train split (the rest is held out)
         tokens = load_mix(source, split="train")[0]
     elif Path(str(source)).is_file():
@@ -154,7 +157,9 @@ def load_models_and_tokens(cfg, fresh=True):
                                                        "building the toy pair")
         models = cast_models([base, chat], model_dtype(cfg))
     else:
-        if is_mix(cfg["dataset"]):
+        if is_aligned(cfg["dataset"]):
+            check_aligned_tokenizers(cfg["dataset"], cfg["model_names"])
+        elif is_mix(cfg["dataset"]):
             check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
         tokens = load_tokens(cfg["dataset"], cfg)
         if fresh and cfg["store_dir"] is None:
@@ -162,9 +167,9 @@ def load_models_and_tokens(cfg, fresh=True):
             check_enough_sequences(cfg, local_cfg, len(tokens[distributed.rank()::distributed.world_size()]),
                                    cfg["num_tokens"] // cfg["batch_size"], world_size=distributed.world_size())
         models = load_gemma_pair(cfg)
-    for model in models:
-        check_against_model(cfg, model.cfg)
-        check_tokens(tokens, cfg["seq_len"], model.cfg.d_vocab)
+    for m, (model, hook) in enumerate(zip(models, hooks_of(cfg))):
+        check_against_model(dict(cfg, hook_point=hook), model.cfg)
+        check_tokens(tokens[..., m] if tokens.ndim == 3 else tokens, cfg["seq_len"], model.cfg.d_vocab)
     return models, tokens
 
 

@@ -106,3 +106,35 @@ def test_a_position_far_above_the_others_norm_is_named_with_its_token_and_the_op
     finally:
         base.reset_hooks()
     assert note.startswith("note: position 2 (median norm") and "--ignore_first_n 3 or --outlier_norm_multiple 10" in note
+
+
+def aligned_pair(tmp_path):
+    """Two tiny models of different widths, depths and tokenizers (words, characters), and the
+    aligned rows of a mix built for them."""
+    from crossdiff.sources.aligned_mix import build_aligned_mix, load_aligned_rows
+    from test_aligned_mix import char_tokenizer
+    from test_data import word_tokenizer, write_sources
+
+    text, chat = write_sources(tmp_path, n_text=120, n_chat=120)
+    build_aligned_mix([word_tokenizer(), char_tokenizer()], [{"kind": "text", "path": text, "fraction": 0.5},
+                                                            {"kind": "chat", "path": chat, "fraction": 0.5}],
+                      seq_len=24, num_tokens=24 * 40, out_dir=tmp_path / "mix", heldout_fraction=0.1)
+    models = [tiny_model(0, d_model=32, n_layers=2, n_ctx=32), tiny_model(1, d_model=24, n_layers=3, n_ctx=32)]
+    return models, load_aligned_rows(tmp_path / "mix", split="train")
+
+
+def test_aligned_rows_give_each_models_activation_at_its_own_aligned_position_padded(tmp_path):
+    from crossdiff.sources.activations import run_models
+
+    models, rows = aligned_pair(tmp_path)
+    hooks = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    x_PMD = run_models(models, rows[:3], hooks, first=1, d_in=32)
+    expected = []  # row by row, tuple by tuple, from each model's own cache
+    for n in range(3):
+        caches = [m.run_with_cache(rows[n:n + 1, :, i].long())[1][h][0] for i, (m, h) in enumerate(zip(models, hooks))]
+        for i, j in rows[n, :, 2:].tolist():
+            if i >= 1 and j >= 1:
+                expected.append(torch.stack([caches[0][i], torch.cat([caches[1][j], torch.zeros(8)])]))
+    assert len(expected) > 10
+    torch.testing.assert_close(x_PMD, torch.stack(expected), atol=1e-5, rtol=1e-5)
+    assert x_PMD[:, 1, 24:].abs().max() == 0

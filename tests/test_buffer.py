@@ -277,3 +277,28 @@ def test_rebase_state_keeps_an_exact_one_process_resume_and_restarts_other_world
     assert offset == 30 and "buffer" not in state["buffer"]
     state, offset = rebase_state(double, 2, every_rank_saved=False)  # a rank's state is missing
     assert offset == 8 + 2 * 30 and "buffer" not in state["buffer"]
+
+
+def test_models_of_different_tokenizers_widths_and_depths_train_from_aligned_rows(tmp_path):
+    """A word-level model of width 32 and a character-level one of width 24, one layer deeper:
+    the buffer serves their aligned positions, each model's mean norm scaled to sqrt of the mean
+    width (28) and the narrower padded with zeros; a crosscoder trains on them and loads with
+    its padding exactly zero."""
+    from crosscoder import CrossCoder
+    from test_activations import aligned_pair
+
+    models, rows = aligned_pair(tmp_path)
+    cfg = tiny_cfg(tmp_path, d_in=32, model_widths=[32, 24], pad_widths=True, seq_len=24, batch_size=32,
+                   hook_point="blocks.1.hook_resid_pre", hook_points=["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"],
+                   norm_estimate_batches=8, num_tokens=32 * 30, buffer_mult=8, wrap_tokens=True)
+    buf = Buffer(cfg, models, rows)
+    served = torch.cat([buf.next() for _ in range(6)])
+    assert served.shape[1:] == (2, 32) and served[:, 1, 24:].abs().max() == 0
+    torch.testing.assert_close(served.norm(dim=-1).mean(0), torch.full((2,), 28 ** 0.5), rtol=0.1, atol=0)
+    trainer = Trainer(cfg, buffer=Buffer(cfg, models, rows))
+    losses = [float(trainer.step()["loss"]) for _ in range(30)]
+    assert losses[-1] < losses[0]
+    trainer.save()
+    loaded = CrossCoder.load(trainer.crosscoder.save_dir)
+    assert loaded.cfg["model_widths"] == [32, 24] and loaded.cfg["hook_points"][1] == "blocks.2.hook_resid_pre"
+    assert loaded.W_dec[:, 1, 24:].abs().max() == 0 and loaded.W_enc[1, 24:].abs().max() == 0

@@ -145,6 +145,8 @@ SCHEMA = {
     "pad_widths": Key(False, bool, "let models of different widths share one crosscoder: each model's activations "
                       "are zero-padded to the largest width (d_in), and its weights in the padding stay exactly 0 "
                       "(arch/widths.py)"),
+    "hook_points": Key([], list, "per model, its hook when the models differ in depth (written by train.py from "
+                       "each model's layers when hook_point is none; empty: hook_point for every model)"),
     "model_widths": Key([], "ints", "each model's residual width when they differ (written by train.py from the "
                         "models under pad_widths; empty: every model d_in)", lambda v: all(w > 0 for w in v),
                         "positive integers"),
@@ -363,6 +365,19 @@ def hook_layer(hook_point):
     return int(m.group(1)) if m else None
 
 
+def norm_width(cfg):
+    """The width whose square root each model's mean activation norm is scaled to: d_in (the
+    reference), or for models of different widths their mean (the DFC paper's sqrt((d1 + d2) / 2))."""
+    widths = cfg.get("model_widths") or []
+    return sum(widths) / len(widths) if widths else cfg["d_in"]
+
+
+def hooks_of(cfg):
+    """[M] each model's hook point: hook_points, or hook_point for every model (M: n_models, or
+    the models a partial config names)."""
+    return list(cfg.get("hook_points") or [cfg["hook_point"]] * (cfg.get("n_models") or len(cfg["model_names"])))
+
+
 def layers_needed(hook_point):
     """Blocks a model must hold to give the activations at hook_point: L for
     blocks.L.hook_resid_pre (the input of block L is the output of blocks 0..L-1), L + 1 for any
@@ -438,6 +453,8 @@ def validate_cfg(cfg, across=True):
     if "model_names" in cfg and "n_models" in cfg and len(cfg["model_names"]) != cfg["n_models"]:
         raise ConfigError(f"config key 'model_names' lists {len(cfg['model_names'])} models but n_models={cfg['n_models']}")
     check_widths(cfg)
+    if cfg.get("hook_points") and "n_models" in cfg and len(cfg["hook_points"]) != cfg["n_models"]:
+        raise ConfigError(f"config key 'hook_points' lists {len(cfg['hook_points'])} hooks but n_models={cfg['n_models']}")
     return cfg
 
 

@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from crossdiff.config.schema import effective, hook_layer, layers_needed
+from crossdiff.config.schema import effective, hook_layer, hooks_of, layers_needed, norm_width
+from crossdiff.sources.aligned_mix import split_aligned
 from crossdiff.sources.tokenmask import PositionFilter
 
 
@@ -43,32 +44,60 @@ def extract_activations(model, tokens_NS, hook_point):
     return captured["act"]
 
 
-def check_models(models, hook_point, d_in=None):
-    """Clear errors, before any work, for models that cannot be diffed at hook_point."""
-    for i, model in enumerate(models):
-        if not has_hook(model, hook_point):
-            raise ValueError(f"hook_point {hook_point!r} does not exist in model {i} "
+def each_hook(models, hook_point):
+    """[M] the hook of each model: hook_point a name (every model's) or a list (config.hooks_of)."""
+    return list(hook_point) if isinstance(hook_point, (list, tuple)) else [hook_point] * len(models)
+
+
+def check_models(models, hook_point, d_in=None, widths=None):
+    """Clear errors, before any work, for models that cannot be diffed at hook_point (a name, or
+    one per model). widths: each model's d_model when they differ (the config's model_widths)."""
+    for i, (model, hook) in enumerate(zip(models, each_hook(models, hook_point))):
+        if not has_hook(model, hook):
+            raise ValueError(f"hook_point {hook!r} does not exist in model {i} "
                              f"({model.cfg.model_name}, {model.cfg.n_layers} layers)")
-    widths = [model.cfg.d_model for model in models]
-    if len(set(widths)) != 1:
-        raise ValueError(f"models disagree on d_in (d_model): {widths}")
-    if d_in is not None and d_in != widths[0]:
-        raise ValueError(f"cfg d_in={d_in} but the models' d_model is {widths[0]}")
+    have = [model.cfg.d_model for model in models]
+    if widths:
+        if have != list(widths):
+            raise ValueError(f"the models' widths are {have} but the config's model_widths are {list(widths)}")
+        return
+    if len(set(have)) != 1:
+        raise ValueError(f"models disagree on d_in (d_model): {have} (--pad_widths true lets them share a crosscoder)")
+    if d_in is not None and d_in != have[0]:
+        raise ValueError(f"cfg d_in={d_in} but the models' d_model is {have[0]}")
 
 
 @torch.no_grad()
-def run_models(models, tokens_NS, hook_point, first=1, keep=None):
+def run_aligned(models, rows_NSK, hook_point, first=1, d_in=None):
+    """Activations [P, M, D] at the aligned positions of aligned rows (sources/aligned_mix.py: each
+    model runs on its own tokens), a tuple kept when every model's position is >= first; each
+    model's activations zero-padded to d_in (none: the widest model's width)."""
+    device = next(models[0].parameters()).device
+    tokens_NSM, pairs_NSM = split_aligned(rows_NSK.to(device, torch.long), len(models))
+    n_P, s_P = torch.nonzero((pairs_NSM >= first).all(-1), as_tuple=True)
+    parts = [extract_activations(model, tokens_NSM[..., m], hook)[n_P, pairs_NSM[n_P, s_P, m]]
+             for m, (model, hook) in enumerate(zip(models, each_hook(models, hook_point)))]
+    d_in = d_in or max(p.shape[-1] for p in parts)
+    return torch.stack([torch.nn.functional.pad(p, (0, d_in - p.shape[-1])) for p in parts], dim=1)
+
+
+@torch.no_grad()
+def run_models(models, tokens_NS, hook_point, first=1, keep=None, d_in=None):
     """Activations [N * (S-first), M, D] of every model on the same tokens, the first positions of
     each row dropped (the BOS), under the reference's bf16 autocast where the device has it.
-    keep (a tokenmask.PositionFilter): only the positions it keeps, so fewer rows."""
+    keep (a tokenmask.PositionFilter): only the positions it keeps, so fewer rows. Aligned rows
+    ([N, S, 2M], models of different tokenizers): run_aligned's rows, padded to d_in."""
     device = next(models[0].parameters()).device
+    if tokens_NS.ndim == 3:
+        with autocast_context(device):
+            return run_aligned(models, tokens_NS, hook_point, first, d_in)
     tokens_NS = tokens_NS.to(device, torch.long)
     with autocast_context(device):
         acts = {}  # each model object once: a model listed twice (the null pair) runs once
-        for m in models:
-            if id(m) not in acts:
-                acts[id(m)] = extract_activations(m, tokens_NS, hook_point)[:, first:]
-        acts_NPMD = torch.stack([acts[id(m)] for m in models], dim=2)
+        for m, hook in zip(models, each_hook(models, hook_point)):
+            if (id(m), hook) not in acts:
+                acts[id(m), hook] = extract_activations(m, tokens_NS, hook)[:, first:]
+        acts_NPMD = torch.stack([acts[id(m), hook] for m, hook in zip(models, each_hook(models, hook_point))], dim=2)
     if keep is not None and keep.active:
         return acts_NPMD[keep.keep(tokens_NS, acts_NPMD)]
     return rearrange(acts_NPMD, "seq pos model d_in -> (seq pos) model d_in")
@@ -76,7 +105,7 @@ def run_models(models, tokens_NS, hook_point, first=1, keep=None):
 
 @torch.no_grad()
 def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True,
-                          first=None, keep=None, difference=False):
+                          first=None, keep=None, difference=False, target_width=None):
     """[M] float32 on the CPU: sqrt(d_in) / the mean activation norm of each model over the first
     n_seqs sequences, run model_batch_size at a time, in fp32 (the harvest runs under bf16 autocast
     on a GPU; the reference estimated the factors without it), over the positions training reads:
@@ -85,22 +114,30 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
     (and so the published crosscoder's factors). difference (norm_scale "difference", the
     diff-SAE's): one factor for every model, sqrt(d_in) / the mean norm of chat - base (models 1
     and 0), so the difference a diff-SAE reads has mean norm sqrt(d_in) and stays the scaled
-    difference of the raw activations."""
+    difference of the raw activations. target_width: the width whose square root the mean norms
+    are scaled to (none: d_in; models of different widths: their mean, the DFC paper's).
+    Aligned rows ([N, S, 2M]): over their aligned positions."""
     first = int(drop_bos) if first is None else first
     device = next(models[0].parameters()).device
     n_seqs = min(n_seqs, len(tokens_NS))
     norm_sums, count = torch.zeros(len(models), dtype=torch.float64, device="cpu"), 0
+    if tokens_NS.ndim == 3:  # aligned rows: the aligned positions, each model at its own width
+        rows = [run_aligned(models, tokens_NS[s : s + model_batch_size], hook_point, first).float()
+                for s in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False,
+                              disable=not progress)]
+        return factors_from_rows(torch.cat(rows), "difference" if difference else "per_model", target_width)
+    hooks = each_hook(models, hook_point)
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
         # In the models' own dtype (model_dtype), as the reference estimated: no bf16 autocast here.
-        acts_MnPD = torch.stack([extract_activations(m, tokens, hook_point)[:, first:] for m in models])
+        acts_MnPD = torch.stack([extract_activations(m, tokens, h)[:, first:] for m, h in zip(models, hooks)])
         norms_MnP = acts_MnPD.float().norm(dim=-1) if not difference else \
             (acts_MnPD[1].float() - acts_MnPD[0].float()).norm(dim=-1).expand(len(models), -1, -1)
         if keep is not None and keep.active:
             norms_MnP = norms_MnP[:, keep.keep(tokens, rearrange(acts_MnPD, "model n pos d -> n pos model d"))]
         norm_sums += norms_MnP.flatten(1).sum(1).double().cpu()
         count += norms_MnP[0].numel()
-    d_in = acts_MnPD.shape[-1]
+    d_in = target_width or acts_MnPD.shape[-1]
     return (d_in ** 0.5 / (norm_sums / count)).float()
 
 
@@ -127,8 +164,8 @@ def high_norm_note(models, tokens_NS, hook_point, first, multiple=HIGH_NORM):
     there and the options that leave them out, or None."""
     with torch.no_grad():
         norms_NP = torch.stack([extract_activations(m, tokens_NS.to(next(m.parameters()).device, torch.long),
-                                                    hook_point)[:, first:].float().norm(dim=-1).cpu()
-                                for m in models]).amax(0)
+                                                    hook)[:, first:].float().norm(dim=-1).cpu()
+                                for m, hook in zip(models, each_hook(models, hook_point))]).amax(0)
     found = high_norm_positions(tokens_NS.cpu(), norms_NP, first, multiple)
     if not found:
         return None
@@ -140,16 +177,16 @@ def high_norm_note(models, tokens_NS, hook_point, first, multiple=HIGH_NORM):
             f"out with --ignore_first_n {max(p for p, *_ in found) + 1} or --outlier_norm_multiple {multiple:g}")
 
 
-def factors_from_rows(raw_RMD, norm_scale):
+def factors_from_rows(raw_RMD, norm_scale, target_width=None):
     """[M] float32: sqrt(d_in) / the mean norm of each model's raw rows ("per_model"), or for every
     model of models 1 - 0 ("difference"); estimate_norm_factors's figures, from rows in hand (a
-    store's, read back at another scaling)."""
+    store's, read back at another scaling). target_width: as estimate_norm_factors's."""
     raw_RMD = raw_RMD.float()
     if norm_scale == "difference":
         mean = (raw_RMD[:, 1] - raw_RMD[:, 0]).norm(dim=-1).double().mean().expand(raw_RMD.shape[1])
     else:
         mean = raw_RMD.norm(dim=-1).double().mean(0)
-    return (raw_RMD.shape[-1] ** 0.5 / mean).float()
+    return ((target_width or raw_RMD.shape[-1]) ** 0.5 / mean).float()
 
 
 def autocast_context(device):
@@ -163,11 +200,12 @@ def norm_factors(cfg, models, tokens_NS):
     """The factors a buffer with this config measures: over the first norm_estimate_batches model
     batches of tokens_NS, at the positions training reads (Buffer.estimate_norm_scaling_factors;
     store.harvest)."""
-    mbs, keep = cfg["model_batch_size"], PositionFilter(cfg, models)
-    if not keep.active:  # (positions already filtered are the user's choice)
-        note = high_norm_note(models, tokens_NS[:mbs, : cfg["seq_len"]], cfg["hook_point"], keep.first)
+    mbs, keep, hooks = cfg["model_batch_size"], PositionFilter(cfg, models), hooks_of(cfg)
+    if not keep.active and tokens_NS.ndim == 2:  # (positions already filtered are the user's choice)
+        note = high_norm_note(models, tokens_NS[:mbs, : cfg["seq_len"]], hooks, keep.first)
         if note:
             print(note)
-    return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], cfg["hook_point"],
+    return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], hooks,
                                  cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
-                                 first=keep.first, keep=keep, difference=effective(cfg, "norm_scale") == "difference")
+                                 first=keep.first, keep=keep, difference=effective(cfg, "norm_scale") == "difference",
+                                 target_width=norm_width(cfg))

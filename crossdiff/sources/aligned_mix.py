@@ -24,6 +24,7 @@ Shape legend: N rows, S seq_len, M models, P aligned positions.
 """
 import json
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -38,11 +39,16 @@ from crossdiff.sources.mix import (
     TEXT,
     TOKENS,
     DataError,
+    _load_tensor,
     bos_for,
+    check_tokenizer,
     message_roles,
     read_documents,
+    read_mix_meta,
+    split_rows,
     tokenizer_record,
 )
+from crossdiff.sources.models import tokenizer_of
 
 PAIRS = "pairs.pt"
 ALIGNED_FILES = r"tokens(\.\d+)?\.pt|source\.pt|role\.pt|pairs\.pt|meta\.json"
@@ -51,6 +57,43 @@ WORST = 10  # unaligned token strings recorded per source and model
 
 def model_tokens_file(m):
     return TOKENS if m == 0 else f"tokens.{m}.pt"
+
+
+# ---------------------------------------------------------------- reading
+def is_aligned(path):
+    """A mix directory built for several tokenizers (meta.json lists its models)."""
+    return (Path(str(path)) / META).is_file() and "models" in read_mix_meta(path)
+
+
+def load_aligned_rows(path, split=None):
+    """int32 [N, S, 2M]: row n's tokens of each model at [n, :, :M], its aligned positions at
+    [n, :, M:] (-1 past the last): the one tensor training slices by rows as it slices tokens."""
+    path = Path(str(path))
+    meta = read_mix_meta(path)
+    tokens = [_load_tensor(path / m["file"]) for m in meta["models"]]
+    rows = torch.cat([torch.stack(tokens, -1), _load_tensor(path / PAIRS).to(torch.int32)], -1)
+    return rows if split is None else rows[split_rows(meta, split)]
+
+
+def split_aligned(rows_NSK, n_models):
+    """(tokens [N, S, M], aligned positions [N, S, M]) of aligned rows."""
+    return rows_NSK[..., :n_models], rows_NSK[..., n_models:]
+
+
+def check_aligned_tokenizers(mix_dir, model_names):
+    """A DataError, before any model loads, when a model's tokenizer is not the one the aligned
+    mix holds its tokens for (its place in model_names)."""
+    meta = read_mix_meta(mix_dir)
+    if len(meta["models"]) != len(model_names):
+        raise DataError(f"the token mix {mix_dir} was built for {len(meta['models'])} tokenizers, but "
+                        f"{len(model_names)} models are named")
+    for m, name in enumerate(model_names):
+        try:
+            tokenizer = tokenizer_of(name)
+        except (OSError, ValueError) as e:
+            print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
+            continue
+        check_tokenizer({"tokenizer": meta["models"][m]}, tokenizer, where=f"the token mix {mix_dir} (model {m})")
 
 
 def template_model(tokenizers):

@@ -17,7 +17,7 @@ from unittest import mock
 import torch
 
 from crossdiff.config.plan import check_against_model
-from crossdiff.config.schema import ConfigError, layers_needed
+from crossdiff.config.schema import ConfigError, hooks_of, layers_needed
 from crossdiff.io.checkpoint import data_dir, staging_dir, swap_in
 
 REFERENCE_DEPTH = (14, 26)  # the reference diffs blocks.14.hook_resid_pre of Gemma-2-2b's 26 layers
@@ -226,11 +226,17 @@ def resolve_model_keys(cfg):
         cfg["d_in"], cfg["model_widths"] = max(widths), widths
     if cfg.get("d_in") is None:
         cfg["d_in"] = facts[0].d_model
+    depths = [f.n_layers for f in facts]
+    if cfg.get("hook_point") is None and len(set(depths)) > 1 and not cfg.get("hook_points"):
+        cfg["hook_points"] = [default_hook(n) for n in depths]  # each model at the reference's relative depth
+        print(f"hook_points: {', '.join(cfg['hook_points'])} (the reference's relative depth 14/26 of "
+              f"{', '.join(map(str, depths))} layers)")
     if cfg.get("hook_point") is None:
-        cfg["hook_point"] = default_hook(facts[0].n_layers)
-        print(f"hook_point: {cfg['hook_point']} (the reference's relative depth 14/26 of {facts[0].n_layers} layers)")
-    for f in facts:
-        check_against_model(cfg, f)
+        cfg["hook_point"] = (cfg.get("hook_points") or [default_hook(depths[0])])[0]
+        if not cfg.get("hook_points"):
+            print(f"hook_point: {cfg['hook_point']} (the reference's relative depth 14/26 of {depths[0]} layers)")
+    for f, hook in zip(facts, hooks_of(cfg)):
+        check_against_model(dict(cfg, hook_point=hook), f)
     return cfg
 
 
@@ -247,11 +253,11 @@ def load_pair(cfg, full=False):
     model can only be run with stop_at_layer. full=True (the analysis: the splice-in loss needs
     logits) loads every block and the unembedding. A failure says what is needed.
     """
-    n_layers = None if full else layers_needed(cfg["hook_point"])
-    archs = list(cfg.get("model_archs") or [])
+    archs, hooks = list(cfg.get("model_archs") or []), hooks_of(cfg)
     models, loaded = [], {}
     for i, name in enumerate(cfg["model_names"]):
-        key = (name, archs[i] if i < len(archs) else None)
+        n_layers = None if full else layers_needed(hooks[i])
+        key = (name, archs[i] if i < len(archs) else None, n_layers)
         if key in loaded:  # a model against itself (the null pair): one copy, run once (run_models)
             models.append(loaded[key])
             continue
