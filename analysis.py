@@ -51,7 +51,8 @@ import torch
 from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import positions
-from crossdiff.config.schema import ConfigError, complete_cfg, effective
+from crossdiff.config.schema import ConfigError, complete_cfg, effective, hooks_of, norm_width
+from crossdiff.diffing.aligned import aligned_reconstruction, aligned_splice_in
 from crossdiff.diffing.causal import (
     diff_report,
     diffing_sets,
@@ -100,6 +101,7 @@ from crossdiff.io.hub import (
 )
 from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups, user_turns
 from crossdiff.sources.activations import estimate_norm_factors, high_norm_note
+from crossdiff.sources.aligned_mix import check_aligned_tokenizers, is_aligned, load_aligned_rows
 from crossdiff.sources.mix import (
     ROLES,
     DataError,
@@ -108,6 +110,7 @@ from crossdiff.sources.mix import (
     is_mix,
     load_mix,
     load_roles,
+    read_mix_meta,
     split_rows,
 )
 from crossdiff.sources.models import SetupError
@@ -210,7 +213,7 @@ label = (f"{Path(summary['checkpoint']).name}" + (f" #{checkpoint_index}" if che
 # Written into a folder beside the output folder and swapped in at the end: an analysis stopped
 # half-way leaves the previous one whole, never a mix of two checkpoints' files.
 final_dir, out_dir = out_dir, staging_dir(out_dir, ANALYSIS_FILES)
-print(f"crosscoder {label}: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}, hook {cfg['hook_point']}; writing to "
+print(f"crosscoder {label}: dict_size {cfg['dict_size']}, d_in {cfg['d_in']}{' (widths ' + str(cfg['model_widths']) + ')' if cfg.get('model_widths') else ''}, hook {', '.join(dict.fromkeys(hooks_of(cfg)))}; writing to "
       f"{final_dir} (at the end)")
 n_positions = positions(cfg)  # seq_len - ignore_first_n (the BOS dropped)
 N_HELDOUT_SEQS = N_HELDOUT_SEQS or -(-HELDOUT_TOKENS // n_positions)
@@ -262,7 +265,14 @@ try:
     else:
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
         dataset = DATASET or cfg["dataset"]
-        if is_mix(dataset):  # data.py's mix declares its held-out rows, and each token's source
+        if is_aligned(dataset):  # a mix for models of different tokenizers: aligned rows [N, S, 2M]
+            check_aligned_tokenizers(dataset, cfg["model_names"])
+            meta = read_mix_meta(dataset)
+            all_tokens = load_aligned_rows(dataset, "train")[:, : cfg["seq_len"]]
+            tokens = load_aligned_rows(dataset, "heldout")[:N_HELDOUT_SEQS, : cfg["seq_len"]]
+            source = load_mix(dataset, "heldout")[1][:N_HELDOUT_SEQS, 0].long()  # a row is one source's
+            roles = load_roles(dataset, "heldout")[:N_HELDOUT_SEQS, : cfg["seq_len"]]  # model 0's tokens'
+        elif is_mix(dataset):  # data.py's mix declares its held-out rows, and each token's source
             check_mix_tokenizer(dataset, cfg["model_names"])
             mix, source, meta = load_mix(dataset)  # read once: the train rows estimate factors
             train, heldout = split_rows(meta, "train"), split_rows(meta, "heldout")
@@ -300,14 +310,47 @@ elif origin == HF_REPO_ID:
 elif models is not None:
     mbs = cfg["model_batch_size"]
     n_est = cfg["norm_estimate_batches"] * mbs
-    cfg["normalisation_factor"] = estimate_norm_factors(models, all_tokens, cfg["hook_point"], n_est, mbs,
-                                                        drop_bos=False,
+    cfg["normalisation_factor"] = estimate_norm_factors(models, all_tokens, hooks_of(cfg), n_est, mbs,
+                                                        drop_bos=False, target_width=norm_width(cfg),
                                                         difference=effective(cfg, "norm_scale") == "difference").tolist()
     factor_source = f"estimated here as the reference's run did (first {min(n_est, len(all_tokens))} sequences, BOS included)"
 else:
     factor_source = "none (the checkpoint has none and no models to estimate them)"
 summary["normalisation_factor"], summary["normalisation_factor_source"] = cfg.get("normalisation_factor"), factor_source
 print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}")
+
+# %% [markdown]
+# ## Models of different tokenizers
+# Such a crosscoder is read at the aligned positions only, each model at its own width
+# (crossdiff/diffing/aligned.py). The KL test, Latent Scaling, steering and the dashboard's
+# contexts compare the models over one vocabulary, which these models do not share: the cells
+# below leave them out for such a pair.
+
+# %%
+if models is not None and tokens.ndim == 3:
+    first = PositionFilter(cfg, models).first
+    summary["alignment"] = meta["alignment"]
+    print("content positions aligned per source (of each model's; sources/aligned_mix.py): " + "; ".join(
+        f"{Path(a['source']).stem} " + ", ".join(f"{f:.1%}" for f in a["aligned_fraction"]) for a in meta["alignment"]))
+    names = {i: Path(s["path"]).stem for i, s in enumerate(meta["sources"])}
+    r = summary["reconstruction"] = aligned_reconstruction(cc, models, tokens, source, roles, classes,
+                                                           [m.tokenizer for m in models], BATCH_SIZE, first, names)
+    print(f"reconstruction on {r['positions']:,} aligned held-out positions: explained variance per model "
+          f"{per_model(r['explained_variance_per_model'])}; L0 {r['l0']:.1f}; {r['dead']} latents never active; by source: "
+          + "; ".join(f"{k} {per_model(v['explained_variance_per_model'])}" for k, v in r["by_source"].items()))
+    shown = [ROLES[i] for i in r["roles_present"]]
+    print(f"share of each class's activation mass by model 0's token role ({', '.join(shown)}; the positions' own: "
+          f"{', '.join(f'{v:.1%}' for v in r['role_tokens_share'])}):")
+    for name, shares in r["class_role_mass"].items():
+        print(f"  {name:<10} " + ", ".join(f"{v:.1%}" for v in shares))
+        for m, top in enumerate(r["class_top_tokens"][name]):
+            print(f"    model {m} reads, where it fires most: " + " ".join(repr(t) for t, _ in top))
+    if SPLICE_IN:
+        summary["splice_in"] = aligned_splice_in(cc, models, tokens, SPLICE_BATCH_SIZE, first)
+        for m, v in summary["splice_in"].items():
+            print(f"splice-in at its aligned positions, model {m}: loss clean {v['clean']:.3f}, spliced "
+                  f"{v['spliced']:.3f}, zero-ablated {v['zero_ablation']:.3f}: {v['loss_recovered']:.1%} recovered")
+    models = None  # the cells below compare the models over one vocabulary
 
 # %% [markdown]
 # ## How well does it reconstruct held-out activations, and what does splicing it in cost?
