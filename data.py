@@ -61,7 +61,7 @@ def main(argv=None):
         if len({vocab_hash(t) for t in tokenizers}) > 1:
             _, meta = build_aligned_mix(tokenizers, sources, a.seq_len, a.num_tokens, a.out, a.bos,
                                         a.heldout_fraction, a.seed)
-            print(format_alignment(meta))
+            print(format_alignment(meta, [Path(n).name for n in a.tokenizer.split(",") if n]))
             tokens, source = meta["rows"] * a.seq_len, None
         else:
             tokens, source, meta = build_mix(tokenizers[0], sources, a.seq_len, a.num_tokens, a.out, a.bos,

@@ -11,6 +11,7 @@ import torch
 from crossdiff.config.plan import check_against_model, check_enough_sequences
 from crossdiff.config.schema import PILE_LMSYS_DATASET, hooks_of
 from crossdiff.io.checkpoint import atomic_torch_save, data_dir, load_mapped
+from crossdiff.pairs.crossfamily import prepare as prepare_cross_family
 from crossdiff.pairs.realpair import prepare
 from crossdiff.pairs.toy import build_toy_pair
 from crossdiff.scale import distributed
@@ -144,7 +145,7 @@ def prepare_models(cfg):
     checked against their configs (models.resolve_model_keys). Updates cfg in place."""
     if cfg["preset"] == "toy":
         return cfg
-    cfg.update(prepare(cfg))
+    cfg.update(prepare_cross_family(cfg) if cfg["preset"] == "cross-family-offline" else prepare(cfg))
     return resolve_model_keys(cfg)
 
 

@@ -291,12 +291,12 @@ def stream_roles(kind, docs, texts, starts, spans, counts):
     return roles
 
 
-def format_alignment(meta):
-    """What data.py prints of an aligned mix: per source and model, the share of content positions
-    aligned, and the tokens that most often fail."""
-    names = [m["name"] for m in meta["models"]]
+def format_alignment(meta, names=None):
+    """What data.py prints of an aligned mix: per source and model (names: the models', else the
+    tokenizers'), the share of content positions aligned, and the tokens that most often fail."""
+    names = names or [m["name"] for m in meta["models"]]
     lines = [f"wrote an aligned mix of {meta['rows']:,} rows of {meta['seq_len']} tokens for {len(names)} tokenizers; "
-             f"conversations rendered through {meta['template']['tokenizer'] if meta['template'] else 'no'} chat template",
+             f"conversations rendered through {names[meta['template']['model']] if meta['template'] else 'no'} chat template",
              "content positions aligned over the text (in the rows), and the tokens that fail most:"]
     for record in meta["alignment"]:
         lines.append(f"  {record['source']}")
