@@ -266,7 +266,7 @@ try:
         gemma_cfg = dict(cfg, device="cuda" if torch.cuda.is_available() else "cpu")
         dataset = DATASET or cfg["dataset"]
         if is_aligned(dataset):  # a mix for models of different tokenizers: aligned rows [N, S, 2M]
-            check_aligned_tokenizers(dataset, cfg["model_names"])
+            check_aligned_tokenizers(dataset, cfg["model_names"], cfg["min_aligned_fraction"])
             meta = read_mix_meta(dataset)
             all_tokens = load_aligned_rows(dataset, "train")[:, : cfg["seq_len"]]
             tokens = load_aligned_rows(dataset, "heldout")[:N_HELDOUT_SEQS, : cfg["seq_len"]]
@@ -338,6 +338,8 @@ if models is not None and tokens.ndim == 3:
     print(f"reconstruction on {r['positions']:,} aligned held-out positions: explained variance per model "
           f"{per_model(r['explained_variance_per_model'])}; L0 {r['l0']:.1f}; {r['dead']} latents never active; by source: "
           + "; ".join(f"{k} {per_model(v['explained_variance_per_model'])}" for k, v in r["by_source"].items()))
+    print("share of each model's squared norm that varies about its mean (the rest is one constant vector, which "
+          f"b_dec holds; a small share leaves that model's decoder vectors short): {per_model(r['varying_share_per_model'])}")
     shown = [ROLES[i] for i in r["roles_present"]]
     print(f"share of each class's activation mass by model 0's token role ({', '.join(shown)}; the positions' own: "
           f"{', '.join(f'{v:.1%}' for v in r['role_tokens_share'])}):")

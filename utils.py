@@ -159,7 +159,7 @@ def load_models_and_tokens(cfg, fresh=True):
         models = cast_models([base, chat], model_dtype(cfg))
     else:
         if is_aligned(cfg["dataset"]):
-            check_aligned_tokenizers(cfg["dataset"], cfg["model_names"])
+            check_aligned_tokenizers(cfg["dataset"], cfg["model_names"], cfg["min_aligned_fraction"])
         elif is_mix(cfg["dataset"]):
             check_mix_tokenizer(cfg["dataset"], cfg["model_names"])
         tokens = load_tokens(cfg["dataset"], cfg)

@@ -35,6 +35,7 @@ def test_explained_variance_per_model_is_the_pooled_ratio_over_the_aligned_posit
         err = (x_hat[:, m, :width] - x[:, m, :width]).pow(2).sum()
         var = (x[:, m, :width] - x[:, m, :width].mean(0)).pow(2).sum()
         assert abs(got["explained_variance_per_model"][m] - float(1 - err / var)) < 1e-4
+        assert abs(got["varying_share_per_model"][m] - float(var / x[:, m].pow(2).sum())) < 1e-4
     assert got["positions"] == len(x)
     assert sum(s["positions"] for s in got["by_source"].values()) == len(x)
 

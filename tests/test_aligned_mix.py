@@ -129,3 +129,20 @@ def test_data_py_aligns_tokenizers_that_differ_and_packs_as_before_when_they_sha
     assert not (tmp_path / "one" / PAIRS).exists()
     main(["--tokenizer", str(tmp_path / "words"), *args, "--out", str(tmp_path / "plain")])
     assert torch.equal(torch.load(tmp_path / "one" / TOKENS), torch.load(tmp_path / "plain" / TOKENS))
+
+
+def test_a_mix_for_other_tokenizers_or_one_that_aligns_too_little_is_refused_before_models_load(built, tmp_path):
+    from crossdiff.sources.aligned_mix import check_aligned_tokenizers
+
+    words, chars, pairs, meta, mix = built
+    words.save_pretrained(tmp_path / "words")
+    chars.save_pretrained(tmp_path / "chars")
+    ordered = [str(tmp_path / "words"), str(tmp_path / "chars")]
+    check_aligned_tokenizers(mix, ordered, min_aligned=0.0)
+    with pytest.raises(DataError, match=r"model 0\).*vocabularies differ"):
+        check_aligned_tokenizers(mix, ordered[::-1])
+    with pytest.raises(DataError, match="built for 2 tokenizers, but 3 models"):
+        check_aligned_tokenizers(mix, ordered + ordered[:1])
+    # a word's inner characters never align: the character model's rate is its words per character
+    with pytest.raises(DataError, match=r"min_aligned_fraction 0.5\): (chat|text)\.jsonl: model 1 \d+\.\d%"):
+        check_aligned_tokenizers(mix, ordered, min_aligned=0.5)

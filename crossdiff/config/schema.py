@@ -145,6 +145,9 @@ SCHEMA = {
     "pad_widths": Key(False, bool, "let models of different widths share one crosscoder: each model's activations "
                       "are zero-padded to the largest width (d_in), and its weights in the padding stay exactly 0 "
                       "(arch/widths.py)"),
+    "min_aligned_fraction": Key(0.5, float, "a mix for models of different tokenizers is refused when a source aligns "
+                                "less than this fraction of some model's content positions (sources/aligned_mix.py)",
+                                lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "hook_points": Key([], list, "per model, its hook when the models differ in depth (written by train.py from "
                        "each model's layers when hook_point is none; empty: hook_point for every model)"),
     "model_widths": Key([], "ints", "each model's residual width when they differ (written by train.py from the "

@@ -2,7 +2,10 @@
 sources/aligned_mix.py: each model reads its own tokens of the same text, and only the aligned
 positions are paired). Each figure is taken at the aligned positions, each model at its own width:
 
-  - reconstruction: explained variance per model (pooled), overall and per source, L0, dead latents;
+  - reconstruction: explained variance per model (pooled), overall and per source, L0, dead latents,
+    and the share of each model's squared norm that varies about its mean (a model whose residual
+    is mostly one constant vector, as Gemma-3's, leaves its decoder vectors short: every latent's
+    relative norm then leans to the other model);
   - each latent class's activation mass by token role (model 0's roles) and the tokens each
     model reads where the class fires most (what "base-only" and "chat-only" latents fire on);
   - the splice-in loss per model: its residual replaced at its own aligned positions by the
@@ -91,8 +94,10 @@ def aligned_reconstruction(crosscoder, models, rows_NSK, source_N, roles_NS, cla
     present = role_tokens_R > 0
     role_share = {name: (role_mass_RF[:, mask].sum(1) / role_mass_RF[:, mask].sum().clamp(min=1e-12))[present].tolist()
                   for name, mask in classes.items()}
+    err2_M, x_MD, x2_M, count = sums["all"]
+    varying_M = (x2_M - x_MD.pow(2).sum(-1) / count) / x2_M  # a residual that is mostly one constant vector is small here
     return {"positions": n, "l0": l0 / max(n, 1), "dead": int((~fired_F).sum()),
-            "explained_variance_per_model": ev(sums["all"]),
+            "explained_variance_per_model": ev(sums["all"]), "varying_share_per_model": varying_M.tolist(),
             "by_source": {names.get(s, str(s)): {"positions": part[3], "explained_variance_per_model": ev(part)}
                           for s, part in sums.items() if s != "all"},
             "roles_present": present.nonzero().flatten().tolist(),

@@ -80,13 +80,23 @@ def split_aligned(rows_NSK, n_models):
     return rows_NSK[..., :n_models], rows_NSK[..., n_models:]
 
 
-def check_aligned_tokenizers(mix_dir, model_names):
+def check_aligned_tokenizers(mix_dir, model_names, min_aligned=0.0):
     """A DataError, before any model loads, when a model's tokenizer is not the one the aligned
-    mix holds its tokens for (its place in model_names)."""
+    mix holds its tokens for (its place in model_names), or when some source aligns less than
+    min_aligned of a model's content positions (the message names the worst sources and the
+    tokens that fail most there)."""
     meta = read_mix_meta(mix_dir)
     if len(meta["models"]) != len(model_names):
         raise DataError(f"the token mix {mix_dir} was built for {len(meta['models'])} tokenizers, but "
                         f"{len(model_names)} models are named")
+    low = sorted((f, Path(a["source"]).name, m, a["unaligned_most"][m][:3]) for a in meta["alignment"]
+                 for m, f in enumerate(a["aligned_fraction"]) if f < min_aligned)
+    if low:
+        worst = "; ".join(f"{source}: model {m} {f:.1%} (failing most: {', '.join(repr(p) for p, _ in top)})"
+                          for f, source, m, top in low[:3])
+        raise DataError(f"the token mix {mix_dir} aligns too few positions (min_aligned_fraction "
+                        f"{min_aligned:g}): {worst}. Check that the tokenizers read the same text (the template "
+                        "that rendered the conversations is meta.json's 'template'), or lower --min_aligned_fraction")
     for m, name in enumerate(model_names):
         try:
             tokenizer = tokenizer_of(name)
