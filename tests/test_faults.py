@@ -126,6 +126,7 @@ _WRONG = {int: st.one_of(st.text(max_size=5), st.floats(allow_nan=False).filter(
           str: st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans()),
           bool: st.one_of(st.integers(), st.text(max_size=5)),
           list: st.one_of(st.integers(), st.text(max_size=5)),
+          "ints": st.one_of(st.integers(), st.text(max_size=5), st.lists(st.text(max_size=3), min_size=1), st.just([True])),
           "str?": st.one_of(st.integers(), st.booleans(), st.floats(allow_nan=False)),
           "int?": st.one_of(st.text(max_size=5), st.booleans(), st.floats(allow_nan=False).filter(lambda v: not v.is_integer()))}
 
