@@ -312,7 +312,7 @@ elif models is not None:
     n_est = cfg["norm_estimate_batches"] * mbs
     cfg["normalisation_factor"] = estimate_norm_factors(models, all_tokens, hooks_of(cfg), n_est, mbs,
                                                         drop_bos=False, target_width=norm_width(cfg),
-                                                        difference=effective(cfg, "norm_scale") == "difference").tolist()
+                                                        norm_scale=effective(cfg, "norm_scale")).tolist()
     factor_source = f"estimated here as the reference's run did (first {min(n_est, len(all_tokens))} sequences, BOS included)"
 else:
     factor_source = "none (the checkpoint has none and no models to estimate them)"

@@ -47,6 +47,25 @@ def test_the_difference_scale_is_one_factor_that_gives_chat_minus_base_a_mean_no
     torch.testing.assert_close(got, torch.stack([want, want]))
 
 
+def test_the_centred_scale_gives_each_models_activations_about_their_mean_an_rms_norm_of_sqrt_d_in(models, tmp_path):
+    """norm_scale "centred": a model whose residual is mostly one constant vector gets its varying
+    part at the others' scale. The streaming estimate (sums, one pass) and the aligned rows' (rows
+    in hand) each equal the direct computation."""
+    tokens = random_tokens(10, 9)
+    got = estimate_norm_factors(list(models), tokens, "blocks.1.hook_resid_pre", 8, 3, progress=False, norm_scale="centred")
+    for m, model in enumerate(models):
+        x = extract_activations(model, tokens[:8], "blocks.1.hook_resid_pre")[:, 1:].flatten(0, 1).double()
+        torch.testing.assert_close(got[m], (32 ** 0.5 / (x - x.mean(0)).pow(2).sum(-1).mean().sqrt()).float())
+    pair, rows = aligned_pair(tmp_path)
+    hooks = ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"]
+    got = estimate_norm_factors(pair, rows, hooks, 8, 3, progress=False, norm_scale="centred", target_width=28)
+    from crossdiff.sources.activations import run_models
+
+    x = run_models(pair, rows[:8], hooks, first=1, d_in=32).double()
+    want = 28 ** 0.5 / (x - x.mean(0)).pow(2).sum(-1).mean(0).sqrt()
+    torch.testing.assert_close(got, want.float())
+
+
 def test_norm_factors_are_estimated_in_fp32_even_where_the_harvest_runs_under_bf16_autocast(models, monkeypatch):
     """On a GPU the models run under bf16 autocast for the harvest (activations.autocast_context);
     the factors are estimated without it, in fp32, as the reference did. Simulated on the CPU by

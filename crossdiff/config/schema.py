@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch dtypes
 ARCHITECTURES = ("l1", "batchtopk", "diff_sae")
 TOPK_ARCHITECTURES = ("batchtopk", "diff_sae")  # those that take the batchtopk keys (k, AuxK, threshold)
-NORM_SCALES = (None, "per_model", "difference")
+NORM_SCALES = (None, "per_model", "difference", "centred")
 WANDB_MODES = (None, "online", "offline", "disabled")
 STEP_DTYPES = ("fp32", "tf32", "bf16")
 MODEL_DTYPES = ("auto", "fp32", "bf16")
@@ -201,7 +201,9 @@ SCHEMA = {
                       auto=topk_or_l1("norm", "squared")),
     "norm_scale": Key(None, "str?", "per_model (the reference: each model's mean activation norm scaled to "
                       "sqrt(d_in)) or difference (one factor for every model: the chat - base difference's mean "
-                      "norm to sqrt(d_in)); none: difference for diff_sae, per_model otherwise",
+                      "norm to sqrt(d_in)) or centred (each model's root-mean-square norm about its mean to "
+                      "sqrt(d_in): a model whose residual is mostly one constant vector gets its varying part at "
+                      "the others' scale); none: difference for diff_sae, per_model otherwise",
                       *one_of(NORM_SCALES), auto=by_architecture(l1="per_model", batchtopk="per_model",
                                                                  diff_sae="difference")),
     "dataset": Key(PILE_LMSYS_DATASET, str, "training tokens: a hub dataset id, a local datasets dir, a .pt "

@@ -105,39 +105,48 @@ def run_models(models, tokens_NS, hook_point, first=1, keep=None, d_in=None):
 
 @torch.no_grad()
 def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_size, drop_bos=True, progress=True,
-                          first=None, keep=None, difference=False, target_width=None):
+                          first=None, keep=None, difference=False, target_width=None, norm_scale=None):
     """[M] float32 on the CPU: sqrt(d_in) / the mean activation norm of each model over the first
     n_seqs sequences, run model_batch_size at a time, in fp32 (the harvest runs under bf16 autocast
     on a GPU; the reference estimated the factors without it), over the positions training reads:
     the first `first` of each row dropped (none: 1 if drop_bos), and only those keep (a
     tokenmask.PositionFilter) keeps. drop_bos=False includes position 0, as the reference's run did
-    (and so the published crosscoder's factors). difference (norm_scale "difference", the
-    diff-SAE's): one factor for every model, sqrt(d_in) / the mean norm of chat - base (models 1
-    and 0), so the difference a diff-SAE reads has mean norm sqrt(d_in) and stays the scaled
-    difference of the raw activations. target_width: the width whose square root the mean norms
-    are scaled to (none: d_in; models of different widths: their mean, the DFC paper's).
-    Aligned rows ([N, S, 2M]): over their aligned positions."""
+    (and so the published crosscoder's factors). norm_scale (config key; difference=True is
+    "difference"): "difference", the diff-SAE's, one factor for every model, sqrt(d_in) / the mean
+    norm of chat - base (models 1 and 0), so the difference a diff-SAE reads has mean norm
+    sqrt(d_in) and stays the scaled difference of the raw activations; "centred", sqrt(d_in) / the
+    root-mean-square norm of each model's activations about their mean. target_width: the width
+    whose square root the norms are scaled to (none: d_in; models of different widths: their
+    mean, the DFC paper's). Aligned rows ([N, S, 2M]): over their aligned positions."""
+    norm_scale = norm_scale or ("difference" if difference else "per_model")
     first = int(drop_bos) if first is None else first
     device = next(models[0].parameters()).device
     n_seqs = min(n_seqs, len(tokens_NS))
-    norm_sums, count = torch.zeros(len(models), dtype=torch.float64, device="cpu"), 0
     if tokens_NS.ndim == 3:  # aligned rows: the aligned positions, each model at its own width
-        rows = [run_aligned(models, tokens_NS[s : s + model_batch_size], hook_point, first).float()
+        rows = [run_aligned(models, tokens_NS[s : min(s + model_batch_size, n_seqs)], hook_point, first).float()
                 for s in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False,
                               disable=not progress)]
-        return factors_from_rows(torch.cat(rows), "difference" if difference else "per_model", target_width)
+        return factors_from_rows(torch.cat(rows), norm_scale, target_width)
     hooks = each_hook(models, hook_point)
+    norm_sums, sum_MD, count = torch.zeros(len(models), dtype=torch.float64), 0, 0
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
         # In the models' own dtype (model_dtype), as the reference estimated: no bf16 autocast here.
-        acts_MnPD = torch.stack([extract_activations(m, tokens, h)[:, first:] for m, h in zip(models, hooks)])
-        norms_MnP = acts_MnPD.float().norm(dim=-1) if not difference else \
-            (acts_MnPD[1].float() - acts_MnPD[0].float()).norm(dim=-1).expand(len(models), -1, -1)
-        if keep is not None and keep.active:
-            norms_MnP = norms_MnP[:, keep.keep(tokens, rearrange(acts_MnPD, "model n pos d -> n pos model d"))]
-        norm_sums += norms_MnP.flatten(1).sum(1).double().cpu()
-        count += norms_MnP[0].numel()
+        acts_MnPD = torch.stack([extract_activations(m, tokens, h)[:, first:] for m, h in zip(models, hooks)]).float()
+        kept_nP = (keep.keep(tokens, rearrange(acts_MnPD, "model n pos d -> n pos model d"))
+                   if keep is not None and keep.active else torch.ones(acts_MnPD.shape[1:3], dtype=torch.bool))
+        x_MPD = acts_MnPD[:, kept_nP.to(acts_MnPD.device)]
+        if norm_scale == "difference":
+            norm_sums += (x_MPD[1] - x_MPD[0]).norm(dim=-1).sum().double().cpu()
+        elif norm_scale == "centred":  # sums of squares and of the vectors: the centred norm at the end
+            norm_sums += x_MPD.pow(2).sum((1, 2)).double().cpu()
+            sum_MD = sum_MD + x_MPD.sum(1).double().cpu()
+        else:
+            norm_sums += x_MPD.norm(dim=-1).sum(1).double().cpu()
+        count += x_MPD.shape[1]
     d_in = target_width or acts_MnPD.shape[-1]
+    if norm_scale == "centred":
+        return (d_in ** 0.5 / (norm_sums / count - (sum_MD / count).pow(2).sum(-1)).sqrt()).float()
     return (d_in ** 0.5 / (norm_sums / count)).float()
 
 
@@ -179,11 +188,14 @@ def high_norm_note(models, tokens_NS, hook_point, first, multiple=HIGH_NORM):
 
 def factors_from_rows(raw_RMD, norm_scale, target_width=None):
     """[M] float32: sqrt(d_in) / the mean norm of each model's raw rows ("per_model"), or for every
-    model of models 1 - 0 ("difference"); estimate_norm_factors's figures, from rows in hand (a
-    store's, read back at another scaling). target_width: as estimate_norm_factors's."""
+    model of models 1 - 0 ("difference"), or the root-mean-square norm of each model's rows about
+    their mean ("centred"); estimate_norm_factors's figures, from rows in hand (a store's, read
+    back at another scaling). target_width: as estimate_norm_factors's."""
     raw_RMD = raw_RMD.float()
     if norm_scale == "difference":
         mean = (raw_RMD[:, 1] - raw_RMD[:, 0]).norm(dim=-1).double().mean().expand(raw_RMD.shape[1])
+    elif norm_scale == "centred":
+        mean = (raw_RMD.double() - raw_RMD.double().mean(0)).pow(2).sum(-1).mean(0).sqrt()
     else:
         mean = raw_RMD.norm(dim=-1).double().mean(0)
     return ((target_width or raw_RMD.shape[-1]) ** 0.5 / mean).float()
@@ -207,5 +219,5 @@ def norm_factors(cfg, models, tokens_NS):
             print(note)
     return estimate_norm_factors(models, tokens_NS[:, : cfg["seq_len"]], hooks,
                                  cfg["norm_estimate_batches"] * mbs, mbs, progress=cfg["progress"],
-                                 first=keep.first, keep=keep, difference=effective(cfg, "norm_scale") == "difference",
+                                 first=keep.first, keep=keep, norm_scale=effective(cfg, "norm_scale"),
                                  target_width=norm_width(cfg))
