@@ -67,7 +67,7 @@ def init_decoder(cfg, latents_f):
         here = torch.nonzero((latents_f >= start) & (latents_f < start + len(block))).flatten()
         out_fMD[here] = block[latents_f[here] - start]
     if is_padded(cfg):  # a narrower model's decoder: its own coordinates only, at the same norm
-        out_fMD *= valid_mask(widths_of(cfg), D)[None]
+        out_fMD *= valid_mask(widths_of(cfg), D, device="cpu")[None]
     return out_fMD / out_fMD.norm(dim=-1, keepdim=True) * cfg["dec_init_norm"]
 
 

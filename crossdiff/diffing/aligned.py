@@ -55,9 +55,9 @@ def aligned_reconstruction(crosscoder, models, rows_NSK, source_N, roles_NS, cla
     cfg, s_M = crosscoder.cfg, normalisation_factors(crosscoder)
     device, M, F = s_M.device, crosscoder.n_models, cfg["dict_size"]
     n_roles = int(roles_NS.max()) + 1
-    role_mass_RF = torch.zeros(n_roles, F, dtype=torch.float64)
-    role_tokens_R = torch.zeros(n_roles, dtype=torch.float64)
-    fired_F, l0, n = torch.zeros(F, dtype=torch.bool), 0.0, 0
+    role_mass_RF = torch.zeros(n_roles, F, dtype=torch.float64, device="cpu")
+    role_tokens_R = torch.zeros(n_roles, dtype=torch.float64, device="cpu")
+    fired_F, l0, n = torch.zeros(F, dtype=torch.bool, device="cpu"), 0.0, 0
     sums = {}  # source -> [err^2 [M], x [M, D], x^2 [M], positions]
     heavy = {name: [Counter() for _ in range(M)] for name in classes}
     for start, tokens_nSM, pairs_nSM, n_P, s_P, x_PMD, _ in aligned_batches(
@@ -116,7 +116,8 @@ def aligned_splice_in(crosscoder, models, rows_NSK, batch_size=2, first=1, progr
     folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
     hooks, widths = hooks_of(crosscoder.cfg), crosscoder.cfg.get("model_widths") or [crosscoder.cfg["d_in"]] * len(models)
     device = next(models[0].parameters()).device
-    totals, counts = torch.zeros(len(models), 3, dtype=torch.float64), torch.zeros(len(models))
+    totals = torch.zeros(len(models), 3, dtype=torch.float64, device="cpu")
+    counts = torch.zeros(len(models), device="cpu")
     for _, tokens_nSM, pairs_nSM, n_P, s_P, x_PMD, resid in aligned_batches(
             models, rows_NSK, hooks, batch_size, first, "splice-in loss", progress):
         x_hat = folded(x_PMD.to(folded.W_enc.device)).float().to(device)

@@ -128,13 +128,14 @@ def estimate_norm_factors(models, tokens_NS, hook_point, n_seqs, model_batch_siz
                               disable=not progress)]
         return factors_from_rows(torch.cat(rows), norm_scale, target_width)
     hooks = each_hook(models, hook_point)
-    norm_sums, sum_MD, count = torch.zeros(len(models), dtype=torch.float64), 0, 0
+    norm_sums, sum_MD, count = torch.zeros(len(models), dtype=torch.float64, device="cpu"), 0, 0
     for start in tqdm(range(0, n_seqs, model_batch_size), desc="estimating norms", leave=False, disable=not progress):
         tokens = tokens_NS[start : min(start + model_batch_size, n_seqs)].to(device, torch.long)
         # In the models' own dtype (model_dtype), as the reference estimated: no bf16 autocast here.
         acts_MnPD = torch.stack([extract_activations(m, tokens, h)[:, first:] for m, h in zip(models, hooks)]).float()
         kept_nP = (keep.keep(tokens, rearrange(acts_MnPD, "model n pos d -> n pos model d"))
-                   if keep is not None and keep.active else torch.ones(acts_MnPD.shape[1:3], dtype=torch.bool))
+                   if keep is not None and keep.active else
+                   torch.ones(acts_MnPD.shape[1:3], dtype=torch.bool, device=acts_MnPD.device))
         x_MPD = acts_MnPD[:, kept_nP.to(acts_MnPD.device)]
         if norm_scale == "difference":
             norm_sums += (x_MPD[1] - x_MPD[0]).norm(dim=-1).sum().double().cpu()

@@ -195,7 +195,7 @@ def build_aligned_mix(tokenizers, sources, seq_len, num_tokens, out_dir, bos="au
         records.append({"kind": s["kind"], "path": str(s["path"]), "column": s.get("column"), "fraction": s["fraction"],
                         "documents": len(docs), "rows": len(rows[0]), "tokens": rows[0].numel()})
         alignment.append({"source": str(s["path"]), **record})
-    order = torch.randperm(sum(len(p) for p in pairs_parts), generator=torch.Generator().manual_seed(seed))
+    order = torch.randperm(sum(len(p) for p in pairs_parts), generator=torch.Generator().manual_seed(seed), device="cpu")
     tokens = [torch.cat(t)[order] for t in tokens]
     pairs, source, role = torch.cat(pairs_parts)[order], torch.cat(source_parts)[order], torch.cat(role_parts)[order]
     n = len(pairs)
@@ -241,27 +241,27 @@ def aligned_source(tokenizers, docs, kind, chat_by, seq_len, bos_ids, pads, want
     rows = cut_rows([spans for _, spans, _, _ in streams], seq_len, bos_ids, want)
     roles0 = stream_roles(kind, docs, texts, starts, streams[0][1], streams[0][3])
     n = len(rows)
-    out = [torch.full((n, seq_len), pads[m], dtype=torch.int32) for m in range(M)]
-    pairs = torch.full((n, seq_len, M), -1, dtype=torch.int16)
-    role = torch.full((n, seq_len), TEMPLATE if kind == "chat" else TEXT, dtype=torch.uint8)
+    out = [torch.full((n, seq_len), pads[m], dtype=torch.int32, device="cpu") for m in range(M)]
+    pairs = torch.full((n, seq_len, M), -1, dtype=torch.int16, device="cpu")
+    role = torch.full((n, seq_len), TEMPLATE if kind == "chat" else TEXT, dtype=torch.uint8, device="cpu")
     first = [int(b is not None) for b in bos_ids]
-    row_of = torch.full((len(streams[0][0]),), -1, dtype=torch.long)
+    row_of = torch.full((len(streams[0][0]),), -1, dtype=torch.long, device="cpu")
     for r, row in enumerate(rows):
         for m, (p, q) in enumerate(row):
             if first[m]:
                 out[m][r, 0] = bos_ids[m]
-            out[m][r, first[m]:first[m] + q - p] = torch.tensor(streams[m][0][p:q], dtype=torch.int32)
+            out[m][r, first[m]:first[m] + q - p] = torch.tensor(streams[m][0][p:q], dtype=torch.int32, device="cpu")
         p0, q0 = row[0]
-        role[r, first[0]:first[0] + q0 - p0] = torch.tensor(roles0[p0:q0], dtype=torch.uint8)
+        role[r, first[0]:first[0] + q0 - p0] = torch.tensor(roles0[p0:q0], dtype=torch.uint8, device="cpu")
         row_of[p0:q0] = r
     # an aligned tuple belongs to model 0's row when every model's position lies in its part of that row
-    counts, kept_content = torch.zeros(n, dtype=torch.long), [Counter() for _ in range(M)]
+    counts = torch.zeros(n, dtype=torch.long, device="cpu")
     aligned_set = [set() for _ in range(M)]
     for tuple_M in aligned_PM.tolist():
         r = int(row_of[tuple_M[0]])
         if r < 0 or any(not rows[r][m][0] <= tuple_M[m] < rows[r][m][1] for m in range(M)):
             continue
-        pairs[r, counts[r]] = torch.tensor([tuple_M[m] - rows[r][m][0] + first[m] for m in range(M)], dtype=torch.int16)
+        pairs[r, counts[r]] = torch.tensor([tuple_M[m] - rows[r][m][0] + first[m] for m in range(M)], dtype=torch.int16, device="cpu")
         counts[r] += 1
         for m in range(M):
             aligned_set[m].add(tuple_M[m])
