@@ -216,6 +216,8 @@ class Trainer:
         if i == 0 and (median_b_dec or centred):  # both from the first (global) batch's geometric median
             with torch.no_grad():
                 median_MD = geometric_median(self.crosscoder.target(acts_BMD), self.mesh.data)
+                if self.crosscoder.valid_MD is not None:  # a narrower model's padding stays 0 (arch/widths.py)
+                    median_MD = median_MD * self.crosscoder.valid_MD
                 if median_b_dec:  # the authors start b_dec there
                     self.crosscoder.b_dec.copy_(median_MD)
                 if centred:  # deviation (off by default): see docs/design.md

@@ -127,6 +127,8 @@ def run(architecture, out, shards, steps=STEPS):
         result = {a: shard_run(a, out, shards, steps) for a in ("l1", "batchtopk")}
     elif architecture == "partition":  # the same, partitioned: exclusive, designated shared and free blocks
         result = {a: shard_run(a, out, shards, steps, **PARTITION) for a in ("l1", "batchtopk")}
+        # and with model 1 narrower (arch/widths.py): its padding composed with the partition
+        result["padded"] = shard_run("batchtopk", out, shards, steps, exclusive_fraction=0.125, **WIDTHS)
     elif architecture == "sparse":  # BatchTopK's sparse step, standard and partitioned, and the diff-SAE's
         result = {"batchtopk": shard_run("batchtopk", out, shards, steps, sparse_step=True),
                   "partitioned": shard_run("batchtopk", out, shards, steps, sparse_step=True, **PARTITION),
@@ -147,6 +149,7 @@ def run(architecture, out, shards, steps=STEPS):
 
 
 PARTITION = {"exclusive_fraction": 0.125, "shared_fraction": 0.125}  # blocks of 8, 8, 8 and 40 latents
+WIDTHS = {"model_widths": [32, 24]}  # model 1 zero-padded from 24 to d_in 32
 
 
 def shard_run(architecture, out, shards, steps, **extra):

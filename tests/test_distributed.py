@@ -216,15 +216,16 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
     included -- and its gradients (each shard's slice) equal one process training the whole
     dictionary on the whole batches, to 1e-5. Partitioned (exclusive, designated shared and free
     blocks): each shard holds its slice of every block, and the gathered checkpoint keeps the
-    partition exactly. BatchTopK's sparse step (crossdiff/arch/sparse.py), standard and partitioned, and the
+    partition exactly, with or without model 1 padded from width 24. BatchTopK's sparse step (crossdiff/arch/sparse.py), standard and partitioned, and the
     diff-SAE's (its layout kept exactly on every shard), against the dense step of one process."""
-    from dp_worker import PARTITION
+    from dp_worker import PARTITION, WIDTHS
 
     from crossdiff.arch.partition import partition_of, shard_latents
     root, _, _ = two_rank_runs
     steps = STEPS
     runs = {"sparse": [("batchtopk", "batchtopk", {}), ("partitioned", "batchtopk", PARTITION), ("diff_sae", "diff_sae", {})],
-            "partition": [("l1", "l1", PARTITION), ("batchtopk", "batchtopk", PARTITION)]}.get(
+            "partition": [("l1", "l1", PARTITION), ("batchtopk", "batchtopk", PARTITION),
+                          ("padded", "batchtopk", dict(exclusive_fraction=0.125, **WIDTHS))]}.get(
         mode, [("l1", "l1", {}), ("batchtopk", "batchtopk", {})])
     for name, architecture, partition in runs:
         cfg = tiny_cfg(tmp_path / "single", num_tokens=32 * 20, architecture=architecture, k=4, dead_window=2,
@@ -236,8 +237,10 @@ def test_two_processes_equal_one_whole_dictionary_sharded_or_data_parallel(tmp_p
         losses, want_acts, _ = single.crosscoder.losses_and_acts(x)
         (losses.l2_loss + losses.l1_loss).backward()
         ranks = [torch.load(root / f"{mode}@{shards}.rank{r}", weights_only=True)[name] for r in (0, 1)]
-        saved = CrossCoder.load(ranks[0]["save_dir"])  # (verifies the partition)
+        saved = CrossCoder.load(ranks[0]["save_dir"])  # (verifies the partition, and a narrower model's padding)
         assert saved.cfg["latent_shards"] == shards and saved.cfg["dict_size"] == 64
+        if "model_widths" in partition:  # the padding exactly zero on every shard
+            assert saved.W_dec.detach()[:, 1, 24:].abs().max() == 0 and saved.W_enc.detach()[1, 24:].abs().max() == 0
         for name, value in saved.state_dict().items():
             torch.testing.assert_close(value, want[name], atol=1e-5, rtol=1e-5)
         for r, got in enumerate(ranks):

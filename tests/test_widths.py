@@ -90,7 +90,26 @@ def test_a_checkpoint_with_weight_in_the_padding_is_refused(tmp_path):
     ({"model_widths": [60, 48]}, "the largest must be d_in"),
     ({"model_widths": [64, 48], "architecture": "diff_sae", "threshold_start_step": 5}, "needs models of one width"),
     ({"model_widths": [64, 0]}, "positive integers"),
+    ({"model_widths": [64, 48], "shared_fraction": 0.1}, "which models of widths \\[64, 48\\] do not share"),
 ])
 def test_inconsistent_widths_are_config_errors_naming_the_key(overrides, match):
     with pytest.raises(ConfigError, match=match):
         validate_cfg(tiny_cfg(**dict({"d_in": 64}, **overrides)))
+
+
+def test_b_dec_started_at_the_first_batchs_median_keeps_the_padding_zero_whatever_the_inputs_hold_there(tmp_path):
+    cfg = tiny_cfg(tmp_path, **WIDTHS, architecture="batchtopk", k=4, threshold_start_step=2, num_tokens=32 * 4,
+                   b_enc_init="centred")
+
+    class Noisy:  # every coordinate random, the narrower model's padding too
+        g = torch.Generator().manual_seed(1)
+
+        def next(self):
+            return torch.randn(32, 2, 64, generator=self.g) + 3.0
+
+    trainer = Trainer(cfg, buffer=Noisy())
+    for _ in range(3):
+        trainer.step()
+    b_dec = trainer.crosscoder.b_dec.detach()
+    assert b_dec[1, :48].abs().min() > 0 and b_dec[1, 48:].abs().max() == 0
+    assert padding_of(trainer.crosscoder).max() == 0

@@ -479,6 +479,10 @@ def check_widths(cfg):
     if cfg.get("d_in") is not None and max(widths) != cfg["d_in"]:
         raise ConfigError(f"config key 'model_widths' {widths}: the largest must be d_in ({cfg['d_in']}), the width "
                           "every model is padded to")
+    if cfg.get("shared_fraction") and len(set(widths)) > 1:  # a tied decoder is one vector in every model's space
+        raise ConfigError(f"config key 'shared_fraction' ties each designated latent's decoder to one vector in every "
+                          f"model, which models of widths {widths} do not share (their residual spaces differ): use "
+                          "exclusive_fraction alone")
     if cfg.get("architecture") == "diff_sae" and len(set(widths)) > 1:
         raise ConfigError(f"architecture 'diff_sae' reads the chat - base difference, which needs models of one "
                           f"width; model_widths is {widths}")
