@@ -568,7 +568,7 @@ print(f"dashboard: open {final_dir / 'dashboard.html'} in a browser")
 
 # %%
 kl_all = summary.get("models_kl", {}).get("by_group", {}).get("all", {}).get("kl")  # the models' own, when measured
-summary["separation_note"] = separation_note(classes, rel, kl_all)
+summary["separation_note"] = separation_note(classes, rel, kl_all, one_vocabulary=tokens is None or tokens.ndim == 2)
 if summary["separation_note"]:  # an all-shared result is no finding by itself
     print(f"note: {summary['separation_note']}")
 (out_dir / "summary.txt").write_text(json.dumps(summary, indent=2, default=str))

@@ -24,6 +24,7 @@ from crossdiff.io.checkpoint import CheckpointError, check_checkpoint_dir, resol
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed
 from crossdiff.scale.process import keep_freed_memory, library_progress
+from crossdiff.sources.aligned_mix import is_aligned
 from crossdiff.sources.mix import DataError
 from crossdiff.sources.footprint import pair_bytes
 from crossdiff.sources.models import SetupError
@@ -136,7 +137,8 @@ def report(trainer, log, models):
     print("(the last batch's figures; explained_variance is the reference's mean over tokens of 1 - |err|^2 / "
           "|x - batch mean|^2, so analysis.py's per-model figures, pooled over held-out tokens, differ)")
     cc = whole_crosscoder(trainer)
-    note = separation_note(latent_classes(cc), cc.relative_decoder_norm().detach().cpu())
+    note = separation_note(latent_classes(cc), cc.relative_decoder_norm().detach().cpu(),
+                           one_vocabulary=not is_aligned(cfg["dataset"]))
     if note:
         print(f"note: {note}")
     if cfg["preset"] == "toy":

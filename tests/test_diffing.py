@@ -278,3 +278,5 @@ def test_an_all_shared_result_is_said_to_be_null_or_not_separated_by_the_models_
     assert "the models differ here (KL 0.5 nats a token): the norms have not separated them yet. Train longer" in differ
     assert "--store_dir with --wrap_tokens true" in differ
     assert "analysis.py's KL test says which" in separation_note(classes, rel)
+    across = separation_note(classes, rel, one_vocabulary=False)  # two tokenizers: no KL test to point to
+    assert "no KL test applies" in across and "KL test says which" not in across

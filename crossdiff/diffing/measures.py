@@ -44,14 +44,19 @@ def classify_latents(rel_norm_F, owner_F=None):
     return {"base_only": base_only, "chat_only": chat_only, "shared": shared, "other": other}
 
 
-def separation_note(classes, rel_norm_F, kl_gap=None, min_gap=1e-4):
+def separation_note(classes, rel_norm_F, kl_gap=None, min_gap=1e-4, one_vocabulary=True):
     """None when some latent is base-only or chat-only; otherwise what an all-shared result means,
     said rather than shown as a finding: with the models' mean KL(P_chat || P_base) a token
-    (kl_gap, analysis.py's), a null result (they agree) or norms not separated yet (they differ)."""
+    (kl_gap, analysis.py's), a null result (they agree) or norms not separated yet (they differ).
+    one_vocabulary False (models of different tokenizers): no KL test applies."""
     if bool(classes["base_only"].any() or classes["chat_only"].any()):
         return None
     spread = float(rel_norm_F[torch.isfinite(rel_norm_F)].std())
     head = f"no latent is base-only or chat-only (relative norms spread {spread:.3f})"
+    if not one_vocabulary:
+        return (f"{head}: the crosscoder explains both models with shared latents at this budget; the models share "
+                "no vocabulary, so no KL test applies (exclusive blocks, --exclusive_fraction, give each model latents "
+                "of its own by construction)")
     if kl_gap is None:
         return (f"{head}: the norms have not separated the models yet, or the models do not differ at this hook; "
                 "analysis.py's KL test says which")
