@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from crossdiff.config.schema import hook_layer, hooks_of
 from crossdiff.diffing.measures import finite_or_none, normalisation_factors
-from crossdiff.sources.activations import autocast_context, extract_activations
+from crossdiff.sources.activations import at_aligned, autocast_context, extract_activations
 from crossdiff.sources.aligned_mix import split_aligned
 
 TOP_TOKENS = 8  # tokens shown per class and model
@@ -38,11 +38,8 @@ def aligned_batches(models, rows_NSK, hooks, batch_size, first, desc="activation
         tokens_nSM, pairs_nSM = split_aligned(rows_NSK[start:start + batch_size].to(device, torch.long), len(models))
         with torch.no_grad(), autocast_context(device):
             resid = [extract_activations(m, tokens_nSM[..., i], h) for i, (m, h) in enumerate(zip(models, hooks))]
-        n_P, s_P = torch.nonzero((pairs_nSM >= first).all(-1), as_tuple=True)
-        width = max(r.shape[-1] for r in resid)
-        x_PMD = torch.stack([torch.nn.functional.pad(r[n_P, pairs_nSM[n_P, s_P, i]].float(), (0, width - r.shape[-1]))
-                             for i, r in enumerate(resid)], dim=1)
-        yield start, tokens_nSM, pairs_nSM, n_P, s_P, x_PMD, resid
+        n_P, s_P, x_PMD = at_aligned(resid, pairs_nSM, first)
+        yield start, tokens_nSM, pairs_nSM, n_P, s_P, x_PMD.float(), resid
 
 
 @torch.no_grad()

@@ -74,11 +74,19 @@ def run_aligned(models, rows_NSK, hook_point, first=1, d_in=None):
     model's activations zero-padded to d_in (none: the widest model's width)."""
     device = next(models[0].parameters()).device
     tokens_NSM, pairs_NSM = split_aligned(rows_NSK.to(device, torch.long), len(models))
+    acts = [extract_activations(model, tokens_NSM[..., m], hook)
+            for m, (model, hook) in enumerate(zip(models, each_hook(models, hook_point)))]
+    return at_aligned(acts, pairs_NSM, first, d_in)[2]
+
+
+def at_aligned(acts_per_model, pairs_NSM, first=1, d_in=None):
+    """(n_P, s_P, [P, M, D]): the rows and tuple indices of the aligned tuples whose every position
+    is >= first, and each model's activations [N, S, D_m] there, zero-padded to d_in (none: the
+    widest model's width)."""
     n_P, s_P = torch.nonzero((pairs_NSM >= first).all(-1), as_tuple=True)
-    parts = [extract_activations(model, tokens_NSM[..., m], hook)[n_P, pairs_NSM[n_P, s_P, m]]
-             for m, (model, hook) in enumerate(zip(models, each_hook(models, hook_point)))]
+    parts = [a[n_P, pairs_NSM[n_P, s_P, m]] for m, a in enumerate(acts_per_model)]
     d_in = d_in or max(p.shape[-1] for p in parts)
-    return torch.stack([torch.nn.functional.pad(p, (0, d_in - p.shape[-1])) for p in parts], dim=1)
+    return n_P, s_P, torch.stack([torch.nn.functional.pad(p, (0, d_in - p.shape[-1])) for p in parts], dim=1)
 
 
 @torch.no_grad()

@@ -41,14 +41,13 @@ from crossdiff.sources.mix import (
     DataError,
     _load_tensor,
     bos_for,
-    check_tokenizer,
+    check_mix_tokenizer,
     message_roles,
     read_documents,
     read_mix_meta,
     split_rows,
     tokenizer_record,
 )
-from crossdiff.sources.models import tokenizer_of
 
 PAIRS = "pairs.pt"
 ALIGNED_FILES = r"tokens(\.\d+)?\.pt|source\.pt|role\.pt|pairs\.pt|meta\.json"
@@ -97,13 +96,7 @@ def check_aligned_tokenizers(mix_dir, model_names, min_aligned=0.0):
         raise DataError(f"the token mix {mix_dir} aligns too few positions (min_aligned_fraction "
                         f"{min_aligned:g}): {worst}. Check that the tokenizers read the same text (the template "
                         "that rendered the conversations is meta.json's 'template'), or lower --min_aligned_fraction")
-    for m, name in enumerate(model_names):
-        try:
-            tokenizer = tokenizer_of(name)
-        except (OSError, ValueError) as e:
-            print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
-            continue
-        check_tokenizer({"tokenizer": meta["models"][m]}, tokenizer, where=f"the token mix {mix_dir} (model {m})")
+    check_mix_tokenizer(mix_dir, model_names, meta["models"])
 
 
 def template_model(tokenizers):

@@ -356,14 +356,16 @@ def chat_mask(source, meta):
     return chat[source.long()]
 
 
-def check_mix_tokenizer(mix_dir, model_names):
+def check_mix_tokenizer(mix_dir, model_names, records=None):
     """A DataError, before any model loads, when data.py's mix was built with another vocabulary
-    than each model's tokenizer (read alone: seconds, not the model's minutes)."""
+    than each model's tokenizer (read alone: seconds, not the model's minutes). records: one
+    tokenizer record per model (an aligned mix's), else the mix's one for every model."""
     meta = read_mix_meta(mix_dir)
-    for name in model_names:
+    for m, name in enumerate(model_names):
         try:
             tokenizer = tokenizer_of(name)
         except (OSError, ValueError) as e:  # no hub access: the model cannot load either, and says why
             print(f"note: the tokenizer of {name} could not be read to check the mix against it ({type(e).__name__})")
             continue
-        check_tokenizer(meta, tokenizer, where=f"the token mix {mix_dir}")
+        built = meta if records is None else {"tokenizer": records[m]}
+        check_tokenizer(built, tokenizer, where=f"the token mix {mix_dir}" + f" (model {m})" * (records is not None))
