@@ -50,8 +50,8 @@ import torch
 
 from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
-from crossdiff.config.plan import positions
-from crossdiff.config.schema import ConfigError, complete_cfg, effective, hooks_of, norm_width
+from crossdiff.config.plan import hooks_of, norm_width, positions
+from crossdiff.config.schema import ConfigError, complete_cfg, effective
 from crossdiff.diffing.aligned import aligned_reconstruction, aligned_splice_in
 from crossdiff.diffing.causal import (
     diff_report,

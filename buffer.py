@@ -20,9 +20,10 @@ from crossdiff.config.plan import (
     buffer_sequences,
     check_buffer_fits,
     check_enough_sequences,
+    hooks_of,
     positions,
 )
-from crossdiff.config.schema import ConfigError, completed, effective, hooks_of
+from crossdiff.config.schema import ConfigError, completed, effective
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import check_models, factors_from_rows, norm_factors, run_models
 from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta, verify_store

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crossdiff.config.plan import check_against_model, check_enough_sequences
-from crossdiff.config.schema import PILE_LMSYS_DATASET, hooks_of
+from crossdiff.config.plan import check_against_model, check_enough_sequences, hooks_of
+from crossdiff.config.presets import PILE_LMSYS_DATASET
 from crossdiff.io.checkpoint import atomic_torch_save, data_dir, load_mapped
 from crossdiff.pairs.crossfamily import prepare as prepare_cross_family
 from crossdiff.pairs.realpair import prepare

@@ -79,12 +79,12 @@ def test_architecture_checks_use_the_models_config():
         check_against_model(dict(cfg, d_in=2048), gemma)
 
 
-def test_config_is_a_leaf_module_that_imports_neither_torch_nor_the_repo():
+def test_config_table_imports_neither_torch_nor_the_repo_beyond_its_presets():
     import subprocess
     import sys
 
     probe = ("import sys, crossdiff.config.schema; print(sorted(m for m in sys.modules if m in ('torch', 'crosscoder', "
-             "'buffer', 'utils') or m.startswith('crossdiff.') and m not in ('crossdiff.config', 'crossdiff.config.schema')))")
+             "'buffer', 'utils') or m.startswith('crossdiff.') and m not in ('crossdiff.config', 'crossdiff.config.schema', 'crossdiff.config.presets')))")
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
@@ -93,7 +93,8 @@ def test_complete_cfg_fills_a_saved_config_from_the_defaults_and_its_preset():
     """An old toy checkpoint's config without the keys added since: they take the toy preset's
     values where it has them, else DEFAULTS'; its own values win. A toy run saved before toy_seed
     existed built its pair from its seed, so as a saved config (validate=False) it keeps that pair."""
-    from crossdiff.config.schema import DEFAULTS, TOY_CFG, complete_cfg
+    from crossdiff.config.presets import TOY_CFG
+    from crossdiff.config.schema import DEFAULTS, complete_cfg
 
     old = {"preset": "toy", "dict_size": 256, "d_in": 64, "seed": 3}
     cfg = complete_cfg(old, validate=False)

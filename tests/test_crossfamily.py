@@ -2,7 +2,8 @@
 out of its wheel whole, and the preset's config reaches the models and the mix it names."""
 import zipfile
 
-from crossdiff.config.schema import CROSS_FAMILY_PAIR, PYPI_MIX, complete_cfg
+from crossdiff.config.presets import CROSS_FAMILY_PAIR, PYPI_MIX
+from crossdiff.config.schema import complete_cfg
 from crossdiff.pairs import crossfamily
 
 

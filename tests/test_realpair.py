@@ -159,7 +159,8 @@ def test_chitchat_conversations_alternate_user_and_model_turns_as_the_speakers_d
 
 def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_run_reads(tmp_path, monkeypatch):
     from crossdiff.config.plan import sequences_needed
-    from crossdiff.config.schema import PYPI_MIX, complete_cfg
+    from crossdiff.config.presets import PYPI_MIX
+    from crossdiff.config.schema import complete_cfg
     from crossdiff.pairs import realpair
     from crossdiff.pairs.realpair import prepare
     from crossdiff.sources.mix import load_mix, read_mix_meta, vocab_hash
@@ -189,7 +190,8 @@ def test_the_pypi_mix_is_built_for_the_chat_models_tokenizer_with_the_rows_the_r
 
 
 def test_an_anchored_recipe_keeps_its_anchor_chapters_out_of_the_mix(monkeypatch):
-    from crossdiff.config.schema import PARTNER_RECIPES, complete_cfg
+    from crossdiff.config.presets import PARTNER_RECIPES
+    from crossdiff.config.schema import complete_cfg
     from crossdiff.pairs import realpair
 
     monkeypatch.setattr(realpair, "packages_dir", lambda cfg: data_dir() / "packages")
@@ -210,7 +212,8 @@ def test_the_pair_store_is_named_after_the_partner_and_the_mix_and_only_the_pypi
     """store_dir PAIR_STORE becomes a directory under the pair's cache named after the chat
     partner and the mix it holds (another partner or mix: another store); a pair of yours gets
     one under data_dir/stores; a dataset realpair does not build has none to name."""
-    from crossdiff.config.schema import PAIR_STORE, ConfigError, complete_cfg
+    from crossdiff.config.presets import PAIR_STORE
+    from crossdiff.config.schema import ConfigError, complete_cfg
     from crossdiff.pairs import realpair
 
     monkeypatch.setattr(realpair, "build_pair", lambda cfg: (tmp_path / "base", tmp_path / f"chat-{cfg['partner_recipe']}"))

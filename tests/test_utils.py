@@ -3,7 +3,7 @@ import datasets
 import pytest
 import torch
 
-from crossdiff.config.schema import PILE_LMSYS_DATASET
+from crossdiff.config.presets import PILE_LMSYS_DATASET
 from crossdiff.sources.mix import DataError
 from utils import check_tokens, load_tokens
 

@@ -29,8 +29,8 @@ import torch
 
 from buffer import ActivationStore
 from crossdiff.config.cli import format_help, parse_overrides
-from crossdiff.config.plan import buffer_sequences, sequences_needed, steps_per_refresh
-from crossdiff.config.schema import DEFAULTS, ConfigError, layers_needed
+from crossdiff.config.plan import buffer_sequences, layers_needed, sequences_needed, steps_per_refresh
+from crossdiff.config.schema import DEFAULTS, ConfigError
 from crossdiff.pairs.toy import toy_model_cfg
 from crossdiff.scale import distributed
 from crossdiff.scale.costs import crosscoder_flops_per_token, paper_estimate

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from crossdiff.config.cli import parse_overrides
-from crossdiff.config.schema import DEFAULTS, GEMMA3_OFFLINE_CFG, STEP_DTYPES, ConfigError
+from crossdiff.config.presets import GEMMA3_OFFLINE_CFG
+from crossdiff.config.schema import DEFAULTS, STEP_DTYPES, ConfigError
 from crossdiff.pairs.realpair import pair_dirs
 from crossdiff.scale.costs import crosscoder_flops_per_token, sparse_step_flops_per_token
 from crossdiff.sources.activations import autocast_context, extract_activations

@@ -5,12 +5,12 @@ a command line at all (in_notebook: inside IPython argv is not parsed, and figur
 """
 import sys
 
+from crossdiff.config.presets import TOY_CFG
 from crossdiff.config.schema import (
     DEFAULTS,
     RESUME_OVERRIDABLE,
     SCHEMA,
     SWEEPABLE,
-    TOY_CFG,
     Config,
     ConfigError,
     complete_cfg,

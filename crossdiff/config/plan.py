@@ -1,17 +1,46 @@
 """What a config implies before anything loads, and the checks on it there: the positions kept
 per row, how many sequences a run reads (the buffer's fill and refreshes), the buffer's bytes and
-whether they fit the machine, the process mesh, the models' shapes (from their configs, no
-weights), an activation store's limits. Each one key alone is the table's to check (schema.py).
+whether they fit the machine, the process mesh, the hooks (each model's, the blocks they need),
+the models' shapes (from their configs, no weights), an activation store's limits. Each one key alone is the table's to check (schema.py).
 
 The buffer holds about batch_size * buffer_mult token positions, fills fully at the start and
 refills half of itself once that half has been served (buffer.Buffer, as the reference).
 """
 import os
+import re
 
 import torch
 
-from crossdiff.config.schema import ConfigError, effective, layers_needed
+from crossdiff.config.schema import ConfigError, effective
 
+
+def hook_layer(hook_point):
+    """The block index of 'blocks.L.<...>', or None for hooks outside the blocks."""
+    m = re.match(r"blocks\.(\d+)\.", hook_point)
+    return int(m.group(1)) if m else None
+
+
+def norm_width(cfg):
+    """The width whose square root each model's mean activation norm is scaled to: d_in (the
+    reference), or for models of different widths their mean (the DFC paper's sqrt((d1 + d2) / 2))."""
+    widths = cfg.get("model_widths") or []
+    return sum(widths) / len(widths) if widths else cfg["d_in"]
+
+
+def hooks_of(cfg):
+    """[M] each model's hook point: hook_points, or hook_point for every model (M: n_models, or
+    the models a partial config names)."""
+    return list(cfg.get("hook_points") or [cfg["hook_point"]] * (cfg.get("n_models") or len(cfg["model_names"])))
+
+
+def layers_needed(hook_point):
+    """Blocks a model must hold to give the activations at hook_point: L for
+    blocks.L.hook_resid_pre (the input of block L is the output of blocks 0..L-1), L + 1 for any
+    other hook inside block L, 0 for the embeddings, None (all of them) for hooks after the blocks."""
+    layer = hook_layer(hook_point)
+    if layer is not None:
+        return layer if hook_point == f"blocks.{layer}.hook_resid_pre" else layer + 1
+    return 0 if hook_point in ("hook_embed", "hook_pos_embed") else None
 
 def first_n(cfg):
     """Positions dropped at the start of every row (config key ignore_first_n, or its auto value)."""

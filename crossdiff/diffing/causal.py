@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.config.schema import hook_layer
+from crossdiff.config.plan import hook_layer
 from crossdiff.diffing.measures import iter_paired_activations, is_model_specific, normalisation_factors, rank_sum_order
 from crossdiff.sources.activations import autocast_context, extract_activations
 from crossdiff.sources.mix import ASSISTANT, TEMPLATE, TEXT, USER

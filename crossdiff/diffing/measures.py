@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from crossdiff.arch.partition import DESIGNATED, FREE
-from crossdiff.config.schema import hook_layer
+from crossdiff.config.plan import hook_layer
 from crossdiff.sources.activations import autocast_context, extract_activations
 from crossdiff.sources.tokenmask import PositionFilter
 

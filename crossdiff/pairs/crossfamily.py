@@ -14,7 +14,7 @@ Cached in data_dir/cross-family-offline/ (the mix) beside realpair's packages an
 """
 from pathlib import Path
 
-from crossdiff.config.schema import CROSS_FAMILY_PAIR, PYPI_MIX
+from crossdiff.config.presets import CROSS_FAMILY_PAIR, PYPI_MIX
 from crossdiff.io.checkpoint import data_dir
 from crossdiff.pairs.realpair import (
     assemble_gguf,

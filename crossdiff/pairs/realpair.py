@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from crossdiff.config.cli import build_cfg
-from crossdiff.config.plan import sequences_needed
-from crossdiff.config.schema import BUILT_PAIRS, PAIR_STORE, PYPI_MIX, ConfigError, data_tokens, hook_layer
+from crossdiff.config.plan import hook_layer, sequences_needed
+from crossdiff.config.presets import BUILT_PAIRS, PAIR_STORE, PYPI_MIX
+from crossdiff.config.schema import ConfigError, data_tokens
 from crossdiff.io.checkpoint import atomic_write_text, data_dir, staging_dir, swap_in
 from crossdiff.pairs import organism
 from crossdiff.pairs.organism import text_rows

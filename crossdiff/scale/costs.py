@@ -4,7 +4,7 @@ the FLOPs per token of the harvest and of the crosscoder step, and the seconds p
 Gemma-2-2b replication on one and on 8 H100s (tools/bench.py prints these beside what it measures).
 Tests check each formula against torch's own counters (MemTracker, FlopCounterMode).
 """
-from crossdiff.config.schema import layers_needed
+from crossdiff.config.plan import layers_needed
 
 
 # ---------------------------------------------------------------- memory

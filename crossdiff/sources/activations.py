@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from crossdiff.config.schema import effective, hook_layer, hooks_of, layers_needed, norm_width
+from crossdiff.config.schema import effective
+from crossdiff.config.plan import hook_layer, hooks_of, layers_needed, norm_width
 from crossdiff.sources.aligned_mix import split_aligned
 from crossdiff.sources.tokenmask import PositionFilter
 

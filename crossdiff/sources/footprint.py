@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from crossdiff.config.schema import layers_needed
+from crossdiff.config.plan import layers_needed
 from crossdiff.sources.models import gguf_header, is_gguf, is_local, model_dtype
 
 FP32 = 4

@@ -16,8 +16,8 @@ from unittest import mock
 
 import torch
 
-from crossdiff.config.plan import check_against_model
-from crossdiff.config.schema import ConfigError, hooks_of, layers_needed
+from crossdiff.config.plan import check_against_model, hooks_of, layers_needed
+from crossdiff.config.schema import ConfigError
 from crossdiff.io.checkpoint import data_dir, staging_dir, swap_in
 
 REFERENCE_DEPTH = (14, 26)  # the reference diffs blocks.14.hook_resid_pre of Gemma-2-2b's 26 layers
