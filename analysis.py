@@ -70,6 +70,7 @@ from crossdiff.diffing.figures import (
     format_scaling,
     plot_cosine_histogram,
     plot_latent_scaling,
+    plot_norm_share_histogram,
     plot_relative_norm_histogram,
 )
 from crossdiff.diffing.measures import (
@@ -85,6 +86,7 @@ from crossdiff.diffing.measures import (
     latent_scaling,
     per_model,
     reconstruction_stats,
+    relative_norms,
     scaling_summary,
     separation_note,
     share_in_transcripts,
@@ -223,10 +225,12 @@ SPLICE_BATCH_SIZE = SPLICE_BATCH_SIZE or max(1, SPLICE_BATCH_TOKENS // n_positio
 # %% [markdown]
 # ## Which latents are shared, base-only or chat-only?
 # Relative decoder norm |d_chat| / (|d_base| + |d_chat|), read from the weights as trained (in
-# normalised space, as the reference did).
+# normalised space, as the reference did). For more than two models, each model's share of the
+# norm |d_m| / sum |d_m'|: a latent is model m's alone above 0.9, shared where every model holds
+# at least 60% of an even split (with two models, the same classes).
 
 # %%
-rel = cc.relative_decoder_norm().detach().cpu()
+rel = relative_norms(cc)  # [F], or [F, M] norm shares for more than two models
 classes = latent_classes(cc)
 summary["latent_counts"] = {name: int(mask.sum()) for name, mask in classes.items()}
 by = ", ".join(["model-only latents by block (exclusive by construction)"] * bool(cc.partition.exclusive)
@@ -235,7 +239,11 @@ by = ", ".join(["model-only latents by block (exclusive by construction)"] * boo
 summary["classified"] = by
 print(f"latents per class (all latents, {by}):",
       ", ".join(f"{name} {n}" for name, n in summary["latent_counts"].items()))
-plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png", title=f"Base vs chat model diff ({label})")
+if rel.ndim == 1:
+    plot_relative_norm_histogram(rel, out_dir / "relative_norm_histogram.png", title=f"Base vs chat model diff ({label})")
+else:
+    plot_norm_share_histogram(rel, out_dir / "norm_share_histogram.png", title=f"{rel.shape[1]} models' diff ({label})",
+                              names=[Path(str(n)).name for n in cfg["model_names"]])
 
 # %% [markdown]
 # ## Do shared latents point the same way in both models?
@@ -245,7 +253,8 @@ cos = cc.decoder_cosine_similarity().detach().cpu()
 shared_cos = cos[classes["shared"]]
 summary["shared_cosine_median"] = float(shared_cos.median()) if len(shared_cos) else None
 plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png",
-                      title=f"Cosine similarity of shared latents' decoders ({label})")
+                      title=f"Cosine similarity of shared latents' decoders ({label}"
+                            + (", models 0 and 1)" if cfg["n_models"] > 2 else ")"))
 
 # %% [markdown]
 # ## Models and held-out tokens
@@ -395,9 +404,14 @@ elif models is not None and SPLICE_IN:
 # mirror image probes the base-only latents along their base decoder (nu: chat / base).
 
 # %%
-chat_only = torch.nonzero(classes["chat_only"]).flatten()
+if models is not None and len(models) > 2:  # the cells below read a base (model 0) against its chat model (1)
+    print(f"the cells below compare a base model with its chat model; this crosscoder reads {len(models)} models, "
+          "so they are left out (the classes above, reconstruction and splice-in are each model's)")
+    models = None
+no_class = torch.zeros(cfg["dict_size"], dtype=torch.bool)  # (more than two models: no base-only, chat-only class)
+chat_only = torch.nonzero(classes.get("chat_only", no_class)).flatten()
 probed = effective_chat_only(cc, EFFECTIVE_CHAT_ONLY).cpu() if EFFECTIVE_CHAT_ONLY else chat_only
-base_only = torch.nonzero(classes["base_only"]).flatten()
+base_only = torch.nonzero(classes.get("base_only", no_class)).flatten()
 
 
 def scaled_batches():

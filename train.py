@@ -19,7 +19,7 @@ from crossdiff.config.cli import build_cfg as build_cli_cfg
 from crossdiff.config.cli import in_notebook
 from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits, check_mesh
 from crossdiff.config.schema import DEFAULTS, Config, ConfigError, complete_cfg, expand
-from crossdiff.diffing.measures import latent_classes, separation_note
+from crossdiff.diffing.measures import latent_classes, relative_norms, separation_note
 from crossdiff.io.checkpoint import CheckpointError, check_checkpoint_dir, resolve_version_dir
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed
@@ -137,8 +137,7 @@ def report(trainer, log, models):
     print("(the last batch's figures; explained_variance is the reference's mean over tokens of 1 - |err|^2 / "
           "|x - batch mean|^2, so analysis.py's per-model figures, pooled over held-out tokens, differ)")
     cc = whole_crosscoder(trainer)
-    note = separation_note(latent_classes(cc), cc.relative_decoder_norm().detach().cpu(),
-                           one_vocabulary=not is_aligned(cfg["dataset"]))
+    note = separation_note(latent_classes(cc), relative_norms(cc), one_vocabulary=not is_aligned(cfg["dataset"]))
     if note:
         print(f"note: {note}")
     if cfg["preset"] == "toy":

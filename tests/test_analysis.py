@@ -224,6 +224,38 @@ def test_analysis_of_a_gemma_checkpoint_without_models_keeps_the_weight_analyses
     assert table["latent"] == list(range(64)) and '"arrays":null' in page  # every latent, weights only, no contexts
 
 
+def test_analysis_of_three_models_classes_latents_by_each_models_share_of_the_norm(tmp_path):
+    """A crosscoder of three models (none loadable here): the latent counts, the figure and the
+    dashboard's classes are by each model's share of the decoder norm, computed here from the
+    saved weights; no cell assumes two models."""
+    import base64
+    import gzip
+    import json
+    import re
+
+    cc = CrossCoder(tiny_cfg(tmp_path, preset="gemma", n_models=3, model_names=["a", "b", "c"],
+                             normalisation_factor=[0.3, 0.25, 0.2]))
+    with torch.no_grad():  # latents 0-9 model 2's alone, 10-14 model 0's
+        cc.W_dec[:10, :2] *= 0.01
+        cc.W_dec[10:15, 1:] *= 0.01
+    cc.save()
+    out = run_script("analysis.py", "--checkpoint", str(tmp_path / "checkpoints" / "version_0"), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    analysis_dir = tmp_path / "checkpoints" / "version_0" / "analysis"
+    written = {p.name for p in analysis_dir.iterdir()}
+    assert "norm_share_histogram.png" in written and "relative_norm_histogram.png" not in written
+    norms = cc.W_dec.detach().norm(dim=-1)
+    share = norms / norms.sum(-1, keepdim=True)
+    want = {f"model_{m}_only": int((share[:, m] > 0.9).sum()) for m in range(3)}
+    want["shared"] = int((share > 0.2).all(-1).sum())
+    want["other"] = 64 - sum(want.values())
+    summary = json.loads((analysis_dir / "summary.txt").read_text())
+    assert summary["latent_counts"] == want and want["model_2_only"] == 10 and want["model_0_only"] == 5
+    page = (analysis_dir / "dashboard.html").read_text()
+    table = json.loads(gzip.decompress(base64.b64decode(re.search(r'id="table-blob"[^>]*>([^<]*)<', page).group(1))))
+    assert table["class"][:15] == ["model_2_only"] * 10 + ["model_0_only"] * 5
+
+
 def test_factors_given_on_the_command_line_override_the_checkpoints(tmp_path):
     import json
 

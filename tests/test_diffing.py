@@ -280,3 +280,44 @@ def test_an_all_shared_result_is_said_to_be_null_or_not_separated_by_the_models_
     assert "analysis.py's KL test says which" in separation_note(classes, rel)
     across = separation_note(classes, rel, one_vocabulary=False)  # two tokenizers: no KL test to point to
     assert "no KL test applies" in across and "KL test says which" not in across
+
+
+def test_norm_share_classes_of_two_models_are_the_relative_norms_classes():
+    """classify_shares on two models' norm shares gives classify_latents' masks of the relative
+    norm (column 1 of the shares), partitioned or not."""
+    from crossdiff.arch.partition import DESIGNATED, FREE
+    from crossdiff.diffing.measures import classify_latents, classify_shares, norm_shares
+
+    g = torch.Generator().manual_seed(0)
+    norms_FM = torch.rand(2000, 2, generator=g) * torch.rand(2000, 1, generator=g).pow(3)  # shares spread over [0, 1]
+    share = norm_shares(norms_FM)
+    assert torch.allclose(share[:, 1], norms_FM[:, 1] / (norms_FM[:, 0] + norms_FM[:, 1]))
+    owners = (None, torch.tensor([FREE] * 1000 + [DESIGNATED] * 500 + [FREE] * 500),
+              torch.tensor([0] * 100 + [1] * 100 + [FREE] * 1800))
+    for owner in owners:
+        want, got = classify_latents(share[:, 1], owner), classify_shares(share, owner)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        assert sum(m.long() for m in got.values()).eq(1).all()  # each latent in one class
+
+
+def test_three_models_are_classed_by_each_models_share_of_the_norm():
+    """A latent is model m's alone when its share passes 0.9; shared when every model holds more
+    than 0.2 (60% of an even third); otherwise other. Exclusive blocks are their owner's alone."""
+    from crossdiff.arch.partition import FREE
+    from crossdiff.diffing.measures import classify_shares, norm_shares, separation_note
+
+    norms = torch.tensor([[19.0, 0.5, 0.5], [0.1, 0.1, 9.8], [1.0, 1.0, 1.0], [3.0, 3.5, 3.5], [1.0, 4.5, 4.5],
+                          [0.0, 0.0, 0.0]])
+    got = classify_shares(norm_shares(norms))
+    assert list(got) == ["model_0_only", "model_1_only", "model_2_only", "shared", "other"]
+    assert got["model_0_only"].tolist() == [True, False, False, False, False, False]
+    assert got["model_2_only"].tolist() == [False, True, False, False, False, False]
+    assert not got["model_1_only"].any()
+    assert got["shared"].tolist() == [False, False, True, True, False, False]
+    assert got["other"].tolist() == [False, False, False, False, True, True]  # (0.1 < 0.2; all-zero: NaN)
+    blocks = classify_shares(norm_shares(norms), torch.tensor([1, 1, FREE, FREE, FREE, FREE]))
+    assert blocks["model_1_only"].tolist() == [True, True, False, False, False, False]
+    assert not blocks["model_0_only"].any() and not blocks["model_2_only"].any()
+    assert separation_note(got, norm_shares(norms)) is None
+    even = norm_shares(torch.ones(4, 3))
+    assert "no latent is any one model's alone" in separation_note(classify_shares(even), even)

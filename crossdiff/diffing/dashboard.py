@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from crossdiff.config.plan import first_n
-from crossdiff.diffing.measures import classify_latents, iter_paired_activations, normalisation_factors
+from crossdiff.diffing.measures import iter_paired_activations, latent_classes, normalisation_factors
 
 BEFORE, AFTER = 8, 2  # tokens shown before and after each example's activating token
 HISTOGRAM_BINS = 50
@@ -72,10 +72,9 @@ def latent_table(crosscoder, fire_counts_F=None, n_tokens=None, max_act_F=None, 
     norms_FM = crosscoder.decoder_norms().detach().float().cpu()
     # A one-sided latent (a decoder of norm ~0) has no cosine: null, not a meaningless "-0.000".
     cos_F[norms_FM.min(-1).values <= ONE_SIDED * norms_FM.max(-1).values] = float("nan")
-    classes = classify_latents(rel_F, crosscoder.latent_owner())
     class_F = np.full(len(rel_F), "other", dtype=object)
-    for name in ("base_only", "shared", "chat_only"):
-        class_F[classes[name].numpy()] = name
+    for name, mask in latent_classes(crosscoder).items():  # (more than two models: model_<m>_only by norm share)
+        class_F[mask.numpy()] = name
     shown = (torch.nonzero(fire_counts_F.cpu() > 0).flatten() if fire_counts_F is not None
              else torch.arange(len(rel_F))).tolist()
     scaling = scaling or {}

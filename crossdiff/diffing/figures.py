@@ -59,6 +59,20 @@ def plot_relative_norm_histogram(rel_norm_F, path=None, title="Base vs chat mode
     return _finish(plt, fig, path)
 
 
+def plot_norm_share_histogram(share_FM, path=None, title="Each model's share of the decoder norm", names=None):
+    """For more than two models, the relative norm's figure per model: each latent's share of its
+    decoder norm in that model (0: absent there, 1: that model's alone), one line per model."""
+    plt, (fig, ax) = _figure()
+    share = share_FM[torch.isfinite(share_FM).all(-1)].cpu()
+    for m in range(share.shape[1]):
+        ax.hist(share[:, m].numpy(), bins=100, range=(0, 1), histtype="step", lw=1.5,
+                label=f"model {m}" + (f" ({names[m]})" if names else ""))
+    ax.axvline(1 / share.shape[1], color="grey", ls=":", lw=1, label="an even split")
+    ax.set(xlabel="share of the decoder norm  |d_m| / sum over models |d_m'|", ylabel="latents", title=title)
+    ax.legend(fontsize=8)
+    return _finish(plt, fig, path)
+
+
 def plot_cosine_histogram(cos_F, path=None, title="Cosine similarity of shared latents' decoders"):
     plt, (fig, ax) = _figure()
     ax.hist(cos_F.cpu().numpy(), bins=100, range=(-1, 1), log=True)
