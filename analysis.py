@@ -52,7 +52,7 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import hooks_of, norm_width, positions
 from crossdiff.config.schema import ConfigError, complete_cfg, effective
-from crossdiff.diffing.aligned import aligned_reconstruction, aligned_splice_in
+from crossdiff.diffing.aligned import aligned_reconstruction, aligned_splice_in, aligned_top_examples
 from crossdiff.diffing.causal import (
     diff_report,
     diffing_sets,
@@ -331,11 +331,12 @@ print(f"normalisation factors {cfg.get('normalisation_factor')}: {factor_source}
 # %% [markdown]
 # ## Models of different tokenizers
 # Such a crosscoder is read at the aligned positions only, each model at its own width
-# (crossdiff/diffing/aligned.py). The KL test, Latent Scaling, steering and the dashboard's
-# contexts compare the models over one vocabulary, which these models do not share: the cells
-# below leave them out for such a pair.
+# (crossdiff/diffing/aligned.py). The KL test, Latent Scaling and steering compare the models over
+# one vocabulary, which these models do not share: the cells below leave them out for such a
+# pair. The dashboard shows each latent's top aligned positions, each model on its own tokens.
 
 # %%
+aligned_top = None  # (values, rows, each model's positions, counts, positions counted): the dashboard's contexts
 if models is not None and tokens.ndim == 3:
     first = PositionFilter(cfg, models).first
     summary["alignment"] = meta["alignment"]
@@ -361,7 +362,8 @@ if models is not None and tokens.ndim == 3:
         for m, v in summary["splice_in"].items():
             print(f"splice-in at its aligned positions, model {m}: loss clean {v['clean']:.3f}, spliced "
                   f"{v['spliced']:.3f}, zero-ablated {v['zero_ablation']:.3f}: {v['loss_recovered']:.1%} recovered")
-    models = None  # the cells below compare the models over one vocabulary
+    aligned_top, aligned_models = aligned_top_examples(cc, models, tokens, TOP_K_EXAMPLES, BATCH_SIZE, first), models
+    models = None  # the cells below compare the models over one vocabulary (the dashboard shows each model's tokens)
 
 # %% [markdown]
 # ## How well does it reconstruct held-out activations, and what does splicing it in cost?
@@ -576,6 +578,10 @@ if steering:  # its continuations as text
 if models is not None:
     write_dashboard(out_dir / "dashboard.html", cc, models, tokens, top_all, fire_counts, scaling, info, BATCH_SIZE,
                     harvest=harvest, n_tokens=n_counted)
+elif aligned_top is not None:  # each model's own tokens around its own aligned position
+    *top_all, fire_counts, n_counted = aligned_top
+    write_dashboard(out_dir / "dashboard.html", cc, aligned_models, tokens, top_all, fire_counts, scaling, info,
+                    BATCH_SIZE, n_tokens=n_counted)
 else:
     write_dashboard(out_dir / "dashboard.html", cc, scaling=scaling, info=info)
 print(f"dashboard: open {final_dir / 'dashboard.html'} in a browser")

@@ -73,3 +73,54 @@ def test_splicing_replaces_each_model_at_its_own_aligned_positions_only(tmp_path
         assert abs(got[m]["spliced"] - float(spliced[within].mean())) < 1e-4
         assert abs(got[m]["clean"] - float(clean[within].mean())) < 1e-4
         assert got[m]["tokens"] == int(within.sum()) and got[m]["spliced"] != got[m]["clean"]
+
+
+def test_the_top_examples_are_each_latents_highest_activations_at_the_aligned_positions(tmp_path):
+    """aligned_top_examples over batches of 3 rows: each latent's k values are its k largest
+    activations over every aligned position (computed at once), its firing count theirs, and each
+    example's row and models' positions name an aligned tuple where the latent takes that value."""
+    from crossdiff.diffing.aligned import aligned_top_examples
+
+    cc, models, rows = crosscoder_for(tmp_path)
+    rows = rows[:7]
+    values, seqs, pos, counts, n = aligned_top_examples(cc, models, rows, k=4, batch_size=3, progress=False)
+    x = run_models(models, rows, HOOKS, first=1, d_in=32) * torch.tensor([0.5, 2.0])[:, None]
+    acts = cc.encode(x).detach()  # [P, F], in at_aligned's order: row by row, tuple by tuple
+    n_P, s_P = torch.nonzero((rows[..., 2:] >= 1).all(-1), as_tuple=True)
+    assert n == len(acts) and torch.equal(counts, (acts > 0).sum(0))
+    want_v = acts.topk(4, dim=0).values
+    torch.testing.assert_close(values, want_v.T.clamp(min=0), atol=1e-5, rtol=1e-5)
+    fired = torch.nonzero(values[:, 0] > 0).flatten()
+    assert len(fired) > 5
+    place = {(int(a), *rows[a, b, 2:].tolist()): i for i, (a, b) in enumerate(zip(n_P, s_P))}
+    for j in fired.tolist():
+        for i in range(4):
+            if values[j, i] > 0:
+                p = place[(int(seqs[j, i]), *pos[j, i].tolist())]
+                assert abs(float(acts[p, j]) - float(values[j, i])) < 1e-5
+
+
+def test_each_models_window_share_is_its_own_tokens_projection_and_they_sum_to_the_pre_activation(tmp_path):
+    """aligned_window_contributions: model m's share at each window token is s_m <x_m, W_enc[m, :D_m, j]>
+    on model m's own residual around its own position (0 before position 1 and past the row), and
+    at the example's position the models' shares plus b_enc[j] are the pre-activation."""
+    from crossdiff.diffing.aligned import aligned_window_contributions
+
+    cc, models, rows = crosscoder_for(tmp_path)
+    n_P, s_P = torch.nonzero((rows[:6, :, 2:] >= 1).all(-1), as_tuple=True)
+    picks = [0, len(n_P) // 2, len(n_P) - 1]
+    latents, rows_E = [3, 10, 63], [int(n_P[p]) for p in picks]
+    pos = [rows[n_P[p], s_P[p], 2:].tolist() for p in picks]
+    shares = aligned_window_contributions(cc, models, rows, latents, rows_E, pos, before=2, after=1, batch_size=2)
+    assert shares.shape == (3, 4, 2)
+    s_M = torch.tensor([0.5, 2.0])
+    for e, (j, n, p_M) in enumerate(zip(latents, rows_E, pos)):
+        resid = [m.run_with_cache(rows[n:n + 1, :, i].long())[1][h][0] for i, (m, h) in enumerate(zip(models, HOOKS))]
+        for m, width in enumerate((32, 24)):
+            for w, offset in enumerate(range(-2, 2)):
+                q = p_M[m] + offset
+                want = (s_M[m] * resid[m][q] @ cc.W_enc[m, :width, j]) if 1 <= q < 24 else torch.tensor(0.0)
+                torch.testing.assert_close(shares[e, w, m], want.detach(), atol=1e-4, rtol=1e-4)
+        x = torch.stack([torch.nn.functional.pad(resid[m][p_M[m]], (0, 32 - resid[m].shape[-1])) for m in range(2)])
+        pre = cc.encode((x * s_M[:, None])[None], apply_relu=False)[0, j]
+        torch.testing.assert_close(shares[e, 2].sum(), (pre - cc.b_enc[j]).detach(), atol=1e-4, rtol=1e-4)

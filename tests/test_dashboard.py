@@ -72,6 +72,25 @@ def test_packed_examples_read_back_as_laid_out():
     assert np.abs(got["share"]).max() == SHARE_LEVELS  # each latent's largest share uses the full range
 
 
+def test_models_of_different_tokenizers_pack_their_own_tokens_and_positions():
+    """Aligned rows: the blob holds each model's own tokens [M, N, S] (indices into one string
+    table, model 1's strings after model 0's) and each example's position in each model [E, M]."""
+    tokens = torch.stack([random_tokens(3, 5, d_vocab=9, seed=1), random_tokens(3, 5, d_vocab=30, seed=2)], -1)
+    values = torch.tensor([[2.0, 1.0], [0.5, 0.0]])
+    seqs = torch.tensor([[0, 2], [1, 0]])
+    positions = torch.tensor([[[1, 3], [4, 2]], [[2, 4], [0, 0]]])  # [J, K, M]
+    shares = torch.randn(2, 2, 3, 2, generator=torch.Generator().manual_seed(0))
+    meta, blob = pack_examples([lambda ids: [f"w{i}" for i in ids.tolist()], lambda ids: [f"c{i}" for i in ids.tolist()]],
+                               tokens, values, seqs, positions, shares, before=1, after=1)
+    got = unpack(meta, blob)
+    assert meta["per_model"] and meta["n_seqs"] == 3 and meta["n_examples"] == 3
+    words = np.array(meta["tokens"])[got["tokens"].reshape(2, 3, 5)]
+    for m, prefix in enumerate("wc"):
+        assert words[m].tolist() == [[f"{prefix}{i} " for i in row] for row in tokens[..., m].tolist()]
+    np.testing.assert_array_equal(got["pos"].reshape(3, 2), [[1, 3], [4, 2], [2, 4]])
+    np.testing.assert_array_equal(got["seq"], [0, 2, 1])
+
+
 def test_the_table_lists_the_latents_that_fired_with_their_norms_and_latent_scaling():
     cc = CrossCoder(tiny_cfg())
     with torch.no_grad():
@@ -209,4 +228,39 @@ def test_a_latents_page_shows_the_gap_it_closes_alone_and_its_steering_runs(tmp_
         page.open(path.resolve().as_uri() + "#latent=6")
         page.wait_for("document.querySelector('#detail h2')?.textContent.startsWith('latent 6 ')")
         assert "closes" not in page.evaluate("document.getElementById('detail').textContent")
+        assert page.errors == [], page.errors
+
+
+def test_an_aligned_dashboard_shows_each_models_own_tokens_around_its_own_position(tmp_path):
+    """Models of different tokenizers (a word and a character tokenizer): the page of a latent
+    that fired shows, per example, one context per model, each the model's own tokens up to its
+    own aligned position (outlined), as its tokens in the row say."""
+    from browser import INSTALL_HINT, Chromium, find_chromium
+    from test_aligned import crosscoder_for
+
+    from crossdiff.diffing.aligned import aligned_top_examples
+    from crossdiff.diffing.dashboard import BEFORE, write_dashboard
+
+    if find_chromium() is None:
+        pytest.fail(INSTALL_HINT)
+    cc, models, rows = crosscoder_for(tmp_path)
+    rows = rows[:6]
+    for m, prefix in enumerate("wc"):  # (tiny models have no tokenizer)
+        models[m].to_str_tokens = lambda ids, prefix=prefix: [f"{prefix}{i}" for i in torch.as_tensor(ids).tolist()]
+    *top, counts, n = aligned_top_examples(cc, models, rows, k=3, batch_size=4, progress=False)
+    path = write_dashboard(tmp_path / "dashboard.html", cc, models, rows, top, counts, info={"models": ["w", "c"]},
+                           n_tokens=n)
+    latent = int(torch.nonzero(top[0][:, 0] > 0).flatten()[0])
+    row, pos = int(top[1][latent, 0]), top[2][latent, 0].tolist()
+    with Chromium() as page:
+        page.open(path.resolve().as_uri() + f"#latent={latent}")
+        page.wait_for("document.querySelectorAll('#detail .example').length")
+        ctx = page.evaluate("[...document.querySelectorAll('#detail .example')[0].querySelectorAll('.ctx')]"
+                            ".map(c => [c.textContent, c.querySelector('.max').textContent])")
+        assert len(ctx) == 2
+        for m, (prefix, (text, outlined)) in enumerate(zip("wc", ctx)):
+            ids = rows[row, :, m].tolist()
+            want = [f"{prefix}{i} " for i in ids[max(0, pos[m] - BEFORE):pos[m] + 3]]
+            assert text == "".join(want) and outlined == f"{prefix}{ids[pos[m]]} "
+        assert f"positions {pos[0]} / {pos[1]}" in page.evaluate("document.querySelector('#detail .example .muted').textContent")
         assert page.errors == [], page.errors

@@ -9,12 +9,15 @@ positions are paired). Each figure is taken at the aligned positions, each model
   - each latent class's activation mass by token role (model 0's roles) and the tokens each
     model reads where the class fires most (what "base-only" and "chat-only" latents fire on);
   - the splice-in loss per model: its residual replaced at its own aligned positions by the
-    crosscoder's reconstruction, every other position clean, the loss over the text the row shares.
+    crosscoder's reconstruction, every other position clean, the loss over the text the row shares;
+  - every latent's top activating aligned positions, and each model's share of the pre-activation
+    on its own tokens around its own position there (the dashboard's contexts).
 
 The KL tests, Latent Scaling and steering compare two models' next-token distributions over one
 vocabulary, which two tokenizers do not share: analysis.py leaves them out for such a pair.
 
-Shape legend: N rows, S seq_len, M models, D d_in, P aligned positions, F latents, R roles.
+Shape legend: N rows, S seq_len, M models, D d_in, P aligned positions, F latents, R roles, K examples per
+latent, E examples, W window tokens.
 """
 from collections import Counter
 
@@ -139,3 +142,60 @@ def aligned_splice_in(crosscoder, models, rows_NSK, batch_size=2, first=1, progr
         out[m] = {"clean": clean, "spliced": spliced, "zero_ablation": zero, "tokens": int(counts[m]),
                   "loss_recovered": 1 - (spliced - clean) / (zero - clean) if zero != clean else float("nan")}
     return out
+
+
+@torch.no_grad()
+def aligned_top_examples(crosscoder, models, rows_NSK, k=10, batch_size=8, first=1, progress=True):
+    """Every latent's k highest activations at the aligned positions, a running top-k merged batch
+    by batch: values [F, k] (0: fewer hits), their rows [F, k] and each model's position there
+    [F, k, M]; the positions each latent fired on [F]; and the aligned positions counted."""
+    s_M = normalisation_factors(crosscoder)
+    device, F, M = s_M.device, crosscoder.cfg["dict_size"], crosscoder.n_models
+    best_v = torch.zeros(F, k, device=device)
+    best_n = torch.zeros(F, k, dtype=torch.long, device=device)
+    best_pos = torch.zeros(F, k, M, dtype=torch.long, device=device)
+    counts_F, n_positions = torch.zeros(F, dtype=torch.long, device=device), 0
+    for start, _, pairs_nSM, n_P, s_P, x_PMD, _ in aligned_batches(
+            models, rows_NSK, hooks_of(crosscoder.cfg), batch_size, first, "top activations", progress):
+        acts_PF = crosscoder.encode(x_PMD.to(device) * s_M[:, None]).float()
+        counts_F += (acts_PF > 0).sum(0)
+        n_positions += len(acts_PF)
+        v, i = acts_PF.topk(min(k, len(acts_PF)), dim=0)  # [k', F]
+        cand_v = torch.cat([best_v, v.T], 1)
+        cand_n = torch.cat([best_n, (start + n_P.to(device))[i].T], 1)
+        cand_pos = torch.cat([best_pos, pairs_nSM[n_P, s_P].to(device)[i].transpose(0, 1)], 1)
+        best_v, sel = cand_v.topk(k, dim=1)
+        best_n = cand_n.gather(1, sel)
+        best_pos = cand_pos.gather(1, sel[..., None].expand(-1, -1, M))
+    return best_v.cpu(), best_n.cpu(), best_pos.cpu(), counts_F.cpu(), n_positions
+
+
+@torch.no_grad()
+def aligned_window_contributions(crosscoder, models, rows_NSK, latents_E, rows_E, pos_EM, before, after,
+                                 batch_size=8, first=1):
+    """[E, W, M] each model's share s_m <x_m, W_enc[m, :, j]> of latent j's pre-activation on its
+    own W = before + 1 + after tokens around its own position of each example (latent
+    latents_E[e] at row rows_E[e], model m at pos_EM[e, m]); 0 outside the row and before first.
+    Runs the models on the examples' rows only."""
+    s_M = normalisation_factors(crosscoder)
+    device = crosscoder.W_enc.device
+    latents_E, rows_E, pos_EM = (torch.as_tensor(v, dtype=torch.long, device="cpu") for v in (latents_E, rows_E, pos_EM))
+    offsets_W = torch.arange(-before, after + 1, device="cpu")
+    out_EWM = torch.zeros(len(latents_E), len(offsets_W), len(models), device="cpu")
+    needed = rows_E.unique()
+    for lo in range(0, len(needed), batch_size):
+        batch = needed[lo:lo + batch_size]
+        tokens_nSM, _ = split_aligned(rows_NSK[batch].to(next(models[0].parameters()).device, torch.long), len(models))
+        with autocast_context(tokens_nSM.device):
+            resid = [extract_activations(m, tokens_nSM[..., i], h)
+                     for i, (m, h) in enumerate(zip(models, hooks_of(crosscoder.cfg)))]
+        here = torch.nonzero(torch.isin(rows_E, batch)).flatten()
+        n_E = torch.searchsorted(batch, rows_E[here])  # the example's row within the batch
+        for m, r in enumerate(resid):
+            S, D_m = r.shape[1:]
+            pos_EW = pos_EM[here, m, None] + offsets_W
+            valid_EW = (pos_EW >= first) & (pos_EW < S)
+            x_EWD = r[n_E[:, None], pos_EW.clamp(0, S - 1)].float().to(device) * s_M[m]
+            enc_DE = crosscoder.W_enc[m, :D_m, latents_E[here].to(device)].float()
+            out_EWM[here, :, m] = torch.einsum("ewd,de->ew", x_EWD, enc_DE).cpu() * valid_EW
+    return out_EWM

@@ -6,6 +6,7 @@ in a table that sorts and filters; selecting one shows its decoder norm per mode
 on the relative-norm histogram and its top activating contexts, the base and the chat model side
 by side: each token coloured by that model's share of the latent's pre-activation,
 <x_m, W_enc[m, :, j]> in the training space (the two shares plus b_enc[j] are the pre-activation).
+Models of different tokenizers each show their own tokens around their own aligned position.
 
 Size: the table is gzip-compressed JSON; the examples are one gzip-compressed binary blob in the
 same file (the held-out tokens once; per example its place, its activation and the shares,
@@ -24,7 +25,9 @@ import numpy as np
 import torch
 
 from crossdiff.config.plan import first_n
+from crossdiff.diffing.aligned import aligned_window_contributions
 from crossdiff.diffing.measures import iter_paired_activations, latent_classes, normalisation_factors
+from crossdiff.sources.aligned_mix import split_aligned
 
 BEFORE, AFTER = 8, 2  # tokens shown before and after each example's activating token
 HISTOGRAM_BINS = 50
@@ -120,11 +123,25 @@ def pack_examples(str_tokens, tokens_NS, values_JK, seqs_JK, positions_JK, contr
     offsets uint32 [J+1] (row j's examples are offsets[j]:offsets[j+1], those with a positive
     value), act_scale and share_scale float32 [J], act [E] (x act_scale: uint16), seq and pos [E],
     tokens [N, S] (the held-out tokens, as indices into meta["tokens"], their strings) and share
-    int8 [E, W, M] (x share_scale). str_tokens(ids) -> their strings."""
+    int8 [E, W, M] (x share_scale). str_tokens(ids) -> their strings.
+
+    Models of different tokenizers (aligned rows): tokens_NS [N, S, M] each model's own tokens,
+    positions_JK [J, K, M] each model's own position, str_tokens a list of one function per model;
+    then tokens is [M, N, S], pos [E, M], and meta["per_model"] says so."""
     keep_JK = values_JK > 0
     counts_J = keep_JK.sum(1)
-    N, S = tokens_NS.shape
-    vocab, index_NS = torch.unique(tokens_NS, return_inverse=True)
+    N, S = tokens_NS.shape[:2]
+    per_model = tokens_NS.ndim == 3
+    if per_model:  # one string table: model m's ids from offset m on
+        strings, parts = [], []
+        for m, fn in enumerate(str_tokens):
+            vocab_m, index_m = torch.unique(tokens_NS[..., m], return_inverse=True)
+            parts.append(index_m + len(strings))
+            strings += spaced(list(fn(vocab_m)))
+        index_NS = torch.stack(parts)  # [M, N, S]
+    else:
+        vocab, index_NS = torch.unique(tokens_NS, return_inverse=True)
+        strings = spaced(list(str_tokens(vocab)))
     act_scale_J = values_JK.float().amax(1).clamp(min=1e-12) / ACT_LEVELS
     share_scale_J = contributions_JKWM.abs().flatten(1).amax(1).clamp(min=1e-12) / SHARE_LEVELS
     row_E = torch.repeat_interleave(torch.arange(len(counts_J), device="cpu"), counts_J)
@@ -134,7 +151,7 @@ def pack_examples(str_tokens, tokens_NS, values_JK, seqs_JK, positions_JK, contr
         "act": (values_JK[keep_JK].float() / act_scale_J[row_E]).round().clamp(0, ACT_LEVELS).numpy().astype(np.uint16),
         "seq": seqs_JK[keep_JK].numpy().astype(_smallest_uint(N)),
         "pos": positions_JK[keep_JK].numpy().astype(_smallest_uint(S)),
-        "tokens": index_NS.numpy().astype(_smallest_uint(len(vocab))),
+        "tokens": index_NS.numpy().astype(_smallest_uint(len(strings))),
         "share": (contributions_JKWM[keep_JK].float() / share_scale_J[row_E][:, None, None]).round()
         .clamp(-SHARE_LEVELS, SHARE_LEVELS).numpy().astype(np.int8)}
     layout, parts, at = {}, [], 0
@@ -144,7 +161,7 @@ def pack_examples(str_tokens, tokens_NS, values_JK, seqs_JK, positions_JK, contr
         at += a.nbytes
     meta = {"arrays": layout, "window": before + 1 + after, "before": before, "seq_len": S,
             "n_models": contributions_JKWM.shape[-1], "n_examples": int(counts_J.sum()),
-            "tokens": spaced(list(str_tokens(vocab)))}
+            "per_model": per_model, "n_seqs": N, "tokens": strings}
     return meta, _gzip_base64(b"".join(parts))
 
 
@@ -171,7 +188,8 @@ def dashboard_html(table, histogram, info, examples=None):
 def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fire_counts_F=None, scaling=None,
                     info=None, batch_size=8, harvest=iter_paired_activations, n_tokens=None):
     """Write the dashboard. With models and tokens: top = (values, seqs, positions) [F, K] from
-    diffing.top_activating_examples over every latent, fire_counts_F and n_tokens its counts (of
+    diffing.top_activating_examples over every latent (aligned rows [N, S, 2M] of models of
+    different tokenizers: aligned.aligned_top_examples's, positions [F, K, M]), fire_counts_F and n_tokens its counts (of
     each latent's firings, of the positions counted: the firing frequencies' denominator); the
     contexts are read in one more pass over the tokens (harvest: as diffing's analyses). Returns
     the path."""
@@ -185,10 +203,17 @@ def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fir
         rows = torch.as_tensor(table["latent"], dtype=torch.long, device="cpu")
         values, seqs, positions = (t[rows] for t in top)
         keep = values > 0
-        shares = window_contributions(crosscoder, models, tokens_NS, rows[:, None].expand_as(values)[keep], seqs[keep],
-                                      positions[keep], batch_size=batch_size, harvest=harvest)
+        latents_E = rows[:, None].expand_as(values)[keep]
+        if tokens_NS.ndim == 3:  # aligned rows: each model at its own position, on its own tokens
+            shares = aligned_window_contributions(crosscoder, models, tokens_NS, latents_E, seqs[keep], positions[keep],
+                                                  BEFORE, AFTER, batch_size, first=first_n(crosscoder.cfg))
+            tokens_NS, str_tokens = split_aligned(tokens_NS, len(models))[0], [m.to_str_tokens for m in models]
+        else:
+            shares = window_contributions(crosscoder, models, tokens_NS, latents_E, seqs[keep], positions[keep],
+                                          batch_size=batch_size, harvest=harvest)
+            str_tokens = models[1].to_str_tokens
         full = torch.zeros(*values.shape, shares.shape[1], shares.shape[2], device="cpu")
         full[keep] = shares
-        examples = pack_examples(models[1].to_str_tokens, tokens_NS, values, seqs, positions, full)
+        examples = pack_examples(str_tokens, tokens_NS, values, seqs, positions, full)
     Path(path).write_text(dashboard_html(table, histogram, info, examples), encoding="utf-8")
     return Path(path)
