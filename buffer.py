@@ -26,7 +26,14 @@ from crossdiff.config.plan import (
 from crossdiff.config.schema import ConfigError, completed, effective
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import check_models, factors_from_rows, norm_factors, run_models
-from crossdiff.sources.store import check_store_matches, open_shards, read_rows, read_store_meta, verify_store
+from crossdiff.sources.store import (
+    aligned_counts,
+    check_store_matches,
+    open_shards,
+    read_rows,
+    read_store_meta,
+    verify_store,
+)
 from crossdiff.sources.tokenmask import PositionFilter
 
 
@@ -243,7 +250,9 @@ class ActivationStore(RowBuffer):
     """Serves harvested rows (crossdiff/sources/store.py's format) exactly as the live Buffer
     serves fresh ones: same sizes, refresh, shuffle, state and resume. first_sequence, stride: read
     the store's sequences first_sequence, first_sequence + stride, ... (a data-parallel rank's
-    share, as it reads tokens live)."""
+    share, as it reads tokens live). A store of aligned rows (models of different tokenizers)
+    serves each sequence's real rows only, as the live Buffer does, and reads no refresh ahead
+    (its reads depend on how many rows each sequence has)."""
 
     def __init__(self, cfg, store_dir, state=None, first_sequence=0, stride=1):
         cfg = completed(cfg)
@@ -255,10 +264,11 @@ class ActivationStore(RowBuffer):
         self.ids = range(first_sequence, self.meta["n_sequences"], stride)  # this reader's sequences, in order
         super().__init__(cfg, len(self.ids), self.meta["n_models"], self.meta["d_in"])
         self._shards = open_shards(self.store_dir, self.meta, positions(cfg))
+        self.counts = aligned_counts(self.store_dir, self.meta)  # real rows per sequence (aligned rows), or None
         # The next refresh's reads, made in the background while training runs (store_prefetch):
         # (first, n) -> a future of its rows, in pinned memory when they go to a GPU.
         self._ahead, self._reader = {}, None
-        if cfg["store_prefetch"]:
+        if cfg["store_prefetch"] and self.counts is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="store-prefetch")
             # its thread ends with the store (or at exit), pending reads cancelled
             weakref.finalize(self, self._reader.shutdown, wait=False, cancel_futures=True)
@@ -287,8 +297,11 @@ class ActivationStore(RowBuffer):
         return block.to(self.device, non_blocking=True)
 
     def _read(self, first, n):
-        return read_rows(self._shards, self.meta, self.ids[first : first + n], positions(self.cfg),
-                         pin=self.device.type == "cuda")
+        ids, R = self.ids[first : first + n], positions(self.cfg)
+        block = read_rows(self._shards, self.meta, ids, R, pin=self.device.type == "cuda" and self.counts is None)
+        if self.counts is None:
+            return block
+        return block[(torch.arange(R, device="cpu")[None] < self.counts[list(ids)][:, None]).flatten()]
 
     def refresh(self):
         super().refresh()

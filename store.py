@@ -18,7 +18,6 @@ from crossdiff.config.schema import ConfigError
 from crossdiff.scale import distributed
 from crossdiff.scale.distributed import resolve_device
 from crossdiff.scale.process import library_progress
-from crossdiff.sources.aligned_mix import is_aligned
 from crossdiff.sources.mix import DataError
 from crossdiff.sources.models import SetupError
 from crossdiff.sources.store import (
@@ -59,10 +58,6 @@ def build(cfg):
     """Harvest the store at cfg["store_dir"] for this config (prepared: utils.prepare_models; on
     its device), the free disk checked before any model loads: the models and tokens load here and
     are let go when it is done. train.py calls it when the store a config names is missing."""
-    if is_aligned(cfg["dataset"]):
-        raise ConfigError(f"{cfg['dataset']} is a mix for models of different tokenizers: an activation store holds "
-                          "a fixed number of positions per sequence, and its rows keep only their aligned positions. "
-                          "Train from it live (drop --store_dir)")
     n = sequences_for_any_world_size(cfg)
     check_disk(cfg, n)
     started = time.time()

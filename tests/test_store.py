@@ -254,3 +254,40 @@ def test_reading_the_next_refresh_ahead_serves_the_same_rows_and_reads_them_in_t
     resumed = ActivationStore(dict(cfg), tmp_path / "store", state=ahead.state_dict())
     for _ in range(10):
         assert torch.equal(resumed.next(), inside.next())
+
+
+def test_a_store_of_aligned_rows_serves_the_live_buffers_rows_and_trains_as_it_does(tmp_path):
+    """Models of different tokenizers and widths (aligned rows): the harvested store holds each
+    sequence's aligned tuples at the start of its rows (the count read back from tokens.pt), serves
+    the live Buffer's rows in its order within bf16 rounding, and a run from it follows the live one."""
+    from test_aligned import HOOKS, crosscoder_for
+
+    from buffer import Buffer
+    from crossdiff.sources.activations import run_models
+    from crossdiff.sources.store import aligned_counts, read_store_meta
+
+    _, models, rows = crosscoder_for(tmp_path)
+    cfg = tiny_cfg(tmp_path, d_in=32, model_widths=[32, 24], pad_widths=True, seq_len=24, hook_point=HOOKS[0],
+                   hook_points=HOOKS, dict_size=64, batch_size=16, buffer_mult=8, model_batch_size=3,
+                   num_tokens=16 * 12, wrap_tokens=True)
+    harvest(cfg, models, rows, tmp_path / "store", 30, shard_sequences=8)
+    meta = read_store_meta(tmp_path / "store")
+    assert meta["aligned"] and meta["model_widths"] == [32, 24] and meta["shard_sequences"] == [8, 8, 8, 6]
+    counts = aligned_counts(tmp_path / "store", meta)
+    want = (rows[:30, :, 2:] >= 1).all(-1).sum(1)
+    assert torch.equal(counts, want) and (counts < 23).any()
+    store = ActivationStore(dict(cfg), tmp_path / "store")
+    s = torch.tensor(meta["normalisation_factor"])
+    served = store.rows(0, 5).float()
+    direct = run_models(models, rows[:5], HOOKS, first=1, d_in=32) * s[:, None]
+    assert served.shape == direct.shape and ((served - direct).abs() <= 2**-8 * direct.abs() + 1e-6).all()
+    live = Buffer(dict(cfg), models, rows[:30])
+    for _ in range(4):
+        a, b = live.next(), store.next()
+        assert ((a - b).abs() <= 2**-7 * a.abs() + 1e-6).all()
+    trainers = [Trainer(dict(cfg), models=models, tokens=rows[:30]),
+                Trainer(dict(cfg), buffer=ActivationStore(dict(cfg), tmp_path / "store"))]
+    for _ in range(12):
+        a, b = (t.step() for t in trainers)
+    assert float(a["l2_loss"]) == pytest.approx(float(b["l2_loss"]), rel=2e-2)
+    assert trainers[1].crosscoder.W_dec[:, 1, 24:].abs().max() == 0  # the padding stays exactly zero

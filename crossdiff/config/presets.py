@@ -49,7 +49,7 @@ OWN_PAIR_CPU_CFG = dict(
     GEMMA3_OFFLINE_CAPS_CFG, model_names=None, model_name=None, partner_recipe="plain", num_tokens=800_000,
     data_tokens=100_000, ignore_first_n=1, save_every=1000)
 # Two families, offline (pairs/crossfamily.py): Gemma-3-270m base against SmolLM2-135M-Instruct,
-# aligned over their tokenizers and padded to one width; trained live (a store cannot hold aligned rows).
+# aligned over their tokenizers and padded to one width; trained live (--store_dir DIR: harvested once instead).
 CROSS_FAMILY_PAIR = ("gemma3-270m-offline-base", "smollm2-135m-instruct-offline")
 CROSS_FAMILY_CFG = dict(
     OWN_PAIR_CPU_CFG, model_names=list(CROSS_FAMILY_PAIR), model_name=CROSS_FAMILY_PAIR[0], store_dir=None,

@@ -2,7 +2,12 @@
 
 A store directory holds shard_00000.bin, shard_00001.bin, ... (bf16 rows [sequences * R, M, D],
 SHARD_SEQUENCES sequences per file, normalised per model), tokens.pt (the token ids, for
-provenance) and meta.json (written last: its presence marks the store complete). harvest writes
+provenance) and meta.json (written last: its presence marks the store complete).
+
+A store of aligned rows (models of different tokenizers, sources/aligned_mix.py; meta "aligned")
+keeps the same layout: a sequence's aligned tuples fill the first of its R rows in order (at most
+R: model 0's positions are distinct), zeros after; tokens.pt holds the aligned rows [N, S, 2M],
+from which aligned_counts reads how many rows of each sequence are real. harvest writes
 what a training run with that config would read (the same tokens, in order); buffer.ActivationStore
 serves it through open_shards and read_rows exactly as the live Buffer serves fresh rows. The
 script store.py runs a harvest from the command line.
@@ -25,16 +30,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from crossdiff.config.plan import check_no_exclusions, first_n, positions, sequences_needed
+from crossdiff.config.plan import check_no_exclusions, first_n, hooks_of, positions, sequences_needed
 from crossdiff.config.schema import ConfigError, data_tokens, effective
 from crossdiff.io.checkpoint import atomic_write_text, file_sha256, staging_dir, swap_in
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import norm_factors, run_models
+from crossdiff.sources.aligned_mix import is_aligned, split_aligned
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
 # The config keys a store must share with a run that trains from it (toy_seed: only toy stores
 # record it; a store from before model_names and dataset were compared has them all the same).
-STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "dataset", "toy_seed")
+STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "dataset", "toy_seed", "hook_points",
+              "model_widths")
 
 
 # ---------------------------------------------------------------- the format
@@ -115,6 +122,27 @@ def open_shards(store_dir, meta, rows_per_sequence):
                              f"{meta['d_in']}): the store is damaged; harvest it again")
         shards.append(np.memmap(path, dtype=np.int16, mode="r", shape=shape))
     return shards
+
+
+def aligned_counts(store_dir, meta):
+    """[N] int64: the real rows of each sequence of a store of aligned rows (its aligned tuples
+    whose every position is >= ignore_first_n), from its tokens.pt; None for any other store."""
+    if not meta.get("aligned"):
+        return None
+    rows_NSK = torch.load(Path(store_dir) / "tokens.pt", map_location="cpu", weights_only=True, mmap=True)
+    return (split_aligned(rows_NSK, meta["n_models"])[1] >= meta["ignore_first_n"]).all(-1).sum(1)
+
+
+def compact_aligned(rows_PMD, pairs_NSM, first, rows_per_sequence):
+    """[N * R, M, D]: the rows of aligned tuples (at_aligned's order: row by row) placed at the start
+    of their sequence's R rows, zeros after (the layout aligned_counts reads back)."""
+    valid_NS = (pairs_NSM >= first).all(-1)
+    n_P = torch.nonzero(valid_NS)[:, 0]
+    counts_N = valid_NS.sum(1)
+    slot_P = torch.arange(len(n_P), device=n_P.device) - (counts_N.cumsum(0) - counts_N)[n_P]
+    out = rows_PMD.new_zeros(len(valid_NS) * rows_per_sequence, *rows_PMD.shape[1:])
+    out[n_P * rows_per_sequence + slot_P] = rows_PMD
+    return out
 
 
 def read_rows(shards, meta, ids, rows_per_sequence, pin=False):
@@ -204,7 +232,8 @@ def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences)
     factors_M = norm_factors(cfg, models, tokens_NS) if distributed.is_main() else None
     factors_M = torch.tensor(distributed.broadcast(factors_M.tolist() if factors_M is not None else None),
                              device=device)
-    rows_per_seq, M, D, first_pos = positions(cfg), len(models), models[0].cfg.d_model, first_n(cfg)
+    rows_per_seq, M, D, first_pos = positions(cfg), len(models), cfg["d_in"], first_n(cfg)
+    aligned = tokens_NS.ndim == 3  # rows of models of different tokenizers: each sequence's tuples, compacted
     shards = [min(shard_sequences, n_sequences - first) for first in range(0, n_sequences, shard_sequences)]
     rank, w = distributed.rank(), distributed.world_size()
     for i in range(rank, len(shards), w):
@@ -213,7 +242,9 @@ def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences)
         for start in tqdm(range(0, n, cfg["model_batch_size"]), desc=f"harvesting shard {i}" + f" (rank {rank})" * (w > 1),
                           leave=False, disable=not cfg["progress"]):
             t = tokens_NS[first + start : first + min(start + cfg["model_batch_size"], n), : cfg["seq_len"]]
-            rows_RMD = (run_models(models, t, cfg["hook_point"], first_pos).float() * factors_M[:, None]).to(torch.bfloat16)
+            rows_RMD = (run_models(models, t, hooks_of(cfg), first_pos, d_in=D).float() * factors_M[:, None]).to(torch.bfloat16)
+            if aligned:
+                rows_RMD = compact_aligned(rows_RMD, split_aligned(t.to(rows_RMD.device), M)[1], first_pos, rows_per_seq)
             mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
         mm.flush()
         del mm
@@ -230,7 +261,8 @@ def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences)
                 "seq_len": cfg["seq_len"], "normalisation_factor": factors_M.tolist(), "n_sequences": n_sequences,
                 "sequences_per_shard": shard_sequences, "shard_sequences": shards, "dataset": cfg["dataset"],
                 "preset": cfg.get("preset"), "harvested_by": w, "ignore_first_n": first_pos,
-                "norm_scale": effective(cfg, "norm_scale")}
+                "norm_scale": effective(cfg, "norm_scale"), "hook_points": cfg.get("hook_points"),
+                "model_widths": cfg.get("model_widths"), "aligned": aligned}
         if cfg.get("preset") == "toy":
             meta["toy_seed"] = cfg["toy_seed"]  # which toy pair
         meta["sha256"] = sums
@@ -248,9 +280,11 @@ def sequences_for_any_world_size(cfg, max_processes=64):
 
 
 def store_bytes(cfg, n_sequences):
-    """Disk a store of n_sequences takes: bf16 rows [n * P, M, D] and the int32 token ids."""
+    """Disk a store of n_sequences takes: bf16 rows [n * P, M, D] and the int32 token ids (of an
+    aligned mix: every model's tokens and the aligned positions, 2M per position)."""
     rows = n_sequences * positions(cfg)
-    return rows * cfg["n_models"] * cfg["d_in"] * 2 + n_sequences * cfg["seq_len"] * 4
+    ids = 2 * cfg["n_models"] if is_aligned(cfg["dataset"]) else 1
+    return rows * cfg["n_models"] * cfg["d_in"] * 2 + n_sequences * cfg["seq_len"] * 4 * ids
 
 
 def free_disk_bytes(path):
