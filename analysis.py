@@ -361,7 +361,8 @@ if models is not None and tokens.ndim == 3:
         summary["splice_in"] = aligned_splice_in(cc, models, tokens, SPLICE_BATCH_SIZE, first)
         for m, v in summary["splice_in"].items():
             print(f"splice-in at its aligned positions, model {m}: loss clean {v['clean']:.3f}, spliced "
-                  f"{v['spliced']:.3f}, zero-ablated {v['zero_ablation']:.3f}: {v['loss_recovered']:.1%} recovered")
+                  f"{v['spliced']:.3f}, zero-ablated {v['zero_ablation']:.3f}: {v['loss_recovered']:.1%} recovered; "
+                  f"KL(clean || spliced) {v['kl_spliced']:.4f} nats a token")
     aligned_top, aligned_models = aligned_top_examples(cc, models, tokens, TOP_K_EXAMPLES, BATCH_SIZE, first), models
     models = None  # the cells below compare the models over one vocabulary (the dashboard shows each model's tokens)
 

@@ -49,6 +49,9 @@ class _Tokens:
 
 
 def test_splicing_replaces_each_model_at_its_own_aligned_positions_only(tmp_path):
+    """aligned_splice_in (from the hook's layer on) against a hook on the full forward that splices
+    each model at its own aligned positions: the clean and spliced losses and KL(P_clean ||
+    P_spliced), each over the positions up to the row's last aligned one."""
     cc, models, rows = crosscoder_for(tmp_path)
     rows = rows[:2]
     got = aligned_splice_in(cc, models, rows, batch_size=2, progress=False)
@@ -68,11 +71,15 @@ def test_splicing_replaces_each_model_at_its_own_aligned_positions_only(tmp_path
 
         spliced = model.run_with_hooks(tokens[..., m], return_type="loss", loss_per_token=True, fwd_hooks=[(hook, splice)])
         clean = model(tokens[..., m], return_type="loss", loss_per_token=True)
+        p_clean = model(tokens[..., m]).log_softmax(-1)[:, :-1]
+        p_spliced = model.run_with_hooks(tokens[..., m], fwd_hooks=[(hook, splice)]).log_softmax(-1)[:, :-1]
+        kl = torch.nn.functional.kl_div(p_spliced, p_clean, log_target=True, reduction="none").sum(-1)
         last = torch.stack([pos[n_P == n].max() for n in range(2)])
         within = torch.arange(23)[None] < last[:, None]
         assert abs(got[m]["spliced"] - float(spliced[within].mean())) < 1e-4
         assert abs(got[m]["clean"] - float(clean[within].mean())) < 1e-4
         assert got[m]["tokens"] == int(within.sum()) and got[m]["spliced"] != got[m]["clean"]
+        assert abs(got[m]["kl_spliced"] - float(kl[within].mean())) < 1e-4 and got[m]["kl_spliced"] > 0
 
 
 def test_the_top_examples_are_each_latents_highest_activations_at_the_aligned_positions(tmp_path):

@@ -112,11 +112,13 @@ def aligned_splice_in(crosscoder, models, rows_NSK, batch_size=2, first=1, progr
     """Per model: next-token loss clean, with its residual at the hook replaced by the
     crosscoder's reconstruction at its own aligned positions (the rest clean), and zero-ablated
     (every position, as the reference's notebook); loss_recovered = 1 - (spliced - clean) / (zero -
-    clean). Over each row's positions up to the model's last aligned one (the text the row shares)."""
+    clean); kl_spliced, the mean KL(P_clean || P_spliced) of its next-token distributions, each
+    model over its own vocabulary (the one KL two tokenizers allow). Over each row's positions up
+    to the model's last aligned one (the text the row shares)."""
     folded = crosscoder.fold_normalisation(normalisation_factors(crosscoder))
     hooks, widths = hooks_of(crosscoder.cfg), crosscoder.cfg.get("model_widths") or [crosscoder.cfg["d_in"]] * len(models)
     device = next(models[0].parameters()).device
-    totals = torch.zeros(len(models), 3, dtype=torch.float64, device="cpu")
+    totals = torch.zeros(len(models), 4, dtype=torch.float64, device="cpu")  # clean, spliced, zero losses; KL
     counts = torch.zeros(len(models), device="cpu")
     for _, tokens_nSM, pairs_nSM, n_P, s_P, x_PMD, resid in aligned_batches(
             models, rows_NSK, hooks, batch_size, first, "splice-in loss", progress):
@@ -128,18 +130,21 @@ def aligned_splice_in(crosscoder, models, rows_NSK, batch_size=2, first=1, progr
             spliced[n_P, pos_P] = x_hat[:, m, :widths[m]].to(spliced.dtype)
             t = tokens_nSM[..., m]
             with autocast_context(device):
-                losses = [model(r, start_at_layer=layer, tokens=t, return_type="loss", loss_per_token=True).float()
-                          for r in (resid[m], spliced, torch.zeros_like(resid[m]))]
+                logp = [model(r, start_at_layer=layer, tokens=t, return_type="logits")[:, :-1].float().log_softmax(-1)
+                        for r in (resid[m], spliced, torch.zeros_like(resid[m]))]
+            # position i's prediction of token i + 1, and the spliced distribution against the clean one
+            losses = [-lp.gather(-1, t[:, 1:, None])[..., 0] for lp in logp]
+            losses.append((logp[0].exp() * (logp[0] - logp[1])).sum(-1))
+            del logp
             last_n = torch.full((len(t),), -1, device=device).scatter_reduce(0, n_P, pos_P, "amax")
-            # loss_per_token[i] is position i's prediction of token i + 1: up to the last aligned position
             within_nS = torch.arange(t.shape[1] - 1, device=device)[None] < last_n[:, None]
             for i, loss in enumerate(losses):
                 totals[m, i] += float(loss[within_nS].double().sum())
             counts[m] += float(within_nS.sum())
     out = {}
     for m in range(len(models)):
-        clean, spliced, zero = (totals[m] / counts[m].clamp(min=1)).tolist()
-        out[m] = {"clean": clean, "spliced": spliced, "zero_ablation": zero, "tokens": int(counts[m]),
+        clean, spliced, zero, kl = (totals[m] / counts[m].clamp(min=1)).tolist()
+        out[m] = {"clean": clean, "spliced": spliced, "zero_ablation": zero, "kl_spliced": kl, "tokens": int(counts[m]),
                   "loss_recovered": 1 - (spliced - clean) / (zero - clean) if zero != clean else float("nan")}
     return out
 
