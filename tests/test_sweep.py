@@ -230,3 +230,19 @@ def test_a_two_process_sweep_stopped_on_one_rank_resumes_and_its_member_equals_t
         for name, want in alone["weights"].items():
             torch.testing.assert_close(resumed["weights"][1][name], want, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(resumed["weights"][0]["W_dec"], alone["weights"]["W_dec"])
+
+
+def test_a_sweep_over_models_of_different_tokenizers_and_widths_equals_its_member_alone(tmp_path):
+    """Aligned rows (a word and a character tokenizer, widths 32 and 24): the second member of an
+    l1_coeff sweep on one buffer equals that config trained alone, and its padding stays 0."""
+    from test_aligned import HOOKS, crosscoder_for
+
+    _, models, rows = crosscoder_for(tmp_path)
+    shape = dict(d_in=32, model_widths=[32, 24], pad_widths=True, seq_len=24, hook_point=HOOKS[0], hook_points=HOOKS,
+                 dict_size=64, batch_size=16, buffer_mult=8, model_batch_size=3, num_tokens=16 * 8, wrap_tokens=True)
+    run = Sweep(tiny_cfg(tmp_path / "sweep", **shape), {"l1_coeff": [1.0, 3.0]}, models=models, tokens=rows)
+    run.train()
+    alone = Trainer(tiny_cfg(tmp_path / "alone", **shape, l1_coeff=3.0), models=models, tokens=rows)
+    alone.train()
+    assert_same_weights(run.trainers[1].crosscoder, alone.crosscoder)
+    assert run.trainers[1].crosscoder.W_dec[:, 1, 24:].abs().max() == 0
