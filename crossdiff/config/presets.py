@@ -49,11 +49,12 @@ OWN_PAIR_CPU_CFG = dict(
     GEMMA3_OFFLINE_CAPS_CFG, model_names=None, model_name=None, partner_recipe="plain", num_tokens=800_000,
     data_tokens=100_000, ignore_first_n=1, save_every=1000)
 # Two families, offline (pairs/crossfamily.py): Gemma-3-270m base against SmolLM2-135M-Instruct,
-# aligned over their tokenizers and padded to one width; trained live (--store_dir DIR: harvested once instead).
+# aligned over their tokenizers and padded to one width; 100k tokens harvested once into a store
+# (PAIR_STORE: under the preset's cache, named after its mix) and read 4 times.
 CROSS_FAMILY_PAIR = ("gemma3-270m-offline-base", "smollm2-135m-instruct-offline")
 CROSS_FAMILY_CFG = dict(
-    OWN_PAIR_CPU_CFG, model_names=list(CROSS_FAMILY_PAIR), model_name=CROSS_FAMILY_PAIR[0], store_dir=None,
-    pad_widths=True, num_tokens=400_000, data_tokens=100_000)
+    OWN_PAIR_CPU_CFG, model_names=list(CROSS_FAMILY_PAIR), model_name=CROSS_FAMILY_PAIR[0], pad_widths=True,
+    num_tokens=400_000, data_tokens=100_000)
 PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
            "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG,
            "own-pair-cpu": OWN_PAIR_CPU_CFG, "cross-family-offline": CROSS_FAMILY_CFG}

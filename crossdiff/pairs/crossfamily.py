@@ -10,11 +10,13 @@ and SmolLM2 as its own special tokens: the expected difference.
 
     python train.py --preset cross-family-offline     # builds what its cache lacks, then trains
 
-Cached in data_dir/cross-family-offline/ (the mix) beside realpair's packages and GGUF.
+Cached in data_dir/cross-family-offline/ (the mix and its activation store) beside realpair's
+packages and GGUF.
 """
 from pathlib import Path
 
-from crossdiff.config.presets import CROSS_FAMILY_PAIR, PYPI_MIX
+from crossdiff.config.presets import CROSS_FAMILY_PAIR, PAIR_STORE, PYPI_MIX
+from crossdiff.config.schema import ConfigError
 from crossdiff.io.checkpoint import data_dir
 from crossdiff.pairs.realpair import (
     assemble_gguf,
@@ -70,8 +72,11 @@ def build_mix(cfg, names):
 
 
 def prepare(cfg):
-    """cfg with the two GGUFs in place of the preset's names and the aligned mix as its dataset,
-    built once per machine."""
+    """cfg with the two GGUFs in place of the preset's names, the aligned mix as its dataset and
+    store_dir PAIR_STORE a store named after that mix in the preset's cache, built once per machine."""
+    if cfg["store_dir"] == PAIR_STORE and cfg["dataset"] != PYPI_MIX:
+        raise ConfigError(f"store_dir {PAIR_STORE} names the store of the mix pairs/crossfamily.py builds (dataset "
+                          f"{PYPI_MIX}); with dataset {cfg['dataset']} give a directory instead")
     if list(cfg["model_names"]) != list(CROSS_FAMILY_PAIR) and cfg["dataset"] != PYPI_MIX:
         return cfg
     return distributed.build_once(lambda: _prepared(cfg), root(cfg) / ".prepare", f"building the {NAME} pair and mix")
@@ -87,5 +92,7 @@ def _prepared(cfg):
         out.update(model_names=names, model_name=names[0])
     if cfg["dataset"] == PYPI_MIX:
         out["dataset"] = str(build_mix(out, out["model_names"]))
+    if cfg["store_dir"] == PAIR_STORE:  # named after what it holds: the mix (of both tokenizers)
+        out["store_dir"] = str(root(cfg) / f"acts-{Path(out['dataset']).name}")
     return out
 
