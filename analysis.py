@@ -52,7 +52,7 @@ from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, in_notebook, parse_overrides
 from crossdiff.config.plan import hooks_of, norm_width, positions
 from crossdiff.config.schema import ConfigError, complete_cfg, effective
-from crossdiff.diffing.aligned import aligned_reconstruction, aligned_splice_in, aligned_top_examples
+from crossdiff.diffing.aligned import aligned_reconstruction, aligned_splice_in, aligned_top_examples, shares_one_space
 from crossdiff.diffing.causal import (
     diff_report,
     diffing_sets,
@@ -249,12 +249,16 @@ else:
 # ## Do shared latents point the same way in both models?
 
 # %%
-cos = cc.decoder_cosine_similarity().detach().cpu()
-shared_cos = cos[classes["shared"]]
-summary["shared_cosine_median"] = float(shared_cos.median()) if len(shared_cos) else None
-plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png",
-                      title=f"Cosine similarity of shared latents' decoders ({label}"
-                            + (", models 0 and 1)" if cfg["n_models"] > 2 else ")"))
+if shares_one_space(dict(cfg, dataset=DATASET or cfg["dataset"])):
+    cos = cc.decoder_cosine_similarity().detach().cpu()
+    shared_cos = cos[classes["shared"]]
+    summary["shared_cosine_median"] = float(shared_cos.median()) if len(shared_cos) else None
+    plot_cosine_histogram(shared_cos, out_dir / "shared_cosine_histogram.png",
+                          title=f"Cosine similarity of shared latents' decoders ({label}"
+                                + (", models 0 and 1)" if cfg["n_models"] > 2 else ")"))
+else:  # two families: their residuals are two spaces, whose coordinates do not correspond
+    print("decoder cosines: not compared, the models' residuals are two spaces (different widths or tokenizers)")
+    summary["shared_cosine_median"] = None
 
 # %% [markdown]
 # ## Models and held-out tokens

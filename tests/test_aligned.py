@@ -131,3 +131,17 @@ def test_each_models_window_share_is_its_own_tokens_projection_and_they_sum_to_t
         x = torch.stack([torch.nn.functional.pad(resid[m][p_M[m]], (0, 32 - resid[m].shape[-1])) for m in range(2)])
         pre = cc.encode((x * s_M[:, None])[None], apply_relu=False)[0, j]
         torch.testing.assert_close(shares[e, 2].sum(), (pre - cc.b_enc[j]).detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_cosines_are_compared_only_within_one_residual_space(tmp_path):
+    """Two widths, or two tokenizers (an aligned mix) at one width: the residuals are two spaces,
+    so the dashboard's table has no cosine (null) for any latent; a base and its fine-tune have one."""
+    from crossdiff.diffing.aligned import shares_one_space
+    from crossdiff.diffing.dashboard import latent_table
+
+    cc, _, _ = crosscoder_for(tmp_path)
+    assert not shares_one_space(cc.cfg) and not shares_one_space({"dataset": str(tmp_path / "mix")})
+    assert shares_one_space({"model_widths": [32, 32], "dataset": "toy"}) and shares_one_space({"dataset": "toy"})
+    assert all(c is None for c in latent_table(cc)[0]["cos"])
+    one = CrossCoder(tiny_cfg(tmp_path))
+    assert all(c is not None for c in latent_table(one)[0]["cos"])

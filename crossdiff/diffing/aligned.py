@@ -27,9 +27,16 @@ from tqdm.auto import tqdm
 from crossdiff.config.plan import hook_layer, hooks_of
 from crossdiff.diffing.measures import finite_or_none, normalisation_factors
 from crossdiff.sources.activations import at_aligned, autocast_context, extract_activations
-from crossdiff.sources.aligned_mix import split_aligned
+from crossdiff.sources.aligned_mix import is_aligned, split_aligned
 
 TOP_TOKENS = 8  # tokens shown per class and model
+
+
+def shares_one_space(cfg):
+    """Whether the models' residuals share one space, so that a latent's decoder vectors in two
+    models can be compared by their cosine (a base and its fine-tune): not for models of
+    different widths, nor for models of different tokenizers (trained on an aligned mix)."""
+    return len(set(cfg.get("model_widths") or [0])) == 1 and not is_aligned(cfg.get("dataset"))
 
 
 def aligned_batches(models, rows_NSK, hooks, batch_size, first, desc="activations", progress=True):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from crossdiff.config.plan import first_n
-from crossdiff.diffing.aligned import aligned_window_contributions
+from crossdiff.diffing.aligned import aligned_window_contributions, shares_one_space
 from crossdiff.diffing.measures import iter_paired_activations, latent_classes, normalisation_factors
 from crossdiff.sources.aligned_mix import split_aligned
 
@@ -73,8 +73,11 @@ def latent_table(crosscoder, fire_counts_F=None, n_tokens=None, max_act_F=None, 
     rel_F = crosscoder.relative_decoder_norm().detach().float().cpu()
     cos_F = crosscoder.decoder_cosine_similarity().detach().float().cpu()
     norms_FM = crosscoder.decoder_norms().detach().float().cpu()
-    # A one-sided latent (a decoder of norm ~0) has no cosine: null, not a meaningless "-0.000".
+    # A one-sided latent (a decoder of norm ~0) has no cosine: null, not a meaningless "-0.000";
+    # nor has any latent of models whose residuals are two spaces (two families).
     cos_F[norms_FM.min(-1).values <= ONE_SIDED * norms_FM.max(-1).values] = float("nan")
+    if not shares_one_space(crosscoder.cfg):
+        cos_F[:] = float("nan")
     class_F = np.full(len(rel_F), "other", dtype=object)
     for name, mask in latent_classes(crosscoder).items():  # (more than two models: model_<m>_only by norm share)
         class_F[mask.numpy()] = name
@@ -132,7 +135,7 @@ def pack_examples(str_tokens, tokens_NS, values_JK, seqs_JK, positions_JK, contr
     counts_J = keep_JK.sum(1)
     N, S = tokens_NS.shape[:2]
     per_model = tokens_NS.ndim == 3
-    if per_model:  # one string table: model m's ids from offset m on
+    if per_model:  # one string table: each model's strings after the previous model's
         strings, parts = [], []
         for m, fn in enumerate(str_tokens):
             vocab_m, index_m = torch.unique(tokens_NS[..., m], return_inverse=True)
