@@ -263,4 +263,5 @@ def test_an_aligned_dashboard_shows_each_models_own_tokens_around_its_own_positi
             want = [f"{prefix}{i} " for i in ids[max(0, pos[m] - BEFORE):pos[m] + 3]]
             assert text == "".join(want) and outlined == f"{prefix}{ids[pos[m]]} "
         assert f"positions {pos[0]} / {pos[1]}" in page.evaluate("document.querySelector('#detail .example .muted').textContent")
+        assert "two spaces: not compared" in page.evaluate("document.getElementById('detail').textContent")
         assert page.errors == [], page.errors

@@ -200,7 +200,8 @@ def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fir
         raise ValueError("fire_counts_F needs n_tokens, the positions they were counted over")
     max_act_F = top[0][:, 0] if top is not None else None
     table, histogram = latent_table(crosscoder, fire_counts_F, n_tokens, max_act_F, scaling)
-    info = dict(info or {}, dict_size=int(crosscoder.b_enc.shape[0]), n_tokens=n_tokens, shown=len(table["latent"]))
+    info = dict(info or {}, dict_size=int(crosscoder.b_enc.shape[0]), n_tokens=n_tokens, shown=len(table["latent"]),
+                one_space=shares_one_space(crosscoder.cfg))
     examples = None
     if top is not None:
         rows = torch.as_tensor(table["latent"], dtype=torch.long, device="cpu")
