@@ -104,3 +104,67 @@ def test_byte_pieces_of_one_character_pair_by_the_last():
     spans_b = [(0, 1), (2, 3), (2, 3)]  # "a", then two byte pieces of "é", each given the character's span
     assert align_offsets(text, [spans_a, spans_b]).tolist() == [[0, 0], [1, 2]]
     assert align_offsets(text, [spans_a, spans_b]).dtype == torch.long
+
+
+class SlowView:
+    """A fast tokenizer seen as a slow one: the same tokens and decoding, no character offsets."""
+
+    is_fast = False
+
+    def __init__(self, fast):
+        self._fast = fast
+
+    def __getattr__(self, name):
+        return getattr(self._fast, name)
+
+    def __call__(self, text, **kw):
+        kw.pop("return_offsets_mapping", None)
+        return {"input_ids": self._fast(text, **kw)["input_ids"]}
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE (offline), whose accented letters and emoji are several byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["the cat sat on the mat", "a café for the cat", "hello world"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk)
+
+
+def test_a_tokenizer_without_offsets_pairs_as_two_pointer_and_as_its_offsets_would():
+    """spans_from_pieces over the pieces of 200 random tokenisations pairs exactly as their true
+    spans do (and so as two_pointer); a byte-level tokenizer read without offsets, its pieces
+    decoded as a stream (an emoji and accented letters in several byte tokens), pairs with a
+    character tokenizer exactly as its offsets do."""
+    from crossdiff.sources.align import decoded_pieces, spans_from_pieces
+
+    rng = random.Random(2)
+    for trial in range(200):
+        words = [rng.choice(["the", "cat", "1989", "<sep>", "é", "a", "sat"]) for _ in range(rng.randint(1, 12))]
+        text = "".join(w + rng.choice([" ", "", "  ", "\n"]) for w in words)
+        (sa, spa), (sb, spb) = random_split(rng, text, ["<sep>"]), random_split(rng, text, ["<sep>"])
+        recovered = [spans_from_pieces(text, [text[a:b] for a, b in spans]) for spans in (sa, sb)]
+        assert not any(u for _, unmatched in recovered for u in unmatched)
+        got = align_offsets(text, [r[0] for r in recovered], [spa, spb])
+        assert got.tolist() == align_offsets(text, [sa, sb], [spa, spb]).tolist(), (trial, text)
+    byte_level = byte_level_tokenizer()
+    text = "the café 🎉 sat on the mat, naïve cat"
+    ids = byte_level(text, add_special_tokens=False)["input_ids"]
+    pieces = decoded_pieces(byte_level, ids)
+    assert "".join(pieces) == text and len(ids) > len(text.split()) and "" in pieces  # byte pieces add ""
+    chars = char_tokenizer(text)
+    assert align_text(text, [SlowView(byte_level), chars])[1].tolist() == align_text(text, [byte_level, chars])[1].tolist()
+
+
+def test_a_piece_that_is_not_the_text_never_pairs_and_the_next_one_resyncs():
+    from crossdiff.sources.align import spans_from_pieces
+
+    text = "the cat sat"
+    spans, unmatched = spans_from_pieces(text, ["the", " <unk>", " sat"])
+    assert spans == [(0, 3), (3, 7), (8, 11)] and unmatched == [False, True, False]  # " cat", read as <unk>
+    spans, unmatched = spans_from_pieces(text, ["the", " dog"])  # nothing after it to resync on
+    assert spans == [(0, 3), (3, 11)] and unmatched == [False, True]

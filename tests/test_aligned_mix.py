@@ -98,6 +98,21 @@ def test_the_alignment_rate_is_the_share_of_each_models_content_positions_paired
     assert meta["alignment"][0]["unaligned_most"][0] == []  # no word of model 0 fails
 
 
+def test_a_tokenizer_without_offsets_builds_the_same_mix_from_its_decoded_pieces(built, tmp_path):
+    """The character tokenizer seen as a slow one (no offsets: its spans from its decoded pieces)
+    builds the mix the fast one built: the same tokens, aligned positions and alignment record."""
+    from test_align import SlowView
+
+    words, chars, pairs, meta, mix = built
+    text, chat = tmp_path / "text.jsonl", tmp_path / "chat.jsonl"
+    slow_pairs, slow_meta = build_aligned_mix([words, SlowView(chars)], [{"kind": "text", "path": text, "fraction": 0.5},
+                                                                         {"kind": "chat", "path": chat, "fraction": 0.5}],
+                                              seq_len=24, num_tokens=24 * 12, out_dir=tmp_path / "slow", heldout_fraction=0.25)
+    assert torch.equal(slow_pairs, pairs) and slow_meta["alignment"] == meta["alignment"]
+    for name in (TOKENS, "tokens.1.pt"):
+        assert torch.equal(torch.load(tmp_path / "slow" / name), torch.load(mix / name))
+
+
 def test_rows_cut_every_other_model_at_the_text_model_0_covers():
     # model 0: tokens ending at characters 2, 4, 6, 8; model 1: 1, 2, ..., 8 (rows of body 2, no BOS)
     spans0 = [(0, 2), (2, 4), (4, 6), (6, 8)]

@@ -12,10 +12,14 @@ Two ways, one result (tests/test_align.py checks they agree):
   - `align_offsets`: from each token's character span (fast tokenizers' offsets), a position's
     content end; the positions whose content ends appear in every model pair. Byte-fallback
     tokens of one character share its span: the last of them (the one that completes it) pairs.
-  - `two_pointer`: the DFC paper's Algorithm 1, from each token's decoded text when no offsets
-    exist: grow the window whose text (whitespace removed) is shorter until both are equal, then
+  - `two_pointer`: the DFC paper's Algorithm 1 for two models, from each token's decoded text: grow the window whose text (whitespace removed) is shorter until both are equal, then
     pair the windows' last tokens. It stops where the texts cannot be made equal (an invalid
     byte piece): the paper's reported failures (smart quotes, emoji).
+A tokenizer without offsets (a slow one) gets its spans from its decoded pieces
+(`decoded_pieces`, `spans_from_pieces`): one pointer over its pieces and one over the text, as
+two_pointer walks two tokenisations, so that any number of models take one path (align_offsets),
+and tests/test_align.py checks it pairs as two_pointer does. A byte piece completes its character
+when decoded as a stream, as with offsets.
 
 Shape legend: P aligned positions, M models.
 """
@@ -100,30 +104,86 @@ def aligned_fraction(pairs_PM, content_per_model):
     return out
 
 
+# ---------------------------------------------------------------- tokenizers without offsets
+RESYNC = 64  # characters searched for the next piece after one that is not the text
+
+
+def decoded_pieces(tokenizer, ids, window=32):
+    """The text each token adds when ids are decoded as a stream: a token that ends inside a
+    character (a byte piece: the stream decodes to U+FFFD there) adds "", the one that completes
+    the character adds it. Decoded a window of at most `window` tokens at a time."""
+    pieces, start, done = [], 0, ""
+    for k in range(len(ids)):
+        text = tokenizer.decode(ids[start:k + 1])
+        if text.endswith("\ufffd") and k + 1 < len(ids):
+            pieces.append("")
+            continue
+        pieces.append(text[len(done):] if text.startswith(done) else text)
+        done = text
+        if k + 1 - start >= window:  # a character boundary: the next window starts clean
+            start, done = k + 1, ""
+    return pieces
+
+
+def _match(text, at, norm):
+    """(first, end) of norm's characters matched in order against text's non-whitespace ones from
+    at (whitespace skipped), or None where they differ."""
+    first, i = None, at
+    for c in norm:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i == len(text) or text[i] != c:
+            return None
+        first = i if first is None else first
+        i += 1
+    return first, i
+
+
+def spans_from_pieces(text, pieces):
+    """(spans, unmatched): (start, end) characters per token of text from the text each token adds,
+    each piece's non-whitespace characters matched in order against the text's (a span from its
+    first to its last matched character). A token of whitespace only gets an empty span where the
+    match stands (it has no content). A piece that is not the text (an unknown token, a byte piece
+    decoded to U+FFFD: the DFC paper's failures) is flagged unmatched, so it never pairs, and
+    covers the text up to where the next piece matches (within RESYNC characters); with no match
+    there, it and the text's remaining tokens get empty spans at its end."""
+    spans, unmatched, at = [], [], 0
+    for k, piece in enumerate(pieces):
+        norm = _SPACE.sub("", piece)
+        hit = _match(text, at, norm) if norm else (at, at)
+        if hit is not None:
+            spans.append(hit)
+            unmatched.append(False)
+            at = hit[1]
+            continue
+        following = next((n for n in (_SPACE.sub("", p) for p in pieces[k + 1:]) if n), None)
+        resync = None if following is None else next(
+            (q for q in range(at + 1, min(len(text), at + RESYNC) + 1) if _match(text, q, following)), None)
+        if resync is None:
+            rest = len(pieces) - k
+            return spans + [(at, len(text))] + [(len(text), len(text))] * (rest - 1), unmatched + [True] * rest
+        spans.append((at, resync))
+        unmatched.append(True)
+        at = resync
+    return spans, unmatched
+
+
 # ---------------------------------------------------------------- real tokenizers
 def tokens_of(tokenizer, text):
-    """(ids, spans, special, pieces) of text as tokenizer reads it, no special tokens added:
-    spans the (start, end) characters per token (None from a tokenizer without offsets), special
-    a bool per token, pieces the text each token covers (decoded, without offsets)."""
+    """(ids, spans, special) of text as tokenizer reads it, no special tokens added: spans the
+    (start, end) characters per token (a fast tokenizer's offsets, else spans_from_pieces of its
+    decoded pieces), special a bool per token (a special token, or a piece that is not the text)."""
     special_ids = set(tokenizer.all_special_ids)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, spans = list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
-        pieces = [text[a:b] for a, b in spans]
-    else:
-        ids, spans = list(tokenizer(text, add_special_tokens=False)["input_ids"]), None
-        pieces = [tokenizer.decode([t]) for t in ids]
-    return ids, spans, [t in special_ids for t in ids], pieces
+        return ids, spans, [t in special_ids for t in ids]
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    spans, unmatched = spans_from_pieces(text, decoded_pieces(tokenizer, ids))
+    return ids, spans, [t in special_ids or u for t, u in zip(ids, unmatched)]
 
 
 def align_text(text, tokenizers):
-    """(ids per model, [P, M] aligned positions) of one text read by each tokenizer: by offsets
-    when every tokenizer gives them, else (two models) by the DFC two-pointer algorithm."""
+    """(ids per model, [P, M] aligned positions) of one text read by each tokenizer."""
     read = [tokens_of(t, text) for t in tokenizers]
-    ids = [r[0] for r in read]
-    if all(r[1] is not None for r in read):
-        return ids, align_offsets(text, [r[1] for r in read], [r[2] for r in read])
-    if len(read) != 2:
-        raise ValueError("aligning more than two tokenizers needs character offsets from each (fast tokenizers)")
-    content = [[not s and bool(p.strip()) for s, p in zip(r[2], r[3])] for r in read]
-    return ids, two_pointer(read[0][3], read[1][3], *content)
+    return [r[0] for r in read], align_offsets(text, [r[1] for r in read], [r[2] for r in read])

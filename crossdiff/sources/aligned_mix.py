@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from crossdiff.io.checkpoint import staging_dir, swap_in
-from crossdiff.sources.align import align_ends, content_ends
+from crossdiff.sources.align import align_ends, content_ends, tokens_of
 from crossdiff.sources.mix import (
     META,
     ROLE,
@@ -118,17 +118,19 @@ def render(doc, kind, tokenizer):
 def token_stream(tokenizer, texts, starts):
     """One model's tokens of documents laid end to end (texts[i] at character starts[i] of their
     concatenation): (ids, spans in the concatenation, special, tokens per document), an EOS after
-    each document (an empty span at its end, special) when the tokenizer has one."""
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"the tokenizer {tokenizer.name_or_path!r} gives no character offsets (not a fast "
-                        "tokenizer): a mix for models of different tokenizers needs them")
-    special_ids, eos = set(tokenizer.all_special_ids), tokenizer.eos_token_id
+    each document (an empty span at its end, special) when the tokenizer has one. Spans are a fast
+    tokenizer's offsets, else recovered from its decoded pieces (align.tokens_of)."""
+    eos, special_ids = tokenizer.eos_token_id, set(tokenizer.all_special_ids)
+    if getattr(tokenizer, "is_fast", False):  # one batched call
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        read = [(t, o, [i in special_ids for i in t]) for t, o in zip(enc["input_ids"], enc["offset_mapping"])]
+    else:
+        read = [tokens_of(tokenizer, text) for text in texts]
     ids, spans, special, counts = [], [], [], []
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    for text_ids, offsets, start, text in zip(enc["input_ids"], enc["offset_mapping"], starts, texts):
+    for start, text, (text_ids, offsets, text_special) in zip(starts, texts, read):
         ids.extend(text_ids)
         spans.extend((start + a, start + b) for a, b in offsets)
-        special.extend(t in special_ids for t in text_ids)
+        special.extend(text_special)
         if eos is not None:
             ids.append(eos)
             spans.append((start + len(text), start + len(text)))
