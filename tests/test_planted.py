@@ -104,8 +104,7 @@ def test_false_positives_are_firing_model_only_latents_matching_no_feature_of_th
     W_dec[2, 1] = d[3]  # chat-only, dead
     W_dec[3] = d[1]  # shared
     norms = W_dec.norm(dim=-1)
-    cc = types.SimpleNamespace(W_dec=W_dec, latent_owner=lambda: torch.full((4,), -1),
-                               relative_decoder_norm=lambda: norms[:, 1] / norms.sum(-1))
+    cc = types.SimpleNamespace(W_dec=W_dec, latent_owner=lambda: torch.full((4,), -1), decoder_norms=lambda: norms)
     assert false_positives(cc, src, torch.tensor([True, True, False, True])) == (2, 1)
 
 
