@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from crossdiff.config.plan import check_against_model, check_enough_sequences, hooks_of
-from crossdiff.config.presets import PILE_LMSYS_DATASET
+from crossdiff.config.presets import FAMILY_PRESETS, PILE_LMSYS_DATASET
 from crossdiff.io.checkpoint import atomic_torch_save, data_dir, load_mapped
 from crossdiff.pairs.crossfamily import prepare as prepare_cross_family
 from crossdiff.pairs.realpair import prepare
@@ -145,7 +145,7 @@ def prepare_models(cfg):
     checked against their configs (models.resolve_model_keys). Updates cfg in place."""
     if cfg["preset"] == "toy":
         return cfg
-    cfg.update(prepare_cross_family(cfg) if cfg["preset"] == "cross-family-offline" else prepare(cfg))
+    cfg.update(prepare_cross_family(cfg) if cfg["preset"] in FAMILY_PRESETS else prepare(cfg))
     return resolve_model_keys(cfg)
 
 

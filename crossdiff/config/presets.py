@@ -55,9 +55,15 @@ CROSS_FAMILY_PAIR = ("gemma3-270m-offline-base", "smollm2-135m-instruct-offline"
 CROSS_FAMILY_CFG = dict(
     OWN_PAIR_CPU_CFG, model_names=list(CROSS_FAMILY_PAIR), model_name=CROSS_FAMILY_PAIR[0], pad_widths=True,
     num_tokens=400_000, data_tokens=100_000)
+# The same with a third family (optional in issue 47): Qwen2.5-Coder-0.5B-Instruct (width 896, 24
+# layers; its GGUF over six PyPI packages), every model padded to 896.
+THREE_FAMILY_MODELS = (*CROSS_FAMILY_PAIR, "qwen2.5-coder-0.5b-instruct-offline")
+THREE_FAMILY_CFG = dict(CROSS_FAMILY_CFG, model_names=list(THREE_FAMILY_MODELS), n_models=3)
+FAMILY_PRESETS = ("cross-family-offline", "three-family-offline")  # pairs/crossfamily.py builds their models
 PRESETS = {"gemma": {}, "toy": TOY_CFG, "gemma3-270m": GEMMA3_270M_CFG, "gemma3-270m-offline": GEMMA3_OFFLINE_CFG,
            "gemma3-270m-offline-caps": GEMMA3_OFFLINE_CAPS_CFG, "llama3.2-1b": LLAMA32_1B_CFG,
-           "own-pair-cpu": OWN_PAIR_CPU_CFG, "cross-family-offline": CROSS_FAMILY_CFG}
+           "own-pair-cpu": OWN_PAIR_CPU_CFG, "cross-family-offline": CROSS_FAMILY_CFG,
+           "three-family-offline": THREE_FAMILY_CFG}
 BUILT_PAIRS = {name: ("gemma3-270m-offline-base", "gemma3-270m-offline-chat")  # pairs/realpair.py
                for name in ("gemma3-270m-offline", "gemma3-270m-offline-caps")}
 
