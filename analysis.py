@@ -235,7 +235,7 @@ classes = latent_classes(cc)
 summary["latent_counts"] = {name: int(mask.sum()) for name, mask in classes.items()}
 by = ", ".join(["model-only latents by block (exclusive by construction)"] * bool(cc.partition.exclusive)
                + ["designated shared latents by block"] * bool(cc.partition.shared)
-               + ["the others by relative decoder norm"])
+               + ["the others by " + ("relative decoder norm" if rel.ndim == 1 else "each model's share of the norm")])
 summary["classified"] = by
 print(f"latents per class (all latents, {by}):",
       ", ".join(f"{name} {n}" for name, n in summary["latent_counts"].items()))

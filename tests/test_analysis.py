@@ -254,6 +254,7 @@ def test_analysis_of_three_models_classes_latents_by_each_models_share_of_the_no
     page = (analysis_dir / "dashboard.html").read_text()
     table = json.loads(gzip.decompress(base64.b64decode(re.search(r'id="table-blob"[^>]*>([^<]*)<', page).group(1))))
     assert table["class"][:15] == ["model_2_only"] * 10 + ["model_0_only"] * 5
+    assert [[round(float(v), 4) for v in norms[:, m]] for m in range(3)] == table["norm_models"]
 
 
 def test_factors_given_on_the_command_line_override_the_checkpoints(tmp_path):

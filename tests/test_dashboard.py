@@ -265,3 +265,21 @@ def test_an_aligned_dashboard_shows_each_models_own_tokens_around_its_own_positi
         assert f"positions {pos[0]} / {pos[1]}" in page.evaluate("document.querySelector('#detail .example .muted').textContent")
         assert "two spaces: not compared" in page.evaluate("document.getElementById('detail').textContent")
         assert page.errors == [], page.errors
+
+
+def test_a_three_model_latents_page_draws_each_models_decoder_norm(tmp_path):
+    from browser import INSTALL_HINT, Chromium, find_chromium
+
+    from crossdiff.diffing.dashboard import write_dashboard
+
+    if find_chromium() is None:
+        pytest.fail(INSTALL_HINT)
+    cc = CrossCoder(tiny_cfg(n_models=3, model_names=["a", "b", "c"]))
+    path = write_dashboard(tmp_path / "dashboard.html", cc)
+    norms = cc.decoder_norms().detach()[7]
+    with Chromium() as page:
+        page.open(path.resolve().as_uri() + "#latent=7")
+        page.wait_for("document.querySelector('#detail h2')?.textContent.startsWith('latent 7 ')")
+        bars = page.evaluate("[...document.querySelectorAll('#detail .bars > div')].map(d => d.textContent.trim())")
+        assert bars == [f"model {m} {float(norms[m]):.3f}" for m in range(3)]
+        assert page.errors == [], page.errors

@@ -95,6 +95,8 @@ def latent_table(crosscoder, fire_counts_F=None, n_tokens=None, max_act_F=None, 
              "nu_reconstruction": rounded([scaling[j][1] if j in scaling else float("nan") for j in shown]),
              "ls_direction": [scaling[j][2] if j in scaling else None for j in shown],
              "specific": [bool(scaling[j][3]) if j in scaling else False for j in shown]}
+    if norms_FM.shape[1] > 2:  # every model's decoder norm (the page draws one bar each)
+        table["norm_models"] = [rounded(norms_FM[shown, m].tolist()) for m in range(norms_FM.shape[1])]
     if fire_counts_F is not None:
         table["freq"] = [float(f"{c / n_tokens:.4g}") for c in fire_counts_F.cpu()[shown].tolist()]
         table["max_act"] = rounded(max_act_F.cpu()[shown].tolist())

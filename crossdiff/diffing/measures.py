@@ -57,9 +57,9 @@ def separation_note(classes, rel_norm_F, kl_gap=None, min_gap=1e-4, one_vocabula
     alone = "base-only or chat-only" if rel_norm_F.ndim == 1 else "any one model's alone"
     head = f"no latent is {alone} ({'relative norms' if rel_norm_F.ndim == 1 else 'norm shares'} spread {spread:.3f})"
     if not one_vocabulary:
-        return (f"{head}: the crosscoder explains both models with shared latents at this budget; the models share "
-                "no vocabulary, so no KL test applies (exclusive blocks, --exclusive_fraction, give each model latents "
-                "of its own by construction)")
+        return (f"{head}: the crosscoder explains {'both models' if rel_norm_F.ndim == 1 else 'every model'} with "
+                "shared latents at this budget; the models share no vocabulary, so no KL test applies (exclusive "
+                "blocks, --exclusive_fraction, give each model latents of its own by construction)")
     if kl_gap is None:
         return (f"{head}: the norms have not separated the models yet, or the models do not differ at this hook; "
                 "analysis.py's KL test says which")
