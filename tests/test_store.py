@@ -162,7 +162,7 @@ def test_a_damaged_shard_or_an_edited_record_is_refused_when_a_run_opens_the_sto
 
     cfg, store = dict(tiny_cfg(tmp_path), wrap_tokens=True), tmp_path / "store"
     harvest(cfg, list(models), random_tokens(20, 9), store, 20, shard_sequences=8)
-    ActivationStore(cfg, store)
+    ActivationStore(dict(cfg, store_prefetch=False), store)  # (no read ahead left running while the shard is rewritten)
     shard = store / "shard_00001.bin"
     data = bytearray(shard.read_bytes())
     data[100:4196] = bytes(4096)
