@@ -63,6 +63,7 @@ from crossdiff.diffing.causal import (
     source_groups,
     words,
 )
+from crossdiff.diffing.classes import CHAT_ONLY_MIN, latent_classes, relative_norms, separation_note
 from crossdiff.diffing.steering import steer, steering_prompts
 from crossdiff.diffing.dashboard import write_dashboard
 from crossdiff.diffing.figures import (
@@ -75,20 +76,16 @@ from crossdiff.diffing.figures import (
 )
 from crossdiff.diffing.measures import (
     BATCH_TOKENS,
-    CHAT_ONLY_MIN,
     HELDOUT_TOKENS,
     ActivationCache,
     class_chat_mass,
     class_role_mass,
     effective_chat_only,
     is_model_specific,
-    latent_classes,
     latent_scaling,
     per_model,
     reconstruction_stats,
-    relative_norms,
     scaling_summary,
-    separation_note,
     share_in_transcripts,
     splice_in_loss,
     top_activating_examples,

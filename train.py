@@ -19,7 +19,7 @@ from crossdiff.config.cli import build_cfg as build_cli_cfg
 from crossdiff.config.cli import in_notebook
 from crossdiff.config.plan import TokensExhausted, available_bytes, buffer_bytes, check_buffer_fits, check_mesh
 from crossdiff.config.schema import DEFAULTS, Config, ConfigError, complete_cfg, expand
-from crossdiff.diffing.measures import latent_classes, relative_norms, separation_note
+from crossdiff.diffing.classes import latent_classes, relative_norms, separation_note
 from crossdiff.io.checkpoint import CheckpointError, check_checkpoint_dir, resolve_version_dir
 from crossdiff.pairs.toy import format_report, organism_report, toy_report
 from crossdiff.scale import distributed

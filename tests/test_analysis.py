@@ -3,14 +3,9 @@ import torch
 
 from conftest import random_tokens, run_script, tiny_cfg, tiny_model
 from crosscoder import CrossCoder
+from crossdiff.diffing.classes import classify_latents
 from crossdiff.diffing.figures import examples_html
-from crossdiff.diffing.measures import (
-    classify_latents,
-    latent_scaling,
-    reconstruction_stats,
-    splice_in_loss,
-    top_activating_examples,
-)
+from crossdiff.diffing.measures import latent_scaling, reconstruction_stats, splice_in_loss, top_activating_examples
 
 
 def test_latent_classes_follow_the_reference_thresholds():

@@ -121,7 +121,7 @@ def test_the_toy_base_model_against_itself_comes_out_as_no_difference(tmp_path):
     import copy
 
     from crossdiff.config.schema import complete_cfg
-    from crossdiff.diffing.measures import latent_classes
+    from crossdiff.diffing.classes import latent_classes
     from crossdiff.pairs.toy import build_toy_pair, heldout_tokens, token_groups
     from trainer import Trainer
 

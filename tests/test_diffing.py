@@ -245,7 +245,7 @@ def test_a_partitioned_dictionary_is_classified_by_its_blocks_and_the_free_laten
     then other; designated latents are shared; without exclusive blocks (designated only) the
     free latents keep the norm classes."""
     from crossdiff.arch.partition import DESIGNATED, FREE
-    from crossdiff.diffing.measures import classify_latents
+    from crossdiff.diffing.classes import classify_latents
 
     rel = torch.tensor([0.5, 0.95, 0.02, 0.5, 0.95, 0.5, 0.05])
     owner = torch.tensor([0, 1, DESIGNATED, FREE, FREE, FREE, FREE])
@@ -266,7 +266,7 @@ def test_an_all_shared_result_is_said_to_be_null_or_not_separated_by_the_models_
     """separation_note: nothing when a latent is model-specific; with none, a null result when the
     models agree (KL under 1e-4 nats a token), "not separated yet ... train longer" when they
     differ, and without the KL the two possibilities; the relative norms' spread is stated."""
-    from crossdiff.diffing.measures import classify_latents, separation_note
+    from crossdiff.diffing.classes import classify_latents, separation_note
 
     rel = torch.tensor([0.45, 0.5, 0.55, 0.5])
     classes = classify_latents(rel)
@@ -286,7 +286,7 @@ def test_norm_share_classes_of_two_models_are_the_relative_norms_classes():
     """classify_shares on two models' norm shares gives classify_latents' masks of the relative
     norm (column 1 of the shares), partitioned or not."""
     from crossdiff.arch.partition import DESIGNATED, FREE
-    from crossdiff.diffing.measures import classify_latents, classify_shares, norm_shares
+    from crossdiff.diffing.classes import classify_latents, classify_shares, norm_shares
 
     g = torch.Generator().manual_seed(0)
     norms_FM = torch.rand(2000, 2, generator=g) * torch.rand(2000, 1, generator=g).pow(3)  # shares spread over [0, 1]
@@ -304,7 +304,7 @@ def test_three_models_are_classed_by_each_models_share_of_the_norm():
     """A latent is model m's alone when its share passes 0.9; shared when every model holds more
     than 0.2 (60% of an even third); otherwise other. Exclusive blocks are their owner's alone."""
     from crossdiff.arch.partition import FREE
-    from crossdiff.diffing.measures import classify_shares, norm_shares, separation_note
+    from crossdiff.diffing.classes import classify_shares, norm_shares, separation_note
 
     norms = torch.tensor([[19.0, 0.5, 0.5], [0.1, 0.1, 9.8], [1.0, 1.0, 1.0], [3.0, 3.5, 3.5], [1.0, 4.5, 4.5],
                           [0.0, 0.0, 0.0]])

@@ -223,7 +223,7 @@ def dfc_training_dir(directory, tamper=False):
 
 def test_a_dedicated_feature_crosscoder_of_the_dfc_authors_loads_with_its_partition(tmp_path):
     from crossdiff.arch.partition import PartitionError
-    from crossdiff.diffing.measures import latent_classes
+    from crossdiff.diffing.classes import latent_classes
 
     state = dfc_training_dir(tmp_path)
     cc = CrossCoder.load_from_hf(str(tmp_path))

@@ -18,12 +18,12 @@ import torch
 from crosscoder import CrossCoder
 from crossdiff.config.cli import format_help, parse_overrides
 from crossdiff.config.schema import ConfigError, complete_cfg
+from crossdiff.diffing.classes import latent_classes
 from crossdiff.diffing.measures import (
     BATCH_TOKENS,
     HELDOUT_TOKENS,
     is_model_specific,
     iter_paired_activations,
-    latent_classes,
     latent_scaling,
 )
 from crossdiff.pairs.toy import build_toy_pair, heldout_tokens

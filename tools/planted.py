@@ -9,7 +9,8 @@ import torch
 
 from crossdiff.config.cli import format_help, parse_overrides
 from crossdiff.config.schema import DEFAULTS, ConfigError, complete_cfg, effective
-from crossdiff.diffing.measures import latent_classes, norm_difference
+from crossdiff.diffing.classes import latent_classes
+from crossdiff.diffing.measures import norm_difference
 from trainer import Trainer
 
 

@@ -26,7 +26,8 @@ import torch
 
 from crossdiff.config.plan import first_n
 from crossdiff.diffing.aligned import aligned_window_contributions, shares_one_space
-from crossdiff.diffing.measures import iter_paired_activations, latent_classes, normalisation_factors
+from crossdiff.diffing.classes import latent_classes
+from crossdiff.diffing.measures import iter_paired_activations, normalisation_factors
 from crossdiff.sources.aligned_mix import split_aligned
 
 BEFORE, AFTER = 8, 2  # tokens shown before and after each example's activating token

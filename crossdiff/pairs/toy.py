@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 
 from crossdiff.config.plan import sequences_needed
+from crossdiff.diffing.classes import latent_classes
 from crossdiff.diffing.measures import (
     BATCH_TOKENS,
     HELDOUT_TOKENS,
     is_model_specific,
     iter_paired_activations,
-    latent_classes,
     latent_scaling,
 )
 from crossdiff.io.checkpoint import data_dir
