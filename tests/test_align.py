@@ -168,3 +168,21 @@ def test_a_piece_that_is_not_the_text_never_pairs_and_the_next_one_resyncs():
     assert spans == [(0, 3), (3, 7), (8, 11)] and unmatched == [False, True, False]  # " cat", read as <unk>
     spans, unmatched = spans_from_pieces(text, ["the", " dog"])  # nothing after it to resync on
     assert spans == [(0, 3), (3, 11)] and unmatched == [False, True]
+
+
+def test_an_added_token_marked_special_is_special_though_not_a_named_one():
+    """A chat marker a GGUF's tokenizer adds as special without naming it (Qwen's <|im_start|>)
+    has no content: it pairs with nothing, while the same text split in pieces by another
+    tokenizer is content that pairs with nothing either."""
+    from tokenizers import AddedToken
+
+    from crossdiff.sources.align import special_ids, tokens_of
+
+    text = "<|im_start|>user the cat"
+    marked = char_tokenizer(text)
+    marked.add_tokens([AddedToken("<|im_start|>", special=True)])
+    marker = marked.convert_tokens_to_ids("<|im_start|>")
+    assert marker not in marked.all_special_ids and marker in special_ids(marked)
+    ids, _, special = tokens_of(marked, text)
+    assert ids[0] == marker and special[0] and not any(special[1:])
+    assert 0 not in align_text(text, [marked, char_tokenizer(text)])[1][:, 0].tolist()

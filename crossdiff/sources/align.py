@@ -169,18 +169,25 @@ def spans_from_pieces(text, pieces):
 
 
 # ---------------------------------------------------------------- real tokenizers
+def special_ids(tokenizer):
+    """The ids of a tokenizer's special tokens: its named ones and every added token marked special
+    (a GGUF's chat markers, such as Qwen's <|im_start|>, are only the latter)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
 def tokens_of(tokenizer, text):
     """(ids, spans, special) of text as tokenizer reads it, no special tokens added: spans the
     (start, end) characters per token (a fast tokenizer's offsets, else spans_from_pieces of its
     decoded pieces), special a bool per token (a special token, or a piece that is not the text)."""
-    special_ids = set(tokenizer.all_special_ids)
+    special = special_ids(tokenizer)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, spans = list(enc["input_ids"]), [tuple(s) for s in enc["offset_mapping"]]
-        return ids, spans, [t in special_ids for t in ids]
+        return ids, spans, [t in special for t in ids]
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     spans, unmatched = spans_from_pieces(text, decoded_pieces(tokenizer, ids))
-    return ids, spans, [t in special_ids or u for t, u in zip(ids, unmatched)]
+    return ids, spans, [t in special or u for t, u in zip(ids, unmatched)]
 
 
 def align_text(text, tokenizers):

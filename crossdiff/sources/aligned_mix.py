@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from crossdiff.io.checkpoint import staging_dir, swap_in
-from crossdiff.sources.align import align_ends, content_ends, tokens_of
+from crossdiff.sources.align import align_ends, content_ends, special_ids, tokens_of
 from crossdiff.sources.mix import (
     META,
     ROLE,
@@ -120,10 +120,10 @@ def token_stream(tokenizer, texts, starts):
     concatenation): (ids, spans in the concatenation, special, tokens per document), an EOS after
     each document (an empty span at its end, special) when the tokenizer has one. Spans are a fast
     tokenizer's offsets, else recovered from its decoded pieces (align.tokens_of)."""
-    eos, special_ids = tokenizer.eos_token_id, set(tokenizer.all_special_ids)
+    eos, special = tokenizer.eos_token_id, special_ids(tokenizer)
     if getattr(tokenizer, "is_fast", False):  # one batched call
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        read = [(t, o, [i in special_ids for i in t]) for t, o in zip(enc["input_ids"], enc["offset_mapping"])]
+        read = [(t, o, [i in special for i in t]) for t, o in zip(enc["input_ids"], enc["offset_mapping"])]
     else:
         read = [tokens_of(tokenizer, text) for text in texts]
     ids, spans, special, counts = [], [], [], []
