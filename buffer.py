@@ -301,7 +301,8 @@ class ActivationStore(RowBuffer):
         block = read_rows(self._shards, self.meta, ids, R, pin=self.device.type == "cuda" and self.counts is None)
         if self.counts is None:
             return block
-        return block[(torch.arange(R, device="cpu")[None] < self.counts[list(ids)][:, None]).flatten()]
+        counts = self.counts[ids.start:ids.stop:ids.step]  # (ids: a range of this reader's sequences)
+        return block[(torch.arange(R, device="cpu")[None] < counts[:, None]).flatten()]
 
     def refresh(self):
         super().refresh()

@@ -1,7 +1,8 @@
 """What a config implies before anything loads, and the checks on it there: the positions kept
 per row, how many sequences a run reads (the buffer's fill and refreshes), the buffer's bytes and
 whether they fit the machine, the process mesh, the hooks (each model's, the blocks they need),
-the models' shapes (from their configs, no weights), an activation store's limits. Each one key alone is the table's to check (schema.py).
+the models' shapes (from their configs, no weights), an activation store's limits. Each one key
+alone is the table's to check (schema.py).
 
 The buffer holds about batch_size * buffer_mult token positions, fills fully at the start and
 refills half of itself once that half has been served (buffer.Buffer, as the reference).

@@ -195,10 +195,10 @@ def write_dashboard(path, crosscoder, models=None, tokens_NS=None, top=None, fir
                     info=None, batch_size=8, harvest=iter_paired_activations, n_tokens=None):
     """Write the dashboard. With models and tokens: top = (values, seqs, positions) [F, K] from
     diffing.top_activating_examples over every latent (aligned rows [N, S, 2M] of models of
-    different tokenizers: aligned.aligned_top_examples's, positions [F, K, M]), fire_counts_F and n_tokens its counts (of
-    each latent's firings, of the positions counted: the firing frequencies' denominator); the
-    contexts are read in one more pass over the tokens (harvest: as diffing's analyses). Returns
-    the path."""
+    different tokenizers: aligned.aligned_top_examples's, positions [F, K, M]), fire_counts_F and
+    n_tokens its counts (of each latent's firings, of the positions counted: the firing
+    frequencies' denominator); the contexts are read in one more pass over the tokens (harvest: as
+    diffing's analyses). Returns the path."""
     if fire_counts_F is not None and n_tokens is None:
         raise ValueError("fire_counts_F needs n_tokens, the positions they were counted over")
     max_act_F = top[0][:, 0] if top is not None else None

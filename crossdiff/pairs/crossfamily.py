@@ -82,7 +82,7 @@ def qwen_gguf(cfg):
 
 
 def offline_model(name, cfg):
-    """The GGUF a name of FAMILY_MODELS stands for, built once (any other name: as it is)."""
+    """The GGUF a name of THREE_FAMILY_MODELS stands for, built once (any other name: as it is)."""
     if name == CROSS_FAMILY_PAIR[0]:
         realpair_root = cache_root(cfg)
         realpair_root.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ def build_mix(cfg, names):
 
 
 def prepare(cfg):
-    """cfg with the two GGUFs in place of the preset's names, the aligned mix as its dataset and
+    """cfg with the GGUFs in place of the names THREE_FAMILY_MODELS has, the aligned mix as its dataset and
     store_dir PAIR_STORE a store named after that mix in the preset's cache, built once per machine."""
     if cfg["store_dir"] == PAIR_STORE and cfg["dataset"] != PYPI_MIX:
         raise ConfigError(f"store_dir {PAIR_STORE} names the store of the mix pairs/crossfamily.py builds (dataset "

@@ -7,9 +7,9 @@ import torch
 from einops import rearrange
 from tqdm.auto import tqdm
 
-from crossdiff.config.schema import effective
 from crossdiff.config.plan import hook_layer, hooks_of, layers_needed, norm_width
-from crossdiff.sources.aligned_mix import split_aligned
+from crossdiff.config.schema import effective
+from crossdiff.sources.aligned_mix import kept_tuples, split_aligned
 from crossdiff.sources.tokenmask import PositionFilter
 
 
@@ -84,7 +84,7 @@ def at_aligned(acts_per_model, pairs_NSM, first=1, d_in=None):
     """(n_P, s_P, [P, M, D]): the rows and tuple indices of the aligned tuples whose every position
     is >= first, and each model's activations [N, S, D_m] there, zero-padded to d_in (none: the
     widest model's width)."""
-    n_P, s_P = torch.nonzero((pairs_NSM >= first).all(-1), as_tuple=True)
+    n_P, s_P = torch.nonzero(kept_tuples(pairs_NSM, first), as_tuple=True)
     parts = [a[n_P, pairs_NSM[n_P, s_P, m]] for m, a in enumerate(acts_per_model)]
     d_in = d_in or max(p.shape[-1] for p in parts)
     return n_P, s_P, torch.stack([torch.nn.functional.pad(p, (0, d_in - p.shape[-1])) for p in parts], dim=1)

@@ -12,7 +12,8 @@ Two ways, one result (tests/test_align.py checks they agree):
   - `align_offsets`: from each token's character span (fast tokenizers' offsets), a position's
     content end; the positions whose content ends appear in every model pair. Byte-fallback
     tokens of one character share its span: the last of them (the one that completes it) pairs.
-  - `two_pointer`: the DFC paper's Algorithm 1 for two models, from each token's decoded text: grow the window whose text (whitespace removed) is shorter until both are equal, then
+  - `two_pointer`: the DFC paper's Algorithm 1 for two models, from each token's decoded text:
+    grow the window whose text (whitespace removed) is shorter until both are equal, then
     pair the windows' last tokens. It stops where the texts cannot be made equal (an invalid
     byte piece): the paper's reported failures (smart quotes, emoji).
 A tokenizer without offsets (a slow one) gets its spans from its decoded pieces

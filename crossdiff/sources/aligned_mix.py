@@ -79,6 +79,12 @@ def split_aligned(rows_NSK, n_models):
     return rows_NSK[..., :n_models], rows_NSK[..., n_models:]
 
 
+def kept_tuples(pairs_NSM, first):
+    """[N, S] bool: the aligned tuples training reads, those whose every position is >= first
+    (ignore_first_n; -1 pads the rest)."""
+    return (pairs_NSM >= first).all(-1)
+
+
 def check_aligned_tokenizers(mix_dir, model_names, min_aligned=0.0):
     """A DataError, before any model loads, when a model's tokenizer is not the one the aligned
     mix holds its tokens for (its place in model_names), or when some source aligns less than

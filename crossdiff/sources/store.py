@@ -35,7 +35,7 @@ from crossdiff.config.schema import ConfigError, data_tokens, effective
 from crossdiff.io.checkpoint import atomic_write_text, file_sha256, staging_dir, swap_in
 from crossdiff.scale import distributed
 from crossdiff.sources.activations import norm_factors, run_models
-from crossdiff.sources.aligned_mix import is_aligned, split_aligned
+from crossdiff.sources.aligned_mix import is_aligned, kept_tuples, split_aligned
 
 SHARD_SEQUENCES = 4096  # sequences per shard file
 # The config keys a store must share with a run that trains from it (toy_seed: only toy stores
@@ -130,13 +130,13 @@ def aligned_counts(store_dir, meta):
     if not meta.get("aligned"):
         return None
     rows_NSK = torch.load(Path(store_dir) / "tokens.pt", map_location="cpu", weights_only=True, mmap=True)
-    return (split_aligned(rows_NSK, meta["n_models"])[1] >= meta["ignore_first_n"]).all(-1).sum(1)
+    return kept_tuples(split_aligned(rows_NSK, meta["n_models"])[1], meta["ignore_first_n"]).sum(1)
 
 
 def compact_aligned(rows_PMD, pairs_NSM, first, rows_per_sequence):
     """[N * R, M, D]: the rows of aligned tuples (at_aligned's order: row by row) placed at the start
     of their sequence's R rows, zeros after (the layout aligned_counts reads back)."""
-    valid_NS = (pairs_NSM >= first).all(-1)
+    valid_NS = kept_tuples(pairs_NSM, first)
     n_P = torch.nonzero(valid_NS)[:, 0]
     counts_N = valid_NS.sum(1)
     slot_P = torch.arange(len(n_P), device=n_P.device) - (counts_N.cumsum(0) - counts_N)[n_P]
