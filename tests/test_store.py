@@ -112,9 +112,9 @@ def store_files(store):
 
 
 def test_a_killed_re_harvest_leaves_the_finished_store_whole(tmp_path, models, monkeypatch):
-    """A second harvest into a finished store, stopped by Ctrl-C in its first shard, says to run
-    the command again and changes no byte of the store (it writes beside it and swaps in only when
-    complete), which still serves its rows; the next harvest clears the partial one and completes."""
+    """A second harvest into a finished store, stopped by Ctrl-C in its first shard, says how far it
+    got and to run the command again, and changes no byte of the store (it writes beside it and
+    swaps in only when complete), which still serves its rows; the next harvest completes."""
     from crossdiff.sources import store as fmt
 
     cfg, store = tiny_cfg(tmp_path), tmp_path / "store"
@@ -129,8 +129,8 @@ def test_a_killed_re_harvest_leaves_the_finished_store_whole(tmp_path, models, m
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fmt, "run_models", killed_on_the_second_batch)
-    with pytest.raises(fmt.HarvestInterrupted, match=f"into {store} was interrupted; the store is as it was .*"
-                                                     "run the same command again"):
+    with pytest.raises(fmt.HarvestInterrupted, match=f"into {store} was interrupted after 4 of 20 sequences; the "
+                                                     "store is as it was.* run the same command again"):
         harvest(cfg, list(models), random_tokens(20, 9, seed=1), store, 20, shard_sequences=8)
     assert store_files(store) == before
     assert ActivationStore(dict(cfg, wrap_tokens=True), store).next().abs().sum() > 0
@@ -138,6 +138,50 @@ def test_a_killed_re_harvest_leaves_the_finished_store_whole(tmp_path, models, m
     harvest(cfg, list(models), random_tokens(20, 9, seed=1), store, 20, shard_sequences=8)
     assert store_files(store) != before  # the new store, and no partial one left beside it
     assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "store"]
+
+
+@pytest.mark.parametrize("stop_at", [2, 4])  # inside the first shard; in the second, the first one whole
+def test_a_stopped_harvest_goes_on_where_it_stopped_and_writes_the_store_one_harvest_writes(tmp_path, models,
+                                                                                          monkeypatch, stop_at):
+    """Ctrl-C in the middle of a harvest keeps what it wrote: the same command runs the models only
+    on the sequences not yet harvested, and the store it completes is byte for byte the store of a
+    harvest never stopped. A partial harvest of other tokens is not gone on from: it starts again."""
+    from crossdiff.sources import store as fmt
+
+    cfg, tokens = tiny_cfg(tmp_path), random_tokens(20, 9, seed=3)
+    harvest(cfg, list(models), tokens, tmp_path / "whole", 20, shard_sequences=8)
+    real, seen, measured = fmt.run_models, [], []
+    real_factors = fmt.norm_factors
+    monkeypatch.setattr(fmt, "norm_factors", lambda *a, **k: measured.append(1) or real_factors(*a, **k))
+
+    stops = [stop_at]
+
+    def counted(models_, t, *args, **kwargs):  # Ctrl-C once, at the stop_at-th batch after a stop is set
+        seen.append(len(t))
+        if stops and len(seen) == stops[0]:
+            stops.clear()
+            raise KeyboardInterrupt
+        return real(models_, t, *args, **kwargs)
+
+    monkeypatch.setattr(fmt, "run_models", counted)
+    store = tmp_path / "store"
+    with pytest.raises(fmt.HarvestInterrupted):
+        harvest(cfg, list(models), tokens, store, 20, shard_sequences=8)
+    kept = (stop_at - 1) * cfg["model_batch_size"]  # the batches before the stopped one
+    assert not store.exists() and (tmp_path / ".store.partial" / fmt.HARVEST_RECORD).is_file()
+    seen.clear()
+    harvest(cfg, list(models), tokens, store, 20, shard_sequences=8)
+    assert sum(seen) == 20 - kept and len(measured) == 1  # no sequence harvested twice, the factors kept
+    assert store_files(store) == store_files(tmp_path / "whole")
+
+    seen.clear()
+    stops.append(2)
+    with pytest.raises(fmt.HarvestInterrupted):  # stopped again, then asked for other tokens
+        harvest(cfg, list(models), tokens, tmp_path / "other", 20, shard_sequences=8)
+    monkeypatch.setattr(fmt, "run_models", real)
+    harvest(cfg, list(models), random_tokens(20, 9, seed=4), tmp_path / "other", 20, shard_sequences=8)
+    harvest(cfg, list(models), random_tokens(20, 9, seed=4), tmp_path / "fresh", 20, shard_sequences=8)
+    assert store_files(tmp_path / "other") == store_files(tmp_path / "fresh")
 
 
 def test_a_harvest_into_a_store_another_harvest_is_writing_is_refused(tmp_path, models):

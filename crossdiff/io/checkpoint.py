@@ -330,10 +330,11 @@ def atomic_write_text(path, text):
     _atomic_write(path, lambda f: f.write(text.encode()))
 
 
-def staging_dir(target, allowed):
+def staging_dir(target, allowed, keep=None):
     """An empty directory beside target for a whole directory's files (a killed writer's is
-    cleared), once target is checked to be absent or to hold only files whose names match the
-    regex `allowed` (else a FileExistsError naming it): swap_in puts it in target's place."""
+    cleared, unless keep(it) says to go on from it), once target is checked to be absent or to
+    hold only files whose names match the regex `allowed` (else a FileExistsError naming it):
+    swap_in puts it in target's place."""
     target = Path(target)
     work, old = target.parent / f".{target.name}.partial", target.parent / f".{target.name}.old"
     if not target.exists() and old.exists():  # killed inside swap_in: the previous one goes back
@@ -344,6 +345,8 @@ def staging_dir(target, allowed):
             raise FileExistsError(f"{target} holds other files ({', '.join(sorted(other)[:3])}): choose an empty or "
                                   "new directory")
     target.parent.mkdir(parents=True, exist_ok=True)
+    if keep is not None and work.is_dir() and keep(work):
+        return work
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     return work

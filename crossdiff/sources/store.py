@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -46,8 +47,8 @@ STORE_KEYS = ("hook_point", "seq_len", "d_in", "n_models", "model_names", "datas
 
 # ---------------------------------------------------------------- the format
 class HarvestInterrupted(KeyboardInterrupt):
-    """A Ctrl-C during a harvest: the store as it was (the partial one beside it is cleared by the
-    next harvest); its message says to run the same command again."""
+    """A Ctrl-C during a harvest: the store as it was, and the partial harvest beside it kept for
+    the same command to go on from; its message says how far it got."""
 
 
 class StoreError(OSError):
@@ -171,6 +172,12 @@ def read_rows(shards, meta, ids, rows_per_sequence, pin=False):
 
 # ---------------------------------------------------------------- writing one
 STORE_FILES = r"shard_\d{5}\.bin|tokens\.pt|meta\.json"  # what a store directory holds
+# In the partial harvest beside the store: what it harvests (a harvest of anything else clears it
+# and starts again), its factors, and each shard's sequences written (shard_NNNNN.done) or whole
+# (shard_NNNNN.sha256). A harvest goes on from there; a shard's progress is written at most every
+# PROGRESS_SECONDS and when the harvest is stopped.
+HARVEST_RECORD = "harvest.json"
+PROGRESS_SECONDS = 30.0
 
 
 @contextlib.contextmanager
@@ -201,12 +208,16 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
     shards; rank 0 holds the lock and swaps the store in."""
     check_no_exclusions(cfg)
     store_dir = Path(store_dir)
+    n_sequences = min(n_sequences, len(tokens_NS))
     with contextlib.ExitStack() as held:
         work, refused = None, None
         if distributed.is_main():
+            record = harvest_record(cfg, tokens_NS, n_sequences, shard_sequences)
             try:
                 held.enter_context(store_lock(store_dir))
-                work = staging_dir(store_dir, STORE_FILES)
+                work = staging_dir(store_dir, STORE_FILES, keep=lambda w: read_harvest_record(w) == record)
+                if read_harvest_record(work) is None:
+                    atomic_write_text(work / HARVEST_RECORD, json.dumps({"record": record}))
             except OSError as e:  # held by another harvest, or a directory of other files in the way
                 refused = str(e)
         work, refused = distributed.broadcast((str(work), refused))  # every rank stops, or writes there
@@ -215,9 +226,10 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
         try:
             write_store(cfg, models, tokens_NS, Path(work), n_sequences, shard_sequences)
         except KeyboardInterrupt:
-            raise HarvestInterrupted(f"the harvest into {store_dir} was interrupted; the store is as it was (the "
-                                     "partial harvest beside it is cleared by the next): run the same command "
-                                     "again to harvest it") from None
+            done = harvested(Path(work), shard_sizes(n_sequences, shard_sequences))
+            raise HarvestInterrupted(f"the harvest into {store_dir} was interrupted after {done:,} of {n_sequences:,} "
+                                     f"sequences; the store is as it was, and what was harvested is kept beside it "
+                                     f"({Path(work).name}): run the same command again to go on from there") from None
         if distributed.is_main():
             swap_in(Path(work), store_dir)
         distributed.barrier()
@@ -225,30 +237,48 @@ def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHAR
 
 
 def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences):
-    """The store's files in store_dir (each rank its shards; rank 0 the tokens, then meta.json)."""
-    n_sequences = min(n_sequences, len(tokens_NS))
+    """The store's files in store_dir (each rank its shards; rank 0 the tokens, then meta.json),
+    going on from what a stopped harvest of the same record wrote there."""
     device = next(models[0].parameters()).device
-    # The live buffer measures the factors the same way, on the same first sequences.
-    factors_M = norm_factors(cfg, models, tokens_NS) if distributed.is_main() else None
-    factors_M = torch.tensor(distributed.broadcast(factors_M.tolist() if factors_M is not None else None),
-                             device=device)
+    factors_M = None
+    if distributed.is_main():  # the live buffer measures them the same way, on the same first sequences
+        kept = json.loads((store_dir / HARVEST_RECORD).read_text())
+        if "factors" not in kept:
+            kept["factors"] = norm_factors(cfg, models, tokens_NS).tolist()
+            atomic_write_text(store_dir / HARVEST_RECORD, json.dumps(kept))
+        factors_M = kept["factors"]
+    factors_M = torch.tensor(distributed.broadcast(factors_M), device=device)
     rows_per_seq, M, D, first_pos = positions(cfg), len(models), cfg["d_in"], first_n(cfg)
     aligned = tokens_NS.ndim == 3  # rows of models of different tokenizers: each sequence's tuples, compacted
-    shards = [min(shard_sequences, n_sequences - first) for first in range(0, n_sequences, shard_sequences)]
-    rank, w = distributed.rank(), distributed.world_size()
+    shards = shard_sizes(n_sequences, shard_sequences)
+    rank, w, batch = distributed.rank(), distributed.world_size(), cfg["model_batch_size"]
     for i in range(rank, len(shards), w):
         first, n = i * shard_sequences, shards[i]
-        mm = np.memmap(shard_path(store_dir, i), dtype=np.int16, mode="w+", shape=(n * rows_per_seq, M, D))
-        for start in tqdm(range(0, n, cfg["model_batch_size"]), desc=f"harvesting shard {i}" + f" (rank {rank})" * (w > 1),
-                          leave=False, disable=not cfg["progress"]):
-            t = tokens_NS[first + start : first + min(start + cfg["model_batch_size"], n), : cfg["seq_len"]]
-            rows_RMD = (run_models(models, t, hooks_of(cfg), first_pos, d_in=D).float() * factors_M[:, None]).to(torch.bfloat16)
-            if aligned:
-                rows_RMD = compact_aligned(rows_RMD, split_aligned(t.to(rows_RMD.device), M)[1], first_pos, rows_per_seq)
-            mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
-        mm.flush()
-        del mm
+        done = shard_done(store_dir, i, n)
+        if done == n:
+            continue
+        mm = np.memmap(shard_path(store_dir, i), dtype=np.int16, mode="r+" if done else "w+",
+                       shape=(n * rows_per_seq, M, D))
+        saved_at = time.monotonic()
+        try:
+            for start in tqdm(range(done, n, batch), desc=f"harvesting shard {i}" + f" (rank {rank})" * (w > 1),
+                              initial=done // batch, total=-(-n // batch), leave=False, disable=not cfg["progress"]):
+                t = tokens_NS[first + start : first + min(start + batch, n), : cfg["seq_len"]]
+                rows_RMD = (run_models(models, t, hooks_of(cfg), first_pos, d_in=D).float()
+                            * factors_M[:, None]).to(torch.bfloat16)
+                if aligned:
+                    rows_RMD = compact_aligned(rows_RMD, split_aligned(t.to(rows_RMD.device), M)[1], first_pos,
+                                               rows_per_seq)
+                mm[start * rows_per_seq : start * rows_per_seq + len(rows_RMD)] = rows_RMD.view(torch.int16).cpu().numpy()
+                done = start + len(t)
+                if time.monotonic() - saved_at > PROGRESS_SECONDS:
+                    save_progress(mm, store_dir, i, done)
+                    saved_at = time.monotonic()
+        finally:  # stopped or whole: what is written is on disk, and the count says how far it got
+            save_progress(mm, store_dir, i, done)
+            del mm
         atomic_write_text(store_dir / f"shard_{i:05d}.sha256", file_sha256(shard_path(store_dir, i)))
+        (store_dir / f"shard_{i:05d}.done").unlink()
     distributed.barrier()  # every rank's shards are on disk (the ranks' shares differ by one shard at most)
     if distributed.is_main():
         torch.save(tokens_NS[:n_sequences, : cfg["seq_len"]].clone(), store_dir / "tokens.pt")
@@ -268,6 +298,50 @@ def write_store(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences)
         meta["sha256"] = sums
         meta["record_sha256"] = record_hash(meta)
         atomic_write_text(store_dir / "meta.json", json.dumps(meta, indent=2))  # written last: marks the store complete
+        (store_dir / HARVEST_RECORD).unlink()
+
+
+def harvest_record(cfg, tokens_NS, n_sequences, shard_sequences):
+    """What a harvest writes, as its partial directory records it: a stopped harvest is gone on
+    from only by one of the same record (the same keys, tokens, sequences and batches)."""
+    tokens = tokens_NS[:n_sequences, : cfg["seq_len"]].contiguous().cpu()
+    record = {**{key: cfg.get(key) for key in STORE_KEYS}, "n_sequences": n_sequences,
+              "shard_sequences": shard_sequences, "model_batch_size": cfg["model_batch_size"],
+              "ignore_first_n": first_n(cfg), "norm_scale": effective(cfg, "norm_scale"),
+              "tokens_sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()}
+    return json.loads(json.dumps(record))  # as read back (tuples as lists)
+
+
+def read_harvest_record(work):
+    """The record of the partial harvest in work, or None where it has none (or a damaged one)."""
+    try:
+        return json.loads((Path(work) / HARVEST_RECORD).read_text())["record"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def shard_sizes(n_sequences, shard_sequences):
+    return [min(shard_sequences, n_sequences - first) for first in range(0, n_sequences, shard_sequences)]
+
+
+def shard_done(work, i, n):
+    """How many of shard i's n sequences a partial harvest in work has written (all: its .sha256)."""
+    if (Path(work) / f"shard_{i:05d}.sha256").is_file():
+        return n
+    try:
+        return min(n, int((Path(work) / f"shard_{i:05d}.done").read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+def save_progress(mm, work, i, done):
+    """Shard i's rows up to sequence done on disk, then the count that says so."""
+    mm.flush()
+    atomic_write_text(Path(work) / f"shard_{i:05d}.done", str(done))
+
+
+def harvested(work, shards):
+    return sum(shard_done(work, i, n) for i, n in enumerate(shards))
 
 
 def sequences_for_any_world_size(cfg, max_processes=64):
