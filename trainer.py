@@ -22,6 +22,7 @@ from crossdiff.arch.shards import clip_grad_norm_, gather, gather_weights
 from crossdiff.config.schema import Config, ConfigError, completed, effective
 from crossdiff.io.checkpoint import (
     SHARD_STATE,
+    WRITE_BYTES_PER_S,
     CheckpointError,
     atomic_torch_save,
     latest_checkpoint,
@@ -30,6 +31,7 @@ from crossdiff.io.checkpoint import (
     rank_state_file,
     read_trainer_state,
     resolve_version_dir,
+    tensor_bytes,
 )
 from crossdiff.io.wandb_run import finish_run, start_run
 from crossdiff.scale import distributed
@@ -319,6 +321,10 @@ class Trainer:
             self._save_rank_states(state)
             if self.mesh.latent is not None:
                 weights = gather_weights(self.crosscoder)  # the whole dictionary, on rank 0's host
+        # Rank 0's write can outlast a collective's timeout (a 2^20 dictionary's weights and Adam
+        # state are 38.6 GB): the others wait for its outcome as long as WRITE_BYTES_PER_S allows.
+        written = tensor_bytes((state, weights if weights is not None else self.crosscoder.state_dict()))
+        patient = distributed.patient_group(distributed.broadcast(written / WRITE_BYTES_PER_S))
         path, failed = None, None
         if distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
             try:
@@ -328,7 +334,7 @@ class Trainer:
                 failed = e
         # Every rank learns whether rank 0's write failed, and all stop with the error: a rank
         # that went on would wait in the next step's collective until the timeout.
-        if distributed.any_rank(failed is not None):
+        if distributed.any_rank(failed is not None, group=patient):
             raise failed or OSError(f"rank 0 could not write checkpoint {self.crosscoder.save_version} into "
                                     f"{self.crosscoder.save_dir} (its error is in rank 0's output)")
         self.last_saved_step = self.step_counter

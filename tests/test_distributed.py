@@ -377,3 +377,48 @@ def test_one_process_builds_while_the_others_wait_past_the_collective_timeout(tm
     assert out.returncode == 0, out.stderr[-3000:]
     # (the two ranks print at once: their lines may interleave in torchrun's stdout)
     assert sorted(re.findall(r"rank (\d) has the build by rank (\d)", out.stdout)) == [("0", "0"), ("1", "0")]
+
+
+_SLOW_SAVE = '''
+import os, sys, time
+sys.path.insert(0, {repo!r})
+sys.path.insert(0, os.path.join({repo!r}, "tests"))
+import torch
+torch.set_num_threads(1)
+from conftest import tiny_cfg
+from crosscoder import CrossCoder
+from crossdiff.scale import distributed
+from trainer import Trainer
+distributed.setup("cpu", timeout_s=2)  # a collective gives up after 2 s
+real_save = CrossCoder.save
+def slow_save(self, *args, **kwargs):  # rank 0's write takes three times the collective timeout
+    time.sleep(6)
+    return real_save(self, *args, **kwargs)
+if distributed.is_main():
+    CrossCoder.save = slow_save
+class Batches:
+    def __init__(self, cfg):
+        self.g = torch.Generator().manual_seed(distributed.rank())
+        self.shape = (cfg["batch_size"] // 2, cfg["n_models"], cfg["d_in"])
+    def next(self):
+        return torch.randn(*self.shape, generator=self.g)
+cfg = tiny_cfg(num_tokens=32 * 8, save_every=4, checkpoint_dir={out!r})
+trainer = Trainer(cfg, buffer=Batches(cfg))
+trainer.train()
+print(f"rank {{distributed.rank()}} trained to step {{trainer.step_counter}}", flush=True)
+distributed.teardown()
+'''
+
+
+def test_a_checkpoint_write_on_rank_0_longer_than_the_collective_timeout_does_not_stop_the_others(tmp_path):
+    """Rank 0 takes 6 s to write each checkpoint under a 2 s collective timeout (a 2^20 dictionary's
+    38.6 GB write takes minutes): the other rank waits for its outcome in a group sized to the
+    write, both train to the end, and every checkpoint loads."""
+    script = tmp_path / "slow_save.py"
+    script.write_text(_SLOW_SAVE.format(repo=str(REPO), out=str(tmp_path / "ckpt")))
+    out = torchrun(str(script), timeout=180)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert sorted(re.findall(r"rank (\d) trained to step (\d+)", out.stdout)) == [("0", "8"), ("1", "8")]
+    version = tmp_path / "ckpt" / "version_0"
+    assert sorted(p.name for p in version.glob("*.pt") if p.stem.isdigit()) == ["0.pt", "1.pt"]  # steps 4 and 8
+    assert CrossCoder.load(version).cfg["world_size"] == 2

@@ -34,6 +34,8 @@ import torch.distributed as dist
 from crossdiff.config.schema import ConfigError
 
 _control = None  # a gloo group for host-side flags, so that NCCL runs never sync a GPU for them
+_timeout_s = 600  # setup's: how long a collective waits for the slowest rank
+_patient = {}  # gloo groups that wait longer, by the seconds they add (patient_group)
 _mesh = None  # with latent_shards > 1: the DeviceMesh (data, latent) of world = data groups x latent shards
 
 
@@ -78,7 +80,7 @@ def setup(device=None, timeout_s=600, latent_shards=1):
     gloo. A rank that dies makes the others fail after timeout_s instead of hanging.
     latent_shards > 1: a 2-D mesh, rank = data_index * latent_shards + latent_index. Called again
     in the same processes, it keeps the process group and rebuilds the mesh for latent_shards."""
-    global _control, _mesh
+    global _control, _mesh, _timeout_s
     if not launched():
         return device
     use_cuda = torch.cuda.is_available() and device != "cpu"
@@ -86,7 +88,7 @@ def setup(device=None, timeout_s=600, latent_shards=1):
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout, _timeout_s = datetime.timedelta(seconds=timeout_s), timeout_s
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
         _control = dist.new_group(backend="gloo", timeout=timeout) if use_cuda else None
     _mesh = None
@@ -123,6 +125,7 @@ def teardown(clean=True):
             dist.barrier()
         dist.destroy_process_group()
         _control = _mesh = None
+        _patient.clear()
 
 
 def exit_process(code=0):
@@ -191,13 +194,27 @@ def _size(over):
     return dist.get_world_size(over) if world_size() > 1 else 1
 
 
-def any_rank(flag):
-    """True on every rank when flag is true on any rank (a host-side all-reduce)."""
+def any_rank(flag, group=None):
+    """True on every rank when flag is true on any rank (a host-side all-reduce; group: a
+    patient_group, to wait longer for a rank's long work)."""
     if world_size() == 1:
         return bool(flag)
     t = torch.tensor([int(bool(flag))], device="cpu")  # (the gloo control group)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group or _control)
     return bool(t.item())
+
+
+def patient_group(seconds):
+    """A gloo group of every rank whose collectives wait `seconds` longer than setup's timeout
+    (rounded up to whole minutes; made once per length): where one rank's work, such as rank 0
+    writing a large checkpoint, can outlast a collective's timeout. Every rank calls it at the
+    same point with the same seconds, before that work starts (making a group is a collective)."""
+    if world_size() == 1:
+        return None
+    minutes = max(1, -(-int(seconds) // 60))
+    if minutes not in _patient:
+        _patient[minutes] = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_timeout_s + 60 * minutes))
+    return _patient[minutes]
 
 
 STOP_CHECK_EVERY = 10  # several processes: steps between the ranks' checks for a stop signal
