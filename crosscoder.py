@@ -36,7 +36,7 @@ from crossdiff.arch.partition import (
     violations,
 )
 from crossdiff.arch.shards import any_over_shards, init_decoder, sum_over_shards, take_shard
-from crossdiff.arch.sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
+from crossdiff.arch.sparse import fired_latents, kept_activations, kept_entries, kept_preactivations, sparse_decode
 from crossdiff.config.schema import (
     DERIVED_KEYS,
     SCHEMA,
@@ -181,7 +181,7 @@ class CrossCoder(nn.Module):
     def encode(self, x_BMD, apply_relu=True):
         pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(),
                         "batch model d_in, model d_in latent -> batch latent")
-        pre_BF = pre_BF + self.b_enc.to(pre_BF.dtype)  # under bf16 autocast the [B, F] terms stay bf16
+        pre_BF = pre_BF.add_(self.b_enc.to(pre_BF.dtype))  # in place: one [B, F]; under bf16 autocast, bf16
         if not apply_relu:
             return pre_BF
         return self.select(torch.relu(pre_BF))[0]
@@ -426,14 +426,20 @@ class BatchTopKCrossCoder(CrossCoder):
     def select(self, acts_BF, mesh=ONE_PROCESS):
         """The k * batch largest scores (training: over the global batch of mesh.world) or the
         scores above the estimated threshold (eval); and, training, the smallest kept score."""
-        norms_F = self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)
-        scores_BF = acts_BF * norms_F.detach().to(acts_BF.dtype)
+        mask_BF, min_kept = self.selection(acts_BF * self.score_norms_F().to(acts_BF.dtype), mesh)
+        return acts_BF * mask_BF, min_kept
+
+    def score_norms_F(self):
+        """What an activation is weighted by in its score: the decoder norms summed over models."""
+        return (self.score_norms if self.score_norms is not None else self.decoder_norms().sum(-1)).detach()
+
+    def selection(self, scores_BF, mesh=ONE_PROCESS):
+        """(mask of the kept scores [B, F], the smallest kept score in training, else None)."""
         if self.training or (self.threshold < 0).any():
             group = mesh.world if self.training else None
-            rows = acts_BF.shape[0] * (mesh.data_parallel if self.training else 1)  # the global batch
+            rows = scores_BF.shape[0] * (mesh.data_parallel if self.training else 1)  # the global batch
             if not self.partition.shared:
-                mask_BF, min_kept = batch_topk_mask(scores_BF, self.k, group, rows)
-                return acts_BF * mask_BF, min_kept
+                return batch_topk_mask(scores_BF, self.k, group, rows)
             # the designated shared block keeps its own (larger) share of k (partition.k_shares)
             ks = k_shares(self.k, self.partition.shared, self.partition.dict_size, self.cfg["shared_k_multiplier"])
             mask_BF = torch.zeros_like(scores_BF, dtype=torch.bool)
@@ -442,9 +448,9 @@ class BatchTopKCrossCoder(CrossCoder):
                 block_mask, block_min = batch_topk_mask(scores_BF.index_select(1, block_f), k, group, rows)
                 mask_BF.index_copy_(1, block_f, block_mask)
                 min_kept.append(block_min)
-            return acts_BF * mask_BF, torch.stack(min_kept)
+            return mask_BF, torch.stack(min_kept)
         threshold_F = self.threshold[self.tied_f.long()] if self.partition.shared else self.threshold
-        return acts_BF * (scores_BF > threshold_F), None
+        return scores_BF > threshold_F, None
 
     def losses_and_acts(self, x_BMD, dead_F=None, update_threshold_=True, mesh=ONE_PROCESS):
         """With sparse_step (training): the same losses, activations and terms, but the decoder,
@@ -455,8 +461,12 @@ class BatchTopKCrossCoder(CrossCoder):
         W_enc = self.encoder_weight()
         with torch.no_grad():  # the dense forward only selects: no graph, no [B, F] backward
             pre_BF = self.encode(x_BMD, apply_relu=False)
-            selected_BF, min_kept = self.select(torch.relu(pre_BF), mesh)
-            kept = kept_entries(selected_BF > 0)
+            # beside pre_BF, one float [B, F] (the scores, freed once selected) and boolean masks
+            scores_BF = torch.relu(pre_BF).mul_(self.score_norms_F().to(pre_BF.dtype))
+            mask_BF, min_kept = self.selection(scores_BF, mesh)
+            del scores_BF
+            kept = kept_entries(mask_BF.logical_and_(pre_BF > 0))  # what select keeps active
+            del mask_BF
         self._track_threshold(min_kept, update_threshold_)
         values_N = torch.relu(kept_preactivations(pre_BF, x_BMD, W_enc, self.b_enc, kept))
         x_hat_BMD = sum_over_shards(sparse_decode(values_N, kept, self.decoder_weight()), mesh.latent) + self.decoder_bias()
@@ -467,32 +477,32 @@ class BatchTopKCrossCoder(CrossCoder):
         losses = self._losses(x_BMD, x_hat_BMD, acts_sum_F, sum_over_shards(l0_B, mesh.latent), norms_FM, mesh)
         err_BMD = x_BMD.float() - x_hat_BMD.float()
         aux = torch.zeros((), device=err_BMD.device)
-        dead_F = self._dead_now(dead_F, selected_BF, mesh)
+        dead_F = self._dead_now(dead_F, fired_latents(kept_activations(values_N, kept, (B, F))), mesh)
         if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):  # (a host sync)
             aux = aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc, self.b_enc, self.decoder_weight(), dead_F,
                                 effective(self.cfg, "aux_k"), mesh.latent, norms_F=norms_FM.sum(-1),
                                 normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
-        return losses, dense_activations(values_N, kept, (B, F)), terms
+        return losses, kept_activations(values_N, kept, (B, F)), terms
 
     def extra_terms(self, err_BMD, pre_BF, acts_BF, total_dec_norm_F, dead_F, mesh):
         """AuxK over the latents of dead_F that did not fire in this batch (else 0), and always the
         authors' "l2_norm_loss"."""
         aux = torch.zeros((), device=err_BMD.device)
-        dead_F = self._dead_now(dead_F, acts_BF, mesh)
+        dead_F = self._dead_now(dead_F, fired_latents(acts_BF), mesh)
         if dead_F is not None:
             aux = aux_loss(err_BMD, pre_BF, self.decoder_weight(), dead_F, effective(self.cfg, "aux_k"), mesh.latent,
                            norms_F=total_dec_norm_F, normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         return {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
 
     @staticmethod
-    def _dead_now(stale_F, acts_BF, mesh):
+    def _dead_now(stale_F, fired_F, mesh):
         """The latents of stale_F that fired nowhere in this global batch: the authors'
         BatchTopKTrainer resets a latent's counter when it fires, before AuxK picks the dead ones.
         Under data parallelism one all-reduce of F flags over the data groups (no host sync)."""
         if stale_F is None:
             return None
-        return stale_F & ~any_over_shards((acts_BF.detach() > 0).any(0), mesh.data)
+        return stale_F & ~any_over_shards(fired_F, mesh.data)
 
     def step_inputs(self, step, steps_since_fired_F):
         """k annealed (k_at); the latents that are dead unless they fire in this batch (dead for

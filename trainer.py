@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from buffer import make_batch_source, rebase_state
 from crosscoder import CrossCoder
 from crossdiff.arch.shards import clip_grad_norm_, gather, gather_weights
+from crossdiff.arch.sparse import fired_latents
 from crossdiff.config.schema import Config, ConfigError, completed, effective
 from crossdiff.io.checkpoint import (
     SHARD_STATE,
@@ -230,7 +231,7 @@ class Trainer:
                 losses, latents_BF, terms = self.crosscoder.losses_and_acts(acts_BMD, **inputs, mesh=self.mesh)
             loss, l1_coeff = self.crosscoder.training_loss(losses, terms, i, self.total_steps)
             loss.backward()
-        fired_F = (latents_BF.detach() > 0).any(0)
+        fired_F = fired_latents(latents_BF)  # (the sparse step's are a sparse tensor)
         if self.world_size > 1:  # gradients averaged before clipping, as in one process; fired on any rank
             fired_count_F = fired_F.float()
             grads = [p.grad for p in self.crosscoder.parameters()]

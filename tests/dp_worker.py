@@ -167,6 +167,7 @@ def shard_run(architecture, out, shards, steps, **extra):
     losses, acts, _ = trainer.crosscoder.losses_and_acts(x, mesh=trainer.mesh)
     (losses.l2_loss + losses.l1_loss).backward()
     grads = {name: p.grad for name, p in trainer.crosscoder.named_parameters()}
+    acts = acts.to_dense() if acts.is_sparse else acts  # (the sparse step's: its kept entries)
     return {"weights": weights, "logs": logs, "acts": acts.detach(), "grads": grads,
             "save_dir": str(trainer.crosscoder.save_dir)}
 

@@ -1,10 +1,12 @@
 """sparse.py and BatchTopK's sparse step: equal to the dense reference path to 1e-5 in fp32."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import tiny_cfg
 from crosscoder import CrossCoder
-from crossdiff.arch.sparse import dense_activations, kept_entries, kept_preactivations, sparse_decode
+from crossdiff.arch.sparse import fired_latents, kept_activations, kept_entries, kept_preactivations, sparse_decode
 from trainer import Trainer
 
 PARTITIONS = [{}, {"exclusive_fraction": 0.125, "shared_fraction": 0.125}]
@@ -18,7 +20,7 @@ def test_kept_entries_decode_and_their_gradients_equal_the_dense_product():
     kept = kept_entries(acts_BF > 0)
     values_N = acts_BF[kept.rows, kept.cols].clone().requires_grad_()
     out = sparse_decode(values_N, kept, W_FMD)
-    want = torch.einsum("bf,fmd->bmd", dense_activations(values_N, kept, (6, 10)), W_FMD)
+    want = torch.einsum("bf,fmd->bmd", kept_activations(values_N, kept, (6, 10)).to_dense(), W_FMD)
     torch.testing.assert_close(out, want)
     (out * torch.arange(48.0).view(6, 2, 4)).sum().backward()
     dense_values = acts_BF.clone().requires_grad_()
@@ -26,6 +28,20 @@ def test_kept_entries_decode_and_their_gradients_equal_the_dense_product():
     (torch.einsum("bf,fmd->bmd", dense_values, W2) * torch.arange(48.0).view(6, 2, 4)).sum().backward()
     torch.testing.assert_close(W_FMD.grad, W2.grad)
     torch.testing.assert_close(values_N.grad, dense_values.grad[kept.rows, kept.cols])
+
+
+def test_the_kept_activations_are_the_selection_as_a_sparse_tensor_and_say_which_latents_fired():
+    """The sparse step hands the trainer its activations as a sparse tensor of the kept entries:
+    densified, the selection itself; the latents fired in it are those of the dense matrix."""
+    g = torch.Generator().manual_seed(4)
+    acts_BF = torch.relu(torch.randn(9, 30, generator=g)) * (torch.rand(9, 30, generator=g) < 0.1)
+    kept = kept_entries(acts_BF > 0)
+    sparse_BF = kept_activations(acts_BF[kept.rows, kept.cols], kept, acts_BF.shape)
+    assert sparse_BF.is_sparse and sparse_BF._nnz() == int((acts_BF > 0).sum())
+    assert torch.equal(sparse_BF.to_dense(), acts_BF)
+    want_F = torch.tensor([bool((acts_BF[:, f] > 0).any()) for f in range(30)])
+    assert 0 < int(want_F.sum()) < 30
+    assert torch.equal(fired_latents(sparse_BF), want_F) and torch.equal(fired_latents(acts_BF), want_F)
 
 
 def test_kept_preactivations_give_the_encoder_the_dense_gradient_of_the_kept_entries():
@@ -69,7 +85,8 @@ def test_a_sparse_step_equals_the_dense_step_losses_terms_and_every_gradient(par
     assert float(dt["aux_loss"]) > 0
     for a, b in zip(dl, sl):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sa, da.detach(), atol=1e-5, rtol=1e-5)
+    assert sa.is_sparse and sa._nnz() == int((da > 0).sum())  # the kept entries alone, not a [B, F] matrix
+    torch.testing.assert_close(sa.to_dense(), da.detach(), atol=1e-5, rtol=1e-5)
     for key in ("aux_loss", "l2_norm_loss"):
         torch.testing.assert_close(st[key], dt[key], atol=1e-5, rtol=1e-5)
     for name in dg:
@@ -101,3 +118,40 @@ def test_sparse_training_reaches_the_dense_runs_weights(partition):
     for key in ("loss", "l2_loss", "l0_loss", "aux_loss", "explained_variance"):
         torch.testing.assert_close(torch.stack([log[key] for log in sparse_logs]),
                                    torch.stack([log[key] for log in dense_logs]), atol=1e-5, rtol=1e-5)
+
+
+class FloatMatrices(TorchDispatchMode):
+    """The ops that make a new float tensor of numel elements, of any shape (a matmul's may be
+    [1, B, F]); views and in-place results, which share an input's storage, are not new."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.made = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if (isinstance(t, torch.Tensor) and t.layout == torch.strided and t.numel() == self.numel
+                    and t.is_floating_point() and t.untyped_storage().data_ptr() not in inputs):
+                self.made.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("partition", PARTITIONS)
+def test_a_sparse_step_makes_three_float_batch_by_latent_matrices(partition):
+    """At 2^20 latents and 4096 rows a float [B, F] matrix is 16 GiB: the sparse step with AuxK
+    acting makes three (the pre-activations, the scores, AuxK's ranking), the dense step more."""
+    cfg = tiny_cfg(architecture="batchtopk", k=4, aux_k=8, batch_size=40, dead_tokens=40, threshold_start_step=0,
+                   dict_size=96, **partition)  # (B * F = 40 * 96: no other tensor of the step has as many elements)
+    made = {}
+    for sparse in (False, True):
+        g = torch.Generator().manual_seed(0)
+        trainer = Trainer(dict(cfg, sparse_step=sparse), buffer=type("S", (), {"next": lambda s: torch.randn(40, 2, 32, generator=g)})())
+        trainer.step()  # a latent that did not fire in it is dead at the next (dead_tokens: one batch)
+        with FloatMatrices(40 * 96) as mode:
+            trainer.step()
+        made[sparse] = mode.made
+    assert len(made[True]) == 3, made[True]
+    assert len(made[False]) > 3, made[False]

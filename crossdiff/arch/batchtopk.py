@@ -58,14 +58,16 @@ def aux_selection(pre_BF, dead_F, aux_k, latent_group=None, norms_F=None):
     """[B, F] bool: each row's aux_k most active dead latents (over every shard's latents with a
     latent_group), ranked by activation x norms_F when given (the authors: the summed decoder
     norms); entries with zero activation left out (they would add nothing)."""
-    acts_BF = torch.relu(pre_BF.float()).masked_fill(~dead_F, 0.0)
-    rank_BF = acts_BF if norms_F is None else acts_BF * norms_F.detach().float()
+    rank_BF = torch.relu(pre_BF.detach().float()).masked_fill_(~dead_F, 0.0)  # one float [B, F], scaled in place
+    active_BF = rank_BF > 0
+    if norms_F is not None:
+        rank_BF.mul_(norms_F.detach().float())
     if latent_group is None:
         top = rank_BF.topk(min(aux_k, rank_BF.shape[1]), dim=-1).indices
-        keep_BF = torch.zeros_like(acts_BF, dtype=torch.bool).scatter(-1, top, True)
+        keep_BF = torch.zeros_like(rank_BF, dtype=torch.bool).scatter_(-1, top, True)
     else:
         keep_BF = aux_keep_mask(rank_BF, aux_k, latent_group)
-    return keep_BF & (acts_BF > 0)
+    return keep_BF.logical_and_(active_BF)
 
 
 def aux_error_loss(err_hat_BMD, err_BMD, normalise=True, data_group=None):

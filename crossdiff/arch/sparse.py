@@ -70,9 +70,17 @@ def sparse_decode(values_N, kept, W_dec_FMD):
     return out_BK.view(-1, M, D)
 
 
-def dense_activations(values_N, kept, shape):
-    """The [B, F] activations the kept entries make (no gradient): for the trainer's fired-latent
-    flags and the analysis, which read a dense matrix."""
-    out = torch.zeros(shape, dtype=values_N.dtype, device=values_N.device)
-    out[kept.rows, kept.cols] = values_N.detach()
-    return out
+def kept_activations(values_N, kept, shape):
+    """The [B, F] activations the kept entries make, as a sparse COO tensor (no gradient): B * k
+    entries where a dense matrix holds B * F (16 GiB in fp32 at 2^20 latents and 4096 rows)."""
+    return torch.sparse_coo_tensor(torch.stack([kept.rows, kept.cols]), values_N.detach(), shape, is_coalesced=True,
+                                   check_invariants=False)  # (nonzero's row-major order: coalesced)
+
+
+def fired_latents(acts_BF):
+    """[F] bool: the latents active anywhere in the batch, of dense activations or of
+    kept_activations' sparse ones (no host sync either way)."""
+    if acts_BF.is_sparse:
+        cols, values = acts_BF.indices()[1], acts_BF.values()
+        return torch.zeros(acts_BF.shape[1], device=values.device).index_add_(0, cols, (values > 0).float()) > 0
+    return (acts_BF.detach() > 0).any(0)
