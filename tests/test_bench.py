@@ -46,3 +46,43 @@ def test_bench_times_the_sparse_batchtopk_step_against_the_dense_one():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "batchtopk k 8" in out.stdout and "crosscoder step, fp32, sparse" in out.stdout
     assert re.search(r"sparse/dense BatchTopK step speed-up: \d+\.\d\dx", out.stdout)
+
+
+_FAKE_PEER_TRAINER = '''
+import torch
+from ..dictionary import Linear  # a relative import, as the peer's modules make
+
+
+class BatchTopKCrossCoderTrainer:
+    def __init__(self, steps, activation_dim, dict_size, k, layer, lm_name, num_layers, device, seed):
+        self.ae = Linear(activation_dim, dict_size)
+        self.calls = 0
+
+    def update(self, step, x):
+        assert step == self.calls and x.shape[1:] == (2, 768)
+        self.calls += 1
+        x.mul_(0)  # the peer normalises its input in place: the next variant must still get the batch
+        return float(self.ae(x).sum())
+'''
+
+
+def test_the_peer_bench_imports_the_peers_modules_without_its_package_init_and_prints_one_row_per_size(tmp_path):
+    """tools/bench_peer.py on a stand-in checkout (the real one is science-of-finetuning's): its
+    package __init__ files, which import what the step does not use, are skipped; relative imports
+    resolve; each dictionary size gets a row of three timings; a path without the trainer is an
+    error naming it. (Timings are reported, never asserted.)"""
+    root = tmp_path / "peer" / "dictionary_learning"
+    (root / "trainers").mkdir(parents=True)
+    for init in (root / "__init__.py", root / "trainers" / "__init__.py"):
+        init.write_text("import nnsight  # not installed: the bench must not run this\n")
+    (root / "dictionary.py").write_text("import torch\n\nclass Linear(torch.nn.Linear):\n"
+                                        "    def __init__(self, d, f):\n        super().__init__(2 * d, f)\n\n"
+                                        "    def forward(self, x):\n        return super().forward(x.flatten(1))\n")
+    (root / "trainers" / "crosscoder.py").write_text(_FAKE_PEER_TRAINER)
+    out = run_script("tools/bench_peer.py", "--peer", str(tmp_path / "peer"), "--dict_sizes", "64,128", "--rounds", "2",
+                     timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["64"], ["128"])]
+    assert [r[0] for r in rows] == ["64", "128"] and all(len(r) == 6 and r[3].endswith("x)") for r in rows)
+    missing = run_script("tools/bench_peer.py", "--peer", str(tmp_path), timeout=120)
+    assert missing.returncode != 0 and "no dictionary_learning/trainers/crosscoder.py there" in missing.stderr
