@@ -368,7 +368,7 @@ def plan(cfg, built):
     unknown = any(seconds is None for _, cached, seconds, _ in stages if not cached)
     lines.append(f"  then training (its own bar and estimate). About {todo / 60:.0f} min before it on 2 cores"
                  + " and the harvest" * unknown + "; Ctrl-C keeps every finished stage (and the partner's fine-tune "
-                 "where it stopped): the same command goes on")
+                 "and the harvest where they stopped): the same command goes on")
     return lines
 
 
