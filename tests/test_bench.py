@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from conftest import run_script
@@ -80,9 +82,11 @@ def test_the_peer_bench_imports_the_peers_modules_without_its_package_init_and_p
                                         "    def forward(self, x):\n        return super().forward(x.flatten(1))\n")
     (root / "trainers" / "crosscoder.py").write_text(_FAKE_PEER_TRAINER)
     out = run_script("tools/bench_peer.py", "--peer", str(tmp_path / "peer"), "--dict_sizes", "64,128", "--rounds", "2",
-                     timeout=300)
+                     "--compile", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] in (["64"], ["128"])]
     assert [r[0] for r in rows] == ["64", "128"] and all(len(r) == 6 and r[3].endswith("x)") for r in rows)
+    apart = [float(m) for m in re.findall(r"torch.compile'd dense step .* the weights differ by (\S+) of", out.stdout)]
+    assert len(apart) == 2 and max(apart) < 1e-4  # the compiled step follows the eager one
     missing = run_script("tools/bench_peer.py", "--peer", str(tmp_path), timeout=120)
     assert missing.returncode != 0 and "no dictionary_learning/trainers/crosscoder.py there" in missing.stderr
