@@ -90,3 +90,39 @@ def test_the_peer_bench_imports_the_peers_modules_without_its_package_init_and_p
     assert len(apart) == 2 and max(apart) < 1e-4  # the compiled step follows the eager one
     missing = run_script("tools/bench_peer.py", "--peer", str(tmp_path), timeout=120)
     assert missing.returncode != 0 and "no dictionary_learning/trainers/crosscoder.py there" in missing.stderr
+
+
+_FAKE_REFERENCE = '''from utils import *  # the reference's notebook utils: the bench hands it torch, einops, numpy and Path
+from typing import NamedTuple
+
+SAVE_DIR = Path("/workspace/checkpoints")
+
+
+class LossOutput(NamedTuple):
+    l2_loss: torch.Tensor
+    l1_loss: torch.Tensor
+
+
+class CrossCoder(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.zeros(2, cfg["d_in"], cfg["dict_size"]))
+
+    def get_losses(self, x):
+        acts = torch.relu(einops.einsum(x, self.W, "b m d, m d f -> b f"))
+        return LossOutput(l2_loss=x.pow(2).sum(-1).mean() + acts.sum() * 0, l1_loss=acts.sum(-1).mean())
+'''
+
+
+def test_the_reference_bench_times_the_references_l1_step_beside_ours(tmp_path):
+    """tools/bench_peer.py --reference on a stand-in checkout: its crosscoder.py imports from the
+    bench's stand-in utils, one row per size, and a path without crosscoder.py is an error."""
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "crosscoder.py").write_text(_FAKE_REFERENCE)
+    out = run_script("tools/bench_peer.py", "--reference", str(tmp_path / "ref"), "--dict_sizes", "64", "--rounds", "1",
+                     timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[:1] == ["64"]]
+    assert len(rows) == 1 and len(rows[0]) == 4 and rows[0][3].endswith("x)")
+    missing = run_script("tools/bench_peer.py", "--reference", str(tmp_path), timeout=120)
+    assert missing.returncode != 0 and "no crosscoder.py there" in missing.stderr
