@@ -200,7 +200,7 @@ def any_rank(flag, group=None):
     if world_size() == 1:
         return bool(flag)
     t = torch.tensor([int(bool(flag))], device="cpu")  # (the gloo control group)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group or _control)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group if group is not None else _control)
     return bool(t.item())
 
 

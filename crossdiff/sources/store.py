@@ -203,8 +203,8 @@ def store_lock(store_dir):
 def harvest(cfg, models, tokens_NS, store_dir, n_sequences, shard_sequences=SHARD_SEQUENCES):
     """Write the activations of tokens_NS[:n_sequences] (BOS dropped, normalised per model, bf16),
     shard_sequences sequences per file, into a directory beside store_dir that replaces it once
-    complete: a harvest killed at any moment leaves store_dir as it was. One harvest at a time
-    (store_lock). Under torchrun, every rank calls it with the same arguments and writes its own
+    complete: a harvest killed at any moment leaves store_dir as it was, and the same harvest
+    goes on from what the stopped one wrote (HARVEST_RECORD). One harvest at a time (store_lock). Under torchrun, every rank calls it with the same arguments and writes its own
     shards; rank 0 holds the lock and swaps the store in."""
     check_no_exclusions(cfg)
     store_dir = Path(store_dir)
