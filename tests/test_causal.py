@@ -294,3 +294,25 @@ def test_sets_that_say_nothing_are_left_out_and_named():
     assert kept == {"all": ALL, "all+bias": ALL_BIAS, "given": [1, 2]}
     assert note == "KL test: no latent in chat_specific; chat_only holds every latent (the all row); left out"
     assert informative_sets({"all": ALL, "given": [1]}, 8) == ({"all": ALL, "given": [1]}, None)
+
+
+def test_the_kl_from_the_references_log_probs_taken_once_is_the_kl_from_its_logits():
+    """kl_gap_closed takes the clean model's log-softmax once a batch (log_probs, in place on fp32
+    logits) and compares every patched forward with it: the same KL, per position, as torch's
+    kl_div from the two distributions, for fp32 and bf16 logits (bf16 ones are left as they are)."""
+    from crossdiff.diffing.causal import kl_per_position, log_probs
+
+    g = torch.Generator().manual_seed(0)
+    ref, other = torch.randn(2, 3, 5, 50, generator=g) * 3
+    want = torch.nn.functional.kl_div(torch.log_softmax(other, -1), torch.log_softmax(ref, -1), log_target=True,
+                                      reduction="none").sum(-1)
+    torch.testing.assert_close(kl_per_position(ref, other), want, atol=1e-6, rtol=1e-5)
+    log_p = log_probs(ref.clone())
+    torch.testing.assert_close(log_p, torch.log_softmax(ref, -1))
+    torch.testing.assert_close(kl_per_position(log_p, other, ref_is_log_probs=True), want, atol=1e-6, rtol=1e-5)
+    batch = torch.stack([other, ref])  # two patched forwards against one reference, broadcast
+    got = kl_per_position(log_p[None], batch, ref_is_log_probs=True)
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-5)
+    assert float(got[1].abs().max()) < 1e-6  # the reference against itself
+    half = ref.bfloat16()
+    assert log_probs(half).dtype == torch.float32 and torch.equal(half, ref.bfloat16())

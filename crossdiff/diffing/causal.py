@@ -33,16 +33,27 @@ class WithBias(NamedTuple):
 MIN_GAP = 1e-4  # nats per token: a smaller gap has no fraction closed (fraction_closed)
 
 
-def kl_per_position(logits_ref_NSV, logits_NSV):
+def kl_per_position(logits_ref_NSV, logits_NSV, ref_is_log_probs=False):
     """KL(P_ref || P) at each position [..., S], from logits (log-softmax in fp32; ref broadcast
     to the other's leading dimensions). One row at a time: a row's temporaries are [S, V]
-    (Gemma's 262k vocabulary: 0.7 GB at 128 positions, where a 16-row batch at once took 10 GB)."""
+    (Gemma's 262k vocabulary: 0.7 GB at 128 positions, where a 16-row batch at once took 10 GB).
+    ref_is_log_probs: the reference is given as log_probs, taken once for the many logits
+    compared with it."""
     ref = logits_ref_NSV.expand_as(logits_NSV)
     out = torch.empty(logits_NSV.shape[:-1], dtype=torch.float32, device=logits_NSV.device)
     for idx in itertools.product(*(range(d) for d in logits_NSV.shape[:-2])):
-        log_p = torch.log_softmax(ref[idx].float(), dim=-1)
+        log_p = ref[idx] if ref_is_log_probs else torch.log_softmax(ref[idx].float(), dim=-1)
         log_q = torch.log_softmax(logits_NSV[idx].float(), dim=-1)
         out[idx] = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return out
+
+
+def log_probs(logits_NSV):
+    """The log-softmax of logits over the vocabulary in fp32, a row at a time (in place where the
+    logits are fp32 already: their memory holds the result)."""
+    out = logits_NSV if logits_NSV.dtype == torch.float32 else torch.empty_like(logits_NSV, dtype=torch.float32)
+    for idx in itertools.product(*(range(d) for d in logits_NSV.shape[:-2])):
+        out[idx] = torch.log_softmax(logits_NSV[idx].float(), dim=-1)
     return out
 
 
@@ -131,14 +142,16 @@ def kl_gap_closed(crosscoder, models, tokens_NS, sets, groups, batch_size=4, bas
         kept_NP = keep.keep(t, x_NPMD).to(device) if keep.active else torch.ones(n, P, dtype=torch.bool, device=device)
         masks_GNP = torch.stack([mask[start:start + n, first:].to(device) & kept_NP for mask in groups.values()]).double()
         with autocast_context(device):
-            clean = _chat_from(models[chat], resid[chat], t, hook_point, from_hook, layer)
-            gap_NP = kl_per_position(clean, _chat_from(models[chat], resid[base], t, hook_point, from_hook, layer))[:, first:]
+            clean = log_probs(_chat_from(models[chat], resid[chat], t, hook_point, from_hook, layer))  # once a batch
+            gap_NP = kl_per_position(clean, _chat_from(models[chat], resid[base], t, hook_point, from_hook, layer),
+                                     ref_is_log_probs=True)[:, first:]
             gap_sums += torch.einsum("np,gnp->g", gap_NP.double(), masks_GNP).cpu()
             for i in range(0, len(names), max(1, (forward_rows or n) // n)):  # sets a forward
                 chunk = names[i:i + max(1, (forward_rows or n) // n)]
                 h = torch.cat([patched(name, resid[base], acts_NPF, kept_NP) for name in chunk])
                 logits = _chat_from(models[chat], h, t.repeat(len(chunk), 1), hook_point, from_hook, layer)
-                kl_CNP = kl_per_position(clean[None], logits.view(len(chunk), *clean.shape))[:, :, first:]
+                kl_CNP = kl_per_position(clean[None], logits.view(len(chunk), *clean.shape),
+                                         ref_is_log_probs=True)[:, :, first:]
                 patched_sums[i:i + len(chunk)] += torch.einsum("cnp,gnp->cg", kl_CNP.double(), masks_GNP).cpu()
         counts += masks_GNP.sum((1, 2)).cpu()
     out = {}
