@@ -181,7 +181,10 @@ class CrossCoder(nn.Module):
     def encode(self, x_BMD, apply_relu=True):
         pre_BF = einsum(x_BMD.to(self.dtype), self.encoder_weight(),
                         "batch model d_in, model d_in latent -> batch latent")
-        pre_BF = pre_BF.add_(self.b_enc.to(pre_BF.dtype))  # in place: one [B, F]; under bf16 autocast, bf16
+        b_F = self.b_enc.to(pre_BF.dtype)  # under bf16 autocast the [B, F] terms stay bf16
+        # In place without a graph (the sparse step's selection): one [B, F]. With one, autograd's
+        # in-place add on the matmul's output view would keep a copy of its own.
+        pre_BF = pre_BF + b_F if torch.is_grad_enabled() else pre_BF.add_(b_F)
         if not apply_relu:
             return pre_BF
         return self.select(torch.relu(pre_BF))[0]
@@ -412,7 +415,7 @@ class BatchTopKCrossCoder(CrossCoder):
     the aux_k most active dead latents to reconstruct the error."""
     architecture = "batchtopk"
     EXTRA_STATE = ("threshold",)
-    STEP_PHASES = ((8, 0),)  # the L1 temporaries plus the scores, the flattened selection, AuxK's copy
+    STEP_PHASES = ((6, 0),)  # the L1 temporaries plus the scores, the selection and AuxK's ranking
 
     def __init__(self, cfg, shard=(0, 1), initialise=True):
         super().__init__(cfg, shard, initialise)

@@ -20,6 +20,7 @@ from buffer import make_batch_source, rebase_state
 from crosscoder import CrossCoder
 from crossdiff.arch.shards import clip_grad_norm_, gather, gather_weights
 from crossdiff.arch.sparse import fired_latents
+from crossdiff.config.plan import buffer_bytes
 from crossdiff.config.schema import Config, ConfigError, completed, effective
 from crossdiff.io.checkpoint import (
     SHARD_STATE,
@@ -179,6 +180,12 @@ class Trainer:
             buffer.normalisation_factor = distributed.combine_factors(factor)  # every rank scales alike
             cfg["normalisation_factor"] = torch.as_tensor(buffer.normalisation_factor, device="cpu").tolist()
 
+        # Rank 0's checkpoint write can outlast a collective's timeout (a 2^20 dictionary's weights
+        # and Adam state are 38.6 GB): the others wait for its outcome in a group sized to it, made
+        # now while every rank is here (making a group needs the launcher's store, which a run
+        # stopped by SIGTERM may have lost by the time it saves).
+        written = 3 * tensor_bytes(self.crosscoder.state_dict()) * cfg["latent_shards"] + buffer_bytes(cfg)
+        self.patient = distributed.patient_group(distributed.broadcast(written / WRITE_BYTES_PER_S))
         device = self.crosscoder.W_enc.device
         self.optimizer = make_optimizer(self.crosscoder.parameters(), cfg)
         self.step_counter = 0
@@ -322,10 +329,6 @@ class Trainer:
             self._save_rank_states(state)
             if self.mesh.latent is not None:
                 weights = gather_weights(self.crosscoder)  # the whole dictionary, on rank 0's host
-        # Rank 0's write can outlast a collective's timeout (a 2^20 dictionary's weights and Adam
-        # state are 38.6 GB): the others wait for its outcome as long as WRITE_BYTES_PER_S allows.
-        written = tensor_bytes((state, weights if weights is not None else self.crosscoder.state_dict()))
-        patient = distributed.patient_group(distributed.broadcast(written / WRITE_BYTES_PER_S))
         path, failed = None, None
         if distributed.is_main():  # rank 0 writes the checkpoint; the replicas are identical
             try:
@@ -335,7 +338,7 @@ class Trainer:
                 failed = e
         # Every rank learns whether rank 0's write failed, and all stop with the error: a rank
         # that went on would wait in the next step's collective until the timeout.
-        if distributed.any_rank(failed is not None, group=patient):
+        if distributed.any_rank(failed is not None, group=self.patient):
             raise failed or OSError(f"rank 0 could not write checkpoint {self.crosscoder.save_version} into "
                                     f"{self.crosscoder.save_dir} (its error is in rank 0's output)")
         self.last_saved_step = self.step_counter

@@ -74,7 +74,7 @@ def kept_activations(values_N, kept, shape):
     """The [B, F] activations the kept entries make, as a sparse COO tensor (no gradient): B * k
     entries where a dense matrix holds B * F (16 GiB in fp32 at 2^20 latents and 4096 rows)."""
     return torch.sparse_coo_tensor(torch.stack([kept.rows, kept.cols]), values_N.detach(), shape, is_coalesced=True,
-                                   check_invariants=False)  # (nonzero's row-major order: coalesced)
+                                   check_invariants=False, device=values_N.device)  # (nonzero's order: coalesced)
 
 
 def fired_latents(acts_BF):
