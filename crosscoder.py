@@ -480,13 +480,14 @@ class BatchTopKCrossCoder(CrossCoder):
         losses = self._losses(x_BMD, x_hat_BMD, acts_sum_F, sum_over_shards(l0_B, mesh.latent), norms_FM, mesh)
         err_BMD = x_BMD.float() - x_hat_BMD.float()
         aux = torch.zeros((), device=err_BMD.device)
-        dead_F = self._dead_now(dead_F, fired_latents(kept_activations(values_N, kept, (B, F))), mesh)
+        acts_BF = kept_activations(values_N, kept, (B, F))
+        dead_F = self._dead_now(dead_F, fired_latents(acts_BF), mesh)
         if dead_F is not None and bool(any_over_shards(dead_F.any(), mesh.latent)):  # (a host sync)
             aux = aux_loss_kept(err_BMD, pre_BF, x_BMD, W_enc, self.b_enc, self.decoder_weight(), dead_F,
                                 effective(self.cfg, "aux_k"), mesh.latent, norms_F=norms_FM.sum(-1),
                                 normalise=self.cfg["aux_normalise"], data_group=mesh.data)
         terms = {"aux_loss": aux, "l2_norm_loss": torch.linalg.vector_norm(err_BMD, dim=-1).mean()}
-        return losses, kept_activations(values_N, kept, (B, F)), terms
+        return losses, acts_BF, terms
 
     def extra_terms(self, err_BMD, pre_BF, acts_BF, total_dec_norm_F, dead_F, mesh):
         """AuxK over the latents of dead_F that did not fire in this batch (else 0), and always the

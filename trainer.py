@@ -33,10 +33,10 @@ from crossdiff.io.checkpoint import (
     rank_state_file,
     read_trainer_state,
     resolve_version_dir,
-    tensor_bytes,
 )
 from crossdiff.io.wandb_run import finish_run, start_run
 from crossdiff.scale import distributed
+from crossdiff.scale.costs import held_bytes
 from crossdiff.scale.process import install_stop_handlers, restore_handlers
 
 LOG_KEYS = ("loss", "l2_loss", "l1_loss", "l0_loss", "l1_coeff", "lr",
@@ -180,12 +180,10 @@ class Trainer:
             buffer.normalisation_factor = distributed.combine_factors(factor)  # every rank scales alike
             cfg["normalisation_factor"] = torch.as_tensor(buffer.normalisation_factor, device="cpu").tolist()
 
-        # Rank 0's checkpoint write can outlast a collective's timeout (a 2^20 dictionary's weights
-        # and Adam state are 38.6 GB): the others wait for its outcome in a group sized to it, made
-        # now while every rank is here (making a group needs the launcher's store, which a run
-        # stopped by SIGTERM may have lost by the time it saves).
-        written = 3 * tensor_bytes(self.crosscoder.state_dict()) * cfg["latent_shards"] + buffer_bytes(cfg)
-        self.patient = distributed.patient_group(distributed.broadcast(written / WRITE_BYTES_PER_S))
+        # Rank 0's write (weights, Adam moments: 38.6 GB at 2^20) can outlast a collective: the others wait
+        # in a group sized to it, made now (a group needs the launcher's store, gone at a SIGTERM's save).
+        written = held_bytes(cfg["d_in"], cfg["dict_size"], 1, cfg["n_models"]) * 3 // 4 + buffer_bytes(cfg)
+        self.patient = distributed.patient_group(written / WRITE_BYTES_PER_S)
         device = self.crosscoder.W_enc.device
         self.optimizer = make_optimizer(self.crosscoder.parameters(), cfg)
         self.step_counter = 0

@@ -11,7 +11,6 @@ from crossdiff.io.checkpoint import (
     latest_version_dir,
     next_version_dir,
     resolve_version_dir,
-    tensor_bytes,
 )
 
 
@@ -126,15 +125,3 @@ def test_a_checkpoint_with_zeroed_bytes_is_refused_on_load_and_resume_naming_the
         Trainer.resume(version, cfg, buffer=Batches())
     CrossCoder.load(version, verify=False)  # a reader may skip the check
 
-
-def test_tensor_bytes_is_what_torch_save_writes_of_a_nested_state_less_its_framing(tmp_path):
-    """The patience a rank-0 write is given (trainer.save) comes from tensor_bytes: the tensors'
-    bytes in nested dicts, lists and tuples, other values none; torch.save of the same state
-    writes that much and a few kB of framing."""
-    import torch
-
-    state = {"w": torch.zeros(300, 40), "opt": [{"m": torch.zeros(5, dtype=torch.bfloat16)}, (torch.zeros(7, dtype=torch.int64), 3)],
-             "step": 12, "name": "x"}
-    assert tensor_bytes(state) == 300 * 40 * 4 + 5 * 2 + 7 * 8
-    torch.save(state, tmp_path / "s.pt")
-    assert 0 <= (tmp_path / "s.pt").stat().st_size - tensor_bytes(state) < 4096

@@ -325,17 +325,6 @@ def write_error(path, e):
 WRITE_BYTES_PER_S = 25e6  # a slow network disk's write rate: what a checkpoint's write is given time for
 
 
-def tensor_bytes(obj):
-    """The bytes of the tensors in obj (nested dicts, lists and tuples): what saving it writes."""
-    if isinstance(obj, torch.Tensor):
-        return obj.nelement() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
-
-
 def atomic_torch_save(obj, path):
     _atomic_write(path, lambda f: torch.save(obj, f))
 
